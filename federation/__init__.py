@@ -1,0 +1,28 @@
+"""Parallex federation: the broker, provider agents and the FederatedCluster users work with."""
+
+from . import config  # noqa: F401  (loads the parallex.yaml defaults into dask.config)
+from .cluster import FederatedCluster
+from .errors import (
+    BrokerError,
+    BrokerUnreachable,
+    LeaseStartTimeout,
+    NoProviderFits,
+    NotFound,
+    ParallexError,
+    PermissionDenied,
+    RequestRejected,
+    TokenRefused,
+)
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnreachable",
+    "FederatedCluster",
+    "LeaseStartTimeout",
+    "NoProviderFits",
+    "NotFound",
+    "ParallexError",
+    "PermissionDenied",
+    "RequestRejected",
+    "TokenRefused",
+]

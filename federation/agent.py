@@ -1,0 +1,275 @@
+"""The provider agent (`parallex provide`): offers a lab machine's capacity to the broker and
+runs one Dask worker process per lease assigned to it.
+
+The agent only opens outbound HTTPS connections. It long-polls the broker for the list of leases
+it must run or stop and reconciles its worker processes with that list; it heartbeats with the
+leases whose workers are alive and reports every state change. Worker processes live in their
+own process groups and are recorded in ``workdir/workers.json``, so an agent that restarts
+adopts the workers still running and stops those whose leases have ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from . import errors
+from .client import AsyncBrokerClient
+from .inventory import Capacity
+from .worker_process import WorkerProcess, start_worker, stop_signal
+
+logger = logging.getLogger("parallex.agent")
+
+
+class ProviderAgent:
+    """Runs the workers of the leases the broker assigns to this machine."""
+
+    def __init__(self, broker_url: str, token: str, capacity: Capacity, *,
+                 workdir: str | Path, name: str | None = None, site: str | None = None,
+                 worker_host: str | None = None, worker_user: str | None = None,
+                 stop_timeout: float = 10.0, monitor_interval: float = 0.25):
+        self.client = AsyncBrokerClient(broker_url, token)
+        self.capacity = capacity
+        self.workdir = Path(workdir)
+        self.name = name or socket.gethostname()
+        self.site = site
+        self.worker_host = worker_host
+        self.worker_user = worker_user
+        self.stop_timeout = stop_timeout
+        self.monitor_interval = monitor_interval
+        self.provider_id: str | None = None
+        self.heartbeat_interval = 5.0
+        self.poll_timeout = 20.0
+        self.workers: dict[str, WorkerProcess] = {}
+        self._stopping: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._report_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self.registered = asyncio.Event()
+
+    # ---- state file -------------------------------------------------------------------------
+
+    @property
+    def _state_file(self) -> Path:
+        return self.workdir / "workers.json"
+
+    def _save_state(self) -> None:
+        tmp = self._state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({lid: w.to_state() for lid, w in self.workers.items()}))
+        os.replace(tmp, self._state_file)
+
+    def _adopt(self) -> None:
+        try:
+            saved = json.loads(self._state_file.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        for lease_id, state in saved.items():
+            worker = WorkerProcess.adopt(lease_id, state)
+            if worker is not None:
+                logger.info("adopted the running worker of lease %s (pid %d)", lease_id,
+                            worker.pid)
+                self.workers[lease_id] = worker
+        self._save_state()
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Register, then poll, heartbeat and watch workers until stop() is called."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        self._adopt()
+        await self._register()
+        loops = [asyncio.create_task(coro) for coro in
+                 (self._poll_loop(), self._heartbeat_loop(), self._monitor_loop())]
+        try:
+            await self._stop.wait()
+        finally:
+            for task in loops:
+                task.cancel()
+            for task in loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self._shutdown_workers()
+            await self.client.close()
+
+    def stop(self) -> None:
+        """Ask run() to stop every worker and return."""
+        self._stop.set()
+
+    async def _register(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                answer = await self.client.request("POST", "/agent/register", json={
+                    "name": self.name, "site": self.site, "cpus": self.capacity.cpus,
+                    "memory": self.capacity.memory, "gpus": self.capacity.gpus})
+                break
+            except errors.BrokerUnreachable as exc:
+                logger.warning("%s; retrying in %.1f s", exc, delay)
+            except errors.BrokerError as exc:
+                logger.warning("registration failed: %s; retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
+        self.provider_id = answer["provider_id"]
+        self.heartbeat_interval = float(answer["heartbeat_interval"])
+        self.poll_timeout = float(answer["poll_timeout"])
+        logger.info("registered as provider %s of lab %s offering %s", self.provider_id,
+                    answer["lab"], self.capacity.describe())
+        self.registered.set()
+
+    async def _shutdown_workers(self) -> None:
+        leases = list(self.workers)
+        if not leases:
+            return
+        logger.info("stopping %d workers", len(leases))
+        await asyncio.gather(*(self._stop_worker(lid) for lid in leases))
+        for lease_id in leases:
+            with contextlib.suppress(errors.ParallexError):
+                await self._report(lease_id, "ended", "preempted",
+                                   "the provider agent shut down", attempts=1)
+
+    # ---- loops ------------------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        version: str | None = None
+        delay = 0.2
+        while True:
+            try:
+                answer = await self.client.request(
+                    "GET", f"/agent/{self.provider_id}/leases",
+                    params={"since": version or "", "wait": self.poll_timeout},
+                    timeout=self.poll_timeout + 10)
+                version = answer["version"]
+                delay = 0.2
+                self._reconcile(answer["leases"])
+            except errors.NotFound:
+                logger.warning("the broker no longer knows this provider; registering again")
+                await self._register()
+            except errors.ParallexError as exc:
+                logger.warning("lease poll failed: %s; retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+                version = None
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                async with self._report_lock:
+                    # Built under the lock that also guards state reports, so a lease's
+                    # "running" report never overtakes a heartbeat that predates its worker.
+                    running = [lid for lid in self.workers if lid not in self._stopping]
+                    await self.client.request("POST", f"/agent/{self.provider_id}/heartbeat",
+                                              json={"running": running})
+            except errors.ParallexError as exc:
+                logger.warning("heartbeat failed: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            for lease_id, worker in list(self.workers.items()):
+                if lease_id in self._stopping:
+                    continue
+                code = worker.exit_code()
+                if code is not None:
+                    del self.workers[lease_id]
+                    self._save_state()
+                    tail = worker.log_tail()
+                    logger.warning("lease %s: worker exited with code %s", lease_id, code)
+                    self._spawn(self._report(
+                        lease_id, "ended", "failed",
+                        f"worker process exited with code {code}; last log lines:\n{tail}"))
+            await asyncio.sleep(self.monitor_interval)
+
+    # ---- reconciling --------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _reconcile(self, leases: list[dict]) -> None:
+        """Make the local workers match the broker's list of leases for this provider."""
+        listed = {lease["id"] for lease in leases}
+        for lease in leases:
+            lid, state = lease["id"], lease["state"]
+            if lid in self._stopping:
+                continue
+            if state in ("starting", "running"):
+                if lid not in self.workers:
+                    self._start(lease)
+                elif state == "starting":
+                    self._spawn(self._report(lid, "running"))
+            elif state == "releasing":
+                self._stopping.add(lid)
+                self._spawn(self._release(lid))
+        for lid in list(self.workers):
+            if lid not in listed and lid not in self._stopping:
+                logger.info("lease %s is no longer assigned here; stopping its worker", lid)
+                self._stopping.add(lid)
+                self._spawn(self._stop_worker(lid))
+
+    def _start(self, lease: dict) -> None:
+        try:
+            worker = start_worker(lease, self.workdir, host=self.worker_host,
+                                  worker_user=self.worker_user)
+        except (OSError, KeyError, ValueError) as exc:
+            logger.error("lease %s: cannot start worker: %s", lease["id"], exc)
+            self._spawn(self._report(lease["id"], "ended", "failed",
+                                     f"the agent could not start the worker: {exc}"))
+            return
+        self.workers[lease["id"]] = worker
+        self._save_state()
+        self._spawn(self._report(lease["id"], "running"))
+
+    async def _release(self, lease_id: str) -> None:
+        await self._stop_worker(lease_id)
+        await self._report(lease_id, "ended")
+
+    async def _stop_worker(self, lease_id: str) -> None:
+        """Stop gracefully (SIGTERM), then kill the process group after the stop timeout."""
+        self._stopping.add(lease_id)
+        try:
+            worker = self.workers.get(lease_id)
+            if worker is None:
+                return
+            worker.signal_group(stop_signal())
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.stop_timeout
+            while worker.exit_code() is None and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if worker.exit_code() is None:
+                logger.warning("lease %s: worker did not stop in %g s; killing it", lease_id,
+                               self.stop_timeout)
+                worker.signal_group(signal.SIGKILL)
+                while worker.exit_code() is None:
+                    await asyncio.sleep(0.05)
+            self.workers.pop(lease_id, None)
+            self._save_state()
+            logger.info("lease %s: worker stopped", lease_id)
+        finally:
+            self._stopping.discard(lease_id)
+
+    async def _report(self, lease_id: str, state: str, reason: str | None = None,
+                      message: str = "", attempts: int = 20) -> None:
+        body = {"state": state, "reason": reason, "message": message[-2000:]}
+        delay = 0.2
+        for _attempt in range(attempts):
+            try:
+                async with self._report_lock:
+                    await self.client.request(
+                        "POST", f"/agent/{self.provider_id}/leases/{lease_id}/state", json=body)
+                return
+            except (errors.BrokerUnreachable, errors.BrokerError) as exc:
+                logger.warning("reporting lease %s %s failed: %s", lease_id, state, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+            except errors.ParallexError as exc:
+                logger.warning("the broker refused the report of lease %s %s: %s", lease_id,
+                               state, exc)
+                return

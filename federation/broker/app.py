@@ -1,0 +1,117 @@
+"""The broker's FastAPI application: error rendering, start-up recovery and the reaper loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlmodel import select
+
+from accounting.models import utcnow
+
+from . import db
+from .auth import hash_token
+from .errors import ApiError
+from .models import ApiToken, TokenKind
+from .routes_admin import router as admin_router
+from .routes_agent import router as agent_router
+from .routes_clusters import router as clusters_router
+from .service import Broker, BrokerSettings
+
+logger = logging.getLogger("parallex.broker")
+
+API_PREFIX = "/api/v1"
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        ctx = detail.get("ctx", {}).get("error", "")
+        return 400, "malformed-json", f"the request body is not valid JSON ({ctx}); send a JSON object"
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return 422, "invalid-request", "; ".join(parts)
+
+
+def ensure_admin_token(broker: Broker, token: str | None) -> None:
+    """Store the admin token from the environment (hashed) so the admin CLI can use it."""
+    if not token:
+        return
+    if len(token) < 16 or token in {"changeme", "change-me", "admin", "secret", "password"}:
+        raise SystemExit("PARALLEX_ADMIN_TOKEN is a placeholder or shorter than 16 characters; "
+                         "use a long random string (e.g. `openssl rand -hex 32`)")
+    with broker.session() as s:
+        if s.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(token))).first():
+            return
+        s.add(ApiToken(id="tok_admin_" + hash_token(token)[:6], kind=TokenKind.admin,
+                       token_hash=hash_token(token)))
+        s.commit()
+
+
+def create_app(db_url: str, settings: BrokerSettings | None = None,
+               admin_token: str | None = None) -> FastAPI:
+    """Build the broker app over the database at ``db_url``."""
+    settings = settings or BrokerSettings()
+    engine = db.make_engine(db_url)
+    broker = Broker(engine, settings)
+    ensure_admin_token(broker, admin_token if admin_token is not None
+                       else os.environ.get("PARALLEX_ADMIN_TOKEN"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        broker.recover()
+        interval = max(0.2, min(settings.provider_timeout, settings.cluster_timeout) / 6)
+
+        async def reaper() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    broker.reap()
+                except Exception:  # keep reaping after a transient database error
+                    logger.exception("reaper pass failed")
+
+        task = asyncio.create_task(reaper())
+        logger.info("broker %s ready (started %s UTC)", broker.boot_id, utcnow())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            engine.dispose()
+
+    app = FastAPI(title="Parallex broker", version="1", lifespan=lifespan,
+                  openapi_url=f"{API_PREFIX}/openapi.json", docs_url=f"{API_PREFIX}/docs",
+                  redoc_url=None)
+    app.state.broker = broker
+    app.state.session = broker.session
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.code, "message": exc.message},
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, code, message = _validation_message(exc)
+        return JSONResponse({"error": code, "message": message}, status_code=status)
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, _exc) -> JSONResponse:
+        return JSONResponse({"error": "not-found",
+                             "message": f"no endpoint {request.method} {request.url.path}; see "
+                                        f"{API_PREFIX}/docs"}, status_code=404)
+
+    app.include_router(admin_router, prefix=API_PREFIX)
+    app.include_router(agent_router, prefix=API_PREFIX)
+    app.include_router(clusters_router, prefix=API_PREFIX)
+    return app

@@ -1,0 +1,127 @@
+"""Who is calling: token hashing, issue and revoke, and the one place requests are authenticated.
+
+Tokens are shown once and stored as SHA-256 hashes: they are long random strings, so a plain
+hash is enough and lookups stay one indexed query. Later issues add JupyterHub tokens here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+from sqlmodel import Session, select
+
+from accounting.models import Lab, User, utcnow
+
+from .errors import ApiError
+from .models import ApiToken, TokenKind
+
+TOKEN_PREFIX = "px_"
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def issue_token(
+    session: Session, *, kind: TokenKind, lab: Lab | None = None, user: User | None = None,
+    token: str | None = None,
+) -> tuple[ApiToken, str]:
+    """Create a token; returns the row and the secret (the only time it is seen)."""
+    token_id = "tok_" + secrets.token_hex(6)
+    secret = token or f"{TOKEN_PREFIX}{secrets.token_urlsafe(32)}"
+    row = ApiToken(
+        id=token_id,
+        kind=kind,
+        token_hash=hash_token(secret),
+        lab_id=lab.id if lab else None,
+        user_id=user.id if user else None,
+    )
+    session.add(row)
+    session.flush()
+    return row, secret
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The authenticated caller of one request."""
+
+    kind: TokenKind
+    token_id: str
+    lab_id: int | None
+    lab_name: str | None
+    user_id: int | None
+    user_name: str | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == TokenKind.admin
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise ApiError(
+            401, "missing-token",
+            "no API token given; send 'Authorization: Bearer <token>' "
+            "(PARALLEX_TOKEN for users, --token for providers)",
+        )
+    return value.strip()
+
+
+def authenticate(request: Request) -> Principal:
+    """Resolve the request's bearer token to a Principal or answer 401."""
+    secret = _bearer(request)
+    with request.app.state.session() as session:
+        row = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
+        if row is None:
+            raise ApiError(401, "bad-token", "this token is not known to the broker; ask your "
+                           "administrator for a new one")
+        if row.revoked_at is not None:
+            raise ApiError(401, "revoked-token",
+                           f"token {row.id} was revoked on {row.revoked_at:%Y-%m-%d %H:%M} UTC; "
+                           "ask your administrator for a new one")
+        lab = session.get(Lab, row.lab_id) if row.lab_id else None
+        user = session.get(User, row.user_id) if row.user_id else None
+        return Principal(
+            kind=row.kind,
+            token_id=row.id,
+            lab_id=lab.id if lab else None,
+            lab_name=lab.name if lab else None,
+            user_id=user.id if user else None,
+            user_name=user.name if user else None,
+        )
+
+
+def _require(*kinds: TokenKind):
+    allowed = ", ".join(k.value for k in kinds)
+
+    def dependency(principal: Principal = Depends(authenticate)) -> Principal:
+        if principal.kind not in kinds:
+            raise ApiError(403, "wrong-token-kind",
+                           f"a {principal.kind.value} token cannot do this; it needs a token "
+                           f"of kind: {allowed}")
+        return principal
+
+    return dependency
+
+
+require_admin = _require(TokenKind.admin)
+require_user = _require(TokenKind.user, TokenKind.admin)
+require_provider = _require(TokenKind.provider)
+require_any = _require(TokenKind.user, TokenKind.admin, TokenKind.provider)
+
+
+def revoke(session: Session, token_id: str) -> ApiToken:
+    """Mark a token revoked; later requests with it get 401."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise ApiError(404, "unknown-token", f"no token with id {token_id!r}")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.add(row)
+    return row

@@ -1,0 +1,13 @@
+"""API errors: one exception type, rendered as JSON {"error": code, "message": text}."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    """An error meant for the API caller, with an HTTP status and a message saying what to fix."""
+
+    def __init__(self, status_code: int, code: str, message: str):
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message

@@ -1,0 +1,221 @@
+"""Broker tables (tokens, providers, clusters, leases) and the request/response schemas."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from enum import StrEnum
+from typing import Any
+
+from pydantic import field_validator
+from sqlmodel import Field, SQLModel
+
+from accounting.models import utcnow
+
+from ..sizes import parse_memory
+
+
+class TokenKind(StrEnum):
+    admin = "admin"
+    user = "user"
+    provider = "provider"
+
+
+class LeaseState(StrEnum):
+    pending = "pending"
+    starting = "starting"
+    running = "running"
+    releasing = "releasing"
+    ended = "ended"
+
+
+class EndReason(StrEnum):
+    released = "released"
+    lost = "lost"
+    failed = "failed"
+    preempted = "preempted"
+
+
+LIVE_STATES = (LeaseState.pending, LeaseState.starting, LeaseState.running)
+HELD_STATES = (LeaseState.starting, LeaseState.running, LeaseState.releasing)
+
+
+class ApiToken(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    kind: TokenKind
+    token_hash: str = Field(index=True, unique=True)
+    lab_id: int | None = Field(default=None, foreign_key="lab.id")
+    user_id: int | None = Field(default=None, foreign_key="user.id")
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    revoked_at: dt.datetime | None = None
+
+
+class Provider(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    lab_id: int = Field(foreign_key="lab.id", index=True)
+    token_id: str = Field(foreign_key="apitoken.id", index=True)
+    name: str = Field(index=True)
+    site: str = ""
+    cpus: float
+    memory: int
+    gpus_json: str = "[]"
+    online: bool = True
+    registered_at: dt.datetime = Field(default_factory=utcnow)
+    last_seen: dt.datetime = Field(default_factory=utcnow)
+
+    @property
+    def gpus(self) -> list[dict[str, Any]]:
+        return json.loads(self.gpus_json)
+
+
+class ClusterRecord(SQLModel, table=True):
+    __tablename__ = "cluster"
+    id: str = Field(primary_key=True)
+    name: str = ""
+    user_id: int = Field(foreign_key="user.id", index=True)
+    lab_id: int = Field(foreign_key="lab.id", index=True)
+    scheduler_address: str
+    ca_cert: str
+    active: bool = True
+    end_reason: str | None = None
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    last_seen: dt.datetime = Field(default_factory=utcnow)
+    closed_at: dt.datetime | None = None
+
+
+class Lease(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    cluster_id: str = Field(foreign_key="cluster.id", index=True)
+    provider_id: str | None = Field(default=None, foreign_key="provider.id", index=True)
+    group: str = "default"
+    cpus: float
+    memory: int
+    gpus: int = 0
+    gpu_model: str | None = None
+    gpu_indices_json: str = "[]"
+    state: LeaseState = Field(default=LeaseState.pending, index=True)
+    end_reason: EndReason | None = None
+    message: str = ""
+    worker_cert: str = ""
+    worker_key: str = ""
+    created_at: dt.datetime = Field(default_factory=utcnow)
+    assigned_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+
+    @property
+    def gpu_indices(self) -> list[int]:
+        return json.loads(self.gpu_indices_json)
+
+
+# ---- request / response schemas -------------------------------------------------------------
+
+
+class WorkerSpec(SQLModel):
+    """The size of one worker."""
+
+    cpus: float = Field(gt=0, le=4096, description="CPU cores (threads) per worker.")
+    memory: int = Field(description="Memory per worker in bytes; strings like '4 GiB' accepted.")
+    gpus: int = Field(default=0, ge=0, le=64, description="Whole GPUs per worker.")
+    gpu_model: str | None = Field(default=None, max_length=64)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> int:
+        return parse_memory(value)
+
+
+class GpuInfo(SQLModel):
+    index: int = Field(ge=0)
+    model: str = Field(min_length=1, max_length=128)
+    memory: int = Field(ge=0, description="GPU memory in bytes.")
+
+
+class ProviderRegister(SQLModel):
+    name: str = Field(min_length=1, max_length=128)
+    site: str | None = Field(default=None, max_length=64)
+    cpus: float = Field(gt=0, le=100_000)
+    memory: int
+    gpus: list[GpuInfo] = Field(default_factory=list)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> int:
+        return parse_memory(value)
+
+
+class ProviderHeartbeat(SQLModel):
+    running: list[str] = Field(
+        default_factory=list, description="Lease ids whose worker process is alive."
+    )
+
+
+class LeaseStateReport(SQLModel):
+    state: LeaseState
+    reason: EndReason | None = None
+    message: str = Field(default="", max_length=2000)
+
+
+class ClusterCreate(SQLModel):
+    name: str = Field(default="", max_length=128)
+    scheduler_address: str = Field(min_length=6, max_length=512)
+    ca_cert: str = Field(min_length=1, max_length=20_000)
+
+    @field_validator("scheduler_address")
+    @classmethod
+    def _tls_only(cls, value: str) -> str:
+        if not value.startswith("tls://"):
+            raise ValueError("scheduler_address must be a tls:// address; workers only use TLS")
+        return value
+
+
+class WorkerCredentials(SQLModel):
+    lease_id: str = Field(min_length=8, max_length=64, regex=r"^[A-Za-z0-9_-]+$")
+    cert: str = Field(min_length=1, max_length=20_000)
+    key: str = Field(min_length=1, max_length=20_000)
+
+
+class LeaseCreate(SQLModel):
+    spec: WorkerSpec
+    group: str = Field(default="default", min_length=1, max_length=64)
+    workers: list[WorkerCredentials] = Field(min_length=1, max_length=1000)
+
+
+class LeaseRelease(SQLModel):
+    lease_ids: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class TokenCreate(SQLModel):
+    kind: TokenKind
+    lab: str = Field(min_length=1, max_length=64)
+    user: str | None = Field(default=None, max_length=128)
+
+
+class LeasePublic(SQLModel):
+    id: str
+    cluster_id: str
+    provider_id: str | None
+    lab: str | None = None
+    group: str
+    cpus: float
+    memory: int
+    gpus: int
+    gpu_model: str | None
+    state: LeaseState
+    end_reason: EndReason | None
+    message: str
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+
+
+class ClusterPublic(SQLModel):
+    id: str
+    name: str
+    user: str
+    lab: str
+    scheduler_address: str
+    active: bool
+    end_reason: str | None
+    created_at: dt.datetime
+    leases: list[LeasePublic] = Field(default_factory=list)

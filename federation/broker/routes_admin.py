@@ -1,0 +1,108 @@
+"""Administrator endpoints: labs, users, tokens; plus whoami and the provider list for everyone."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
+
+from accounting.models import Lab, LabCreate, LabPublic, User, UserCreate, UserPublic
+from accounting.models import create_lab, create_user
+
+from .auth import Principal, authenticate, issue_token, require_admin, require_any, revoke
+from .errors import ApiError
+from .models import Provider, TokenCreate, TokenKind
+
+router = APIRouter()
+
+
+def _lab_by_name(session, name: str) -> Lab:
+    lab = session.exec(select(Lab).where(Lab.name == name)).first()
+    if lab is None:
+        raise ApiError(404, "unknown-lab", f"no lab named {name!r}; create it with "
+                       "`parallex admin lab create`")
+    return lab
+
+
+@router.get("/whoami")
+def whoami(principal: Principal = Depends(authenticate)) -> dict:
+    """Who the token belongs to."""
+    return {"kind": principal.kind.value, "token_id": principal.token_id,
+            "lab": principal.lab_name, "user": principal.user_name}
+
+
+@router.post("/labs", status_code=201, response_model=LabPublic)
+def create_lab_route(body: LabCreate, request: Request,
+                     _admin: Principal = Depends(require_admin)) -> Lab:
+    with request.app.state.session() as s:
+        if s.exec(select(Lab).where(Lab.name == body.name)).first():
+            raise ApiError(409, "lab-exists", f"a lab named {body.name!r} already exists")
+        lab = create_lab(s, name=body.name, site=body.site or body.name)
+        s.commit()
+        return lab
+
+
+@router.get("/labs", response_model=list[LabPublic])
+def list_labs(request: Request, _p: Principal = Depends(require_any)) -> list[Lab]:
+    with request.app.state.session() as s:
+        return list(s.exec(select(Lab).order_by(Lab.name)))
+
+
+@router.post("/labs/{lab}/users", status_code=201, response_model=UserPublic)
+def create_user_route(lab: str, body: UserCreate, request: Request,
+                      _admin: Principal = Depends(require_admin)) -> UserPublic:
+    with request.app.state.session() as s:
+        lab_row = _lab_by_name(s, lab)
+        if s.exec(select(User).where(User.name == body.name)).first():
+            raise ApiError(409, "user-exists", f"a user named {body.name!r} already exists")
+        user = create_user(s, name=body.name, lab=lab_row)
+        s.commit()
+        return UserPublic(id=user.id, name=user.name, lab=lab_row.name)
+
+
+@router.post("/tokens", status_code=201)
+def create_token(body: TokenCreate, request: Request,
+                 _admin: Principal = Depends(require_admin)) -> dict:
+    """Issue a user or provider token; the secret is in this answer and nowhere else."""
+    with request.app.state.session() as s:
+        lab = _lab_by_name(s, body.lab)
+        user = None
+        if body.kind == TokenKind.user:
+            if not body.user:
+                raise ApiError(422, "missing-user", "a user token needs 'user'")
+            user = s.exec(select(User).where(User.name == body.user)).first()
+            if user is None:
+                user = create_user(s, name=body.user, lab=lab)
+            elif user.lab_id != lab.id:
+                raise ApiError(409, "user-in-other-lab",
+                               f"user {body.user!r} belongs to another lab")
+        elif body.kind == TokenKind.admin:
+            raise ApiError(422, "no-admin-tokens",
+                           "admin tokens come from PARALLEX_ADMIN_TOKEN on the broker")
+        try:
+            row, secret = issue_token(s, kind=body.kind, lab=lab, user=user)
+            s.commit()
+        except IntegrityError as exc:
+            s.rollback()
+            raise ApiError(409, "token-clash", "token id clash; try again") from exc
+        return {"id": row.id, "kind": row.kind.value, "lab": lab.name,
+                "user": user.name if user else None, "token": secret}
+
+
+@router.delete("/tokens/{token_id}")
+def revoke_token(token_id: str, request: Request,
+                 _admin: Principal = Depends(require_admin)) -> dict:
+    with request.app.state.session() as s:
+        row = revoke(s, token_id)
+        s.commit()
+        return {"id": row.id, "revoked_at": row.revoked_at}
+
+
+@router.get("/providers")
+def list_providers(request: Request, _p: Principal = Depends(require_any)) -> list[dict]:
+    """Every provider with its lab and capacity (no secrets), for users and admins alike."""
+    with request.app.state.session() as s:
+        rows = s.exec(select(Provider, Lab.name).join(Lab, Lab.id == Provider.lab_id)).all()
+        return [{"id": p.id, "name": p.name, "lab": lab, "site": p.site, "cpus": p.cpus,
+                 "memory": p.memory, "gpus": p.gpus, "online": p.online,
+                 "last_seen": p.last_seen} for p, lab in rows]

@@ -1,0 +1,55 @@
+"""Provider-agent endpoints. Agents only open outbound connections: they long-poll for work."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from .auth import Principal, require_provider
+from .models import LeaseStateReport, ProviderHeartbeat, ProviderRegister
+
+router = APIRouter(prefix="/agent")
+
+
+@router.post("/register", status_code=201)
+def register(body: ProviderRegister, request: Request,
+             principal: Principal = Depends(require_provider)) -> dict:
+    broker = request.app.state.broker
+    provider = broker.register_provider(principal, body)
+    s = broker.settings
+    return {"provider_id": provider.id, "lab": principal.lab_name,
+            "heartbeat_interval": max(0.2, s.provider_timeout / 5),
+            "poll_timeout": s.poll_timeout}
+
+
+@router.post("/{provider_id}/heartbeat")
+def heartbeat(provider_id: str, body: ProviderHeartbeat, request: Request,
+              principal: Principal = Depends(require_provider)) -> dict:
+    broker = request.app.state.broker
+    provider = broker.provider_for(principal, provider_id)
+    broker.provider_heartbeat(provider, body.running)
+    return {"ok": True}
+
+
+@router.get("/{provider_id}/leases")
+async def leases(provider_id: str, request: Request,
+                 since: str | None = Query(None, max_length=64,
+                                           description="Version last seen; wait for a change."),
+                 wait: float = Query(0, ge=0, le=60, description="Seconds to wait for a change."),
+                 principal: Principal = Depends(require_provider)) -> dict:
+    """The leases this provider must run or stop; long-polls up to ``wait`` seconds."""
+    broker = request.app.state.broker
+    provider = broker.provider_for(principal, provider_id)
+    if wait:
+        await broker.wait_for_change(provider.id, since, wait)
+    version = broker.version(provider.id)
+    return {"version": version, "leases": broker.provider_leases(provider)}
+
+
+@router.post("/{provider_id}/leases/{lease_id}/state")
+def report(provider_id: str, lease_id: str, body: LeaseStateReport, request: Request,
+           principal: Principal = Depends(require_provider)) -> dict:
+    broker = request.app.state.broker
+    provider = broker.provider_for(principal, provider_id)
+    lease = broker.report_lease_state(provider, lease_id, body)
+    return {"id": lease.id, "state": lease.state.value,
+            "end_reason": lease.end_reason.value if lease.end_reason else None}

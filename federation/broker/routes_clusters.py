@@ -1,0 +1,64 @@
+"""User endpoints: register a cluster, ask for and release leases, heartbeat, close."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from .auth import Principal, require_user
+from .models import ClusterCreate, ClusterPublic, LeaseCreate, LeasePublic, LeaseRelease
+
+router = APIRouter(prefix="/clusters")
+
+
+@router.post("", status_code=201, response_model=ClusterPublic)
+def create(body: ClusterCreate, request: Request,
+           principal: Principal = Depends(require_user)) -> ClusterPublic:
+    broker = request.app.state.broker
+    cluster = broker.create_cluster(principal, body)
+    return broker.cluster_public(cluster.id)
+
+
+@router.get("", response_model=list[ClusterPublic])
+def list_clusters(request: Request, all: bool = False,
+                  principal: Principal = Depends(require_user)) -> list[ClusterPublic]:
+    return request.app.state.broker.list_clusters(principal, active_only=not all)
+
+
+@router.get("/{cluster_id}", response_model=ClusterPublic)
+def read(cluster_id: str, request: Request,
+         principal: Principal = Depends(require_user)) -> ClusterPublic:
+    broker = request.app.state.broker
+    return broker.cluster_public(broker.cluster_for(principal, cluster_id).id)
+
+
+@router.post("/{cluster_id}/heartbeat", response_model=ClusterPublic)
+def heartbeat(cluster_id: str, request: Request,
+              principal: Principal = Depends(require_user)) -> ClusterPublic:
+    broker = request.app.state.broker
+    return broker.cluster_heartbeat(broker.cluster_for(principal, cluster_id))
+
+
+@router.post("/{cluster_id}/leases", status_code=201, response_model=list[LeasePublic])
+def request_leases(cluster_id: str, body: LeaseCreate, request: Request,
+                   principal: Principal = Depends(require_user)) -> list[LeasePublic]:
+    broker = request.app.state.broker
+    cluster = broker.cluster_for(principal, cluster_id)
+    return [LeasePublic(**lease.model_dump()) for lease in broker.request_leases(cluster, body)]
+
+
+@router.post("/{cluster_id}/leases/release")
+def release(cluster_id: str, body: LeaseRelease, request: Request,
+            principal: Principal = Depends(require_user)) -> dict:
+    broker = request.app.state.broker
+    cluster = broker.cluster_for(principal, cluster_id)
+    broker.release_leases(cluster, body.lease_ids)
+    return {"released": body.lease_ids}
+
+
+@router.delete("/{cluster_id}", response_model=ClusterPublic)
+def close(cluster_id: str, request: Request,
+          principal: Principal = Depends(require_user)) -> ClusterPublic:
+    broker = request.app.state.broker
+    cluster = broker.cluster_for(principal, cluster_id)
+    broker.close_cluster(cluster.id, reason="closed")
+    return broker.cluster_public(cluster.id)

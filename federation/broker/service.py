@@ -1,0 +1,515 @@
+"""The broker's rules: lease state transitions, the placement pass, heartbeat timeouts.
+
+Every function runs on the broker's event loop and finishes its database work without awaiting,
+so each runs as one atomic step: a single broker process needs no row locks to place leases
+without double-booking a provider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import random
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from accounting.models import Lab, User, utcnow
+
+from .. import placement
+from ..tls import ROLE_WORKER, certificate_identity, key_matches, signed_by
+from . import db
+from .auth import Principal
+from .errors import ApiError
+from .models import (
+    HELD_STATES,
+    LIVE_STATES,
+    ClusterCreate,
+    ClusterPublic,
+    ClusterRecord,
+    EndReason,
+    Lease,
+    LeaseCreate,
+    LeasePublic,
+    LeaseState,
+    LeaseStateReport,
+    Provider,
+    ProviderRegister,
+)
+
+logger = logging.getLogger("parallex.broker")
+
+
+@dataclass
+class BrokerSettings:
+    """Timeouts of the broker, in seconds."""
+
+    provider_timeout: float = 30.0
+    cluster_timeout: float = 60.0
+    start_timeout: float = 300.0
+    poll_timeout: float = 20.0
+
+
+class Broker:
+    """Broker state that lives beside the database: the engine, settings, agent wake-ups."""
+
+    def __init__(self, engine: Engine, settings: BrokerSettings, seed: int | None = None):
+        self.engine = engine
+        self.settings = settings
+        self.boot_id = uuid.uuid4().hex[:8]
+        self.rng = random.Random(seed)
+        self._versions: dict[str, int] = {}
+        self._events: dict[str, asyncio.Event] = {}
+
+    def session(self) -> Session:
+        return db.session(self.engine)
+
+    # ---- agent wake-ups ------------------------------------------------------------------
+
+    def version(self, provider_id: str) -> str:
+        """Opaque version of a provider's lease list; it changes on every change to it."""
+        return f"{self.boot_id}:{self._versions.get(provider_id, 0)}"
+
+    def bump(self, provider_id: str | None) -> None:
+        if provider_id is None:
+            return
+        self._versions[provider_id] = self._versions.get(provider_id, 0) + 1
+        event = self._events.pop(provider_id, None)
+        if event is not None:
+            event.set()
+
+    async def wait_for_change(self, provider_id: str, since: str | None, timeout: float) -> None:
+        """Return when the provider's lease list differs from ``since`` or after ``timeout``."""
+        if since != self.version(provider_id):
+            return
+        event = self._events.setdefault(provider_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    # ---- start-up -------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a (re)start, give every agent and cluster a full timeout to check back in.
+
+        The broker's own downtime must not count as their silence; agents then report which
+        workers they run and the heartbeat reconciles the rest.
+        """
+        now = utcnow()
+        with self.session() as s:
+            for p in s.exec(select(Provider).where(Provider.online == True)):  # noqa: E712
+                p.last_seen = now
+                s.add(p)
+            for c in s.exec(select(ClusterRecord).where(ClusterRecord.active == True)):  # noqa: E712
+                c.last_seen = now
+                s.add(c)
+            s.commit()
+        self.place_pending()
+
+    # ---- providers ------------------------------------------------------------------------
+
+    def register_provider(self, principal: Principal, body: ProviderRegister) -> Provider:
+        with self.session() as s:
+            lab = s.get(Lab, principal.lab_id)
+            provider = s.exec(
+                select(Provider).where(Provider.lab_id == lab.id, Provider.name == body.name)
+            ).first()
+            if provider is None:
+                provider = Provider(id="prv_" + uuid.uuid4().hex[:12], lab_id=lab.id,
+                                    token_id=principal.token_id, name=body.name, cpus=body.cpus,
+                                    memory=body.memory)
+            provider.token_id = principal.token_id
+            provider.site = body.site if body.site is not None else lab.site
+            provider.cpus = body.cpus
+            provider.memory = body.memory
+            provider.gpus_json = json.dumps([g.model_dump() for g in body.gpus])
+            provider.online = True
+            provider.last_seen = utcnow()
+            s.add(provider)
+            s.commit()
+        logger.info("provider %s (%s) registered for lab %s: %g CPUs, %d bytes, %d GPUs",
+                    provider.id, provider.name, principal.lab_name, provider.cpus,
+                    provider.memory, len(body.gpus))
+        self.bump(provider.id)
+        self.place_pending()
+        return provider
+
+    def provider_for(self, principal: Principal, provider_id: str) -> Provider:
+        with self.session() as s:
+            provider = s.get(Provider, provider_id)
+        if provider is None:
+            raise ApiError(404, "unknown-provider",
+                           f"no provider {provider_id!r}; register again with POST "
+                           "/api/v1/agent/register")
+        if provider.lab_id != principal.lab_id:
+            raise ApiError(403, "not-your-provider",
+                           f"provider {provider_id} belongs to another lab")
+        return provider
+
+    def provider_heartbeat(self, provider: Provider, running: list[str]) -> None:
+        now = utcnow()
+        alive = set(running)
+        changed = False
+        with self.session() as s:
+            row = s.get(Provider, provider.id)
+            came_back = not row.online
+            row.last_seen = now
+            row.online = True
+            s.add(row)
+            held = s.exec(select(Lease).where(Lease.provider_id == provider.id,
+                                              col(Lease.state).in_(HELD_STATES))).all()
+            for lease in held:
+                if lease.state == LeaseState.running and lease.id not in alive:
+                    self._end(lease, EndReason.failed, "the provider reports no worker process "
+                              "for this lease")
+                    s.add(lease)
+                    changed = True
+                elif (lease.state == LeaseState.starting and lease.assigned_at is not None
+                      and (now - lease.assigned_at).total_seconds() > self.settings.start_timeout):
+                    self._end(lease, EndReason.failed,
+                              f"the worker did not start within {self.settings.start_timeout:g} s")
+                    s.add(lease)
+                    changed = True
+            s.commit()
+        if changed or came_back:
+            self.bump(provider.id)
+            self.place_pending()
+
+    def provider_leases(self, provider: Provider) -> list[dict]:
+        """What the agent should run (starting, running) and stop (releasing)."""
+        with self.session() as s:
+            rows = s.exec(
+                select(Lease, ClusterRecord)
+                .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+                .where(Lease.provider_id == provider.id, col(Lease.state).in_(HELD_STATES))
+            ).all()
+        return [
+            {
+                "id": lease.id,
+                "state": lease.state.value,
+                "scheduler_address": cluster.scheduler_address,
+                "ca_cert": cluster.ca_cert,
+                "cert": lease.worker_cert,
+                "key": lease.worker_key,
+                "cpus": lease.cpus,
+                "memory": lease.memory,
+                "gpus": lease.gpus,
+                "gpu_indices": lease.gpu_indices,
+            }
+            for lease, cluster in rows
+        ]
+
+    def report_lease_state(self, provider: Provider, lease_id: str,
+                           body: LeaseStateReport) -> Lease:
+        with self.session() as s:
+            lease = s.get(Lease, lease_id)
+            if lease is None:
+                raise ApiError(404, "unknown-lease", f"no lease {lease_id!r}")
+            if lease.provider_id != provider.id:
+                raise ApiError(403, "not-your-lease",
+                               f"lease {lease_id} is not assigned to provider {provider.id}")
+            if lease.state == LeaseState.ended:
+                return lease  # idempotent: a repeated or late report changes nothing
+            if body.state == LeaseState.running:
+                if lease.state == LeaseState.starting:
+                    lease.state = LeaseState.running
+                    lease.started_at = utcnow()
+            elif body.state == LeaseState.ended:
+                reason = body.reason
+                if reason is None:
+                    reason = (EndReason.released if lease.state == LeaseState.releasing
+                              else EndReason.failed)
+                self._end(lease, reason, body.message)
+            else:
+                raise ApiError(422, "bad-state",
+                               f"an agent can report 'running' or 'ended', not {body.state.value!r}")
+            s.add(lease)
+            s.commit()
+        self.bump(provider.id)
+        if lease.state == LeaseState.ended:
+            self.place_pending()
+        return lease
+
+    # ---- clusters -------------------------------------------------------------------------
+
+    def create_cluster(self, principal: Principal, body: ClusterCreate) -> ClusterRecord:
+        from ..tls import is_ca_certificate
+
+        if principal.user_id is None:
+            raise ApiError(403, "not-a-user", "clusters belong to users; use a user token")
+        if not is_ca_certificate(body.ca_cert):
+            raise ApiError(422, "bad-ca", "ca_cert must be a PEM CA certificate")
+        with self.session() as s:
+            cluster = ClusterRecord(id="cl_" + uuid.uuid4().hex[:12], name=body.name,
+                                    user_id=principal.user_id, lab_id=principal.lab_id,
+                                    scheduler_address=body.scheduler_address,
+                                    ca_cert=body.ca_cert)
+            s.add(cluster)
+            s.commit()
+        logger.info("cluster %s registered by %s", cluster.id, principal.user_name)
+        return cluster
+
+    def cluster_for(self, principal: Principal, cluster_id: str) -> ClusterRecord:
+        """The cluster, if the caller may act on it: its owner or an administrator."""
+        with self.session() as s:
+            cluster = s.get(ClusterRecord, cluster_id)
+        if cluster is None:
+            raise ApiError(404, "unknown-cluster", f"no cluster {cluster_id!r}")
+        if not principal.is_admin and cluster.user_id != principal.user_id:
+            raise ApiError(403, "not-your-cluster",
+                           f"cluster {cluster_id} belongs to another user")
+        return cluster
+
+    def list_clusters(self, principal: Principal, active_only: bool = True) -> list[ClusterPublic]:
+        with self.session() as s:
+            q = select(ClusterRecord)
+            if active_only:
+                q = q.where(ClusterRecord.active == True)  # noqa: E712
+            if not principal.is_admin:
+                q = q.where(ClusterRecord.user_id == principal.user_id)
+            ids = [c.id for c in s.exec(q)]
+        return [self.cluster_public(cid) for cid in ids]
+
+    def cluster_public(self, cluster_id: str) -> ClusterPublic:
+        with self.session() as s:
+            cluster = s.get(ClusterRecord, cluster_id)
+            user = s.get(User, cluster.user_id)
+            lab = s.get(Lab, cluster.lab_id)
+            labs = {p.id: name for p, name in s.exec(
+                select(Provider, Lab.name).join(Lab, Lab.id == Provider.lab_id))}
+            leases = s.exec(select(Lease).where(Lease.cluster_id == cluster_id)
+                            .order_by(Lease.created_at)).all()
+            return ClusterPublic(
+                id=cluster.id, name=cluster.name, user=user.name, lab=lab.name,
+                scheduler_address=cluster.scheduler_address, active=cluster.active,
+                end_reason=cluster.end_reason, created_at=cluster.created_at,
+                leases=[LeasePublic(**lease.model_dump(), lab=labs.get(lease.provider_id))
+                        for lease in leases],
+            )
+
+    def cluster_heartbeat(self, cluster: ClusterRecord) -> ClusterPublic:
+        if not cluster.active:
+            raise ApiError(409, "cluster-ended",
+                           f"cluster {cluster.id} was ended ({cluster.end_reason}); "
+                           "start a new FederatedCluster")
+        with self.session() as s:
+            row = s.get(ClusterRecord, cluster.id)
+            row.last_seen = utcnow()
+            s.add(row)
+            s.commit()
+        return self.cluster_public(cluster.id)
+
+    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[Lease]:
+        if not cluster.active:
+            raise ApiError(409, "cluster-ended", f"cluster {cluster.id} has ended")
+        spec = body.spec
+        request = placement.LeaseRequest("?", cluster.id, spec.cpus, spec.memory, spec.gpus,
+                                         spec.gpu_model)
+        with self.session() as s:
+            totals = [_capacity(p, []) for p in s.exec(
+                select(Provider).where(Provider.online == True))]  # noqa: E712
+            why = placement.largest_offer(totals, request)
+            if why is not None:
+                raise ApiError(422, "no-provider-fits",
+                               f"no provider in the federation can ever host this worker: {why}")
+            ids = [w.lease_id for w in body.workers]
+            if len(set(ids)) != len(ids):
+                raise ApiError(422, "duplicate-lease-id", "lease ids in one request must differ")
+            taken = s.exec(select(Lease.id).where(col(Lease.id).in_(ids))).all()
+            if taken:
+                raise ApiError(409, "lease-id-taken", f"lease ids already exist: {sorted(taken)}")
+            for w in body.workers:
+                name, role = certificate_identity(w.cert) if _parses(w.cert) else ("", "")
+                if not signed_by(w.cert, cluster.ca_cert):
+                    raise ApiError(422, "bad-worker-cert",
+                                   f"the certificate for lease {w.lease_id} is not signed by "
+                                   "this cluster's CA")
+                if name != w.lease_id or role != ROLE_WORKER:
+                    raise ApiError(422, "bad-worker-cert",
+                                   f"the certificate for lease {w.lease_id} must be a worker "
+                                   f"certificate with CN={w.lease_id}; it has CN={name!r}")
+                if not key_matches(w.cert, w.key):
+                    raise ApiError(422, "bad-worker-key",
+                                   f"the key for lease {w.lease_id} does not match its certificate")
+            leases = [
+                Lease(id=w.lease_id, cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
+                      memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model,
+                      worker_cert=w.cert, worker_key=w.key)
+                for w in body.workers
+            ]
+            s.add_all(leases)
+            s.commit()
+        self.place_pending()
+        with self.session() as s:
+            return [s.get(Lease, lease.id) for lease in leases]
+
+    def release_leases(self, cluster: ClusterRecord, lease_ids: list[str],
+                       reason: EndReason = EndReason.released, message: str = "") -> int:
+        touched: set[str | None] = set()
+        with self.session() as s:
+            rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))).all()
+            found = {r.id for r in rows}
+            missing = [i for i in lease_ids if i not in found]
+            foreign = [r.id for r in rows if r.cluster_id != cluster.id]
+            if missing:
+                raise ApiError(404, "unknown-lease", f"no such leases: {sorted(missing)}")
+            if foreign:
+                raise ApiError(403, "not-your-lease",
+                               f"leases {sorted(foreign)} belong to another cluster")
+            for lease in rows:
+                if self._release(lease, reason, message):
+                    s.add(lease)
+                    touched.add(lease.provider_id)
+            s.commit()
+        for provider_id in touched:
+            self.bump(provider_id)
+        self.place_pending()
+        return len(touched)
+
+    def close_cluster(self, cluster_id: str, reason: str = "closed") -> None:
+        lease_reason = EndReason.lost if reason == "lost" else EndReason.released
+        touched: set[str | None] = set()
+        with self.session() as s:
+            cluster = s.get(ClusterRecord, cluster_id)
+            if cluster.active:
+                cluster.active = False
+                cluster.end_reason = reason
+                cluster.closed_at = utcnow()
+                s.add(cluster)
+            for lease in s.exec(select(Lease).where(Lease.cluster_id == cluster_id,
+                                                    col(Lease.state).in_(LIVE_STATES))):
+                if self._release(lease, lease_reason, f"cluster {reason}"):
+                    s.add(lease)
+                    touched.add(lease.provider_id)
+            s.commit()
+        for provider_id in touched:
+            self.bump(provider_id)
+        self.place_pending()
+
+    # ---- timeouts -------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        """End what went silent: providers past the provider timeout, clusters past theirs."""
+        now = utcnow()
+        provider_cutoff = now - dt.timedelta(seconds=self.settings.provider_timeout)
+        cluster_cutoff = now - dt.timedelta(seconds=self.settings.cluster_timeout)
+        lost_providers: list[str] = []
+        with self.session() as s:
+            for p in s.exec(select(Provider).where(Provider.online == True,  # noqa: E712
+                                                   Provider.last_seen < provider_cutoff)):
+                p.online = False
+                s.add(p)
+                lost_providers.append(p.id)
+                for lease in s.exec(select(Lease).where(Lease.provider_id == p.id,
+                                                        col(Lease.state).in_(HELD_STATES))):
+                    self._end(lease, EndReason.lost,
+                              f"provider {p.name} stopped heart-beating for more than "
+                              f"{self.settings.provider_timeout:g} s")
+                    s.add(lease)
+            lost_clusters = [c.id for c in s.exec(
+                select(ClusterRecord).where(ClusterRecord.active == True,  # noqa: E712
+                                            ClusterRecord.last_seen < cluster_cutoff))]
+            s.commit()
+        for pid in lost_providers:
+            logger.warning("provider %s is lost; its leases ended", pid)
+            self.bump(pid)
+        for cid in lost_clusters:
+            logger.warning("cluster %s stopped heart-beating; ending its leases", cid)
+            self.close_cluster(cid, reason="lost")
+        if lost_providers:
+            self.place_pending()
+
+    # ---- placement ------------------------------------------------------------------------
+
+    def place_pending(self) -> int:
+        """Assign pending leases to providers with room; returns how many were placed."""
+        with self.session() as s:
+            pending = s.exec(
+                select(Lease).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+                .where(Lease.state == LeaseState.pending, ClusterRecord.active == True)  # noqa: E712
+                .order_by(Lease.created_at, Lease.id)
+            ).all()
+            if not pending:
+                return 0
+            providers = s.exec(select(Provider).where(Provider.online == True)).all()  # noqa: E712
+            held = s.exec(select(Lease).where(col(Lease.state).in_(HELD_STATES))).all()
+            by_provider: dict[str, list[Lease]] = {}
+            for lease in held:
+                by_provider.setdefault(lease.provider_id, []).append(lease)
+            lab_names = {lab.id: lab.name for lab in s.exec(select(Lab))}
+            snapshot = [_capacity(p, by_provider.get(p.id, []), lab_names) for p in providers]
+            provider_lab = {p.id: lab_names.get(p.lab_id, "") for p in providers}
+            cluster_labs: dict[str, Counter[str]] = {}
+            for lease in held:
+                if lease.state != LeaseState.releasing:
+                    cluster_labs.setdefault(lease.cluster_id, Counter())[
+                        provider_lab.get(lease.provider_id, "")] += 1
+            requests = [placement.LeaseRequest(lease.id, lease.cluster_id, lease.cpus,
+                                               lease.memory, lease.gpus, lease.gpu_model)
+                        for lease in pending]
+            placed = placement.place(requests, snapshot, cluster_labs, self.rng)
+            by_id = {lease.id: lease for lease in pending}
+            now = utcnow()
+            for p in placed:
+                lease = by_id[p.lease_id]
+                lease.provider_id = p.provider_id
+                lease.gpu_indices_json = json.dumps(list(p.gpu_indices))
+                lease.state = LeaseState.starting
+                lease.assigned_at = now
+                s.add(lease)
+            s.commit()
+        for pid in {p.provider_id for p in placed}:
+            self.bump(pid)
+        return len(placed)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _end(lease: Lease, reason: EndReason, message: str = "") -> None:
+        lease.state = LeaseState.ended
+        # A reason chosen when the release was asked for (released, lost cluster) wins.
+        lease.end_reason = lease.end_reason or reason
+        lease.message = message or lease.message
+        lease.ended_at = utcnow()
+        # The worker key is only needed while the worker may still start.
+        lease.worker_key = ""
+
+    def _release(self, lease: Lease, reason: EndReason, message: str) -> bool:
+        """Move a live lease towards ended; True when it changed."""
+        if lease.state == LeaseState.pending:
+            self._end(lease, reason, message)
+            return True
+        if lease.state in (LeaseState.starting, LeaseState.running):
+            lease.state = LeaseState.releasing
+            lease.end_reason = reason
+            lease.message = message
+            return True
+        return False
+
+
+def _parses(cert: str) -> bool:
+    try:
+        certificate_identity(cert)
+    except ValueError:
+        return False
+    return True
+
+
+def _capacity(provider: Provider, held: list[Lease],
+              lab_names: dict[int, str] | None = None) -> placement.ProviderCapacity:
+    used_gpus = {i for lease in held for i in lease.gpu_indices}
+    return placement.ProviderCapacity(
+        provider_id=provider.id,
+        lab=(lab_names or {}).get(provider.lab_id, str(provider.lab_id)),
+        site=provider.site,
+        free_cpus=provider.cpus - sum(lease.cpus for lease in held),
+        free_memory=provider.memory - sum(lease.memory for lease in held),
+        free_gpus=[placement.GpuSlot(g["index"], g["model"], g["memory"])
+                   for g in provider.gpus if g["index"] not in used_gpus],
+    )

@@ -1,0 +1,267 @@
+"""The `parallex` command: broker, provide, up and admin."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from . import errors
+
+DEFAULT_PORT = 8470
+
+
+def _data_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "parallex"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # One line per HTTP request drowns what matters; failures are logged by our own code.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+# ---- broker -----------------------------------------------------------------------------------
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .broker.app import create_app
+    from .broker.service import BrokerSettings
+
+    db_url = args.db_url or os.environ.get("PARALLEX_DB_URL")
+    if not db_url:
+        _data_home().mkdir(parents=True, exist_ok=True)
+        db_url = f"sqlite:///{_data_home() / 'broker.db'}"
+    settings = BrokerSettings(provider_timeout=args.provider_timeout,
+                              cluster_timeout=args.cluster_timeout,
+                              start_timeout=args.start_timeout,
+                              poll_timeout=min(20.0, max(1.0, args.provider_timeout / 2)))
+    app = create_app(db_url, settings)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port} ({exc.strerror}); choose another "
+              "--port or stop what uses it", file=sys.stderr)
+        return 1
+    sock.listen(128)
+    sock.setblocking(False)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=False,
+                            timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if server.started:
+            print(f"PARALLEX_BROKER_URL=http://{host}:{port}", flush=True)
+        await task
+
+    asyncio.run(serve())
+    return 0
+
+
+# ---- provide ----------------------------------------------------------------------------------
+
+def _read_token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise errors.ParallexError(f"cannot read --token-file {args.token_file}: "
+                                       f"{exc.strerror}") from exc
+    return args.token or os.environ.get("PARALLEX_PROVIDER_TOKEN")
+
+
+def cmd_provide(args: argparse.Namespace) -> int:
+    from .agent import ProviderAgent
+    from .inventory import offer
+
+    token = _read_token(args)
+    if not args.broker or not token:
+        print("error: `parallex provide` needs --broker URL and a provider token (--token, "
+              "--token-file or PARALLEX_PROVIDER_TOKEN)", file=sys.stderr)
+        return 2
+    try:
+        capacity = offer(cpus=args.cpus, memory=args.memory, gpus=args.gpus)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if os.geteuid() == 0 and not args.worker_user:
+        logging.getLogger("parallex.agent").warning(
+            "running as root without --worker-user: workers run as root too. The token is "
+            "never given to workers, but root workers could read it from this process; pass "
+            "--worker-user with an unprivileged account")
+    workdir = Path(args.workdir or _data_home() / "agent")
+    agent = ProviderAgent(args.broker, token, capacity, workdir=workdir, name=args.name,
+                          site=args.site, worker_host=args.worker_host,
+                          worker_user=args.worker_user)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, agent.stop)
+        runner = asyncio.create_task(agent.run())
+        registered = asyncio.create_task(agent.registered.wait())
+        await asyncio.wait({runner, registered}, return_when=asyncio.FIRST_COMPLETED)
+        if agent.registered.is_set():
+            print(f"PARALLEX_PROVIDER_ID={agent.provider_id}", flush=True)
+        await runner
+
+    try:
+        asyncio.run(main())
+    except errors.TokenRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- admin ------------------------------------------------------------------------------------
+
+def _admin_client(args: argparse.Namespace):
+    from .client import BrokerClient
+
+    return BrokerClient(args.broker or os.environ.get("PARALLEX_BROKER_URL", ""),
+                        args.token or os.environ.get("PARALLEX_ADMIN_TOKEN", ""))
+
+
+def cmd_admin(args: argparse.Namespace) -> int:
+    client = _admin_client(args)
+    try:
+        if args.admin_cmd == "lab":
+            if args.lab_cmd == "create":
+                out = client.request("POST", "/labs", json={"name": args.name,
+                                                            "site": args.site or ""})
+            else:
+                out = client.request("GET", "/labs")
+        elif args.admin_cmd == "user-token":
+            out = client.request("POST", "/tokens", json={"kind": "user", "lab": args.lab,
+                                                          "user": args.user})
+        elif args.admin_cmd == "provider-token":
+            out = client.request("POST", "/tokens", json={"kind": "provider", "lab": args.lab})
+        elif args.admin_cmd == "revoke":
+            out = client.request("DELETE", f"/tokens/{args.token_id}")
+        else:
+            raise AssertionError(args.admin_cmd)
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(out, default=str, indent=2))
+    elif isinstance(out, dict) and "token" in out:
+        print(f"token id: {out['id']} ({out['kind']}, lab {out['lab']}"
+              + (f", user {out['user']}" if out.get("user") else "") + ")")
+        print(f"token:    {out['token']}")
+        print("The token is shown only this once; it is stored hashed.")
+    elif isinstance(out, list):
+        for row in out:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+    else:
+        print("  ".join(f"{k}={v}" for k, v in out.items()))
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parallex", description=__doc__)
+    parser.add_argument("--log-level", default="INFO",
+                        help="Logging level: DEBUG, INFO, WARNING or ERROR (default INFO).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("broker", help="Run the federation broker (REST API under /api/v1).")
+    b.add_argument("--db-url", help="SQLAlchemy database URL; default: PARALLEX_DB_URL, else an "
+                   "SQLite file in ~/.local/share/parallex/broker.db. postgresql:// accepted.")
+    b.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
+    b.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"TCP port; 0 picks a free one (default {DEFAULT_PORT}).")
+    b.add_argument("--provider-timeout", type=float, default=30.0,
+                   help="Seconds without a provider heartbeat before its leases end as lost "
+                        "(default 30).")
+    b.add_argument("--cluster-timeout", type=float, default=60.0,
+                   help="Seconds without a cluster heartbeat before its leases end (default 60).")
+    b.add_argument("--start-timeout", type=float, default=300.0,
+                   help="Seconds a lease may stay 'starting' before it fails (default 300).")
+    b.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("provide", help="Offer this machine's CPUs/GPUs to a broker.")
+    p.add_argument("--broker", default=os.environ.get("PARALLEX_BROKER_URL"),
+                   help="Broker URL (default PARALLEX_BROKER_URL).")
+    p.add_argument("--token", help="Provider token. Visible to local users in the process list; "
+                   "prefer --token-file or PARALLEX_PROVIDER_TOKEN.")
+    p.add_argument("--token-file", help="File holding the provider token (mode 0600).")
+    p.add_argument("--cpus", type=float, help="CPU cores to offer (default: all).")
+    p.add_argument("--memory", help="Memory to offer, e.g. '16 GiB' (default: all).")
+    p.add_argument("--gpus", help="GPU indices to offer, e.g. '0,1'; 'none' for none "
+                   "(default: all that NVML finds).")
+    p.add_argument("--workdir", help="Folder for worker credentials, scratch space and logs "
+                   "(default ~/.local/share/parallex/agent).")
+    p.add_argument("--name", help="Provider name, unique within the lab (default: host name).")
+    p.add_argument("--site", help="Site label for locality (default: the lab's site).")
+    p.add_argument("--worker-host", help="Address workers listen on and advertise (default: "
+                   "the interface that reaches the scheduler).")
+    p.add_argument("--worker-user", help="Unprivileged account workers run as when the agent "
+                   "runs as root (default: the agent's own account).")
+    p.set_defaults(func=cmd_provide)
+
+    u = sub.add_parser("up", help="Start a local federation: a broker and N demo labs.")
+    u.add_argument("--data-dir", default="parallex-data",
+                   help="Folder for the database, agent folders and demo.env "
+                        "(default ./parallex-data).")
+    u.add_argument("--providers", type=int, default=2,
+                   help="Number of demo labs, one provider agent each (default 2).")
+    u.add_argument("--port", type=int, default=0, help="Broker port; 0 picks a free one "
+                   "(default 0).")
+    u.add_argument("--cpus", type=float, default=None,
+                   help="CPUs each demo provider offers (default: all of this machine's).")
+    u.add_argument("--memory", default=None,
+                   help="Memory each demo provider offers (default: machine memory / N).")
+    u.set_defaults(func=lambda a: __import__("federation.up", fromlist=["run"]).run(a))
+
+    a = sub.add_parser("admin", help="Administer labs and tokens through the broker API.")
+    a.add_argument("--broker", help="Broker URL (default PARALLEX_BROKER_URL).")
+    a.add_argument("--token", help="Admin token (default PARALLEX_ADMIN_TOKEN).")
+    a.add_argument("--json", action="store_true", help="Print the answer as JSON.")
+    asub = a.add_subparsers(dest="admin_cmd", required=True)
+    lab = asub.add_parser("lab", help="Create or list labs.")
+    labsub = lab.add_subparsers(dest="lab_cmd", required=True)
+    lc = labsub.add_parser("create", help="Create a lab.")
+    lc.add_argument("name", help="Lab name: letters, digits, '.', '_' and '-'.")
+    lc.add_argument("--site", help="Site label for locality (default: the lab name).")
+    labsub.add_parser("list", help="List labs.")
+    ut = asub.add_parser("user-token", help="Issue a token for a user (created if new).")
+    ut.add_argument("--lab", required=True, help="The user's lab.")
+    ut.add_argument("--user", required=True, help="User name.")
+    pt = asub.add_parser("provider-token", help="Issue a token for a lab's provider agents.")
+    pt.add_argument("--lab", required=True, help="The lab whose machines use it.")
+    rv = asub.add_parser("revoke", help="Revoke a token by its id (tok_...).")
+    rv.add_argument("token_id", help="Token id as printed when it was issued.")
+    a.set_defaults(func=cmd_admin)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `parallex` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except errors.ParallexError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""FederatedCluster: a Dask cluster whose workers are leases on lab machines of the federation.
+
+The Dask scheduler runs inside the user's own process, so the code clients send it runs with the
+user's rights and nobody else's. The broker only places leases; each lease's worker joins the
+scheduler over TLS with a certificate that this cluster's CA issued for that lease alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from distributed import Scheduler
+from distributed.core import Status, rpc
+from distributed.deploy.cluster import Cluster
+from distributed.security import Security
+from distributed.utils import format_dashboard_link
+
+from . import config, errors
+from .client import AsyncBrokerClient
+from .guard import SchedulerGuard
+from .sizes import format_bytes, parse_memory
+from .tls import ROLE_CLIENT, ROLE_SCHEDULER, ClusterAuthority
+
+logger = logging.getLogger("parallex.cluster")
+
+ENDED = "ended"
+LIVE = ("pending", "starting", "running")
+
+
+@dataclass
+class WorkerGroup:
+    """Workers of one size; ``desired`` is how many the user asked for."""
+
+    name: str
+    cpus: float
+    memory: int
+    gpus: int = 0
+    gpu_model: str | None = None
+    desired: int = 0
+
+    def spec(self) -> dict:
+        return {"cpus": self.cpus, "memory": self.memory, "gpus": self.gpus,
+                "gpu_model": self.gpu_model}
+
+
+def lease_of(worker_name: str) -> str:
+    """The lease id behind a worker name (dask-cuda adds -<i> for multi-GPU leases)."""
+    head, _, tail = str(worker_name).rpartition("-")
+    return head if tail.isdigit() and head.startswith("ls-") else str(worker_name)
+
+
+class FederatedCluster(Cluster):
+    """A Dask cluster on the Parallex federation.
+
+    Parameters
+    ----------
+    broker_url, token:
+        The broker and the user's API token; default to PARALLEX_BROKER_URL / PARALLEX_TOKEN,
+        then the dask config keys ``parallex.broker-url`` / ``parallex.token``.
+    worker_cpus, worker_memory:
+        Size of one worker of the default group (config ``parallex.worker``).
+    scheduler_host, scheduler_port:
+        Where the scheduler listens; workers on lab machines must reach it.
+    heartbeat_interval:
+        Seconds between heartbeats to the broker (``parallex.heartbeat-interval``).
+    lease_start_timeout:
+        Seconds ``wait_for_workers`` waits before raising LeaseStartTimeout.
+
+    Examples
+    --------
+    >>> with FederatedCluster() as cluster:
+    ...     cluster.scale(4)
+    ...     client = cluster.get_client()
+    """
+
+    def __init__(self, broker_url: str | None = None, token: str | None = None, *,
+                 name: str | None = None, worker_cpus: float | None = None,
+                 worker_memory: str | int | None = None, scheduler_host: str | None = None,
+                 scheduler_port: int | None = None, dashboard: bool | None = None,
+                 heartbeat_interval: float | None = None,
+                 lease_start_timeout: float | None = None, asynchronous: bool = False,
+                 loop: Any = None, quiet: bool = False):
+        self._broker_url = config.broker_url(broker_url)
+        self._token = config.token(token)
+        cpus = float(worker_cpus if worker_cpus is not None else config.get("worker.cpus"))
+        memory = parse_memory(worker_memory if worker_memory is not None
+                              else config.get("worker.memory"))
+        if cpus <= 0:
+            raise ValueError(f"worker_cpus must be more than 0; got {cpus:g}")
+        self._groups: dict[str, WorkerGroup] = {"default": WorkerGroup("default", cpus, memory)}
+        self._scheduler_host = scheduler_host or config.get("scheduler.host")
+        self._scheduler_port = int(scheduler_port if scheduler_port is not None
+                                   else config.get("scheduler.port"))
+        self._dashboard = dashboard if dashboard is not None else config.get("scheduler.dashboard")
+        self._heartbeat_interval = float(heartbeat_interval or config.get("heartbeat-interval"))
+        self.lease_start_timeout = float(lease_start_timeout or
+                                         config.get("lease-start-timeout"))
+        self._request_timeout = float(config.get("request-timeout"))
+        self._leases: dict[str, dict] = {}
+        self._live: set[str] = set()
+        self._broker: AsyncBrokerClient | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self._lock: asyncio.Lock | None = None
+        self.scheduler: Scheduler | None = None
+        self.security: Security | None = None
+        self.guard: SchedulerGuard | None = None
+        self.authority: ClusterAuthority | None = None
+        self.cluster_id: str | None = None
+        super().__init__(asynchronous=asynchronous, loop=loop, quiet=quiet, name=name)
+        if not self.called_from_running_loop:
+            self._loop_runner.start()
+            try:
+                self.sync(self._start)
+            except BaseException:
+                self._loop_runner.stop()
+                raise
+
+    def __await__(self):
+        async def _():
+            if self.status == Status.created:
+                await self._start()
+            return self
+
+        return _().__await__()
+
+    # ---- start and stop ---------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        if self.status != Status.created:
+            return
+        self.status = Status.starting
+        self._lock = asyncio.Lock()
+        try:
+            self._broker = AsyncBrokerClient(self._broker_url, self._token,
+                                             timeout=self._request_timeout)
+            who = await self._broker.request("GET", "/whoami")
+            if who["kind"] == "provider":
+                raise errors.PermissionDenied(
+                    "a provider token cannot start clusters; use a user token (PARALLEX_TOKEN)")
+            self.authority = ClusterAuthority(self.name)
+            scheduler_ck = self.authority.issue("scheduler", ROLE_SCHEDULER)
+            client_ck = self.authority.issue("client", ROLE_CLIENT)
+            self.security = Security(
+                tls_ca_file=self.authority.ca_pem,
+                tls_scheduler_cert=scheduler_ck.cert, tls_scheduler_key=scheduler_ck.key,
+                tls_client_cert=client_ck.cert, tls_client_key=client_ck.key,
+                require_encryption=True,
+            )
+            self.scheduler = Scheduler(
+                host=self._scheduler_host, port=self._scheduler_port, protocol="tls",
+                security=self.security, dashboard=bool(self._dashboard),
+                dashboard_address=f"{self._scheduler_host}:0",
+            )
+            self.guard = SchedulerGuard(self.scheduler, lambda: self._live)
+            self.guard.install()
+            await self.scheduler
+            self.scheduler_comm = rpc(self.scheduler.address,
+                                      connection_args=self.security.get_connection_args("client"))
+            record = await self._broker.request("POST", "/clusters", json={
+                "name": self.name, "scheduler_address": self.scheduler.address,
+                "ca_cert": self.authority.ca_pem})
+            self.cluster_id = record["id"]
+            await super()._start()
+        except BaseException:
+            self.status = Status.failed
+            await self._close()
+            raise
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        logger.info("cluster %s started; scheduler at %s", self.cluster_id,
+                    self.scheduler.address)
+
+    async def _close(self) -> None:
+        if self.status == Status.closed:
+            return
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+        if self._broker is not None and self.cluster_id is not None:
+            try:
+                answer = await self._broker.request("DELETE", f"/clusters/{self.cluster_id}")
+                await self._wait_for_leases_to_end(answer)
+            except errors.ParallexError as exc:
+                logger.warning("could not end the leases of cluster %s at the broker (%s); the "
+                               "broker ends them when the heartbeat times out", self.cluster_id,
+                               exc)
+        self._live.clear()
+        await super()._close()
+        if self.scheduler is not None:
+            await self.scheduler.close()
+        if self._broker is not None:
+            await self._broker.close()
+        self.status = Status.closed
+
+    async def _wait_for_leases_to_end(self, answer: dict, timeout: float = 15.0) -> None:
+        """Give agents a moment to stop the workers, so close() leaves no process behind."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(lease["state"] != ENDED for lease in answer["leases"]):
+            if loop.time() > deadline:
+                logger.warning("some workers of cluster %s were still stopping after %g s",
+                               self.cluster_id, timeout)
+                return
+            await asyncio.sleep(0.1)
+            answer = await self._broker.request("GET", f"/clusters/{self.cluster_id}")
+        self._update(answer)
+
+    def close(self, timeout: float | None = None) -> Any:
+        """End every lease of this cluster, stop the scheduler and return."""
+        result = super().close(timeout=timeout)
+        if not self.asynchronous:
+            self._loop_runner.stop()
+        return result
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        self.close()
+
+    # ---- leases -----------------------------------------------------------------------------
+
+    @property
+    def leases(self) -> list[dict]:
+        """Every lease of this cluster as the broker last reported it."""
+        return list(self._leases.values())
+
+    def _update(self, public: dict) -> list[dict]:
+        """Take the broker's view; returns leases that ended without being released by us."""
+        newly_ended = []
+        for lease in public["leases"]:
+            self._leases[lease["id"]] = lease
+            if lease["state"] == ENDED and lease["id"] in self._live:
+                self._live.discard(lease["id"])
+                newly_ended.append(lease)
+        return newly_ended
+
+    async def _heartbeat_loop(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            try:
+                public = await self._broker.request("POST",
+                                                    f"/clusters/{self.cluster_id}/heartbeat")
+            except errors.RequestRejected as exc:
+                logger.error("the broker ended cluster %s: %s", self.cluster_id, exc)
+                self._live.clear()
+                return
+            except errors.ParallexError as exc:
+                failures += 1
+                logger.warning("heartbeat %d to the broker failed: %s", failures, exc)
+                continue
+            failures = 0
+            try:
+                await self._handle_ended(self._update(public))
+                await self._correct_state()
+            except errors.ParallexError as exc:
+                logger.warning("could not replace ended workers: %s", exc)
+
+    async def _handle_ended(self, ended: list[dict]) -> None:
+        for lease in ended:
+            if lease["end_reason"] != "released":
+                logger.warning("lease %s on %s ended (%s): %s", lease["id"],
+                               lease.get("lab") or "no provider", lease["end_reason"],
+                               lease["message"])
+            await self._drop_worker(lease["id"])
+
+    async def _drop_worker(self, lease_id: str) -> None:
+        for address, ws in list(self.scheduler.workers.items()):
+            if lease_of(ws.name) == lease_id:
+                await self.scheduler.remove_worker(address=address, close=True,
+                                                   stimulus_id=f"lease-ended-{lease_id}")
+
+    def _live_in(self, group: str) -> list[str]:
+        return [lid for lid in self._live if self._leases[lid]["group"] == group]
+
+    async def _correct_state(self) -> None:
+        async with self._lock:
+            for group in self._groups.values():
+                live = self._live_in(group.name)
+                if len(live) < group.desired:
+                    await self._request(group, group.desired - len(live))
+                elif len(live) > group.desired:
+                    await self._shrink(group, live, len(live) - group.desired)
+
+    async def _request(self, group: WorkerGroup, n: int) -> None:
+        workers = []
+        for _ in range(n):
+            lease_id = f"ls-{uuid.uuid4().hex[:16]}"
+            creds = self.authority.worker_credentials(lease_id)
+            workers.append({"lease_id": lease_id, "cert": creds.cert, "key": creds.key})
+        ids = [w["lease_id"] for w in workers]
+        # Allowed before the broker hears of them, so a fast worker is never refused.
+        for lease_id in ids:
+            self._leases[lease_id] = {"id": lease_id, "group": group.name, "state": "pending"}
+        self._live.update(ids)
+        try:
+            created = await self._broker.request(
+                "POST", f"/clusters/{self.cluster_id}/leases",
+                json={"spec": group.spec(), "group": group.name, "workers": workers})
+        except BaseException:
+            self._live.difference_update(ids)
+            for lease_id in ids:
+                self._leases.pop(lease_id, None)
+            raise
+        for lease in created:
+            self._leases[lease["id"]] = lease
+
+    async def _shrink(self, group: WorkerGroup, live: list[str], n: int) -> None:
+        order = {"pending": 0, "starting": 1, "running": 2}
+        by_name = {ws.name: ws for ws in self.scheduler.workers.values()}
+
+        def cost(lid: str) -> tuple:
+            ws = by_name.get(lid)
+            return (order.get(self._leases[lid]["state"], 3), ws.nbytes if ws else 0)
+
+        chosen = sorted(live, key=cost)[:n]
+        connected = [lid for lid in chosen if lid in by_name]
+        if connected:
+            # Move their results to the workers that stay before the processes stop.
+            await self.scheduler.retire_workers(names=connected, close_workers=True,
+                                                remove=True, stimulus_id="parallex-scale-down")
+        await self._release(chosen)
+
+    async def _release(self, lease_ids: list[str]) -> None:
+        if not lease_ids:
+            return
+        self._live.difference_update(lease_ids)
+        await self._broker.request("POST", f"/clusters/{self.cluster_id}/leases/release",
+                                   json={"lease_ids": lease_ids})
+
+    # ---- scaling ----------------------------------------------------------------------------
+
+    def _group_for(self, gpus: int, cpus: float | None, memory: str | int | None,
+                   gpu_model: str | None) -> WorkerGroup:
+        default = self._groups["default"]
+        if not gpus and cpus is None and memory is None and gpu_model is None:
+            return default
+        size = (float(cpus) if cpus is not None else default.cpus,
+                parse_memory(memory) if memory is not None else default.memory)
+        name = f"{size[0]:g}cpu-{format_bytes(size[1]).replace(' ', '')}"
+        if gpus:
+            name += f"-{gpus}gpu" + (f"-{gpu_model}" if gpu_model else "")
+        if name not in self._groups:
+            self._groups[name] = WorkerGroup(name, size[0], size[1], int(gpus), gpu_model)
+        return self._groups[name]
+
+    def scale(self, n: int, gpus: int = 0, *, cpus: float | None = None,
+              memory: str | int | None = None, gpu_model: str | None = None) -> Any:
+        """Ask for ``n`` workers of a size; ``gpus=k`` makes a GPU group advertising GPU=k.
+
+        Raises NoProviderFits at once when no provider could ever host such a worker.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"scale() needs a whole number of workers >= 0; got {n!r}")
+        if not isinstance(gpus, int) or gpus < 0:
+            raise ValueError(f"gpus must be a whole number >= 0; got {gpus!r}")
+        if cpus is not None and cpus <= 0:
+            raise ValueError(f"cpus must be more than 0; got {cpus!r}")
+        return self.sync(self._scale, n, gpus, cpus, memory, gpu_model)
+
+    async def _scale(self, n: int, gpus: int, cpus, memory, gpu_model) -> None:
+        group = self._group_for(gpus, cpus, memory, gpu_model)
+        before = group.desired
+        group.desired = n
+        try:
+            await self._correct_state()
+        except BaseException:
+            group.desired = before
+            raise
+
+    async def scale_down(self, workers: list[str]) -> None:
+        """Release the leases of these workers (names) and lower their groups' targets."""
+        leases = {lease_of(w) for w in workers} & self._live
+        for lid in leases:
+            self._groups[self._leases[lid]["group"]].desired -= 1
+        await self._release(sorted(leases))
+
+    @property
+    def plan(self) -> set[str]:
+        return set(self._live)
+
+    @property
+    def requested(self) -> set[str]:
+        return set(self._live)
+
+    async def _wait_for_workers(self, n_workers: int = 0, timeout: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.lease_start_timeout if timeout is None else float(timeout)
+        deadline = loop.time() + timeout
+        while self._running_workers() < n_workers:
+            if loop.time() > deadline:
+                raise errors.LeaseStartTimeout(self._start_timeout_message(n_workers, timeout))
+            await asyncio.sleep(0.05)
+
+    def _running_workers(self) -> int:
+        return sum(1 for ws in self.scheduler.workers.values()
+                   if ws.status == Status.running and lease_of(ws.name) in self._live)
+
+    def _start_timeout_message(self, n: int, timeout: float) -> str:
+        states = Counter(self._leases[lid]["state"] for lid in self._live)
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no live leases"
+        hint = (" Pending leases wait for a provider with free capacity; see "
+                "cluster.leases for each lease's state and message.")
+        return (f"{self._running_workers()} of {n} workers connected after {timeout:g} s "
+                f"(leases: {detail}).{hint}")
+
+    # ---- display ----------------------------------------------------------------------------
+
+    def workers_by_lab(self) -> dict[str, int]:
+        """Connected workers per providing lab."""
+        connected = {lease_of(ws.name) for ws in (self.scheduler.workers.values()
+                                                  if self.scheduler else [])}
+        return dict(Counter(self._leases[lid].get("lab") or "?" for lid in connected
+                            if lid in self._leases))
+
+    def _pending(self) -> int:
+        return sum(1 for lid in self._live if self._leases[lid]["state"] in ("pending",
+                                                                              "starting"))
+
+    def __repr__(self) -> str:
+        return (f"FederatedCluster({self.cluster_id}, {self.scheduler_address!r}, "
+                f"workers={sum(self.workers_by_lab().values())}, pending={self._pending()}, "
+                f"labs={self.workers_by_lab()})")
+
+    def _scaling_status(self) -> str:
+        rows = "".join(f"<tr><td>{html.escape(lab)}</td><td>{n}</td></tr>"
+                       for lab, n in sorted(self.workers_by_lab().items()))
+        return (f"<table><tr><th>Lab</th><th>Workers</th></tr>{rows}"
+                f"<tr><td>pending</td><td>{self._pending()}</td></tr></table>")
+
+    def _repr_html_(self, cluster_status=None) -> str:
+        link = self.dashboard_link
+        return (f"<div><strong>FederatedCluster</strong> {html.escape(str(self.cluster_id))}"
+                f"<br>Scheduler: {html.escape(self.scheduler_address)}"
+                f"<br>Dashboard: <a href='{link}' target='_blank'>{html.escape(link)}</a>"
+                f"{self._scaling_status()}</div>")
+
+    @property
+    def dashboard_link(self) -> str:
+        if self.scheduler is None or "dashboard" not in self.scheduler.services:
+            return ""
+        port = self.scheduler.services["dashboard"].port
+        return format_dashboard_link(self._scheduler_host, port)

@@ -1,0 +1,55 @@
+"""The exceptions a Parallex user can meet, as one small hierarchy.
+
+    ParallexError
+    ├── BrokerUnreachable       the broker did not answer (network, wrong URL, broker down)
+    ├── TokenRefused            401: the token is unknown, revoked or malformed
+    ├── PermissionDenied        403: the token is valid but may not do this
+    ├── NotFound                404: the cluster, lease or lab does not exist
+    ├── RequestRejected         4xx: the request was malformed; the message says what to fix
+    │   └── NoProviderFits      no provider in the federation could ever host the asked worker
+    ├── LeaseStartTimeout       leases were granted but their workers did not start in time
+    └── BrokerError             5xx or an unexpected answer from the broker
+"""
+
+from __future__ import annotations
+
+
+class ParallexError(Exception):
+    """Base class of every error Parallex raises on purpose."""
+
+
+class BrokerUnreachable(ParallexError):
+    """The broker could not be reached at the configured URL."""
+
+
+class TokenRefused(ParallexError):
+    """The broker refused the token (HTTP 401)."""
+
+
+class PermissionDenied(ParallexError):
+    """The token is valid but does not allow this action (HTTP 403)."""
+
+
+class NotFound(ParallexError):
+    """The named object does not exist (HTTP 404)."""
+
+
+class RequestRejected(ParallexError):
+    """The broker rejected the request as malformed or impossible (HTTP 4xx)."""
+
+    def __init__(self, message: str, status_code: int = 400, code: str = "bad-request"):
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+
+
+class NoProviderFits(RequestRejected):
+    """No provider in the federation has enough capacity for one worker of the asked size."""
+
+
+class LeaseStartTimeout(ParallexError):
+    """Workers were asked for but did not connect within the lease start timeout."""
+
+
+class BrokerError(ParallexError):
+    """The broker failed (HTTP 5xx) or answered something this client does not understand."""

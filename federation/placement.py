@@ -1,0 +1,147 @@
+"""Lease placement: a pure function from a capacity snapshot and a queue of requests to
+assignments. No database, no clock, no I/O, so later issues can add fair share and owner
+priority by changing the order of the queue and the score, and a simulator can run it at scale.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class GpuSlot:
+    """One GPU of a provider."""
+
+    index: int
+    model: str
+    memory: int  # bytes
+
+
+@dataclass
+class ProviderCapacity:
+    """What one provider has free now, plus its labels."""
+
+    provider_id: str
+    lab: str
+    site: str
+    free_cpus: float
+    free_memory: int
+    free_gpus: list[GpuSlot] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LeaseRequest:
+    """One pending lease to place."""
+
+    lease_id: str
+    cluster_id: str
+    cpus: float
+    memory: int
+    gpus: int = 0
+    gpu_model: str | None = None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A lease assigned to a provider, with the GPU indices it gets."""
+
+    lease_id: str
+    provider_id: str
+    gpu_indices: tuple[int, ...] = ()
+
+
+def matching_gpus(slots: list[GpuSlot], model: str | None) -> list[GpuSlot]:
+    """The GPU slots whose model matches ``model`` (case-insensitive substring), all if None."""
+    if not model:
+        return list(slots)
+    wanted = model.lower()
+    return [g for g in slots if wanted in g.model.lower()]
+
+
+def fits(cap: ProviderCapacity, req: LeaseRequest) -> bool:
+    """True when ``req`` fits in the free capacity of ``cap``."""
+    return (
+        cap.free_cpus >= req.cpus
+        and cap.free_memory >= req.memory
+        and len(matching_gpus(cap.free_gpus, req.gpu_model)) >= req.gpus
+    )
+
+
+def place(
+    requests: list[LeaseRequest],
+    providers: list[ProviderCapacity],
+    cluster_labs: dict[str, Counter[str]],
+    rng: random.Random,
+) -> list[Placement]:
+    """Place ``requests`` in order onto ``providers``.
+
+    ``cluster_labs`` counts, per cluster, the live leases it already has per lab; a cluster is
+    kept on the lab (then site) where most of its workers are, so its workers talk over short
+    links. Among equally good providers the choice is random, which spreads load without
+    preferring whoever registered first. Requests that do not fit stay unplaced. The snapshot
+    passed in is consumed (its free capacity is reduced) so callers pass a copy.
+    """
+    placements: list[Placement] = []
+    labs = {cid: Counter(c) for cid, c in cluster_labs.items()}
+    sites: dict[str, Counter[str]] = {}
+    lab_site = {p.lab: p.site for p in providers}
+    for cid, counts in labs.items():
+        sites[cid] = Counter()
+        for lab, n in counts.items():
+            sites[cid][lab_site.get(lab, "")] += n
+
+    for req in requests:
+        candidates = [p for p in providers if fits(p, req)]
+        if not candidates:
+            continue
+        lab_counts = labs.setdefault(req.cluster_id, Counter())
+        site_counts = sites.setdefault(req.cluster_id, Counter())
+
+        def score(p: ProviderCapacity) -> tuple:
+            return (lab_counts[p.lab], site_counts[p.site], rng.random())
+
+        best = max(candidates, key=score)
+        gpu_slots = sorted(matching_gpus(best.free_gpus, req.gpu_model), key=lambda g: g.index)
+        taken = gpu_slots[: req.gpus]
+        best.free_cpus -= req.cpus
+        best.free_memory -= req.memory
+        best.free_gpus = [g for g in best.free_gpus if g not in taken]
+        lab_counts[best.lab] += 1
+        site_counts[best.site] += 1
+        placements.append(Placement(req.lease_id, best.provider_id, tuple(g.index for g in taken)))
+    return placements
+
+
+def largest_offer(providers: list[ProviderCapacity], req: LeaseRequest) -> str | None:
+    """Explain why ``req`` can never fit any provider's *total* capacity, or None if one could.
+
+    ``providers`` here carry total (not free) capacity.
+    """
+    if any(fits(p, req) for p in providers):
+        return None
+    if not providers:
+        return "no provider is registered with the federation yet"
+    from .sizes import format_bytes
+
+    max_cpus = max(p.free_cpus for p in providers)
+    max_mem = max(p.free_memory for p in providers)
+    max_gpus = max(len(matching_gpus(p.free_gpus, req.gpu_model)) for p in providers)
+    parts = []
+    if req.cpus > max_cpus:
+        parts.append(f"asked for {req.cpus:g} CPUs; the largest provider has {max_cpus:g}")
+    if req.memory > max_mem:
+        parts.append(
+            f"asked for {format_bytes(req.memory)} of memory; the largest provider has "
+            f"{format_bytes(max_mem)}"
+        )
+    if req.gpus > max_gpus:
+        model = f" {req.gpu_model}" if req.gpu_model else ""
+        parts.append(f"asked for {req.gpus}{model} GPUs; the largest provider has {max_gpus}")
+    if not parts:
+        parts.append(
+            f"no single provider has {req.cpus:g} CPUs, {format_bytes(req.memory)} and "
+            f"{req.gpus} GPUs together"
+        )
+    return "; ".join(parts)

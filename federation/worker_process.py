@@ -1,0 +1,157 @@
+"""One lease's Dask worker as an operating-system process, owned by the provider agent.
+
+The agent's token never reaches the worker: the environment is scrubbed, the command line holds
+only the lease's TLS file paths, and those files sit in a per-lease folder (owned by the worker
+account when the agent runs as root with --worker-user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+logger = logging.getLogger("parallex.agent")
+
+SECRET_ENV_PREFIXES = ("PARALLEX_",)
+
+
+@dataclass
+class WorkerProcess:
+    """A running (or adopted) worker process of one lease."""
+
+    lease_id: str
+    pid: int
+    create_time: float
+    folder: Path
+    popen: subprocess.Popen | None = None
+
+    def exit_code(self) -> int | None:
+        """None while running; the exit code (or -1 when unknown) once it has gone."""
+        if self.popen is not None:
+            return self.popen.poll()
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.create_time() != self.create_time or proc.status() == psutil.STATUS_ZOMBIE:
+                return -1
+        except psutil.NoSuchProcess:
+            return -1
+        return None
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = (self.folder / "worker.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def to_state(self) -> dict:
+        return {"pid": self.pid, "create_time": self.create_time, "folder": str(self.folder)}
+
+    @classmethod
+    def adopt(cls, lease_id: str, state: dict) -> WorkerProcess | None:
+        """The worker from a previous agent run, if that very process still runs."""
+        try:
+            proc = psutil.Process(int(state["pid"]))
+            if proc.create_time() != float(state["create_time"]):
+                return None
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+        except (psutil.NoSuchProcess, KeyError, ValueError):
+            return None
+        return cls(lease_id, proc.pid, proc.create_time(), Path(state["folder"]))
+
+
+def worker_environment(gpu_indices: list[int]) -> dict[str, str]:
+    """The worker's environment: the agent's minus every Parallex secret, GPUs pinned."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(SECRET_ENV_PREFIXES) and "TOKEN" not in k.upper()}
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_indices)
+    env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def worker_command(lease: dict, folder: Path, host: str | None,
+                   death_timeout: float) -> list[str]:
+    """The command line of a lease's worker: `dask worker`, or `dask cuda worker` for GPUs."""
+    gpus = int(lease.get("gpus") or 0)
+    use_cuda = gpus > 0 and importlib.util.find_spec("dask_cuda") is not None
+    if use_cuda:
+        # GPU machines only: dask-cuda starts one worker process per visible GPU and names them
+        # <lease>-<i> when there are several; the scheduler guard accepts those names.
+        cmd = [sys.executable, "-m", "dask", "cuda", "worker", lease["scheduler_address"],
+               "--resources", f"GPU={1 if gpus > 1 else gpus}"]
+    else:
+        cmd = [sys.executable, "-m", "distributed.cli.dask_worker", lease["scheduler_address"],
+               "--no-nanny"]
+        if gpus:
+            cmd += ["--resources", f"GPU={gpus}"]
+    cmd += [
+        "--name", lease["id"],
+        "--nthreads", str(max(1, int(round(float(lease["cpus"]))))),
+        "--memory-limit", str(int(lease["memory"])),
+        "--tls-ca-file", str(folder / "ca.pem"),
+        "--tls-cert", str(folder / "cert.pem"),
+        "--tls-key", str(folder / "key.pem"),
+        "--local-directory", str(folder / "scratch"),
+        "--death-timeout", str(int(death_timeout)),
+        "--no-dashboard",
+    ]
+    if host:
+        cmd += ["--host", host]
+    return cmd
+
+
+def start_worker(lease: dict, workdir: Path, *, host: str | None = None,
+                 worker_user: str | None = None, death_timeout: float = 60) -> WorkerProcess:
+    """Write the lease's credentials and start its worker process in its own process group."""
+    folder = workdir / "leases" / lease["id"]
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    (folder / "scratch").mkdir(parents=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    for name, text in (("ca.pem", lease["ca_cert"]), ("cert.pem", lease["cert"]),
+                       ("key.pem", lease["key"])):
+        path = folder / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    user_kwargs: dict = {}
+    if worker_user:
+        entry = pwd.getpwnam(worker_user)
+        for path in [folder, folder / "scratch", *folder.iterdir()]:
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        user_kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    log = open(folder / "worker.log", "ab")  # noqa: SIM115 (handed to the child)
+    try:
+        popen = subprocess.Popen(
+            worker_command(lease, folder, host, death_timeout),
+            cwd=folder / "scratch", env=worker_environment(lease.get("gpu_indices") or []),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, **user_kwargs,
+        )
+    finally:
+        log.close()
+    create_time = psutil.Process(popen.pid).create_time()
+    logger.info("lease %s: started worker pid %d", lease["id"], popen.pid)
+    return WorkerProcess(lease["id"], popen.pid, create_time, folder, popen)
+
+
+def stop_signal() -> int:
+    """The graceful stop signal: dask worker closes cleanly on SIGTERM."""
+    return signal.SIGTERM

@@ -1,0 +1,166 @@
+"""Real broker and agent processes for tests: started on free ports, read for their readiness
+line, and stopped (with every worker they started) when the test ends, pass or fail."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+READY_TIMEOUT = 60.0
+
+
+class Proc:
+    """A child process in its own process group whose stdout lines are queued."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.args = args
+        self.log = log
+        self._log_file = open(log, "ab")  # noqa: SIM115 (closed in stop())
+        self.popen = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=self._log_file, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True, text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.popen.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def wait_for_line(self, prefix: str, timeout: float = READY_TIMEOUT) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.popen.poll() is not None and self.lines.empty():
+                raise AssertionError(f"{self.args[2:4]} printed no line starting {prefix!r} "
+                                     f"within {timeout:g} s; log:\n{self.log_text()[-3000:]}")
+            try:
+                line = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            if line.startswith(prefix):
+                return line[len(prefix):]
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def kill9(self) -> None:
+        """SIGKILL this process only (its children, e.g. workers, survive as orphans)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM the process group, then SIGKILL it after ``timeout``."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.popen.wait(10)
+        self._log_file.close()
+        return self.popen.returncode
+
+
+def parallex(*args: str) -> list[str]:
+    return [sys.executable, "-m", "federation.cli", *args]
+
+
+def start_broker(tmp: Path, admin_token: str, *, db_url: str | None = None, port: int = 0,
+                 provider_timeout: float = 30, cluster_timeout: float = 60,
+                 name: str = "broker") -> tuple[Proc, str]:
+    db_url = db_url or f"sqlite:///{tmp / 'broker.db'}"
+    proc = Proc(parallex("--log-level", "INFO", "broker", "--db-url", db_url, "--host",
+                         "127.0.0.1", "--port", str(port), "--provider-timeout",
+                         str(provider_timeout), "--cluster-timeout", str(cluster_timeout)),
+                tmp / f"{name}.log", env={"PARALLEX_ADMIN_TOKEN": admin_token})
+    url = proc.wait_for_line("PARALLEX_BROKER_URL=")
+    return proc, url
+
+
+def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
+                memory: str = "2 GiB", extra: tuple[str, ...] = ()) -> Proc:
+    workdir.mkdir(parents=True, exist_ok=True)
+    token_file = workdir.parent / f"{name}.token"
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    proc = Proc(parallex("provide", "--broker", url, "--token-file", str(token_file),
+                         "--cpus", str(cpus), "--memory", memory, "--gpus", "none",
+                         "--workdir", str(workdir), "--name", name, *extra),
+                workdir.parent / f"{name}.log")
+    proc.wait_for_line("PARALLEX_PROVIDER_ID=")
+    return proc
+
+
+def recorded_workers(workdir: Path) -> dict[str, dict]:
+    """The worker processes an agent recorded in its state file."""
+    try:
+        return json.loads((workdir / "workers.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def live_worker_pids(workdir: Path) -> set[int]:
+    """Pids of recorded workers whose process still runs (same pid and start time)."""
+    alive = set()
+    for state in recorded_workers(workdir).values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc = psutil.Process(state["pid"])
+            if (proc.create_time() == state["create_time"]
+                    and proc.status() != psutil.STATUS_ZOMBIE):
+                alive.add(proc.pid)
+    return alive
+
+
+def worker_processes_of(workdirs: list[Path]) -> list[psutil.Process]:
+    """Every live `dask worker` process whose credentials sit under one of ``workdirs``."""
+    found = []
+    roots = [str(w) for w in workdirs]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info.get("cmdline") or [])
+        if "dask_worker" in cmd and any(root in cmd for root in roots):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+    return found
+
+
+def kill_workers_under(workdirs: list[Path]) -> None:
+    """Clean-up: SIGKILL the process groups of workers the test's agents started."""
+    for proc in worker_processes_of(workdirs):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.1) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
