@@ -94,6 +94,8 @@ class SchedulerGuard:
                 error = guard._refuse(refusal)
                 if op == "register-worker":
                     return _answer_registration(comm, refusal)
+                if op == "register-client":
+                    return _answer_client(comm, refusal)
                 raise error
             return handler(comm, **msg) if expects_comm else handler(**msg)
 
@@ -117,6 +119,13 @@ async def _answer_registration(comm: Any, message: str) -> None:
     # The worker expects a status reply on the registration comm; an error status makes it
     # stop instead of retrying forever.
     await comm.write({"status": "error", "message": message, "time": time()})
+
+
+async def _answer_client(comm: Any, message: str) -> None:
+    # A client waits for "stream-start"; its error field makes the Client raise at once with
+    # our message instead of timing out.
+    await comm.write([{"op": "stream-start", "error": message}])
+    comm.abort()
 
 
 def _expects_comm(func: Callable) -> bool:

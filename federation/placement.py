@@ -99,10 +99,9 @@ def place(
         lab_counts = labs.setdefault(req.cluster_id, Counter())
         site_counts = sites.setdefault(req.cluster_id, Counter())
 
-        def score(p: ProviderCapacity) -> tuple:
-            return (lab_counts[p.lab], site_counts[p.site], rng.random())
-
-        best = max(candidates, key=score)
+        best = max(candidates,
+                   key=lambda p, lc=lab_counts, sc=site_counts: (lc[p.lab], sc[p.site],
+                                                                 rng.random()))
         gpu_slots = sorted(matching_gpus(best.free_gpus, req.gpu_model), key=lambda g: g.index)
         taken = gpu_slots[: req.gpus]
         best.free_cpus -= req.cpus

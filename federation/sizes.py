@@ -1,4 +1,4 @@
-"""Parsing and formatting of resource sizes (memory in bytes) shared by the CLI, broker and client."""
+"""Parsing and formatting of resource sizes (memory in bytes), shared by CLI, broker and client."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -113,7 +114,7 @@ def signed_by(cert_pem: str, ca_pem: str) -> bool:
         cert = x509.load_pem_x509_certificate(cert_pem.encode())
         ca = x509.load_pem_x509_certificate(ca_pem.encode())
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, x509.InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature):
         return False
     return True
 

@@ -33,7 +33,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid")
         ctx = detail.get("ctx", {}).get("error", "")
-        return 400, "malformed-json", f"the request body is not valid JSON ({ctx}); send a JSON object"
+        return (400, "malformed-json",
+                f"the request body is not valid JSON ({ctx}); send a JSON object")
     parts = []
     for e in errors:
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
@@ -104,6 +105,14 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         status, code, message = _validation_message(exc)
         return JSONResponse({"error": code, "message": message}, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request %s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": "internal",
+                             "message": "the broker failed on this request; nothing was "
+                                        "changed. The broker log has the details."},
+                            status_code=500)
 
     @app.exception_handler(404)
     async def _not_found(request: Request, _exc) -> JSONResponse:

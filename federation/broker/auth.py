@@ -77,7 +77,8 @@ def authenticate(request: Request) -> Principal:
     """Resolve the request's bearer token to a Principal or answer 401."""
     secret = _bearer(request)
     with request.app.state.session() as session:
-        row = session.exec(select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
+        row = session.exec(
+            select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
         if row is None:
             raise ApiError(401, "bad-token", "this token is not known to the broker; ask your "
                            "administrator for a new one")

@@ -6,8 +6,16 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
-from accounting.models import Lab, LabCreate, LabPublic, User, UserCreate, UserPublic
-from accounting.models import create_lab, create_user
+from accounting.models import (
+    Lab,
+    LabCreate,
+    LabPublic,
+    User,
+    UserCreate,
+    UserPublic,
+    create_lab,
+    create_user,
+)
 
 from .auth import Principal, authenticate, issue_token, require_admin, require_any, revoke
 from .errors import ApiError

@@ -227,8 +227,8 @@ class Broker:
                               else EndReason.failed)
                 self._end(lease, reason, body.message)
             else:
-                raise ApiError(422, "bad-state",
-                               f"an agent can report 'running' or 'ended', not {body.state.value!r}")
+                raise ApiError(422, "bad-state", "an agent can report 'running' or 'ended', "
+                               f"not {body.state.value!r}")
             s.add(lease)
             s.commit()
         self.bump(provider.id)

@@ -1,0 +1,147 @@
+"""Bad input: every malformed or impossible request gets a 4xx with a message, and the database
+is left exactly as it was."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import httpx
+import pytest
+
+from federation import FederatedCluster, NoProviderFits
+from federation.tls import ClusterAuthority
+
+TABLES = ("lab", "user", "apitoken", "provider", "cluster", "lease")
+
+
+def dump(db_path) -> dict[str, list[tuple]]:
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr)  # noqa: S608
+                for t in TABLES}
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def registered(federation):
+    """A lab with a user and one provider registered through the API (no agent, so nothing
+    heart-beats and the database only changes when a request changes it)."""
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    provider = httpx.post(f"{fed.url}/api/v1/agent/register",
+                          headers={"Authorization": f"Bearer {fed.provider_tokens['lab-a']}"},
+                          json={"name": "gpu-box", "cpus": 8, "memory": "32 GiB",
+                                "gpus": [{"index": 0, "model": "NVIDIA A100", "memory": 40e9},
+                                         {"index": 1, "model": "NVIDIA A100", "memory": 40e9}]})
+    assert provider.status_code == 201, provider.text
+    authority = ClusterAuthority()
+    user = {"Authorization": f"Bearer {fed.user_tokens['alice']}"}
+    cluster = httpx.post(f"{fed.url}/api/v1/clusters", headers=user, json={
+        "scheduler_address": "tls://127.0.0.1:1", "ca_cert": authority.ca_pem})
+    assert cluster.status_code == 201, cluster.text
+    return fed, user, cluster.json()["id"], authority
+
+
+def lease_body(authority: ClusterAuthority, **spec) -> dict:
+    creds = authority.worker_credentials("ls-badinput000001")
+    return {"spec": {"cpus": 1, "memory": "1 GiB", **spec},
+            "workers": [{"lease_id": "ls-badinput000001", "cert": creds.cert, "key": creds.key}]}
+
+
+CASES = [
+    ("zero cpus", {"cpus": 0}, 422, "spec.cpus: Input should be greater than 0"),
+    ("negative cpus", {"cpus": -2}, 422, "spec.cpus: Input should be greater than 0"),
+    ("zero memory", {"memory": 0}, 422, "memory must be more than 0 bytes"),
+    ("negative memory", {"memory": "-4 GiB"}, 422, "memory must be more than 0 bytes"),
+    ("memory lots", {"memory": "lots"}, 422, "memory 'lots' is not a size"),
+    ("negative gpus", {"gpus": -1}, 422, "spec.gpus: Input should be greater than or equal"),
+    ("too many gpus", {"gpus": 8}, 422, "asked for 8 GPUs; the largest provider has 2"),
+    ("unknown gpu model", {"gpus": 1, "gpu_model": "H200"}, 422,
+     "asked for 1 H200 GPUs; the largest provider has 0"),
+    ("too much memory", {"memory": "1 TiB"}, 422,
+     "asked for 1.00 TiB of memory; the largest provider has 32.00 GiB"),
+]
+
+
+@pytest.mark.parametrize(("label", "spec", "status", "message"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_bad_worker_spec_is_refused_and_nothing_written(registered, label, spec, status,
+                                                        message):
+    fed, user, cluster_id, authority = registered
+    before = dump(fed.tmp / "broker.db")
+    answer = httpx.post(f"{fed.url}/api/v1/clusters/{cluster_id}/leases", headers=user,
+                        json=lease_body(authority, **spec))
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["message"]
+    assert dump(fed.tmp / "broker.db") == before
+
+
+def test_malformed_requests_are_refused_and_nothing_written(registered):
+    fed, user, cluster_id, authority = registered
+    before = dump(fed.tmp / "broker.db")
+    api = f"{fed.url}/api/v1"
+
+    bad_json = httpx.post(f"{api}/clusters/{cluster_id}/leases",
+                          headers={**user, "content-type": "application/json"},
+                          content=b'{"spec": {"cpus": 1,')
+    assert bad_json.status_code == 400
+    assert "not valid JSON" in bad_json.json()["message"]
+
+    unknown = httpx.post(f"{api}/clusters/cl_doesnotexist/leases", headers=user,
+                         json=lease_body(authority))
+    assert unknown.status_code == 404
+    assert "no cluster 'cl_doesnotexist'" in unknown.json()["message"]
+
+    foreign_cert = lease_body(ClusterAuthority())
+    wrong_ca = httpx.post(f"{api}/clusters/{cluster_id}/leases", headers=user, json=foreign_cert)
+    assert wrong_ca.status_code == 422
+    assert "not signed by this cluster's CA" in wrong_ca.json()["message"]
+
+    mismatched = lease_body(authority)
+    mismatched["workers"][0]["lease_id"] = "ls-someotherlease01"
+    wrong_cn = httpx.post(f"{api}/clusters/{cluster_id}/leases", headers=user, json=mismatched)
+    assert wrong_cn.status_code == 422
+    assert "must be a worker certificate with CN=ls-someotherlease01" in wrong_cn.json()["message"]
+
+    not_tls = httpx.post(f"{api}/clusters", headers=user, json={
+        "scheduler_address": "tcp://127.0.0.1:1", "ca_cert": authority.ca_pem})
+    assert not_tls.status_code == 422
+    assert "must be a tls:// address" in not_tls.json()["message"]
+
+    release_unknown = httpx.post(f"{api}/clusters/{cluster_id}/leases/release", headers=user,
+                                 json={"lease_ids": ["ls-nosuchlease0001"]})
+    assert release_unknown.status_code == 404
+    assert "no such leases" in release_unknown.json()["message"]
+
+    no_endpoint = httpx.get(f"{api}/nonsense", headers=user)
+    assert no_endpoint.status_code == 404
+    assert "no endpoint GET /api/v1/nonsense" in no_endpoint.json()["message"]
+
+    assert dump(fed.tmp / "broker.db") == before
+
+
+def test_federated_cluster_raises_clear_errors(registered):
+    fed, _user, _cluster_id, _authority = registered
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False) as cluster:
+        with pytest.raises(NoProviderFits, match="asked for 8 GPUs; the largest provider has 2"):
+            cluster.scale(1, gpus=8)
+        with pytest.raises(ValueError, match="whole number of workers"):
+            cluster.scale(-1)
+        with pytest.raises(ValueError, match="is not a size"):
+            cluster.scale(1, memory="lots")
+        assert cluster.leases == []
+        assert cluster.plan == set()
+
+
+def test_unreachable_broker_is_reported(tmp_path):
+    import socket
+
+    from federation import BrokerUnreachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(BrokerUnreachable, match=f"cannot reach the Parallex broker at "
+                                                f"http://127.0.0.1:{port}"):
+        FederatedCluster(f"http://127.0.0.1:{port}", "px_token", dashboard=False)

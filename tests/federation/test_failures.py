@@ -1,0 +1,141 @@
+"""Failures: a provider agent or the broker killed with SIGKILL, an agent restarted."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import dask.array as da
+import numpy as np
+
+from federation import FederatedCluster
+from federation.client import BrokerClient
+from tests.utils.procs import live_worker_pids, start_agent, wait_until
+
+
+def _cluster_public(fed, cluster_id: str) -> dict:
+    admin = fed.admin()
+    try:
+        return admin.request("GET", f"/clusters/{cluster_id}")
+    finally:
+        admin.close()
+
+
+def _check_sum(client) -> None:
+    x = da.arange(50_000, chunks=5_000)
+    assert int(x.sum().compute()) == int(np.arange(50_000).sum())
+
+
+def test_killed_agent_leases_end_lost_and_other_lab_replaces_them(two_labs):
+    fed = two_labs
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], heartbeat_interval=0.3) as cluster:
+        cluster.scale(2)
+        cluster.wait_for_workers(2, timeout=60)
+        (lab,) = cluster.workers_by_lab()  # locality: both workers on one lab
+        victim, survivor = ("agent-a", "agent-b") if lab == "lab-a" else ("agent-b", "agent-a")
+        first_leases = {lease["id"] for lease in cluster.leases if lease["state"] == "running"}
+
+        killed_at = dt.datetime.now(dt.UTC)
+        fed.agents[victim].kill9()
+
+        def ended_lost():
+            leases = _cluster_public(fed, cluster.cluster_id)["leases"]
+            old = [le for le in leases if le["id"] in first_leases]
+            return old if all(le["state"] == "ended" for le in old) else None
+
+        old = wait_until(ended_lost, fed.provider_timeout + 10, "the killed agent's leases")
+        for lease in old:
+            assert lease["end_reason"] == "lost"
+            assert "stopped heart-beating" in lease["message"]
+            ended_at = dt.datetime.fromisoformat(lease["ended_at"]).replace(tzinfo=dt.UTC)
+            # Within the provider timeout plus one reaper pass and scheduling slack.
+            assert (ended_at - killed_at).total_seconds() < fed.provider_timeout + 3
+
+        wait_until(lambda: cluster.workers_by_lab() == {
+            "lab-b" if lab == "lab-a" else "lab-a": 2}, 60, "replacement workers on the other lab")
+        client = cluster.get_client()
+        _check_sum(client)
+        client.close()
+        # The orphaned workers of the killed agent were told to close by the scheduler.
+        wait_until(lambda: not live_worker_pids(fed.workdirs[victim]), 30,
+                   "orphaned workers of the killed agent to exit")
+        assert len(live_worker_pids(fed.workdirs[survivor])) == 2
+
+
+def test_broker_killed_and_restarted_loses_and_duplicates_nothing(two_labs):
+    fed = two_labs
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], heartbeat_interval=0.3) as cluster:
+        cluster.scale(3)
+        cluster.wait_for_workers(3, timeout=60)
+        before = {le["id"]: le for le in _cluster_public(fed, cluster.cluster_id)["leases"]}
+        assert sorted(le["state"] for le in before.values()) == ["running"] * 3
+        pids_before = {name: live_worker_pids(w) for name, w in fed.workdirs.items()}
+
+        fed.broker.kill9()
+        restarted_at = dt.datetime.now(dt.UTC)
+        fed.restart_broker()
+
+        # Every agent must have heart-beaten after a full provider timeout has passed since the
+        # restart: had recovery not credited them, their leases would have ended by then.
+        def providers_checked_in():
+            admin = BrokerClient(fed.url, fed.admin_token)
+            try:
+                rows = admin.request("GET", "/providers")
+            finally:
+                admin.close()
+            horizon = restarted_at + dt.timedelta(seconds=fed.provider_timeout + 1)
+            return all(dt.datetime.fromisoformat(r["last_seen"]).replace(tzinfo=dt.UTC)
+                       > horizon for r in rows)
+
+        wait_until(providers_checked_in, fed.provider_timeout + 20, "agents to heartbeat again")
+        after = {le["id"]: le for le in _cluster_public(fed, cluster.cluster_id)["leases"]}
+        assert set(after) == set(before), "a lease was lost or duplicated"
+        assert all(le["state"] == "running" for le in after.values()), after
+        assert {name: live_worker_pids(w) for name, w in fed.workdirs.items()} == pids_before
+        assert len(cluster.scheduler.workers) == 3
+        client = cluster.get_client()
+        _check_sum(client)
+        client.close()
+
+
+def test_restarted_agent_adopts_live_workers_and_stops_released_ones(federation):
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    agent = fed.add_agent("lab-a", "agent-a", cpus=2)
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], heartbeat_interval=0.3) as cluster:
+        cluster.scale(2)
+        cluster.wait_for_workers(2, timeout=60)
+        workdir = fed.workdirs["agent-a"]
+        pids = live_worker_pids(workdir)
+        assert len(pids) == 2
+        agent.kill9()
+
+        # While the agent is down, one lease is released at the broker directly.
+        keep, drop = sorted(le["id"] for le in cluster.leases if le["state"] == "running")
+        dropped_pid = next(ws.pid for ws in cluster.scheduler.workers.values() if ws.name == drop)
+        user = BrokerClient(fed.url, fed.user_tokens["alice"])
+        try:
+            user.request("POST", f"/clusters/{cluster.cluster_id}/leases/release",
+                         json={"lease_ids": [drop]})
+        finally:
+            user.close()
+        assert dropped_pid in pids
+
+        fed.agents["agent-a"] = start_agent(fed.url, fed.provider_tokens["lab-a"], workdir,
+                                            name="agent-a", cpus=2, memory="4 GiB")
+        wait_until(lambda: dropped_pid not in live_worker_pids(workdir), 30,
+                   "the restarted agent to stop the released lease's worker")
+
+        def lease_state(lease_id: str) -> str:
+            leases = _cluster_public(fed, cluster.cluster_id)["leases"]
+            return next(le["state"] for le in leases if le["id"] == lease_id)
+
+        wait_until(lambda: lease_state(drop) == "ended", 30, "the released lease to end")
+        states = {le["id"]: (le["state"], le["end_reason"])
+                  for le in _cluster_public(fed, cluster.cluster_id)["leases"]}
+        assert states[drop] == ("ended", "released")
+        assert states[keep] == ("running", None)
+        kept_pid = next(ws.pid for ws in cluster.scheduler.workers.values() if ws.name == keep)
+        assert kept_pid in live_worker_pids(workdir), "the live worker was not adopted"
+        assert "adopted the running worker of lease " + keep in fed.agents["agent-a"].log_text()
+        # The cluster asks for a replacement of the lease it did not release; it connects too.
+        cluster.wait_for_workers(2, timeout=60)

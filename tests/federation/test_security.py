@@ -1,0 +1,211 @@
+"""Security: certificates bind workers to their lease and cluster; tokens bind users to their
+clusters; provider and revoked tokens cannot act as users."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+from distributed import Client, Worker
+from distributed.core import rpc
+from distributed.security import Security
+
+from federation import FederatedCluster, PermissionDenied, TokenRefused
+from federation.client import BrokerClient
+from federation.tls import ClusterAuthority
+
+
+def worker_security(authority: ClusterAuthority, lease_id: str) -> Security:
+    creds = authority.worker_credentials(lease_id)
+    return Security(tls_ca_file=authority.ca_pem, tls_worker_cert=creds.cert,
+                    tls_worker_key=creds.key, tls_client_cert=creds.cert,
+                    tls_client_key=creds.key, require_encryption=True)
+
+
+def client_security(authority: ClusterAuthority) -> Security:
+    creds = authority.issue("client", "parallex-client")
+    return Security(tls_ca_file=authority.ca_pem, tls_client_cert=creds.cert,
+                    tls_client_key=creds.key, require_encryption=True)
+
+
+def touch(path: str) -> str:
+    Path(path).write_text("ran")
+    return "ran"
+
+
+async def _cluster(fed, user: str) -> FederatedCluster:
+    return await FederatedCluster(fed.url, fed.user_tokens[user], asynchronous=True,
+                                  heartbeat_interval=0.5, dashboard=False)
+
+
+def test_certificates_of_another_cluster_are_refused(two_labs):
+    async def main():
+        a = await _cluster(two_labs, "alice")
+        b = await _cluster(two_labs, "bob")
+        try:
+            # A client with cluster B's certificates cannot reach cluster A's scheduler.
+            with pytest.raises((OSError, TimeoutError)):
+                await asyncio.wait_for(Client(a.scheduler.address, asynchronous=True,
+                                              security=client_security(b.authority),
+                                              timeout="3s"), 10)
+            # Nor can a worker holding B's certificate for one of A's lease names.
+            await a.scale(1)
+            lease = next(iter(a._live))
+            with pytest.raises((OSError, TimeoutError)):
+                await asyncio.wait_for(
+                    Worker(a.scheduler.address, name=lease, nthreads=1,
+                           security=worker_security(b.authority, lease),
+                           death_timeout="3s"), 15)
+            # Only the agent's real worker may hold that name; the impostor ran in this process.
+            assert all(ws.pid != os.getpid() for ws in a.scheduler.workers.values())
+        finally:
+            await b.close()
+            await a.close()
+
+    asyncio.run(main())
+
+
+def test_worker_certificate_cannot_run_code_on_the_scheduler(two_labs, tmp_path):
+    async def main():
+        cluster = await _cluster(two_labs, "alice")
+        try:
+            await cluster.scale(1)
+            await cluster._wait_for_workers(1, timeout=60)
+            lease = next(iter(cluster._live))
+            sec = worker_security(cluster.authority, lease)
+            marker = tmp_path / "ran-on-scheduler"
+            async with rpc(cluster.scheduler.address,
+                           connection_args=sec.get_connection_args("worker")) as r:
+                with pytest.raises(PermissionError, match="may not call 'run_function'"):
+                    await r.run_function(function=pickle.dumps(touch),
+                                         args=pickle.dumps((str(marker),)))
+                with pytest.raises(PermissionError,
+                                   match="may not call 'register_scheduler_plugin'"):
+                    await r.register_scheduler_plugin(plugin=pickle.dumps(object()))
+            assert not marker.exists()
+            # A Client (update_graph and friends) cannot even register with a worker cert.
+            with pytest.raises(Exception, match="register-client"):  # noqa: B017
+                await asyncio.wait_for(Client(cluster.scheduler.address, asynchronous=True,
+                                              security=sec, timeout="5s"), 15)
+            # The user's own client certificate still works.
+            async with Client(cluster, asynchronous=True) as client:
+                assert await client.run_on_scheduler(lambda: 42) == 42
+        finally:
+            await cluster.close()
+
+    asyncio.run(main())
+
+
+def test_worker_cannot_register_under_another_lease_name(two_labs):
+    async def main():
+        cluster = await _cluster(two_labs, "alice")
+        try:
+            await cluster.scale(2)
+            await cluster._wait_for_workers(2, timeout=60)
+            mine, other = sorted(cluster._live)
+            with pytest.raises((ValueError, OSError, TimeoutError, RuntimeError)):
+                await asyncio.wait_for(
+                    Worker(cluster.scheduler.address, name=other, nthreads=1,
+                           security=worker_security(cluster.authority, mine),
+                           death_timeout="5s"), 20)
+            assert any(f"for lease {mine!r} tried to register as {other!r}" in r
+                       for r in cluster.guard.refusals), cluster.guard.refusals
+            # A certificate for a lease id the cluster never asked for is refused as well.
+            with pytest.raises((ValueError, OSError, TimeoutError, RuntimeError)):
+                await asyncio.wait_for(
+                    Worker(cluster.scheduler.address, name="ls-notalease0000", nthreads=1,
+                           security=worker_security(cluster.authority, "ls-notalease0000"),
+                           death_timeout="5s"), 20)
+            assert any("'ls-notalease0000' is not a live lease" in r
+                       for r in cluster.guard.refusals)
+            assert len(cluster.scheduler.workers) == 2
+        finally:
+            await cluster.close()
+
+    asyncio.run(main())
+
+
+def test_user_cannot_touch_another_users_cluster(two_labs):
+    fed = two_labs
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False) as cluster:
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=60)
+        bob = BrokerClient(fed.url, fed.user_tokens["bob"])
+        creds = cluster.authority.worker_credentials("ls-bobwantsthis01")
+        try:
+            with pytest.raises(PermissionDenied, match="belongs to another user"):
+                bob.request("GET", f"/clusters/{cluster.cluster_id}")
+            with pytest.raises(PermissionDenied, match="belongs to another user"):
+                bob.request("POST", f"/clusters/{cluster.cluster_id}/leases", json={
+                    "spec": {"cpus": 1, "memory": "1 GiB"},
+                    "workers": [{"lease_id": "ls-bobwantsthis01", "cert": creds.cert,
+                                 "key": creds.key}]})
+            with pytest.raises(PermissionDenied, match="belongs to another user"):
+                bob.request("POST", f"/clusters/{cluster.cluster_id}/leases/release",
+                            json={"lease_ids": sorted(cluster._live)})
+            with pytest.raises(PermissionDenied, match="belongs to another user"):
+                bob.request("DELETE", f"/clusters/{cluster.cluster_id}")
+            assert [c["id"] for c in bob.request("GET", "/clusters")] == []
+        finally:
+            bob.close()
+        public = BrokerClient(fed.url, fed.user_tokens["alice"])
+        try:
+            state = public.request("GET", f"/clusters/{cluster.cluster_id}")
+        finally:
+            public.close()
+        assert state["active"]
+        assert [le["state"] for le in state["leases"]] == ["running"]
+
+
+def test_provider_token_cannot_act_as_user_and_user_cannot_act_as_provider(two_labs):
+    fed = two_labs
+    with pytest.raises(PermissionDenied, match="provider token cannot"):
+        FederatedCluster(fed.url, fed.provider_tokens["lab-a"], dashboard=False)
+    provider = BrokerClient(fed.url, fed.provider_tokens["lab-a"])
+    user = BrokerClient(fed.url, fed.user_tokens["alice"])
+    try:
+        with pytest.raises(PermissionDenied, match="a provider token cannot do this"):
+            provider.request("GET", "/clusters")
+        with pytest.raises(PermissionDenied, match="a provider token cannot do this"):
+            provider.request("POST", "/labs", json={"name": "sneaky"})
+        with pytest.raises(PermissionDenied, match="a user token cannot do this"):
+            user.request("POST", "/agent/register", json={"name": "x", "cpus": 1,
+                                                          "memory": "1 GiB"})
+        with pytest.raises(PermissionDenied, match="a user token cannot do this"):
+            user.request("POST", "/tokens", json={"kind": "user", "lab": "lab-a",
+                                                  "user": "mallory"})
+        # lab-a's provider token cannot act for lab-b's provider.
+        lab_b = next(p for p in provider.request("GET", "/providers") if p["lab"] == "lab-b")
+        with pytest.raises(PermissionDenied, match="belongs to another lab"):
+            provider.request("POST", f"/agent/{lab_b['id']}/heartbeat", json={"running": []})
+    finally:
+        provider.close()
+        user.close()
+
+
+def test_revoked_and_unknown_tokens_get_401(two_labs):
+    fed = two_labs
+    admin = fed.admin()
+    try:
+        issued = admin.request("POST", "/tokens", json={"kind": "user", "lab": "lab-a",
+                                                        "user": "carol"})
+        carol = BrokerClient(fed.url, issued["token"])
+        assert carol.request("GET", "/whoami")["user"] == "carol"
+        admin.request("DELETE", f"/tokens/{issued['id']}")
+        with pytest.raises(TokenRefused, match="was revoked"):
+            carol.request("GET", "/whoami")
+        carol.close()
+    finally:
+        admin.close()
+    with pytest.raises(TokenRefused, match="was revoked"):
+        FederatedCluster(fed.url, issued["token"], dashboard=False)
+    with pytest.raises(TokenRefused, match="not known to the broker"):
+        FederatedCluster(fed.url, "px_made-up-token", dashboard=False)
+    import httpx
+
+    answer = httpx.get(f"{fed.url}/api/v1/clusters")
+    assert answer.status_code == 401
+    assert "Authorization: Bearer" in answer.json()["message"]
