@@ -396,6 +396,12 @@ class FederatedCluster(Cluster):
             if loop.time() > deadline:
                 raise errors.LeaseStartTimeout(self._start_timeout_message(n_workers, timeout))
             await asyncio.sleep(0.05)
+        # Leases placed after our request learn their provider's lab from the broker.
+        await self._refresh()
+
+    async def _refresh(self) -> None:
+        public = await self._broker.request("GET", f"/clusters/{self.cluster_id}")
+        await self._handle_ended(self._update(public))
 
     def _running_workers(self) -> int:
         return sum(1 for ws in self.scheduler.workers.values()

@@ -1,0 +1,91 @@
+"""The placement function: fit, locality, GPUs, random tiebreak and the 'never fits' message."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from federation.placement import (
+    GpuSlot,
+    LeaseRequest,
+    ProviderCapacity,
+    largest_offer,
+    place,
+)
+
+GiB = 2**30
+
+
+def cap(pid: str, lab: str, cpus: float = 4, mem: int = 8 * GiB, gpus=(), site: str = ""):
+    return ProviderCapacity(pid, lab, site or lab, cpus, mem, list(gpus))
+
+
+def req(lid: str, cluster: str = "c1", cpus: float = 1, mem: int = GiB, gpus: int = 0,
+        model: str | None = None):
+    return LeaseRequest(lid, cluster, cpus, mem, gpus, model)
+
+
+def test_requests_that_do_not_fit_stay_pending():
+    placed = place([req("big", cpus=8), req("ok")], [cap("p1", "a")], {}, random.Random(0))
+    assert [p.lease_id for p in placed] == ["ok"]
+
+
+def test_free_capacity_is_consumed_within_one_pass():
+    placed = place([req(f"l{i}") for i in range(3)], [cap("p1", "a", cpus=2)], {},
+                   random.Random(0))
+    assert len(placed) == 2
+    placed = place([req(f"l{i}", mem=3 * GiB) for i in range(3)],
+                   [cap("p1", "a", mem=8 * GiB)], {}, random.Random(0))
+    assert len(placed) == 2
+
+
+def test_a_cluster_stays_on_its_lab_then_overflows():
+    providers = [cap("pa", "a", cpus=2), cap("pb", "b", cpus=2)]
+    placed = place([req(f"l{i}") for i in range(3)], providers, {"c1": Counter({"b": 1})},
+                   random.Random(1))
+    assert [p.provider_id for p in placed] == ["pb", "pb", "pa"]
+
+
+def test_locality_prefers_the_site_when_the_lab_is_full():
+    providers = [cap("far", "x", site="east"), cap("near", "y", site="west"),
+                 cap("home", "z", cpus=0, site="west")]
+    for seed in range(10):
+        placed = place([req("l1")], [ProviderCapacity(**vars(p)) for p in providers],
+                       {"c1": Counter({"z": 3})}, random.Random(seed))
+        assert placed[0].provider_id == "near"
+
+
+def test_ties_are_broken_at_random():
+    chosen = set()
+    for seed in range(20):
+        providers = [cap("p1", "a"), cap("p2", "b"), cap("p3", "c")]
+        chosen.add(place([req("l1")], providers, {}, random.Random(seed))[0].provider_id)
+    assert chosen == {"p1", "p2", "p3"}
+
+
+def test_gpus_by_model_and_never_twice():
+    gpus = [GpuSlot(0, "NVIDIA A100-SXM4-40GB", 40 * GiB), GpuSlot(1, "NVIDIA A100-SXM4-40GB",
+                                                                    40 * GiB),
+            GpuSlot(2, "NVIDIA GeForce RTX 4090", 24 * GiB)]
+    providers = [cap("g", "a", cpus=16, mem=64 * GiB, gpus=gpus)]
+    placed = place([req("l1", gpus=1, model="a100"), req("l2", gpus=1, model="A100"),
+                    req("l3", gpus=1, model="a100"), req("l4", gpus=1, model="4090")],
+                   providers, {}, random.Random(0))
+    assert [(p.lease_id, p.gpu_indices) for p in placed] == [("l1", (0,)), ("l2", (1,)),
+                                                            ("l4", (2,))]
+
+
+def test_largest_offer_explains_what_never_fits():
+    providers = [cap("p1", "a", cpus=4, mem=8 * GiB, gpus=[GpuSlot(0, "T4", 16 * GiB)]),
+                 cap("p2", "b", cpus=8, mem=4 * GiB)]
+    assert largest_offer(providers, req("x", cpus=2)) is None
+    assert largest_offer(providers, req("x", cpus=16)) == (
+        "asked for 16 CPUs; the largest provider has 8")
+    assert largest_offer(providers, req("x", gpus=4)) == (
+        "asked for 4 GPUs; the largest provider has 1")
+    assert "of memory; the largest provider has 8.00 GiB" in largest_offer(
+        providers, req("x", mem=32 * GiB))
+    # Each part fits somewhere, but not all on one machine.
+    assert "no single provider has 8 CPUs" in largest_offer(providers,
+                                                            req("x", cpus=8, mem=8 * GiB))
+    assert largest_offer([], req("x")) == "no provider is registered with the federation yet"

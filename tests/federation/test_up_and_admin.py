@@ -1,0 +1,139 @@
+"""`parallex up` runs a whole local federation, and the admin CLI manages labs and tokens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import dask.array as da
+import psutil
+import pytest
+
+from federation import FederatedCluster, TokenRefused
+from tests.utils.procs import Proc, parallex
+
+
+def read_env(path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(parallex(*args), env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM],
+                         ids=["sigint", "sigterm"])
+def test_up_serves_a_cluster_and_stops_everything(tmp_path, monkeypatch, stop_signal):
+    data = tmp_path / "data"
+    up = Proc(parallex("up", "--data-dir", str(data), "--providers", "2", "--cpus", "1",
+                       "--memory", "3 GiB"), tmp_path / "up.log")
+    try:
+        up.wait_for_line("Parallex is up")
+        env = read_env(data / "demo.env")
+        assert set(env) == {"PARALLEX_BROKER_URL", "PARALLEX_TOKEN", "PARALLEX_ADMIN_TOKEN"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+
+        cluster = FederatedCluster(dashboard=False)  # configured by demo.env alone
+        cluster.scale(2)
+        cluster.wait_for_workers(2, timeout=60)
+        client = cluster.get_client()
+        assert int(da.ones(1000, chunks=100).sum().compute()) == 1000
+        # One CPU per demo lab: the two workers come from both labs.
+        assert cluster.workers_by_lab() == {"demo-lab-1": 1, "demo-lab-2": 1}
+        family = descendants(up.pid)
+        workers = [p for p in family if "dask_worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+
+        os.kill(up.pid, stop_signal)
+        assert up.popen.wait(60) == 0
+        assert "Parallex stopped." in "\n".join(_drain(up))
+        assert alive(family) == [], "processes left behind by parallex up"
+        client.close()
+        cluster.close()
+    finally:
+        up.stop()
+
+
+def _drain(proc: Proc) -> list[str]:
+    lines = []
+    while not proc.lines.empty():
+        lines.append(proc.lines.get())
+    return lines
+
+
+def test_admin_cli_creates_labs_and_tokens_and_revokes(tmp_path):
+    data = tmp_path / "data"
+    up = Proc(parallex("up", "--data-dir", str(data), "--providers", "1", "--cpus", "1",
+                       "--memory", "2 GiB"), tmp_path / "up.log")
+    try:
+        up.wait_for_line("Parallex is up")
+        env = read_env(data / "demo.env")
+        admin_env = {"PARALLEX_BROKER_URL": env["PARALLEX_BROKER_URL"],
+                     "PARALLEX_ADMIN_TOKEN": env["PARALLEX_ADMIN_TOKEN"]}
+
+        made = cli(admin_env, "admin", "lab", "create", "physics", "--site", "north")
+        assert made.returncode == 0, made.stderr
+        assert "name=physics" in made.stdout and "site=north" in made.stdout
+        again = cli(admin_env, "admin", "lab", "create", "physics")
+        assert again.returncode == 1
+        assert "a lab named 'physics' already exists" in again.stderr
+        assert "Traceback" not in again.stderr
+
+        issued = cli(admin_env, "--log-level", "WARNING", "admin", "--json", "user-token",
+                     "--lab", "physics", "--user", "dana")
+        assert issued.returncode == 0, issued.stderr
+        import json
+
+        token = json.loads(issued.stdout)
+        provider = cli(admin_env, "admin", "provider-token", "--lab", "physics")
+        assert provider.returncode == 0 and "shown only this once" in provider.stdout
+
+        user_env = {"PARALLEX_BROKER_URL": env["PARALLEX_BROKER_URL"],
+                    "PARALLEX_ADMIN_TOKEN": token["token"]}
+        refused = cli(user_env, "admin", "lab", "create", "sneaky")
+        assert refused.returncode == 1
+        assert "a user token cannot do this" in refused.stderr
+
+        revoked = cli(admin_env, "admin", "revoke", token["id"])
+        assert revoked.returncode == 0, revoked.stderr
+        with pytest.raises(TokenRefused, match="was revoked"):
+            FederatedCluster(env["PARALLEX_BROKER_URL"], token["token"], dashboard=False)
+
+        unknown_lab = cli(admin_env, "admin", "user-token", "--lab", "nope", "--user", "x")
+        assert unknown_lab.returncode == 1 and "no lab named 'nope'" in unknown_lab.stderr
+    finally:
+        up.stop()
+
+
+def test_provide_refuses_bad_flags(tmp_path):
+    def provide(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "federation.cli", "provide", "--broker",
+                               "http://127.0.0.1:9", "--token", "px_x", "--workdir",
+                               str(tmp_path), *args], capture_output=True, text=True,
+                              timeout=60)
+
+    too_many = provide("--cpus", "100000")
+    assert too_many.returncode == 2 and "more than this machine has" in too_many.stderr
+    lots = provide("--memory", "lots")
+    assert lots.returncode == 2 and "memory 'lots' is not a size" in lots.stderr
+    gpus = provide("--gpus", "3")
+    assert gpus.returncode == 2 and "names GPUs [3] that this machine lacks" in gpus.stderr
