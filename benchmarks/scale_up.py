@@ -1,0 +1,71 @@
+"""scale_up: seconds from `scale(4)` to 4 workers connected through two local provider agents,
+against `LocalCluster(n_workers=4, threads_per_worker=1)` start-up, in the same run.
+
+Run: python -m benchmarks.scale_up [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from distributed import LocalCluster
+
+from benchmarks.common import summary, table, write
+from federation import FederatedCluster
+from tests.utils.federation import make_federation
+
+
+def time_federated(fed, token: str) -> float:
+    with FederatedCluster(fed.url, token, worker_memory="1 GiB", dashboard=False,
+                          heartbeat_interval=1) as cluster:
+        start = time.perf_counter()
+        cluster.scale(4)
+        cluster.wait_for_workers(4, timeout=120)
+        return time.perf_counter() - start
+
+
+def time_local() -> float:
+    start = time.perf_counter()
+    with LocalCluster(n_workers=4, threads_per_worker=1, dashboard_address=None) as cluster:
+        cluster.wait_for_workers(4, timeout=120)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=5, help="Trials of each (default 5).")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        fed = make_federation(Path(tmp))
+        try:
+            fed.add_lab("lab-a", user="alice")
+            fed.add_lab("lab-b")
+            fed.add_agent("lab-a", "agent-a", cpus=2, memory="2 GiB")
+            fed.add_agent("lab-b", "agent-b", cpus=2, memory="2 GiB")
+            federated, local = [], []
+            for _ in range(args.repeat):  # interleaved so drift hits both alike
+                federated.append(time_federated(fed, fed.user_tokens["alice"]))
+                local.append(time_local())
+        finally:
+            fed.stop()
+    fs, ls = summary(federated), summary(local)
+    ratio = fs["median"] / ls["median"]
+    print(table([("cluster", "median s", "min s", "max s"),
+                 ("FederatedCluster scale(4), 2 agents, TLS", f"{fs['median']:.2f}",
+                  f"{fs['min']:.2f}", f"{fs['max']:.2f}"),
+                 ("LocalCluster(n_workers=4)", f"{ls['median']:.2f}", f"{ls['min']:.2f}",
+                  f"{ls['max']:.2f}")]))
+    print(f"ratio federated/local: {ratio:.2f}x (target <= 1.5x)")
+    path = write("scale_up", {"federated_s": fs, "localcluster_s": ls, "ratio": ratio,
+                              "target_ratio_max": 1.5})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""JupyterHub configuration and the institutional OpenID Connect authenticator — issue 4."""

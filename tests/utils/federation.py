@@ -1,0 +1,72 @@
+"""A running federation for tests and benchmarks: a real broker process, labs, tokens and
+real provider agents; ``stop()`` ends every process it started, workers included."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from federation.client import BrokerClient
+from tests.utils.procs import Proc, kill_workers_under, start_agent, start_broker
+
+
+@dataclass
+class Federation:
+    """A running broker with labs, tokens and agents; every process is stopped at teardown."""
+
+    tmp: Path
+    url: str
+    admin_token: str
+    broker: Proc
+    provider_timeout: float
+    cluster_timeout: float
+    agents: dict[str, Proc] = field(default_factory=dict)
+    workdirs: dict[str, Path] = field(default_factory=dict)
+    user_tokens: dict[str, str] = field(default_factory=dict)
+    provider_tokens: dict[str, str] = field(default_factory=dict)
+
+    def admin(self) -> BrokerClient:
+        return BrokerClient(self.url, self.admin_token)
+
+    def add_lab(self, lab: str, user: str | None = None) -> None:
+        with_admin = self.admin()
+        try:
+            with_admin.request("POST", "/labs", json={"name": lab})
+            self.provider_tokens[lab] = with_admin.request(
+                "POST", "/tokens", json={"kind": "provider", "lab": lab})["token"]
+            if user:
+                self.user_tokens[user] = with_admin.request(
+                    "POST", "/tokens", json={"kind": "user", "lab": lab, "user": user})["token"]
+        finally:
+            with_admin.close()
+
+    def add_agent(self, lab: str, name: str, cpus: float, memory: str = "4 GiB") -> Proc:
+        workdir = self.tmp / "agents" / name
+        self.workdirs[name] = workdir
+        proc = start_agent(self.url, self.provider_tokens[lab], workdir, name=name, cpus=cpus,
+                           memory=memory)
+        self.agents[name] = proc
+        return proc
+
+    def restart_broker(self) -> None:
+        port = int(self.url.rsplit(":", 1)[1])
+        self.broker, url = start_broker(self.tmp, self.admin_token, port=port,
+                                        provider_timeout=self.provider_timeout,
+                                        cluster_timeout=self.cluster_timeout,
+                                        name="broker-restarted")
+        assert url == self.url
+
+    def stop(self) -> None:
+        for proc in self.agents.values():
+            proc.stop()
+        kill_workers_under(list(self.workdirs.values()))
+        self.broker.stop()
+
+
+def make_federation(tmp: Path, provider_timeout: float = 30,
+                    cluster_timeout: float = 60) -> Federation:
+    admin_token = secrets.token_hex(24)
+    broker, url = start_broker(tmp, admin_token, provider_timeout=provider_timeout,
+                               cluster_timeout=cluster_timeout)
+    return Federation(tmp, url, admin_token, broker, provider_timeout, cluster_timeout)
