@@ -33,7 +33,8 @@ class ProviderAgent:
     def __init__(self, broker_url: str, token: str, capacity: Capacity, *,
                  workdir: str | Path, name: str | None = None, site: str | None = None,
                  worker_host: str | None = None, worker_user: str | None = None,
-                 stop_timeout: float = 10.0, monitor_interval: float = 0.25):
+                 stop_timeout: float = 10.0, release_grace: float = 10.0,
+                 monitor_interval: float = 0.25):
         self.client = AsyncBrokerClient(broker_url, token)
         self.capacity = capacity
         self.workdir = Path(workdir)
@@ -42,6 +43,7 @@ class ProviderAgent:
         self.worker_host = worker_host
         self.worker_user = worker_user
         self.stop_timeout = stop_timeout
+        self.release_grace = release_grace
         self.monitor_interval = monitor_interval
         self.provider_id: str | None = None
         self.heartbeat_interval = 5.0
@@ -228,6 +230,14 @@ class ProviderAgent:
         self._spawn(self._report(lease["id"], "running"))
 
     async def _release(self, lease_id: str) -> None:
+        # The cluster retires the worker through its scheduler right after releasing the lease
+        # (moving its results away); give it that long to leave before signalling it.
+        worker = self.workers.get(lease_id)
+        if worker is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.release_grace
+            while worker.exit_code() is None and loop.time() < deadline:
+                await asyncio.sleep(0.05)
         await self._stop_worker(lease_id)
         await self._report(lease_id, "ended")
 

@@ -106,7 +106,7 @@ def cmd_provide(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or _data_home() / "agent")
     agent = ProviderAgent(args.broker, token, capacity, workdir=workdir, name=args.name,
                           site=args.site, worker_host=args.worker_host,
-                          worker_user=args.worker_user)
+                          worker_user=args.worker_user, release_grace=args.release_grace)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the interface that reaches the scheduler).")
     p.add_argument("--worker-user", help="Unprivileged account workers run as when the agent "
                    "runs as root (default: the agent's own account).")
+    p.add_argument("--release-grace", type=float, default=10.0,
+                   help="Seconds a released lease's worker gets to hand its data back and exit "
+                        "before it is sent SIGTERM (default 10).")
     p.set_defaults(func=cmd_provide)
 
     u = sub.add_parser("up", help="Start a local federation: a broker and N demo labs.")

@@ -18,6 +18,7 @@ from typing import Any
 
 from distributed import Scheduler
 from distributed.core import Status, rpc
+from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
 from distributed.security import Security
 from distributed.utils import format_dashboard_link
@@ -48,6 +49,14 @@ class WorkerGroup:
     def spec(self) -> dict:
         return {"cpus": self.cpus, "memory": self.memory, "gpus": self.gpus,
                 "gpu_model": self.gpu_model}
+
+
+class FederatedAdaptive(Adaptive):
+    """Dask's Adaptive, but releasing leases before retiring their workers (see _retire)."""
+
+    async def scale_down(self, workers: list[str]) -> None:
+        if workers:
+            await self.cluster.scale_down(workers)
 
 
 def lease_of(worker_name: str) -> str:
@@ -324,20 +333,25 @@ class FederatedCluster(Cluster):
             ws = by_name.get(lid)
             return (order.get(self._leases[lid]["state"], 3), ws.nbytes if ws else 0)
 
-        chosen = sorted(live, key=cost)[:n]
-        connected = [lid for lid in chosen if lid in by_name]
-        if connected:
-            # Move their results to the workers that stay before the processes stop.
-            await self.scheduler.retire_workers(names=connected, close_workers=True,
-                                                remove=True, stimulus_id="parallex-scale-down")
-        await self._release(chosen)
+        await self._retire(sorted(live, key=cost)[:n])
 
-    async def _release(self, lease_ids: list[str]) -> None:
+    async def _retire(self, lease_ids: list[str]) -> None:
+        """Release leases at the broker, then retire their workers through the scheduler.
+
+        Releasing first matters: once a lease is "releasing", a worker that exits ends it as
+        released, never as failed; the agent gives it a grace period to move its data away.
+        """
         if not lease_ids:
             return
         self._live.difference_update(lease_ids)
         await self._broker.request("POST", f"/clusters/{self.cluster_id}/leases/release",
                                    json={"lease_ids": lease_ids})
+        wanted = set(lease_ids)
+        names = [ws.name for ws in self.scheduler.workers.values()
+                 if lease_of(ws.name) in wanted]
+        if names:
+            await self.scheduler.retire_workers(names=names, close_workers=True, remove=True,
+                                                stimulus_id="parallex-scale-down")
 
     # ---- scaling ----------------------------------------------------------------------------
 
@@ -383,8 +397,13 @@ class FederatedCluster(Cluster):
         """Release the leases of these workers (names) and lower their groups' targets."""
         leases = {lease_of(w) for w in workers} & self._live
         for lid in leases:
-            self._groups[self._leases[lid]["group"]].desired -= 1
-        await self._release(sorted(leases))
+            group = self._groups[self._leases[lid]["group"]]
+            group.desired = max(0, group.desired - 1)
+        await self._retire(sorted(leases))
+
+    def adapt(self, Adaptive: type[Adaptive] | None = None, **kwargs: Any) -> Adaptive:
+        """Scale between ``minimum`` and ``maximum`` workers with Dask's adaptive policy."""
+        return super().adapt(Adaptive=Adaptive or FederatedAdaptive, **kwargs)
 
     @property
     def plan(self) -> set[str]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 import psutil
@@ -25,12 +27,22 @@ class Capacity:
         return f"{self.cpus:g} CPUs, {format_bytes(self.memory)} memory, GPUs: {gpus}"
 
 
+FAKE_GPUS_ENV = "PARALLEX_FAKE_GPUS"
+
+
 def detect_gpus() -> list[dict]:
     """The machine's NVIDIA GPUs through NVML; empty when there is no driver or no GPU.
 
     Runs for real only on a GPU machine; CI machines have no NVIDIA driver, so NVML fails to
-    initialise and the machine offers no GPUs.
+    initialise and the machine offers no GPUs. For tests on machines without GPUs,
+    PARALLEX_FAKE_GPUS may hold a JSON list of {"index", "model", "memory"}: the agent then
+    offers those and pins CUDA_VISIBLE_DEVICES as it would for real ones (nothing runs on them).
     """
+    fake = os.environ.get(FAKE_GPUS_ENV)
+    if fake:
+        logger.warning("%s is set: offering fake GPUs for testing, not real ones", FAKE_GPUS_ENV)
+        return [{"index": int(g["index"]), "model": str(g["model"]), "memory": int(g["memory"])}
+                for g in json.loads(fake)]
     try:
         import pynvml
     except ImportError:

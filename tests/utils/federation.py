@@ -41,11 +41,12 @@ class Federation:
         finally:
             with_admin.close()
 
-    def add_agent(self, lab: str, name: str, cpus: float, memory: str = "4 GiB") -> Proc:
+    def add_agent(self, lab: str, name: str, cpus: float, memory: str = "4 GiB",
+                  **options) -> Proc:
         workdir = self.tmp / "agents" / name
         self.workdirs[name] = workdir
         proc = start_agent(self.url, self.provider_tokens[lab], workdir, name=name, cpus=cpus,
-                           memory=memory)
+                           memory=memory, **options)
         self.agents[name] = proc
         return proc
 

@@ -100,15 +100,18 @@ def start_broker(tmp: Path, admin_token: str, *, db_url: str | None = None, port
 
 
 def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
-                memory: str = "2 GiB", extra: tuple[str, ...] = ()) -> Proc:
+                memory: str = "2 GiB", extra: tuple[str, ...] = (), gpus: str = "none",
+                env: dict | None = None, token_on_command_line: bool = False) -> Proc:
     workdir.mkdir(parents=True, exist_ok=True)
     token_file = workdir.parent / f"{name}.token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    proc = Proc(parallex("provide", "--broker", url, "--token-file", str(token_file),
-                         "--cpus", str(cpus), "--memory", memory, "--gpus", "none",
-                         "--workdir", str(workdir), "--name", name, *extra),
-                workdir.parent / f"{name}.log")
+    token_args = ["--token", token] if token_on_command_line else ["--token-file",
+                                                                    str(token_file)]
+    proc = Proc(parallex("provide", "--broker", url, *token_args, "--cpus", str(cpus),
+                         "--memory", memory, "--gpus", gpus, "--workdir", str(workdir),
+                         "--name", name, *extra),
+                workdir.parent / f"{name}.log", env=env)
     proc.wait_for_line("PARALLEX_PROVIDER_ID=")
     return proc
 
