@@ -33,6 +33,16 @@ def write(name: str, result: dict) -> Path:
     return path
 
 
+def report(name: str, rows: list[tuple[str, dict]], unit: str, fmt: str, ratio: float,
+           target: str, extra: dict) -> None:
+    """Print the comparison table and the ratio, and write the JSON result."""
+    print(table([("cluster", f"median {unit}", "min", "max")]
+                + [(label, format(s["median"], fmt), format(s["min"], fmt),
+                    format(s["max"], fmt)) for label, s in rows]))
+    print(f"ratio federated/peer: {ratio:.2f} (target {target})")
+    print(f"wrote {write(name, {**extra, 'ratio': ratio, 'target': target})}")
+
+
 def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))

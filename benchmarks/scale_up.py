@@ -14,7 +14,7 @@ from pathlib import Path
 
 from distributed import LocalCluster
 
-from benchmarks.common import summary, table, write
+from benchmarks.common import report, summary
 from federation import FederatedCluster
 from tests.utils.federation import make_federation
 
@@ -56,15 +56,9 @@ def main() -> None:
             fed.stop()
     fs, ls = summary(federated), summary(local)
     ratio = fs["median"] / ls["median"]
-    print(table([("cluster", "median s", "min s", "max s"),
-                 ("FederatedCluster scale(4), 2 agents, TLS", f"{fs['median']:.2f}",
-                  f"{fs['min']:.2f}", f"{fs['max']:.2f}"),
-                 ("LocalCluster(n_workers=4)", f"{ls['median']:.2f}", f"{ls['min']:.2f}",
-                  f"{ls['max']:.2f}")]))
-    print(f"ratio federated/local: {ratio:.2f}x (target <= 1.5x)")
-    path = write("scale_up", {"federated_s": fs, "localcluster_s": ls, "ratio": ratio,
-                              "target_ratio_max": 1.5})
-    print(f"wrote {path}")
+    report("scale_up", [("FederatedCluster scale(4), 2 agents, TLS", fs),
+                        ("LocalCluster(n_workers=4)", ls)], "s", ".2f", ratio, "<= 1.5",
+           {"federated_s": fs, "localcluster_s": ls})
 
 
 if __name__ == "__main__":

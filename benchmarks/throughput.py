@@ -14,7 +14,7 @@ from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from benchmarks.common import summary, table, write
+from benchmarks.common import report, summary
 from federation import FederatedCluster
 from tests.utils.federation import make_federation
 
@@ -60,16 +60,10 @@ def main() -> None:
             fed.stop()
     fs, ls = summary(federated), summary(local)
     ratio = fs["median"] / ls["median"]
-    print(table([("cluster", "median tasks/s", "min", "max"),
-                 ("FederatedCluster, 2x1 thread, TLS", f"{fs['median']:.0f}",
-                  f"{fs['min']:.0f}", f"{fs['max']:.0f}"),
-                 ("LocalCluster, 2x1 thread, tcp", f"{ls['median']:.0f}", f"{ls['min']:.0f}",
-                  f"{ls['max']:.0f}")]))
-    print(f"ratio federated/local tasks/s: {ratio:.2f} (target >= 0.95)")
-    path = write("throughput", {"tasks": args.tasks, "federated_tasks_per_s": fs,
-                                "localcluster_tasks_per_s": ls, "ratio": ratio,
-                                "target_ratio_min": 0.95})
-    print(f"wrote {path}")
+    report("throughput", [("FederatedCluster, 2x1 thread, TLS", fs),
+                          ("LocalCluster, 2x1 thread, tcp", ls)], "tasks/s", ".0f", ratio,
+           ">= 0.95", {"tasks": args.tasks, "federated_tasks_per_s": fs,
+                       "localcluster_tasks_per_s": ls})
 
 
 if __name__ == "__main__":

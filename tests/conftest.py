@@ -28,10 +28,6 @@ def two_labs(tmp_path: Path):
     """
     fed = make_federation(tmp_path, provider_timeout=3, cluster_timeout=6)
     try:
-        fed.add_lab("lab-a", user="alice")
-        fed.add_lab("lab-b", user="bob")
-        fed.add_agent("lab-a", "agent-a", cpus=2)
-        fed.add_agent("lab-b", "agent-b", cpus=2)
-        yield fed
+        yield fed.with_two_labs()
     finally:
         fed.stop()

@@ -8,6 +8,7 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import field_validator
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
 from accounting.models import utcnow
@@ -57,7 +58,7 @@ class Provider(SQLModel, table=True):
     name: str = Field(index=True)
     site: str = ""
     cpus: float
-    memory: int
+    memory: int = Field(sa_type=BigInteger, description="Bytes offered.")
     gpus_json: str = "[]"
     online: bool = True
     registered_at: dt.datetime = Field(default_factory=utcnow)
@@ -89,7 +90,7 @@ class Lease(SQLModel, table=True):
     provider_id: str | None = Field(default=None, foreign_key="provider.id", index=True)
     group: str = "default"
     cpus: float
-    memory: int
+    memory: int = Field(sa_type=BigInteger, description="Bytes reserved.")
     gpus: int = 0
     gpu_model: str | None = None
     gpu_indices_json: str = "[]"

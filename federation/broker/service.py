@@ -351,7 +351,6 @@ class Broker:
 
     def release_leases(self, cluster: ClusterRecord, lease_ids: list[str],
                        reason: EndReason = EndReason.released, message: str = "") -> int:
-        touched: set[str | None] = set()
         with self.session() as s:
             rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))).all()
             found = {r.id for r in rows}
@@ -362,19 +361,13 @@ class Broker:
             if foreign:
                 raise ApiError(403, "not-your-lease",
                                f"leases {sorted(foreign)} belong to another cluster")
-            for lease in rows:
-                if self._release(lease, reason, message):
-                    s.add(lease)
-                    touched.add(lease.provider_id)
+            touched = self._release_all(s, rows, reason, message)
             s.commit()
-        for provider_id in touched:
-            self.bump(provider_id)
-        self.place_pending()
+        self._after_release(touched)
         return len(touched)
 
     def close_cluster(self, cluster_id: str, reason: str = "closed") -> None:
         lease_reason = EndReason.lost if reason == "lost" else EndReason.released
-        touched: set[str | None] = set()
         with self.session() as s:
             cluster = s.get(ClusterRecord, cluster_id)
             if cluster.active:
@@ -382,12 +375,23 @@ class Broker:
                 cluster.end_reason = reason
                 cluster.closed_at = utcnow()
                 s.add(cluster)
-            for lease in s.exec(select(Lease).where(Lease.cluster_id == cluster_id,
-                                                    col(Lease.state).in_(LIVE_STATES))):
-                if self._release(lease, lease_reason, f"cluster {reason}"):
-                    s.add(lease)
-                    touched.add(lease.provider_id)
+            live = s.exec(select(Lease).where(Lease.cluster_id == cluster_id,
+                                              col(Lease.state).in_(LIVE_STATES))).all()
+            touched = self._release_all(s, live, lease_reason, f"cluster {reason}")
             s.commit()
+        self._after_release(touched)
+
+    def _release_all(self, s: Session, leases: list[Lease], reason: EndReason,
+                     message: str) -> set[str | None]:
+        """Release each lease; returns the providers whose agents must hear of it."""
+        touched: set[str | None] = set()
+        for lease in leases:
+            if self._release(lease, reason, message):
+                s.add(lease)
+                touched.add(lease.provider_id)
+        return touched
+
+    def _after_release(self, touched: set[str | None]) -> None:
         for provider_id in touched:
             self.bump(provider_id)
         self.place_pending()

@@ -19,6 +19,19 @@ def read_env(path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
+def start_up(tmp_path, providers: int, memory: str) -> tuple[Proc, dict[str, str]]:
+    """`parallex up` with one CPU per demo lab; returns it once ready, with its demo.env."""
+    data = tmp_path / "data"
+    up = Proc(parallex("up", "--data-dir", str(data), "--providers", str(providers), "--cpus",
+                       "1", "--memory", memory), tmp_path / "up.log")
+    try:
+        up.wait_for_line("Parallex is up")
+        return up, read_env(data / "demo.env")
+    except BaseException:
+        up.stop()
+        raise
+
+
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(parallex(*args), env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=60)
@@ -42,12 +55,8 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM],
                          ids=["sigint", "sigterm"])
 def test_up_serves_a_cluster_and_stops_everything(tmp_path, monkeypatch, stop_signal):
-    data = tmp_path / "data"
-    up = Proc(parallex("up", "--data-dir", str(data), "--providers", "2", "--cpus", "1",
-                       "--memory", "3 GiB"), tmp_path / "up.log")
+    up, env = start_up(tmp_path, providers=2, memory="3 GiB")
     try:
-        up.wait_for_line("Parallex is up")
-        env = read_env(data / "demo.env")
         assert set(env) == {"PARALLEX_BROKER_URL", "PARALLEX_TOKEN", "PARALLEX_ADMIN_TOKEN"}
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -81,12 +90,8 @@ def _drain(proc: Proc) -> list[str]:
 
 
 def test_admin_cli_creates_labs_and_tokens_and_revokes(tmp_path):
-    data = tmp_path / "data"
-    up = Proc(parallex("up", "--data-dir", str(data), "--providers", "1", "--cpus", "1",
-                       "--memory", "2 GiB"), tmp_path / "up.log")
+    up, env = start_up(tmp_path, providers=1, memory="2 GiB")
     try:
-        up.wait_for_line("Parallex is up")
-        env = read_env(data / "demo.env")
         admin_env = {"PARALLEX_BROKER_URL": env["PARALLEX_BROKER_URL"],
                      "PARALLEX_ADMIN_TOKEN": env["PARALLEX_ADMIN_TOKEN"]}
 

@@ -21,6 +21,7 @@ class Federation:
     broker: Proc
     provider_timeout: float
     cluster_timeout: float
+    db_url: str | None = None
     agents: dict[str, Proc] = field(default_factory=dict)
     workdirs: dict[str, Path] = field(default_factory=dict)
     user_tokens: dict[str, str] = field(default_factory=dict)
@@ -50,9 +51,18 @@ class Federation:
         self.agents[name] = proc
         return proc
 
+    def with_two_labs(self) -> Federation:
+        """lab-a and lab-b, one agent each offering 2 CPUs and 4 GiB; users alice and bob."""
+        self.add_lab("lab-a", user="alice")
+        self.add_lab("lab-b", user="bob")
+        self.add_agent("lab-a", "agent-a", cpus=2)
+        self.add_agent("lab-b", "agent-b", cpus=2)
+        return self
+
     def restart_broker(self) -> None:
         port = int(self.url.rsplit(":", 1)[1])
         self.broker, url = start_broker(self.tmp, self.admin_token, port=port,
+                                        db_url=self.db_url,
                                         provider_timeout=self.provider_timeout,
                                         cluster_timeout=self.cluster_timeout,
                                         name="broker-restarted")
@@ -65,9 +75,9 @@ class Federation:
         self.broker.stop()
 
 
-def make_federation(tmp: Path, provider_timeout: float = 30,
-                    cluster_timeout: float = 60) -> Federation:
+def make_federation(tmp: Path, provider_timeout: float = 30, cluster_timeout: float = 60,
+                    db_url: str | None = None) -> Federation:
     admin_token = secrets.token_hex(24)
     broker, url = start_broker(tmp, admin_token, provider_timeout=provider_timeout,
-                               cluster_timeout=cluster_timeout)
-    return Federation(tmp, url, admin_token, broker, provider_timeout, cluster_timeout)
+                               cluster_timeout=cluster_timeout, db_url=db_url)
+    return Federation(tmp, url, admin_token, broker, provider_timeout, cluster_timeout, db_url)

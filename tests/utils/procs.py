@@ -83,6 +83,15 @@ class Proc:
         return self.popen.returncode
 
 
+def ready(proc: Proc, prefix: str) -> str:
+    """Wait for the readiness line; a process that never gets there is stopped, not leaked."""
+    try:
+        return proc.wait_for_line(prefix)
+    except BaseException:
+        proc.stop()
+        raise
+
+
 def parallex(*args: str) -> list[str]:
     return [sys.executable, "-m", "federation.cli", *args]
 
@@ -95,8 +104,7 @@ def start_broker(tmp: Path, admin_token: str, *, db_url: str | None = None, port
                          "127.0.0.1", "--port", str(port), "--provider-timeout",
                          str(provider_timeout), "--cluster-timeout", str(cluster_timeout)),
                 tmp / f"{name}.log", env={"PARALLEX_ADMIN_TOKEN": admin_token})
-    url = proc.wait_for_line("PARALLEX_BROKER_URL=")
-    return proc, url
+    return proc, ready(proc, "PARALLEX_BROKER_URL=")
 
 
 def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
@@ -112,7 +120,7 @@ def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
                          "--memory", memory, "--gpus", gpus, "--workdir", str(workdir),
                          "--name", name, *extra),
                 workdir.parent / f"{name}.log", env=env)
-    proc.wait_for_line("PARALLEX_PROVIDER_ID=")
+    ready(proc, "PARALLEX_PROVIDER_ID=")
     return proc
 
 
