@@ -86,7 +86,19 @@ class ProviderAgent:
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.workdir, 0o700)
         self._adopt()
-        await self._register()
+        registering = asyncio.create_task(self._register())
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({registering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not registering.done():
+            # Stopped while the broker was still unreachable: nothing to report to.
+            registering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await registering
+            await self._shutdown_workers(report=False)
+            await self.client.close()
+            return
+        stopping.cancel()
+        registering.result()
         loops = [asyncio.create_task(coro) for coro in
                  (self._poll_loop(), self._heartbeat_loop(), self._monitor_loop())]
         try:
@@ -125,13 +137,13 @@ class ProviderAgent:
                     answer["lab"], self.capacity.describe())
         self.registered.set()
 
-    async def _shutdown_workers(self) -> None:
+    async def _shutdown_workers(self, report: bool = True) -> None:
         leases = list(self.workers)
         if not leases:
             return
         logger.info("stopping %d workers", len(leases))
         await asyncio.gather(*(self._stop_worker(lid) for lid in leases))
-        for lease_id in leases:
+        for lease_id in leases if report else ():
             with contextlib.suppress(errors.ParallexError):
                 await self._report(lease_id, "ended", "preempted",
                                    "the provider agent shut down", attempts=1)

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from federation import FederatedCluster, TokenRefused
-from tests.utils.procs import Proc, parallex
+from tests.utils.procs import Proc, parallex, wait_until
 
 
 def read_env(path) -> dict[str, str]:
@@ -142,3 +142,21 @@ def test_provide_refuses_bad_flags(tmp_path):
     assert lots.returncode == 2 and "memory 'lots' is not a size" in lots.stderr
     gpus = provide("--gpus", "3")
     assert gpus.returncode == 2 and "names GPUs [3] that this machine lacks" in gpus.stderr
+
+
+def test_agent_waiting_for_an_unreachable_broker_stops_on_sigterm(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    agent = Proc(parallex("provide", "--broker", f"http://127.0.0.1:{port}", "--token", "px_x",
+                          "--cpus", "1", "--memory", "1 GiB", "--gpus", "none", "--workdir",
+                          str(tmp_path / "agent")), tmp_path / "agent.log")
+    try:
+        # Its first retry message is the signal that it is up and waiting for the broker.
+        wait_until(lambda: "retrying in" in agent.log_text(), 30, "the agent's first retry")
+        os.kill(agent.pid, signal.SIGTERM)
+        assert agent.popen.wait(15) == 0
+    finally:
+        agent.stop()
