@@ -194,6 +194,15 @@ class ProviderAgent:
                     del self.workers[lease_id]
                     self._save_state()
                     tail = worker.log_tail()
+                    if code == 0:
+                        # A worker leaves cleanly only when its scheduler closed it or went
+                        # away (the user's process died): not this provider's failure.
+                        logger.info("lease %s: worker left its scheduler", lease_id)
+                        self._spawn(self._report(
+                            lease_id, "ended", "released",
+                            "the worker left its scheduler (exit code 0): the cluster closed "
+                            "it or stopped answering"))
+                        continue
                     logger.warning("lease %s: worker exited with code %s", lease_id, code)
                     self._spawn(self._report(
                         lease_id, "ended", "failed",

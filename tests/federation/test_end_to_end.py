@@ -66,3 +66,29 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_repr_dashboard_and_lease_start_timeout(two_labs):
+    import httpx
+    import pytest
+
+    from federation import LeaseStartTimeout
+
+    fed = two_labs
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], heartbeat_interval=0.5) as cluster:
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=60)
+        text = repr(cluster)
+        assert text.startswith(f"FederatedCluster({cluster.cluster_id}, 'tls://127.0.0.1:")
+        assert "workers=1, pending=0" in text
+        html = cluster._repr_html_()
+        assert "<td>pending</td><td>0</td>" in html and cluster.cluster_id in html
+        assert httpx.get(cluster.dashboard_link, timeout=10).status_code == 200
+
+        # Each lab has 2 CPUs and one already runs a 1-CPU worker: of three 2-CPU workers one
+        # fits now and two wait for capacity.
+        cluster.scale(3, cpus=2, memory="1 GiB")
+        with pytest.raises(LeaseStartTimeout, match=r"of 4 workers connected after 3 s "
+                                                    r"\(leases: pending 2"):
+            cluster.wait_for_workers(4, timeout=3)
+        assert "pending=2" in repr(cluster)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
+import sys
 
 import dask.array as da
 import numpy as np
 
 from federation import FederatedCluster
 from federation.client import BrokerClient
-from tests.utils.procs import live_worker_pids, start_agent, wait_until
+from tests.utils.procs import Proc, live_worker_pids, start_agent, wait_until
 
 
 def _cluster_public(fed, cluster_id: str) -> dict:
@@ -139,3 +142,72 @@ def test_restarted_agent_adopts_live_workers_and_stops_released_ones(federation)
         assert "adopted the running worker of lease " + keep in fed.agents["agent-a"].log_text()
         # The cluster asks for a replacement of the lease it did not release; it connects too.
         cluster.wait_for_workers(2, timeout=60)
+
+
+def test_dead_worker_ends_its_lease_failed_and_is_replaced(two_labs):
+    fed = two_labs
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], heartbeat_interval=0.3,
+                          dashboard=False) as cluster:
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=60)
+        (ws,) = cluster.scheduler.workers.values()
+        victim_lease, victim_pid = ws.name, ws.pid
+        os.kill(victim_pid, signal.SIGKILL)
+
+        def failed():
+            leases = _cluster_public(fed, cluster.cluster_id)["leases"]
+            lease = next(le for le in leases if le["id"] == victim_lease)
+            return lease if lease["state"] == "ended" else None
+
+        lease = wait_until(failed, 30, "the dead worker's lease to end")
+        assert lease["end_reason"] == "failed"
+        assert "worker process exited with code -9" in lease["message"]
+        wait_until(lambda: [w.name for w in cluster.scheduler.workers.values()
+                            if w.name != victim_lease], 60, "a replacement worker")
+        assert len(cluster.plan) == 1 and victim_lease not in cluster.plan
+
+
+CLUSTER_SCRIPT = """
+import sys
+import threading
+from federation import FederatedCluster
+cluster = FederatedCluster(sys.argv[1], sys.argv[2], heartbeat_interval=0.5, dashboard=False)
+cluster.scale(1)
+cluster.wait_for_workers(1, timeout=60)
+print("READY", cluster.cluster_id, flush=True)
+threading.Event().wait()  # until the test kills this process
+"""
+
+
+def test_cluster_whose_process_dies_stops_costing_within_its_timeout(two_labs, tmp_path):
+    fed = two_labs
+    script = tmp_path / "cluster.py"
+    script.write_text(CLUSTER_SCRIPT)
+    user = Proc([sys.executable, str(script), fed.url, fed.user_tokens["alice"]],
+                tmp_path / "cluster.log")
+    try:
+        cluster_id = user.wait_for_line("READY ")
+        (lease,) = _cluster_public(fed, cluster_id)["leases"]
+        worker_pids = set().union(*(live_worker_pids(w) for w in fed.workdirs.values()))
+        assert len(worker_pids) == 1
+        killed_at = dt.datetime.now(dt.UTC)
+        user.kill9()
+
+        def ended():
+            public = _cluster_public(fed, cluster_id)
+            return public if not public["active"] and all(
+                le["state"] == "ended" for le in public["leases"]) else None
+
+        public = wait_until(ended, fed.cluster_timeout + 20, "the silent cluster's leases")
+        assert public["end_reason"] == "lost"
+        (lease,) = public["leases"]
+        # The worker noticed its scheduler vanish and left; that is no failure of the provider.
+        assert lease["end_reason"] == "released", lease
+        assert "left its scheduler" in lease["message"]
+        ended_at = dt.datetime.fromisoformat(lease["ended_at"]).replace(tzinfo=dt.UTC)
+        assert (ended_at - killed_at).total_seconds() < fed.cluster_timeout
+        wait_until(lambda: not set().union(*(live_worker_pids(w)
+                                             for w in fed.workdirs.values())),
+                   30, "the lost cluster's worker to stop")
+    finally:
+        user.stop()
