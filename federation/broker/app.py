@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlmodel import select
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accounting.models import utcnow
 
@@ -114,11 +115,17 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                                         "changed. The broker log has the details."},
                             status_code=500)
 
-    @app.exception_handler(404)
-    async def _not_found(request: Request, _exc) -> JSONResponse:
-        return JSONResponse({"error": "not-found",
-                             "message": f"no endpoint {request.method} {request.url.path}; see "
-                                        f"{API_PREFIX}/docs"}, status_code=404)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"no endpoint {request.method} {request.url.path}; see {API_PREFIX}/docs"
+        elif exc.status_code == 405:
+            message = (f"{request.method} is not allowed on {request.url.path}; see "
+                       f"{API_PREFIX}/docs for the methods each endpoint takes")
+        else:
+            message = str(exc.detail)
+        return JSONResponse({"error": f"http-{exc.status_code}", "message": message},
+                            status_code=exc.status_code, headers=exc.headers)
 
     app.include_router(admin_router, prefix=API_PREFIX)
     app.include_router(agent_router, prefix=API_PREFIX)

@@ -8,7 +8,7 @@ import sqlite3
 import httpx
 import pytest
 
-from federation import FederatedCluster, NoProviderFits
+from federation import FederatedCluster, NoProviderFits, TokenRefused
 from federation.tls import ClusterAuthority
 
 TABLES = ("lab", "user", "apitoken", "provider", "cluster", "lease")
@@ -118,6 +118,10 @@ def test_malformed_requests_are_refused_and_nothing_written(registered):
     assert no_endpoint.status_code == 404
     assert "no endpoint GET /api/v1/nonsense" in no_endpoint.json()["message"]
 
+    wrong_method = httpx.put(f"{api}/clusters/{cluster_id}/heartbeat", headers=user)
+    assert wrong_method.status_code == 405
+    assert "PUT is not allowed on" in wrong_method.json()["message"]
+
     assert dump(fed.tmp / "broker.db") == before
 
 
@@ -132,6 +136,22 @@ def test_federated_cluster_raises_clear_errors(registered):
             cluster.scale(1, memory="lots")
         assert cluster.leases == []
         assert cluster.plan == set()
+
+
+def test_cluster_takes_broker_and_token_from_dask_config(registered, monkeypatch):
+    import dask
+
+    fed, _user, _cluster_id, _authority = registered
+    monkeypatch.delenv("PARALLEX_BROKER_URL", raising=False)
+    monkeypatch.delenv("PARALLEX_TOKEN", raising=False)
+    with dask.config.set({"parallex.broker-url": fed.url,
+                          "parallex.token": fed.user_tokens["alice"],
+                          "parallex.worker.memory": "3 GiB"}):
+        with FederatedCluster(dashboard=False) as cluster:
+            assert cluster.cluster_id.startswith("cl_")
+            assert cluster._groups["default"].memory == 3 * 2**30
+    with pytest.raises(TokenRefused, match="no API token"):
+        FederatedCluster(fed.url, dashboard=False)
 
 
 def test_unreachable_broker_is_reported(tmp_path):
