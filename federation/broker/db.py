@@ -6,7 +6,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
+import accounting.ledger  # noqa: F401  (registers the ledger tables)
+import accounting.metering  # noqa: F401  (registers the usage table)
 import accounting.models  # noqa: F401  (registers the identity tables)
+import accounting.pricing  # noqa: F401  (registers the price table)
 
 from . import models  # noqa: F401  (registers the broker tables)
 

@@ -1,0 +1,126 @@
+"""The double-entry ledger: accounts, transfers whose entries sum to zero, and balances kept in
+step with the entries in the same transaction (so reading a balance is one row, not a sum)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, update
+from sqlmodel import Field, Session, SQLModel, select
+
+from .models import Lab, utcnow
+
+
+class AccountKind(StrEnum):
+    lab = "lab"
+    grants = "grants"          # where grants come from; its balance is minus all grants given
+    federation = "federation"  # fees and the part of charges a provider's reliability withholds
+
+
+class TransferKind(StrEnum):
+    usage = "usage"
+    grant = "grant"
+    adjustment = "adjustment"
+
+
+class Account(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    kind: AccountKind
+    name: str = Field(unique=True, index=True)
+    lab_id: int | None = Field(default=None, foreign_key="lab.id", unique=True)
+
+
+class Transfer(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    kind: TransferKind
+    memo: str = Field(default="", max_length=500)
+    created_at: dt.datetime = Field(default_factory=utcnow, index=True)
+
+
+class LedgerEntry(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    transfer_id: int = Field(foreign_key="transfer.id", index=True)
+    account_id: int = Field(foreign_key="account.id", index=True)
+    amount: int = Field(sa_type=BigInteger, description="nano-PCU; negative = debit.")
+    created_at: dt.datetime = Field(default_factory=utcnow, index=True)
+
+
+class Balance(SQLModel, table=True):
+    account_id: int = Field(foreign_key="account.id", primary_key=True)
+    amount: int = Field(default=0, sa_type=BigInteger, description="nano-PCU.")
+
+
+def system_account(session: Session, kind: AccountKind) -> Account:
+    """The grants or federation account, created on first use."""
+    account = session.exec(select(Account).where(Account.name == kind.value)).first()
+    if account is None:
+        account = Account(kind=kind, name=kind.value)
+        session.add(account)
+        session.flush()
+        session.add(Balance(account_id=account.id, amount=0))
+        session.flush()
+    return account
+
+
+def lab_account(session: Session, lab: Lab) -> Account:
+    """The lab's account, created on first use."""
+    account = session.exec(select(Account).where(Account.lab_id == lab.id)).first()
+    if account is None:
+        account = Account(kind=AccountKind.lab, name=f"lab:{lab.name}", lab_id=lab.id)
+        session.add(account)
+        session.flush()
+        session.add(Balance(account_id=account.id, amount=0))
+        session.flush()
+    return account
+
+
+def post_transfer(session: Session, *, kind: TransferKind, entries: list[tuple[int, int]],
+                  memo: str = "", at: dt.datetime | None = None) -> Transfer:
+    """Write a transfer of (account id, nano-PCU) entries and move the balances.
+
+    Raises ValueError unless the entries sum to exactly zero. The caller commits, so entries
+    and balances land together or not at all.
+    """
+    entries = [(a, amt) for a, amt in entries if amt != 0]
+    if sum(amt for _, amt in entries) != 0:
+        raise ValueError(f"a transfer must sum to zero; entries {entries} do not")
+    at = at or utcnow()
+    transfer = Transfer(kind=kind, memo=memo, created_at=at)
+    session.add(transfer)
+    session.flush()
+    apply_entries(session, [(transfer.id, a, amt, at) for a, amt in entries])
+    return transfer
+
+
+def apply_entries(session: Session, rows: list[tuple[int, int, int, dt.datetime]]) -> None:
+    """Insert (transfer id, account id, amount, time) entries and add them to the balances."""
+    if not rows:
+        return
+    session.bulk_insert_mappings(LedgerEntry, [
+        {"transfer_id": t, "account_id": a, "amount": amt, "created_at": at}
+        for t, a, amt, at in rows])
+    totals: dict[int, int] = {}
+    for _t, account, amount, _at in rows:
+        totals[account] = totals.get(account, 0) + amount
+    for account, amount in totals.items():
+        # An increment, not read-modify-write: concurrent writers cannot lose an update.
+        session.execute(update(Balance).where(Balance.account_id == account)
+                        .values(amount=Balance.amount + amount))
+
+
+def balance(session: Session, account_id: int) -> int:
+    """The account's balance in nano-PCU (one primary-key read)."""
+    row = session.get(Balance, account_id)
+    return row.amount if row else 0
+
+
+def grant(session: Session, *, lab: Lab, amount: int, memo: str = "") -> Transfer:
+    """Give ``amount`` nano-PCU to ``lab`` from the grants account."""
+    if amount <= 0:
+        raise ValueError("a grant must be more than 0 PCU")
+    source = system_account(session, AccountKind.grants)
+    target = lab_account(session, lab)
+    return post_transfer(session, kind=TransferKind.grant,
+                         entries=[(source.id, -amount), (target.id, amount)],
+                         memo=memo or f"grant to {lab.name}")

@@ -1,0 +1,152 @@
+"""Metering: turning lease time into usage records and ledger transfers.
+
+A lease is metered in periods of a fixed length from the moment it started running; each
+period is recorded once, keyed by (lease, period start) under a unique constraint, so retries,
+broker restarts and concurrent meterers never charge a period twice or skip one. The last,
+shorter period is metered when the lease ends.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import BigInteger, UniqueConstraint, func
+from sqlmodel import Field, Session, SQLModel, col, select
+
+from .ledger import AccountKind, Transfer, TransferKind, apply_entries, lab_account, system_account
+from .models import Lab
+from .pricing import PriceVersion, Resources, ensure_default_price, gpu_class, pcu_per_hour
+from .units import to_nano
+
+
+class UsageRecord(SQLModel, table=True):
+    """One metered period of one lease."""
+
+    __table_args__ = (UniqueConstraint("lease_id", "period_start", name="uq_usage_period"),)
+    id: int | None = Field(default=None, primary_key=True)
+    lease_id: str = Field(index=True)
+    period_start: dt.datetime
+    period_end: dt.datetime = Field(index=True)
+    seconds: float
+    cpus: float
+    memory: int = Field(sa_type=BigInteger)
+    gpus: int = 0
+    gpu_model: str | None = None
+    gpu_class: str | None = None
+    pcu_per_hour: float
+    charge: int = Field(sa_type=BigInteger, description="nano-PCU the period cost.")
+    consumer_lab_id: int = Field(foreign_key="lab.id", index=True)
+    provider_lab_id: int = Field(foreign_key="lab.id", index=True)
+    provider_id: str = Field(index=True)
+    user_id: int = Field(foreign_key="user.id", index=True)
+    self_use: bool = False
+    reliability: float = 1.0
+    price_version_id: int = Field(foreign_key="priceversion.id")
+    transfer_id: int | None = Field(default=None, foreign_key="transfer.id")
+
+
+@dataclass(frozen=True)
+class LeaseUsage:
+    """What metering needs to know about one lease (the broker fills it in)."""
+
+    lease_id: str
+    user_id: int
+    consumer_lab_id: int
+    provider_lab_id: int
+    provider_id: str
+    started_at: dt.datetime
+    ended_at: dt.datetime | None
+    resources: Resources
+    reliability: float = 1.0
+
+
+def _last_ends(session: Session, lease_ids: list[str]) -> dict[str, dt.datetime]:
+    out: dict[str, dt.datetime] = {}
+    for i in range(0, len(lease_ids), 500):
+        chunk = lease_ids[i:i + 500]
+        out.update(session.exec(
+            select(UsageRecord.lease_id, func.max(UsageRecord.period_end))
+            .where(col(UsageRecord.lease_id).in_(chunk)).group_by(UsageRecord.lease_id)).all())
+    return {k: _aware(v) for k, v in out.items()}
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def periods(start: dt.datetime, end: dt.datetime | None, now: dt.datetime,
+            interval: float) -> list[tuple[dt.datetime, dt.datetime]]:
+    """The periods to meter from ``start``: whole ones up to ``now``, and the rest at the end."""
+    step = dt.timedelta(seconds=interval)
+    stop = min(end, now) if end else now
+    out = []
+    while start + step <= stop:
+        out.append((start, start + step))
+        start += step
+    if end is not None and end <= now and start < end:
+        out.append((start, end))
+    return out
+
+
+def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
+          interval: float) -> list[UsageRecord]:
+    """Record and charge every period of ``leases`` not yet metered, up to ``now``.
+
+    The caller commits; a concurrent meterer that recorded the same period first makes the
+    commit fail on the unique constraint, and the next pass finds that period done.
+    """
+    if not leases:
+        return []
+    ensure_default_price(session)
+    versions = list(session.exec(select(PriceVersion).order_by(PriceVersion.effective_from)))
+    starts = [_aware(v.effective_from) for v in versions]
+    last = _last_ends(session, [u.lease_id for u in leases])
+    labs = {lab.id: lab for lab in session.exec(select(Lab))}
+    accounts: dict[int, int] = {}
+
+    def account_of(lab_id: int) -> int:
+        if lab_id not in accounts:
+            accounts[lab_id] = lab_account(session, labs[lab_id]).id
+        return accounts[lab_id]
+
+    federation = system_account(session, AccountKind.federation).id
+    records: list[UsageRecord] = []
+    for usage in leases:
+        start = last.get(usage.lease_id, _aware(usage.started_at))
+        ended = _aware(usage.ended_at) if usage.ended_at else None
+        for p_start, p_end in periods(start, ended, now, interval):
+            price = versions[max(0, bisect.bisect_right(starts, p_start) - 1)]
+            res = usage.resources
+            rate = pcu_per_hour(price, res)
+            seconds = (p_end - p_start).total_seconds()
+            records.append(UsageRecord(
+                lease_id=usage.lease_id, period_start=p_start, period_end=p_end,
+                seconds=seconds, cpus=res.cpus, memory=res.memory, gpus=res.gpus,
+                gpu_model=res.gpu_model,
+                gpu_class=gpu_class(price, res.gpu_model)[0] if res.gpus else None,
+                pcu_per_hour=rate, charge=to_nano(rate * seconds / 3600),
+                consumer_lab_id=usage.consumer_lab_id, provider_lab_id=usage.provider_lab_id,
+                provider_id=usage.provider_id, user_id=usage.user_id,
+                self_use=usage.consumer_lab_id == usage.provider_lab_id,
+                reliability=usage.reliability, price_version_id=price.id))
+    charged = [r for r in records if not r.self_use and r.charge > 0]
+    transfers = [Transfer(kind=TransferKind.usage, created_at=r.period_end,
+                          memo=f"lease {r.lease_id} {r.period_start:%Y-%m-%d %H:%M:%S}"
+                               f"–{r.period_end:%H:%M:%S}") for r in charged]
+    session.add_all(transfers)
+    session.flush()
+    fees = {v.id: v.fee_fraction for v in versions}
+    entries = []
+    for record, transfer in zip(charged, transfers, strict=True):
+        record.transfer_id = transfer.id
+        earned = int(record.charge * (1 - fees[record.price_version_id]) * record.reliability)
+        entries += [(transfer.id, account_of(record.consumer_lab_id), -record.charge,
+                     record.period_end),
+                    (transfer.id, account_of(record.provider_lab_id), earned, record.period_end),
+                    (transfer.id, federation, record.charge - earned, record.period_end)]
+    apply_entries(session, [e for e in entries if e[2] != 0])
+    session.add_all(records)
+    session.flush()
+    return records
