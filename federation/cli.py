@@ -43,6 +43,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
     settings = BrokerSettings(provider_timeout=args.provider_timeout,
                               cluster_timeout=args.cluster_timeout,
                               start_timeout=args.start_timeout,
+                              metering_interval=args.metering_interval,
+                              initial_grant=args.initial_grant,
                               poll_timeout=min(20.0, max(1.0, args.provider_timeout / 2)))
     app = create_app(db_url, settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -192,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Seconds without a cluster heartbeat before its leases end (default 60).")
     b.add_argument("--start-timeout", type=float, default=300.0,
                    help="Seconds a lease may stay 'starting' before it fails (default 300).")
+    b.add_argument("--metering-interval", type=float, default=60.0,
+                   help="Seconds per metered period of a running lease (default 60). Keep it "
+                        "fixed for a database: periods continue from where the last one ended.")
+    b.add_argument("--initial-grant", type=float, default=1000.0,
+                   help="PCU granted to each new lab from the grants account (default 1000; "
+                        "0 grants nothing).")
     b.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("provide", help="Offer this machine's CPUs/GPUs to a broker.")

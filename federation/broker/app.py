@@ -19,6 +19,7 @@ from . import db
 from .auth import hash_token
 from .errors import ApiError
 from .models import ApiToken, TokenKind
+from .routes_accounting import router as accounting_router
 from .routes_admin import router as admin_router
 from .routes_agent import router as agent_router
 from .routes_clusters import router as clusters_router
@@ -130,4 +131,5 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.include_router(admin_router, prefix=API_PREFIX)
     app.include_router(agent_router, prefix=API_PREFIX)
     app.include_router(clusters_router, prefix=API_PREFIX)
+    app.include_router(accounting_router, prefix=API_PREFIX)
     return app

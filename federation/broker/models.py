@@ -103,6 +103,7 @@ class Lease(SQLModel, table=True):
     assigned_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
+    metered_until: dt.datetime | None = None
 
     @property
     def gpu_indices(self) -> list[int]:

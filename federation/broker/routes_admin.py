@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import select
 
+from accounting.ledger import grant, lab_account
 from accounting.models import (
     Lab,
     LabCreate,
@@ -16,6 +17,7 @@ from accounting.models import (
     create_lab,
     create_user,
 )
+from accounting.units import to_nano
 
 from .auth import Principal, authenticate, issue_token, require_admin, require_any, revoke
 from .errors import ApiError
@@ -46,6 +48,10 @@ def create_lab_route(body: LabCreate, request: Request,
         if s.exec(select(Lab).where(Lab.name == body.name)).first():
             raise ApiError(409, "lab-exists", f"a lab named {body.name!r} already exists")
         lab = create_lab(s, name=body.name, site=body.site or body.name)
+        initial = request.app.state.broker.settings.initial_grant
+        lab_account(s, lab)
+        if initial > 0:
+            grant(s, lab=lab, amount=to_nano(initial), memo=f"initial grant to {lab.name}")
         s.commit()
         return lab
 

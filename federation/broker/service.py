@@ -12,14 +12,20 @@ import datetime as dt
 import json
 import logging
 import random
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 
+from sqlalchemy import and_, or_
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from accounting import metering
+from accounting.metering import LeaseUsage
 from accounting.models import Lab, User, utcnow
+from accounting.pricing import Resources
 
 from .. import placement
 from ..tls import ROLE_WORKER, certificate_identity, key_matches, signed_by
@@ -53,6 +59,8 @@ class BrokerSettings:
     cluster_timeout: float = 60.0
     start_timeout: float = 300.0
     poll_timeout: float = 20.0
+    metering_interval: float = 60.0
+    initial_grant: float = 1000.0
 
 
 class Broker:
@@ -65,6 +73,7 @@ class Broker:
         self.rng = random.Random(seed)
         self._versions: dict[str, int] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self._last_metering = 0.0
 
     def session(self) -> Session:
         return db.session(self.engine)
@@ -233,6 +242,7 @@ class Broker:
             s.commit()
         self.bump(provider.id)
         if lease.state == LeaseState.ended:
+            self.meter()
             self.place_pending()
         return lease
 
@@ -427,7 +437,53 @@ class Broker:
             logger.warning("cluster %s stopped heart-beating; ending its leases", cid)
             self.close_cluster(cid, reason="lost")
         if lost_providers:
+            self.meter()
             self.place_pending()
+        if time.monotonic() - self._last_metering >= self.settings.metering_interval:
+            self.meter()
+
+    # ---- metering -------------------------------------------------------------------------
+
+    def meter(self, now: dt.datetime | None = None) -> int:
+        """Charge every running lease's whole periods and every ended lease's remainder."""
+        now = now or utcnow()
+        self._last_metering = time.monotonic()
+        with self.session() as s:
+            rows = s.exec(
+                select(Lease, ClusterRecord, Provider)
+                .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+                .join(Provider, Provider.id == Lease.provider_id)
+                .where(Lease.started_at != None,  # noqa: E711
+                       or_(col(Lease.state).in_([LeaseState.running, LeaseState.releasing]),
+                           and_(Lease.state == LeaseState.ended,
+                                or_(Lease.metered_until == None,  # noqa: E711
+                                    Lease.metered_until < Lease.ended_at))))).all()
+            if not rows:
+                return 0
+            usages = [LeaseUsage(
+                lease.id, cluster.user_id, cluster.lab_id, provider.lab_id, provider.id,
+                lease.started_at, lease.ended_at if lease.state == LeaseState.ended else None,
+                Resources(lease.cpus, lease.memory, lease.gpus, lease.gpu_model))
+                for lease, cluster, provider in rows]
+            try:
+                records = metering.meter(s, usages, now=now,
+                                         interval=self.settings.metering_interval)
+                last: dict[str, dt.datetime] = {}
+                for r in records:
+                    last[r.lease_id] = max(last.get(r.lease_id, r.period_end), r.period_end)
+                for lease, _c, _p in rows:
+                    until = lease.ended_at if lease.state == LeaseState.ended else last.get(
+                        lease.id)
+                    if until is not None:
+                        lease.metered_until = until
+                        s.add(lease)
+                s.commit()
+            except IntegrityError:
+                # Another meterer recorded a period first; the next pass finds it done.
+                s.rollback()
+                logger.warning("metering pass collided with another; will retry")
+                return 0
+        return len(records)
 
     # ---- placement ------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ class Federation:
     provider_timeout: float
     cluster_timeout: float
     db_url: str | None = None
+    broker_args: tuple[str, ...] = ()
     agents: dict[str, Proc] = field(default_factory=dict)
     workdirs: dict[str, Path] = field(default_factory=dict)
     user_tokens: dict[str, str] = field(default_factory=dict)
@@ -62,7 +63,7 @@ class Federation:
     def restart_broker(self) -> None:
         port = int(self.url.rsplit(":", 1)[1])
         self.broker, url = start_broker(self.tmp, self.admin_token, port=port,
-                                        db_url=self.db_url,
+                                        db_url=self.db_url, extra=self.broker_args,
                                         provider_timeout=self.provider_timeout,
                                         cluster_timeout=self.cluster_timeout,
                                         name="broker-restarted")
@@ -76,8 +77,9 @@ class Federation:
 
 
 def make_federation(tmp: Path, provider_timeout: float = 30, cluster_timeout: float = 60,
-                    db_url: str | None = None) -> Federation:
+                    db_url: str | None = None, broker_args: tuple[str, ...] = ()) -> Federation:
     admin_token = secrets.token_hex(24)
     broker, url = start_broker(tmp, admin_token, provider_timeout=provider_timeout,
-                               cluster_timeout=cluster_timeout, db_url=db_url)
-    return Federation(tmp, url, admin_token, broker, provider_timeout, cluster_timeout, db_url)
+                               cluster_timeout=cluster_timeout, db_url=db_url, extra=broker_args)
+    return Federation(tmp, url, admin_token, broker, provider_timeout, cluster_timeout, db_url,
+                      broker_args)

@@ -98,11 +98,12 @@ def parallex(*args: str) -> list[str]:
 
 def start_broker(tmp: Path, admin_token: str, *, db_url: str | None = None, port: int = 0,
                  provider_timeout: float = 30, cluster_timeout: float = 60,
-                 name: str = "broker") -> tuple[Proc, str]:
+                 name: str = "broker", extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
     db_url = db_url or f"sqlite:///{tmp / 'broker.db'}"
     proc = Proc(parallex("--log-level", "INFO", "broker", "--db-url", db_url, "--host",
                          "127.0.0.1", "--port", str(port), "--provider-timeout",
-                         str(provider_timeout), "--cluster-timeout", str(cluster_timeout)),
+                         str(provider_timeout), "--cluster-timeout", str(cluster_timeout),
+                         *extra),
                 tmp / f"{name}.log", env={"PARALLEX_ADMIN_TOKEN": admin_token})
     return proc, ready(proc, "PARALLEX_BROKER_URL=")
 

@@ -1,0 +1,160 @@
+"""The broker's books with real agents: a lab pays for another lab's machines, its own
+machines are free, members read only their own lab, and bad requests write nothing."""
+
+from __future__ import annotations
+
+import sqlite3
+from decimal import Decimal
+
+import pytest
+
+from federation import FederatedCluster, NotFound, PermissionDenied, RequestRejected
+from federation.client import BrokerClient
+from tests.utils.federation import make_federation
+from tests.utils.procs import wait_until
+
+BOOK_TABLES = ("account", "transfer", "ledgerentry", "balance", "priceversion", "usagerecord")
+
+
+@pytest.fixture
+def metered(tmp_path):
+    """lab-a (alice, no machines) and lab-b (bob, one 2-CPU agent); 1-second metering."""
+    fed = make_federation(tmp_path, provider_timeout=5, cluster_timeout=10,
+                          broker_args=("--metering-interval", "1", "--initial-grant", "500"))
+    try:
+        fed.add_lab("lab-a", user="alice")
+        fed.add_lab("lab-b", user="bob")
+        fed.add_agent("lab-b", "agent-b", cpus=2, memory="4 GiB")
+        yield fed
+    finally:
+        fed.stop()
+
+
+def client_for(fed, user: str) -> BrokerClient:
+    return BrokerClient(fed.url, fed.user_tokens[user])
+
+
+def balance(fed, lab: str) -> Decimal:
+    admin = fed.admin()
+    try:
+        return Decimal(admin.request("GET", f"/labs/{lab}/balance")["balance"])
+    finally:
+        admin.close()
+
+
+def usage_by_user(fed) -> dict[str, dict]:
+    admin = fed.admin()
+    try:
+        return {r["user"]: r for r in admin.request("GET", "/usage",
+                                                    params={"by": "user"})["rows"]}
+    finally:
+        admin.close()
+
+
+def run_cluster(fed, user: str, periods: int) -> None:
+    with FederatedCluster(fed.url, fed.user_tokens[user], dashboard=False,
+                          worker_memory="1 GiB", heartbeat_interval=0.5) as cluster:
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=60)
+        wait_until(lambda: usage_by_user(fed).get(user, {}).get("lease_hours", 0)
+                   >= periods / 3600, 60, f"{periods} metered periods of {user}'s lease")
+
+
+def test_consumer_pays_provider_earns_and_own_machines_are_free(metered):
+    fed = metered
+    assert balance(fed, "lab-a") == balance(fed, "lab-b") == Decimal(500)
+
+    run_cluster(fed, "bob", periods=2)  # lab-b on its own machine
+    bob = usage_by_user(fed)["bob"]
+    assert Decimal(bob["pcu"]) == 0 and Decimal(bob["self_use_pcu"]) > 0
+    assert balance(fed, "lab-b") == Decimal(500)
+
+    run_cluster(fed, "alice", periods=3)  # lab-a on lab-b's machine
+    alice = usage_by_user(fed)["alice"]
+    charged = Decimal(alice["pcu"])
+    # 1 CPU at 1 PCU/h + 1 GiB at 0.1 PCU/h, for the metered time (ended leases included).
+    assert charged == pytest.approx(Decimal("1.1") * Decimal(str(alice["lease_hours"])),
+                                    rel=Decimal("1e-3"))  # hours are rounded to 1e-6
+    assert alice["core_hours"] == pytest.approx(alice["lease_hours"])
+    assert balance(fed, "lab-a") == Decimal(500) - charged
+    # Reliability 1.0 and no fee by default: the provider earns what the consumer pays.
+    assert balance(fed, "lab-b") == Decimal(500) + charged
+
+    con = sqlite3.connect(f"file:{fed.tmp / 'broker.db'}?mode=ro", uri=True)
+    try:
+        assert con.execute("SELECT SUM(amount) FROM ledgerentry").fetchone()[0] == 0
+        assert con.execute("SELECT SUM(amount) FROM balance").fetchone()[0] == 0
+        dupes = con.execute("SELECT COUNT(*) FROM (SELECT lease_id, period_start FROM "
+                            "usagerecord GROUP BY 1, 2 HAVING COUNT(*) > 1)").fetchone()[0]
+        assert dupes == 0
+    finally:
+        con.close()
+
+    ledger = client_for(fed, "alice").request("GET", "/labs/lab-a/ledger")["entries"]
+    assert {e["kind"] for e in ledger} == {"usage", "grant"}
+    assert sum(Decimal(e["amount"]) for e in ledger) == balance(fed, "lab-a")
+
+
+def test_members_read_only_their_own_lab(metered):
+    fed = metered
+    alice, bob = client_for(fed, "alice"), client_for(fed, "bob")
+    try:
+        assert alice.request("GET", "/labs/lab-a/balance")["lab"] == "lab-a"
+        with pytest.raises(PermissionDenied, match="lab lab-b's books are for its members"):
+            alice.request("GET", "/labs/lab-b/ledger")
+        with pytest.raises(PermissionDenied, match="lab lab-a's books are for its members"):
+            bob.request("GET", "/labs/lab-a/balance")
+        with pytest.raises(PermissionDenied, match="books are for its members"):
+            bob.request("GET", "/usage", params={"lab": "lab-a"})
+        with pytest.raises(PermissionDenied, match="a user token cannot do this"):
+            bob.request("POST", "/grants", json={"lab": "lab-b", "amount": 1e6})
+        with pytest.raises(PermissionDenied, match="a user token cannot do this"):
+            bob.request("POST", "/prices", json={"w_cpu": 0, "w_mem_gib": 0})
+    finally:
+        alice.close()
+        bob.close()
+
+
+def dump(fed) -> dict[str, list]:
+    con = sqlite3.connect(f"file:{fed.tmp / 'broker.db'}?mode=ro", uri=True)
+    try:
+        return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr)  # noqa: S608
+                for t in BOOK_TABLES}
+    finally:
+        con.close()
+
+
+def test_bad_accounting_requests_write_nothing(metered):
+    fed = metered
+    admin = fed.admin()
+    try:
+        admin.request("GET", "/prices")  # installs the default price version
+        before = dump(fed)
+        with pytest.raises(RequestRejected, match="w_cpu: Input should be greater than or equal"):
+            admin.request("POST", "/prices", json={"w_cpu": -1, "w_mem_gib": 0.1})
+        with pytest.raises(RequestRejected, match="GPU weights must be 0 or more"):
+            admin.request("POST", "/prices", json={"w_cpu": 1, "w_mem_gib": 0.1,
+                                                   "gpu_weights": {"h100": -3}})
+        with pytest.raises(RequestRejected, match="must take effect now or later"):
+            admin.request("POST", "/prices", json={"w_cpu": 2, "w_mem_gib": 0.1,
+                                                   "effective_from": "2020-01-01T00:00:00Z"})
+        with pytest.raises(RequestRejected, match="unknown GPU classes"):
+            admin.request("POST", "/prices", json={"w_cpu": 1, "w_mem_gib": 0.1,
+                                                   "gpu_weights": {"quantum": 3}})
+        with pytest.raises(NotFound, match="no lab named 'nolab'"):
+            admin.request("POST", "/grants", json={"lab": "nolab", "amount": 10})
+        with pytest.raises(RequestRejected, match="amount: Input should be greater than 0"):
+            admin.request("POST", "/grants", json={"lab": "lab-a", "amount": 0})
+        assert dump(fed) == before
+
+        version = admin.request("POST", "/prices", json={
+            "w_cpu": 2, "w_mem_gib": 0.2, "gpu_weights": {"h100": 20},
+            "effective_from": "2100-01-01T00:00:00Z"})
+        assert version["w_cpu"] == 2
+        upcoming = admin.request("GET", "/prices")["upcoming"]
+        assert [p["id"] for p in upcoming] == [version["id"]]
+        granted = admin.request("POST", "/grants", json={"lab": "lab-a", "amount": 12.5,
+                                                         "memo": "course allocation"})
+        assert Decimal(granted["balance"]) == Decimal("512.5")
+    finally:
+        admin.close()
