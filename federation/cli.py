@@ -12,7 +12,7 @@ import socket
 import sys
 from pathlib import Path
 
-from . import errors
+from . import cli_books, errors
 
 DEFAULT_PORT = 8470
 
@@ -135,7 +135,8 @@ def _admin_client(args: argparse.Namespace):
     from .client import BrokerClient
 
     return BrokerClient(args.broker or os.environ.get("PARALLEX_BROKER_URL", ""),
-                        args.token or os.environ.get("PARALLEX_ADMIN_TOKEN", ""))
+                        args.token or os.environ.get("PARALLEX_ADMIN_TOKEN")
+                        or os.environ.get("PARALLEX_TOKEN", ""))
 
 
 def cmd_admin(args: argparse.Namespace) -> int:
@@ -154,6 +155,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
             out = client.request("POST", "/tokens", json={"kind": "provider", "lab": args.lab})
         elif args.admin_cmd == "revoke":
             out = client.request("DELETE", f"/tokens/{args.token_id}")
+        elif args.admin_cmd == "grant":
+            out = cli_books.cmd_grant(client, args)
+        elif args.admin_cmd == "price":
+            out = cli_books.cmd_price_set(client, args)
         else:
             raise AssertionError(args.admin_cmd)
     finally:
@@ -169,7 +174,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
         for row in out:
             print("  ".join(f"{k}={v}" for k, v in row.items()))
     else:
-        print("  ".join(f"{k}={v}" for k, v in out.items()))
+        print("  ".join(f"{k}={v}" for k, v in out.items() if not isinstance(v, list | dict)))
     return 0
 
 
@@ -241,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("admin", help="Administer labs and tokens through the broker API.")
     a.add_argument("--broker", help="Broker URL (default PARALLEX_BROKER_URL).")
-    a.add_argument("--token", help="Admin token (default PARALLEX_ADMIN_TOKEN).")
+    a.add_argument("--token", help="Admin token (default PARALLEX_ADMIN_TOKEN, else "
+                                   "PARALLEX_TOKEN).")
     a.add_argument("--json", action="store_true", help="Print the answer as JSON.")
     asub = a.add_subparsers(dest="admin_cmd", required=True)
     lab = asub.add_parser("lab", help="Create or list labs.")
@@ -258,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     rv = asub.add_parser("revoke", help="Revoke a token by its id (tok_...).")
     rv.add_argument("token_id", help="Token id as printed when it was issued.")
     a.set_defaults(func=cmd_admin)
+    cli_books.add_parsers(sub, asub)
     return parser
 
 

@@ -158,3 +158,47 @@ def test_bad_accounting_requests_write_nothing(metered):
         assert Decimal(granted["balance"]) == Decimal("512.5")
     finally:
         admin.close()
+
+
+def test_books_from_the_command_line(metered):
+    import json
+    import os
+    import subprocess
+
+    from tests.utils.procs import parallex
+
+    fed = metered
+
+    def cli(token: str, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PARALLEX_BROKER_URL": fed.url, "PARALLEX_TOKEN": token}
+        env.pop("PARALLEX_ADMIN_TOKEN", None)
+        return subprocess.run(parallex("--log-level", "WARNING", *args), env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    alice, admin = fed.user_tokens["alice"], fed.admin_token
+    shown = cli(alice, "credits")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() == "lab-a: 500.0000 PCU"
+
+    granted = cli(admin, "admin", "grant", "--lab", "lab-a", "--amount", "25.5",
+                  "--memo", "teaching allocation")
+    assert granted.returncode == 0, granted.stderr
+    assert json.loads(cli(alice, "credits", "--json").stdout)["balance"] == "525.5"
+
+    ledger = cli(alice, "ledger")
+    assert ledger.returncode == 0, ledger.stderr
+    assert "teaching allocation" in ledger.stdout and "25.5000" in ledger.stdout
+    assert "initial grant to lab-a" in ledger.stdout
+
+    assert cli(alice, "usage").stdout.strip() == "no usage"
+    refused = cli(alice, "ledger", "--lab", "lab-b")
+    assert refused.returncode == 1 and "books are for its members" in refused.stderr
+
+    priced = cli(admin, "admin", "--json", "price", "set", "--cpu", "1.5", "--mem", "0.1",
+                 "--gpu", "h100=15", "--effective", "2100-01-01T00:00:00Z")
+    assert priced.returncode == 0, priced.stderr
+    classes = {c["class"]: c["weight"] for c in json.loads(priced.stdout)["gpu_classes"]}
+    assert classes["h100"] == 15
+    bad = cli(admin, "admin", "price", "set", "--cpu", "1", "--mem", "0.1", "--gpu", "h100")
+    assert bad.returncode == 1 and "must look like CLASS=WEIGHT" in bad.stderr
+    assert "Traceback" not in bad.stderr
