@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 
 from sqlmodel import Field, SQLModel
 
@@ -12,7 +13,36 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class LabBase(SQLModel):
+class Institution(SQLModel, table=True):
+    """A university or institute; its labs share its identity provider (issue 4)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, min_length=1, max_length=128)
+
+
+class Role(StrEnum):
+    member = "member"
+    pi = "pi"
+    admin = "admin"
+
+
+class LabPolicy(SQLModel):
+    """What an administrator sets per lab: fair-share weight, credit limit and quotas."""
+
+    share: float = Field(default=1.0, gt=0, le=1e6,
+                         description="Fair-share weight; capacity is shared in proportion.")
+    credit_limit: float = Field(default=0.0, ge=0, le=1e12,
+                                description="PCU a lab may go below zero before new workers "
+                                            "are refused; 0 means no credit.")
+    max_cpus: float | None = Field(default=None, ge=0,
+                                   description="Most CPUs the lab's users may hold at once; "
+                                               "None means no limit.")
+    max_gpus: int | None = Field(default=None, ge=0,
+                                 description="Most GPUs the lab's users may hold at once; "
+                                             "None means no limit.")
+
+
+class LabBase(LabPolicy):
     name: str = Field(
         index=True, unique=True, min_length=1, max_length=64, regex=r"^[A-Za-z0-9_.-]+$"
     )
@@ -20,11 +50,20 @@ class LabBase(SQLModel):
 
 
 class LabCreate(LabBase):
-    pass
+    institution: str | None = Field(default=None, max_length=128)
+
+
+class LabUpdate(SQLModel):
+    share: float | None = Field(default=None, gt=0, le=1e6)
+    credit_limit: float | None = Field(default=None, ge=0, le=1e12)
+    max_cpus: float | None = Field(default=None, ge=0)
+    max_gpus: int | None = Field(default=None, ge=0)
+    clear_quotas: bool = Field(default=False, description="Remove max_cpus and max_gpus.")
 
 
 class Lab(LabBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
+    institution_id: int | None = Field(default=None, foreign_key="institution.id")
     created_at: dt.datetime = Field(default_factory=utcnow)
 
 
@@ -53,17 +92,41 @@ class UserPublic(UserBase):
     lab: str
 
 
-def create_lab(session, *, name: str, site: str = "") -> Lab:
-    """Insert a lab; the caller commits."""
-    lab = Lab(name=name, site=site)
+class Membership(SQLModel, table=True):
+    """A user's role in a lab, with optional per-user quotas there."""
+
+    user_id: int = Field(foreign_key="user.id", primary_key=True)
+    lab_id: int = Field(foreign_key="lab.id", primary_key=True)
+    role: Role = Role.member
+    max_cpus: float | None = Field(default=None, ge=0)
+    max_gpus: int | None = Field(default=None, ge=0)
+
+
+def create_lab(session, *, name: str, site: str = "", institution: str | None = None,
+               policy: LabPolicy | None = None) -> Lab:
+    """Insert a lab (and its institution when new); the caller commits."""
+    from sqlmodel import select
+
+    institution_id = None
+    if institution:
+        inst = session.exec(select(Institution).where(Institution.name == institution)).first()
+        if inst is None:
+            inst = Institution(name=institution)
+            session.add(inst)
+            session.flush()
+        institution_id = inst.id
+    lab = Lab(name=name, site=site, institution_id=institution_id,
+              **(policy.model_dump() if policy else {}))
     session.add(lab)
     session.flush()
     return lab
 
 
-def create_user(session, *, name: str, lab: Lab) -> User:
-    """Insert a user in ``lab``; the caller commits."""
+def create_user(session, *, name: str, lab: Lab, role: Role = Role.member) -> User:
+    """Insert a user whose home lab is ``lab``, with a membership there; the caller commits."""
     user = User(name=name, lab_id=lab.id)
     session.add(user)
+    session.flush()
+    session.add(Membership(user_id=user.id, lab_id=lab.id, role=role))
     session.flush()
     return user

@@ -22,5 +22,6 @@ def to_pcu(nano: int) -> Decimal:
 
 
 def fmt_pcu(nano: int) -> str:
-    """Readable PCU with two decimals and a thousands separator, e.g. '-1,234.57 PCU'."""
-    return f"{to_pcu(nano):,.2f} PCU"
+    """Readable PCU: '-1,234.57 PCU', with four decimals below 1 PCU ('-0.0012 PCU')."""
+    value = to_pcu(nano)
+    return f"{value:,.2f} PCU" if abs(value) >= 1 else f"{value:.4f} PCU"

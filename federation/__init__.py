@@ -5,11 +5,13 @@ from .cluster import FederatedCluster
 from .errors import (
     BrokerError,
     BrokerUnreachable,
+    CreditLimitExceeded,
     LeaseStartTimeout,
     NoProviderFits,
     NotFound,
     ParallexError,
     PermissionDenied,
+    QuotaExceeded,
     RequestRejected,
     TokenRefused,
 )
@@ -17,12 +19,14 @@ from .errors import (
 __all__ = [
     "BrokerError",
     "BrokerUnreachable",
+    "CreditLimitExceeded",
     "FederatedCluster",
     "LeaseStartTimeout",
     "NoProviderFits",
     "NotFound",
     "ParallexError",
     "PermissionDenied",
+    "QuotaExceeded",
     "RequestRejected",
     "TokenRefused",
 ]

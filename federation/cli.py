@@ -144,10 +144,18 @@ def cmd_admin(args: argparse.Namespace) -> int:
     try:
         if args.admin_cmd == "lab":
             if args.lab_cmd == "create":
-                out = client.request("POST", "/labs", json={"name": args.name,
-                                                            "site": args.site or ""})
+                out = client.request("POST", "/labs", json={
+                    "name": args.name, "site": args.site or "",
+                    "institution": args.institution,
+                    **cli_books.policy_body(args, create=True)})
+            elif args.lab_cmd == "set":
+                out = client.request("PATCH", f"/labs/{args.name}",
+                                     json=cli_books.policy_body(args, create=False))
             else:
                 out = client.request("GET", "/labs")
+        elif args.admin_cmd == "member":
+            out = client.request("PUT", f"/labs/{args.lab}/members/{args.user}", json={
+                "role": args.role, "max_cpus": args.max_cpus, "max_gpus": args.max_gpus})
         elif args.admin_cmd == "user-token":
             out = client.request("POST", "/tokens", json={"kind": "user", "lab": args.lab,
                                                           "user": args.user})
@@ -255,7 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     lc = labsub.add_parser("create", help="Create a lab.")
     lc.add_argument("name", help="Lab name: letters, digits, '.', '_' and '-'.")
     lc.add_argument("--site", help="Site label for locality (default: the lab name).")
+    lc.add_argument("--institution", help="The lab's institution (created if new).")
+    ls = labsub.add_parser("set", help="Change a lab's share, credit limit or quotas.")
+    ls.add_argument("name", help="Lab name.")
+    ls.add_argument("--clear-quotas", action="store_true", help="Remove the CPU/GPU quotas.")
+    for lab_parser in (lc, ls):
+        cli_books.add_policy_options(lab_parser)
     labsub.add_parser("list", help="List labs.")
+    mem = asub.add_parser("member", help="Lab memberships.")
+    memsub = mem.add_subparsers(dest="member_cmd", required=True)
+    ma = memsub.add_parser("add", help="Add a user to a lab, or change their role/quotas.")
+    ma.add_argument("--lab", required=True, help="The lab.")
+    ma.add_argument("--user", required=True, help="User name (created if new).")
+    ma.add_argument("--role", choices=["member", "pi", "admin"], default="member",
+                    help="Role in the lab (default member).")
+    ma.add_argument("--max-cpus", type=float, help="Most CPUs this user may hold at once "
+                                                    "(default: no per-user limit).")
+    ma.add_argument("--max-gpus", type=int, help="Most GPUs this user may hold at once "
+                                                  "(default: no per-user limit).")
     ut = asub.add_parser("user-token", help="Issue a token for a user (created if new).")
     ut.add_argument("--lab", required=True, help="The user's lab.")
     ut.add_argument("--user", required=True, help="User name.")

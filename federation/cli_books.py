@@ -125,6 +125,25 @@ def cmd_price_set(client: BrokerClient, args: argparse.Namespace) -> dict:
     return client.request("POST", "/prices", json=body)
 
 
+def add_policy_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `admin lab create` and `admin lab set`."""
+    parser.add_argument("--share", type=float, help="Fair-share weight (default 1).")
+    parser.add_argument("--credit-limit", type=float,
+                        help="PCU the lab may owe before new workers are refused (default 0).")
+    parser.add_argument("--max-cpus", type=float,
+                        help="Most CPUs the lab's users may hold at once (default: no limit).")
+    parser.add_argument("--max-gpus", type=int,
+                        help="Most GPUs the lab's users may hold at once (default: no limit).")
+
+
+def policy_body(args: argparse.Namespace, create: bool) -> dict:
+    body = {k: getattr(args, k) for k in ("share", "credit_limit", "max_cpus", "max_gpus")
+            if getattr(args, k) is not None}
+    if not create and args.clear_quotas:
+        body["clear_quotas"] = True
+    return body
+
+
 def add_parsers(sub, admin_sub) -> None:
     """Add the book-keeping commands to the `parallex` and `parallex admin` parsers."""
 

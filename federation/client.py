@@ -25,7 +25,11 @@ def raise_for_answer(response: httpx.Response) -> Any:
     if status == 401:
         raise errors.TokenRefused(f"the broker refused the token: {message}")
     if status == 403:
+        if code == "quota-exceeded":
+            raise errors.QuotaExceeded(message)
         raise errors.PermissionDenied(message)
+    if status == 402:
+        raise errors.CreditLimitExceeded(message, status, code)
     if status == 404:
         raise errors.NotFound(message)
     if code == "no-provider-fits":

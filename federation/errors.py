@@ -4,9 +4,11 @@
     ├── BrokerUnreachable       the broker did not answer (network, wrong URL, broker down)
     ├── TokenRefused            401: the token is unknown, revoked or malformed
     ├── PermissionDenied        403: the token is valid but may not do this
+    │   └── QuotaExceeded       the lab's or user's concurrent CPU/GPU quota is full
     ├── NotFound                404: the cluster, lease or lab does not exist
     ├── RequestRejected         4xx: the request was malformed; the message says what to fix
-    │   └── NoProviderFits      no provider in the federation could ever host the asked worker
+    │   ├── NoProviderFits      no provider in the federation could ever host the asked worker
+    │   └── CreditLimitExceeded 402: the lab's balance is below minus its credit limit
     ├── LeaseStartTimeout       leases were granted but their workers did not start in time
     └── BrokerError             5xx or an unexpected answer from the broker
 """
@@ -30,6 +32,10 @@ class PermissionDenied(ParallexError):
     """The token is valid but does not allow this action (HTTP 403)."""
 
 
+class QuotaExceeded(PermissionDenied):
+    """The lab or the user already holds as many CPUs or GPUs as their quota allows."""
+
+
 class NotFound(ParallexError):
     """The named object does not exist (HTTP 404)."""
 
@@ -45,6 +51,10 @@ class RequestRejected(ParallexError):
 
 class NoProviderFits(RequestRejected):
     """No provider in the federation has enough capacity for one worker of the asked size."""
+
+
+class CreditLimitExceeded(RequestRejected):
+    """The lab's balance is below minus its credit limit; running workers keep running."""
 
 
 class LeaseStartTimeout(ParallexError):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Field, SQLModel, select
 
 from accounting.ledger import grant, lab_account
 from accounting.models import (
     Lab,
     LabCreate,
+    LabPolicy,
     LabPublic,
+    LabUpdate,
+    Membership,
+    Role,
     User,
     UserCreate,
     UserPublic,
@@ -47,13 +51,57 @@ def create_lab_route(body: LabCreate, request: Request,
     with request.app.state.session() as s:
         if s.exec(select(Lab).where(Lab.name == body.name)).first():
             raise ApiError(409, "lab-exists", f"a lab named {body.name!r} already exists")
-        lab = create_lab(s, name=body.name, site=body.site or body.name)
+        lab = create_lab(s, name=body.name, site=body.site or body.name,
+                         institution=body.institution,
+                         policy=LabPolicy(**body.model_dump(include=set(LabPolicy.model_fields))))
         initial = request.app.state.broker.settings.initial_grant
         lab_account(s, lab)
         if initial > 0:
             grant(s, lab=lab, amount=to_nano(initial), memo=f"initial grant to {lab.name}")
         s.commit()
         return lab
+
+
+@router.patch("/labs/{lab}", response_model=LabPublic)
+def update_lab(lab: str, body: LabUpdate, request: Request,
+               _admin: Principal = Depends(require_admin)) -> Lab:
+    """Change a lab's fair-share weight, credit limit or quotas."""
+    with request.app.state.session() as s:
+        row = _lab_by_name(s, lab)
+        for field, value in body.model_dump(exclude_unset=True, exclude={"clear_quotas"}).items():
+            if value is None:
+                raise ApiError(422, "invalid-request", f"{field}: give a value, or use "
+                               "clear_quotas to remove the quotas")
+            setattr(row, field, value)
+        if body.clear_quotas:
+            row.max_cpus = row.max_gpus = None
+        s.add(row)
+        s.commit()
+        return row
+
+
+class MemberSet(SQLModel):
+    role: Role = Role.member
+    max_cpus: float | None = Field(default=None, ge=0, description="None: no per-user limit.")
+    max_gpus: int | None = Field(default=None, ge=0, description="None: no per-user limit.")
+
+
+@router.put("/labs/{lab}/members/{user}")
+def set_member(lab: str, user: str, body: MemberSet, request: Request,
+               _admin: Principal = Depends(require_admin)) -> dict:
+    """Add a user to a lab (created if new) or change their role and quotas there."""
+    with request.app.state.session() as s:
+        lab_row = _lab_by_name(s, lab)
+        user_row = s.exec(select(User).where(User.name == user)).first()
+        if user_row is None:
+            user_row = create_user(s, name=user, lab=lab_row, role=body.role)
+        member = s.get(Membership, (user_row.id, lab_row.id)) or Membership(
+            user_id=user_row.id, lab_id=lab_row.id)
+        member.role, member.max_cpus, member.max_gpus = body.role, body.max_cpus, body.max_gpus
+        s.add(member)
+        s.commit()
+        return {"lab": lab_row.name, "user": user_row.name, "role": member.role.value,
+                "max_cpus": member.max_cpus, "max_gpus": member.max_gpus}
 
 
 @router.get("/labs", response_model=list[LabPublic])

@@ -22,10 +22,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from accounting import metering
+from accounting import ledger, metering
 from accounting.metering import LeaseUsage
-from accounting.models import Lab, User, utcnow
+from accounting.models import Lab, Membership, User, utcnow
 from accounting.pricing import Resources
+from accounting.units import fmt_pcu, to_nano
 
 from .. import placement
 from ..tls import ROLE_WORKER, certificate_identity, key_matches, signed_by
@@ -328,6 +329,7 @@ class Broker:
             if why is not None:
                 raise ApiError(422, "no-provider-fits",
                                f"no provider in the federation can ever host this worker: {why}")
+            self._check_credit_and_quotas(s, cluster, spec, len(body.workers))
             ids = [w.lease_id for w in body.workers]
             if len(set(ids)) != len(ids):
                 raise ApiError(422, "duplicate-lease-id", "lease ids in one request must differ")
@@ -358,6 +360,38 @@ class Broker:
         self.place_pending()
         with self.session() as s:
             return [s.get(Lease, lease.id) for lease in leases]
+
+    @staticmethod
+    def _check_credit_and_quotas(s: Session, cluster: ClusterRecord, spec, n: int) -> None:
+        """Refuse new workers for a lab over its credit limit (402) or over a quota (403)."""
+        lab = s.get(Lab, cluster.lab_id)
+        owed = ledger.balance(s, ledger.lab_account(s, lab).id)
+        if owed < -to_nano(lab.credit_limit):
+            raise ApiError(402, "credit-limit",
+                           f"lab {lab.name}'s balance is {fmt_pcu(owed)}, below its credit "
+                           f"limit of -{lab.credit_limit:,.2f} PCU: new workers are refused "
+                           "(running ones keep running). Ask your PI or an administrator for "
+                           "a grant, or let your lab's machines earn credits.")
+        live = col(Lease.state).in_(LIVE_STATES)
+        lab_rows = s.exec(select(Lease.cpus, Lease.gpus, ClusterRecord.user_id)
+                          .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+                          .where(ClusterRecord.lab_id == lab.id, live)).all()
+        want_cpus, want_gpus = spec.cpus * n, spec.gpus * n
+        member = s.get(Membership, (cluster.user_id, lab.id))
+        for who, rows, max_cpus, max_gpus in (
+                (f"lab {lab.name}", lab_rows, lab.max_cpus, lab.max_gpus),
+                ("you", [r for r in lab_rows if r[2] == cluster.user_id],
+                 member.max_cpus if member else None, member.max_gpus if member else None)):
+            held_cpus = sum(r[0] for r in rows)
+            held_gpus = sum(r[1] for r in rows)
+            if max_cpus is not None and held_cpus + want_cpus > max_cpus:
+                raise ApiError(403, "quota-exceeded",
+                               f"{who} may hold at most {max_cpus:g} CPUs at once; {held_cpus:g} "
+                               f"are held and this asks for {want_cpus:g} more")
+            if max_gpus is not None and held_gpus + want_gpus > max_gpus:
+                raise ApiError(403, "quota-exceeded",
+                               f"{who} may hold at most {max_gpus} GPUs at once; {held_gpus} are "
+                               f"held and this asks for {want_gpus} more")
 
     def release_leases(self, cluster: ClusterRecord, lease_ids: list[str],
                        reason: EndReason = EndReason.released, message: str = "") -> int:
