@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, update
+from sqlalchemy import BigInteger, insert, update
 from sqlmodel import Field, Session, SQLModel, select
 
 from .models import Lab, utcnow
@@ -97,7 +97,7 @@ def apply_entries(session: Session, rows: list[tuple[int, int, int, dt.datetime]
     """Insert (transfer id, account id, amount, time) entries and add them to the balances."""
     if not rows:
         return
-    session.bulk_insert_mappings(LedgerEntry, [
+    session.connection().execute(insert(LedgerEntry.__table__), [
         {"transfer_id": t, "account_id": a, "amount": amt, "created_at": at}
         for t, a, amt, at in rows])
     totals: dict[int, int] = {}

@@ -12,13 +12,14 @@ import bisect
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, UniqueConstraint, func
+from sqlalchemy import BigInteger, UniqueConstraint, func, insert
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from .fairshare import DEFAULT_HALF_LIFE, add_usage
 from .ledger import AccountKind, Transfer, TransferKind, apply_entries, lab_account, system_account
 from .models import Lab
 from .pricing import PriceVersion, Resources, ensure_default_price, gpu_class, pcu_per_hour
-from .units import to_nano
+from .units import NANO, to_nano
 
 
 class UsageRecord(SQLModel, table=True):
@@ -45,6 +46,16 @@ class UsageRecord(SQLModel, table=True):
     reliability: float = 1.0
     price_version_id: int = Field(foreign_key="priceversion.id")
     transfer_id: int | None = Field(default=None, foreign_key="transfer.id")
+
+
+@dataclass(frozen=True)
+class MeteredPeriod:
+    """A period that a metering pass recorded."""
+
+    lease_id: str
+    period_start: dt.datetime
+    period_end: dt.datetime
+    charge: int
 
 
 @dataclass(frozen=True)
@@ -91,7 +102,7 @@ def periods(start: dt.datetime, end: dt.datetime | None, now: dt.datetime,
 
 
 def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
-          interval: float) -> list[UsageRecord]:
+          interval: float, half_life: float = DEFAULT_HALF_LIFE) -> list[MeteredPeriod]:
     """Record and charge every period of ``leases`` not yet metered, up to ``now``.
 
     The caller commits; a concurrent meterer that recorded the same period first makes the
@@ -112,41 +123,53 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
         return accounts[lab_id]
 
     federation = system_account(session, AccountKind.federation).id
-    records: list[UsageRecord] = []
+    records: list[dict] = []
     for usage in leases:
         start = last.get(usage.lease_id, _aware(usage.started_at))
         ended = _aware(usage.ended_at) if usage.ended_at else None
+        res = usage.resources
         for p_start, p_end in periods(start, ended, now, interval):
             price = versions[max(0, bisect.bisect_right(starts, p_start) - 1)]
-            res = usage.resources
             rate = pcu_per_hour(price, res)
             seconds = (p_end - p_start).total_seconds()
-            records.append(UsageRecord(
-                lease_id=usage.lease_id, period_start=p_start, period_end=p_end,
-                seconds=seconds, cpus=res.cpus, memory=res.memory, gpus=res.gpus,
-                gpu_model=res.gpu_model,
-                gpu_class=gpu_class(price, res.gpu_model)[0] if res.gpus else None,
-                pcu_per_hour=rate, charge=to_nano(rate * seconds / 3600),
-                consumer_lab_id=usage.consumer_lab_id, provider_lab_id=usage.provider_lab_id,
-                provider_id=usage.provider_id, user_id=usage.user_id,
-                self_use=usage.consumer_lab_id == usage.provider_lab_id,
-                reliability=usage.reliability, price_version_id=price.id))
-    charged = [r for r in records if not r.self_use and r.charge > 0]
-    transfers = [Transfer(kind=TransferKind.usage, created_at=r.period_end,
-                          memo=f"lease {r.lease_id} {r.period_start:%Y-%m-%d %H:%M:%S}"
-                               f"–{r.period_end:%H:%M:%S}") for r in charged]
-    session.add_all(transfers)
+            records.append({
+                "lease_id": usage.lease_id, "period_start": p_start, "period_end": p_end,
+                "seconds": seconds, "cpus": res.cpus, "memory": res.memory, "gpus": res.gpus,
+                "gpu_model": res.gpu_model,
+                "gpu_class": gpu_class(price, res.gpu_model)[0] if res.gpus else None,
+                "pcu_per_hour": rate, "charge": to_nano(rate * seconds / 3600),
+                "consumer_lab_id": usage.consumer_lab_id,
+                "provider_lab_id": usage.provider_lab_id, "provider_id": usage.provider_id,
+                "user_id": usage.user_id,
+                "self_use": usage.consumer_lab_id == usage.provider_lab_id,
+                "reliability": usage.reliability, "price_version_id": price.id,
+                "transfer_id": None})
+    if not records:
+        return []
+    charged = [r for r in records if not r["self_use"] and r["charge"] > 0]
+    if charged:
+        # Core inserts: a pass over thousands of leases must not build thousands of ORM objects.
+        table = Transfer.__table__
+        ids = session.connection().execute(
+            insert(table).returning(table.c.id, sort_by_parameter_order=True),
+            [{"kind": TransferKind.usage, "created_at": r["period_end"],
+              "memo": f"lease {r['lease_id']} {r['period_start']:%Y-%m-%d %H:%M:%S}"
+                      f"–{r['period_end']:%H:%M:%S}"} for r in charged]).scalars().all()
+        fees = {v.id: v.fee_fraction for v in versions}
+        entries = []
+        for record, transfer_id in zip(charged, ids, strict=True):
+            record["transfer_id"] = transfer_id
+            charge, at = record["charge"], record["period_end"]
+            earned = int(charge * (1 - fees[record["price_version_id"]]) * record["reliability"])
+            entries += [(transfer_id, account_of(record["consumer_lab_id"]), -charge, at),
+                        (transfer_id, account_of(record["provider_lab_id"]), earned, at),
+                        (transfer_id, federation, charge - earned, at)]
+        apply_entries(session, [e for e in entries if e[2] != 0])
+    session.connection().execute(insert(UsageRecord.__table__), records)
+    # Fair share counts all use, own machines included: it orders who is served next.
+    add_usage(session, [item for r in records for item in (
+        ("lab", r["consumer_lab_id"], r["charge"] / NANO, r["period_end"]),
+        ("user", r["user_id"], r["charge"] / NANO, r["period_end"]))], half_life)
     session.flush()
-    fees = {v.id: v.fee_fraction for v in versions}
-    entries = []
-    for record, transfer in zip(charged, transfers, strict=True):
-        record.transfer_id = transfer.id
-        earned = int(record.charge * (1 - fees[record.price_version_id]) * record.reliability)
-        entries += [(transfer.id, account_of(record.consumer_lab_id), -record.charge,
-                     record.period_end),
-                    (transfer.id, account_of(record.provider_lab_id), earned, record.period_end),
-                    (transfer.id, federation, record.charge - earned, record.period_end)]
-    apply_entries(session, [e for e in entries if e[2] != 0])
-    session.add_all(records)
-    session.flush()
-    return records
+    return [MeteredPeriod(r["lease_id"], r["period_start"], r["period_end"], r["charge"])
+            for r in records]

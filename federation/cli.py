@@ -45,6 +45,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
                               start_timeout=args.start_timeout,
                               metering_interval=args.metering_interval,
                               initial_grant=args.initial_grant,
+                              fair_share_half_life=args.fair_share_half_life * 3600,
                               poll_timeout=min(20.0, max(1.0, args.provider_timeout / 2)))
     app = create_app(db_url, settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -213,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--initial-grant", type=float, default=1000.0,
                    help="PCU granted to each new lab from the grants account (default 1000; "
                         "0 grants nothing).")
+    b.add_argument("--fair-share-half-life", type=float, default=168.0,
+                   help="Hours after which past usage counts half for fair share "
+                        "(default 168, one week).")
     b.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("provide", help="Offer this machine's CPUs/GPUs to a broker.")

@@ -33,7 +33,7 @@ class ProviderCapacity:
 
 @dataclass(frozen=True)
 class LeaseRequest:
-    """One pending lease to place."""
+    """One pending lease to place; ``lab`` is the lab of the user who asked."""
 
     lease_id: str
     cluster_id: str
@@ -41,6 +41,7 @@ class LeaseRequest:
     memory: int
     gpus: int = 0
     gpu_model: str | None = None
+    lab: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,32 @@ def place(
         site_counts[best.site] += 1
         placements.append(Placement(req.lease_id, best.provider_id, tuple(g.index for g in taken)))
     return placements
+
+
+def place_with_owner_priority(
+    requests: list[LeaseRequest],
+    providers: list[ProviderCapacity],
+    cluster_labs: dict[str, Counter[str]],
+    rng: random.Random,
+) -> list[Placement]:
+    """Owner priority, then everything else: first each request (in the given, fair-share
+    order) may only use its own lab's machines, so a lab's members come first there; the
+    requests left over are then placed anywhere with ``place``."""
+    labs = {p.lab for p in providers}
+    first: list[Placement] = []
+    counts = {cid: Counter(c) for cid, c in cluster_labs.items()}
+    for lab in labs:
+        own = [p for p in providers if p.lab == lab]
+        mine = [r for r in requests if r.lab == lab]
+        if mine:
+            first += place(mine, own, counts, rng)
+    placed = {p.lease_id for p in first}
+    by_provider = {p.provider_id: p for p in providers}
+    for p in first:  # what the first pass placed counts for locality in the second
+        req = next(r for r in requests if r.lease_id == p.lease_id)
+        counts.setdefault(req.cluster_id, Counter())[by_provider[p.provider_id].lab] += 1
+    rest = [r for r in requests if r.lease_id not in placed]
+    return first + place(rest, providers, counts, rng)
 
 
 def largest_offer(providers: list[ProviderCapacity], req: LeaseRequest) -> str | None:

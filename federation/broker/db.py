@@ -6,6 +6,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
+import accounting.fairshare  # noqa: F401  (registers the decayed-usage table)
 import accounting.ledger  # noqa: F401  (registers the ledger tables)
 import accounting.metering  # noqa: F401  (registers the usage table)
 import accounting.models  # noqa: F401  (registers the identity tables)

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from accounting import ledger, metering
+from accounting import fairshare, ledger, metering
 from accounting.metering import LeaseUsage
 from accounting.models import Lab, Membership, User, utcnow
 from accounting.pricing import Resources
@@ -62,6 +62,7 @@ class BrokerSettings:
     poll_timeout: float = 20.0
     metering_interval: float = 60.0
     initial_grant: float = 1000.0
+    fair_share_half_life: float = 7 * 24 * 3600.0
 
 
 class Broker:
@@ -501,7 +502,8 @@ class Broker:
                 for lease, cluster, provider in rows]
             try:
                 records = metering.meter(s, usages, now=now,
-                                         interval=self.settings.metering_interval)
+                                         interval=self.settings.metering_interval,
+                                         half_life=self.settings.fair_share_half_life)
                 last: dict[str, dt.datetime] = {}
                 for r in records:
                     last[r.lease_id] = max(last.get(r.lease_id, r.period_end), r.period_end)
@@ -544,10 +546,9 @@ class Broker:
                 if lease.state != LeaseState.releasing:
                     cluster_labs.setdefault(lease.cluster_id, Counter())[
                         provider_lab.get(lease.provider_id, "")] += 1
-            requests = [placement.LeaseRequest(lease.id, lease.cluster_id, lease.cpus,
-                                               lease.memory, lease.gpus, lease.gpu_model)
-                        for lease in pending]
-            placed = placement.place(requests, snapshot, cluster_labs, self.rng)
+            requests = self._fair_order(s, pending, lab_names)
+            placed = placement.place_with_owner_priority(requests, snapshot, cluster_labs,
+                                                         self.rng)
             by_id = {lease.id: lease for lease in pending}
             now = utcnow()
             for p in placed:
@@ -561,6 +562,29 @@ class Broker:
         for pid in {p.provider_id for p in placed}:
             self.bump(pid)
         return len(placed)
+
+    def _fair_order(self, s: Session, pending: list[Lease],
+                    lab_names: dict[int, str]) -> list[placement.LeaseRequest]:
+        """Pending leases as placement requests, in fair-share order."""
+        clusters = {c.id: c for c in s.exec(select(ClusterRecord).where(
+            col(ClusterRecord.id).in_({lease.cluster_id for lease in pending})))}
+        now = utcnow()
+        half_life = self.settings.fair_share_half_life
+        lab_ids = {c.lab_id for c in clusters.values()}
+        shares = {lab.id: lab.share for lab in s.exec(select(Lab).where(
+            col(Lab.id).in_(lab_ids)))}
+        lab_usage = fairshare.usage_now(s, "lab", lab_ids, now, half_life)
+        user_usage = fairshare.usage_now(s, "user", {c.user_id for c in clusters.values()},
+                                         now, half_life)
+        claims = [fairshare.Claim(lease.id, clusters[lease.cluster_id].lab_id,
+                                  clusters[lease.cluster_id].user_id, lease.created_at)
+                  for lease in pending]
+        by_id = {lease.id: lease for lease in pending}
+        return [placement.LeaseRequest(
+            c.request_id, by_id[c.request_id].cluster_id, by_id[c.request_id].cpus,
+            by_id[c.request_id].memory, by_id[c.request_id].gpus,
+            by_id[c.request_id].gpu_model, lab=lab_names.get(c.lab, ""))
+            for c in fairshare.fair_order(claims, shares, lab_usage, user_usage)]
 
     # ---- helpers --------------------------------------------------------------------------
 
