@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from .models import as_utc
+
 DEFAULT_HALF_LIFE = 7 * 24 * 3600.0  # seconds
 
 
@@ -30,10 +32,6 @@ def decayed(value: float, since: dt.datetime, now: dt.datetime, half_life: float
     """``value`` recorded at ``since``, decayed to ``now``."""
     age = max(0.0, (now - since).total_seconds())
     return value * math.pow(0.5, age / half_life)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def add_usage(session: Session, items: Iterable[tuple[str, int, float, dt.datetime]],
@@ -57,7 +55,7 @@ def add_usage(session: Session, items: Iterable[tuple[str, int, float, dt.dateti
         for key in keys:
             pcu, at = folded[(kind, key)]
             row = rows.get(key) or DecayedUsage(kind=kind, key=key, value=0.0, as_of=at)
-            base = _aware(row.as_of)
+            base = as_utc(row.as_of)
             if at >= base:
                 row.value = decayed(row.value, base, at, half_life) + pcu
                 row.as_of = at
@@ -74,7 +72,7 @@ def usage_now(session: Session, kind: str, keys: Iterable[int], now: dt.datetime
                                                    col(DecayedUsage.key).in_(keys))).all()
     out = {k: 0.0 for k in keys}
     for row in rows:
-        out[row.key] = decayed(row.value, _aware(row.as_of), now, half_life)
+        out[row.key] = decayed(row.value, as_utc(row.as_of), now, half_life)
     return out
 
 

@@ -17,7 +17,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from .fairshare import DEFAULT_HALF_LIFE, add_usage
 from .ledger import AccountKind, Transfer, TransferKind, apply_entries, lab_account, system_account
-from .models import Lab
+from .models import Lab, as_utc
 from .pricing import PriceVersion, Resources, ensure_default_price, gpu_class, pcu_per_hour
 from .units import NANO, to_nano
 
@@ -80,11 +80,7 @@ def _last_ends(session: Session, lease_ids: list[str]) -> dict[str, dt.datetime]
         out.update(session.exec(
             select(UsageRecord.lease_id, func.max(UsageRecord.period_end))
             .where(col(UsageRecord.lease_id).in_(chunk)).group_by(UsageRecord.lease_id)).all())
-    return {k: _aware(v) for k, v in out.items()}
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    return {k: as_utc(v) for k, v in out.items()}
 
 
 def periods(start: dt.datetime, end: dt.datetime | None, now: dt.datetime,
@@ -112,7 +108,7 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
         return []
     ensure_default_price(session)
     versions = list(session.exec(select(PriceVersion).order_by(PriceVersion.effective_from)))
-    starts = [_aware(v.effective_from) for v in versions]
+    starts = [as_utc(v.effective_from) for v in versions]
     last = _last_ends(session, [u.lease_id for u in leases])
     labs = {lab.id: lab for lab in session.exec(select(Lab))}
     accounts: dict[int, int] = {}
@@ -125,8 +121,8 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
     federation = system_account(session, AccountKind.federation).id
     records: list[dict] = []
     for usage in leases:
-        start = last.get(usage.lease_id, _aware(usage.started_at))
-        ended = _aware(usage.ended_at) if usage.ended_at else None
+        start = last.get(usage.lease_id, as_utc(usage.started_at))
+        ended = as_utc(usage.ended_at) if usage.ended_at else None
         res = usage.resources
         for p_start, p_end in periods(start, ended, now, interval):
             price = versions[max(0, bisect.bisect_right(starts, p_start) - 1)]

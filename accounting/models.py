@@ -13,6 +13,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """``value`` as an aware UTC time; naive values (as some drivers return) are UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 class Institution(SQLModel, table=True):
     """A university or institute; its labs share its identity provider (issue 4)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import statistics
 import time
@@ -11,6 +12,12 @@ from pathlib import Path
 import psutil
 
 RESULTS = Path(__file__).with_name("results")
+
+
+def quiet_logging() -> None:
+    """Warnings only: Distributed logs an INFO traceback for every orderly worker close."""
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def machine() -> dict:

@@ -7,14 +7,13 @@ Run: python -m benchmarks.scale_up [--repeat 5]
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
 
 from distributed import LocalCluster
 
-from benchmarks.common import report, summary
+from benchmarks.common import quiet_logging, report, summary
 from federation import FederatedCluster
 from tests.utils.federation import make_federation
 
@@ -39,8 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=5, help="Trials of each (default 5).")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    quiet_logging()
     with tempfile.TemporaryDirectory() as tmp:
         fed = make_federation(Path(tmp))
         try:

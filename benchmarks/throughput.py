@@ -7,14 +7,13 @@ Run: python -m benchmarks.throughput [--tasks 20000] [--repeat 3]
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
 
 from distributed import Client, LocalCluster
 
-from benchmarks.common import report, summary
+from benchmarks.common import quiet_logging, report, summary
 from federation import FederatedCluster
 from tests.utils.federation import make_federation
 
@@ -36,8 +35,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000, help="Tasks per trial (20000).")
     parser.add_argument("--repeat", type=int, default=3, help="Trials of each (default 3).")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    quiet_logging()
     with tempfile.TemporaryDirectory() as tmp:
         fed = make_federation(Path(tmp))
         try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from . import errors
 from .client import AsyncBrokerClient
 from .inventory import Capacity
-from .worker_process import WorkerProcess, start_worker, stop_signal
+from .worker_process import WorkerProcess, start_worker
 
 logger = logging.getLogger("parallex.agent")
 
@@ -255,10 +255,7 @@ class ProviderAgent:
         # (moving its results away); give it that long to leave before signalling it.
         worker = self.workers.get(lease_id)
         if worker is not None:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.release_grace
-            while worker.exit_code() is None and loop.time() < deadline:
-                await asyncio.sleep(0.05)
+            await worker.wait_exit(self.release_grace)
         await self._stop_worker(lease_id)
         await self._report(lease_id, "ended")
 
@@ -269,17 +266,12 @@ class ProviderAgent:
             worker = self.workers.get(lease_id)
             if worker is None:
                 return
-            worker.signal_group(stop_signal())
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.stop_timeout
-            while worker.exit_code() is None and loop.time() < deadline:
-                await asyncio.sleep(0.05)
-            if worker.exit_code() is None:
+            worker.signal_group(signal.SIGTERM)  # dask worker closes cleanly on SIGTERM
+            if await worker.wait_exit(self.stop_timeout) is None:
                 logger.warning("lease %s: worker did not stop in %g s; killing it", lease_id,
                                self.stop_timeout)
                 worker.signal_group(signal.SIGKILL)
-                while worker.exit_code() is None:
-                    await asyncio.sleep(0.05)
+                await worker.wait_exit(float("inf"))
             self.workers.pop(lease_id, None)
             self._save_state()
             logger.info("lease %s: worker stopped", lease_id)

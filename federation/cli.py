@@ -132,16 +132,8 @@ def cmd_provide(args: argparse.Namespace) -> int:
 
 # ---- admin ------------------------------------------------------------------------------------
 
-def _admin_client(args: argparse.Namespace):
-    from .client import BrokerClient
-
-    return BrokerClient(args.broker or os.environ.get("PARALLEX_BROKER_URL", ""),
-                        args.token or os.environ.get("PARALLEX_ADMIN_TOKEN")
-                        or os.environ.get("PARALLEX_TOKEN", ""))
-
-
 def cmd_admin(args: argparse.Namespace) -> int:
-    client = _admin_client(args)
+    client = cli_books.client_from(args, "PARALLEX_ADMIN_TOKEN", "PARALLEX_TOKEN")
     try:
         if args.admin_cmd == "lab":
             if args.lab_cmd == "create":

@@ -14,15 +14,27 @@ from . import errors
 from .client import BrokerClient
 
 
-def _client(args: argparse.Namespace) -> BrokerClient:
-    return BrokerClient(args.broker or os.environ.get("PARALLEX_BROKER_URL", ""),
-                        args.token or os.environ.get("PARALLEX_TOKEN")
-                        or os.environ.get("PARALLEX_ADMIN_TOKEN", ""))
+def client_from(args: argparse.Namespace, *token_vars: str) -> BrokerClient:
+    """A client for --broker/--token, else PARALLEX_BROKER_URL and the first token variable
+    of ``token_vars`` that is set."""
+    token = args.token or next((os.environ[v] for v in token_vars if os.environ.get(v)), "")
+    return BrokerClient(args.broker or os.environ.get("PARALLEX_BROKER_URL", ""), token)
 
 
-def _own_lab(client: BrokerClient, lab: str | None) -> str:
-    if lab:
-        return lab
+def _fetch(args: argparse.Namespace, path: str, params: dict | None = None,
+           lab_path: bool = False) -> dict:
+    """GET ``path`` as the user (PARALLEX_TOKEN first); with ``lab_path``, ``{lab}`` in the
+    path is --lab or the token's own lab."""
+    client = client_from(args, "PARALLEX_TOKEN", "PARALLEX_ADMIN_TOKEN")
+    try:
+        if lab_path:
+            path = path.format(lab=args.lab or _own_lab(client))
+        return client.request("GET", path, params=params)
+    finally:
+        client.close()
+
+
+def _own_lab(client: BrokerClient) -> str:
     me = client.request("GET", "/whoami")
     if not me.get("lab"):
         raise errors.RequestRejected("this token belongs to no lab; pass --lab")
@@ -45,11 +57,7 @@ def _pcu(text: str) -> str:
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        answer = client.request("GET", f"/labs/{_own_lab(client, args.lab)}/balance")
-    finally:
-        client.close()
+    answer = _fetch(args, "/labs/{lab}/balance", lab_path=True)
     if args.json:
         print(json.dumps(answer, indent=2))
     else:
@@ -58,15 +66,8 @@ def cmd_credits(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        params = {"limit": args.limit}
-        if args.since:
-            params["since"] = args.since
-        answer = client.request("GET", f"/labs/{_own_lab(client, args.lab)}/ledger",
-                                params=params)
-    finally:
-        client.close()
+    params = {"limit": args.limit} | ({"since": args.since} if args.since else {})
+    answer = _fetch(args, "/labs/{lab}/ledger", params, lab_path=True)
     if args.json:
         print(json.dumps(answer, indent=2, default=str))
         return 0
@@ -79,16 +80,8 @@ def cmd_ledger(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        params = {"by": args.by}
-        if args.since:
-            params["since"] = args.since
-        if args.lab:
-            params["lab"] = args.lab
-        answer = client.request("GET", "/usage", params=params)
-    finally:
-        client.close()
+    params = {"by": args.by} | {k: v for k in ("since", "lab") if (v := getattr(args, k))}
+    answer = _fetch(args, "/usage", params)
     if args.json:
         print(json.dumps(answer, indent=2, default=str))
         return 0

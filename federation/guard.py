@@ -14,6 +14,10 @@ from typing import Any
 
 from dask.utils import has_keyword
 from distributed import Scheduler
+
+# The very rule Server._handle_comm applies to decide whether a handler is given the comm; the
+# guard must pass it on exactly as Dask would.
+from distributed.core import _expects_comm
 from distributed.metrics import time
 
 from .tls import ROLE_CLIENT, ROLE_SCHEDULER, ROLE_WORKER, peer_identity
@@ -126,16 +130,6 @@ async def _answer_client(comm: Any, message: str) -> None:
     # our message instead of timing out.
     await comm.write([{"op": "stream-start", "error": message}])
     comm.abort()
-
-
-def _expects_comm(func: Callable) -> bool:
-    import inspect
-
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return bool(params) and next(iter(params)) == "comm"
 
 
 class GuardedHandlers(dict):

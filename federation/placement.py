@@ -131,11 +131,11 @@ def place_with_owner_priority(
         mine = [r for r in requests if r.lab == lab]
         if mine:
             first += place(mine, own, counts, rng)
-    placed = {p.lease_id for p in first}
-    by_provider = {p.provider_id: p for p in providers}
+    cluster_of = {r.lease_id: r.cluster_id for r in requests}
+    lab_of = {p.provider_id: p.lab for p in providers}
     for p in first:  # what the first pass placed counts for locality in the second
-        req = next(r for r in requests if r.lease_id == p.lease_id)
-        counts.setdefault(req.cluster_id, Counter())[by_provider[p.provider_id].lab] += 1
+        counts.setdefault(cluster_of[p.lease_id], Counter())[lab_of[p.provider_id]] += 1
+    placed = {p.lease_id for p in first}
     rest = [r for r in requests if r.lease_id not in placed]
     return first + place(rest, providers, counts, rng)
 

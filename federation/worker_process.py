@@ -7,13 +7,13 @@ account when the agent runs as root with --worker-user).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import logging
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -40,13 +40,15 @@ class WorkerProcess:
         """None while running; the exit code (or -1 when unknown) once it has gone."""
         if self.popen is not None:
             return self.popen.poll()
-        try:
-            proc = psutil.Process(self.pid)
-            if proc.create_time() != self.create_time or proc.status() == psutil.STATUS_ZOMBIE:
-                return -1
-        except psutil.NoSuchProcess:
-            return -1
-        return None
+        return None if _still_running(self.pid, self.create_time) else -1
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        """Wait up to ``timeout`` seconds for the process to exit; its exit code, or None."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (code := self.exit_code()) is None and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        return code
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -66,14 +68,23 @@ class WorkerProcess:
     def adopt(cls, lease_id: str, state: dict) -> WorkerProcess | None:
         """The worker from a previous agent run, if that very process still runs."""
         try:
-            proc = psutil.Process(int(state["pid"]))
-            if proc.create_time() != float(state["create_time"]):
-                return None
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-        except (psutil.NoSuchProcess, KeyError, ValueError):
+            pid, create_time = int(state["pid"]), float(state["create_time"])
+            folder = Path(state["folder"])
+        except (KeyError, TypeError, ValueError):
             return None
-        return cls(lease_id, proc.pid, proc.create_time(), Path(state["folder"]))
+        if not _still_running(pid, create_time):
+            return None
+        return cls(lease_id, pid, create_time, folder)
+
+
+def _still_running(pid: int, create_time: float) -> bool:
+    """True when ``pid`` is still the process started at ``create_time`` and not a zombie
+    (a recycled pid belongs to someone else)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.create_time() == create_time and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def worker_environment(gpu_indices: list[int]) -> dict[str, str]:
@@ -151,7 +162,3 @@ def start_worker(lease: dict, workdir: Path, *, host: str | None = None,
     logger.info("lease %s: started worker pid %d", lease["id"], popen.pid)
     return WorkerProcess(lease["id"], popen.pid, create_time, folder, popen)
 
-
-def stop_signal() -> int:
-    """The graceful stop signal: dask worker closes cleanly on SIGTERM."""
-    return signal.SIGTERM

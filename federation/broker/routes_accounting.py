@@ -14,9 +14,9 @@ from pydantic import field_validator
 from sqlalchemy import case, func
 from sqlmodel import Field, SQLModel, col, select
 
-from accounting.ledger import Balance, LedgerEntry, Transfer, grant, lab_account
+from accounting.ledger import LedgerEntry, Transfer, balance, grant, lab_account
 from accounting.metering import UsageRecord
-from accounting.models import Lab, User, utcnow
+from accounting.models import Lab, User, as_utc, utcnow
 from accounting.pricing import PriceVersion, price_at, set_price
 from accounting.units import to_nano, to_pcu
 
@@ -49,9 +49,8 @@ def lab_balance(lab: str, request: Request,
     """The lab's balance in PCU (a decimal string, exact to 1e-9 PCU)."""
     with request.app.state.session() as s:
         row = readable_lab(s, principal, lab)
-        account = lab_account(s, row)
+        amount = balance(s, lab_account(s, row).id)
         s.commit()
-        amount = s.get(Balance, account.id).amount
         return {"lab": row.name, "balance": _pcu(amount), "balance_nano": amount}
 
 
@@ -66,7 +65,7 @@ def lab_ledger(lab: str, request: Request,
         q = (select(LedgerEntry, Transfer).join(Transfer, Transfer.id == LedgerEntry.transfer_id)
              .where(LedgerEntry.account_id == account.id))
         if since is not None:
-            q = q.where(LedgerEntry.created_at >= _utc(since))
+            q = q.where(LedgerEntry.created_at >= as_utc(since))
         rows = s.exec(q.order_by(col(LedgerEntry.created_at).desc(),
                                  col(LedgerEntry.id).desc()).limit(limit)).all()
         return {"lab": row.name, "entries": [
@@ -100,7 +99,7 @@ def usage(request: Request, since: dt.datetime | None = Query(None),
         if lab_id is not None:
             q = q.where(UsageRecord.consumer_lab_id == lab_id)
         if since is not None:
-            q = q.where(UsageRecord.period_end >= _utc(since))
+            q = q.where(UsageRecord.period_end >= as_utc(since))
         names = {"lab": dict(s.exec(select(Lab.id, Lab.name)).all()),
                  "user": dict(s.exec(select(User.id, User.name)).all()),
                  "provider": dict(s.exec(select(Provider.id, Provider.name)).all())}[by]
@@ -113,10 +112,6 @@ def usage(request: Request, since: dt.datetime | None = Query(None),
                  "lease_hours": round((secs or 0) / 3600, 6)}
                 for k, charge, self_use, cpu_s, gpu_s, secs in s.exec(q).all()]
         return {"by": by, "since": since, "rows": sorted(rows, key=lambda r: r[by])}
-
-
-def _utc(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _price_public(p: PriceVersion) -> dict:
@@ -164,7 +159,7 @@ def new_price(body: PriceSet, request: Request,
     with request.app.state.session() as s:
         now = utcnow()
         try:
-            version = set_price(s, effective_from=_utc(body.effective_from or now),
+            version = set_price(s, effective_from=as_utc(body.effective_from or now),
                                 w_cpu=body.w_cpu, w_mem_gib=body.w_mem_gib,
                                 gpu_weights=body.gpu_weights,
                                 default_gpu_weight=body.default_gpu_weight,
@@ -189,6 +184,5 @@ def new_grant(body: GrantCreate, request: Request,
         lab = readable_lab(s, admin, body.lab)
         transfer = grant(s, lab=lab, amount=to_nano(body.amount), memo=body.memo)
         s.commit()
-        account = lab_account(s, lab)
         return {"transfer_id": transfer.id, "lab": lab.name, "amount": str(body.amount),
-                "balance": _pcu(s.get(Balance, account.id).amount)}
+                "balance": _pcu(balance(s, lab_account(s, lab).id))}

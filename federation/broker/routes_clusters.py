@@ -43,7 +43,7 @@ def request_leases(cluster_id: str, body: LeaseCreate, request: Request,
                    principal: Principal = Depends(require_user)) -> list[LeasePublic]:
     broker = request.app.state.broker
     cluster = broker.cluster_for(principal, cluster_id)
-    created = {lease.id for lease in broker.request_leases(cluster, body)}
+    created = set(broker.request_leases(cluster, body))
     return [lease for lease in broker.cluster_public(cluster.id).leases if lease.id in created]
 
 

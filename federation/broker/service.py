@@ -244,7 +244,7 @@ class Broker:
             s.commit()
         self.bump(provider.id)
         if lease.state == LeaseState.ended:
-            self.meter()
+            self.meter(lease_ids={lease.id})
             self.place_pending()
         return lease
 
@@ -293,10 +293,13 @@ class Broker:
             cluster = s.get(ClusterRecord, cluster_id)
             user = s.get(User, cluster.user_id)
             lab = s.get(Lab, cluster.lab_id)
-            labs = {p.id: name for p, name in s.exec(
-                select(Provider, Lab.name).join(Lab, Lab.id == Provider.lab_id))}
             leases = s.exec(select(Lease).where(Lease.cluster_id == cluster_id)
                             .order_by(Lease.created_at)).all()
+            # Only this cluster's providers: the heartbeat calls this every few seconds.
+            labs = dict(s.exec(
+                select(Provider.id, Lab.name).join(Lab, Lab.id == Provider.lab_id)
+                .where(col(Provider.id).in_({le.provider_id for le in leases
+                                             if le.provider_id}))).all())
             return ClusterPublic(
                 id=cluster.id, name=cluster.name, user=user.name, lab=lab.name,
                 scheduler_address=cluster.scheduler_address, active=cluster.active,
@@ -317,7 +320,8 @@ class Broker:
             s.commit()
         return self.cluster_public(cluster.id)
 
-    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[Lease]:
+    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[str]:
+        """Create the asked leases (pending) and place what fits; returns their ids."""
         if not cluster.active:
             raise ApiError(409, "cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
@@ -338,11 +342,12 @@ class Broker:
             if taken:
                 raise ApiError(409, "lease-id-taken", f"lease ids already exist: {sorted(taken)}")
             for w in body.workers:
-                name, role = certificate_identity(w.cert) if _parses(w.cert) else ("", "")
+                # signed_by also refuses what does not parse, so identity can be read after.
                 if not signed_by(w.cert, cluster.ca_cert):
                     raise ApiError(422, "bad-worker-cert",
                                    f"the certificate for lease {w.lease_id} is not signed by "
                                    "this cluster's CA")
+                name, role = certificate_identity(w.cert)
                 if name != w.lease_id or role != ROLE_WORKER:
                     raise ApiError(422, "bad-worker-cert",
                                    f"the certificate for lease {w.lease_id} must be a worker "
@@ -359,8 +364,7 @@ class Broker:
             s.add_all(leases)
             s.commit()
         self.place_pending()
-        with self.session() as s:
-            return [s.get(Lease, lease.id) for lease in leases]
+        return [lease.id for lease in leases]
 
     @staticmethod
     def _check_credit_and_quotas(s: Session, cluster: ClusterRecord, spec, n: int) -> None:
@@ -449,6 +453,7 @@ class Broker:
         provider_cutoff = now - dt.timedelta(seconds=self.settings.provider_timeout)
         cluster_cutoff = now - dt.timedelta(seconds=self.settings.cluster_timeout)
         lost_providers: list[str] = []
+        lost_leases: set[str] = set()
         with self.session() as s:
             for p in s.exec(select(Provider).where(Provider.online == True,  # noqa: E712
                                                    Provider.last_seen < provider_cutoff)):
@@ -461,6 +466,7 @@ class Broker:
                               f"provider {p.name} stopped heart-beating for more than "
                               f"{self.settings.provider_timeout:g} s")
                     s.add(lease)
+                    lost_leases.add(lease.id)
             lost_clusters = [c.id for c in s.exec(
                 select(ClusterRecord).where(ClusterRecord.active == True,  # noqa: E712
                                             ClusterRecord.last_seen < cluster_cutoff))]
@@ -472,27 +478,35 @@ class Broker:
             logger.warning("cluster %s stopped heart-beating; ending its leases", cid)
             self.close_cluster(cid, reason="lost")
         if lost_providers:
-            self.meter()
+            self.meter(lease_ids=lost_leases)
             self.place_pending()
         if time.monotonic() - self._last_metering >= self.settings.metering_interval:
             self.meter()
 
     # ---- metering -------------------------------------------------------------------------
 
-    def meter(self, now: dt.datetime | None = None) -> int:
-        """Charge every running lease's whole periods and every ended lease's remainder."""
+    def meter(self, now: dt.datetime | None = None,
+              lease_ids: set[str] | None = None) -> int:
+        """Charge running leases' whole periods and ended leases' remainders: all of them
+        (the periodic pass), or only ``lease_ids`` (a lease that just ended)."""
         now = now or utcnow()
-        self._last_metering = time.monotonic()
+        query = (
+            select(Lease, ClusterRecord, Provider)
+            .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+            .join(Provider, Provider.id == Lease.provider_id)
+            .where(Lease.started_at != None,  # noqa: E711
+                   or_(col(Lease.state).in_([LeaseState.running, LeaseState.releasing]),
+                       and_(Lease.state == LeaseState.ended,
+                            or_(Lease.metered_until == None,  # noqa: E711
+                                Lease.metered_until < Lease.ended_at)))))
+        if lease_ids is None:
+            self._last_metering = time.monotonic()
+        elif not lease_ids:
+            return 0
+        else:
+            query = query.where(col(Lease.id).in_(lease_ids))
         with self.session() as s:
-            rows = s.exec(
-                select(Lease, ClusterRecord, Provider)
-                .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
-                .join(Provider, Provider.id == Lease.provider_id)
-                .where(Lease.started_at != None,  # noqa: E711
-                       or_(col(Lease.state).in_([LeaseState.running, LeaseState.releasing]),
-                           and_(Lease.state == LeaseState.ended,
-                                or_(Lease.metered_until == None,  # noqa: E711
-                                    Lease.metered_until < Lease.ended_at))))).all()
+            rows = s.exec(query).all()
             if not rows:
                 return 0
             usages = [LeaseUsage(
@@ -609,14 +623,6 @@ class Broker:
             lease.message = message
             return True
         return False
-
-
-def _parses(cert: str) -> bool:
-    try:
-        certificate_identity(cert)
-    except ValueError:
-        return False
-    return True
 
 
 def _capacity(provider: Provider, held: list[Lease],

@@ -3,7 +3,6 @@ machines are free, members read only their own lab, and bad requests write nothi
 
 from __future__ import annotations
 
-import sqlite3
 from decimal import Decimal
 
 import pytest
@@ -34,14 +33,6 @@ def client_for(fed, user: str) -> BrokerClient:
     return BrokerClient(fed.url, fed.user_tokens[user])
 
 
-def balance(fed, lab: str) -> Decimal:
-    admin = fed.admin()
-    try:
-        return Decimal(admin.request("GET", f"/labs/{lab}/balance")["balance"])
-    finally:
-        admin.close()
-
-
 def usage_by_user(fed) -> dict[str, dict]:
     admin = fed.admin()
     try:
@@ -62,12 +53,12 @@ def run_cluster(fed, user: str, periods: int) -> None:
 
 def test_consumer_pays_provider_earns_and_own_machines_are_free(metered):
     fed = metered
-    assert balance(fed, "lab-a") == balance(fed, "lab-b") == Decimal(500)
+    assert fed.balance("lab-a") == fed.balance("lab-b") == Decimal(500)
 
     run_cluster(fed, "bob", periods=2)  # lab-b on its own machine
     bob = usage_by_user(fed)["bob"]
     assert Decimal(bob["pcu"]) == 0 and Decimal(bob["self_use_pcu"]) > 0
-    assert balance(fed, "lab-b") == Decimal(500)
+    assert fed.balance("lab-b") == Decimal(500)
 
     run_cluster(fed, "alice", periods=3)  # lab-a on lab-b's machine
     alice = usage_by_user(fed)["alice"]
@@ -76,23 +67,19 @@ def test_consumer_pays_provider_earns_and_own_machines_are_free(metered):
     assert charged == pytest.approx(Decimal("1.1") * Decimal(str(alice["lease_hours"])),
                                     rel=Decimal("1e-3"))  # hours are rounded to 1e-6
     assert alice["core_hours"] == pytest.approx(alice["lease_hours"])
-    assert balance(fed, "lab-a") == Decimal(500) - charged
+    assert fed.balance("lab-a") == Decimal(500) - charged
     # Reliability 1.0 and no fee by default: the provider earns what the consumer pays.
-    assert balance(fed, "lab-b") == Decimal(500) + charged
+    assert fed.balance("lab-b") == Decimal(500) + charged
 
-    con = sqlite3.connect(f"file:{fed.tmp / 'broker.db'}?mode=ro", uri=True)
-    try:
-        assert con.execute("SELECT SUM(amount) FROM ledgerentry").fetchone()[0] == 0
-        assert con.execute("SELECT SUM(amount) FROM balance").fetchone()[0] == 0
-        dupes = con.execute("SELECT COUNT(*) FROM (SELECT lease_id, period_start FROM "
-                            "usagerecord GROUP BY 1, 2 HAVING COUNT(*) > 1)").fetchone()[0]
-        assert dupes == 0
-    finally:
-        con.close()
+    assert fed.db_value("SELECT SUM(amount) FROM ledgerentry") == 0
+    assert fed.db_value("SELECT SUM(amount) FROM balance") == 0
+    dupes = fed.db_value("SELECT COUNT(*) FROM (SELECT lease_id, period_start FROM "
+                         "usagerecord GROUP BY 1, 2 HAVING COUNT(*) > 1)")
+    assert dupes == 0
 
     ledger = client_for(fed, "alice").request("GET", "/labs/lab-a/ledger")["entries"]
     assert {e["kind"] for e in ledger} == {"usage", "grant"}
-    assert sum(Decimal(e["amount"]) for e in ledger) == balance(fed, "lab-a")
+    assert sum(Decimal(e["amount"]) for e in ledger) == fed.balance("lab-a")
 
 
 def test_members_read_only_their_own_lab(metered):
@@ -115,21 +102,12 @@ def test_members_read_only_their_own_lab(metered):
         bob.close()
 
 
-def dump(fed) -> dict[str, list]:
-    con = sqlite3.connect(f"file:{fed.tmp / 'broker.db'}?mode=ro", uri=True)
-    try:
-        return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr)  # noqa: S608
-                for t in BOOK_TABLES}
-    finally:
-        con.close()
-
-
 def test_bad_accounting_requests_write_nothing(metered):
     fed = metered
     admin = fed.admin()
     try:
         admin.request("GET", "/prices")  # installs the default price version
-        before = dump(fed)
+        before = fed.db_rows(*BOOK_TABLES)
         with pytest.raises(RequestRejected, match="w_cpu: Input should be greater than or equal"):
             admin.request("POST", "/prices", json={"w_cpu": -1, "w_mem_gib": 0.1})
         with pytest.raises(RequestRejected, match="GPU weights must be 0 or more"):
@@ -145,7 +123,7 @@ def test_bad_accounting_requests_write_nothing(metered):
             admin.request("POST", "/grants", json={"lab": "nolab", "amount": 10})
         with pytest.raises(RequestRejected, match="amount: Input should be greater than 0"):
             admin.request("POST", "/grants", json={"lab": "lab-a", "amount": 0})
-        assert dump(fed) == before
+        assert fed.db_rows(*BOOK_TABLES) == before
 
         version = admin.request("POST", "/prices", json={
             "w_cpu": 2, "w_mem_gib": 0.2, "gpu_weights": {"h100": 20},

@@ -16,7 +16,7 @@ from sqlmodel import select
 
 from accounting.ledger import Balance, LedgerEntry, grant
 from accounting.metering import LeaseUsage, UsageRecord, meter
-from accounting.models import create_lab, create_user
+from accounting.models import as_utc, create_lab, create_user
 from accounting.pricing import Resources, ensure_default_price
 from accounting.units import to_nano
 from federation.broker import db
@@ -52,11 +52,8 @@ def check_coverage(session, leases: dict[str, LeaseUsage], now: dt.datetime) -> 
         recs = by_lease.get(lid, [])
         cursor = usage.started_at
         for r in recs:
-            start = r.period_start.replace(tzinfo=dt.UTC) if not r.period_start.tzinfo else \
-                r.period_start
-            end = r.period_end.replace(tzinfo=dt.UTC) if not r.period_end.tzinfo else r.period_end
-            assert start == cursor, f"gap or overlap in lease {lid}"
-            cursor = end
+            assert as_utc(r.period_start) == cursor, f"gap or overlap in lease {lid}"
+            cursor = as_utc(r.period_end)
         # Everything that could be metered was: the rest is less than one period, or nothing
         # once the lease has ended.
         limit = min(usage.ended_at, now) if usage.ended_at else now

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from decimal import Decimal
 
 import pytest
 
@@ -35,21 +34,13 @@ def admin_cli(fed, *args: str) -> str:
     return done.stdout
 
 
-def balance(fed, lab: str) -> Decimal:
-    admin = fed.admin()
-    try:
-        return Decimal(admin.request("GET", f"/labs/{lab}/balance")["balance"])
-    finally:
-        admin.close()
-
-
 def test_lab_below_its_credit_limit_gets_no_new_workers(no_grants):
     fed = no_grants
     with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
                           worker_memory="1 GiB", heartbeat_interval=0.5) as cluster:
         cluster.scale(1)  # a balance of 0 is not below a credit limit of 0
         cluster.wait_for_workers(1, timeout=60)
-        wait_until(lambda: balance(fed, "lab-a") < 0, 30, "lab-a to owe for its worker")
+        wait_until(lambda: fed.balance("lab-a") < 0, 30, "lab-a to owe for its worker")
         with pytest.raises(CreditLimitExceeded,
                            match=r"lab lab-a's balance is -0\.\d{4} PCU, below its credit limit "
                                  r"of -0\.00 PCU: new workers are refused \(running ones keep"):

@@ -3,8 +3,6 @@ is left exactly as it was."""
 
 from __future__ import annotations
 
-import sqlite3
-
 import httpx
 import pytest
 
@@ -12,15 +10,6 @@ from federation import FederatedCluster, NoProviderFits, TokenRefused
 from federation.tls import ClusterAuthority
 
 TABLES = ("lab", "user", "apitoken", "provider", "cluster", "lease")
-
-
-def dump(db_path) -> dict[str, list[tuple]]:
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr)  # noqa: S608
-                for t in TABLES}
-    finally:
-        con.close()
 
 
 @pytest.fixture
@@ -69,17 +58,17 @@ CASES = [
 def test_bad_worker_spec_is_refused_and_nothing_written(registered, label, spec, status,
                                                         message):
     fed, user, cluster_id, authority = registered
-    before = dump(fed.tmp / "broker.db")
+    before = fed.db_rows(*TABLES)
     answer = httpx.post(f"{fed.url}/api/v1/clusters/{cluster_id}/leases", headers=user,
                         json=lease_body(authority, **spec))
     assert answer.status_code == status, answer.text
     assert message in answer.json()["message"]
-    assert dump(fed.tmp / "broker.db") == before
+    assert fed.db_rows(*TABLES) == before
 
 
 def test_malformed_requests_are_refused_and_nothing_written(registered):
     fed, user, cluster_id, authority = registered
-    before = dump(fed.tmp / "broker.db")
+    before = fed.db_rows(*TABLES)
     api = f"{fed.url}/api/v1"
 
     bad_json = httpx.post(f"{api}/clusters/{cluster_id}/leases",
@@ -122,7 +111,7 @@ def test_malformed_requests_are_refused_and_nothing_written(registered):
     assert wrong_method.status_code == 405
     assert "PUT is not allowed on" in wrong_method.json()["message"]
 
-    assert dump(fed.tmp / "broker.db") == before
+    assert fed.db_rows(*TABLES) == before
 
 
 def test_federated_cluster_raises_clear_errors(registered):

@@ -9,10 +9,6 @@ from federation import FederatedCluster
 from tests.utils.procs import live_worker_pids, wait_until
 
 
-def lease_states(cluster: FederatedCluster) -> dict[str, str]:
-    return {lease["id"]: lease["state"] for lease in cluster.leases}
-
-
 def test_compute_across_two_labs_then_scale_down_and_close(two_labs):
     fed = two_labs
     with FederatedCluster(fed.url, fed.user_tokens["alice"], heartbeat_interval=0.5) as cluster:

@@ -60,7 +60,6 @@ def test_adapt_scales_up_under_load_and_back_down(two_labs):
         wait_until(lambda: len(cluster.scheduler.workers) == 1, 60, "scale-down to 1 worker")
         wait_until(lambda: sum(len(live_worker_pids(w)) for w in fed.workdirs.values()) == 1,
                    30, "retired worker processes to exit")
-        ended = [le for le in cluster._leases.values() if le["state"] == "ended"]
 
         def ended_released():
             cluster.sync(cluster._refresh)

@@ -3,8 +3,11 @@ real provider agents; ``stop()`` ends every process it started, workers included
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import sqlite3
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from federation.client import BrokerClient
@@ -51,6 +54,28 @@ class Federation:
                            memory=memory, **options)
         self.agents[name] = proc
         return proc
+
+    def balance(self, lab: str) -> Decimal:
+        """The lab's balance in PCU, read through the admin API."""
+        admin = self.admin()
+        try:
+            return Decimal(admin.request("GET", f"/labs/{lab}/balance")["balance"])
+        finally:
+            admin.close()
+
+    def db_rows(self, *tables: str) -> dict[str, list[tuple]]:
+        """A read-only snapshot of whole tables of the broker's SQLite file, rows sorted."""
+        with contextlib.closing(self._read_only_db()) as con:
+            return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(),  # noqa: S608
+                              key=repr) for t in tables}
+
+    def db_value(self, sql: str):
+        """The first column of the first row of a read-only query on the broker's database."""
+        with contextlib.closing(self._read_only_db()) as con:
+            return con.execute(sql).fetchone()[0]
+
+    def _read_only_db(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.tmp / 'broker.db'}?mode=ro", uri=True)
 
     def with_two_labs(self) -> Federation:
         """lab-a and lab-b, one agent each offering 2 CPUs and 4 GiB; users alice and bob."""

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import psutil
 
+from federation.worker_process import WorkerProcess
+
 READY_TIMEOUT = 60.0
 
 
@@ -134,15 +136,10 @@ def recorded_workers(workdir: Path) -> dict[str, dict]:
 
 
 def live_worker_pids(workdir: Path) -> set[int]:
-    """Pids of recorded workers whose process still runs (same pid and start time)."""
-    alive = set()
-    for state in recorded_workers(workdir).values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc = psutil.Process(state["pid"])
-            if (proc.create_time() == state["create_time"]
-                    and proc.status() != psutil.STATUS_ZOMBIE):
-                alive.add(proc.pid)
-    return alive
+    """Pids of recorded workers whose process still runs, judged as the agent judges it."""
+    workers = (WorkerProcess.adopt(lid, state)
+               for lid, state in recorded_workers(workdir).items())
+    return {w.pid for w in workers if w is not None}
 
 
 def worker_processes_of(workdirs: list[Path]) -> list[psutil.Process]:
