@@ -26,9 +26,43 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # One line per HTTP request drowns what matters; failures are logged by our own code.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Alembic narrates every plugin it loads; db.migrate logs the one line that matters.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 # ---- broker -----------------------------------------------------------------------------------
+
+def _db_url(args: argparse.Namespace) -> str:
+    from .broker.db import default_url
+
+    if args.db_url:
+        return args.db_url
+    _data_home().mkdir(parents=True, exist_ok=True)
+    return default_url()
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Show or apply schema migrations (the broker also applies them when it starts)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .broker import db
+
+    try:
+        engine = db.plain_engine(_db_url(args))
+        before = db.current_revision(engine)
+        if args.db_command == "upgrade":
+            db.migrate(engine)
+            print(f"database at revision {db.current_revision(engine)} (was {before or 'empty'})")
+        else:
+            state = "current" if before == db.head_revision() else "needs `parallex db upgrade`"
+            print(f"database at revision {before or 'empty'}; newest is {db.head_revision()} "
+                  f"({state})")
+    except SQLAlchemyError as exc:
+        print(f"error: cannot open the database: {exc.__class__.__name__}: {exc.orig or exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
 
 def cmd_broker(args: argparse.Namespace) -> int:
     import uvicorn
@@ -36,10 +70,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from .broker.app import create_app
     from .broker.service import BrokerSettings
 
-    db_url = args.db_url or os.environ.get("PARALLEX_DB_URL")
-    if not db_url:
-        _data_home().mkdir(parents=True, exist_ok=True)
-        db_url = f"sqlite:///{_data_home() / 'broker.db'}"
+    db_url = _db_url(args)
     settings = BrokerSettings(provider_timeout=args.provider_timeout,
                               cluster_timeout=args.cluster_timeout,
                               start_timeout=args.start_timeout,
@@ -247,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--memory", default=None,
                    help="Memory each demo provider offers (default: machine memory / N).")
     u.set_defaults(func=lambda a: __import__("federation.up", fromlist=["run"]).run(a))
+
+    d = sub.add_parser("db", help="Database schema: show the revision or upgrade it.")
+    d.add_argument("db_command", choices=["current", "upgrade"],
+                   help="current: show the revision; upgrade: apply pending migrations.")
+    d.add_argument("--db-url", help="SQLAlchemy database URL; default: PARALLEX_DB_URL, else "
+                   "~/.local/share/parallex/broker.db.")
+    d.set_defaults(func=cmd_db)
 
     a = sub.add_parser("admin", help="Administer labs and tokens through the broker API.")
     a.add_argument("--broker", help="Broker URL (default PARALLEX_BROKER_URL).")

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
 
 from tests.utils.federation import make_federation
+from tests.utils.postgres import fresh_database, postgres_server
+
+_database_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url():
+    """One real PostgreSQL server for the session (tests take a database each)."""
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url: str) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    return fresh_database(postgres_server_url, f"test_{next(_database_numbers)}")
 
 
 @pytest.fixture

@@ -1,10 +1,23 @@
-"""Database engine: SQLite file by default, PostgreSQL URLs accepted."""
+"""Database engine and schema migrations: SQLite file by default, PostgreSQL URLs accepted.
+
+The schema is owned by the Alembic revisions in ``migrations/versions``; every engine the
+project opens is brought to the newest revision first, so a broker upgrade migrates its
+database on start.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+import logging
+import os
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session, create_engine
 
 import accounting.fairshare  # noqa: F401  (registers the decayed-usage table)
 import accounting.ledger  # noqa: F401  (registers the ledger tables)
@@ -14,6 +27,13 @@ import accounting.pricing  # noqa: F401  (registers the price table)
 
 from . import models  # noqa: F401  (registers the broker tables)
 
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+# Databases created before migrations existed hold exactly this revision's schema.
+BASELINE_REVISION = "0001"
+# Any constant works; it only has to be the same in every process that migrates.
+_PG_MIGRATION_LOCK = 0x5041524C
+
 
 def normalise_url(url: str) -> str:
     """Map plain postgresql:// URLs onto the psycopg 3 driver we ship."""
@@ -22,23 +42,82 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine and the tables it lacks."""
-    url = normalise_url(url)
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+def default_url() -> str:
+    """PARALLEX_DB_URL, else the SQLite file the broker uses by default."""
+    home = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "parallex"
+    return os.environ.get("PARALLEX_DB_URL") or f"sqlite:///{home / 'broker.db'}"
 
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
-            cur = dbapi_conn.cursor()
-            # WAL keeps readers off the writer's back; foreign keys are off by default in SQLite.
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    SQLModel.metadata.create_all(engine)
+
+def plain_engine(url: str) -> Engine:
+    """An engine with our connection settings, without touching the schema."""
+    url = normalise_url(url)
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_conn, _record):
+        cur = dbapi_conn.cursor()
+        # WAL keeps readers off the writer's back; foreign keys are off by default in SQLite.
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    return engine
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration for our migrations, optionally bound to ``connection``."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest revision the code knows."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at; None for an empty or pre-migration database."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def migrate(engine: Engine, revision: str = "head", *, downgrade: bool = False) -> None:
+    """Bring the schema up (or with ``downgrade``, down) to ``revision``.
+
+    Safe when several processes start at once on PostgreSQL.
+    """
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # Held to the end of this transaction: the second process waits, then finds the
+            # schema current and does nothing.
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+        cfg = alembic_config(conn)
+        tables = inspect(conn).get_table_names()
+        if "alembic_version" not in tables and "lab" in tables:
+            log.info("database predates migrations; stamping it at %s", BASELINE_REVISION)
+            command.stamp(cfg, BASELINE_REVISION)
+        before = MigrationContext.configure(conn).get_current_revision()
+        if downgrade:
+            command.downgrade(cfg, revision)
+        else:
+            command.upgrade(cfg, revision)
+        after = MigrationContext.configure(conn).get_current_revision()
+        if after != before:
+            log.info("database schema migrated from %s to %s", before or "empty", after)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine over ``url`` whose schema is at the newest revision."""
+    engine = plain_engine(url)
+    if current_revision(engine) != head_revision():
+        migrate(engine)
     return engine
 
 

@@ -8,17 +8,15 @@ import pytest
 
 from federation import FederatedCluster, NoProviderFits
 from tests.utils.federation import make_federation
-from tests.utils.postgres import postgres_server
 
 
 @pytest.fixture
-def pg_two_labs(tmp_path):
-    with postgres_server() as url:
-        fed = make_federation(tmp_path, provider_timeout=3, cluster_timeout=6, db_url=url)
-        try:
-            yield fed.with_two_labs()
-        finally:
-            fed.stop()
+def pg_two_labs(tmp_path, postgres_url):
+    fed = make_federation(tmp_path, provider_timeout=3, cluster_timeout=6, db_url=postgres_url)
+    try:
+        yield fed.with_two_labs()
+    finally:
+        fed.stop()
 
 
 def test_two_labs_on_postgresql(pg_two_labs):
