@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from sqlalchemy import BigInteger, UniqueConstraint, func, insert
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from .cloud import CloudPrices
 from .fairshare import DEFAULT_HALF_LIFE, add_usage
 from .ledger import AccountKind, Transfer, TransferKind, apply_entries, lab_account, system_account
 from .models import Lab, as_utc
 from .pricing import PriceVersion, Resources, ensure_default_price, gpu_class, pcu_per_hour
+from .reliability import DEFAULT_RELIABILITY_HALF_LIFE, record_clean_time
 from .units import NANO, to_nano
 
 
@@ -38,6 +40,10 @@ class UsageRecord(SQLModel, table=True):
     gpu_class: str | None = None
     pcu_per_hour: float
     charge: int = Field(sa_type=BigInteger, description="nano-PCU the period cost.")
+    earned: int = Field(default=0, sa_type=BigInteger,
+                        description="nano-PCU the provider's lab earned (0 for self-use).")
+    cloud_cost: float = Field(default=0.0, description="The same resources' on-demand cloud "
+                              "cost, in the reference table's currency.")
     consumer_lab_id: int = Field(foreign_key="lab.id", index=True)
     provider_lab_id: int = Field(foreign_key="lab.id", index=True)
     provider_id: str = Field(index=True)
@@ -45,7 +51,7 @@ class UsageRecord(SQLModel, table=True):
     self_use: bool = False
     reliability: float = 1.0
     price_version_id: int = Field(foreign_key="priceversion.id")
-    transfer_id: int | None = Field(default=None, foreign_key="transfer.id")
+    transfer_id: int | None = Field(default=None, foreign_key="transfer.id", index=True)
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,14 @@ def periods(start: dt.datetime, end: dt.datetime | None, now: dt.datetime,
 
 
 def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
-          interval: float, half_life: float = DEFAULT_HALF_LIFE) -> list[MeteredPeriod]:
+          interval: float, half_life: float = DEFAULT_HALF_LIFE,
+          cloud: CloudPrices | None = None,
+          reliability_half_life: float = DEFAULT_RELIABILITY_HALF_LIFE) -> list[MeteredPeriod]:
     """Record and charge every period of ``leases`` not yet metered, up to ``now``.
+
+    ``half_life`` (seconds) decays fair-share usage; ``cloud`` prices each record's cloud
+    equivalent; ``reliability_half_life`` (seconds of lease time) is how fast metered, clean
+    time pays back a provider's reliability penalty.
 
     The caller commits; a concurrent meterer that recorded the same period first makes the
     commit fail on the unique constraint, and the next pass finds that period done.
@@ -119,6 +131,8 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
         return accounts[lab_id]
 
     federation = system_account(session, AccountKind.federation).id
+    fees = {v.id: v.fee_fraction for v in versions}
+    cloud = cloud or CloudPrices()
     records: list[dict] = []
     for usage in leases:
         start = last.get(usage.lease_id, as_utc(usage.started_at))
@@ -128,16 +142,22 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
             price = versions[max(0, bisect.bisect_right(starts, p_start) - 1)]
             rate = pcu_per_hour(price, res)
             seconds = (p_end - p_start).total_seconds()
+            charge = to_nano(rate * seconds / 3600)
+            self_use = usage.consumer_lab_id == usage.provider_lab_id
+            cls = gpu_class(price, res.gpu_model)[0] if res.gpus else None
             records.append({
                 "lease_id": usage.lease_id, "period_start": p_start, "period_end": p_end,
                 "seconds": seconds, "cpus": res.cpus, "memory": res.memory, "gpus": res.gpus,
                 "gpu_model": res.gpu_model,
-                "gpu_class": gpu_class(price, res.gpu_model)[0] if res.gpus else None,
-                "pcu_per_hour": rate, "charge": to_nano(rate * seconds / 3600),
+                "gpu_class": cls, "pcu_per_hour": rate, "charge": charge,
+                "earned": 0 if self_use else int(
+                    charge * (1 - fees[price.id]) * usage.reliability),
+                "cloud_cost": cloud.cost(cpus=res.cpus, memory=res.memory, gpus=res.gpus,
+                                         gpu_class=cls, seconds=seconds),
                 "consumer_lab_id": usage.consumer_lab_id,
                 "provider_lab_id": usage.provider_lab_id, "provider_id": usage.provider_id,
                 "user_id": usage.user_id,
-                "self_use": usage.consumer_lab_id == usage.provider_lab_id,
+                "self_use": self_use,
                 "reliability": usage.reliability, "price_version_id": price.id,
                 "transfer_id": None})
     if not records:
@@ -151,12 +171,10 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
             [{"kind": TransferKind.usage, "created_at": r["period_end"],
               "memo": f"lease {r['lease_id']} {r['period_start']:%Y-%m-%d %H:%M:%S}"
                       f"–{r['period_end']:%H:%M:%S}"} for r in charged]).scalars().all()
-        fees = {v.id: v.fee_fraction for v in versions}
         entries = []
         for record, transfer_id in zip(charged, ids, strict=True):
             record["transfer_id"] = transfer_id
-            charge, at = record["charge"], record["period_end"]
-            earned = int(charge * (1 - fees[record["price_version_id"]]) * record["reliability"])
+            charge, earned, at = record["charge"], record["earned"], record["period_end"]
             entries += [(transfer_id, account_of(record["consumer_lab_id"]), -charge, at),
                         (transfer_id, account_of(record["provider_lab_id"]), earned, at),
                         (transfer_id, federation, charge - earned, at)]
@@ -166,6 +184,10 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
     add_usage(session, [item for r in records for item in (
         ("lab", r["consumer_lab_id"], r["charge"] / NANO, r["period_end"]),
         ("user", r["user_id"], r["charge"] / NANO, r["period_end"]))], half_life)
+    served: dict[str, float] = {}
+    for r in records:
+        served[r["provider_id"]] = served.get(r["provider_id"], 0.0) + r["seconds"]
+    record_clean_time(session, served, half_life=reliability_half_life)
     session.flush()
     return [MeteredPeriod(r["lease_id"], r["period_start"], r["period_end"], r["charge"])
             for r in records]

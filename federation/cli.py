@@ -67,16 +67,25 @@ def cmd_db(args: argparse.Namespace) -> int:
 def cmd_broker(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from accounting.cloud import CloudPriceError, load_cloud_prices
+
     from .broker.app import create_app
     from .broker.service import BrokerSettings
 
     db_url = _db_url(args)
+    try:
+        cloud_prices = load_cloud_prices(args.cloud_prices)
+    except CloudPriceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     settings = BrokerSettings(provider_timeout=args.provider_timeout,
                               cluster_timeout=args.cluster_timeout,
                               start_timeout=args.start_timeout,
                               metering_interval=args.metering_interval,
                               initial_grant=args.initial_grant,
                               fair_share_half_life=args.fair_share_half_life * 3600,
+                              reliability_half_life=args.reliability_half_life * 3600,
+                              cloud_prices=cloud_prices,
                               poll_timeout=min(20.0, max(1.0, args.provider_timeout / 2)))
     app = create_app(db_url, settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -240,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--fair-share-half-life", type=float, default=168.0,
                    help="Hours after which past usage counts half for fair share "
                         "(default 168, one week).")
+    b.add_argument("--reliability-half-life", type=float, default=24.0,
+                   help="Hours of clean lease time served that halve a provider's reliability "
+                        "penalty from lost and failed leases (default 24).")
+    b.add_argument("--cloud-prices", metavar="FILE",
+                   help="YAML table of reference on-demand cloud prices used for the savings "
+                        "figures (default: the shipped accounting/cloud_prices.yaml).")
     b.set_defaults(func=cmd_broker)
 
     p = sub.add_parser("provide", help="Offer this machine's CPUs/GPUs to a broker.")

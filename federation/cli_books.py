@@ -1,4 +1,4 @@
-"""`parallex credits`, `parallex ledger`, `parallex usage`: a lab's books from the command line.
+"""`parallex credits`, `ledger`, `usage` and `lab`: a lab's books from the command line.
 
 Readable tables by default; --json prints the broker's answer for scripts.
 """
@@ -61,34 +61,99 @@ def cmd_credits(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
     else:
-        print(f"{answer['lab']}: {_pcu(answer['balance'])} PCU")
+        limit = Decimal(answer.get("credit_limit", "0"))
+        note = (f" (may go down to -{limit:,.2f} before new workers are refused)" if limit
+                else " (new workers are refused below 0)")
+        print(f"{answer['lab']}: {_pcu(answer['balance'])} PCU{note}")
     return 0
 
 
+def _what(entry: dict) -> str:
+    """One line on what a ledger entry paid for."""
+    u = entry.get("usage")
+    if not u:
+        return entry["memo"]
+    size = f"{u['cpus']:g} CPU" + (f" {u['gpus']} GPU" if u["gpus"] else "")
+    text = (f"{u['user']}: {size}, {u['seconds']:g} s on {u['provider']} "
+            f"({u['provider_lab']}) at {u['pcu_per_hour']:g} PCU/h")
+    if u["side"] == "earned":
+        text = f"served {u['consumer_lab']}: {size}, {u['seconds']:g} s on {u['provider']}, " \
+               f"reliability {u['reliability']:.3f}"
+    return text
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
+    if args.explain is not None:
+        answer = _fetch(args, f"/transfers/{args.explain}")
+        if args.json:
+            print(json.dumps(answer, indent=2, default=str))
+            return 0
+        print(f"Transfer {answer['transfer_id']} ({answer['kind']}, "
+              f"{str(answer['time'])[:19].replace('T', ' ')} UTC)")
+        for line in answer["explanation"]:
+            print(f"  {line}")
+        rows = [["account", "PCU"]] + [[e["account"], _pcu(e["amount"])]
+                                       for e in answer["entries"]]
+        print(_table(rows, right={1}))
+        return 0
     params = {"limit": args.limit} | ({"since": args.since} if args.since else {})
     answer = _fetch(args, "/labs/{lab}/ledger", params, lab_path=True)
     if args.json:
         print(json.dumps(answer, indent=2, default=str))
         return 0
-    rows = [["time (UTC)", "PCU", "kind", "memo"]] + [
-        [e["time"][:19].replace("T", " "), _pcu(e["amount"]), e["kind"], e["memo"]]
-        for e in answer["entries"]]
-    print(f"Ledger of {answer['lab']} (newest first)")
-    print(_table(rows, right={1}) if len(rows) > 1 else "no entries")
+    rows = [["time (UTC)", "PCU", "kind", "transfer", "what"]] + [
+        [e["time"][:19].replace("T", " "), _pcu(e["amount"]), e["kind"], str(e["transfer_id"]),
+         _what(e)] for e in answer["entries"]]
+    print(f"Ledger of {answer['lab']} (newest first; `parallex ledger --explain TRANSFER` "
+          "shows how an entry was computed)")
+    print(_table(rows, right={1, 3}) if len(rows) > 1 else "no entries")
     return 0
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    params = {"by": args.by} | {k: v for k in ("since", "lab") if (v := getattr(args, k))}
+    params = {"by": args.by, "side": args.side} | {
+        k: v for k in ("since", "until", "lab") if (v := getattr(args, k))}
     answer = _fetch(args, "/usage", params)
     if args.json:
         print(json.dumps(answer, indent=2, default=str))
         return 0
-    rows = [[args.by, "charged PCU", "own-machine PCU", "core-hours", "GPU-hours"]] + [
-        [r[args.by], _pcu(r["pcu"]), _pcu(r["self_use_pcu"]), f"{r['core_hours']:.3f}",
-         f"{r['gpu_hours']:.3f}"] for r in answer["rows"]]
-    print(_table(rows, right={1, 2, 3, 4}) if len(rows) > 1 else "no usage")
+    cur = answer.get("currency", "USD")
+    head = [args.by, "charged PCU", "earned PCU", "own-machine PCU", "core-hours", "GPU-hours",
+            f"cloud {cur}"]
+    rows = [head + (["reliability"] if args.by == "provider" else [])] + [
+        [r[args.by], _pcu(r["pcu"]), _pcu(r["earned_pcu"]), _pcu(r["self_use_pcu"]),
+         f"{r['core_hours']:.3f}", f"{r['gpu_hours']:.3f}", f"{r['cloud_cost']:,.2f}"]
+        + ([f"{r['reliability']:.3f}"] if args.by == "provider" else [])
+        for r in answer["rows"]]
+    print(f"Usage {args.side} ({answer['scope']})")
+    print(_table(rows, right=set(range(1, 8))) if len(rows) > 1 else "no usage")
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    """`parallex lab members|machines`: a PI's view of their lab."""
+    params = {"since": args.since} if getattr(args, "since", None) else None
+    answer = _fetch(args, "/labs/{lab}/" + args.lab_view, params, lab_path=True)
+    if args.json:
+        print(json.dumps(answer, indent=2, default=str))
+        return 0
+    if args.lab_view == "members":
+        rows = [["user", "role", "holds CPUs", "holds GPUs", "charged PCU", "core-hours",
+                 "GPU-hours", "quota CPUs", "quota GPUs"]] + [
+            [m["user"], m["role"], f"{m['held_cpus']:g}", str(m["held_gpus"]), _pcu(m["pcu"]),
+             f"{m['core_hours']:.3f}", f"{m['gpu_hours']:.3f}",
+             "-" if m["max_cpus"] is None else f"{m['max_cpus']:g}",
+             "-" if m["max_gpus"] is None else str(m["max_gpus"])]
+            for m in answer["members"]]
+        print(f"Members of {answer['lab']}")
+    else:
+        rows = [["machine", "online", "CPUs", "GPUs", "reliability", "lost", "failed",
+                 "earned PCU"]] + [
+            [m["name"], "yes" if m["online"] else "no", f"{m['cpus']:g}", str(len(m["gpus"])),
+             f"{m['reliability']:.3f}", str(m["lost_leases"]), str(m["failed_leases"]),
+             _pcu(m["earned_pcu"])] for m in answer["machines"]]
+        print(f"Machines of {answer['lab']}")
+    print(_table(rows, right=set(range(2, 9))) if len(rows) > 1 else "none")
     return 0
 
 
@@ -157,15 +222,35 @@ def add_parsers(sub, admin_sub) -> None:
     ledger.add_argument("--since", help="Only entries from this UTC time, e.g. 2026-11-01.")
     ledger.add_argument("--limit", type=int, default=200,
                         help="Most entries to show (default 200).")
+    ledger.add_argument("--explain", type=int, metavar="TRANSFER",
+                        help="Show how one transfer (the 'transfer' column) was computed.")
     ledger.set_defaults(func=cmd_ledger)
 
-    u = sub.add_parser("usage", help="Usage totals: PCU, core-hours, GPU-hours.")
+    u = sub.add_parser("usage", help="Usage totals: PCU, core-hours, GPU-hours, cloud cost.")
     common(u)
     u.add_argument("--since", help="Only usage from this UTC time, e.g. 2026-11-01.")
-    u.add_argument("--by", choices=["lab", "user", "provider"], default="lab",
-                   help="Group by consuming lab, user or provider (default lab).")
-    u.add_argument("--lab", help="Only this consuming lab (admins; members see their own).")
+    u.add_argument("--until", help="Only usage before this UTC time, e.g. 2026-12-01.")
+    u.add_argument("--by", choices=["lab", "user", "provider", "provider_lab"], default="lab",
+                   help="Group by consuming lab, user, provider machine or provider lab "
+                        "(default lab).")
+    u.add_argument("--side", choices=["consumed", "provided"], default="consumed",
+                   help="consumed: what members used (default); provided: what the lab's "
+                        "machines served (PIs and admins).")
+    u.add_argument("--lab", help="Only this lab (default: yours; admins: all labs). Members "
+                                 "see their own usage, PIs their lab's.")
     u.set_defaults(func=cmd_usage)
+
+    lab = sub.add_parser("lab", help="Your lab's members and machines (PIs and admins).")
+    lsub = lab.add_subparsers(dest="lab_view", required=True)
+    members = lsub.add_parser("members", help="Members: role, holdings, usage, quotas.")
+    common(members)
+    members.add_argument("--lab", help="Lab (default: your own).")
+    members.add_argument("--since", help="Usage from this UTC time (default: all).")
+    members.set_defaults(func=cmd_lab)
+    machines = lsub.add_parser("machines", help="Machines: reliability and earnings.")
+    common(machines)
+    machines.add_argument("--lab", help="Lab (default: your own).")
+    machines.set_defaults(func=cmd_lab)
 
     g = admin_sub.add_parser("grant", help="Give a lab PCU from the grants account.")
     g.add_argument("--lab", required=True, help="Lab to credit.")

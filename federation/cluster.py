@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from distributed import Scheduler
@@ -25,6 +26,7 @@ from distributed.utils import format_dashboard_link
 
 from . import config, errors
 from .client import AsyncBrokerClient
+from .estimate import Estimate
 from .guard import SchedulerGuard
 from .sizes import format_bytes, parse_memory
 from .tls import ROLE_CLIENT, ROLE_SCHEDULER, ClusterAuthority
@@ -439,6 +441,44 @@ class FederatedCluster(Cluster):
                 "cluster.leases for each lease's state and message.")
         return (f"{self._running_workers()} of {n} workers connected after {timeout:g} s "
                 f"(leases: {detail}).{hint}")
+
+    # ---- cost -------------------------------------------------------------------------------
+
+    @property
+    def cost(self) -> Decimal:
+        """PCU this cluster has cost its lab so far, including time not yet metered (work on
+        the lab's own machines is free). ``cost_details()`` has the breakdown."""
+        return self.sync(self._cost)
+
+    async def _cost(self) -> Decimal:
+        return Decimal((await self._cost_details())["pcu"])
+
+    def cost_details(self) -> dict:
+        """Metered and accrued PCU, self-use, the current rate and the cloud equivalent."""
+        return self.sync(self._cost_details)
+
+    async def _cost_details(self) -> dict:
+        return await self._broker.request("GET", f"/clusters/{self.cluster_id}/cost")
+
+    def estimate(self, n: int | None = None, gpus: int = 0, *, cpus: float | None = None,
+                 memory: str | int | None = None, gpu_model: str | None = None) -> Estimate:
+        """PCU per hour of the current workers and, given ``n``, of ``n`` workers of a size
+        (the arguments of ``scale``) at today's list price."""
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise ValueError(f"estimate() needs a whole number of workers >= 0; got {n!r}")
+        return self.sync(self._estimate, n, gpus, cpus, memory, gpu_model)
+
+    async def _estimate(self, n, gpus, cpus, memory, gpu_model) -> Estimate:
+        now = await self._cost_details()
+        planned = None
+        if n is not None:
+            default = self._groups["default"]
+            spec = {"cpus": float(cpus) if cpus is not None else default.cpus,
+                    "memory": parse_memory(memory) if memory is not None else default.memory,
+                    "gpus": int(gpus), "gpu_model": gpu_model}
+            planned = await self._broker.request("POST", "/prices/quote",
+                                                 json={"spec": spec, "workers": n})
+        return Estimate.from_answers(now, planned)
 
     # ---- display ----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from .routes_accounting import router as accounting_router
 from .routes_admin import router as admin_router
 from .routes_agent import router as agent_router
 from .routes_clusters import router as clusters_router
+from .routes_labs import router as labs_router
 from .service import Broker, BrokerSettings
 
 logger = logging.getLogger("parallex.broker")
@@ -132,4 +133,5 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.include_router(agent_router, prefix=API_PREFIX)
     app.include_router(clusters_router, prefix=API_PREFIX)
     app.include_router(accounting_router, prefix=API_PREFIX)
+    app.include_router(labs_router, prefix=API_PREFIX)
     return app

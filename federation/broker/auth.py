@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 from sqlmodel import Session, select
 
-from accounting.models import Lab, User, utcnow
+from accounting.models import Lab, Membership, Role, User, utcnow
 
 from .errors import ApiError
 from .models import ApiToken, TokenKind
@@ -55,10 +55,17 @@ class Principal:
     lab_name: str | None
     user_id: int | None
     user_name: str | None
+    role: Role | None = None
 
     @property
     def is_admin(self) -> bool:
-        return self.kind == TokenKind.admin
+        """An admin token, or a user whose role is admin (set by their institution's claims)."""
+        return self.kind == TokenKind.admin or self.role == Role.admin
+
+    @property
+    def is_pi(self) -> bool:
+        """A PI of their lab (administrators can do what PIs can)."""
+        return self.role in (Role.pi, Role.admin) or self.kind == TokenKind.admin
 
 
 def _bearer(request: Request) -> str:
@@ -88,6 +95,8 @@ def authenticate(request: Request) -> Principal:
                            "ask your administrator for a new one")
         lab = session.get(Lab, row.lab_id) if row.lab_id else None
         user = session.get(User, row.user_id) if row.user_id else None
+        member = (session.get(Membership, (user.id, lab.id))
+                  if row.kind == TokenKind.user and user and lab else None)
         return Principal(
             kind=row.kind,
             token_id=row.id,
@@ -95,6 +104,7 @@ def authenticate(request: Request) -> Principal:
             lab_name=lab.name if lab else None,
             user_id=user.id if user else None,
             user_name=user.name if user else None,
+            role=member.role if member else None,
         )
 
 
@@ -102,6 +112,8 @@ def _require(*kinds: TokenKind):
     allowed = ", ".join(k.value for k in kinds)
 
     def dependency(principal: Principal = Depends(authenticate)) -> Principal:
+        if kinds == (TokenKind.admin,) and principal.is_admin:
+            return principal  # a user with the admin role acts as an administrator
         if principal.kind not in kinds:
             raise ApiError(403, "wrong-token-kind",
                            f"a {principal.kind.value} token cannot do this; it needs a token "

@@ -24,6 +24,7 @@ import accounting.ledger  # noqa: F401  (registers the ledger tables)
 import accounting.metering  # noqa: F401  (registers the usage table)
 import accounting.models  # noqa: F401  (registers the identity tables)
 import accounting.pricing  # noqa: F401  (registers the price table)
+import accounting.reliability  # noqa: F401  (registers the provider standing table)
 
 from . import models  # noqa: F401  (registers the broker tables)
 

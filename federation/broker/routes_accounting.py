@@ -1,7 +1,6 @@
-"""Accounting endpoints: balances, ledgers, usage, prices and grants.
+"""Accounting endpoints: balances, ledgers with their explanations, usage, prices and grants.
 
-Members see their own lab's books, administrators every lab's; the rule lives in
-``readable_lab`` alone.
+Who may read what is decided in ``access`` alone.
 """
 
 from __future__ import annotations
@@ -12,46 +11,54 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import field_validator
 from sqlalchemy import case, func
-from sqlmodel import Field, SQLModel, col, select
+from sqlmodel import Field, Session, SQLModel, col, select
 
-from accounting.ledger import LedgerEntry, Transfer, balance, grant, lab_account
+from accounting.ledger import Account, LedgerEntry, Transfer, balance, grant, lab_account
 from accounting.metering import UsageRecord
 from accounting.models import Lab, User, as_utc, utcnow
-from accounting.pricing import PriceVersion, price_at, set_price
+from accounting.pricing import (
+    PriceVersion,
+    Resources,
+    gpu_class,
+    pcu_per_hour,
+    price_at,
+    set_price,
+)
+from accounting.reliability import factor, standings
+from accounting.statement import Parties, explain_usage
 from accounting.units import to_nano, to_pcu
 
+from .access import readable_lab, usage_scope
 from .auth import Principal, require_admin, require_user
 from .errors import ApiError
-from .models import Provider
+from .models import Provider, WorkerSpec
 
 router = APIRouter()
-
-
-def readable_lab(session, principal: Principal, name: str) -> Lab:
-    """The lab named ``name`` if the caller may read its books (member or admin)."""
-    lab = session.exec(select(Lab).where(Lab.name == name)).first()
-    if lab is None:
-        raise ApiError(404, "unknown-lab", f"no lab named {name!r}")
-    if not principal.is_admin and principal.lab_id != lab.id:
-        raise ApiError(403, "not-your-lab",
-                       f"lab {name}'s books are for its members and administrators; you can "
-                       f"read your own lab's ({principal.lab_name})")
-    return lab
 
 
 def _pcu(nano: int) -> str:
     return str(to_pcu(nano))
 
 
+def _user_label(principal: Principal, record: UsageRecord, users: dict[int, str],
+                labs: dict[int, str]) -> str:
+    """A member's name for those who may see it (themselves, their PI, admins)."""
+    if principal.is_admin or principal.user_id == record.user_id or (
+            principal.is_pi and principal.lab_id == record.consumer_lab_id):
+        return users.get(record.user_id, str(record.user_id))
+    return f"a member of {labs.get(record.consumer_lab_id, '?')}"
+
+
 @router.get("/labs/{lab}/balance")
 def lab_balance(lab: str, request: Request,
                 principal: Principal = Depends(require_user)) -> dict:
-    """The lab's balance in PCU (a decimal string, exact to 1e-9 PCU)."""
+    """The lab's balance in PCU (a decimal string, exact to 1e-9 PCU) and its credit limit."""
     with request.app.state.session() as s:
         row = readable_lab(s, principal, lab)
         amount = balance(s, lab_account(s, row).id)
         s.commit()
-        return {"lab": row.name, "balance": _pcu(amount), "balance_nano": amount}
+        return {"lab": row.name, "balance": _pcu(amount), "balance_nano": amount,
+                "credit_limit": str(row.credit_limit)}
 
 
 @router.get("/labs/{lab}/ledger")
@@ -59,6 +66,7 @@ def lab_ledger(lab: str, request: Request,
                since: dt.datetime | None = Query(None, description="Only entries from then."),
                limit: int = Query(200, ge=1, le=10_000, description="Newest entries first."),
                principal: Principal = Depends(require_user)) -> dict:
+    """The lab's entries, newest first; usage entries say which lease, machine and rate."""
     with request.app.state.session() as s:
         row = readable_lab(s, principal, lab)
         account = lab_account(s, row)
@@ -68,50 +76,138 @@ def lab_ledger(lab: str, request: Request,
             q = q.where(LedgerEntry.created_at >= as_utc(since))
         rows = s.exec(q.order_by(col(LedgerEntry.created_at).desc(),
                                  col(LedgerEntry.id).desc()).limit(limit)).all()
-        return {"lab": row.name, "entries": [
-            {"time": e.created_at, "amount": _pcu(e.amount), "kind": t.kind.value,
-             "memo": t.memo, "transfer_id": t.id} for e, t in rows]}
+        records = {r.transfer_id: r for r in s.exec(select(UsageRecord).where(
+            col(UsageRecord.transfer_id).in_([t.id for _e, t in rows])))} if rows else {}
+        names = _names(s)
+        entries = []
+        for e, t in rows:
+            entry = {"time": e.created_at, "amount": _pcu(e.amount), "kind": t.kind.value,
+                     "memo": t.memo, "transfer_id": t.id}
+            r = records.get(t.id)
+            if r is not None:
+                entry["usage"] = {
+                    "lease_id": r.lease_id, "seconds": r.seconds, "cpus": r.cpus,
+                    "memory": r.memory, "gpus": r.gpus, "gpu_model": r.gpu_model,
+                    "pcu_per_hour": r.pcu_per_hour, "reliability": r.reliability,
+                    "provider": names["provider"].get(r.provider_id, r.provider_id),
+                    "provider_lab": names["lab"].get(r.provider_lab_id),
+                    "consumer_lab": names["lab"].get(r.consumer_lab_id),
+                    "user": _user_label(principal, r, names["user"], names["lab"]),
+                    "side": "earned" if r.provider_lab_id == row.id else "charged"}
+            entries.append(entry)
+        return {"lab": row.name, "entries": entries}
+
+
+def _names(s: Session) -> dict[str, dict]:
+    return {"lab": dict(s.exec(select(Lab.id, Lab.name)).all()),
+            "user": dict(s.exec(select(User.id, User.name)).all()),
+            "provider": dict(s.exec(select(Provider.id, Provider.name)).all())}
+
+
+@router.get("/transfers/{transfer_id}")
+def explain_transfer(transfer_id: int, request: Request,
+                     principal: Principal = Depends(require_user)) -> dict:
+    """Why a transfer happened: its entries and, for usage, the arithmetic behind the charge.
+    Readable by administrators and by members of the labs it moved credits for."""
+    with request.app.state.session() as s:
+        transfer = s.get(Transfer, transfer_id)
+        rows = s.exec(select(LedgerEntry, Account).join(
+            Account, Account.id == LedgerEntry.account_id)
+            .where(LedgerEntry.transfer_id == transfer_id)).all() if transfer else []
+        lab_ids = {a.lab_id for _e, a in rows if a.lab_id is not None}
+        if transfer is None or not (principal.is_admin or principal.lab_id in lab_ids):
+            # The same answer for "missing" and "not yours": ids are not secrets to probe.
+            raise ApiError(404, "unknown-transfer",
+                           f"no transfer {transfer_id} in your lab's ledger; `parallex ledger` "
+                           "lists the ids you can explain")
+        names = _names(s)
+        record = s.exec(select(UsageRecord).where(
+            UsageRecord.transfer_id == transfer_id)).first()
+        out = {"transfer_id": transfer.id, "kind": transfer.kind.value, "memo": transfer.memo,
+               "time": transfer.created_at,
+               "entries": [{"account": a.name, "lab": names["lab"].get(a.lab_id),
+                            "amount": _pcu(e.amount)} for e, a in rows],
+               "explanation": [transfer.memo] if transfer.memo else []}
+        if record is not None:
+            price = s.get(PriceVersion, record.price_version_id)
+            parties = Parties(
+                consumer_lab=names["lab"].get(record.consumer_lab_id, "?"),
+                provider_lab=names["lab"].get(record.provider_lab_id, "?"),
+                provider=names["provider"].get(record.provider_id, record.provider_id),
+                user=_user_label(principal, record, names["user"], names["lab"]))
+            out["explanation"] = explain_usage(record, price, parties,
+                                               request.app.state.broker.settings
+                                               .cloud_prices.currency)
+            out["usage"] = {
+                "lease_id": record.lease_id, "period_start": record.period_start,
+                "period_end": record.period_end, "seconds": record.seconds,
+                "cpus": record.cpus, "memory": record.memory, "gpus": record.gpus,
+                "gpu_model": record.gpu_model, "gpu_class": record.gpu_class,
+                "price_version": record.price_version_id, "pcu_per_hour": record.pcu_per_hour,
+                "charge": _pcu(record.charge), "earned": _pcu(record.earned),
+                "reliability": record.reliability, "fee_fraction": price.fee_fraction,
+                "self_use": record.self_use, "cloud_cost": record.cloud_cost}
+        return out
 
 
 @router.get("/usage")
-def usage(request: Request, since: dt.datetime | None = Query(None),
-          by: Literal["lab", "user", "provider"] = Query("lab"),
-          lab: str | None = Query(None, description="Only this consuming lab."),
+def usage(request: Request,
+          since: dt.datetime | None = Query(None, description="Periods ending at or after."),
+          until: dt.datetime | None = Query(None, description="Periods ending before."),
+          by: Literal["lab", "user", "provider", "provider_lab"] = Query("lab"),
+          lab: str | None = Query(None, description="Only this lab."),
+          side: Literal["consumed", "provided"] = Query(
+              "consumed", description="consumed: what the lab's members used; provided: what "
+                                      "the lab's machines served (PIs and admins)."),
           principal: Principal = Depends(require_user)) -> dict:
-    """Usage totals: PCU, core-hours and GPU-hours, grouped by consuming lab, user or provider.
-    Members see their own lab's consumption only."""
+    """Usage totals: PCU charged, earned, self-use, core-hours, GPU-hours and the cloud
+    equivalent. Members see their own usage, PIs their lab's, administrators everyone's."""
     with request.app.state.session() as s:
-        if lab is not None:
-            lab_id = readable_lab(s, principal, lab).id
-        elif not principal.is_admin:
-            lab_id = principal.lab_id
-        else:
-            lab_id = None
+        scope = usage_scope(s, principal, lab, provided=side == "provided")
         key = {"lab": UsageRecord.consumer_lab_id, "user": UsageRecord.user_id,
-               "provider": UsageRecord.provider_id}[by]
+               "provider": UsageRecord.provider_id,
+               "provider_lab": UsageRecord.provider_lab_id}[by]
         charged = case((UsageRecord.self_use == False, UsageRecord.charge),  # noqa: E712
                        else_=0)
         own = case((UsageRecord.self_use == True, UsageRecord.charge), else_=0)  # noqa: E712
-        q = select(key, func.sum(charged), func.sum(own),
+        q = select(key, func.sum(charged), func.sum(own), func.sum(UsageRecord.earned),
                    func.sum(UsageRecord.cpus * UsageRecord.seconds),
                    func.sum(UsageRecord.gpus * UsageRecord.seconds),
-                   func.sum(UsageRecord.seconds)).group_by(key)
-        if lab_id is not None:
-            q = q.where(UsageRecord.consumer_lab_id == lab_id)
+                   func.sum(UsageRecord.seconds), func.sum(UsageRecord.cloud_cost)).group_by(key)
+        if scope.lab_id is not None:
+            q = q.where((UsageRecord.provider_lab_id if side == "provided"
+                         else UsageRecord.consumer_lab_id) == scope.lab_id)
+        if scope.user_id is not None:
+            q = q.where(UsageRecord.user_id == scope.user_id)
         if since is not None:
             q = q.where(UsageRecord.period_end >= as_utc(since))
-        names = {"lab": dict(s.exec(select(Lab.id, Lab.name)).all()),
-                 "user": dict(s.exec(select(User.id, User.name)).all()),
-                 "provider": dict(s.exec(select(Provider.id, Provider.name)).all())}[by]
-        # pcu: what was charged; self_use_pcu: what a lab's use of its own machines would
-        # have cost (free, recorded so a PI sees it).
-        rows = [{by: names.get(k, str(k)), "pcu": _pcu(int(charge or 0)),
-                 "self_use_pcu": _pcu(int(self_use or 0)),
+        if until is not None:
+            q = q.where(UsageRecord.period_end < as_utc(until))
+        names = _names(s)
+        names["provider_lab"] = names["lab"]
+        # pcu: what was charged; self_use_pcu: what a lab's use of its own machines would have
+        # cost (free, recorded so a PI sees it); earned_pcu: what the providers' labs earned.
+        rows = [{by: names[by].get(k, str(k)), "pcu": _pcu(int(charge or 0)),
+                 "self_use_pcu": _pcu(int(self_use or 0)), "earned_pcu": _pcu(int(earned or 0)),
                  "core_hours": round((cpu_s or 0) / 3600, 6),
                  "gpu_hours": round((gpu_s or 0) / 3600, 6),
-                 "lease_hours": round((secs or 0) / 3600, 6)}
-                for k, charge, self_use, cpu_s, gpu_s, secs in s.exec(q).all()]
-        return {"by": by, "since": since, "rows": sorted(rows, key=lambda r: r[by])}
+                 "lease_hours": round((secs or 0) / 3600, 6),
+                 "cloud_cost": round(cloud or 0, 4), "_key": k}
+                for k, charge, self_use, earned, cpu_s, gpu_s, secs, cloud in s.exec(q).all()]
+        if by == "provider":
+            standing = standings(s, [r["_key"] for r in rows])
+            for r in rows:
+                st = standing[r["_key"]]
+                r.update(reliability=round(factor(st.penalty), 4),
+                         lost_leases=st.lost_leases, failed_leases=st.failed_leases)
+        for r in rows:
+            del r["_key"]
+        return {"by": by, "side": side, "since": since, "until": until,
+                "scope": ("everyone" if scope.lab_id is None
+                          else f"{names['lab'].get(scope.lab_id)}" + (
+                              f", {principal.user_name} only" if scope.user_id else "")),
+                "currency": request.app.state.broker.settings.cloud_prices.currency,
+                "rows": sorted(rows, key=lambda r: r[by])}
 
 
 def _price_public(p: PriceVersion) -> dict:
@@ -124,14 +220,42 @@ def _price_public(p: PriceVersion) -> dict:
 
 @router.get("/prices")
 def prices(request: Request, principal: Principal = Depends(require_user)) -> dict:
-    """The price version in force now and any that take effect later."""
+    """The price version in force now, any that take effect later, and the reference cloud
+    prices used for savings."""
     with request.app.state.session() as s:
         now = utcnow()
         current = price_at(s, now)
         s.commit()
         later = s.exec(select(PriceVersion).where(PriceVersion.effective_from > now)
                        .order_by(PriceVersion.effective_from)).all()
-        return {"current": _price_public(current), "upcoming": [_price_public(p) for p in later]}
+        return {"current": _price_public(current), "upcoming": [_price_public(p) for p in later],
+                "cloud_reference": request.app.state.broker.settings.cloud_prices.public()}
+
+
+class Quote(SQLModel):
+    spec: WorkerSpec
+    workers: int = Field(default=1, ge=0, le=100_000, description="How many such workers.")
+
+
+@router.post("/prices/quote")
+def quote(body: Quote, request: Request, principal: Principal = Depends(require_user)) -> dict:
+    """PCU per hour of ``workers`` workers of ``spec`` at today's list price. Work placed on
+    the caller's own lab's machines is free, so this is an upper bound."""
+    with request.app.state.session() as s:
+        price = price_at(s, utcnow())
+        s.commit()
+        spec = body.spec
+        res = Resources(spec.cpus, spec.memory, spec.gpus, spec.gpu_model)
+        per_worker = pcu_per_hour(price, res)
+        cloud = request.app.state.broker.settings.cloud_prices
+        cls = gpu_class(price, spec.gpu_model)[0] if spec.gpus else None
+        return {"price_version": price.id, "workers": body.workers, "gpu_class": cls,
+                "pcu_per_hour_per_worker": per_worker,
+                "pcu_per_hour": per_worker * body.workers,
+                "cloud_cost_per_hour": cloud.cost(cpus=spec.cpus, memory=spec.memory,
+                                                  gpus=spec.gpus, gpu_class=cls,
+                                                  seconds=3600) * body.workers,
+                "currency": cloud.currency}
 
 
 class PriceSet(SQLModel):

@@ -21,6 +21,7 @@ from accounting.models import (
     create_lab,
     create_user,
 )
+from accounting.reliability import reliabilities
 from accounting.units import to_nano
 
 from .auth import Principal, authenticate, issue_token, require_admin, require_any, revoke
@@ -42,7 +43,8 @@ def _lab_by_name(session, name: str) -> Lab:
 def whoami(principal: Principal = Depends(authenticate)) -> dict:
     """Who the token belongs to."""
     return {"kind": principal.kind.value, "token_id": principal.token_id,
-            "lab": principal.lab_name, "user": principal.user_name}
+            "lab": principal.lab_name, "user": principal.user_name,
+            "role": principal.role.value if principal.role else None}
 
 
 @router.post("/labs", status_code=201, response_model=LabPublic)
@@ -165,6 +167,8 @@ def list_providers(request: Request, _p: Principal = Depends(require_any)) -> li
     """Every provider with its lab and capacity (no secrets), for users and admins alike."""
     with request.app.state.session() as s:
         rows = s.exec(select(Provider, Lab.name).join(Lab, Lab.id == Provider.lab_id)).all()
+        factors = reliabilities(s, [p.id for p, _lab in rows])
         return [{"id": p.id, "name": p.name, "lab": lab, "site": p.site, "cpus": p.cpus,
                  "memory": p.memory, "gpus": p.gpus, "online": p.online,
-                 "last_seen": p.last_seen} for p, lab in rows]
+                 "last_seen": p.last_seen, "reliability": round(factors[p.id], 4)}
+                for p, lab in rows]

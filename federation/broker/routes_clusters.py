@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
+from accounting.models import utcnow
+
 from .auth import Principal, require_user
+from .costs import cluster_cost
 from .models import ClusterCreate, ClusterPublic, LeaseCreate, LeasePublic, LeaseRelease
 
 router = APIRouter(prefix="/clusters")
@@ -29,6 +32,19 @@ def read(cluster_id: str, request: Request,
          principal: Principal = Depends(require_user)) -> ClusterPublic:
     broker = request.app.state.broker
     return broker.cluster_public(broker.cluster_for(principal, cluster_id).id)
+
+
+@router.get("/{cluster_id}/cost")
+def cost(cluster_id: str, request: Request,
+         principal: Principal = Depends(require_user)) -> dict:
+    """PCU the cluster has cost its lab so far and costs per hour now (own-lab machines are
+    free; ``list_pcu_per_hour`` is the rate before that)."""
+    broker = request.app.state.broker
+    cluster = broker.cluster_for(principal, cluster_id)
+    with broker.session() as s:
+        out = cluster_cost(s, cluster, now=utcnow(), cloud=broker.settings.cloud_prices)
+        s.commit()
+        return out
 
 
 @router.post("/{cluster_id}/heartbeat", response_model=ClusterPublic)

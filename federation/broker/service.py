@@ -15,14 +15,15 @@ import random
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import and_, or_
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from accounting import fairshare, ledger, metering
+from accounting import fairshare, ledger, metering, reliability
+from accounting.cloud import CloudPrices, load_cloud_prices
 from accounting.metering import LeaseUsage
 from accounting.models import Lab, Membership, User, utcnow
 from accounting.pricing import Resources
@@ -54,7 +55,7 @@ logger = logging.getLogger("parallex.broker")
 
 @dataclass
 class BrokerSettings:
-    """Timeouts of the broker, in seconds."""
+    """The broker's tunables; times are in seconds."""
 
     provider_timeout: float = 30.0
     cluster_timeout: float = 60.0
@@ -63,6 +64,8 @@ class BrokerSettings:
     metering_interval: float = 60.0
     initial_grant: float = 1000.0
     fair_share_half_life: float = 7 * 24 * 3600.0
+    reliability_half_life: float = reliability.DEFAULT_RELIABILITY_HALF_LIFE
+    cloud_prices: CloudPrices = field(default_factory=load_cloud_prices)
 
 
 class Broker:
@@ -177,14 +180,15 @@ class Broker:
                                               col(Lease.state).in_(HELD_STATES))).all()
             for lease in held:
                 if lease.state == LeaseState.running and lease.id not in alive:
-                    self._end(lease, EndReason.failed, "the provider reports no worker process "
-                              "for this lease")
+                    self._end_by_provider(s, lease, EndReason.failed, "the provider reports no "
+                                          "worker process for this lease")
                     s.add(lease)
                     changed = True
                 elif (lease.state == LeaseState.starting and lease.assigned_at is not None
                       and (now - lease.assigned_at).total_seconds() > self.settings.start_timeout):
-                    self._end(lease, EndReason.failed,
-                              f"the worker did not start within {self.settings.start_timeout:g} s")
+                    self._end_by_provider(
+                        s, lease, EndReason.failed,
+                        f"the worker did not start within {self.settings.start_timeout:g} s")
                     s.add(lease)
                     changed = True
             s.commit()
@@ -236,7 +240,7 @@ class Broker:
                 if reason is None:
                     reason = (EndReason.released if lease.state == LeaseState.releasing
                               else EndReason.failed)
-                self._end(lease, reason, body.message)
+                self._end_by_provider(s, lease, reason, body.message)
             else:
                 raise ApiError(422, "bad-state", "an agent can report 'running' or 'ended', "
                                f"not {body.state.value!r}")
@@ -462,9 +466,9 @@ class Broker:
                 lost_providers.append(p.id)
                 for lease in s.exec(select(Lease).where(Lease.provider_id == p.id,
                                                         col(Lease.state).in_(HELD_STATES))):
-                    self._end(lease, EndReason.lost,
-                              f"provider {p.name} stopped heart-beating for more than "
-                              f"{self.settings.provider_timeout:g} s")
+                    self._end_by_provider(s, lease, EndReason.lost,
+                                          f"provider {p.name} stopped heart-beating for more "
+                                          f"than {self.settings.provider_timeout:g} s")
                     s.add(lease)
                     lost_leases.add(lease.id)
             lost_clusters = [c.id for c in s.exec(
@@ -509,15 +513,19 @@ class Broker:
             rows = s.exec(query).all()
             if not rows:
                 return 0
+            factors = reliability.reliabilities(s, sorted({p.id for _l, _c, p in rows}))
             usages = [LeaseUsage(
                 lease.id, cluster.user_id, cluster.lab_id, provider.lab_id, provider.id,
                 lease.started_at, lease.ended_at if lease.state == LeaseState.ended else None,
-                Resources(lease.cpus, lease.memory, lease.gpus, lease.gpu_model))
+                Resources(lease.cpus, lease.memory, lease.gpus, lease.gpu_model),
+                reliability=factors[provider.id])
                 for lease, cluster, provider in rows]
             try:
-                records = metering.meter(s, usages, now=now,
-                                         interval=self.settings.metering_interval,
-                                         half_life=self.settings.fair_share_half_life)
+                records = metering.meter(
+                    s, usages, now=now, interval=self.settings.metering_interval,
+                    half_life=self.settings.fair_share_half_life,
+                    cloud=self.settings.cloud_prices,
+                    reliability_half_life=self.settings.reliability_half_life)
                 last: dict[str, dt.datetime] = {}
                 for r in records:
                     last[r.lease_id] = max(last.get(r.lease_id, r.period_end), r.period_end)
@@ -601,6 +609,17 @@ class Broker:
             for c in fairshare.fair_order(claims, shares, lab_usage, user_usage)]
 
     # ---- helpers --------------------------------------------------------------------------
+
+    def _end_by_provider(self, s: Session, lease: Lease, reason: EndReason,
+                         message: str) -> None:
+        """End ``lease`` on news from (or about) its provider; a lost or failed end counts
+        against the provider's reliability unless the lease was already being released."""
+        releasing = lease.state == LeaseState.releasing
+        self._end(lease, reason, message)
+        if (not releasing and lease.provider_id
+                and lease.end_reason in (EndReason.lost, EndReason.failed)):
+            reliability.record_incident(s, lease.provider_id, lease.end_reason.value,
+                                        at=lease.ended_at)
 
     @staticmethod
     def _end(lease: Lease, reason: EndReason, message: str = "") -> None:

@@ -81,3 +81,36 @@ def test_db_command_shows_and_applies_migrations(tmp_path):
     assert unreachable.returncode == 1
     assert "error: cannot open the database" in unreachable.stderr
     assert "Traceback" not in unreachable.stderr
+
+
+def test_upgrade_to_0002_recovers_earnings_of_earlier_usage_from_the_ledger(empty_db_url):
+    engine = db.plain_engine(empty_db_url)
+    db.migrate(engine, "0001")
+    t = "2026-01-01 00:00:00"
+    with engine.begin() as c:
+        for lab_id, name in [(1, "consumer"), (2, "provider")]:
+            c.execute(text("INSERT INTO lab (id, name, site, share, credit_limit, created_at) "
+                           "VALUES (:i, :n, '', 1, 0, :t)"), {"i": lab_id, "n": name, "t": t})
+            c.execute(text("INSERT INTO account (id, kind, name, lab_id) "
+                           "VALUES (:i, 'lab', :n, :i)"), {"i": lab_id, "n": name})
+        c.execute(text("INSERT INTO account (id, kind, name) VALUES (3, 'federation', 'fed')"))
+        c.execute(text("INSERT INTO \"user\" (id, name, lab_id, created_at) "
+                       "VALUES (1, 'u', 1, :t)"), {"t": t})
+        c.execute(text("INSERT INTO priceversion (id, effective_from, w_cpu, w_mem_gib, "
+                       "gpu_classes_json, default_gpu_weight, fee_fraction, created_at) "
+                       "VALUES (1, :t, 1, 0, '[]', 3, 0, :t)"), {"t": t})
+        c.execute(text("INSERT INTO transfer (id, kind, memo, created_at) "
+                       "VALUES (1, 'usage', '', :t)"), {"t": t})
+        for account, amount in [(1, -1000), (2, 700), (3, 300)]:
+            c.execute(text("INSERT INTO ledgerentry (transfer_id, account_id, amount, "
+                           "created_at) VALUES (1, :a, :m, :t)"),
+                      {"a": account, "m": amount, "t": t})
+        c.execute(text(
+            "INSERT INTO usagerecord (lease_id, period_start, period_end, seconds, cpus, memory, "
+            "gpus, pcu_per_hour, charge, consumer_lab_id, provider_lab_id, provider_id, "
+            "user_id, self_use, reliability, price_version_id, transfer_id) VALUES "
+            "('ls1', :t, :t, 60, 1, 0, 0, 1, 1000, 1, 2, 'p1', 1, false, 0.7, 1, 1)"), {"t": t})
+    db.migrate(engine)
+    with engine.connect() as c:
+        assert c.execute(text("SELECT earned, cloud_cost FROM usagerecord")).one() == (700, 0.0)
+    assert schema_differences(engine) == []

@@ -8,6 +8,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -73,7 +74,8 @@ def postgres_server(timeout: float = 60.0) -> Iterator[str]:
                 time.sleep(0.1)
         yield f"postgresql://parallex@127.0.0.1:{port}/broker"
     finally:
-        server.terminate()
+        # SIGINT is PostgreSQL's fast shutdown: it does not wait for pooled client connections.
+        server.send_signal(signal.SIGINT)
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,69 @@
+"""What a cluster has cost so far and costs per hour now, for `cluster.cost` and estimates.
+
+Metered periods are read from the usage records; the time a running lease has served since
+its last metered period is priced the same way (it will be charged at the next pass), so the
+figure moves while the notebook runs instead of in metering-interval steps.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import case, func
+from sqlmodel import Session, col, select
+
+from accounting.cloud import CloudPrices
+from accounting.metering import UsageRecord
+from accounting.models import as_utc
+from accounting.pricing import Resources, gpu_class, pcu_per_hour, price_at
+from accounting.units import to_nano, to_pcu
+
+from .models import ClusterRecord, Lease, LeaseState, Provider
+
+
+def cluster_cost(s: Session, cluster: ClusterRecord, *, now: dt.datetime,
+                 cloud: CloudPrices) -> dict:
+    """PCU charged so far (metered plus accrued), self-use, and the rate of held leases."""
+    leases = s.exec(select(Lease, Provider.lab_id).join(
+        Provider, Provider.id == Lease.provider_id, isouter=True)
+        .where(Lease.cluster_id == cluster.id)).all()
+    lease_ids = [lease.id for lease, _lab in leases]
+    charged = self_use = 0
+    cloud_cost = 0.0
+    for i in range(0, len(lease_ids), 500):
+        c, own, cc = s.exec(select(
+            func.sum(case((UsageRecord.self_use == False, UsageRecord.charge),  # noqa: E712
+                          else_=0)),
+            func.sum(case((UsageRecord.self_use == True, UsageRecord.charge),  # noqa: E712
+                          else_=0)),
+            func.sum(UsageRecord.cloud_cost))
+            .where(col(UsageRecord.lease_id).in_(lease_ids[i:i + 500]))).one()
+        charged, self_use, cloud_cost = (charged + int(c or 0), self_use + int(own or 0),
+                                         cloud_cost + float(cc or 0))
+    price = price_at(s, now)
+    accrued = accrued_own = 0
+    rate = charged_rate = 0.0
+    for lease, provider_lab in leases:
+        if lease.state not in (LeaseState.running, LeaseState.releasing) or not lease.started_at:
+            continue
+        res = Resources(lease.cpus, lease.memory, lease.gpus, lease.gpu_model)
+        per_hour = pcu_per_hour(price, res)
+        own = provider_lab == cluster.lab_id
+        rate += per_hour
+        charged_rate += 0 if own else per_hour
+        since = as_utc(lease.metered_until or lease.started_at)
+        seconds = max(0.0, (now - since).total_seconds())
+        pending = to_nano(per_hour * seconds / 3600)
+        if own:
+            accrued_own += pending
+        else:
+            accrued += pending
+        cls = gpu_class(price, lease.gpu_model)[0] if lease.gpus else None
+        cloud_cost += cloud.cost(cpus=lease.cpus, memory=lease.memory, gpus=lease.gpus,
+                                 gpu_class=cls, seconds=seconds)
+    return {"cluster_id": cluster.id, "pcu": str(to_pcu(charged + accrued)),
+            "metered_pcu": str(to_pcu(charged)), "accrued_pcu": str(to_pcu(accrued)),
+            "self_use_pcu": str(to_pcu(self_use + accrued_own)),
+            "pcu_per_hour": charged_rate, "list_pcu_per_hour": rate,
+            "cloud_cost": round(cloud_cost, 4), "currency": cloud.currency,
+            "price_version": price.id}
