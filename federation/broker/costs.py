@@ -65,5 +65,5 @@ def cluster_cost(s: Session, cluster: ClusterRecord, *, now: dt.datetime,
             "metered_pcu": str(to_pcu(charged)), "accrued_pcu": str(to_pcu(accrued)),
             "self_use_pcu": str(to_pcu(self_use + accrued_own)),
             "pcu_per_hour": charged_rate, "list_pcu_per_hour": rate,
-            "cloud_cost": round(cloud_cost, 4), "currency": cloud.currency,
+            "cloud_cost": cloud_cost, "currency": cloud.currency,
             "price_version": price.id}

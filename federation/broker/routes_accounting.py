@@ -192,7 +192,7 @@ def usage(request: Request,
                  "core_hours": round((cpu_s or 0) / 3600, 6),
                  "gpu_hours": round((gpu_s or 0) / 3600, 6),
                  "lease_hours": round((secs or 0) / 3600, 6),
-                 "cloud_cost": round(cloud or 0, 4), "_key": k}
+                 "cloud_cost": float(cloud or 0), "_key": k}
                 for k, charge, self_use, earned, cpu_s, gpu_s, secs, cloud in s.exec(q).all()]
         if by == "provider":
             standing = standings(s, [r["_key"] for r in rows])

@@ -46,6 +46,16 @@ class Federation:
         finally:
             with_admin.close()
 
+    def add_user(self, lab: str, user: str, role: str = "member") -> None:
+        """A user of ``lab`` with ``role`` (member, pi, admin) and a token."""
+        with_admin = self.admin()
+        try:
+            with_admin.request("PUT", f"/labs/{lab}/members/{user}", json={"role": role})
+            self.user_tokens[user] = with_admin.request(
+                "POST", "/tokens", json={"kind": "user", "lab": lab, "user": user})["token"]
+        finally:
+            with_admin.close()
+
     def add_agent(self, lab: str, name: str, cpus: float, memory: str = "4 GiB",
                   **options) -> Proc:
         workdir = self.tmp / "agents" / name
@@ -68,6 +78,13 @@ class Federation:
         with contextlib.closing(self._read_only_db()) as con:
             return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(),  # noqa: S608
                               key=repr) for t in tables}
+
+    def db_dicts(self, sql: str) -> list[dict]:
+        """Rows of a read-only query on the broker's database, as dicts by column name."""
+        with contextlib.closing(self._read_only_db()) as con:
+            cur = con.execute(sql)
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def db_value(self, sql: str):
         """The first column of the first row of a read-only query on the broker's database."""
