@@ -48,10 +48,13 @@ def add_usage(session: Session, items: Iterable[tuple[str, int, float, dt.dateti
             folded[(kind, key)] = (decayed(value, as_of, at, half_life) + pcu, at)
         else:
             folded[(kind, key)] = (value + decayed(pcu, at, as_of, half_life), as_of)
-    for kind in {k for k, _ in folded}:
+    for kind in sorted({k for k, _ in folded}):
         keys = [key for k, key in folded if k == kind]
+        # Locked (PostgreSQL; SQLite has one writer anyway) and in key order: concurrent
+        # meterers update a usage row one after the other instead of losing one update.
         rows = {r.key: r for r in session.exec(select(DecayedUsage).where(
-            DecayedUsage.kind == kind, col(DecayedUsage.key).in_(keys)))}
+            DecayedUsage.kind == kind, col(DecayedUsage.key).in_(keys))
+            .order_by(DecayedUsage.key).with_for_update())}
         for key in keys:
             pcu, at = folded[(kind, key)]
             row = rows.get(key) or DecayedUsage(kind=kind, key=key, value=0.0, as_of=at)

@@ -103,8 +103,9 @@ def apply_entries(session: Session, rows: list[tuple[int, int, int, dt.datetime]
     totals: dict[int, int] = {}
     for _t, account, amount, _at in rows:
         totals[account] = totals.get(account, 0) + amount
-    for account, amount in totals.items():
-        # An increment, not read-modify-write: concurrent writers cannot lose an update.
+    # Increments, not read-modify-write, so concurrent writers cannot lose an update; in
+    # account order, so two writers lock balance rows in the same order and never deadlock.
+    for account, amount in sorted(totals.items()):
         session.execute(update(Balance).where(Balance.account_id == account)
                         .values(amount=Balance.amount + amount))
 

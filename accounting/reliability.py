@@ -67,7 +67,7 @@ def record_clean_time(session: Session, seconds_by_provider: dict[str, float], *
         return
     rows = session.exec(select(ProviderReliability).where(
         col(ProviderReliability.provider_id).in_(list(seconds_by_provider)),
-        ProviderReliability.penalty > 0)).all()
+        ProviderReliability.penalty > 0).order_by(ProviderReliability.provider_id)).all()
     for row in rows:
         decay = 0.5 ** (seconds_by_provider[row.provider_id] / half_life)
         session.exec(update(ProviderReliability)

@@ -5,6 +5,7 @@ charged exactly once (its usage periods tile it without gap or overlap)."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -20,6 +21,7 @@ from accounting.models import as_utc, create_lab, create_user
 from accounting.pricing import Resources, ensure_default_price
 from accounting.units import to_nano
 from federation.broker import db
+from tests.utils.postgres import fresh_database
 
 INTERVAL = 60.0
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -63,49 +65,62 @@ def check_coverage(session, leases: dict[str, LeaseUsage], now: dt.datetime) -> 
             assert (limit - cursor).total_seconds() < INTERVAL
 
 
+def run_history(url: str, ops: list) -> None:
+    """Play ``ops`` against a fresh database at ``url``, checking the books after each."""
+    engine = db.make_engine(url)
+    with db.session(engine) as s:
+        labs = [create_lab(s, name=f"lab{i}") for i in range(3)]
+        users = [create_user(s, name=f"user{i}", lab=labs[i]) for i in range(3)]
+        ensure_default_price(s)
+        for lab in labs:
+            grant(s, lab=lab, amount=to_nano(1000))
+        s.commit()
+        lab_ids = [lab.id for lab in labs]
+        user_ids = [u.id for u in users]
+    now = T0
+    leases: dict[str, LeaseUsage] = {}
+    for step in ops:
+        kind = step[0]
+        if kind == "start":
+            _, consumer, provider, cpus, gpus, model = step
+            lid = f"ls-{len(leases):04d}"
+            leases[lid] = LeaseUsage(lid, user_ids[consumer], lab_ids[consumer],
+                                     lab_ids[provider], f"prv-{provider}", now, None,
+                                     Resources(cpus, cpus * 2**30, gpus, model),
+                                     reliability=0.5 + 0.25 * provider)
+        elif kind == "advance":
+            now += dt.timedelta(seconds=step[1])
+        elif kind == "end":
+            running = [u for u in leases.values() if u.ended_at is None]
+            if running:
+                u = running[step[1] % len(running)]
+                leases[u.lease_id] = LeaseUsage(**{**u.__dict__, "ended_at": now})
+        elif kind == "restart":
+            engine.dispose()
+            engine = db.make_engine(url)
+        else:
+            for _attempt in range(2):  # a retried metering must add nothing
+                with db.session(engine) as s:
+                    meter(s, list(leases.values()), now=now, interval=INTERVAL)
+                    s.commit()
+        with db.session(engine) as s:
+            check_books(s)
+            if kind == "meter":
+                check_coverage(s, leases, now)
+    engine.dispose()
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(op, min_size=1, max_size=25))
 def test_ledger_invariants_hold_for_any_history(ops):
     with tempfile.TemporaryDirectory() as tmp:
-        url = f"sqlite:///{Path(tmp) / 'books.db'}"
-        engine = db.make_engine(url)
-        with db.session(engine) as s:
-            labs = [create_lab(s, name=f"lab{i}") for i in range(3)]
-            users = [create_user(s, name=f"user{i}", lab=labs[i]) for i in range(3)]
-            ensure_default_price(s)
-            for lab in labs:
-                grant(s, lab=lab, amount=to_nano(1000))
-            s.commit()
-            lab_ids = [lab.id for lab in labs]
-            user_ids = [u.id for u in users]
-        now = T0
-        leases: dict[str, LeaseUsage] = {}
-        for step in ops:
-            kind = step[0]
-            if kind == "start":
-                _, consumer, provider, cpus, gpus, model = step
-                lid = f"ls-{len(leases):04d}"
-                leases[lid] = LeaseUsage(lid, user_ids[consumer], lab_ids[consumer],
-                                         lab_ids[provider], f"prv-{provider}", now, None,
-                                         Resources(cpus, cpus * 2**30, gpus, model),
-                                         reliability=0.5 + 0.25 * provider)
-            elif kind == "advance":
-                now += dt.timedelta(seconds=step[1])
-            elif kind == "end":
-                running = [u for u in leases.values() if u.ended_at is None]
-                if running:
-                    u = running[step[1] % len(running)]
-                    leases[u.lease_id] = LeaseUsage(**{**u.__dict__, "ended_at": now})
-            elif kind == "restart":
-                engine.dispose()
-                engine = db.make_engine(url)
-            else:
-                for _attempt in range(2):  # a retried metering must add nothing
-                    with db.session(engine) as s:
-                        meter(s, list(leases.values()), now=now, interval=INTERVAL)
-                        s.commit()
-            with db.session(engine) as s:
-                check_books(s)
-                if kind == "meter":
-                    check_coverage(s, leases, now)
-        engine.dispose()
+        run_history(f"sqlite:///{Path(tmp) / 'books.db'}", ops)
+
+
+_pg_databases = itertools.count()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op, min_size=1, max_size=25))
+def test_ledger_invariants_hold_on_postgresql(postgres_server_url, ops):
+    run_history(fresh_database(postgres_server_url, f"prop_{next(_pg_databases)}"), ops)
