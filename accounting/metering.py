@@ -89,6 +89,21 @@ def _last_ends(session: Session, lease_ids: list[str]) -> dict[str, dt.datetime]
     return {k: as_utc(v) for k, v in out.items()}
 
 
+def _insert_transfers(session: Session, rows: list[dict]) -> list[int]:
+    """Insert transfers in bulk; their ids, in the order of ``rows``."""
+    conn = session.connection()
+    table = Transfer.__table__
+    if conn.dialect.name == "sqlite":
+        # SQLite numbers a new row max(rowid) + 1 and admits one writer at a time, so the rows
+        # of one statement in our write transaction get consecutive ids ending at max(id).
+        # RETURNING in parameter order would cost one statement per row here.
+        conn.execute(insert(table), rows)
+        last = conn.execute(select(func.max(table.c.id))).scalar_one()
+        return list(range(last - len(rows) + 1, last + 1))
+    return list(conn.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                             rows).scalars())
+
+
 def periods(start: dt.datetime, end: dt.datetime | None, now: dt.datetime,
             interval: float) -> list[tuple[dt.datetime, dt.datetime]]:
     """The periods to meter from ``start``: whole ones up to ``now``, and the rest at the end."""
@@ -133,6 +148,18 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
     federation = system_account(session, AccountKind.federation).id
     fees = {v.id: v.fee_fraction for v in versions}
     cloud = cloud or CloudPrices()
+    # Leases come in few sizes: price each (version, size) once per pass, not per lease.
+    shapes: dict[tuple[int, Resources], tuple[float, str | None, float]] = {}
+
+    def shape(price: PriceVersion, res: Resources) -> tuple[float, str | None, float]:
+        key = (price.id, res)
+        if key not in shapes:
+            cls = gpu_class(price, res.gpu_model)[0] if res.gpus else None
+            shapes[key] = (pcu_per_hour(price, res), cls,
+                           cloud.cost(cpus=res.cpus, memory=res.memory, gpus=res.gpus,
+                                      gpu_class=cls, seconds=3600))
+        return shapes[key]
+
     records: list[dict] = []
     for usage in leases:
         start = last.get(usage.lease_id, as_utc(usage.started_at))
@@ -140,11 +167,10 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
         res = usage.resources
         for p_start, p_end in periods(start, ended, now, interval):
             price = versions[max(0, bisect.bisect_right(starts, p_start) - 1)]
-            rate = pcu_per_hour(price, res)
+            rate, cls, cloud_hourly = shape(price, res)
             seconds = (p_end - p_start).total_seconds()
             charge = to_nano(rate * seconds / 3600)
             self_use = usage.consumer_lab_id == usage.provider_lab_id
-            cls = gpu_class(price, res.gpu_model)[0] if res.gpus else None
             records.append({
                 "lease_id": usage.lease_id, "period_start": p_start, "period_end": p_end,
                 "seconds": seconds, "cpus": res.cpus, "memory": res.memory, "gpus": res.gpus,
@@ -152,8 +178,7 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
                 "gpu_class": cls, "pcu_per_hour": rate, "charge": charge,
                 "earned": 0 if self_use else int(
                     charge * (1 - fees[price.id]) * usage.reliability),
-                "cloud_cost": cloud.cost(cpus=res.cpus, memory=res.memory, gpus=res.gpus,
-                                         gpu_class=cls, seconds=seconds),
+                "cloud_cost": cloud_hourly * seconds / 3600,
                 "consumer_lab_id": usage.consumer_lab_id,
                 "provider_lab_id": usage.provider_lab_id, "provider_id": usage.provider_id,
                 "user_id": usage.user_id,
@@ -165,12 +190,10 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
     charged = [r for r in records if not r["self_use"] and r["charge"] > 0]
     if charged:
         # Core inserts: a pass over thousands of leases must not build thousands of ORM objects.
-        table = Transfer.__table__
-        ids = session.connection().execute(
-            insert(table).returning(table.c.id, sort_by_parameter_order=True),
-            [{"kind": TransferKind.usage, "created_at": r["period_end"],
-              "memo": f"lease {r['lease_id']} {r['period_start']:%Y-%m-%d %H:%M:%S}"
-                      f"–{r['period_end']:%H:%M:%S}"} for r in charged]).scalars().all()
+        ids = _insert_transfers(session, [
+            {"kind": TransferKind.usage, "created_at": r["period_end"],
+             "memo": f"lease {r['lease_id']} {r['period_start']:%Y-%m-%d %H:%M:%S}"
+                     f"–{r['period_end']:%H:%M:%S}"} for r in charged])
         entries = []
         for record, transfer_id in zip(charged, ids, strict=True):
             record["transfer_id"] = transfer_id
