@@ -86,8 +86,15 @@ def cmd_broker(args: argparse.Namespace) -> int:
                               fair_share_half_life=args.fair_share_half_life * 3600,
                               reliability_half_life=args.reliability_half_life * 3600,
                               cloud_prices=cloud_prices,
+                              hub_api_url=args.hub_api_url or None,
+                              hub_service_name=args.hub_service_name,
+                              hub_token_cache=args.hub_token_cache,
                               poll_timeout=min(20.0, max(1.0, args.provider_timeout / 2)))
     app = create_app(db_url, settings)
+    if args.base_path.strip("/"):
+        from .broker.app import StripPrefix
+
+        app = StripPrefix(app, args.base_path)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -252,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reliability-half-life", type=float, default=24.0,
                    help="Hours of clean lease time served that halve a provider's reliability "
                         "penalty from lost and failed leases (default 24).")
+    b.add_argument("--hub-api-url", default=os.environ.get("JUPYTERHUB_API_URL", ""),
+                   help="JupyterHub API URL whose user tokens the broker accepts (default "
+                        "JUPYTERHUB_API_URL, set when the hub runs the broker as a service; "
+                        "empty: Parallex tokens only).")
+    b.add_argument("--hub-service-name",
+                   default=os.environ.get("JUPYTERHUB_SERVICE_NAME") or "parallex",
+                   help="Service name in the scope a hub token needs, "
+                        "access:services!service=NAME (default parallex).")
+    b.add_argument("--hub-token-cache", type=float, default=60.0,
+                   help="Seconds a hub token's owner is remembered before the hub is asked "
+                        "again (default 60).")
+    b.add_argument("--base-path", default=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", ""),
+                   help="Also serve the API under this path prefix, e.g. /services/parallex/ "
+                        "behind JupyterHub's proxy (default JUPYTERHUB_SERVICE_PREFIX; empty: "
+                        "only at the root).")
     b.add_argument("--cloud-prices", metavar="FILE",
                    help="YAML table of reference on-demand cloud prices used for the savings "
                         "figures (default: the shipped accounting/cloud_prices.yaml).")

@@ -18,6 +18,7 @@ from accounting.models import utcnow
 from . import db
 from .auth import hash_token
 from .errors import ApiError
+from .hub_tokens import HubTokenChecker
 from .models import ApiToken, TokenKind
 from .routes_accounting import router as accounting_router
 from .routes_admin import router as admin_router
@@ -98,6 +99,9 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                   redoc_url=None)
     app.state.broker = broker
     app.state.session = broker.session
+    app.state.hub_tokens = (HubTokenChecker(settings.hub_api_url, settings.hub_service_name,
+                                            settings.hub_token_cache)
+                            if settings.hub_api_url else None)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -135,3 +139,20 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.include_router(accounting_router, prefix=API_PREFIX)
     app.include_router(labs_router, prefix=API_PREFIX)
     return app
+
+
+class StripPrefix:
+    """Serve the app under ``prefix`` as well (JupyterHub's proxy keeps /services/<name>/ in
+    the paths it forwards to a service)."""
+
+    def __init__(self, app, prefix: str):
+        self.app = app
+        self.prefix = "/" + prefix.strip("/")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            path = scope["path"]
+            if path == self.prefix or path.startswith(self.prefix + "/"):
+                scope = dict(scope, path=path[len(self.prefix):] or "/")
+                scope["raw_path"] = scope["path"].encode()
+        await self.app(scope, receive, send)

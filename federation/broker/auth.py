@@ -1,7 +1,8 @@
 """Who is calling: token hashing, issue and revoke, and the one place requests are authenticated.
 
 Tokens are shown once and stored as SHA-256 hashes: they are long random strings, so a plain
-hash is enough and lookups stay one indexed query. Later issues add JupyterHub tokens here.
+hash is enough and lookups stay one indexed query. JupyterHub tokens are accepted too, when the
+broker knows its hub (hub_tokens.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from sqlmodel import Session, select
 from accounting.models import Lab, Membership, Role, User, utcnow
 
 from .errors import ApiError
+from .hub_tokens import HubIdentity
 from .models import ApiToken, TokenKind
 
 TOKEN_PREFIX = "px_"
@@ -87,6 +89,9 @@ def authenticate(request: Request) -> Principal:
         row = session.exec(
             select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
         if row is None:
+            hub = getattr(request.app.state, "hub_tokens", None)
+            if hub is not None and not secret.startswith(TOKEN_PREFIX):
+                return _hub_principal(session, hub.identify(secret))
             raise ApiError(401, "bad-token", "this token is not known to the broker; ask your "
                            "administrator for a new one")
         if row.revoked_at is not None:
@@ -106,6 +111,20 @@ def authenticate(request: Request) -> Principal:
             user_name=user.name if user else None,
             role=member.role if member else None,
         )
+
+
+def _hub_principal(session: Session, identity: HubIdentity) -> Principal:
+    """The Parallex user behind a JupyterHub identity (same name, written at hub login)."""
+    user = session.exec(select(User).where(User.name == identity.name)).first()
+    if user is None:
+        raise ApiError(403, "no-lab", f"hub user {identity.name} belongs to no Parallex lab "
+                       "yet; sign out of the hub and in again so your lab membership is "
+                       "registered, or ask your lab's PI")
+    lab = session.get(Lab, user.lab_id)
+    member = session.get(Membership, (user.id, lab.id))
+    return Principal(kind=TokenKind.user, token_id=f"hub:{identity.name}", lab_id=lab.id,
+                     lab_name=lab.name, user_id=user.id, user_name=user.name,
+                     role=member.role if member else None)
 
 
 def _require(*kinds: TokenKind):

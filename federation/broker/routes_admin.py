@@ -91,7 +91,8 @@ class MemberSet(SQLModel):
 @router.put("/labs/{lab}/members/{user}")
 def set_member(lab: str, user: str, body: MemberSet, request: Request,
                _admin: Principal = Depends(require_admin)) -> dict:
-    """Add a user to a lab (created if new) or change their role and quotas there."""
+    """Add a user to a lab (created if new) or change their role and quotas there; fields
+    left out of the request keep their value."""
     with request.app.state.session() as s:
         lab_row = _lab_by_name(s, lab)
         user_row = s.exec(select(User).where(User.name == user)).first()
@@ -99,7 +100,10 @@ def set_member(lab: str, user: str, body: MemberSet, request: Request,
             user_row = create_user(s, name=user, lab=lab_row, role=body.role)
         member = s.get(Membership, (user_row.id, lab_row.id)) or Membership(
             user_id=user_row.id, lab_id=lab_row.id)
-        member.role, member.max_cpus, member.max_gpus = body.role, body.max_cpus, body.max_gpus
+        # Only what the request names changes: the hub's login sync sends the role alone and
+        # must not clear quotas an administrator set.
+        for name in body.model_fields_set & {"role", "max_cpus", "max_gpus"}:
+            setattr(member, name, getattr(body, name))
         s.add(member)
         s.commit()
         return {"lab": lab_row.name, "user": user_row.name, "role": member.role.value,

@@ -66,6 +66,9 @@ class BrokerSettings:
     fair_share_half_life: float = 7 * 24 * 3600.0
     reliability_half_life: float = reliability.DEFAULT_RELIABILITY_HALF_LIFE
     cloud_prices: CloudPrices = field(default_factory=load_cloud_prices)
+    hub_api_url: str | None = None
+    hub_service_name: str = "parallex"
+    hub_token_cache: float = 60.0
 
 
 class Broker:

@@ -1,0 +1,122 @@
+"""Sign-in through real institutional identity providers into a real JupyterHub, and the
+broker (the hub's managed service) accepting hub tokens only with its scope."""
+
+from __future__ import annotations
+
+import html
+
+import httpx
+import pytest
+
+from tests.utils.hub import start_hub
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    running = start_hub(tmp_path_factory.mktemp("hub"))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(autouse=True)
+def honest_relays(hub):
+    """Every test starts with relays that pass the providers' answers through unchanged."""
+    for inst in hub.institutions.values():
+        inst.relay.mode = None
+    yield
+    for inst in hub.institutions.values():
+        inst.relay.mode = None
+
+
+def broker_whoami(hub, token: str) -> httpx.Response:
+    return httpx.get(f"{hub.broker_url}/api/v1/whoami", timeout=30,
+                     headers={"Authorization": f"Bearer {token}"})
+
+
+def test_picker_lists_both_institutions(hub):
+    page = httpx.get(f"{hub.url}/hub/login", timeout=30)
+    assert page.status_code == 200
+    assert "North University" in page.text and "South Institute" in page.text
+    assert "institution=north" in page.text
+
+
+def test_login_through_each_institution_lands_with_username_groups_and_lab(hub):
+    landed = hub.login("north", "alice", "alice-pw")
+    assert landed.status_code == 200 and str(landed.url).endswith("/hub/home"), landed.text[:500]
+    assert "alice@north" in hub.users()
+    assert hub.groups_of("alice@north") == {"north-physics"}
+
+    # The same local name at another institution is another person.
+    landed = hub.login("south", "alice", "alice-pw")
+    assert landed.status_code == 200 and str(landed.url).endswith("/hub/home")
+    assert hub.groups_of("alice@south") == {"south-chemistry"}
+
+    pi = hub.login("north", "petra", "petra-pw")
+    assert pi.status_code == 200
+    assert hub.groups_of("petra@north") == {"north-physics", "north-physics-pis"}
+    admin = hub.login("south", "root", "root-pw")
+    assert admin.status_code == 200
+    assert hub.groups_of("root@south") == {"south-hpc", "south-hpc-pis", "parallex-admins"}
+    assert hub.api("GET", "/users/root@south").json()["admin"] is True
+
+    # The memberships were written into the broker's books, with their roles.
+    with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30,
+                      headers={"Authorization": f"Bearer {hub.admin_token}"}) as broker:
+        members = broker.get("/labs/north-physics/members").json()["members"]
+        assert {(m["user"], m["role"]) for m in members} == {("alice@north", "member"),
+                                                             ("petra@north", "pi")}
+
+
+@pytest.mark.parametrize(("mode", "says"), [
+    ("tamper", "signature does not match North University's keys"),
+    ("wrong_issuer", "was issued by another provider"),
+    ("expired", "has expired"),
+    ("nonce", "does not belong to this sign-in (nonce mismatch)"),
+    ("wrong_audience", "was meant for another application"),
+])
+def test_bad_id_tokens_are_refused_and_create_no_user(hub, mode, says):
+    hub.institutions["north"].relay.mode = mode
+    before = hub.users()
+    page = hub.login("north", "newcomer", "newcomer-pw")
+    assert page.status_code == 403, page.text[:500]
+    assert says in html.unescape(page.text)
+    assert hub.users() == before
+
+
+def test_unknown_institution_and_user_without_lab_are_refused(hub):
+    before = hub.users()
+    page = httpx.get(f"{hub.url}/hub/login", params={"institution": "atlantis"}, timeout=30)
+    assert page.status_code == 400
+    text = html.unescape(page.text)
+    assert "There is no institution 'atlantis'" in text and "North University" in text
+
+    page = hub.login("north", "nolab", "nolab-pw")
+    assert page.status_code == 403
+    assert "not linked to any lab that takes part in Parallex" in page.text
+    assert "rc-help@north.example.edu" in page.text  # whom to ask
+    assert hub.users() == before
+
+
+def test_broker_accepts_hub_tokens_only_with_its_scope(hub):
+    assert hub.login("north", "alice", "alice-pw").status_code == 200
+    scoped = hub.api("POST", "/users/alice@north/tokens",
+                     json={"scopes": ["access:services!service=parallex"]})
+    assert scoped.status_code == 201, scoped.text
+    me = broker_whoami(hub, scoped.json()["token"])
+    assert me.status_code == 200, me.text
+    assert me.json() | {"token_id": None} == {"kind": "user", "lab": "north-physics",
+                                              "user": "alice@north", "role": "member",
+                                              "token_id": None}
+
+    unscoped = hub.api("POST", "/users/alice@north/tokens",
+                       json={"scopes": ["read:users!user=alice@north"]})
+    assert unscoped.status_code == 201, unscoped.text
+    refused = broker_whoami(hub, unscoped.json()["token"])
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "missing-scope"
+    assert "access:services!service=parallex" in refused.json()["message"]
+
+    bogus = broker_whoami(hub, "not-a-token-of-anyone")
+    assert bogus.status_code == 401
