@@ -54,9 +54,23 @@ class WorkerGroup:
 
 
 class FederatedAdaptive(Adaptive):
-    """Dask's Adaptive, but releasing leases before retiring their workers (see _retire)."""
+    """Dask's Adaptive, but releasing leases before retiring their workers (see _retire),
+    touching only the default group (named groups, e.g. a %%remote worker, are held on
+    purpose), and keeping a refusal (credit, quota) on ``cluster.scale_error`` instead of
+    logging it every second."""
+
+    async def scale_up(self, n: int) -> None:
+        try:
+            await super().scale_up(n)
+        except errors.ParallexError as exc:
+            if str(exc) != str(self.cluster.scale_error):
+                logger.warning("adaptive scale-up refused: %s", exc)
+            self.cluster.scale_error = exc
+        else:
+            self.cluster.scale_error = None
 
     async def scale_down(self, workers: list[str]) -> None:
+        workers = [w for w in workers if self.cluster.group_of_worker(w) == "default"]
         if workers:
             await self.cluster.scale_down(workers)
 
@@ -124,6 +138,7 @@ class FederatedCluster(Cluster):
         self.guard: SchedulerGuard | None = None
         self.authority: ClusterAuthority | None = None
         self.cluster_id: str | None = None
+        self.scale_error: errors.ParallexError | None = None
         super().__init__(asynchronous=asynchronous, loop=loop, quiet=quiet, name=name)
         if not self.called_from_running_loop:
             self._loop_runner.start()
@@ -402,6 +417,55 @@ class FederatedCluster(Cluster):
             group = self._groups[self._leases[lid]["group"]]
             group.desired = max(0, group.desired - 1)
         await self._retire(sorted(leases))
+
+    def group_of_worker(self, worker: str) -> str | None:
+        """The group of a worker (by name or address), None when it is not ours."""
+        name = worker
+        if self.scheduler is not None and worker in self.scheduler.workers:
+            name = self.scheduler.workers[worker].name
+        lease = self._leases.get(lease_of(str(name)))
+        return lease["group"] if lease else None
+
+    def hold(self, group: str, *, cpus: float | None = None, memory: str | int | None = None,
+             gpus: int = 0, gpu_model: str | None = None, timeout: float | None = None) -> str:
+        """Keep one worker in the named ``group`` (adaptive scaling leaves it alone) and
+        return its address once it is connected."""
+        return self.sync(self._hold, group, cpus, memory, gpus, gpu_model, timeout)
+
+    async def _hold(self, name, cpus, memory, gpus, gpu_model, timeout) -> str:
+        default = self._groups["default"]
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = WorkerGroup(
+                name, float(cpus) if cpus is not None else default.cpus,
+                parse_memory(memory) if memory is not None else default.memory,
+                int(gpus), gpu_model)
+        if group.desired < 1:
+            group.desired = 1
+            try:
+                await self._correct_state()
+            except BaseException:
+                group.desired = 0
+                raise
+        loop = asyncio.get_running_loop()
+        timeout = self.lease_start_timeout if timeout is None else float(timeout)
+        deadline = loop.time() + timeout
+        while True:
+            for address, ws in self.scheduler.workers.items():
+                if ws.status == Status.running and self.group_of_worker(address) == name:
+                    return address
+            if loop.time() > deadline:
+                raise errors.LeaseStartTimeout(self._start_timeout_message(1, timeout))
+            await asyncio.sleep(0.05)
+
+    def release(self, group: str) -> None:
+        """Give back the workers of a named group."""
+        return self.sync(self._release_group, group)
+
+    async def _release_group(self, name: str) -> None:
+        if name in self._groups and name != "default":
+            self._groups[name].desired = 0
+            await self._correct_state()
 
     def adapt(self, Adaptive: type[Adaptive] | None = None, **kwargs: Any) -> Adaptive:
         """Scale between ``minimum`` and ``maximum`` workers with Dask's adaptive policy."""

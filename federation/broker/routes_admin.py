@@ -40,11 +40,22 @@ def _lab_by_name(session, name: str) -> Lab:
 
 
 @router.get("/whoami")
-def whoami(principal: Principal = Depends(authenticate)) -> dict:
-    """Who the token belongs to."""
+def whoami(request: Request, principal: Principal = Depends(authenticate)) -> dict:
+    """Who the token belongs to, and the most CPUs and GPUs they may hold at once (the
+    tighter of their own and their lab's quota; None means no limit)."""
+    max_cpus = max_gpus = None
+    if principal.user_id is not None and principal.lab_id is not None:
+        with request.app.state.session() as s:
+            lab = s.get(Lab, principal.lab_id)
+            member = s.get(Membership, (principal.user_id, principal.lab_id))
+            limits = [x for x in (lab, member) if x is not None]
+            cpus = [x.max_cpus for x in limits if x.max_cpus is not None]
+            gpus = [x.max_gpus for x in limits if x.max_gpus is not None]
+            max_cpus, max_gpus = (min(cpus) if cpus else None), (min(gpus) if gpus else None)
     return {"kind": principal.kind.value, "token_id": principal.token_id,
             "lab": principal.lab_name, "user": principal.user_name,
-            "role": principal.role.value if principal.role else None}
+            "role": principal.role.value if principal.role else None,
+            "max_cpus": max_cpus, "max_gpus": max_gpus}
 
 
 @router.post("/labs", status_code=201, response_model=LabPublic)

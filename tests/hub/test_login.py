@@ -108,7 +108,8 @@ def test_broker_accepts_hub_tokens_only_with_its_scope(hub):
     assert me.status_code == 200, me.text
     assert me.json() | {"token_id": None} == {"kind": "user", "lab": "north-physics",
                                               "user": "alice@north", "role": "member",
-                                              "token_id": None}
+                                              "token_id": None, "max_cpus": None,
+                                              "max_gpus": None}
 
     unscoped = hub.api("POST", "/users/alice@north/tokens",
                        json={"scopes": ["read:users!user=alice@north"]})

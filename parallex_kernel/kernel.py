@@ -1,0 +1,50 @@
+"""ParallexKernel: an IPython kernel whose dask work runs on the federation's pooled machines."""
+
+from __future__ import annotations
+
+import sys
+
+from ipykernel.ipkernel import IPythonKernel
+
+from .magics import ParallexMagics
+from .pool import Pool
+
+
+class ParallexKernel(IPythonKernel):
+    """IPython plus a FederatedCluster prepared in the background (see pool.Pool)."""
+
+    implementation = "parallex"
+    implementation_version = "0.1"
+    banner = ("Parallex kernel: dask runs on your federation's pooled machines "
+              "(%parallex shows the pool, %parallex help the commands).")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.pool = Pool()
+        self.shell.register_magics(ParallexMagics(self.shell, self.pool))
+        self.shell.user_ns["parallex_pool"] = self.pool
+        self.shell.events.register("pre_run_cell", self._tell_pool_news)
+        self._told: set[str] = set()
+        self.pool.start()
+
+    def _tell_pool_news(self, info=None) -> None:
+        """Say once, before a cell runs, why dask runs locally or why scaling was refused."""
+        news = []
+        if self.pool.ready.is_set() and self.pool.state == "local" and self.pool.problem:
+            news.append(f"Parallex: {self.pool.problem}. Dask runs in this kernel.")
+        cluster = self.pool.cluster
+        if cluster is not None and cluster.scale_error is not None:
+            news.append(f"Parallex: no new workers — {cluster.scale_error}")
+        for line in news:
+            if line not in self._told:
+                self._told.add(line)
+                print(line, file=sys.stderr)
+
+    def do_shutdown(self, restart):
+        # Leases end with the kernel; the broker would end them after the cluster timeout
+        # anyway, but an orderly close frees them at once.
+        try:
+            self.pool.stop()
+        except Exception:  # shutting down must not fail because the broker did
+            self.log.exception("closing the Parallex cluster failed")
+        return super().do_shutdown(restart)

@@ -1,0 +1,175 @@
+"""The kernel's connection to the pool: a FederatedCluster prepared in the background.
+
+The kernel answers at once; the cluster is made on a background thread, scales adaptively from
+0 to the user's quota (an idle notebook holds no workers and costs nothing) and its client
+becomes dask's default. Anything that stops it — no broker configured, broker unreachable,
+token refused, lab over its credit limit — is kept as a message, and dask keeps running
+locally in the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import threading
+from decimal import Decimal
+from typing import Any
+
+import dask
+from dask.threaded import get as threaded_get
+
+from federation import FederatedCluster, errors
+from federation import config as parallex_config
+from federation.client import BrokerClient
+
+logger = logging.getLogger("parallex.kernel")
+
+DEFAULT_MAX_WORKERS = 8
+
+
+def kernel_token() -> str | None:
+    """PARALLEX_TOKEN, else the notebook server's JupyterHub token (the hub gives it the
+    broker's scope)."""
+    return os.environ.get("PARALLEX_TOKEN") or os.environ.get("JUPYTERHUB_API_TOKEN")
+
+
+class Pool:
+    """State of the kernel's pool connection: starting, ready, local (with a reason) or stopped."""
+
+    def __init__(self, broker_url: str | None = None, token: str | None = None,
+                 max_workers: int | None = None):
+        self.broker_url = parallex_config.broker_url(broker_url)
+        self.token = token or kernel_token()
+        self.max_workers_setting = max_workers
+        self.state = "starting"
+        self.problem: str | None = None
+        self.cluster: FederatedCluster | None = None
+        self.client: Any = None
+        self.me: dict = {}
+        self.adapt_range: tuple[int, int] = (0, 0)
+        self.ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- start and stop -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background; returns at once. Dask work submitted before the
+        connection is ready waits for it (see _get_when_ready)."""
+        dask.config.set(scheduler=self._get_when_ready)
+        self._thread = threading.Thread(target=self._connect, name="parallex-pool", daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> None:
+        try:
+            self._connect_or_raise()
+        except errors.ParallexError as exc:
+            self._go_local(str(exc))
+        except Exception as exc:  # a kernel must survive whatever the pool does
+            logger.exception("could not prepare the Parallex cluster")
+            self._go_local(f"{exc.__class__.__name__}: {exc}")
+        finally:
+            self.ready.set()
+
+    def _connect_or_raise(self) -> None:
+        if not self.broker_url:
+            raise errors.ParallexError("PARALLEX_BROKER_URL is not set, so this kernel is not "
+                                       "connected to a Parallex federation")
+        if not self.token:
+            raise errors.TokenRefused("no token: set PARALLEX_TOKEN (JupyterHub servers get "
+                                      "JUPYTERHUB_API_TOKEN automatically)")
+        broker = BrokerClient(self.broker_url, self.token)
+        try:
+            self.me = broker.request("GET", "/whoami")
+            if self.me.get("lab"):
+                books = broker.request("GET", f"/labs/{self.me['lab']}/balance")
+                balance, limit = Decimal(books["balance"]), Decimal(books["credit_limit"])
+                if balance < -limit:
+                    raise errors.CreditLimitExceeded(
+                        f"lab {self.me['lab']} is over its credit limit (balance "
+                        f"{balance:,.2f} PCU, limit {limit:,.2f} PCU), so no new workers can "
+                        "start; ask your PI")
+        finally:
+            broker.close()
+        from distributed import Client
+
+        cluster = FederatedCluster(self.broker_url, self.token, quiet=True,
+                                   name=f"kernel-{os.getpid()}")
+        try:
+            maximum = self._max_workers(cluster)
+            cluster.adapt(minimum=0, maximum=maximum)
+            client = Client(cluster, set_as_default=True)
+        except BaseException:
+            cluster.close()
+            raise
+        self.cluster, self.client = cluster, client
+        self.adapt_range = (0, maximum)
+        self.state = "ready"
+
+    def _max_workers(self, cluster: FederatedCluster) -> int:
+        if self.max_workers_setting:
+            return self.max_workers_setting
+        configured = int(dask.config.get("parallex.kernel.max-workers", DEFAULT_MAX_WORKERS))
+        quota = self.me.get("max_cpus")
+        if quota is None:
+            return configured
+        return max(0, math.floor(float(quota) / cluster._groups["default"].cpus))
+
+    def _get_when_ready(self, dsk, keys, **kwargs):
+        """Dask's scheduler until the pool is ready: wait for it, then run there (or, if it
+        could not be had, in local threads). The Client replaces it once connected."""
+        if not self.ready.is_set():
+            print("Parallex: waiting for the pool connection…", file=sys.stderr, flush=True)
+        self.ready.wait(float(dask.config.get("parallex.kernel.connect-timeout", 120)))
+        if self.client is not None:
+            return self.client.get(dsk, keys, **kwargs)
+        return threaded_get(dsk, keys, **kwargs)
+
+    def _go_local(self, reason: str) -> None:
+        self.state = "local"
+        self.problem = reason
+        # Dask's own default (threads in this process) keeps plain dask code working.
+        dask.config.set(scheduler="threads")
+
+    def stop(self) -> None:
+        """Close the client and the cluster (all leases end); dask runs locally after this."""
+        self.ready.wait(120)
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+        self.client = self.cluster = None
+        if self.state == "ready":
+            self.state = "stopped"
+            self.problem = "the pool was stopped with %parallex stop"
+            dask.config.set(scheduler="threads")
+
+    # ---- what the magics show -----------------------------------------------------------
+
+    def status(self) -> dict:
+        """Workers by lab, CPUs and GPUs held, cost so far and the lab's balance."""
+        out: dict[str, Any] = {"state": self.state, "problem": self.problem,
+                               "user": self.me.get("user"), "lab": self.me.get("lab")}
+        if self.cluster is None:
+            return out
+        held = [le for le in self.cluster.leases if le["state"] in ("starting", "running")]
+        out.update(workers_by_lab=self.cluster.workers_by_lab(),
+                   cpus=sum(le["cpus"] for le in held), gpus=sum(le["gpus"] for le in held),
+                   pending=sum(1 for le in self.cluster.leases if le["state"] == "pending"),
+                   adapt=self.adapt_range,
+                   scale_error=str(self.cluster.scale_error) if self.cluster.scale_error
+                   else None,
+                   dashboard=self.cluster.dashboard_link)
+        try:
+            cost = self.cluster.cost_details()
+            out.update(cost_pcu=cost["pcu"], pcu_per_hour=cost["pcu_per_hour"])
+            broker = BrokerClient(self.broker_url, self.token)
+            try:
+                out["balance"] = broker.request("GET", f"/labs/{self.me['lab']}/balance")[
+                    "balance"]
+            finally:
+                broker.close()
+        except errors.ParallexError as exc:
+            out["books_error"] = str(exc)
+        return out

@@ -1,0 +1,130 @@
+"""The Parallex kernel, started through jupyter_client against a local federation: plain dask
+code runs on pool workers, %parallex reports, %%remote round-trips variables and streams
+output, and without a usable broker the kernel says why and keeps working locally."""
+
+from __future__ import annotations
+
+import pytest
+
+from federation import FederatedCluster
+from tests.utils.federation import make_federation
+from tests.utils.kernels import parallex_kernel, run
+from tests.utils.procs import wait_until
+
+
+@pytest.fixture
+def lab_with_agent(tmp_path):
+    """lab-a (alice) with one 2-CPU agent; workers of the default size (1 CPU, 2 GiB)."""
+    fed = make_federation(tmp_path, provider_timeout=5, cluster_timeout=10)
+    try:
+        fed.add_lab("lab-a", user="alice")
+        fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB")
+        yield fed
+    finally:
+        fed.stop()
+
+
+def test_dask_on_the_pool_status_and_remote_cells(lab_with_agent, tmp_path):
+    fed = lab_with_agent
+    env = {"PARALLEX_BROKER_URL": fed.url, "PARALLEX_TOKEN": fed.user_tokens["alice"]}
+    with parallex_kernel(tmp_path / "k", env) as (_km, kc):
+        assert run(kc, "1 + 1").status == "ok"  # answers while the pool is still starting
+
+        out = run(kc, "import dask.array as da\n"
+                      "total = int(da.arange(100_000, chunks=10_000).sum().compute())\n"
+                      "print(total)\n"
+                      "print(sorted(parallex_pool.cluster.workers_by_lab().items()))")
+        assert out.status == "ok", out.error
+        assert "4999950000" in out.stdout
+        assert "('lab-a', " in out.stdout  # computed on a pool worker of lab-a
+
+        status = run(kc, "%parallex")
+        assert "alice (lab-a)" in status.stdout and "adaptive 0–8" in status.stdout
+        assert "lab balance" in status.stdout, status.stdout + status.stderr
+
+        # %%remote: reads go there, assignments come back, output streams while it runs.
+        run(kc, "a = 21")
+        remote = run(kc, "%%remote\n"
+                         "import os, time\n"
+                         "b = a * 2\n"
+                         "remote_pid = os.getpid()\n"
+                         "for i in range(3):\n"
+                         "    print('tick', i, flush=True)\n"
+                         "    time.sleep(0.4)\n")
+        assert remote.status == "ok", remote.error + remote.stderr
+        assert [c for c in remote.chunks if "tick" in c] and "tick 2" in remote.stdout
+        assert len([c for c in remote.chunks if "tick" in c]) >= 2  # streamed, not at the end
+        back = run(kc, "print(b, remote_pid != os.getpid() if 'os' in dir() else remote_pid)")
+        assert back.stdout.split()[0] == "42"
+        # The remote namespace persists: a name deleted here is still there.
+        run(kc, "del b")
+        again = run(kc, "%%remote\nprint('b is still', b)")
+        assert "b is still 42" in again.stdout, again.stderr
+        failed = run(kc, "%%remote\n1 / 0")
+        assert "ZeroDivisionError" in failed.stderr and "failed on the worker" in failed.stderr
+        assert run(kc, "print(a)").stdout.strip() == "21"  # the kernel carries on
+
+        stopped = run(kc, "%parallex stop")
+        assert "every worker was given back" in stopped.stdout
+        local = run(kc, "print(int(da.ones(10, chunks=5).sum().compute()))")
+        assert local.stdout.strip() == "10"
+
+    # The kernel's cluster ended its leases when it stopped.
+    admin = fed.admin()
+    try:
+        wait_until(lambda: not [c for c in admin.request("GET", "/clusters")], 30,
+                   "the kernel's cluster to close")
+    finally:
+        admin.close()
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("unreachable", "cannot reach the Parallex broker"),
+    ("bad-token", "not known to the broker"),
+])
+def test_kernel_explains_and_keeps_working_locally(lab_with_agent, tmp_path, case, expected):
+    fed = lab_with_agent
+    env = {"PARALLEX_BROKER_URL": fed.url, "PARALLEX_TOKEN": fed.user_tokens["alice"]}
+    if case == "unreachable":
+        env["PARALLEX_BROKER_URL"] = "http://127.0.0.1:9"
+    else:
+        env["PARALLEX_TOKEN"] = "px_not-a-real-token"
+    check_local_kernel(tmp_path, env, expected)
+
+
+def test_kernel_over_credit_limit_explains_and_keeps_working_locally(tmp_path):
+    """lab-a has no grant and spends on lab-b's machine at 1 PCU per CPU-second."""
+    fed = make_federation(tmp_path, provider_timeout=5, cluster_timeout=10,
+                          broker_args=("--initial-grant", "0", "--metering-interval", "1"))
+    try:
+        fed.add_lab("lab-a", user="alice")
+        fed.add_lab("lab-b", user="bob")
+        fed.add_agent("lab-b", "agent-b", cpus=2, memory="4 GiB")
+        admin = fed.admin()
+        try:
+            admin.request("POST", "/prices", json={"w_cpu": 3600, "w_mem_gib": 0})
+        finally:
+            admin.close()
+        with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                              heartbeat_interval=0.5) as cluster:
+            cluster.scale(1)
+            cluster.wait_for_workers(1, timeout=60)
+            wait_until(lambda: fed.balance("lab-a") < 0, 30, "lab-a to go below zero")
+        env = {"PARALLEX_BROKER_URL": fed.url, "PARALLEX_TOKEN": fed.user_tokens["alice"]}
+        check_local_kernel(tmp_path, env, "lab lab-a is over its credit limit")
+    finally:
+        fed.stop()
+
+
+def check_local_kernel(tmp_path, env: dict, expected: str) -> None:
+    with parallex_kernel(tmp_path / "k", env) as (_km, kc):
+        first = run(kc, "import dask.array as da\n"
+                        "print(int(da.arange(1000, chunks=100).sum().compute()))")
+        assert first.status == "ok", first.error
+        assert first.stdout.strip() == "499500"
+        status = run(kc, "%parallex").stdout
+        assert status.startswith("Parallex: local"), status
+        assert expected in status
+        # The reason is also told once, before a cell, without being asked.
+        told = run(kc, "x = 1")
+        assert expected in first.stderr + told.stderr
