@@ -310,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Number of demo labs, one provider agent each (default 2).")
     u.add_argument("--port", type=int, default=0, help="Broker port; 0 picks a free one "
                    "(default 0).")
+    u.add_argument("--hub-port", type=int, default=8000,
+                   help="JupyterHub's public port; 0 picks a free one (default 8000).")
+    u.add_argument("--no-hub", action="store_true",
+                   help="Start only the broker and the agents, without JupyterHub and the "
+                        "demo identity providers.")
     u.add_argument("--cpus", type=float, default=None,
                    help="CPUs each demo provider offers (default: all of this machine's).")
     u.add_argument("--memory", default=None,

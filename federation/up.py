@@ -1,8 +1,10 @@
 """`parallex up`: a whole federation on this machine, for trying Parallex and for development.
 
-Starts a broker and one provider agent per demo lab as child processes, creates the labs, a
-demo user per lab and their tokens through the admin API, writes DIR/demo.env, and stops every
-child (agents first, so their workers end cleanly) on Ctrl-C or SIGTERM.
+Starts two demo institutions' identity providers, JupyterHub (behind configurable-http-proxy,
+running the broker as its service) and one provider agent per demo lab as child processes;
+creates the labs, a demo user per lab and their tokens through the admin API, writes
+DIR/demo.env, and stops every child (agents first, so their workers end cleanly) on Ctrl-C or
+SIGTERM. With --no-hub it starts the broker itself and no hub.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
+import httpx
 import psutil
 
 from .client import BrokerClient
@@ -79,6 +83,25 @@ def _ensure(client: BrokerClient, method: str, path: str, body: dict) -> None:
             raise
 
 
+def _wait_http(urls: list[str], children: list[Child], timeout: float) -> None:
+    """Until every URL answers 200; fails early when a child exits."""
+    deadline = time.monotonic() + timeout
+    pending = list(urls)
+    while pending:
+        dead = [c for c in children if c.popen.poll() is not None]
+        if dead:
+            raise RuntimeError(f"{dead[0].name} exited with code {dead[0].popen.returncode}; "
+                               f"see {dead[0].log}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(pending[0], timeout=2).status_code == 200:
+                pending.pop(0)
+                continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{pending[0]} did not answer within {timeout:g} s; see the logs "
+                               f"in {children[-1].log.parent}")
+        time.sleep(0.2)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the local federation until SIGINT or SIGTERM."""
     if args.providers < 1:
@@ -98,11 +121,30 @@ def run(args: argparse.Namespace) -> int:
 
     children: list[Child] = []
     try:
-        broker = Child("broker", _cli("broker", "--db-url", f"sqlite:///{data / 'broker.db'}",
-                                      "--port", str(args.port)),
-                       data / "broker.log", {**env, "PARALLEX_ADMIN_TOKEN": admin_token})
-        children.append(broker)
-        url = broker.read_value("PARALLEX_BROKER_URL=")
+        hub = None
+        db_url = f"sqlite:///{data / 'broker.db'}"
+        if args.no_hub:
+            broker = Child("broker", _cli("broker", "--db-url", db_url, "--port", str(args.port)),
+                           data / "broker.log", {**env, "PARALLEX_ADMIN_TOKEN": admin_token})
+            children.append(broker)
+            url = broker.read_value("PARALLEX_BROKER_URL=")
+        else:
+            from hub_config import local
+
+            hub = local.plan(data, labs=args.providers,
+                             hub_port=args.hub_port or local.free_port(),
+                             broker_port=args.port or local.free_port(),
+                             admin_token=admin_token, broker_db_url=db_url)
+            for name, command in hub.provider_commands.items():
+                provider = Child(f"identity provider {name}", command,
+                                 data / f"oidc-{name}.log", env)
+                children.append(provider)
+                provider.read_value("OIDC_READY ")
+            children.append(Child("JupyterHub", hub.hub_command, data / "jupyterhub.log",
+                                  {**env, **hub.hub_env}))
+            url = hub.broker_url
+            _wait_http([f"{hub.hub_url}/hub/api/", f"{url}/api/v1/openapi.json"], children,
+                       timeout=120)
 
         admin = BrokerClient(url, admin_token)
         user_tokens = []
@@ -130,8 +172,14 @@ def run(args: argparse.Namespace) -> int:
 
         env_file = data / "demo.env"
         env_file.write_text(f"PARALLEX_BROKER_URL={url}\nPARALLEX_TOKEN={user_tokens[0]}\n"
-                            f"PARALLEX_ADMIN_TOKEN={admin_token}\n")
+                            f"PARALLEX_ADMIN_TOKEN={admin_token}\n"
+                            + (f"PARALLEX_HUB_URL={hub.hub_url}\n" if hub else ""))
         env_file.chmod(0o600)
+        if hub:
+            people = "\n".join(f"    {a.institution:6} {a.username:5} / {a.password:10} "
+                                f"{a.role} of {a.lab}" for a in hub.accounts)
+            print(f"JupyterHub: {hub.hub_url} — sign in through a demo institution "
+                  f"(user / password):\n{people}", flush=True)
         print(f"Parallex is up: broker {url}, {args.providers} demo labs "
               f"({cpus:g} CPUs each).\n"
               f"In another shell:\n"

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from federation import FederatedCluster, TokenRefused
+from tests.utils.hub import browser_login
 from tests.utils.procs import Proc, parallex, wait_until
 
 
@@ -19,11 +20,13 @@ def read_env(path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
 
 
-def start_up(tmp_path, providers: int, memory: str) -> tuple[Proc, dict[str, str]]:
+def start_up(tmp_path, providers: int, memory: str,
+             hub: bool = True) -> tuple[Proc, dict[str, str]]:
     """`parallex up` with one CPU per demo lab; returns it once ready, with its demo.env."""
     data = tmp_path / "data"
     up = Proc(parallex("up", "--data-dir", str(data), "--providers", str(providers), "--cpus",
-                       "1", "--memory", memory), tmp_path / "up.log")
+                       "1", "--memory", memory, *(["--hub-port", "0"] if hub else ["--no-hub"])),
+              tmp_path / "up.log")
     try:
         up.wait_for_line("Parallex is up")
         return up, read_env(data / "demo.env")
@@ -57,9 +60,14 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 def test_up_serves_a_cluster_and_stops_everything(tmp_path, monkeypatch, stop_signal):
     up, env = start_up(tmp_path, providers=2, memory="3 GiB")
     try:
-        assert set(env) == {"PARALLEX_BROKER_URL", "PARALLEX_TOKEN", "PARALLEX_ADMIN_TOKEN"}
+        assert set(env) == {"PARALLEX_BROKER_URL", "PARALLEX_TOKEN", "PARALLEX_ADMIN_TOKEN",
+                            "PARALLEX_HUB_URL"}
         for key, value in env.items():
             monkeypatch.setenv(key, value)
+        # A newcomer signs in at the printed URL through a demo institution's real OIDC flow.
+        landed = browser_login(env["PARALLEX_HUB_URL"], "north", "ada", "ada-demo")
+        assert landed.status_code == 200 and str(landed.url).endswith("/hub/home")
+        assert "ada@north" in landed.text
 
         cluster = FederatedCluster(dashboard=False)  # configured by demo.env alone
         cluster.scale(2)
@@ -90,7 +98,7 @@ def _drain(proc: Proc) -> list[str]:
 
 
 def test_admin_cli_creates_labs_and_tokens_and_revokes(tmp_path):
-    up, env = start_up(tmp_path, providers=1, memory="2 GiB")
+    up, env = start_up(tmp_path, providers=1, memory="2 GiB", hub=False)
     try:
         admin_env = {"PARALLEX_BROKER_URL": env["PARALLEX_BROKER_URL"],
                      "PARALLEX_ADMIN_TOKEN": env["PARALLEX_ADMIN_TOKEN"]}

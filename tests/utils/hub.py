@@ -43,6 +43,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def browser_login(hub_url: str, institution: str, username: str,
+                  password: str) -> httpx.Response:
+    """The browser's part of the authorization code flow, scripted; returns the last response
+    (the hub's home page on success, the refusal page otherwise)."""
+    with httpx.Client(follow_redirects=True, timeout=30) as browser:
+        page = browser.get(f"{hub_url}/hub/login",
+                           params={"institution": institution, "next": "/hub/home"})
+        if page.status_code != 200 or "/interaction/" not in str(page.url):
+            return page
+        return browser.post(f"{page.url}/login", data={"username": username,
+                                                       "password": password})
+
+
 class TamperingRelay:
     """Forwards to ``target``; rewrites id_tokens in token responses according to ``mode``.
 
@@ -178,15 +191,7 @@ class Hub:
                              headers={"Authorization": f"token {self.service_token}"}, **kwargs)
 
     def login(self, institution: str, username: str, password: str) -> httpx.Response:
-        """The browser's part of the authorization code flow, scripted; returns the last
-        response (the hub's home page on success, the refusal page otherwise)."""
-        with httpx.Client(follow_redirects=True, timeout=30) as browser:
-            page = browser.get(f"{self.url}/hub/login",
-                               params={"institution": institution, "next": "/hub/home"})
-            if page.status_code != 200 or "/interaction/" not in str(page.url):
-                return page
-            return browser.post(f"{page.url}/login",
-                                data={"username": username, "password": password})
+        return browser_login(self.url, institution, username, password)
 
     def stop(self) -> None:
         self.hub.stop(30)
