@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 
+from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
@@ -121,7 +122,8 @@ class ParallexMagics(Magics):
         back; a namespace per worker size persists between cells."""
         try:
             args = parse_argstring(self.remote, line)
-            memory = parse_memory(args.memory) if args.memory else None
+            # IPython's argument splitting keeps quotes: --memory '8 GiB' arrives quoted.
+            memory = parse_memory(args.memory.strip("'\"")) if args.memory else None
             key = f"remote-{args.cpus or 'd'}cpu-{format_bytes(memory) if memory else 'd'}" \
                   f"-{args.gpus}gpu".replace(" ", "")
             actor = self._namespaces.get(key)
@@ -135,5 +137,7 @@ class ParallexMagics(Magics):
             run_cell(actor, cell, self.shell.user_ns, sys.stdout.write, sys.stderr.write)
         except RemoteCellError as exc:
             print(str(exc), file=sys.stderr)
+            # An error status, so "run all" stops here as it would on a local failure.
+            raise UsageError("the cell failed on the worker (its traceback is above)") from None
         except (errors.ParallexError, ValueError) as exc:
-            print(f"Parallex: {exc}", file=sys.stderr)
+            raise UsageError(f"Parallex: {exc}") from None

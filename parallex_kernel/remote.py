@@ -30,12 +30,20 @@ class RemoteCellError(RuntimeError):
 
 
 def names_in(code: str) -> tuple[set[str], set[str]]:
-    """(names the cell reads, names it assigns) at any depth of the cell's top level."""
+    """(names the cell reads, names it assigns or changes by item or attribute assignment)."""
     tree = ast.parse(code)
     reads, writes = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
             (reads if isinstance(node.ctx, ast.Load) else writes).add(node.id)
+        elif isinstance(node, ast.Subscript | ast.Attribute) and isinstance(
+                node.ctx, ast.Store | ast.Del):
+            # model['runs'] = 1 or model.runs = 1 changes model: bring model back too.
+            base = node.value
+            while isinstance(base, ast.Subscript | ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name):
+                writes.add(base.id)
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             writes.add(node.name)
         elif isinstance(node, ast.Import | ast.ImportFrom):
