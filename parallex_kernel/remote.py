@@ -44,6 +44,8 @@ def names_in(code: str) -> tuple[set[str], set[str]]:
                 base = base.value
             if isinstance(base, ast.Name):
                 writes.add(base.id)
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            reads.add(node.target.id)  # x += 1 needs x first
         elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             writes.add(node.name)
         elif isinstance(node, ast.Import | ast.ImportFrom):
