@@ -1,7 +1,7 @@
 """Parallex federation: the broker, provider agents and the FederatedCluster users work with."""
 
-from . import config  # noqa: F401  (loads the parallex.yaml defaults into dask.config)
-from .cluster import FederatedCluster
+from typing import TYPE_CHECKING
+
 from .errors import (
     BrokerError,
     BrokerUnreachable,
@@ -30,3 +30,17 @@ __all__ = [
     "RequestRejected",
     "TokenRefused",
 ]
+
+if TYPE_CHECKING:
+    from .cluster import FederatedCluster
+
+
+def __getattr__(name: str):
+    # FederatedCluster pulls in dask and distributed (~0.4 s, and federation.config loads the
+    # parallex.yaml defaults into dask.config); importing it on first use keeps light users of
+    # the package (the kernel's start, the CLI's help) fast.
+    if name == "FederatedCluster":
+        from .cluster import FederatedCluster
+
+        return FederatedCluster
+    raise AttributeError(f"module 'federation' has no attribute {name!r}")

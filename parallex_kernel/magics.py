@@ -10,7 +10,6 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from federation import errors
-from federation.sizes import format_bytes, parse_memory
 
 from .pool import Pool
 from .remote import RemoteCellError, RemoteNamespace, run_cell
@@ -59,12 +58,14 @@ class ParallexMagics(Magics):
             print(f"Parallex: {exc}", file=sys.stderr)
 
     def _cluster(self):
+        self.pool.start()
         if not self.pool.ready.wait(120) or self.pool.cluster is None:
             raise errors.ParallexError(f"not connected to the pool: {self.pool.problem}; dask "
                                        "runs in this kernel")
         return self.pool.cluster
 
     def _show_status(self) -> None:
+        self.pool.start()
         self.pool.ready.wait(30)
         st = self.pool.status()
         if st["state"] != "ready":
@@ -122,6 +123,8 @@ class ParallexMagics(Magics):
         back; a namespace per worker size persists between cells."""
         try:
             args = parse_argstring(self.remote, line)
+            from federation.sizes import format_bytes, parse_memory
+
             # IPython's argument splitting keeps quotes: --memory '8 GiB' arrives quoted.
             memory = parse_memory(args.memory.strip("'\"")) if args.memory else None
             key = f"remote-{args.cpus or 'd'}cpu-{format_bytes(memory) if memory else 'd'}" \

@@ -17,12 +17,7 @@ import threading
 from decimal import Decimal
 from typing import Any
 
-import dask
-from dask.threaded import get as threaded_get
-
-from federation import FederatedCluster, errors
-from federation import config as parallex_config
-from federation.client import BrokerClient
+from federation import errors
 
 logger = logging.getLogger("parallex.kernel")
 
@@ -40,24 +35,42 @@ class Pool:
 
     def __init__(self, broker_url: str | None = None, token: str | None = None,
                  max_workers: int | None = None):
-        self.broker_url = parallex_config.broker_url(broker_url)
+        # dask (and so federation.config) is imported on the background thread, not here.
+        self.broker_url = broker_url or os.environ.get("PARALLEX_BROKER_URL")
         self.token = token or kernel_token()
         self.max_workers_setting = max_workers
         self.state = "starting"
         self.problem: str | None = None
-        self.cluster: FederatedCluster | None = None
+        self.cluster: Any = None  # a FederatedCluster once ready
         self.client: Any = None
         self.me: dict = {}
         self.adapt_range: tuple[int, int] = (0, 0)
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._routed = False
+        self._explained = False
 
     # ---- start and stop -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect in the background; returns at once. Dask work submitted before the
-        connection is ready waits for it (see _get_when_ready)."""
-        dask.config.set(scheduler=self._get_when_ready)
+        """Connect in the background; returns at once, and does nothing when already started.
+        Dask work submitted before the connection is ready waits for it (_get_when_ready)."""
+        with self._start_lock:
+            if self._thread is not None:
+                return
+            self.route_dask_here()
+            self._start_thread()
+
+    def route_dask_here(self) -> None:
+        """Make dask's default scheduler wait for the pool (the Client takes over once made)."""
+        if not self._routed:
+            import dask
+
+            dask.config.set(scheduler=self._get_when_ready)
+            self._routed = True
+
+    def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._connect, name="parallex-pool", daemon=True)
         self._thread.start()
 
@@ -73,12 +86,21 @@ class Pool:
             self.ready.set()
 
     def _connect_or_raise(self) -> None:
+        from federation import config as parallex_config
+
+        self.broker_url = parallex_config.broker_url(self.broker_url)
         if not self.broker_url:
             raise errors.ParallexError("PARALLEX_BROKER_URL is not set, so this kernel is not "
                                        "connected to a Parallex federation")
         if not self.token:
             raise errors.TokenRefused("no token: set PARALLEX_TOKEN (JupyterHub servers get "
                                       "JUPYTERHUB_API_TOKEN automatically)")
+        # Imported here, on the background thread: distributed takes a third of a second.
+        from distributed import Client
+
+        from federation.client import BrokerClient
+        from federation.cluster import FederatedCluster
+
         broker = BrokerClient(self.broker_url, self.token)
         try:
             self.me = broker.request("GET", "/whoami")
@@ -92,8 +114,6 @@ class Pool:
                         "start; ask your PI")
         finally:
             broker.close()
-        from distributed import Client
-
         cluster = FederatedCluster(self.broker_url, self.token, quiet=True,
                                    name=f"kernel-{os.getpid()}")
         try:
@@ -107,7 +127,9 @@ class Pool:
         self.adapt_range = (0, maximum)
         self.state = "ready"
 
-    def _max_workers(self, cluster: FederatedCluster) -> int:
+    def _max_workers(self, cluster) -> int:
+        import dask
+
         if self.max_workers_setting:
             return self.max_workers_setting
         configured = int(dask.config.get("parallex.kernel.max-workers", DEFAULT_MAX_WORKERS))
@@ -119,14 +141,28 @@ class Pool:
     def _get_when_ready(self, dsk, keys, **kwargs):
         """Dask's scheduler until the pool is ready: wait for it, then run there (or, if it
         could not be had, in local threads). The Client replaces it once connected."""
+        self.start()
         if not self.ready.is_set():
             print("Parallex: waiting for the pool connection…", file=sys.stderr, flush=True)
+        import dask
+        from dask.threaded import get as threaded_get
+
         self.ready.wait(float(dask.config.get("parallex.kernel.connect-timeout", 120)))
         if self.client is not None:
             return self.client.get(dsk, keys, **kwargs)
+        self.explain_once()
         return threaded_get(dsk, keys, **kwargs)
 
+    def explain_once(self) -> None:
+        """Tell (on stderr, once) why dask runs in this kernel instead of on the pool."""
+        if self.ready.is_set() and self.problem and not self._explained:
+            self._explained = True
+            print(f"Parallex: {self.problem}. Dask runs in this kernel.", file=sys.stderr,
+                  flush=True)
+
     def _go_local(self, reason: str) -> None:
+        import dask
+
         self.state = "local"
         self.problem = reason
         # Dask's own default (threads in this process) keeps plain dask code working.
@@ -134,6 +170,10 @@ class Pool:
 
     def stop(self) -> None:
         """Close the client and the cluster (all leases end); dask runs locally after this."""
+        if self._thread is None:
+            self.ready.set()
+            self.state, self.problem = "stopped", "the pool was stopped before it was used"
+            return
         self.ready.wait(120)
         if self.client is not None:
             self.client.close()
@@ -143,6 +183,8 @@ class Pool:
         if self.state == "ready":
             self.state = "stopped"
             self.problem = "the pool was stopped with %parallex stop"
+            import dask
+
             dask.config.set(scheduler="threads")
 
     # ---- what the magics show -----------------------------------------------------------
@@ -162,6 +204,8 @@ class Pool:
                    else None,
                    dashboard=self.cluster.dashboard_link)
         try:
+            from federation.client import BrokerClient
+
             cost = self.cluster.cost_details()
             out.update(cost_pcu=cost["pcu"], pcu_per_hour=cost["pcu_per_hour"])
             broker = BrokerClient(self.broker_url, self.token)
