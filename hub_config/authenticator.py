@@ -197,9 +197,7 @@ class ParallexOIDCAuthenticator(Authenticator):
                                f"Parallex, so you cannot use it yet. {self._ask(institution)}")
         role = institution.role_for(claims)
         await self._sync_membership(username, lab, role, institution)
-        groups = [lab] + ([f"{lab}-pis"] if role in ("pi", "admin") else []) + (
-            ["parallex-admins"] if role == "admin" else [])
-        return {"name": username, "groups": groups, "admin": role == "admin",
+        return {"name": username, "groups": self._groups(lab, role), "admin": role == "admin",
                 "auth_state": self._auth_state(institution, data["tokens"], claims, lab, role)}
 
     async def refresh_user(self, user, handler=None):
@@ -225,10 +223,18 @@ class ParallexOIDCAuthenticator(Authenticator):
                                                                         nonce=None)
             except OidcError:
                 return False
-        return {"auth_state": self._auth_state(institution, tokens, claims, state["lab"],
+        # With manage_groups, JupyterHub wants the groups in every refreshed model.
+        return {"groups": self._groups(state["lab"], state["role"]),
+                "auth_state": self._auth_state(institution, tokens, claims, state["lab"],
                                                state["role"])}
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _groups(lab: str, role: str) -> list[str]:
+        """JupyterHub groups: the lab, its PIs' group, and the federation's administrators."""
+        return [lab] + ([f"{lab}-pis"] if role in ("pi", "admin") else []) + (
+            ["parallex-admins"] if role == "admin" else [])
 
     @staticmethod
     def _ask(institution: Institution) -> str:

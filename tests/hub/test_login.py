@@ -3,12 +3,14 @@ broker (the hub's managed service) accepting hub tokens only with its scope."""
 
 from __future__ import annotations
 
+import contextlib
 import html
 
 import httpx
 import pytest
 
 from tests.utils.hub import start_hub
+from tests.utils.procs import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,26 @@ def test_broker_accepts_hub_tokens_only_with_its_scope(hub):
 
     bogus = broker_whoami(hub, "not-a-token-of-anyone")
     assert bogus.status_code == 401
+
+
+def test_auth_state_is_encrypted_and_refreshed_before_expiry(hub):
+    with httpx.Client(follow_redirects=True, timeout=30) as browser:
+        assert hub.login_with(browser, "north", "petra", "petra-pw").status_code == 200
+        first = hub.api("GET", "/users/petra@north").json()["auth_state"]
+        assert first["lab"] == "north-physics" and first["role"] == "pi"
+        assert first["refresh_token"] and first["access_token"]
+        with contextlib.closing(hub.db()) as con:
+            (stored,) = con.execute("SELECT encrypted_auth_state FROM users WHERE name = ?",
+                                    ("petra@north",)).fetchone()
+        assert stored and first["access_token"].encode() not in stored  # encrypted at rest
+
+        # The access token lives 60 s, less than the 300 s refresh margin: the hub's next
+        # refresh_user call (asked every second here) renews it with the refresh token.
+        def renewed():
+            browser.get(f"{hub.url}/hub/home")
+            state = hub.api("GET", "/users/petra@north").json()["auth_state"]
+            return state if state["access_token"] != first["access_token"] else None
+
+        state = wait_until(renewed, 30, "the access token to be refreshed")
+        assert state["expires_at"] >= first["expires_at"]
+        assert state["lab"] == "north-physics"

@@ -43,11 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def browser_login(hub_url: str, institution: str, username: str,
-                  password: str) -> httpx.Response:
+def browser_login(hub_url: str, institution: str, username: str, password: str,
+                  browser: httpx.Client | None = None) -> httpx.Response:
     """The browser's part of the authorization code flow, scripted; returns the last response
-    (the hub's home page on success, the refusal page otherwise)."""
-    with httpx.Client(follow_redirects=True, timeout=30) as browser:
+    (the hub's home page on success, the refusal page otherwise). Pass ``browser`` to keep
+    its cookies (the hub session) afterwards."""
+    with contextlib.ExitStack() as stack:
+        if browser is None:
+            browser = stack.enter_context(httpx.Client(follow_redirects=True, timeout=30))
         page = browser.get(f"{hub_url}/hub/login",
                            params={"institution": institution, "next": "/hub/home"})
         if page.status_code != 200 or "/interaction/" not in str(page.url):
@@ -138,6 +141,11 @@ class DevInstitution:
         return self.relay.url
 
 
+# Access tokens far shorter than the authenticator's refresh margin (300 s): every
+# refresh_user call renews them, which the refresh test relies on.
+PROVIDER_TTL = {"AccessToken": 60, "IdToken": 60}
+
+
 def start_institution(tmp: Path, name: str, title: str, users: dict[str, dev_oidc.DevUser],
                       hub_url: str) -> DevInstitution:
     """One identity provider behind its relay; the issuer is the relay's URL."""
@@ -148,7 +156,8 @@ def start_institution(tmp: Path, name: str, title: str, users: dict[str, dev_oid
     settings = tmp / f"oidc-{name}.json"
     dev_oidc.write_settings(settings, issuer=relay.url, port=port, title=title,
                             client_id="parallex-hub", client_secret=secret,
-                            redirect_uris=[f"{hub_url}/hub/oauth_callback"], users=users, key=key)
+                            redirect_uris=[f"{hub_url}/hub/oauth_callback"], users=users, key=key,
+                            ttl=PROVIDER_TTL)
     provider = Proc(dev_oidc.command(settings), tmp / f"oidc-{name}.log")
     try:
         provider.wait_for_line("OIDC_READY ")
@@ -192,6 +201,10 @@ class Hub:
 
     def login(self, institution: str, username: str, password: str) -> httpx.Response:
         return browser_login(self.url, institution, username, password)
+
+    def login_with(self, browser: httpx.Client, institution: str, username: str,
+                   password: str) -> httpx.Response:
+        return browser_login(self.url, institution, username, password, browser)
 
     def stop(self) -> None:
         self.hub.stop(30)
@@ -254,9 +267,13 @@ def start_hub(tmp: Path) -> Hub:
         extra = tmp / "hub_extra_config.py"
         service = {"name": "test-admin", "api_token": service_token}
         role = {"name": "test-admin", "services": ["test-admin"],
-                "scopes": ["admin:users", "tokens", "read:groups", "list:users"]}
+                "scopes": ["admin:users", "admin:auth_state", "tokens", "read:groups",
+                           "list:users"]}
         extra.write_text(f"c.JupyterHub.services.append({service!r})\n"
-                         f"c.JupyterHub.load_roles.append({role!r})\n")
+                         f"c.JupyterHub.load_roles.append({role!r})\n"
+                         # Ask refresh_user on (almost) every request, so the test need not
+                         # wait the default two minutes.
+                         "c.Authenticator.auth_refresh_age = 1\n")
         env = {"PARALLEX_HUB_SETTINGS": str(tmp / "hub.yaml"),
                "PARALLEX_HUB_DATA": str(tmp / "hub"),
                "PARALLEX_HUB_INTERNAL_URL": f"http://127.0.0.1:{free_port()}",
