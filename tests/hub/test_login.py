@@ -10,7 +10,8 @@ import httpx
 import pytest
 
 from tests.utils.hub import start_hub
-from tests.utils.procs import wait_until
+from tests.utils.kernels import parallex_kernel, run
+from tests.utils.procs import kill_workers_under, start_agent, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,31 @@ def test_auth_state_is_encrypted_and_refreshed_before_expiry(hub):
         state = wait_until(renewed, 30, "the access token to be refreshed")
         assert state["expires_at"] >= first["expires_at"]
         assert state["lab"] == "north-physics"
+
+
+def test_kernel_on_the_hub_uses_the_server_token_through_the_proxy(hub, tmp_path):
+    """What a notebook server on this hub does: the kernel holds the server's hub token (with
+    the broker's scope) and reaches the broker through the hub's proxy at /services/parallex."""
+    assert hub.login("north", "alice", "alice-pw").status_code == 200
+    token = hub.api("POST", "/users/alice@north/tokens", json={
+        "scopes": ["users:activity!user=alice@north", "access:services!service=parallex"]}
+    ).json()["token"]
+    with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30,
+                      headers={"Authorization": f"Bearer {hub.admin_token}"}) as broker:
+        provider_token = broker.post("/tokens", json={"kind": "provider",
+                                                      "lab": "north-physics"}).json()["token"]
+    agent = start_agent(hub.broker_url, provider_token, tmp_path / "agent", name="north-server",
+                        cpus=2, memory="4 GiB")
+    try:
+        env = {"PARALLEX_BROKER_URL": f"{hub.url}/services/parallex",
+               "JUPYTERHUB_API_TOKEN": token}
+        with parallex_kernel(tmp_path / "k", env) as (_km, kc):
+            out = run(kc, "import dask.array as da\n"
+                          "print(int(da.arange(1000, chunks=100).sum().compute()))\n"
+                          "print(parallex_pool.me['user'], parallex_pool.cluster.workers_by_lab())")
+            assert out.status == "ok", out.error + out.stderr
+            assert "499500" in out.stdout
+            assert "alice@north {'north-physics': " in out.stdout
+    finally:
+        agent.stop()
+        kill_workers_under([tmp_path / "agent"])
