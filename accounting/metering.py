@@ -21,6 +21,7 @@ from .ledger import AccountKind, Transfer, TransferKind, apply_entries, lab_acco
 from .models import Lab, as_utc
 from .pricing import PriceVersion, Resources, ensure_default_price, gpu_class, pcu_per_hour
 from .reliability import DEFAULT_RELIABILITY_HALF_LIFE, record_clean_time
+from .rollups import add_to_rollups
 from .units import NANO, to_nano
 
 
@@ -211,6 +212,7 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
     for r in records:
         served[r["provider_id"]] = served.get(r["provider_id"], 0.0) + r["seconds"]
     record_clean_time(session, served, half_life=reliability_half_life)
+    add_to_rollups(session, records)
     session.flush()
     return [MeteredPeriod(r["lease_id"], r["period_start"], r["period_end"], r["charge"])
             for r in records]

@@ -86,6 +86,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
                               fair_share_half_life=args.fair_share_half_life * 3600,
                               reliability_half_life=args.reliability_half_life * 3600,
                               cloud_prices=cloud_prices,
+                              capacity_interval=args.capacity_interval,
                               hub_api_url=args.hub_api_url or None,
                               hub_service_name=args.hub_service_name,
                               hub_token_cache=args.hub_token_cache,
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reliability-half-life", type=float, default=24.0,
                    help="Hours of clean lease time served that halve a provider's reliability "
                         "penalty from lost and failed leases (default 24).")
+    b.add_argument("--capacity-interval", type=float, default=60.0,
+                   help="Seconds between capacity samples (CPUs and GPUs online and leased per "
+                        "lab) for the dashboards' capacity history (default 60).")
     b.add_argument("--hub-api-url", default=os.environ.get("JUPYTERHUB_API_URL", ""),
                    help="JupyterHub API URL whose user tokens the broker accepts (default "
                         "JUPYTERHUB_API_URL, set when the hub runs the broker as a service; "

@@ -33,6 +33,7 @@ from .. import placement
 from ..tls import ROLE_WORKER, certificate_identity, key_matches, signed_by
 from . import db
 from .auth import Principal
+from .capacity import record_capacity
 from .errors import ApiError
 from .models import (
     HELD_STATES,
@@ -66,6 +67,7 @@ class BrokerSettings:
     fair_share_half_life: float = 7 * 24 * 3600.0
     reliability_half_life: float = reliability.DEFAULT_RELIABILITY_HALF_LIFE
     cloud_prices: CloudPrices = field(default_factory=load_cloud_prices)
+    capacity_interval: float = 60.0
     hub_api_url: str | None = None
     hub_service_name: str = "parallex"
     hub_token_cache: float = 60.0
@@ -82,6 +84,7 @@ class Broker:
         self._versions: dict[str, int] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._last_metering = 0.0
+        self._last_capacity = 0.0
 
     def session(self) -> Session:
         return db.session(self.engine)
@@ -489,6 +492,11 @@ class Broker:
             self.place_pending()
         if time.monotonic() - self._last_metering >= self.settings.metering_interval:
             self.meter()
+        if time.monotonic() - self._last_capacity >= self.settings.capacity_interval:
+            self._last_capacity = time.monotonic()
+            with self.session() as s:
+                record_capacity(s)
+                s.commit()
 
     # ---- metering -------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Property: whatever happens — lease starts and ends, meterings, retried meterings, restarts —
-every transfer sums to zero, every balance equals its entries, and each lease's running time is
-charged exactly once (its usage periods tile it without gap or overlap)."""
+every transfer sums to zero, every balance equals its entries, each lease's running time is
+charged exactly once (its usage periods tile it without gap or overlap), and the daily rollups
+hold exactly what the usage records hold."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from accounting.ledger import Balance, LedgerEntry, grant
 from accounting.metering import LeaseUsage, UsageRecord, meter
 from accounting.models import as_utc, create_lab, create_user
 from accounting.pricing import Resources, ensure_default_price
+from accounting.rollups import UsageDaily
 from accounting.units import to_nano
 from federation.broker import db
 from tests.utils.postgres import fresh_database
@@ -44,6 +46,12 @@ def check_books(session) -> None:
                              .group_by(LedgerEntry.account_id)).all())
     for row in session.exec(select(Balance)):
         assert row.amount == sums.get(row.account_id, 0), (row, sums)
+    # The daily rollups the dashboards read hold exactly what the usage records hold.
+    records = dict(session.exec(select(UsageRecord.consumer_lab_id, func.sum(UsageRecord.charge))
+                                .group_by(UsageRecord.consumer_lab_id)).all())
+    rolled = dict(session.exec(select(UsageDaily.consumer_lab_id, func.sum(UsageDaily.charge))
+                               .group_by(UsageDaily.consumer_lab_id)).all())
+    assert rolled == records
 
 
 def check_coverage(session, leases: dict[str, LeaseUsage], now: dt.datetime) -> None:
