@@ -1,0 +1,356 @@
+"""The dashboards' figures: SQL aggregations over the daily rollups, capacity samples and the
+broker's live tables, each scoped to what the viewer may see.
+
+Nothing here loads a whole table: every query groups in the database and returns at most one
+row per day and key. Results are pandas DataFrames, ready for tables, plots and CSV.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import pandas as pd
+from sqlalchemy import func, literal
+from sqlmodel import Session, col, select
+
+from accounting.fairshare import usage_now
+from accounting.ledger import Account, Balance
+from accounting.models import Institution, Lab, Membership, User, as_utc, utcnow
+from accounting.reliability import ProviderReliability, factor
+from accounting.rollups import UsageDaily
+from accounting.units import NANO
+from federation.broker.capacity import CapacitySample
+from federation.broker.models import HELD_STATES, ClusterRecord, Lease, LeaseState, Provider
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who is looking: an admin sees every lab, a PI their lab, a member their own usage."""
+
+    name: str
+    role: str  # "admin", "pi" or "member"
+    user_id: int | None = None
+    lab_id: int | None = None
+    lab_name: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def viewer_for(session: Session, username: str, hub_admin: bool = False) -> Viewer | None:
+    """The Viewer of a Parallex user (by name); None for a name the federation does not know.
+    ``hub_admin`` (a JupyterHub administrator) makes an admin viewer."""
+    user = session.exec(select(User).where(User.name == username)).first()
+    if user is None:
+        return Viewer(username, "admin") if hub_admin else None
+    lab = session.get(Lab, user.lab_id)
+    member = session.get(Membership, (user.id, user.lab_id))
+    role = "admin" if hub_admin else (member.role.value if member else "member")
+    return Viewer(username, role, user.id, lab.id, lab.name)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The period (UTC days, ``until`` exclusive) and, for admins, institutions and labs."""
+
+    since: dt.date
+    until: dt.date
+    lab_ids: tuple[int, ...] = ()
+    institution_ids: tuple[int, ...] = field(default=())
+
+    @classmethod
+    def last_days(cls, days: int, today: dt.date | None = None, **kw) -> Filters:
+        today = today or utcnow().date()
+        return cls(today - dt.timedelta(days=days - 1), today + dt.timedelta(days=1), **kw)
+
+
+def _labs(session: Session) -> pd.DataFrame:
+    rows = session.exec(select(Lab.id, Lab.name, Lab.institution_id, Institution.name)
+                        .join(Institution, Institution.id == Lab.institution_id, isouter=True))
+    return pd.DataFrame(list(rows), columns=["lab_id", "lab", "institution_id", "institution"]
+                        ).fillna({"institution": "—"})
+
+
+def lab_choices(session: Session, viewer: Viewer) -> dict[str, int]:
+    """Lab name → id of the labs the viewer may filter on."""
+    labs = _labs(session)
+    if not viewer.is_admin:
+        labs = labs[labs.lab_id == viewer.lab_id]
+    return dict(zip(labs.lab, labs.lab_id, strict=True))
+
+
+def institution_choices(session: Session) -> dict[str, int]:
+    return dict(session.exec(select(Institution.name, Institution.id)).all())
+
+
+def _scoped(query, viewer: Viewer, filters: Filters, side: str = "consumer"):
+    """Restrict a UsageDaily query to the period, the filters and what the viewer may see."""
+    lab_col = UsageDaily.consumer_lab_id if side == "consumer" else UsageDaily.provider_lab_id
+    query = query.where(UsageDaily.day >= filters.since, UsageDaily.day < filters.until)
+    if viewer.role == "member":
+        query = query.where(UsageDaily.user_id == viewer.user_id)
+    elif viewer.role == "pi":
+        query = query.where(lab_col == viewer.lab_id)
+    else:
+        if filters.lab_ids:
+            query = query.where(col(lab_col).in_(filters.lab_ids))
+        if filters.institution_ids:
+            query = query.where(col(lab_col).in_(
+                select(Lab.id).where(col(Lab.institution_id).in_(filters.institution_ids))))
+    return query
+
+
+_MEASURES = (func.sum(UsageDaily.charge), func.sum(UsageDaily.cpu_seconds),
+             func.sum(UsageDaily.gpu_seconds), func.sum(UsageDaily.cloud_cost),
+             func.sum(UsageDaily.earned))
+_MEASURE_NAMES = ["pcu", "core_hours", "gpu_hours", "cloud_cost", "earned_pcu"]
+
+
+def _frame(rows, keys: list[str]) -> pd.DataFrame:
+    df = pd.DataFrame(list(rows), columns=keys + _MEASURE_NAMES)
+    if df.empty:
+        return df
+    df["pcu"] = df["pcu"].astype(float) / NANO
+    df["earned_pcu"] = df["earned_pcu"].astype(float) / NANO
+    df["core_hours"] = df["core_hours"].astype(float) / 3600
+    df["gpu_hours"] = df["gpu_hours"].astype(float) / 3600
+    return df
+
+
+def usage_by(session: Session, viewer: Viewer, filters: Filters, by: str) -> pd.DataFrame:
+    """PCU (all use, own machines included), core-hours, GPU-hours, cloud cost and what the
+    providers earned, per institution, lab, user, GPU class or provider machine."""
+    key = {"lab": UsageDaily.consumer_lab_id, "institution": UsageDaily.consumer_lab_id,
+           "user": UsageDaily.user_id, "gpu_class": UsageDaily.gpu_class,
+           "provider": UsageDaily.provider_id}[by]
+    df = _frame(session.exec(_scoped(select(key, *_MEASURES).group_by(key), viewer, filters)),
+                ["key"])
+    if df.empty:
+        return pd.DataFrame(columns=[by] + _MEASURE_NAMES)
+    if by in ("lab", "institution"):
+        labs = _labs(session).set_index("lab_id")
+        df[by] = df["key"].map(labs["lab" if by == "lab" else "institution"])
+    elif by == "user":
+        names = dict(session.exec(select(User.id, User.name)).all())
+        df[by] = df["key"].map(names)
+    elif by == "provider":
+        names = dict(session.exec(select(Provider.id, Provider.name)).all())
+        df[by] = df["key"].map(lambda k: names.get(k, k))
+    else:
+        df[by] = df["key"].replace("", "CPU only")
+    df = df.drop(columns="key").groupby(by, as_index=False).sum(numeric_only=True)
+    return df[[by] + _MEASURE_NAMES].sort_values("pcu", ascending=False, ignore_index=True)
+
+
+def usage_over_time(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+    """PCU per day and consuming lab (for a member: their own, under their lab)."""
+    q = select(UsageDaily.day, UsageDaily.consumer_lab_id, *_MEASURES).group_by(
+        UsageDaily.day, UsageDaily.consumer_lab_id)
+    df = _frame(session.exec(_scoped(q, viewer, filters)), ["day", "lab_id"])
+    if df.empty:
+        return pd.DataFrame(columns=["day", "lab"] + _MEASURE_NAMES)
+    df["lab"] = df["lab_id"].map(_labs(session).set_index("lab_id")["lab"])
+    return df.drop(columns="lab_id").sort_values(["day", "lab"], ignore_index=True)
+
+
+def credit_flows(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+    """PCU moved from consuming to providing labs (self-use excluded)."""
+    q = (select(UsageDaily.consumer_lab_id, UsageDaily.provider_lab_id,
+                func.sum(UsageDaily.charge), func.sum(UsageDaily.earned))
+         .where(UsageDaily.self_use == False)  # noqa: E712
+         .group_by(UsageDaily.consumer_lab_id, UsageDaily.provider_lab_id))
+    rows = list(session.exec(_scoped(q, viewer, filters)))
+    labs = _labs(session).set_index("lab_id")["lab"]
+    df = pd.DataFrame(rows, columns=["from_lab", "to_lab", "pcu", "earned_pcu"])
+    if df.empty:
+        return df
+    df["from_lab"], df["to_lab"] = df["from_lab"].map(labs), df["to_lab"].map(labs)
+    df["pcu"] = df["pcu"].astype(float) / NANO
+    df["earned_pcu"] = df["earned_pcu"].astype(float) / NANO
+    return df.sort_values("pcu", ascending=False, ignore_index=True)
+
+
+def balances(session: Session, viewer: Viewer) -> pd.DataFrame:
+    """Each visible lab's balance, credit limit and how close it is to the limit."""
+    q = (select(Lab.name, Balance.amount, Lab.credit_limit)
+         .join(Account, Account.lab_id == Lab.id).join(Balance, Balance.account_id == Account.id))
+    if not viewer.is_admin:
+        q = q.where(Lab.id == viewer.lab_id)
+    df = pd.DataFrame(list(session.exec(q)), columns=["lab", "balance", "credit_limit"])
+    df["balance"] = df["balance"].astype(float) / NANO
+    df["status"] = [("over the credit limit: new workers refused" if b < -lim else
+                     "below zero, within credit" if b < 0 else
+                     "low" if b < 0.1 * max(1.0, lim) + 10 else "ok")
+                    for b, lim in zip(df["balance"], df["credit_limit"], strict=True)]
+    return df.sort_values("balance", ignore_index=True)
+
+
+def capacity(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+    """CPUs and GPUs online and leased over time, per lab (samples of the broker)."""
+    start = dt.datetime.combine(filters.since, dt.time(), dt.UTC)
+    end = dt.datetime.combine(filters.until, dt.time(), dt.UTC)
+    q = (select(CapacitySample.at, Lab.name, CapacitySample.cpus_online,
+                CapacitySample.cpus_leased, CapacitySample.gpus_online,
+                CapacitySample.gpus_leased)
+         .join(Lab, Lab.id == CapacitySample.lab_id)
+         .where(CapacitySample.at >= start, CapacitySample.at < end))
+    if not viewer.is_admin:
+        q = q.where(CapacitySample.lab_id == viewer.lab_id)
+    elif filters.lab_ids:
+        q = q.where(col(CapacitySample.lab_id).in_(filters.lab_ids))
+    df = pd.DataFrame(list(session.exec(q.order_by(CapacitySample.at))),
+                      columns=["at", "lab", "cpus_online", "cpus_leased", "gpus_online",
+                               "gpus_leased"])
+    df["cpus_idle"] = df["cpus_online"] - df["cpus_leased"]
+    return df
+
+
+def live_leases(session: Session, viewer: Viewer) -> pd.DataFrame:
+    """Leases held or waiting now, with their cluster's user and lab and the providing lab."""
+    provider_lab = Lab.__table__.alias("provider_lab")
+    q = (select(Lease.id, User.name, Lab.name, provider_lab.c.name, Lease.cpus, Lease.gpus,
+                Lease.state, Lease.created_at)
+         .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+         .join(User, User.id == ClusterRecord.user_id)
+         .join(Lab, Lab.id == ClusterRecord.lab_id)
+         .join(Provider, Provider.id == Lease.provider_id, isouter=True)
+         .join(provider_lab, provider_lab.c.id == Provider.lab_id, isouter=True)
+         .where(col(Lease.state).in_([LeaseState.pending, *HELD_STATES])))
+    if viewer.role == "member":
+        q = q.where(ClusterRecord.user_id == viewer.user_id)
+    elif viewer.role == "pi":
+        q = q.where(ClusterRecord.lab_id == viewer.lab_id)
+    df = pd.DataFrame(list(session.exec(q.order_by(Lease.created_at))),
+                      columns=["lease", "user", "lab", "provider_lab", "cpus", "gpus", "state",
+                               "since"])
+    df["state"] = df["state"].map(lambda s: getattr(s, "value", s))
+    return df
+
+
+def my_clusters(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+    """A viewer's own clusters in the period, with how many leases each had."""
+    start = dt.datetime.combine(filters.since, dt.time(), dt.UTC)
+    q = (select(ClusterRecord.id, ClusterRecord.name, ClusterRecord.active,
+                ClusterRecord.created_at, ClusterRecord.closed_at, func.count(Lease.id))
+         .join(Lease, Lease.cluster_id == ClusterRecord.id, isouter=True)
+         .where(ClusterRecord.user_id == viewer.user_id, ClusterRecord.created_at >= start)
+         .group_by(ClusterRecord.id))
+    return pd.DataFrame(list(session.exec(q.order_by(col(ClusterRecord.created_at).desc()))),
+                        columns=["cluster", "name", "active", "created", "closed", "leases"])
+
+
+def wait_times(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+    """Seconds from asking for a worker to its start, per consuming lab: mean, max, count."""
+    start = dt.datetime.combine(filters.since, dt.time(), dt.UTC)
+    end = dt.datetime.combine(filters.until, dt.time(), dt.UTC)
+    q = (select(ClusterRecord.lab_id, Lease.created_at, Lease.started_at)
+         .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+         .where(Lease.started_at != None, Lease.created_at >= start,  # noqa: E711
+                Lease.created_at < end))
+    if viewer.role == "member":
+        q = q.where(ClusterRecord.user_id == viewer.user_id)
+    elif viewer.role == "pi":
+        q = q.where(ClusterRecord.lab_id == viewer.lab_id)
+    # Only three columns per started lease in the period, aggregated right away.
+    df = pd.DataFrame(list(session.exec(q)), columns=["lab_id", "created", "started"])
+    if df.empty:
+        return pd.DataFrame(columns=["lab", "leases", "mean_wait_s", "p90_wait_s", "max_wait_s"])
+    df["wait"] = (pd.to_datetime(df["started"]) - pd.to_datetime(df["created"])
+                  ).dt.total_seconds()
+    out = df.groupby("lab_id")["wait"].agg(leases="count", mean_wait_s="mean",
+                                           p90_wait_s=lambda w: w.quantile(0.9),
+                                           max_wait_s="max").reset_index()
+    out["lab"] = out["lab_id"].map(_labs(session).set_index("lab_id")["lab"])
+    return out[["lab", "leases", "mean_wait_s", "p90_wait_s", "max_wait_s"]]
+
+
+def provider_reliability(session: Session, viewer: Viewer) -> pd.DataFrame:
+    """Each visible machine: its lab, whether online, reliability, lost and failed leases."""
+    q = (select(Provider.name, Lab.name, Provider.online, Provider.cpus,
+                ProviderReliability.penalty, ProviderReliability.lost_leases,
+                ProviderReliability.failed_leases)
+         .join(Lab, Lab.id == Provider.lab_id)
+         .join(ProviderReliability, ProviderReliability.provider_id == Provider.id,
+               isouter=True))
+    if not viewer.is_admin:
+        q = q.where(Provider.lab_id == viewer.lab_id)
+    df = pd.DataFrame(list(session.exec(q)), columns=["machine", "lab", "online", "cpus",
+                                                      "penalty", "lost", "failed"])
+    df[["penalty", "lost", "failed"]] = df[["penalty", "lost", "failed"]].fillna(0)
+    df["reliability"] = df["penalty"].map(factor).round(4)
+    return df.drop(columns="penalty").sort_values("reliability", ignore_index=True)
+
+
+def contribution_vs_consumption(session: Session, lab_id: int,
+                                filters: Filters) -> pd.DataFrame:
+    """Per day: what the lab's machines earned from others, what its members were charged by
+    others, and their own-machine use (free)."""
+    base = [UsageDaily.day >= filters.since, UsageDaily.day < filters.until]
+    earned = session.exec(select(UsageDaily.day, func.sum(UsageDaily.earned))
+                          .where(UsageDaily.provider_lab_id == lab_id,
+                                 UsageDaily.self_use == False, *base)  # noqa: E712
+                          .group_by(UsageDaily.day)).all()
+    charged = session.exec(select(UsageDaily.day, func.sum(UsageDaily.charge),
+                                  literal(0))
+                           .where(UsageDaily.consumer_lab_id == lab_id,
+                                  UsageDaily.self_use == False, *base)  # noqa: E712
+                           .group_by(UsageDaily.day)).all()
+    own = session.exec(select(UsageDaily.day, func.sum(UsageDaily.charge))
+                       .where(UsageDaily.consumer_lab_id == lab_id,
+                              UsageDaily.self_use == True, *base)  # noqa: E712
+                       .group_by(UsageDaily.day)).all()
+    days = sorted({d for d, *_ in [*earned, *charged, *own]})
+    e, c, o = dict(earned), {d: v for d, v, _ in charged}, dict(own)
+    return pd.DataFrame({"day": days,
+                         "earned_pcu": [e.get(d, 0) / NANO for d in days],
+                         "charged_pcu": [c.get(d, 0) / NANO for d in days],
+                         "own_machine_pcu": [o.get(d, 0) / NANO for d in days]})
+
+
+def balance_outlook(session: Session, lab_id: int, days: int = 7) -> dict:
+    """The lab's balance and where it is heading at the net rate of the last ``days`` days."""
+    lab = session.get(Lab, lab_id)
+    today = utcnow().date()
+    window = contribution_vs_consumption(
+        session, lab_id, Filters(today - dt.timedelta(days=days - 1),
+                                 today + dt.timedelta(days=1)))
+    net_per_day = float((window["earned_pcu"] - window["charged_pcu"]).sum()) / days
+    account = session.exec(select(Account).where(Account.lab_id == lab_id)).first()
+    bal = (session.get(Balance, account.id).amount / NANO) if account else 0.0
+    days_to_limit = None
+    if net_per_day < 0:
+        days_to_limit = max(0.0, (bal + lab.credit_limit) / -net_per_day)
+    return {"lab": lab.name, "balance": bal, "credit_limit": lab.credit_limit,
+            "net_pcu_per_day": net_per_day, "days_until_limit": days_to_limit}
+
+
+def fair_share_position(session: Session, lab_id: int, half_life: float) -> pd.DataFrame:
+    """Labs with waiting workers, in the order fair share serves them, and this lab's place:
+    share / recent usage decides ("why are my members waiting")."""
+    now = utcnow()
+    pending = dict(session.exec(
+        select(ClusterRecord.lab_id, func.count(Lease.id))
+        .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+        .where(Lease.state == LeaseState.pending).group_by(ClusterRecord.lab_id)).all())
+    labs = {lab.id: lab for lab in session.exec(select(Lab))}
+    keys = set(pending) | {lab_id}
+    usage = usage_now(session, "lab", keys, now, half_life)
+    rows = [{"lab": labs[k].name, "share": labs[k].share, "recent_pcu": round(usage[k], 4),
+             "priority": labs[k].share / (usage[k] + 1e-6), "waiting_workers": pending.get(k, 0),
+             "you": k == lab_id} for k in keys]
+    df = pd.DataFrame(rows).sort_values("priority", ascending=False, ignore_index=True)
+    df.insert(0, "served", range(1, len(df) + 1))
+    return df
+
+
+def savings(session: Session, viewer: Viewer, filters: Filters) -> dict:
+    """Total PCU used and what the same resources would have cost in the cloud."""
+    row = session.exec(_scoped(select(func.sum(UsageDaily.charge),
+                                      func.sum(UsageDaily.cloud_cost)), viewer, filters)).one()
+    return {"pcu": float(row[0] or 0) / NANO, "cloud_cost": float(row[1] or 0)}
+
+
+def as_day(value: dt.datetime | dt.date) -> dt.date:
+    return as_utc(value).date() if isinstance(value, dt.datetime) else value
