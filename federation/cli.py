@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import cli_books, errors
 
@@ -39,6 +40,19 @@ def _db_url(args: argparse.Namespace) -> str:
         return args.db_url
     _data_home().mkdir(parents=True, exist_ok=True)
     return default_url()
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboards until stopped."""
+    from accounting.dashboard.server import serve
+
+    try:
+        serve(_db_url(args), port=args.port, address=args.address, prefix=args.prefix,
+              dev_user=args.dev_user, fair_share_half_life=args.fair_share_half_life * 3600)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -324,6 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--memory", default=None,
                    help="Memory each demo provider offers (default: machine memory / N).")
     u.set_defaults(func=lambda a: __import__("federation.up", fromlist=["run"]).run(a))
+
+    dash = sub.add_parser("dashboard", help="Serve the Panel dashboards (a JupyterHub service, "
+                                            "or standalone with --dev-user).")
+    dash.add_argument("--db-url", help="The broker's database URL (default PARALLEX_DB_URL, "
+                      "else ~/.local/share/parallex/broker.db).")
+    service_url = urlsplit(os.environ.get("JUPYTERHUB_SERVICE_URL", ""))
+    dash.add_argument("--port", type=int, default=service_url.port or 8471,
+                      help="TCP port (default: the port of JUPYTERHUB_SERVICE_URL, else 8471).")
+    dash.add_argument("--address", default=service_url.hostname or "127.0.0.1",
+                      help="Address to listen on (default 127.0.0.1).")
+    dash.add_argument("--prefix", default=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", ""),
+                      help="URL prefix, e.g. /services/parallex-dashboard/ (default "
+                           "JUPYTERHUB_SERVICE_PREFIX; empty: the root).")
+    dash.add_argument("--dev-user", help="Development only: show the dashboard as this "
+                      "Parallex user (or 'admin') to everyone, without login.")
+    dash.add_argument("--fair-share-half-life", type=float, default=168.0,
+                      help="Hours, as given to the broker (default 168).")
+    dash.set_defaults(func=cmd_dashboard)
 
     d = sub.add_parser("db", help="Database schema: show the revision or upgrade it.")
     d.add_argument("db_command", choices=["current", "upgrade"],

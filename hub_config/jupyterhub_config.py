@@ -60,13 +60,22 @@ if settings.broker_db_url:
         "--port", str(broker_port), "--db-url", settings.broker_db_url]
     broker_service["environment"] = {
         k: os.environ[k] for k in ("PARALLEX_ADMIN_TOKEN", "PATH", "HOME") if k in os.environ}
-c.JupyterHub.services = [
-    broker_service,
-    # Issue 5's Panel dashboard registers here as "parallex-dashboard" (hub OAuth, its own
-    # command); the slot is kept so the roles below need no change then.
-]
+# The Panel dashboards: a managed service behind the hub's OAuth (people log in with their hub
+# session), reading the broker's database. It needs the broker's database URL, so it runs when
+# the hub runs the broker.
+dashboard_port = int(os.environ.get("PARALLEX_DASHBOARD_PORT", broker_port + 1))
+dashboard_service = {"name": "parallex-dashboard", "display": True,
+                     "url": f"http://127.0.0.1:{dashboard_port}", "oauth_no_confirm": True}
+if settings.broker_db_url:
+    dashboard_service["command"] = [
+        sys.executable, "-m", "federation.cli", "dashboard", "--db-url", settings.broker_db_url,
+        "--port", str(dashboard_port)]
+    dashboard_service["environment"] = {k: os.environ[k] for k in ("PATH", "HOME")
+                                        if k in os.environ}
+c.JupyterHub.services = [broker_service, dashboard_service]
 c.JupyterHub.load_roles = [
-    {"name": "user", "scopes": ["self", "access:services!service=parallex"]},
+    {"name": "user", "scopes": ["self", "access:services!service=parallex",
+                                "access:services!service=parallex-dashboard"]},
 ]
 
 # ---- single-user servers ---------------------------------------------------------------------

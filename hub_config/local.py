@@ -102,6 +102,7 @@ def plan(data: Path, *, labs: int, hub_port: int, broker_port: int, admin_token:
     env = {"PARALLEX_HUB_SETTINGS": str(settings_file), "PARALLEX_HUB_DATA": str(data / "hub"),
            "PARALLEX_HUB_INTERNAL_URL": f"http://127.0.0.1:{free_port()}",
            "PARALLEX_PROXY_API_URL": f"http://127.0.0.1:{free_port()}",
+           "PARALLEX_DASHBOARD_PORT": str(free_port()),
            "CONFIGPROXY_AUTH_TOKEN": secrets.token_hex(16),
            "JUPYTERHUB_CRYPT_KEY": secrets.token_hex(32),
            "PARALLEX_ADMIN_TOKEN": admin_token, **secrets_env}

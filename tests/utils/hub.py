@@ -278,6 +278,7 @@ def start_hub(tmp: Path) -> Hub:
                "PARALLEX_HUB_DATA": str(tmp / "hub"),
                "PARALLEX_HUB_INTERNAL_URL": f"http://127.0.0.1:{free_port()}",
                "PARALLEX_PROXY_API_URL": f"http://127.0.0.1:{free_port()}",
+               "PARALLEX_DASHBOARD_PORT": str(free_port()),
                "PARALLEX_HUB_EXTRA_CONFIG": str(extra),
                "CONFIGPROXY_AUTH_TOKEN": secrets.token_hex(16),
                "JUPYTERHUB_CRYPT_KEY": secrets.token_hex(32),
