@@ -179,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
             people = "\n".join(f"    {a.institution:6} {a.username:5} / {a.password:10} "
                                 f"{a.role} of {a.lab}" for a in hub.accounts)
             print(f"JupyterHub: {hub.hub_url} — sign in through a demo institution "
-                  f"(user / password):\n{people}", flush=True)
+                  f"(user / password):\n{people}\n"
+                  f"Dashboards: {hub.hub_url}/services/parallex-dashboard/", flush=True)
         print(f"Parallex is up: broker {url}, {args.providers} demo labs "
               f"({cpus:g} CPUs each).\n"
               f"In another shell:\n"

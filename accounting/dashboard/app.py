@@ -96,12 +96,15 @@ class Dashboard:
             f"in a public cloud: **about ${saved['cloud_cost']:,.2f}**. "
             f"Labs needing attention: **{len(warn)}**.", css_classes=["px-summary"])
         capacity = cap.groupby("at", as_index=False)[
-            ["cpus_online", "cpus_leased", "gpus_online", "gpus_leased"]].sum()
+            ["cpus_online", "cpus_leased", "cpus_idle", "gpus_online", "gpus_leased"]].sum()
         return pn.Column(
             summary,
             plot(daily, "bar", "PCU per day by lab", x="day", y="pcu", by="lab", stacked=True),
-            plot(capacity, "line", "Pool capacity: CPUs and GPUs online and leased", x="at",
-                 y=["cpus_online", "cpus_leased", "gpus_online", "gpus_leased"]),
+            plot(capacity, "line", "Pool capacity: CPUs and GPUs online, leased and idle",
+                 x="at", y=["cpus_online", "cpus_leased", "cpus_idle", "gpus_online",
+                            "gpus_leased"]),
+            plot(cap, "area", "CPUs online by lab", x="at", y="cpus_online", by="lab",
+                 stacked=True),
             table(balances, "balances", "Balances and credit limits"),
             sizing_mode="stretch_width")
 
