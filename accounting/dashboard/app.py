@@ -147,9 +147,7 @@ class Dashboard:
         with self.sessions() as s:
             daily = reports.contribution_vs_consumption(s, lab_id, f)
             outlook = reports.balance_outlook(s, lab_id)
-            by_machine = reports.usage_by(s, reports.Viewer("-", "admin"), reports.Filters(
-                f.since, f.until), "provider")
-            mine = {p for p in reports.provider_reliability(s, self.viewer)["machine"]}
+            by_machine = reports.served_by_machines(s, lab_id, f)
         heading = (f"Balance **{outlook['balance']:,.2f} PCU** (credit limit "
                    f"{outlook['credit_limit']:,.2f}); over the last 7 days the lab "
                    f"{'gained' if outlook['net_pcu_per_day'] >= 0 else 'spent'} "
@@ -157,11 +155,11 @@ class Dashboard:
         if outlook["days_until_limit"] is not None:
             heading += (f"; at that rate it reaches its credit limit in "
                         f"**{outlook['days_until_limit']:,.1f} days**")
-        by_machine = by_machine[by_machine["provider"].isin(mine)]
         return pn.Column(
             pn.pane.Markdown(heading + ".", css_classes=["px-outlook"]),
-            plot(daily, "line", "Contribution (earned) against consumption (charged) per day",
-                 x="day", y=["earned_pcu", "charged_pcu", "own_machine_pcu"]),
+            plot(daily.melt(id_vars="day", var_name="kind", value_name="pcu"), "bar",
+                 "Contribution (earned) against consumption (charged) per day", x="day",
+                 y="pcu", by="kind"),
             table(daily, "contribution", "Per day"),
             table(by_machine, "usage_by_machine",
                   "What each of the lab's machines served (all users)"),

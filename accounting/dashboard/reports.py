@@ -309,6 +309,20 @@ def contribution_vs_consumption(session: Session, lab_id: int,
                          "own_machine_pcu": [o.get(d, 0) / NANO for d in days]})
 
 
+def served_by_machines(session: Session, lab_id: int, filters: Filters) -> pd.DataFrame:
+    """What each of the lab's machines served (to anyone, own lab included) in the period."""
+    q = (select(UsageDaily.provider_id, *_MEASURES)
+         .where(UsageDaily.provider_lab_id == lab_id, UsageDaily.day >= filters.since,
+                UsageDaily.day < filters.until)
+         .group_by(UsageDaily.provider_id))
+    df = _frame(session.exec(q), ["machine"])
+    if df.empty:
+        return pd.DataFrame(columns=["machine"] + _MEASURE_NAMES)
+    names = dict(session.exec(select(Provider.id, Provider.name)).all())
+    df["machine"] = df["machine"].map(lambda k: names.get(k, k))
+    return df.sort_values("pcu", ascending=False, ignore_index=True)
+
+
 def balance_outlook(session: Session, lab_id: int, days: int = 7) -> dict:
     """The lab's balance and where it is heading at the net rate of the last ``days`` days."""
     lab = session.get(Lab, lab_id)

@@ -99,3 +99,15 @@ def test_filters_change_the_figures(books):
     assert daily.loc[DAY1.date() + dt.timedelta(days=1), "earned_pcu"] > 0
     assert daily.loc[DAY1.date() + dt.timedelta(days=1), "own_machine_pcu"] > 0
     assert reports.savings(s, admin, both)["cloud_cost"] == 0  # no reference table given
+
+
+def test_machines_of_a_lab_and_its_outlook(books):
+    s, who = books
+    period = reports.Filters(DAY1.date(), DAY1.date() + dt.timedelta(days=3))
+    served = reports.served_by_machines(s, who["physics"].id, period).set_index("machine")
+    # m-phys served carl (1 h, 2 CPUs + 4 GiB + an A100 = 10.4 PCU) and pia (free, 1.2 PCU).
+    assert served.loc["m-phys", "pcu"] == pytest.approx(10.4 + 1.2)
+    assert served.loc["m-phys", "earned_pcu"] == pytest.approx(10.4)
+    outlook = reports.balance_outlook(s, who["physics"].id)
+    assert outlook["lab"] == "physics" and outlook["credit_limit"] == 0
+    assert outlook["balance"] == pytest.approx(100 - 9.6 + 10.4)
