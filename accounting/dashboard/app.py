@@ -175,7 +175,8 @@ class Dashboard:
 
     def pi_fair_share(self, f: reports.Filters) -> pn.Column:
         with self.sessions() as s:
-            df = reports.fair_share_position(s, self.viewer.lab_id, self.half_life)
+            df = reports.fair_share_position(s, self.viewer.lab_id, self.half_life,
+                                             reveal_names=self.viewer.is_admin)
         me = df[df.you].iloc[0]
         text = (f"When capacity is short, waiting workers are served lab by lab in order of "
                 f"share ÷ recent usage. **{self.viewer.lab_name}** is **#{me.served}** of "

@@ -340,9 +340,11 @@ def balance_outlook(session: Session, lab_id: int, days: int = 7) -> dict:
             "net_pcu_per_day": net_per_day, "days_until_limit": days_to_limit}
 
 
-def fair_share_position(session: Session, lab_id: int, half_life: float) -> pd.DataFrame:
+def fair_share_position(session: Session, lab_id: int, half_life: float,
+                        reveal_names: bool = False) -> pd.DataFrame:
     """Labs with waiting workers, in the order fair share serves them, and this lab's place:
-    share / recent usage decides ("why are my members waiting")."""
+    share / recent usage decides ("why are my members waiting"). Other labs are named only
+    when ``reveal_names`` (administrators)."""
     now = utcnow()
     pending = dict(session.exec(
         select(ClusterRecord.lab_id, func.count(Lease.id))
@@ -351,9 +353,10 @@ def fair_share_position(session: Session, lab_id: int, half_life: float) -> pd.D
     labs = {lab.id: lab for lab in session.exec(select(Lab))}
     keys = set(pending) | {lab_id}
     usage = usage_now(session, "lab", keys, now, half_life)
-    rows = [{"lab": labs[k].name, "share": labs[k].share, "recent_pcu": round(usage[k], 4),
-             "priority": labs[k].share / (usage[k] + 1e-6), "waiting_workers": pending.get(k, 0),
-             "you": k == lab_id} for k in keys]
+    rows = [{"lab": labs[k].name if reveal_names or k == lab_id else "another lab",
+             "share": labs[k].share, "recent_pcu": round(usage[k], 4),
+             "priority": labs[k].share / (usage[k] + 1e-6),
+             "waiting_workers": pending.get(k, 0), "you": k == lab_id} for k in keys]
     df = pd.DataFrame(rows).sort_values("priority", ascending=False, ignore_index=True)
     df.insert(0, "served", range(1, len(df) + 1))
     return df

@@ -111,3 +111,20 @@ def test_machines_of_a_lab_and_its_outlook(books):
     outlook = reports.balance_outlook(s, who["physics"].id)
     assert outlook["lab"] == "physics" and outlook["credit_limit"] == 0
     assert outlook["balance"] == pytest.approx(100 - 9.6 + 10.4)
+
+
+def test_fair_share_position_names_other_labs_for_admins_only(books):
+    s, who = books
+    from accounting.models import utcnow
+    from federation.broker.models import ClusterRecord, Lease
+
+    # chemistry has a worker waiting; physics (the PI's lab) none.
+    s.add(ClusterRecord(id="c1", user_id=who["carl"].id, lab_id=who["chemistry"].id,
+                        scheduler_address="tls://x:1", ca_cert="-"))
+    s.add(Lease(id="ls-wait", cluster_id="c1", cpus=1, memory=GiB, created_at=utcnow()))
+    s.commit()
+    hidden = reports.fair_share_position(s, who["physics"].id, 7 * 86400)
+    assert set(hidden["lab"]) == {"physics", "another lab"}
+    assert hidden.set_index("lab").loc["another lab", "waiting_workers"] == 1
+    shown = reports.fair_share_position(s, who["physics"].id, 7 * 86400, reveal_names=True)
+    assert set(shown["lab"]) == {"physics", "chemistry"}
