@@ -4,13 +4,12 @@ standalone in development and refuses to start without the hub or --dev-user."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
-from playwright.sync_api import sync_playwright
 
 from federation import FederatedCluster
+from tests.utils.browser import chromium
 from tests.utils.federation import make_federation
 from tests.utils.hub import free_port
 from tests.utils.procs import Proc, parallex, wait_until
@@ -54,19 +53,14 @@ def test_standalone_dashboard_in_chromium_and_refusal_without_hub(sampled, tmp_p
     server = Proc(parallex("dashboard", "--db-url", f"sqlite:///{fed.tmp}/broker.db",
                            "--port", str(port), "--dev-user", "alice"), tmp_path / "dash.log")
     try:
-        executable = shutil.which("chromium") or shutil.which("chromium-browser")
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-            try:
-                page = browser.new_page()
-                wait_until(lambda: _loads(page, f"http://127.0.0.1:{port}/"), 60,
-                           "the standalone dashboard to answer")
-                page.wait_for_selector(".px-whoami", timeout=60_000)
-                header = page.locator(".px-whoami").first.evaluate(
-                    "e => e.shadowRoot ? e.shadowRoot.textContent : e.textContent")
-                assert "alice (member of lab-a)" in header
-            finally:
-                browser.close()
+        with chromium() as browser:
+            page = browser.new_page()
+            wait_until(lambda: _loads(page, f"http://127.0.0.1:{port}/"), 60,
+                       "the standalone dashboard to answer")
+            page.wait_for_selector(".px-whoami", timeout=60_000)
+            header = page.locator(".px-whoami").first.evaluate(
+                "e => e.shadowRoot ? e.shadowRoot.textContent : e.textContent")
+            assert "alice (member of lab-a)" in header
     finally:
         server.stop()
 

@@ -5,13 +5,12 @@ each view under docs/screenshots/."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
-import shutil
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import sync_playwright
 from sqlmodel import select
 
 from accounting.cloud import load_cloud_prices
@@ -19,6 +18,7 @@ from accounting.metering import LeaseUsage, meter
 from accounting.models import Lab, User, utcnow
 from accounting.pricing import GiB, Resources
 from federation.broker import db
+from tests.utils.browser import chromium
 from tests.utils.hub import start_hub
 from tests.utils.procs import wait_until
 
@@ -57,28 +57,27 @@ def hub_with_usage(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chromium():
-    executable = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert executable, "Debian's chromium is not installed (./dev test installs it)"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
-        try:
-            yield browser
-        finally:
-            browser.close()
+def browser():
+    with chromium() as running:
+        yield running
 
 
-def open_dashboard(chromium, hub, institution: str, user: str, password: str):
-    """A fresh browser session: hub login through the institution, then the dashboard."""
-    context = chromium.new_context(viewport={"width": 1280, "height": 900})
-    page = context.new_page()
-    page.goto(f"{hub.url}/hub/login?institution={institution}"
-              "&next=/services/parallex-dashboard/")
-    page.fill("input[name=username]", user)
-    page.fill("input[name=password]", password)
-    page.click("button[type=submit]")
-    page.wait_for_selector(".px-whoami", timeout=60_000)
-    return context, page
+@contextlib.contextmanager
+def dashboard_as(browser, hub, institution: str, user: str, password: str):
+    """A fresh browser session: hub login through the institution, then the dashboard page;
+    the session is closed on exit."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(f"{hub.url}/hub/login?institution={institution}"
+                  "&next=/services/parallex-dashboard/")
+        page.fill("input[name=username]", user)
+        page.fill("input[name=password]", password)
+        page.click("button[type=submit]")
+        page.wait_for_selector(".px-whoami", timeout=60_000)
+        yield page
+    finally:
+        context.close()
 
 
 # Panel renders into shadow roots, which innerText does not enter; this walks them.
@@ -119,10 +118,9 @@ def tab(page, title: str, shows: str) -> str:
     return text(page)
 
 
-def test_admin_sees_every_lab_and_filters_change_the_figures(hub_with_usage, chromium,
+def test_admin_sees_every_lab_and_filters_change_the_figures(hub_with_usage, browser,
                                                               tmp_path):
-    context, page = open_dashboard(chromium, hub_with_usage, "south", "root", "root-pw")
-    try:
+    with dashboard_as(browser, hub_with_usage, "south", "root", "root-pw") as page:
         body = text(page)
         assert "root@south (administrator)" in body
         page.wait_for_selector(".px-summary")
@@ -151,13 +149,10 @@ def test_admin_sees_every_lab_and_filters_change_the_figures(hub_with_usage, chr
         flows = tab(page, "Credit flows", "credit_flows.csv")
         assert "south-chemistry" in flows
         shoot(page, "admin-credit-flows", tmp_path)
-    finally:
-        context.close()
 
 
-def test_pi_sees_their_lab_only(hub_with_usage, chromium, tmp_path):
-    context, page = open_dashboard(chromium, hub_with_usage, "north", "petra", "petra-pw")
-    try:
+def test_pi_sees_their_lab_only(hub_with_usage, browser, tmp_path):
+    with dashboard_as(browser, hub_with_usage, "north", "petra", "petra-pw") as page:
         body = text(page)
         assert "petra@north (PI of north-physics)" in body
         assert "Credit flows" not in body  # no federation-wide views
@@ -168,13 +163,10 @@ def test_pi_sees_their_lab_only(hub_with_usage, chromium, tmp_path):
         waiting = tab(page, "Why are we waiting?", "Fair-share order")
         assert "north-physics is #" in waiting
         shoot(page, "pi-fair-share", tmp_path)
-    finally:
-        context.close()
 
 
-def test_student_sees_their_own_usage(hub_with_usage, chromium, tmp_path):
-    context, page = open_dashboard(chromium, hub_with_usage, "north", "alice", "alice-pw")
-    try:
+def test_student_sees_their_own_usage(hub_with_usage, browser, tmp_path):
+    with dashboard_as(browser, hub_with_usage, "north", "alice", "alice-pw") as page:
         page.wait_for_selector(".px-mine")
         body = text(page)
         assert "alice@north (member of north-physics)" in body
@@ -182,5 +174,3 @@ def test_student_sees_their_own_usage(hub_with_usage, chromium, tmp_path):
         assert "alice@south" not in body and "south-chemistry" not in body
         assert "Members" not in body and "Credit flows" not in body
         shoot(page, "student", tmp_path)
-    finally:
-        context.close()
