@@ -107,6 +107,18 @@ class Membership(SQLModel, table=True):
     max_gpus: int | None = Field(default=None, ge=0)
 
 
+def names_by_id(session, model, ids) -> dict:
+    """id → name of the rows of ``model`` (any table with id and name) among ``ids``; one
+    query, and only those rows, however large the table."""
+    from sqlmodel import col, select
+
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    return dict(session.exec(select(model.id, model.name)
+                             .where(col(model.id).in_(wanted))).all())
+
+
 def create_lab(session, *, name: str, site: str = "", institution: str | None = None,
                policy: LabPolicy | None = None) -> Lab:
     """Insert a lab (and its institution when new); the caller commits."""

@@ -11,6 +11,7 @@ encrypted auth_state fresh.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 from urllib.parse import quote
@@ -253,8 +254,6 @@ class ParallexOIDCAuthenticator(Authenticator):
     async def _sync_membership(self, username: str, lab: str, role: str,
                                institution: Institution) -> None:
         """Create the lab if new and set the user's role there, through the broker's API."""
-        import os
-
         token = self.broker_admin_token or os.environ.get("PARALLEX_ADMIN_TOKEN", "")
         url = (self.broker_url or self.hub_settings.broker_url).rstrip("/") + "/api/v1"
         if not token:
@@ -264,12 +263,11 @@ class ParallexOIDCAuthenticator(Authenticator):
         headers = {"Authorization": f"Bearer {token}"}
         try:
             async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as broker:
-                found = await broker.get(f"/labs/{quote(lab)}/balance")
-                if found.status_code == 404:
-                    created = await broker.post("/labs", json={
-                        "name": lab, "institution": institution.display_name})
-                    if created.status_code not in (201, 409):
-                        created.raise_for_status()
+                # 409: the lab exists already (the usual case); nothing was written.
+                created = await broker.post("/labs", json={
+                    "name": lab, "institution": institution.display_name})
+                if created.status_code not in (201, 409):
+                    created.raise_for_status()
                 (await broker.put(f"/labs/{quote(lab)}/members/{quote(username)}",
                                   json={"role": role})).raise_for_status()
         except httpx.HTTPError as exc:

@@ -109,7 +109,7 @@ class OidcClient:
             "code_challenge_method": "S256"})
         return AuthRequest(f"{meta.authorization_endpoint}?{query}", state, nonce, verifier)
 
-    def _client(self, meta: ProviderMetadata) -> AsyncOAuth2Client:
+    def _client(self) -> AsyncOAuth2Client:
         return AsyncOAuth2Client(client_id=self.institution.client_id,
                                  client_secret=self.institution.client_secret,
                                  token_endpoint_auth_method="client_secret_basic",
@@ -119,7 +119,7 @@ class OidcClient:
         """Exchange ``code`` (with the PKCE verifier); returns (tokens, verified claims)."""
         meta = await self.metadata()
         try:
-            async with self._client(meta) as client:
+            async with self._client() as client:
                 tokens = dict(await client.fetch_token(
                     meta.token_endpoint, grant_type="authorization_code", code=code,
                     code_verifier=request.code_verifier))
@@ -135,7 +135,7 @@ class OidcClient:
         """New tokens for a refresh token; raises OidcError when the provider refuses."""
         meta = await self.metadata()
         try:
-            async with self._client(meta) as client:
+            async with self._client() as client:
                 return dict(await client.refresh_token(meta.token_endpoint,
                                                        refresh_token=refresh_token))
         except Exception as exc:

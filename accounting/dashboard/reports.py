@@ -11,12 +11,12 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 import pandas as pd
-from sqlalchemy import func, literal
+from sqlalchemy import and_, case, func, or_
 from sqlmodel import Session, col, select
 
 from accounting.fairshare import usage_now
 from accounting.ledger import Account, Balance
-from accounting.models import Institution, Lab, Membership, User, as_utc, utcnow
+from accounting.models import Institution, Lab, Membership, User, names_by_id, utcnow
 from accounting.reliability import ProviderReliability, factor
 from accounting.rollups import UsageDaily
 from accounting.units import NANO
@@ -59,11 +59,6 @@ class Filters:
     until: dt.date
     lab_ids: tuple[int, ...] = ()
     institution_ids: tuple[int, ...] = field(default=())
-
-    @classmethod
-    def last_days(cls, days: int, today: dt.date | None = None, **kw) -> Filters:
-        today = today or utcnow().date()
-        return cls(today - dt.timedelta(days=days - 1), today + dt.timedelta(days=1), **kw)
 
 
 def _labs(session: Session) -> pd.DataFrame:
@@ -133,10 +128,9 @@ def usage_by(session: Session, viewer: Viewer, filters: Filters, by: str) -> pd.
         labs = _labs(session).set_index("lab_id")
         df[by] = df["key"].map(labs["lab" if by == "lab" else "institution"])
     elif by == "user":
-        names = dict(session.exec(select(User.id, User.name)).all())
-        df[by] = df["key"].map(names)
+        df[by] = df["key"].map(names_by_id(session, User, df["key"]))
     elif by == "provider":
-        names = dict(session.exec(select(Provider.id, Provider.name)).all())
+        names = names_by_id(session, Provider, df["key"])
         df[by] = df["key"].map(lambda k: names.get(k, k))
     else:
         df[by] = df["key"].replace("", "CPU only")
@@ -287,26 +281,22 @@ def contribution_vs_consumption(session: Session, lab_id: int,
                                 filters: Filters) -> pd.DataFrame:
     """Per day: what the lab's machines earned from others, what its members were charged by
     others, and their own-machine use (free)."""
-    base = [UsageDaily.day >= filters.since, UsageDaily.day < filters.until]
-    earned = session.exec(select(UsageDaily.day, func.sum(UsageDaily.earned))
-                          .where(UsageDaily.provider_lab_id == lab_id,
-                                 UsageDaily.self_use == False, *base)  # noqa: E712
-                          .group_by(UsageDaily.day)).all()
-    charged = session.exec(select(UsageDaily.day, func.sum(UsageDaily.charge),
-                                  literal(0))
-                           .where(UsageDaily.consumer_lab_id == lab_id,
-                                  UsageDaily.self_use == False, *base)  # noqa: E712
-                           .group_by(UsageDaily.day)).all()
-    own = session.exec(select(UsageDaily.day, func.sum(UsageDaily.charge))
-                       .where(UsageDaily.consumer_lab_id == lab_id,
-                              UsageDaily.self_use == True, *base)  # noqa: E712
-                       .group_by(UsageDaily.day)).all()
-    days = sorted({d for d, *_ in [*earned, *charged, *own]})
-    e, c, o = dict(earned), {d: v for d, v, _ in charged}, dict(own)
-    return pd.DataFrame({"day": days,
-                         "earned_pcu": [e.get(d, 0) / NANO for d in days],
-                         "charged_pcu": [c.get(d, 0) / NANO for d in days],
-                         "own_machine_pcu": [o.get(d, 0) / NANO for d in days]})
+    def when(condition, value):
+        return func.sum(case((condition, value), else_=0))
+
+    others = UsageDaily.self_use == False  # noqa: E712
+    rows = session.exec(
+        select(UsageDaily.day,
+               when(and_(UsageDaily.provider_lab_id == lab_id, others), UsageDaily.earned),
+               when(and_(UsageDaily.consumer_lab_id == lab_id, others), UsageDaily.charge),
+               when(and_(UsageDaily.consumer_lab_id == lab_id, ~others), UsageDaily.charge))
+        .where(or_(UsageDaily.provider_lab_id == lab_id, UsageDaily.consumer_lab_id == lab_id),
+               UsageDaily.day >= filters.since, UsageDaily.day < filters.until)
+        .group_by(UsageDaily.day).order_by(UsageDaily.day)).all()
+    return pd.DataFrame({"day": [r[0] for r in rows],
+                         "earned_pcu": [(r[1] or 0) / NANO for r in rows],
+                         "charged_pcu": [(r[2] or 0) / NANO for r in rows],
+                         "own_machine_pcu": [(r[3] or 0) / NANO for r in rows]})
 
 
 def served_by_machines(session: Session, lab_id: int, filters: Filters) -> pd.DataFrame:
@@ -318,7 +308,7 @@ def served_by_machines(session: Session, lab_id: int, filters: Filters) -> pd.Da
     df = _frame(session.exec(q), ["machine"])
     if df.empty:
         return pd.DataFrame(columns=["machine"] + _MEASURE_NAMES)
-    names = dict(session.exec(select(Provider.id, Provider.name)).all())
+    names = names_by_id(session, Provider, df["machine"])
     df["machine"] = df["machine"].map(lambda k: names.get(k, k))
     return df.sort_values("pcu", ascending=False, ignore_index=True)
 
@@ -368,6 +358,3 @@ def savings(session: Session, viewer: Viewer, filters: Filters) -> dict:
                                       func.sum(UsageDaily.cloud_cost)), viewer, filters)).one()
     return {"pcu": float(row[0] or 0) / NANO, "cloud_cost": float(row[1] or 0)}
 
-
-def as_day(value: dt.datetime | dt.date) -> dt.date:
-    return as_utc(value).date() if isinstance(value, dt.datetime) else value

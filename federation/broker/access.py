@@ -35,13 +35,16 @@ def readable_lab(session: Session, principal: Principal, name: str) -> Lab:
     return lab
 
 
+def _pi_only(name: str | None) -> ApiError:
+    return ApiError(403, "pi-only", f"lab {name}'s members, machines and earnings are for its "
+                    "PIs and administrators; your own usage is at /usage")
+
+
 def managed_lab(session: Session, principal: Principal, name: str) -> Lab:
     """The lab named ``name`` if the caller is its PI (or an administrator)."""
     lab = readable_lab(session, principal, name)
     if not principal.is_pi:
-        raise ApiError(403, "pi-only",
-                       f"lab {name}'s members, machines and earnings are for its PIs and "
-                       "administrators; your own usage is at /usage")
+        raise _pi_only(name)
     return lab
 
 
@@ -62,9 +65,9 @@ def usage_scope(session: Session, principal: Principal, lab: str | None,
         lab_id = row.id
     elif principal.is_admin:
         return UsageScope(None, None)
+    elif provided and not principal.is_pi:
+        raise _pi_only(principal.lab_name)
     else:
-        if provided and not principal.is_pi:
-            managed_lab(session, principal, principal.lab_name or "")
         lab_id = principal.lab_id
     if principal.is_pi or provided:
         return UsageScope(lab_id, None)

@@ -15,7 +15,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from accounting.ledger import Account, LedgerEntry, Transfer, balance, grant, lab_account
 from accounting.metering import UsageRecord
-from accounting.models import Lab, User, as_utc, utcnow
+from accounting.models import Lab, User, as_utc, names_by_id, utcnow
 from accounting.pricing import (
     PriceVersion,
     Resources,
@@ -78,7 +78,7 @@ def lab_ledger(lab: str, request: Request,
                                  col(LedgerEntry.id).desc()).limit(limit)).all()
         records = {r.transfer_id: r for r in s.exec(select(UsageRecord).where(
             col(UsageRecord.transfer_id).in_([t.id for _e, t in rows])))} if rows else {}
-        names = _names(s)
+        names = _names(s, records.values())
         entries = []
         for e, t in rows:
             entry = {"time": e.created_at, "amount": _pcu(e.amount), "kind": t.kind.value,
@@ -98,10 +98,13 @@ def lab_ledger(lab: str, request: Request,
         return {"lab": row.name, "entries": entries}
 
 
-def _names(s: Session) -> dict[str, dict]:
-    return {"lab": dict(s.exec(select(Lab.id, Lab.name)).all()),
-            "user": dict(s.exec(select(User.id, User.name)).all()),
-            "provider": dict(s.exec(select(Provider.id, Provider.name)).all())}
+def _names(s: Session, records, *, labs=()) -> dict[str, dict]:
+    """Names of the labs, users and providers ``records`` (usage records) mention."""
+    records = list(records)
+    return {"lab": names_by_id(s, Lab, [*labs, *(r.consumer_lab_id for r in records),
+                                        *(r.provider_lab_id for r in records)]),
+            "user": names_by_id(s, User, (r.user_id for r in records)),
+            "provider": names_by_id(s, Provider, (r.provider_id for r in records))}
 
 
 @router.get("/transfers/{transfer_id}")
@@ -120,9 +123,9 @@ def explain_transfer(transfer_id: int, request: Request,
             raise ApiError(404, "unknown-transfer",
                            f"no transfer {transfer_id} in your lab's ledger; `parallex ledger` "
                            "lists the ids you can explain")
-        names = _names(s)
         record = s.exec(select(UsageRecord).where(
             UsageRecord.transfer_id == transfer_id)).first()
+        names = _names(s, [record] if record else [], labs=lab_ids)
         out = {"transfer_id": transfer.id, "kind": transfer.kind.value, "memo": transfer.memo,
                "time": transfer.created_at,
                "entries": [{"account": a.name, "lab": names["lab"].get(a.lab_id),
@@ -183,8 +186,10 @@ def usage(request: Request,
             q = q.where(UsageRecord.period_end >= as_utc(since))
         if until is not None:
             q = q.where(UsageRecord.period_end < as_utc(until))
-        names = _names(s)
-        names["provider_lab"] = names["lab"]
+        found = s.exec(q).all()
+        keys = [row[0] for row in found]
+        model = {"lab": Lab, "provider_lab": Lab, "user": User, "provider": Provider}[by]
+        names = {by: names_by_id(s, model, keys)}
         # pcu: what was charged; self_use_pcu: what a lab's use of its own machines would have
         # cost (free, recorded so a PI sees it); earned_pcu: what the providers' labs earned.
         rows = [{by: names[by].get(k, str(k)), "pcu": _pcu(int(charge or 0)),
@@ -193,7 +198,7 @@ def usage(request: Request,
                  "gpu_hours": round((gpu_s or 0) / 3600, 6),
                  "lease_hours": round((secs or 0) / 3600, 6),
                  "cloud_cost": float(cloud or 0), "_key": k}
-                for k, charge, self_use, earned, cpu_s, gpu_s, secs, cloud in s.exec(q).all()]
+                for k, charge, self_use, earned, cpu_s, gpu_s, secs, cloud in found]
         if by == "provider":
             standing = standings(s, [r["_key"] for r in rows])
             for r in rows:
@@ -204,7 +209,7 @@ def usage(request: Request,
             del r["_key"]
         return {"by": by, "side": side, "since": since, "until": until,
                 "scope": ("everyone" if scope.lab_id is None
-                          else f"{names['lab'].get(scope.lab_id)}" + (
+                          else f"{names_by_id(s, Lab, [scope.lab_id])[scope.lab_id]}" + (
                               f", {principal.user_name} only" if scope.user_id else "")),
                 "currency": request.app.state.broker.settings.cloud_prices.currency,
                 "rows": sorted(rows, key=lambda r: r[by])}

@@ -32,15 +32,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from hub_config import dev_oidc
+from hub_config.local import free_port
 from tests.utils.procs import Proc, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def browser_login(hub_url: str, institution: str, username: str, password: str,
