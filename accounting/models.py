@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime as dt
 from enum import StrEnum
 
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
+
+from .identifiers import NAME_RULES, LabName, OptionalSiteName, UserName
 
 
 def utcnow() -> dt.datetime:
@@ -39,19 +42,28 @@ class LabPolicy(SQLModel):
     credit_limit: float = Field(default=0.0, ge=0, le=1e12,
                                 description="PCU a lab may go below zero before new workers "
                                             "are refused; 0 means no credit.")
-    max_cpus: float | None = Field(default=None, ge=0,
+    max_cpus: float | None = Field(default=None, ge=0, le=1e7,
                                    description="Most CPUs the lab's users may hold at once; "
                                                "None means no limit.")
-    max_gpus: int | None = Field(default=None, ge=0,
+    max_gpus: int | None = Field(default=None, ge=0, le=1_000_000,
                                  description="Most GPUs the lab's users may hold at once; "
                                              "None means no limit.")
+    provider_max_cpus: int = Field(
+        default=256, ge=1, le=4096,
+        description="Most CPU cores one of the lab's provider machines may offer (default 256).")
+    provider_max_memory: int = Field(
+        default=2 * 2**40, ge=2**28, le=64 * 2**40, sa_type=BigInteger,
+        description="Most memory in bytes one of the lab's machines may offer (default 2 TiB).")
+    provider_max_gpus: int = Field(
+        default=16, ge=0, le=64,
+        description="Most GPUs one of the lab's provider machines may offer (default 16).")
 
 
 class LabBase(LabPolicy):
-    name: str = Field(
-        index=True, unique=True, min_length=1, max_length=64, regex=r"^[A-Za-z0-9_.-]+$"
-    )
-    site: str = Field(default="", max_length=64, description="Site label used for locality.")
+    name: LabName = Field(index=True, unique=True, min_length=1, max_length=64,
+                          description="Lab name: " + NAME_RULES["lab"] + ".")
+    site: OptionalSiteName = Field(default="", max_length=64,
+                                   description="Site label used for locality.")
 
 
 class LabCreate(LabBase):
@@ -61,8 +73,11 @@ class LabCreate(LabBase):
 class LabUpdate(SQLModel):
     share: float | None = Field(default=None, gt=0, le=1e6)
     credit_limit: float | None = Field(default=None, ge=0, le=1e12)
-    max_cpus: float | None = Field(default=None, ge=0)
-    max_gpus: int | None = Field(default=None, ge=0)
+    max_cpus: float | None = Field(default=None, ge=0, le=1e7)
+    max_gpus: int | None = Field(default=None, ge=0, le=1_000_000)
+    provider_max_cpus: int | None = Field(default=None, ge=1, le=4096)
+    provider_max_memory: int | None = Field(default=None, ge=2**28, le=64 * 2**40)
+    provider_max_gpus: int | None = Field(default=None, ge=0, le=64)
     clear_quotas: bool = Field(default=False, description="Remove max_cpus and max_gpus.")
 
 
@@ -77,9 +92,8 @@ class LabPublic(LabBase):
 
 
 class UserBase(SQLModel):
-    name: str = Field(
-        index=True, unique=True, min_length=1, max_length=128, regex=r"^[A-Za-z0-9_.@-]+$"
-    )
+    name: UserName = Field(index=True, unique=True, min_length=1, max_length=128,
+                           description="User name: " + NAME_RULES["user"] + ".")
 
 
 class UserCreate(UserBase):

@@ -6,6 +6,9 @@ it must run or stop and reconciles its worker processes with that list; it heart
 leases whose workers are alive and reports every state change. Worker processes live in their
 own process groups and are recorded in ``workdir/workers.json``, so an agent that restarts
 adopts the workers still running and stops those whose leases have ended.
+
+Each lease's worker runs under an account of its own (``WorkerAccounts``); its folder, key
+included, is deleted and whatever its account still runs is killed when the lease ends.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from pathlib import Path
 
 from . import errors
 from .client import AsyncBrokerClient
+from .ids import UnsafeIdentifier, check_lease_id, url_segment
 from .inventory import Capacity
-from .worker_process import WorkerProcess, start_worker
+from .worker_accounts import WorkerAccountError, WorkerAccounts
+from .worker_process import WorkerProcess, remove_lease_folder, start_worker
 
 logger = logging.getLogger("parallex.agent")
 
@@ -32,7 +37,7 @@ class ProviderAgent:
 
     def __init__(self, broker_url: str, token: str, capacity: Capacity, *,
                  workdir: str | Path, name: str | None = None, site: str | None = None,
-                 worker_host: str | None = None, worker_user: str | None = None,
+                 worker_host: str | None = None, accounts: WorkerAccounts | None = None,
                  stop_timeout: float = 10.0, release_grace: float = 10.0,
                  monitor_interval: float = 0.25):
         self.client = AsyncBrokerClient(broker_url, token)
@@ -41,7 +46,7 @@ class ProviderAgent:
         self.name = name or socket.gethostname()
         self.site = site
         self.worker_host = worker_host
-        self.worker_user = worker_user
+        self.accounts = accounts or WorkerAccounts(None)
         self.stop_timeout = stop_timeout
         self.release_grace = release_grace
         self.monitor_interval = monitor_interval
@@ -63,7 +68,9 @@ class ProviderAgent:
 
     def _save_state(self) -> None:
         tmp = self._state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({lid: w.to_state() for lid, w in self.workers.items()}))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({lid: w.to_state() for lid, w in self.workers.items()}))
         os.replace(tmp, self._state_file)
 
     def _adopt(self) -> None:
@@ -77,14 +84,27 @@ class ProviderAgent:
                 logger.info("adopted the running worker of lease %s (pid %d)", lease_id,
                             worker.pid)
                 self.workers[lease_id] = worker
+                self.accounts.adopt(lease_id, worker.uid)
         self._save_state()
 
     # ---- life cycle -------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """Make the work folder and check that workers can run under their accounts; raises
+        WorkerAccountError with what to change."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Worker accounts must pass through (not list) the work folder to their own lease
+        # folder; everything else in it is the agent's alone.
+        os.chmod(self.workdir, 0o711 if self.accounts.isolated else 0o700)
+        (self.workdir / "leases").mkdir(mode=0o711, exist_ok=True)
+        os.chmod(self.workdir / "leases", 0o711 if self.accounts.isolated else 0o700)
+        self.accounts.check(folders=(self.workdir / "leases",))
+        self._prepared = True
+
     async def run(self) -> None:
         """Register, then poll, heartbeat and watch workers until stop() is called."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o700)
+        if not getattr(self, "_prepared", False):
+            self.prepare()
         self._adopt()
         registering = asyncio.create_task(self._register())
         stopping = asyncio.create_task(self._stop.wait())
@@ -156,7 +176,7 @@ class ProviderAgent:
         while True:
             try:
                 answer = await self.client.request(
-                    "GET", f"/agent/{self.provider_id}/leases",
+                    "GET", f"{self._base}/leases",
                     params={"since": version or "", "wait": self.poll_timeout},
                     timeout=self.poll_timeout + 10)
                 version = answer["version"]
@@ -178,7 +198,7 @@ class ProviderAgent:
                     # Built under the lock that also guards state reports, so a lease's
                     # "running" report never overtakes a heartbeat that predates its worker.
                     running = [lid for lid in self.workers if lid not in self._stopping]
-                    await self.client.request("POST", f"/agent/{self.provider_id}/heartbeat",
+                    await self.client.request("POST", f"{self._base}/heartbeat",
                                               json={"running": running})
             except errors.ParallexError as exc:
                 logger.warning("heartbeat failed: %s", exc)
@@ -194,6 +214,7 @@ class ProviderAgent:
                     del self.workers[lease_id]
                     self._save_state()
                     tail = worker.log_tail()
+                    self._clean_up(lease_id)
                     if code == 0:
                         # A worker leaves cleanly only when its scheduler closed it or went
                         # away (the user's process died): not this provider's failure.
@@ -216,8 +237,23 @@ class ProviderAgent:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def _base(self) -> str:
+        return f"/agent/{url_segment(self.provider_id)}"
+
     def _reconcile(self, leases: list[dict]) -> None:
         """Make the local workers match the broker's list of leases for this provider."""
+        safe = []
+        for lease in leases:
+            try:
+                check_lease_id(lease.get("id"))
+            except UnsafeIdentifier as exc:
+                # The broker refuses such ids; one that arrives anyway is never used as a
+                # path or a URL.
+                logger.error("ignoring a lease from the broker: %s", exc)
+                continue
+            safe.append(lease)
+        leases = safe
         listed = {lease["id"] for lease in leases}
         for lease in leases:
             lid, state = lease["id"], lease["state"]
@@ -239,10 +275,11 @@ class ProviderAgent:
 
     def _start(self, lease: dict) -> None:
         try:
-            worker = start_worker(lease, self.workdir, host=self.worker_host,
-                                  worker_user=self.worker_user)
-        except (OSError, KeyError, ValueError) as exc:
+            account = self.accounts.acquire(lease["id"])
+            worker = start_worker(lease, self.workdir, host=self.worker_host, account=account)
+        except (OSError, KeyError, ValueError, WorkerAccountError) as exc:
             logger.error("lease %s: cannot start worker: %s", lease["id"], exc)
+            self._clean_up(lease["id"])
             self._spawn(self._report(lease["id"], "ended", "failed",
                                      f"the agent could not start the worker: {exc}"))
             return
@@ -274,6 +311,7 @@ class ProviderAgent:
                 await worker.wait_exit(float("inf"))
             self.workers.pop(lease_id, None)
             self._save_state()
+            self._clean_up(lease_id)
             logger.info("lease %s: worker stopped", lease_id)
         finally:
             self._stopping.discard(lease_id)
@@ -286,7 +324,8 @@ class ProviderAgent:
             try:
                 async with self._report_lock:
                     await self.client.request(
-                        "POST", f"/agent/{self.provider_id}/leases/{lease_id}/state", json=body)
+                        "POST", f"{self._base}/leases/{url_segment(lease_id)}/state",
+                        json=body)
                 return
             except (errors.BrokerUnreachable, errors.BrokerError) as exc:
                 logger.warning("reporting lease %s %s failed: %s", lease_id, state, exc)
@@ -296,3 +335,12 @@ class ProviderAgent:
                 logger.warning("the broker refused the report of lease %s %s: %s", lease_id,
                                state, exc)
                 return
+
+    def _clean_up(self, lease_id: str) -> None:
+        """The lease's worker is gone: kill what its account still runs, delete its folder
+        (key and scratch included) so nothing of it outlives the lease."""
+        self.accounts.release(lease_id)
+        try:
+            remove_lease_folder(self.workdir, lease_id)
+        except (OSError, UnsafeIdentifier) as exc:
+            logger.warning("lease %s: could not delete its folder: %s", lease_id, exc)

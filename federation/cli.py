@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import cli_books, errors
+from .worker_accounts import WorkerAccountError, WorkerAccounts, parse_uid_range
 
 DEFAULT_PORT = 8470
 
@@ -95,6 +96,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     settings = BrokerSettings(provider_timeout=args.provider_timeout,
                               cluster_timeout=args.cluster_timeout,
                               start_timeout=args.start_timeout,
+                              release_timeout=args.release_timeout,
                               metering_interval=args.metering_interval,
                               initial_grant=args.initial_grant,
                               fair_share_half_life=args.fair_share_half_life * 3600,
@@ -149,6 +151,26 @@ def _read_token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get("PARALLEX_PROVIDER_TOKEN")
 
 
+def _worker_accounts(args: argparse.Namespace) -> WorkerAccounts:
+    """The accounts workers run under: one per lease from --worker-uids, or (development
+    only, said out loud) the agent's own."""
+    if args.worker_uids:
+        if args.insecure_shared_account:
+            raise WorkerAccountError("give either --worker-uids or --insecure-shared-account")
+        return WorkerAccounts(parse_uid_range(args.worker_uids))
+    if not args.insecure_shared_account:
+        raise WorkerAccountError(
+            "workers need accounts of their own: run the agent as root with --worker-uids "
+            "20000-20063 (one unused uid per lease that may run at once). On a single-user "
+            "development machine, --insecure-shared-account runs every worker as this "
+            "agent's account instead, where they can read its token and each other's keys")
+    logging.getLogger("parallex.agent").warning(
+        "--insecure-shared-account: every worker runs as %s, can read the provider token and "
+        "other leases' keys; never use this where people you do not trust run code",
+        "root" if os.geteuid() == 0 else "this agent's account")
+    return WorkerAccounts(None)
+
+
 def cmd_provide(args: argparse.Namespace) -> int:
     from .agent import ProviderAgent
     from .inventory import offer
@@ -163,15 +185,21 @@ def cmd_provide(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if os.geteuid() == 0 and not args.worker_user:
-        logging.getLogger("parallex.agent").warning(
-            "running as root without --worker-user: workers run as root too. The token is "
-            "never given to workers, but root workers could read it from this process; pass "
-            "--worker-user with an unprivileged account")
+    try:
+        accounts = _worker_accounts(args)
+    except WorkerAccountError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     workdir = Path(args.workdir or _data_home() / "agent")
     agent = ProviderAgent(args.broker, token, capacity, workdir=workdir, name=args.name,
                           site=args.site, worker_host=args.worker_host,
-                          worker_user=args.worker_user, release_grace=args.release_grace)
+                          accounts=accounts, release_grace=args.release_grace)
+    try:
+        agent.prepare()
+    except (WorkerAccountError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger("parallex.agent").info("workers run under %s", accounts.describe())
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -261,7 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cluster-timeout", type=float, default=60.0,
                    help="Seconds without a cluster heartbeat before its leases end (default 60).")
     b.add_argument("--start-timeout", type=float, default=300.0,
-                   help="Seconds a lease may stay 'starting' before it fails (default 300).")
+                   help="Seconds from a lease's placement until its worker must have joined "
+                        "the cluster's scheduler (confirmed by the cluster); after that it "
+                        "ends 'failed' and its provider earns nothing (default 300).")
+    b.add_argument("--release-timeout", type=float, default=60.0,
+                   help="Seconds a released lease may wait for its agent to report the worker "
+                        "stopped before it ends 'lost' and its capacity is free again; keep it "
+                        "above the agents' --release-grace plus their stop timeout (10 s) "
+                        "(default 60).")
     b.add_argument("--metering-interval", type=float, default=60.0,
                    help="Seconds per metered period of a running lease (default 60). Keep it "
                         "fixed for a database: periods continue from where the last one ended.")
@@ -313,8 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", help="Site label for locality (default: the lab's site).")
     p.add_argument("--worker-host", help="Address workers listen on and advertise (default: "
                    "the interface that reaches the scheduler).")
-    p.add_argument("--worker-user", help="Unprivileged account workers run as when the agent "
-                   "runs as root (default: the agent's own account).")
+    p.add_argument("--worker-uids", metavar="LOW-HIGH",
+                   help="Range of unused uids, one per lease that may run at once, e.g. "
+                        "20000-20063; each lease's worker runs under its own uid and group, "
+                        "its folder readable by that uid alone. Needs root. Required unless "
+                        "--insecure-shared-account is given (no default).")
+    p.add_argument("--insecure-shared-account", action="store_true",
+                   help="Development only: run every worker as this agent's own account, "
+                        "where workers can read the provider token and each other's keys "
+                        "(default off; `parallex up` uses it only when not run as root).")
     p.add_argument("--release-grace", type=float, default=10.0,
                    help="Seconds a released lease's worker gets to hand its data back and exit "
                         "before it is sent SIGTERM (default 10).")
@@ -337,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs each demo provider offers (default: all of this machine's).")
     u.add_argument("--memory", default=None,
                    help="Memory each demo provider offers (default: machine memory / N).")
+    u.add_argument("--worker-uids", default="20000-20127", metavar="LOW-HIGH",
+                   help="When run as root: uids for the demo agents' workers, split evenly "
+                        "between the labs, one per lease (default 20000-20127). Not as root, "
+                        "workers run as your own account (development only).")
     u.set_defaults(func=lambda a: __import__("federation.up", fromlist=["run"]).run(a))
 
     dash = sub.add_parser("dashboard", help="Serve the Panel dashboards (a JupyterHub service, "

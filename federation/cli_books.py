@@ -12,6 +12,7 @@ from decimal import Decimal
 
 from . import errors
 from .client import BrokerClient
+from .sizes import parse_memory
 
 
 def client_from(args: argparse.Namespace, *token_vars: str) -> BrokerClient:
@@ -192,11 +193,22 @@ def add_policy_options(parser: argparse.ArgumentParser) -> None:
                         help="Most CPUs the lab's users may hold at once (default: no limit).")
     parser.add_argument("--max-gpus", type=int,
                         help="Most GPUs the lab's users may hold at once (default: no limit).")
+    parser.add_argument("--provider-max-cpus", type=int,
+                        help="Most CPU cores one of the lab's machines may offer (default 256).")
+    parser.add_argument("--provider-max-memory",
+                        help="Most memory one of the lab's machines may offer, e.g. '512 GiB' "
+                             "(default 2 TiB).")
+    parser.add_argument("--provider-max-gpus", type=int,
+                        help="Most GPUs one of the lab's machines may offer (default 16).")
 
 
 def policy_body(args: argparse.Namespace, create: bool) -> dict:
-    body = {k: getattr(args, k) for k in ("share", "credit_limit", "max_cpus", "max_gpus")
-            if getattr(args, k) is not None}
+    body = {k: getattr(args, k) for k in ("share", "credit_limit", "max_cpus", "max_gpus",
+                                          "provider_max_cpus", "provider_max_memory",
+                                          "provider_max_gpus")
+            if getattr(args, k, None) is not None}
+    if "provider_max_memory" in body:
+        body["provider_max_memory"] = parse_memory(body["provider_max_memory"])
     if not create and args.clear_quotas:
         body["clear_quotas"] = True
     return body

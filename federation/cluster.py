@@ -21,6 +21,7 @@ from distributed import Scheduler
 from distributed.core import Status, rpc
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
+from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 from distributed.utils import format_dashboard_link
 
@@ -73,6 +74,17 @@ class FederatedAdaptive(Adaptive):
         workers = [w for w in workers if self.cluster.group_of_worker(w) == "default"]
         if workers:
             await self.cluster.scale_down(workers)
+
+
+class _WorkerJoined(SchedulerPlugin):
+    """Wakes the cluster's heartbeat when a worker registers, so the broker hears promptly
+    that the lease's worker is really there (it is metered from then on)."""
+
+    def __init__(self, event: asyncio.Event):
+        self.event = event
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self.event.set()
 
 
 def lease_of(worker_name: str) -> str:
@@ -133,6 +145,7 @@ class FederatedCluster(Cluster):
         self._broker: AsyncBrokerClient | None = None
         self._heartbeat_task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
+        self._joined: asyncio.Event | None = None
         self.scheduler: Scheduler | None = None
         self.security: Security | None = None
         self.guard: SchedulerGuard | None = None
@@ -186,6 +199,8 @@ class FederatedCluster(Cluster):
             )
             self.guard = SchedulerGuard(self.scheduler, lambda: self._live)
             self.guard.install()
+            self._joined = asyncio.Event()
+            self.scheduler.add_plugin(_WorkerJoined(self._joined), name="parallex-joined")
             await self.scheduler
             self.scheduler_comm = rpc(self.scheduler.address,
                                       connection_args=self.security.get_connection_args("client"))
@@ -271,13 +286,24 @@ class FederatedCluster(Cluster):
                 newly_ended.append(lease)
         return newly_ended
 
+    def _connected_leases(self) -> list[str]:
+        """Leases whose workers are registered with the scheduler right now."""
+        return sorted({lease_of(ws.name) for ws in self.scheduler.workers.values()}
+                      & self._live)
+
     async def _heartbeat_loop(self) -> None:
         failures = 0
         while True:
-            await asyncio.sleep(self._heartbeat_interval)
+            # A worker that joins wakes the loop: the broker starts metering a lease only
+            # when the cluster confirms its worker, so confirm promptly.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), self._heartbeat_interval)
+            self._joined.clear()
+            connected = self._connected_leases()
             try:
-                public = await self._broker.request("POST",
-                                                    f"/clusters/{self.cluster_id}/heartbeat")
+                public = await self._broker.request(
+                    "POST", f"/clusters/{self.cluster_id}/heartbeat",
+                    json={"connected": connected})
             except errors.RequestRejected as exc:
                 logger.error("the broker ended cluster %s: %s", self.cluster_id, exc)
                 self._live.clear()

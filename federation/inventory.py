@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -100,8 +101,8 @@ def offer(cpus: float | None = None, memory: str | int | None = None,
           gpus: str | None = None, detected: Capacity | None = None) -> Capacity:
     """The capacity to offer: the machine's, capped by the flags. Raises ValueError on bad flags."""
     machine = detected or detect()
-    if cpus is not None and cpus <= 0:
-        raise ValueError(f"--cpus must be more than 0; got {cpus:g}")
+    if cpus is not None and (not math.isfinite(cpus) or cpus < 1 or cpus != int(cpus)):
+        raise ValueError(f"--cpus must be a whole number of cores, at least 1; got {cpus:g}")
     if cpus is not None and cpus > machine.cpus:
         raise ValueError(f"--cpus {cpus:g} is more than this machine has ({machine.cpus:g})")
     mem = machine.memory
@@ -110,5 +111,5 @@ def offer(cpus: float | None = None, memory: str | int | None = None,
         if mem > machine.memory:
             raise ValueError(f"--memory {format_bytes(mem)} is more than this machine has "
                              f"({format_bytes(machine.memory)})")
-    return Capacity(cpus=float(cpus if cpus is not None else machine.cpus), memory=mem,
+    return Capacity(cpus=int(cpus if cpus is not None else machine.cpus), memory=mem,
                     gpus=parse_gpu_list(gpus, machine.gpus))

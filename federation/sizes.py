@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 from dask.utils import format_bytes, parse_bytes
 
-__all__ = ["format_bytes", "parse_memory"]
+__all__ = ["GiB", "MiB", "TiB", "format_bytes", "parse_memory"]
+
+MiB = 2**20
+GiB = 2**30
+TiB = 2**40
 
 
 def parse_memory(value: int | float | str) -> int:
@@ -15,12 +21,19 @@ def parse_memory(value: int | float | str) -> int:
     """
     if isinstance(value, bool):
         raise ValueError(f"memory {value!r} is not a size; give bytes or a unit such as '4 GiB'")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"memory {value!r} is not a finite size")
     if isinstance(value, int | float):
         size = int(value)
     elif isinstance(value, str):
+        if len(value) > 64:
+            raise ValueError("memory is not a size: give bytes or a unit such as '4 GiB'")
         try:
-            size = int(parse_bytes(value.strip()))
-        except (ValueError, TypeError) as exc:
+            parsed = parse_bytes(value.strip())
+            if isinstance(parsed, float) and not math.isfinite(parsed):
+                raise ValueError(value)
+            size = int(parsed)
+        except (ValueError, TypeError, OverflowError) as exc:
             raise ValueError(
                 f"memory {value!r} is not a size; give bytes or a unit such as '4 GiB'"
             ) from exc

@@ -25,6 +25,7 @@ import psutil
 
 from .client import BrokerClient
 from .errors import RequestRejected
+from .worker_accounts import WorkerAccountError, WorkerAccounts, parse_uid_range
 
 STOP_TIMEOUT = 20.0
 
@@ -102,6 +103,36 @@ def _wait_http(urls: list[str], children: list[Child], timeout: float) -> None:
         time.sleep(0.2)
 
 
+def _worker_account_args(args: argparse.Namespace,
+                         data: Path) -> list[tuple[Path, tuple[str, ...]]]:
+    """(folder for the agent's work folder, account options) per demo lab.
+
+    As root, each lab's workers get uids of their own from --worker-uids, and the agents' work
+    folders sit beside the data folder (which stays 0700 with the tokens, demo.env and the
+    database), so workers reach their lease folder and nothing else. Where worker accounts
+    cannot work (Python under /root, say), development mode says so and shares the account.
+    """
+    shared = [(data, ("--insecure-shared-account",))] * args.providers
+    if os.geteuid() != 0:
+        return shared
+    uids = parse_uid_range(args.worker_uids)
+    per_lab = len(uids) // args.providers
+    if per_lab < 1:
+        raise WorkerAccountError(f"--worker-uids {args.worker_uids} has fewer uids than the "
+                                 f"{args.providers} demo labs")
+    folder = data.parent / f"{data.name}-workers"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o711)
+    try:
+        WorkerAccounts(uids).check(folders=(folder,))
+    except WorkerAccountError as exc:
+        print(f"warning: workers will run as root, not isolated (development only): {exc}",
+              file=sys.stderr, flush=True)
+        return shared
+    return [(folder, ("--worker-uids", f"{uids[i * per_lab]}-{uids[(i + 1) * per_lab - 1]}"))
+            for i in range(args.providers)]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the local federation until SIGINT or SIGTERM."""
     if args.providers < 1:
@@ -110,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
     data = Path(args.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     os.chmod(data, 0o700)
+    try:
+        worker_accounts = _worker_account_args(args, data)
+    except WorkerAccountError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cpus = args.cpus or float(psutil.cpu_count() or 1)
     memory = args.memory or str(int(psutil.virtual_memory().total // args.providers))
     admin_token = secrets.token_hex(24)
@@ -156,15 +192,16 @@ def run(args: argparse.Namespace) -> int:
                     "kind": "user", "lab": lab, "user": f"student-{i}"})["token"])
                 provider_token = admin.request("POST", "/tokens",
                                                json={"kind": "provider", "lab": lab})["token"]
-                agent_dir = data / f"agent-{i}"
+                agent_dir = worker_accounts[i - 1][0] / f"agent-{i}"
                 agent_dir.mkdir(exist_ok=True)
-                token_file = agent_dir.with_suffix(".token")
+                token_file = data / f"agent-{i}.token"
                 token_file.write_text(provider_token)
                 token_file.chmod(0o600)
                 agent = Child(lab, _cli("provide", "--broker", url, "--token-file",
                                         str(token_file), "--cpus", f"{cpus:g}", "--memory",
                                         memory, "--workdir", str(agent_dir), "--name",
-                                        f"{lab}-server"), data / f"agent-{i}.log", env)
+                                        f"{lab}-server", *worker_accounts[i - 1][1]),
+                              data / f"agent-{i}.log", env)
                 children.append(agent)
                 agent.read_value("PARALLEX_PROVIDER_ID=")
         finally:

@@ -1,8 +1,8 @@
 """One lease's Dask worker as an operating-system process, owned by the provider agent.
 
 The agent's token never reaches the worker: the environment is scrubbed, the command line holds
-only the lease's TLS file paths, and those files sit in a per-lease folder (owned by the worker
-account when the agent runs as root with --worker-user).
+only the lease's TLS file paths, and those files sit in a per-lease folder that only the lease's
+own account can open (mode 0700) and that is deleted when the lease ends.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from .ids import check_lease_id, path_inside
+from .worker_accounts import SHARED, WorkerAccount
 
 logger = logging.getLogger("parallex.agent")
 
@@ -35,6 +37,7 @@ class WorkerProcess:
     create_time: float
     folder: Path
     popen: subprocess.Popen | None = None
+    uid: int | None = None
 
     def exit_code(self) -> int | None:
         """None while running; the exit code (or -1 when unknown) once it has gone."""
@@ -62,19 +65,22 @@ class WorkerProcess:
             os.killpg(self.pid, sig)
 
     def to_state(self) -> dict:
-        return {"pid": self.pid, "create_time": self.create_time, "folder": str(self.folder)}
+        return {"pid": self.pid, "create_time": self.create_time, "folder": str(self.folder),
+                "uid": self.uid}
 
     @classmethod
     def adopt(cls, lease_id: str, state: dict) -> WorkerProcess | None:
         """The worker from a previous agent run, if that very process still runs."""
         try:
+            check_lease_id(lease_id)
             pid, create_time = int(state["pid"]), float(state["create_time"])
             folder = Path(state["folder"])
+            uid = None if state.get("uid") is None else int(state["uid"])
         except (KeyError, TypeError, ValueError):
             return None
         if not _still_running(pid, create_time):
             return None
-        return cls(lease_id, pid, create_time, folder)
+        return cls(lease_id, pid, create_time, folder, uid=uid)
 
 
 def _still_running(pid: int, create_time: float) -> bool:
@@ -87,10 +93,13 @@ def _still_running(pid: int, create_time: float) -> bool:
         return False
 
 
-def worker_environment(gpu_indices: list[int]) -> dict[str, str]:
-    """The worker's environment: the agent's minus every Parallex secret, GPUs pinned."""
+def worker_environment(gpu_indices: list[int], folder: Path) -> dict[str, str]:
+    """The worker's environment: the agent's minus every Parallex secret, GPUs pinned, home
+    and temporary files in the lease's own folder."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(SECRET_ENV_PREFIXES) and "TOKEN" not in k.upper()}
+    env["HOME"] = str(folder)
+    env["TMPDIR"] = str(folder / "scratch")
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_indices)
     env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
     env["PYTHONUNBUFFERED"] = "1"
@@ -128,37 +137,54 @@ def worker_command(lease: dict, folder: Path, host: str | None,
     return cmd
 
 
+def lease_folder(workdir: Path, lease_id: str) -> Path:
+    """The lease's folder under ``workdir/leases``; a malformed id or one that would lead
+    elsewhere raises UnsafeIdentifier (a ValueError) before anything is touched."""
+    return path_inside(workdir / "leases", check_lease_id(lease_id))
+
+
+def remove_lease_folder(workdir: Path, lease_id: str) -> None:
+    """Delete the lease's folder with its key, scratch space and log."""
+    folder = lease_folder(workdir, lease_id)
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)  # fd-based: never follows symlinks
+
+
 def start_worker(lease: dict, workdir: Path, *, host: str | None = None,
-                 worker_user: str | None = None, death_timeout: float = 60) -> WorkerProcess:
-    """Write the lease's credentials and start its worker process in its own process group."""
-    folder = workdir / "leases" / lease["id"]
-    if folder.exists():
-        shutil.rmtree(folder, ignore_errors=True)
-    (folder / "scratch").mkdir(parents=True, mode=0o700)
-    os.chmod(folder, 0o700)
+                 account: WorkerAccount = SHARED, death_timeout: float = 60) -> WorkerProcess:
+    """Write the lease's credentials into a folder only the lease's account can open and start
+    its worker process under that account, in its own process group."""
+    folder = lease_folder(workdir, lease["id"])
+    folder.parent.mkdir(mode=0o711, exist_ok=True)
+    remove_lease_folder(workdir, lease["id"])
+    folder.mkdir(mode=0o700)
+    (folder / "scratch").mkdir(mode=0o700)
     for name, text in (("ca.pem", lease["ca_cert"]), ("cert.pem", lease["cert"]),
                        ("key.pem", lease["key"])):
-        path = folder / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
+    log_fd = os.open(folder / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                     0o600)
     user_kwargs: dict = {}
-    if worker_user:
-        entry = pwd.getpwnam(worker_user)
-        for path in [folder, folder / "scratch", *folder.iterdir()]:
-            os.chown(path, entry.pw_uid, entry.pw_gid)
-        user_kwargs = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-    log = open(folder / "worker.log", "ab")  # noqa: SIM115 (handed to the child)
+    if account.isolated:
+        for path in (folder, folder / "scratch", *folder.iterdir()):
+            os.chown(path, account.uid, account.gid, follow_symlinks=False)
+        user_kwargs = {"user": account.uid, "group": account.gid, "extra_groups": []}
     try:
         popen = subprocess.Popen(
             worker_command(lease, folder, host, death_timeout),
-            cwd=folder / "scratch", env=worker_environment(lease.get("gpu_indices") or []),
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cwd=folder / "scratch",
+            env=worker_environment(lease.get("gpu_indices") or [], folder),
+            stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, **user_kwargs,
         )
     finally:
-        log.close()
+        os.close(log_fd)
     create_time = psutil.Process(popen.pid).create_time()
-    logger.info("lease %s: started worker pid %d", lease["id"], popen.pid)
-    return WorkerProcess(lease["id"], popen.pid, create_time, folder, popen)
+    logger.info("lease %s: started worker pid %d%s", lease["id"], popen.pid,
+                f" as uid {account.uid}" if account.isolated else "")
+    return WorkerProcess(lease["id"], popen.pid, create_time, folder, popen, uid=account.uid)
 

@@ -11,9 +11,18 @@ from pydantic import field_validator
 from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
+from accounting.identifiers import (
+    Label,
+    LabName,
+    OptionalLabel,
+    ProviderName,
+    SiteName,
+    UserName,
+)
 from accounting.models import utcnow
 
-from ..sizes import parse_memory
+from ..ids import LeaseId
+from ..sizes import MiB, TiB, parse_memory
 
 
 class TokenKind(StrEnum):
@@ -103,6 +112,7 @@ class Lease(SQLModel, table=True):
     assigned_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
+    releasing_at: dt.datetime | None = None
     metered_until: dt.datetime | None = None
 
     @property
@@ -113,13 +123,27 @@ class Lease(SQLModel, table=True):
 # ---- request / response schemas -------------------------------------------------------------
 
 
-class WorkerSpec(SQLModel):
-    """The size of one worker."""
+#: Bounds of one worker and of one provider machine; a lease is never a fraction of a thread
+#: or a fraction of the machine's memory (Dask reads a memory limit <= 1 as a fraction).
+MIN_WORKER_MEMORY = 256 * MiB
+MAX_WORKER_CPUS = 512
+MAX_WORKER_MEMORY = 16 * TiB
+MAX_WORKER_GPUS = 16
+MAX_PROVIDER_CPUS = 4096
+MAX_PROVIDER_MEMORY = 64 * TiB
+MAX_PROVIDER_GPUS = 64
 
-    cpus: float = Field(gt=0, le=4096, description="CPU cores (threads) per worker.")
-    memory: int = Field(description="Memory per worker in bytes; strings like '4 GiB' accepted.")
-    gpus: int = Field(default=0, ge=0, le=64, description="Whole GPUs per worker.")
-    gpu_model: str | None = Field(default=None, max_length=64)
+
+class WorkerSpec(SQLModel):
+    """The size of one worker: whole threads, at least 256 MiB, whole GPUs."""
+
+    cpus: int = Field(ge=1, le=MAX_WORKER_CPUS,
+                      description="CPU cores per worker: a whole number of threads, 1 to 512.")
+    memory: int = Field(ge=MIN_WORKER_MEMORY, le=MAX_WORKER_MEMORY,
+                        description="Memory per worker in bytes, 256 MiB to 16 TiB; strings "
+                                    "like '4 GiB' accepted.")
+    gpus: int = Field(default=0, ge=0, le=MAX_WORKER_GPUS, description="Whole GPUs per worker.")
+    gpu_model: Label | None = Field(default=None, max_length=64)
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -128,17 +152,26 @@ class WorkerSpec(SQLModel):
 
 
 class GpuInfo(SQLModel):
-    index: int = Field(ge=0)
-    model: str = Field(min_length=1, max_length=128)
-    memory: int = Field(ge=0, description="GPU memory in bytes.")
+    index: int = Field(ge=0, lt=MAX_PROVIDER_GPUS)
+    model: Label = Field(min_length=1, max_length=128)
+    memory: int = Field(ge=0, le=4 * TiB, description="GPU memory in bytes.")
 
 
 class ProviderRegister(SQLModel):
-    name: str = Field(min_length=1, max_length=128)
-    site: str | None = Field(default=None, max_length=64)
-    cpus: float = Field(gt=0, le=100_000)
-    memory: int
-    gpus: list[GpuInfo] = Field(default_factory=list)
+    name: ProviderName = Field(min_length=1, max_length=128)
+    site: SiteName | None = Field(default=None, max_length=64)
+    cpus: int = Field(ge=1, le=MAX_PROVIDER_CPUS,
+                      description="Whole CPU cores offered, 1 to 4096.")
+    memory: int = Field(ge=MIN_WORKER_MEMORY, le=MAX_PROVIDER_MEMORY,
+                        description="Memory offered in bytes, 256 MiB to 64 TiB.")
+    gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_PROVIDER_GPUS)
+
+    @field_validator("gpus")
+    @classmethod
+    def _distinct_gpus(cls, value: list[GpuInfo]) -> list[GpuInfo]:
+        if len({g.index for g in value}) != len(value):
+            raise ValueError("GPU indices must differ")
+        return value
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -147,8 +180,9 @@ class ProviderRegister(SQLModel):
 
 
 class ProviderHeartbeat(SQLModel):
-    running: list[str] = Field(
-        default_factory=list, description="Lease ids whose worker process is alive."
+    running: list[LeaseId] = Field(
+        max_length=10_000, description="Lease ids whose worker process is alive (required: "
+                                       "an empty list says no worker runs)."
     )
 
 
@@ -159,7 +193,7 @@ class LeaseStateReport(SQLModel):
 
 
 class ClusterCreate(SQLModel):
-    name: str = Field(default="", max_length=128)
+    name: OptionalLabel = Field(default="", max_length=128)
     scheduler_address: str = Field(min_length=6, max_length=512)
     ca_cert: str = Field(min_length=1, max_length=20_000)
 
@@ -171,26 +205,32 @@ class ClusterCreate(SQLModel):
         return value
 
 
+class ClusterHeartbeat(SQLModel):
+    connected: list[LeaseId] = Field(
+        default_factory=list, max_length=10_000,
+        description="Leases whose workers have joined the cluster's scheduler.")
+
+
 class WorkerCredentials(SQLModel):
-    lease_id: str = Field(min_length=8, max_length=64, regex=r"^[A-Za-z0-9_-]+$")
+    lease_id: LeaseId = Field(min_length=8, max_length=64)
     cert: str = Field(min_length=1, max_length=20_000)
     key: str = Field(min_length=1, max_length=20_000)
 
 
 class LeaseCreate(SQLModel):
     spec: WorkerSpec
-    group: str = Field(default="default", min_length=1, max_length=64)
+    group: SiteName = Field(default="default", min_length=1, max_length=64)
     workers: list[WorkerCredentials] = Field(min_length=1, max_length=1000)
 
 
 class LeaseRelease(SQLModel):
-    lease_ids: list[str] = Field(min_length=1, max_length=10_000)
+    lease_ids: list[LeaseId] = Field(min_length=1, max_length=10_000)
 
 
 class TokenCreate(SQLModel):
     kind: TokenKind
-    lab: str = Field(min_length=1, max_length=64)
-    user: str | None = Field(default=None, max_length=128)
+    lab: LabName = Field(min_length=1, max_length=64)
+    user: UserName | None = Field(default=None, max_length=128)
 
 
 class LeasePublic(SQLModel):

@@ -28,6 +28,7 @@ from accounting.reliability import factor, standings
 from accounting.statement import Parties, explain_usage
 from accounting.units import to_nano, to_pcu
 
+from ..ids import LabPath, RowIdPath
 from .access import readable_lab, usage_scope
 from .auth import Principal, require_admin, require_user
 from .errors import ApiError
@@ -50,7 +51,7 @@ def _user_label(principal: Principal, record: UsageRecord, users: dict[int, str]
 
 
 @router.get("/labs/{lab}/balance")
-def lab_balance(lab: str, request: Request,
+def lab_balance(lab: LabPath, request: Request,
                 principal: Principal = Depends(require_user)) -> dict:
     """The lab's balance in PCU (a decimal string, exact to 1e-9 PCU) and its credit limit."""
     with request.app.state.session() as s:
@@ -62,7 +63,7 @@ def lab_balance(lab: str, request: Request,
 
 
 @router.get("/labs/{lab}/ledger")
-def lab_ledger(lab: str, request: Request,
+def lab_ledger(lab: LabPath, request: Request,
                since: dt.datetime | None = Query(None, description="Only entries from then."),
                limit: int = Query(200, ge=1, le=10_000, description="Newest entries first."),
                principal: Principal = Depends(require_user)) -> dict:
@@ -108,7 +109,7 @@ def _names(s: Session, records, *, labs=()) -> dict[str, dict]:
 
 
 @router.get("/transfers/{transfer_id}")
-def explain_transfer(transfer_id: int, request: Request,
+def explain_transfer(transfer_id: RowIdPath, request: Request,
                      principal: Principal = Depends(require_user)) -> dict:
     """Why a transfer happened: its entries and, for usage, the arithmetic behind the charge.
     Readable by administrators and by members of the labs it moved credits for."""

@@ -24,6 +24,7 @@ from accounting.models import (
 from accounting.reliability import reliabilities
 from accounting.units import to_nano
 
+from ..ids import LabPath, TokenIdPath, UserPath
 from .auth import Principal, authenticate, issue_token, require_admin, require_any, revoke
 from .errors import ApiError
 from .models import Provider, TokenCreate, TokenKind
@@ -76,7 +77,7 @@ def create_lab_route(body: LabCreate, request: Request,
 
 
 @router.patch("/labs/{lab}", response_model=LabPublic)
-def update_lab(lab: str, body: LabUpdate, request: Request,
+def update_lab(lab: LabPath, body: LabUpdate, request: Request,
                _admin: Principal = Depends(require_admin)) -> Lab:
     """Change a lab's fair-share weight, credit limit or quotas."""
     with request.app.state.session() as s:
@@ -100,7 +101,7 @@ class MemberSet(SQLModel):
 
 
 @router.put("/labs/{lab}/members/{user}")
-def set_member(lab: str, user: str, body: MemberSet, request: Request,
+def set_member(lab: LabPath, user: UserPath, body: MemberSet, request: Request,
                _admin: Principal = Depends(require_admin)) -> dict:
     """Add a user to a lab (created if new) or change their role and quotas there; fields
     left out of the request keep their value."""
@@ -128,7 +129,7 @@ def list_labs(request: Request, _p: Principal = Depends(require_any)) -> list[La
 
 
 @router.post("/labs/{lab}/users", status_code=201, response_model=UserPublic)
-def create_user_route(lab: str, body: UserCreate, request: Request,
+def create_user_route(lab: LabPath, body: UserCreate, request: Request,
                       _admin: Principal = Depends(require_admin)) -> UserPublic:
     with request.app.state.session() as s:
         lab_row = _lab_by_name(s, lab)
@@ -169,7 +170,7 @@ def create_token(body: TokenCreate, request: Request,
 
 
 @router.delete("/tokens/{token_id}")
-def revoke_token(token_id: str, request: Request,
+def revoke_token(token_id: TokenIdPath, request: Request,
                  _admin: Principal = Depends(require_admin)) -> dict:
     with request.app.state.session() as s:
         row = revoke(s, token_id)

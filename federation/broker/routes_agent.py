@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from ..ids import LeaseIdPath, ProviderIdPath
 from .auth import Principal, require_provider
 from .models import LeaseStateReport, ProviderHeartbeat, ProviderRegister
 
@@ -22,7 +23,7 @@ def register(body: ProviderRegister, request: Request,
 
 
 @router.post("/{provider_id}/heartbeat")
-def heartbeat(provider_id: str, body: ProviderHeartbeat, request: Request,
+def heartbeat(provider_id: ProviderIdPath, body: ProviderHeartbeat, request: Request,
               principal: Principal = Depends(require_provider)) -> dict:
     broker = request.app.state.broker
     provider = broker.provider_for(principal, provider_id)
@@ -31,7 +32,7 @@ def heartbeat(provider_id: str, body: ProviderHeartbeat, request: Request,
 
 
 @router.get("/{provider_id}/leases")
-async def leases(provider_id: str, request: Request,
+async def leases(provider_id: ProviderIdPath, request: Request,
                  since: str | None = Query(None, max_length=64,
                                            description="Version last seen; wait for a change."),
                  wait: float = Query(0, ge=0, le=60, description="Seconds to wait for a change."),
@@ -46,8 +47,8 @@ async def leases(provider_id: str, request: Request,
 
 
 @router.post("/{provider_id}/leases/{lease_id}/state")
-def report(provider_id: str, lease_id: str, body: LeaseStateReport, request: Request,
-           principal: Principal = Depends(require_provider)) -> dict:
+def report(provider_id: ProviderIdPath, lease_id: LeaseIdPath, body: LeaseStateReport,
+           request: Request, principal: Principal = Depends(require_provider)) -> dict:
     broker = request.app.state.broker
     provider = broker.provider_for(principal, provider_id)
     lease = broker.report_lease_state(provider, lease_id, body)

@@ -6,9 +6,17 @@ from fastapi import APIRouter, Depends, Request
 
 from accounting.models import utcnow
 
+from ..ids import ClusterIdPath
 from .auth import Principal, require_user
 from .costs import cluster_cost
-from .models import ClusterCreate, ClusterPublic, LeaseCreate, LeasePublic, LeaseRelease
+from .models import (
+    ClusterCreate,
+    ClusterHeartbeat,
+    ClusterPublic,
+    LeaseCreate,
+    LeasePublic,
+    LeaseRelease,
+)
 
 router = APIRouter(prefix="/clusters")
 
@@ -28,14 +36,14 @@ def list_clusters(request: Request, all: bool = False,
 
 
 @router.get("/{cluster_id}", response_model=ClusterPublic)
-def read(cluster_id: str, request: Request,
+def read(cluster_id: ClusterIdPath, request: Request,
          principal: Principal = Depends(require_user)) -> ClusterPublic:
     broker = request.app.state.broker
     return broker.cluster_public(broker.cluster_for(principal, cluster_id).id)
 
 
 @router.get("/{cluster_id}/cost")
-def cost(cluster_id: str, request: Request,
+def cost(cluster_id: ClusterIdPath, request: Request,
          principal: Principal = Depends(require_user)) -> dict:
     """PCU the cluster has cost its lab so far and costs per hour now (own-lab machines are
     free; ``list_pcu_per_hour`` is the rate before that)."""
@@ -48,14 +56,18 @@ def cost(cluster_id: str, request: Request,
 
 
 @router.post("/{cluster_id}/heartbeat", response_model=ClusterPublic)
-def heartbeat(cluster_id: str, request: Request,
+def heartbeat(cluster_id: ClusterIdPath, request: Request,
+              body: ClusterHeartbeat | None = None,
               principal: Principal = Depends(require_user)) -> ClusterPublic:
+    """The cluster lives; ``connected`` lists the leases whose workers joined its scheduler,
+    which makes them running (metered) from now."""
     broker = request.app.state.broker
-    return broker.cluster_heartbeat(broker.cluster_for(principal, cluster_id))
+    return broker.cluster_heartbeat(broker.cluster_for(principal, cluster_id),
+                                    body.connected if body else None)
 
 
 @router.post("/{cluster_id}/leases", status_code=201, response_model=list[LeasePublic])
-def request_leases(cluster_id: str, body: LeaseCreate, request: Request,
+def request_leases(cluster_id: ClusterIdPath, body: LeaseCreate, request: Request,
                    principal: Principal = Depends(require_user)) -> list[LeasePublic]:
     broker = request.app.state.broker
     cluster = broker.cluster_for(principal, cluster_id)
@@ -64,7 +76,7 @@ def request_leases(cluster_id: str, body: LeaseCreate, request: Request,
 
 
 @router.post("/{cluster_id}/leases/release")
-def release(cluster_id: str, body: LeaseRelease, request: Request,
+def release(cluster_id: ClusterIdPath, body: LeaseRelease, request: Request,
             principal: Principal = Depends(require_user)) -> dict:
     broker = request.app.state.broker
     cluster = broker.cluster_for(principal, cluster_id)
@@ -73,7 +85,7 @@ def release(cluster_id: str, body: LeaseRelease, request: Request,
 
 
 @router.delete("/{cluster_id}", response_model=ClusterPublic)
-def close(cluster_id: str, request: Request,
+def close(cluster_id: ClusterIdPath, request: Request,
           principal: Principal = Depends(require_user)) -> ClusterPublic:
     broker = request.app.state.broker
     cluster = broker.cluster_for(principal, cluster_id)

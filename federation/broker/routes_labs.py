@@ -16,6 +16,7 @@ from accounting.models import Membership, User, as_utc
 from accounting.reliability import factor, standings
 from accounting.units import to_pcu
 
+from ..ids import LabPath
 from .access import managed_lab
 from .auth import Principal, require_user
 from .models import HELD_STATES, ClusterRecord, Lease, Provider
@@ -24,7 +25,7 @@ router = APIRouter()
 
 
 @router.get("/labs/{lab}/members")
-def lab_members(lab: str, request: Request,
+def lab_members(lab: LabPath, request: Request,
                 since: dt.datetime | None = Query(None, description="Usage from then on."),
                 principal: Principal = Depends(require_user)) -> dict:
     """Each member's role, quotas, what they hold now and what they used."""
@@ -63,7 +64,7 @@ def lab_members(lab: str, request: Request,
 
 
 @router.get("/labs/{lab}/machines")
-def lab_machines(lab: str, request: Request,
+def lab_machines(lab: LabPath, request: Request,
                  principal: Principal = Depends(require_user)) -> dict:
     """The lab's provider machines: capacity, reliability and what they earned."""
     with request.app.state.session() as s:
@@ -74,7 +75,11 @@ def lab_machines(lab: str, request: Request,
         earned = dict(s.exec(select(UsageRecord.provider_id, func.sum(UsageRecord.earned))
                              .where(UsageRecord.provider_lab_id == row.id)
                              .group_by(UsageRecord.provider_id)).all())
-        return {"lab": row.name, "machines": [
+        return {"lab": row.name,
+                "provider_limits": {"cpus": row.provider_max_cpus,
+                                    "memory": row.provider_max_memory,
+                                    "gpus": row.provider_max_gpus},
+                "machines": [
             {"id": p.id, "name": p.name, "online": p.online, "cpus": p.cpus,
              "memory": p.memory, "gpus": p.gpus, "last_seen": p.last_seen,
              "reliability": round(factor(standing[p.id].penalty), 4),

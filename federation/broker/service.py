@@ -25,11 +25,12 @@ from sqlmodel import Session, col, select
 from accounting import fairshare, ledger, metering, reliability
 from accounting.cloud import CloudPrices, load_cloud_prices
 from accounting.metering import LeaseUsage
-from accounting.models import Lab, Membership, User, utcnow
+from accounting.models import Lab, Membership, User, as_utc, utcnow
 from accounting.pricing import Resources
 from accounting.units import fmt_pcu, to_nano
 
 from .. import placement
+from ..sizes import format_bytes
 from ..tls import ROLE_WORKER, certificate_identity, key_matches, signed_by
 from . import db
 from .auth import Principal
@@ -61,6 +62,7 @@ class BrokerSettings:
     provider_timeout: float = 30.0
     cluster_timeout: float = 60.0
     start_timeout: float = 300.0
+    release_timeout: float = 60.0
     poll_timeout: float = 20.0
     metering_interval: float = 60.0
     initial_grant: float = 1000.0
@@ -137,6 +139,7 @@ class Broker:
     def register_provider(self, principal: Principal, body: ProviderRegister) -> Provider:
         with self.session() as s:
             lab = s.get(Lab, principal.lab_id)
+            _check_provider_limits(lab, body)
             provider = s.exec(
                 select(Provider).where(Provider.lab_id == lab.id, Provider.name == body.name)
             ).first()
@@ -163,13 +166,11 @@ class Broker:
     def provider_for(self, principal: Principal, provider_id: str) -> Provider:
         with self.session() as s:
             provider = s.get(Provider, provider_id)
-        if provider is None:
+        # Another lab's provider answers exactly like an unknown one: ids are not disclosed.
+        if provider is None or provider.lab_id != principal.lab_id:
             raise ApiError(404, "unknown-provider",
-                           f"no provider {provider_id!r}; register again with POST "
+                           f"no provider {provider_id!r} of your lab; register again with POST "
                            "/api/v1/agent/register")
-        if provider.lab_id != principal.lab_id:
-            raise ApiError(403, "not-your-provider",
-                           f"provider {provider_id} belongs to another lab")
         return provider
 
     def provider_heartbeat(self, provider: Provider, running: list[str]) -> None:
@@ -185,16 +186,29 @@ class Broker:
             held = s.exec(select(Lease).where(Lease.provider_id == provider.id,
                                               col(Lease.state).in_(HELD_STATES))).all()
             for lease in held:
-                if lease.state == LeaseState.running and lease.id not in alive:
+                if (lease.state == LeaseState.releasing and lease.releasing_at is not None
+                        and (now - as_utc(lease.releasing_at)).total_seconds()
+                        > self.settings.release_timeout):
+                    # The agent could not report the end (or would not): the capacity it
+                    # holds comes back, and billing stops.
+                    lease.end_reason = None
+                    self._end(lease, EndReason.lost,
+                              f"the provider did not report the worker stopped within "
+                              f"{self.settings.release_timeout:g} s of its release")
+                    s.add(lease)
+                    changed = True
+                elif lease.state == LeaseState.running and lease.id not in alive:
                     self._end_by_provider(s, lease, EndReason.failed, "the provider reports no "
                                           "worker process for this lease")
                     s.add(lease)
                     changed = True
                 elif (lease.state == LeaseState.starting and lease.assigned_at is not None
-                      and (now - lease.assigned_at).total_seconds() > self.settings.start_timeout):
+                      and (now - as_utc(lease.assigned_at)).total_seconds()
+                      > self.settings.start_timeout):
                     self._end_by_provider(
                         s, lease, EndReason.failed,
-                        f"the worker did not start within {self.settings.start_timeout:g} s")
+                        f"the worker did not connect to its scheduler within "
+                        f"{self.settings.start_timeout:g} s of being placed")
                     s.add(lease)
                     changed = True
             s.commit()
@@ -230,17 +244,15 @@ class Broker:
                            body: LeaseStateReport) -> Lease:
         with self.session() as s:
             lease = s.get(Lease, lease_id)
-            if lease is None:
-                raise ApiError(404, "unknown-lease", f"no lease {lease_id!r}")
-            if lease.provider_id != provider.id:
-                raise ApiError(403, "not-your-lease",
-                               f"lease {lease_id} is not assigned to provider {provider.id}")
+            if lease is None or lease.provider_id != provider.id:
+                raise ApiError(404, "unknown-lease",
+                               f"no lease {lease_id!r} assigned to provider {provider.id}")
             if lease.state == LeaseState.ended:
                 return lease  # idempotent: a repeated or late report changes nothing
             if body.state == LeaseState.running:
-                if lease.state == LeaseState.starting:
-                    lease.state = LeaseState.running
-                    lease.started_at = utcnow()
+                # The agent says the process started; the lease runs (and is metered) only
+                # once the cluster confirms that its worker joined the scheduler.
+                return lease
             elif body.state == LeaseState.ended:
                 reason = body.reason
                 if reason is None:
@@ -281,11 +293,9 @@ class Broker:
         """The cluster, if the caller may act on it: its owner or an administrator."""
         with self.session() as s:
             cluster = s.get(ClusterRecord, cluster_id)
-        if cluster is None:
-            raise ApiError(404, "unknown-cluster", f"no cluster {cluster_id!r}")
-        if not principal.is_admin and cluster.user_id != principal.user_id:
-            raise ApiError(403, "not-your-cluster",
-                           f"cluster {cluster_id} belongs to another user")
+        # Another user's cluster answers exactly like an unknown one: ids are not disclosed.
+        if cluster is None or (not principal.is_admin and cluster.user_id != principal.user_id):
+            raise ApiError(404, "unknown-cluster", f"no cluster {cluster_id!r} of yours")
         return cluster
 
     def list_clusters(self, principal: Principal, active_only: bool = True) -> list[ClusterPublic]:
@@ -318,15 +328,26 @@ class Broker:
                         for lease in leases],
             )
 
-    def cluster_heartbeat(self, cluster: ClusterRecord) -> ClusterPublic:
+    def cluster_heartbeat(self, cluster: ClusterRecord,
+                          connected: list[str] | None = None) -> ClusterPublic:
+        """Note that the cluster lives; leases whose workers it says joined its scheduler
+        become running (and metered) from now."""
         if not cluster.active:
             raise ApiError(409, "cluster-ended",
                            f"cluster {cluster.id} was ended ({cluster.end_reason}); "
                            "start a new FederatedCluster")
+        now = utcnow()
         with self.session() as s:
             row = s.get(ClusterRecord, cluster.id)
-            row.last_seen = utcnow()
+            row.last_seen = now
             s.add(row)
+            if connected:
+                for lease in s.exec(select(Lease).where(
+                        Lease.cluster_id == cluster.id, Lease.state == LeaseState.starting,
+                        col(Lease.id).in_(connected))):
+                    lease.state = LeaseState.running
+                    lease.started_at = now
+                    s.add(lease)
             s.commit()
         return self.cluster_public(cluster.id)
 
@@ -413,13 +434,12 @@ class Broker:
         with self.session() as s:
             rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))).all()
             found = {r.id for r in rows}
-            missing = [i for i in lease_ids if i not in found]
-            foreign = [r.id for r in rows if r.cluster_id != cluster.id]
+            # Another cluster's leases answer exactly like unknown ones.
+            missing = [i for i in lease_ids if i not in found] + [
+                r.id for r in rows if r.cluster_id != cluster.id]
             if missing:
-                raise ApiError(404, "unknown-lease", f"no such leases: {sorted(missing)}")
-            if foreign:
-                raise ApiError(403, "not-your-lease",
-                               f"leases {sorted(foreign)} belong to another cluster")
+                raise ApiError(404, "unknown-lease",
+                               f"no such leases in this cluster: {sorted(missing)}")
             touched = self._release_all(s, rows, reason, message)
             s.commit()
         self._after_release(touched)
@@ -649,10 +669,26 @@ class Broker:
             return True
         if lease.state in (LeaseState.starting, LeaseState.running):
             lease.state = LeaseState.releasing
+            lease.releasing_at = utcnow()
             lease.end_reason = reason
             lease.message = message
             return True
         return False
+
+
+def _check_provider_limits(lab: Lab, body: ProviderRegister) -> None:
+    """Refuse a machine larger than an administrator allows for the lab (403): a provider
+    that declares capacity it does not have would be placed and paid for it."""
+    asked = [(body.cpus, lab.provider_max_cpus, "CPU cores", str),
+             (body.memory, lab.provider_max_memory, "memory", format_bytes),
+             (len(body.gpus), lab.provider_max_gpus, "GPUs", str)]
+    for value, limit, what, fmt in asked:
+        if value > limit:
+            raise ApiError(403, "provider-over-limit",
+                           f"this machine offers {fmt(value)} {what}; lab {lab.name} may offer "
+                           f"at most {fmt(limit)} per machine. Offer less (parallex provide "
+                           f"--cpus/--memory/--gpus) or ask an administrator to raise the "
+                           f"lab's provider limit")
 
 
 def _capacity(provider: Provider, held: list[Lease],

@@ -39,9 +39,16 @@ def lease_body(authority: ClusterAuthority, **spec) -> dict:
 
 
 CASES = [
-    ("zero cpus", {"cpus": 0}, 422, "spec.cpus: Input should be greater than 0"),
-    ("negative cpus", {"cpus": -2}, 422, "spec.cpus: Input should be greater than 0"),
+    ("zero cpus", {"cpus": 0}, 422, "spec.cpus: Input should be greater than or equal to 1"),
+    ("negative cpus", {"cpus": -2}, 422, "spec.cpus: Input should be greater than or equal"),
+    ("fraction of a cpu", {"cpus": 1e-300}, 422, "spec.cpus: Input should be a valid integer"),
+    ("half a cpu", {"cpus": 1.5}, 422, "spec.cpus: Input should be a valid integer"),
     ("zero memory", {"memory": 0}, 422, "memory must be more than 0 bytes"),
+    ("memory as a fraction of the machine", {"memory": 1}, 422,
+     "spec.memory: Input should be greater than or equal to 268435456"),
+    ("infinite memory", {"memory": "Infinity"}, 422, "memory 'Infinity' is not a size"),
+    ("overflowing memory", {"memory": "1e400"}, 422, "memory '1e400' is not a size"),
+    ("2**70 bytes", {"memory": 2**70}, 422, "spec.memory: Input should be less than or equal"),
     ("negative memory", {"memory": "-4 GiB"}, 422, "memory must be more than 0 bytes"),
     ("memory lots", {"memory": "lots"}, 422, "memory 'lots' is not a size"),
     ("negative gpus", {"gpus": -1}, 422, "spec.gpus: Input should be greater than or equal"),

@@ -124,7 +124,8 @@ def test_restarted_agent_adopts_live_workers_and_stops_released_ones(federation)
         assert dropped_pid in pids
 
         fed.agents["agent-a"] = start_agent(fed.url, fed.provider_tokens["lab-a"], workdir,
-                                            name="agent-a", cpus=2, memory="4 GiB")
+                                            name="agent-a", cpus=2, memory="4 GiB",
+                                            accounts=fed.accounts["agent-a"])
         wait_until(lambda: dropped_pid not in live_worker_pids(workdir), 30,
                    "the restarted agent to stop the released lease's worker")
 

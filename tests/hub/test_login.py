@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import html
+import shutil
 
 import httpx
 import pytest
 
 from tests.utils.hub import start_hub
 from tests.utils.kernels import parallex_kernel, run
-from tests.utils.procs import kill_workers_under, start_agent, wait_until
+from tests.utils.procs import agents_folder, kill_workers_under, start_agent, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,8 @@ def test_kernel_on_the_hub_uses_the_server_token_through_the_proxy(hub, tmp_path
                       headers={"Authorization": f"Bearer {hub.admin_token}"}) as broker:
         provider_token = broker.post("/tokens", json={"kind": "provider",
                                                       "lab": "north-physics"}).json()["token"]
-    agent = start_agent(hub.broker_url, provider_token, tmp_path / "agent", name="north-server",
+    agents = agents_folder()
+    agent = start_agent(hub.broker_url, provider_token, agents / "agent", name="north-server",
                         cpus=2, memory="4 GiB")
     try:
         env = {"PARALLEX_BROKER_URL": f"{hub.url}/services/parallex",
@@ -174,4 +176,5 @@ def test_kernel_on_the_hub_uses_the_server_token_through_the_proxy(hub, tmp_path
             assert "alice@north {'north-physics': " in out.stdout
     finally:
         agent.stop()
-        kill_workers_under([tmp_path / "agent"])
+        kill_workers_under([agents / "agent"])
+        shutil.rmtree(agents, ignore_errors=True)

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
 from federation.client import BrokerClient
-from tests.utils.procs import Proc, kill_workers_under, start_agent, start_broker
+from tests.utils.procs import (
+    Proc,
+    agents_folder,
+    kill_workers_under,
+    start_agent,
+    start_broker,
+    worker_uid_args,
+)
 
 
 @dataclass
@@ -30,6 +38,8 @@ class Federation:
     workdirs: dict[str, Path] = field(default_factory=dict)
     user_tokens: dict[str, str] = field(default_factory=dict)
     provider_tokens: dict[str, str] = field(default_factory=dict)
+    agents_root: Path | None = None
+    accounts: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def admin(self) -> BrokerClient:
         return BrokerClient(self.url, self.admin_token)
@@ -58,8 +68,12 @@ class Federation:
 
     def add_agent(self, lab: str, name: str, cpus: float, memory: str = "4 GiB",
                   **options) -> Proc:
-        workdir = self.tmp / "agents" / name
+        if self.agents_root is None:
+            self.agents_root = agents_folder()
+        workdir = self.agents_root / name
         self.workdirs[name] = workdir
+        options.setdefault("accounts", worker_uid_args())
+        self.accounts[name] = options["accounts"]
         proc = start_agent(self.url, self.provider_tokens[lab], workdir, name=name, cpus=cpus,
                            memory=memory, **options)
         self.agents[name] = proc
@@ -116,6 +130,8 @@ class Federation:
             proc.stop()
         kill_workers_under(list(self.workdirs.values()))
         self.broker.stop()
+        if self.agents_root is not None:
+            shutil.rmtree(self.agents_root, ignore_errors=True)
 
 
 def make_federation(tmp: Path, provider_timeout: float = 30, cluster_timeout: float = 60,

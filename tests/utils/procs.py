@@ -4,12 +4,14 @@ line, and stopped (with every worker they started) when the test ends, pass or f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -110,9 +112,33 @@ def start_broker(tmp: Path, admin_token: str, *, db_url: str | None = None, port
     return proc, ready(proc, "PARALLEX_BROKER_URL=")
 
 
+_next_uid_block = itertools.count()
+UID_BLOCK = 8
+
+
+def worker_uid_args() -> tuple[str, ...]:
+    """--worker-uids with a block of uids no other agent of this test run uses when the tests
+    run as root (as CI does), else --insecure-shared-account (a developer's own machine)."""
+    if os.geteuid() != 0:
+        return ("--insecure-shared-account",)
+    low = 20000 + UID_BLOCK * (next(_next_uid_block) % 1000) + 10000 * (os.getpid() % 4)
+    return ("--worker-uids", f"{low}-{low + UID_BLOCK - 1}")
+
+
+def agents_folder() -> Path:
+    """A folder for agents' work folders that worker accounts may pass through (pytest's own
+    temporary folders are 0700 to everyone but root); the caller removes it."""
+    folder = Path(tempfile.mkdtemp(prefix="parallex-agents-"))
+    folder.chmod(0o711)
+    return folder
+
+
 def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
                 memory: str = "2 GiB", extra: tuple[str, ...] = (), gpus: str = "none",
-                env: dict | None = None, token_on_command_line: bool = False) -> Proc:
+                env: dict | None = None, token_on_command_line: bool = False,
+                accounts: tuple[str, ...] | None = None) -> Proc:
+    """A provider agent; its workers run under uids of their own when the tests run as root
+    (``accounts`` overrides the account options)."""
     workdir.mkdir(parents=True, exist_ok=True)
     token_file = workdir.parent / f"{name}.token"
     token_file.write_text(token)
@@ -121,7 +147,8 @@ def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
                                                                     str(token_file)]
     proc = Proc(parallex("provide", "--broker", url, *token_args, "--cpus", str(cpus),
                          "--memory", memory, "--gpus", gpus, "--workdir", str(workdir),
-                         "--name", name, *extra),
+                         "--name", name,
+                         *(worker_uid_args() if accounts is None else accounts), *extra),
                 workdir.parent / f"{name}.log", env=env)
     ready(proc, "PARALLEX_PROVIDER_ID=")
     return proc

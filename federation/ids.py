@@ -1,0 +1,64 @@
+"""Identifiers of leases, clusters and providers, and the checks made before one becomes part
+of a filesystem path or a URL.
+
+Lease ids are chosen by clients, so nobody downstream may trust them: the broker refuses
+malformed ids (422) and the agent checks them again before it touches a folder or builds a URL.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import quote
+
+from fastapi import Path as PathParam
+from pydantic import StringConstraints
+
+from accounting.identifiers import LAB_NAME, USER_NAME
+
+#: A lease id: a letter or digit, then letters, digits, '_' or '-'; 8 to 64 characters.
+LEASE_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$"
+#: Ids the broker makes (cl_…, prv_…, tok_…): letters, digits, '_' or '-'; 1 to 64 characters.
+OBJECT_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+LeaseId = Annotated[str, StringConstraints(pattern=LEASE_ID)]
+ObjectId = Annotated[str, StringConstraints(pattern=OBJECT_ID)]
+
+#: Path parameters of the API, refused with a 422 when malformed.
+LeaseIdPath = Annotated[str, PathParam(pattern=LEASE_ID, description="A lease id.")]
+ClusterIdPath = Annotated[str, PathParam(pattern=OBJECT_ID, description="A cluster id (cl_…).")]
+ProviderIdPath = Annotated[str, PathParam(pattern=OBJECT_ID,
+                                          description="A provider id (prv_…).")]
+TokenIdPath = Annotated[str, PathParam(pattern=OBJECT_ID, description="A token id (tok_…).")]
+LabPath = Annotated[str, PathParam(pattern=LAB_NAME, description="A lab's name.")]
+UserPath = Annotated[str, PathParam(pattern=USER_NAME, description="A user's name.")]
+RowIdPath = Annotated[int, PathParam(ge=1, le=2**62, description="A row id (a positive integer).")]
+
+
+class UnsafeIdentifier(ValueError):
+    """An identifier that must not be used as a path segment or URL segment."""
+
+
+def check_lease_id(value: object) -> str:
+    """``value`` when it is a well-formed lease id; raises UnsafeIdentifier otherwise."""
+    if not isinstance(value, str) or re.fullmatch(LEASE_ID, value) is None:
+        raise UnsafeIdentifier(f"refusing malformed lease id {str(value)[:80]!r}")
+    return value
+
+
+def path_inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refusing any name whose resolved path leaves ``folder``."""
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise UnsafeIdentifier(f"refusing {name!r}: it leads outside {root}")
+    return path
+
+
+def url_segment(value: str) -> str:
+    """``value`` percent-encoded as one URL path segment ('/', '?', '#', '.' runs included)."""
+    encoded = quote(value, safe="")
+    if encoded in (".", ".."):
+        raise UnsafeIdentifier(f"refusing {value!r} as a URL segment")
+    return encoded
