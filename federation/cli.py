@@ -97,6 +97,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
                               cluster_timeout=args.cluster_timeout,
                               start_timeout=args.start_timeout,
                               release_timeout=args.release_timeout,
+                              min_heartbeat_interval=args.min_heartbeat_interval,
+                              rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+                              max_concurrent_requests=args.max_concurrent_requests,
                               metering_interval=args.metering_interval,
                               initial_grant=args.initial_grant,
                               fair_share_half_life=args.fair_share_half_life * 3600,
@@ -297,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "stopped before it ends 'lost' and its capacity is free again; keep it "
                         "above the agents' --release-grace plus their stop timeout (10 s) "
                         "(default 60).")
+    b.add_argument("--min-heartbeat-interval", type=float, default=1.0,
+                   help="Seconds that must pass between two heartbeats of one provider; a "
+                        "sooner one is answered 429 (default 1; never more than half the "
+                        "interval agents are told, provider timeout / 5).")
+    b.add_argument("--rate-limit", type=float, default=20.0,
+                   help="Requests per second one token may make to the agent and cluster "
+                        "endpoints, per provider machine for agents; more are answered 429 "
+                        "with Retry-After (default 20).")
+    b.add_argument("--rate-burst", type=float, default=100.0,
+                   help="Requests one token may make at once above --rate-limit before it "
+                        "applies (default 100).")
+    b.add_argument("--max-concurrent-requests", type=int, default=16,
+                   help="Requests one token (per provider machine) may have in flight at "
+                        "once, long polls included (default 16).")
     b.add_argument("--metering-interval", type=float, default=60.0,
                    help="Seconds per metered period of a running lease (default 60). Keep it "
                         "fixed for a database: periods continue from where the last one ended.")

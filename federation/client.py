@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -39,6 +41,18 @@ def raise_for_answer(response: httpx.Response) -> Any:
     raise errors.BrokerError(f"the broker failed with HTTP {status}: {message}")
 
 
+#: How often a request answered 429 (rate limited) is retried after its Retry-After.
+RATE_LIMIT_RETRIES = 5
+
+
+def retry_after(response: httpx.Response) -> float:
+    """Seconds a 429 answer asks to wait (Retry-After), between 0.1 and 10."""
+    try:
+        return min(10.0, max(0.1, float(response.headers.get("retry-after", "1"))))
+    except ValueError:
+        return 1.0
+
+
 def _base(url: str) -> str:
     url = url.rstrip("/")
     return url[: -len(API)] if url.endswith(API) else url
@@ -74,12 +88,16 @@ class AsyncBrokerClient:
 
     async def request(self, method: str, path: str, *, timeout: float | None = None,
                       **kwargs: Any) -> Any:
-        try:
-            extra = {"timeout": timeout} if timeout is not None else {}
-            response = await self._http.request(method, path, **kwargs, **extra)
-        except httpx.TransportError as exc:
-            raise _unreachable(self.url, exc) from exc
-        return raise_for_answer(response)
+        extra = {"timeout": timeout} if timeout is not None else {}
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
+            try:
+                response = await self._http.request(method, path, **kwargs, **extra)
+            except httpx.TransportError as exc:
+                raise _unreachable(self.url, exc) from exc
+            if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
+                return raise_for_answer(response)
+            await asyncio.sleep(retry_after(response))
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -99,11 +117,15 @@ class BrokerClient:
                                   headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise _unreachable(self.url, exc) from exc
-        return raise_for_answer(response)
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                raise _unreachable(self.url, exc) from exc
+            if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
+                return raise_for_answer(response)
+            time.sleep(retry_after(response))
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         self._http.close()

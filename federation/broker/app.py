@@ -20,6 +20,7 @@ from .auth import hash_token
 from .errors import ApiError
 from .hub_tokens import HubTokenChecker
 from .models import ApiToken, TokenKind
+from .ratelimit import RateLimiter, RateLimitMiddleware
 from .routes_accounting import router as accounting_router
 from .routes_admin import router as admin_router
 from .routes_agent import router as agent_router
@@ -98,6 +99,9 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                   openapi_url=f"{API_PREFIX}/openapi.json", docs_url=f"{API_PREFIX}/docs",
                   redoc_url=None)
     app.state.broker = broker
+    app.add_middleware(RateLimitMiddleware, prefix=API_PREFIX, limiter=RateLimiter(
+        rate=settings.rate_limit, burst=settings.rate_burst,
+        max_concurrent=settings.max_concurrent_requests))
     app.state.session = broker.session
     app.state.hub_tokens = (HubTokenChecker(settings.hub_api_url, settings.hub_service_name,
                                             settings.hub_token_cache)
@@ -106,7 +110,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": exc.code, "message": exc.message},
-                            status_code=exc.status_code)
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

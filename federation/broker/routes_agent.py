@@ -18,7 +18,7 @@ def register(body: ProviderRegister, request: Request,
     provider = broker.register_provider(principal, body)
     s = broker.settings
     return {"provider_id": provider.id, "lab": principal.lab_name,
-            "heartbeat_interval": max(0.2, s.provider_timeout / 5),
+            "heartbeat_interval": broker.agent_heartbeat_interval,
             "poll_timeout": s.poll_timeout}
 
 
@@ -27,6 +27,7 @@ def heartbeat(provider_id: ProviderIdPath, body: ProviderHeartbeat, request: Req
               principal: Principal = Depends(require_provider)) -> dict:
     broker = request.app.state.broker
     provider = broker.provider_for(principal, provider_id)
+    broker.check_heartbeat_rate(provider.id)
     broker.provider_heartbeat(provider, body.running)
     return {"ok": True}
 

@@ -63,6 +63,10 @@ class BrokerSettings:
     cluster_timeout: float = 60.0
     start_timeout: float = 300.0
     release_timeout: float = 60.0
+    min_heartbeat_interval: float = 1.0
+    rate_limit: float = 20.0
+    rate_burst: float = 100.0
+    max_concurrent_requests: int = 16
     poll_timeout: float = 20.0
     metering_interval: float = 60.0
     initial_grant: float = 1000.0
@@ -86,6 +90,7 @@ class Broker:
         self._versions: dict[str, int] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._last_metering = 0.0
+        self._last_heartbeat: dict[str, float] = {}
         self._last_capacity = 0.0
 
     def session(self) -> Session:
@@ -172,6 +177,23 @@ class Broker:
                            f"no provider {provider_id!r} of your lab; register again with POST "
                            "/api/v1/agent/register")
         return provider
+
+    @property
+    def agent_heartbeat_interval(self) -> float:
+        """Seconds between an agent's heartbeats, as the broker tells agents."""
+        return max(0.2, self.settings.provider_timeout / 5)
+
+    def check_heartbeat_rate(self, provider_id: str) -> None:
+        """Refuse (429) a provider heartbeat sooner than the minimum interval after the last."""
+        least = min(self.settings.min_heartbeat_interval, self.agent_heartbeat_interval / 2)
+        now = time.monotonic()
+        last = self._last_heartbeat.get(provider_id)
+        if last is not None and now - last < least:
+            wait = least - (now - last)
+            raise ApiError(429, "heartbeat-too-frequent",
+                           f"heartbeats from one provider must be at least {least:g} s apart; "
+                           f"retry in {wait:.2f} s", headers={"Retry-After": "1"})
+        self._last_heartbeat[provider_id] = now
 
     def provider_heartbeat(self, provider: Provider, running: list[str]) -> None:
         now = utcnow()

@@ -33,10 +33,8 @@ def upgrade() -> None:
                                       server_default=str(DEFAULT_PROVIDER_MAX_MEMORY)))
         batch_op.add_column(sa.Column('provider_max_gpus', sa.Integer(), nullable=False,
                                       server_default=str(DEFAULT_PROVIDER_MAX_GPUS)))
-    with op.batch_alter_table('lab', schema=None) as batch_op:
-        batch_op.alter_column('provider_max_cpus', server_default=None)
-        batch_op.alter_column('provider_max_memory', server_default=None)
-        batch_op.alter_column('provider_max_gpus', server_default=None)
+    # The server defaults stay: dropping them would make SQLite rebuild the lab table, which
+    # other tables reference.
 
 
 def downgrade() -> None:

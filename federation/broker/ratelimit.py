@@ -1,0 +1,118 @@
+"""Per-token request-rate and concurrency limits on the agent and cluster endpoints.
+
+One misbehaving agent or notebook (a poll loop with a stale version, a script hammering
+heartbeats) must not slow the broker for everyone else. The limit is checked in an ASGI
+middleware before authentication or the database, so a refused request costs a hash and a
+dictionary lookup; it is answered 429 with Retry-After, which the Parallex clients honour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+LIMITED_PREFIXES = ("/agent/", "/clusters")
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+    in_flight: int = 0
+
+
+@dataclass
+class RateLimiter:
+    """Token buckets (``rate`` per second, up to ``burst``) and in-flight counts per key."""
+
+    rate: float = 20.0
+    burst: float = 100.0
+    max_concurrent: int = 16
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+
+    def acquire(self, key: str, now: float | None = None) -> float | None:
+        """Take one request for ``key``; None when allowed, else seconds to wait."""
+        now = time.monotonic() if now is None else now
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) > 100_000:
+                self._forget_idle(now)
+            bucket = self._buckets[key] = _Bucket(self.burst, now)
+        bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        if bucket.in_flight >= self.max_concurrent:
+            return 1.0
+        if bucket.tokens < 1:
+            return (1 - bucket.tokens) / self.rate
+        bucket.tokens -= 1
+        bucket.in_flight += 1
+        return None
+
+    def release(self, key: str) -> None:
+        bucket = self._buckets.get(key)
+        if bucket is not None and bucket.in_flight > 0:
+            bucket.in_flight -= 1
+
+    def _forget_idle(self, now: float) -> None:
+        full = [k for k, b in self._buckets.items()
+                if b.in_flight == 0 and b.tokens + (now - b.updated) * self.rate >= self.burst]
+        for key in full:
+            del self._buckets[key]
+
+
+def limit_key(path: str, authorization: str | None) -> str | None:
+    """The key a request counts against: its token (hashed), plus the provider id for the
+    per-machine agent endpoints (a lab's machines share one provider token). None when the
+    request is not limited here (no token: authentication answers it)."""
+    if not authorization or not path.startswith(LIMITED_PREFIXES):
+        return None
+    digest = hashlib.sha256(authorization.encode()).hexdigest()[:32]
+    if path.startswith("/agent/"):
+        machine = path.split("/")[2]
+        return f"{digest}:{machine}"
+    return digest
+
+
+class RateLimitMiddleware:
+    """ASGI middleware answering 429 (with Retry-After) past a token's rate or concurrency."""
+
+    def __init__(self, app, limiter: RateLimiter, prefix: str):
+        self.app = app
+        self.limiter = limiter
+        self.prefix = prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        key = None
+        if path.startswith(self.prefix):
+            headers = dict(scope.get("headers") or ())
+            auth = headers.get(b"authorization")
+            key = limit_key(path[len(self.prefix):], auth.decode("latin-1") if auth else None)
+        if key is None:
+            return await self.app(scope, receive, send)
+        wait = self.limiter.acquire(key)
+        if wait is not None:
+            return await _too_many(send, wait, self.limiter)
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.limiter.release(key)
+
+
+async def _too_many(send, wait: float, limiter: RateLimiter) -> None:
+    retry = max(1, math.ceil(wait))
+    body = json.dumps({
+        "error": "rate-limited",
+        "message": f"too many requests with this token (limit {limiter.rate:g} per second, "
+                   f"{limiter.max_concurrent} at once); retry after {retry} s",
+    }).encode()
+    await send({"type": "http.response.start", "status": 429,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"retry-after", str(retry).encode()),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
