@@ -26,6 +26,7 @@ from . import errors
 from .client import AsyncBrokerClient
 from .ids import UnsafeIdentifier, check_lease_id, url_segment
 from .inventory import Capacity
+from .tls import key_matches, worker_key_and_request
 from .worker_accounts import WorkerAccountError, WorkerAccounts
 from .worker_process import WorkerProcess, remove_lease_folder, start_worker
 
@@ -54,6 +55,10 @@ class ProviderAgent:
         self.heartbeat_interval = 5.0
         self.poll_timeout = 20.0
         self.workers: dict[str, WorkerProcess] = {}
+        # Keys made here for starting leases, until their worker starts (then only on disk,
+        # readable by the lease's account alone).
+        self._keys: dict[str, str] = {}
+        self._requesting: set[str] = set()
         self._stopping: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._report_lock = asyncio.Lock()
@@ -259,11 +264,8 @@ class ProviderAgent:
             lid, state = lease["id"], lease["state"]
             if lid in self._stopping:
                 continue
-            if state in ("starting", "running"):
-                if lid not in self.workers:
-                    self._start(lease)
-                elif state == "starting":
-                    self._spawn(self._report(lid, "running"))
+            if state == "starting" and lid not in self.workers:
+                self._start_when_certified(lease)
             elif state == "releasing":
                 self._stopping.add(lid)
                 self._spawn(self._release(lid))
@@ -272,6 +274,36 @@ class ProviderAgent:
                 logger.info("lease %s is no longer assigned here; stopping its worker", lid)
                 self._stopping.add(lid)
                 self._spawn(self._stop_worker(lid))
+        starting = {lease["id"] for lease in leases if lease["state"] == "starting"}
+        for lid in set(self._keys) - starting:
+            del self._keys[lid]  # ended or started: the key is on disk or no longer needed
+
+    def _start_when_certified(self, lease: dict) -> None:
+        """Start the worker once the cluster has certified the key made here; until then
+        make the key and send its signing request (once)."""
+        lid = lease["id"]
+        key = self._keys.get(lid)
+        cert = lease.get("cert") or ""
+        if key is not None and cert and key_matches(cert, key):
+            self._start({**lease, "key": key})
+            return
+        if lid in self._requesting or (key is not None and lease.get("csr_sent")):
+            return  # the request is on its way or waits for the cluster's signature
+        key, csr = worker_key_and_request(lid)
+        self._keys[lid] = key
+        self._requesting.add(lid)
+        self._spawn(self._send_signing_request(lid, csr))
+
+    async def _send_signing_request(self, lease_id: str, csr: str) -> None:
+        try:
+            await self.client.request(
+                "POST", f"{self._base}/leases/{url_segment(lease_id)}/csr", json={"csr": csr})
+        except errors.ParallexError as exc:
+            # The next lease list retries with a new key (the lease may also have ended).
+            logger.warning("lease %s: signing request failed: %s", lease_id, exc)
+            self._keys.pop(lease_id, None)
+        finally:
+            self._requesting.discard(lease_id)
 
     def _start(self, lease: dict) -> None:
         try:
@@ -284,8 +316,8 @@ class ProviderAgent:
                                      f"the agent could not start the worker: {exc}"))
             return
         self.workers[lease["id"]] = worker
+        self._keys.pop(lease["id"], None)
         self._save_state()
-        self._spawn(self._report(lease["id"], "running"))
 
     async def _release(self, lease_id: str) -> None:
         # The cluster retires the worker through its scheduler right after releasing the lease

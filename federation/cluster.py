@@ -30,7 +30,7 @@ from .client import AsyncBrokerClient
 from .estimate import Estimate
 from .guard import SchedulerGuard
 from .sizes import format_bytes, parse_memory
-from .tls import ROLE_CLIENT, ROLE_SCHEDULER, ClusterAuthority
+from .tls import ROLE_CLIENT, ROLE_SCHEDULER, BadSigningRequest, ClusterAuthority
 
 logger = logging.getLogger("parallex.cluster")
 
@@ -144,6 +144,7 @@ class FederatedCluster(Cluster):
         self._live: set[str] = set()
         self._broker: AsyncBrokerClient | None = None
         self._heartbeat_task: asyncio.Task | None = None
+        self._signing_task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
         self._joined: asyncio.Event | None = None
         self.scheduler: Scheduler | None = None
@@ -214,16 +215,18 @@ class FederatedCluster(Cluster):
             await self._close()
             raise
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        self._signing_task = asyncio.create_task(self._signing_loop())
         logger.info("cluster %s started; scheduler at %s", self.cluster_id,
                     self.scheduler.address)
 
     async def _close(self) -> None:
         if self.status == Status.closed:
             return
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+        for task in (self._heartbeat_task, self._signing_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._broker is not None and self.cluster_id is not None:
             try:
                 answer = await self._broker.request("DELETE", f"/clusters/{self.cluster_id}")
@@ -319,6 +322,50 @@ class FederatedCluster(Cluster):
             except errors.ParallexError as exc:
                 logger.warning("could not replace ended workers: %s", exc)
 
+    async def _signing_loop(self) -> None:
+        """Sign the agents' requests for this cluster's workers as they arrive (long poll).
+
+        Each agent makes its worker's key on its own machine and sends a signing request; the
+        certificate this cluster's CA returns names the lease. Requests for leases this cluster
+        did not ask for, or no longer wants, are left unsigned.
+        """
+        version = ""
+        delay = 0.2
+        while True:
+            try:
+                answer = await self._broker.request(
+                    "GET", f"/clusters/{self.cluster_id}/signing-requests",
+                    params={"since": version, "wait": 20}, timeout=self._request_timeout + 25)
+                version = answer["version"]
+                delay = 0.2
+                signed = []
+                for item in answer["requests"]:
+                    if item["lease_id"] not in self._live:
+                        continue
+                    try:
+                        cert = self.authority.sign_worker_request(item["lease_id"], item["csr"])
+                    except BadSigningRequest as exc:
+                        logger.warning("not signing lease %s: %s", item["lease_id"], exc)
+                        continue
+                    signed.append({"lease_id": item["lease_id"], "cert": cert})
+                if signed:
+                    await self._broker.request(
+                        "POST", f"/clusters/{self.cluster_id}/certificates",
+                        json={"certificates": signed})
+            except (errors.TokenRefused, errors.NotFound, errors.PermissionDenied):
+                return  # the cluster is gone or its token revoked: the heartbeat reports it
+            except errors.RequestRejected as exc:
+                # A lease ended between the request and the signature; ask again shortly.
+                logger.info("worker certificates not accepted: %s", exc)
+                await asyncio.sleep(delay)
+                version = ""
+            except errors.ParallexError as exc:
+                logger.warning("waiting for signing requests failed: %s; retrying in %.1f s",
+                               exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+                version = ""
+
     async def _handle_ended(self, ended: list[dict]) -> None:
         for lease in ended:
             if lease["end_reason"] != "released":
@@ -346,12 +393,8 @@ class FederatedCluster(Cluster):
                     await self._shrink(group, live, len(live) - group.desired)
 
     async def _request(self, group: WorkerGroup, n: int) -> None:
-        workers = []
-        for _ in range(n):
-            lease_id = f"ls-{uuid.uuid4().hex[:16]}"
-            creds = self.authority.worker_credentials(lease_id)
-            workers.append({"lease_id": lease_id, "cert": creds.cert, "key": creds.key})
-        ids = [w["lease_id"] for w in workers]
+        ids = [f"ls-{uuid.uuid4().hex[:16]}" for _ in range(n)]
+        workers = [{"lease_id": lease_id} for lease_id in ids]
         # Allowed before the broker hears of them, so a fast worker is never refused.
         for lease_id in ids:
             self._leases[lease_id] = {"id": lease_id, "group": group.name, "state": "pending"}

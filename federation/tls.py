@@ -1,8 +1,10 @@
 """Per-cluster TLS material: a cluster's own CA and the certificates it signs.
 
 Each FederatedCluster makes a fresh CA; the scheduler, the client and every lease's worker get a
-certificate from it. The certificate's organisational unit says its role and, for a worker, the
-common name is the lease id, so the scheduler can tell who is on the other end of a connection.
+certificate from it. A worker's key is made by the agent on the provider machine, which sends
+only a signing request; the cluster signs it, so no private key ever passes through the broker.
+The certificate's organisational unit says its role and, for a worker, the common name is the
+lease id, so the scheduler can tell who is on the other end of a connection.
 Elliptic-curve keys keep signing cheap enough to issue one certificate per lease on demand.
 """
 
@@ -96,8 +98,74 @@ class ClusterAuthority:
         return CertKey(cert.public_bytes(serialization.Encoding.PEM).decode(), _key_pem(key))
 
     def worker_credentials(self, lease_id: str) -> CertKey:
-        """The certificate a lease's worker presents: CN = lease id."""
+        """A key and the certificate a lease's worker presents: CN = lease id. (Agents make
+        their workers' keys themselves; see sign_worker_request.)"""
         return self.issue(lease_id, ROLE_WORKER)
+
+    def sign_worker_request(self, lease_id: str, csr_pem: str) -> str:
+        """The worker certificate for ``lease_id`` over the public key of the agent's signing
+        request; whatever name the request asks for, the certificate names the lease."""
+        csr = load_worker_request(csr_pem, lease_id)
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(lease_id, ROLE_WORKER))
+            .issuer_name(self._cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + _VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(lease_id)]),
+                           critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class BadSigningRequest(ValueError):
+    """A certificate signing request that is malformed, forged or for another lease."""
+
+
+def worker_key_and_request(lease_id: str) -> tuple[str, str]:
+    """(private key PEM, signing request PEM) for a lease's worker, made where it will run:
+    the private key never leaves the provider machine."""
+    key = _new_key()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(lease_id, ROLE_WORKER))
+        .sign(key, hashes.SHA256())
+    )
+    return _key_pem(key), csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def load_worker_request(csr_pem: str, lease_id: str) -> x509.CertificateSigningRequest:
+    """The signing request, checked: it parses, its signature holds (its maker has the key),
+    it asks for ``lease_id`` and its key is a P-256 elliptic-curve key."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except (ValueError, TypeError) as exc:
+        raise BadSigningRequest("the signing request is not a PEM certificate request") \
+            from exc
+    if not csr.is_signature_valid:
+        raise BadSigningRequest("the signing request's signature does not hold")
+    name = _subject_field(csr.subject, NameOID.COMMON_NAME)
+    if name != lease_id:
+        raise BadSigningRequest(f"the signing request names {name!r}, not lease {lease_id}")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise BadSigningRequest("worker keys must be P-256 elliptic-curve keys")
+    return csr
+
+
+def certificate_matches_request(cert_pem: str, csr_pem: str) -> bool:
+    """True when the certificate certifies the public key of the signing request."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem.encode())
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except (ValueError, TypeError):
+        return False
+    return cert.public_key().public_numbers() == csr.public_key().public_numbers()
 
 
 def certificate_identity(cert_pem: str) -> tuple[str, str]:

@@ -106,8 +106,9 @@ class Lease(SQLModel, table=True):
     state: LeaseState = Field(default=LeaseState.pending, index=True)
     end_reason: EndReason | None = None
     message: str = ""
-    worker_cert: str = ""
-    worker_key: str = ""
+    worker_csr: str = Field(default="", description="The agent's signing request (PEM) for "
+                            "the worker's key, which never leaves the provider machine.")
+    worker_cert: str = Field(default="", description="The cluster's certificate over it.")
     created_at: dt.datetime = Field(default_factory=utcnow)
     assigned_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
@@ -211,16 +212,31 @@ class ClusterHeartbeat(SQLModel):
         description="Leases whose workers have joined the cluster's scheduler.")
 
 
-class WorkerCredentials(SQLModel):
+class LeaseSlot(SQLModel):
+    lease_id: LeaseId = Field(min_length=8, max_length=64,
+                              description="The id the cluster gives the lease (its worker's "
+                                          "name and certificate CN).")
+
+
+class SigningRequest(SQLModel):
+    csr: str = Field(min_length=1, max_length=20_000,
+                     description="PEM certificate signing request for the worker's key.")
+
+
+class WorkerCertificate(SQLModel):
     lease_id: LeaseId = Field(min_length=8, max_length=64)
-    cert: str = Field(min_length=1, max_length=20_000)
-    key: str = Field(min_length=1, max_length=20_000)
+    cert: str = Field(min_length=1, max_length=20_000,
+                      description="PEM worker certificate signed by the cluster's CA.")
+
+
+class WorkerCertificates(SQLModel):
+    certificates: list[WorkerCertificate] = Field(min_length=1, max_length=1000)
 
 
 class LeaseCreate(SQLModel):
     spec: WorkerSpec
     group: SiteName = Field(default="default", min_length=1, max_length=64)
-    workers: list[WorkerCredentials] = Field(min_length=1, max_length=1000)
+    workers: list[LeaseSlot] = Field(min_length=1, max_length=1000)
 
 
 class LeaseRelease(SQLModel):

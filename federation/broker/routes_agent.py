@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from ..ids import LeaseIdPath, ProviderIdPath
 from .auth import Principal, require_provider
-from .models import LeaseStateReport, ProviderHeartbeat, ProviderRegister
+from .models import LeaseStateReport, ProviderHeartbeat, ProviderRegister, SigningRequest
 
 router = APIRouter(prefix="/agent")
 
@@ -55,3 +55,15 @@ def report(provider_id: ProviderIdPath, lease_id: LeaseIdPath, body: LeaseStateR
     lease = broker.report_lease_state(provider, lease_id, body)
     return {"id": lease.id, "state": lease.state.value,
             "end_reason": lease.end_reason.value if lease.end_reason else None}
+
+
+@router.post("/{provider_id}/leases/{lease_id}/csr", status_code=202)
+def signing_request(provider_id: ProviderIdPath, lease_id: LeaseIdPath, body: SigningRequest,
+                    request: Request,
+                    principal: Principal = Depends(require_provider)) -> dict:
+    """The agent's certificate signing request for a starting lease's worker key; the lease's
+    cluster signs it and the certificate appears in the agent's lease list."""
+    broker = request.app.state.broker
+    provider = broker.provider_for(principal, provider_id)
+    broker.submit_signing_request(provider, lease_id, body.csr)
+    return {"id": lease_id, "waiting_for": "the cluster's signature"}

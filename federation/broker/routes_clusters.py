@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from accounting.models import utcnow
 
@@ -16,6 +17,7 @@ from .models import (
     LeaseCreate,
     LeasePublic,
     LeaseRelease,
+    WorkerCertificates,
 )
 
 router = APIRouter(prefix="/clusters")
@@ -91,3 +93,32 @@ def close(cluster_id: ClusterIdPath, request: Request,
     cluster = broker.cluster_for(principal, cluster_id)
     broker.close_cluster(cluster.id, reason="closed")
     return broker.cluster_public(cluster.id)
+
+
+@router.get("/{cluster_id}/signing-requests")
+async def signing_requests(cluster_id: ClusterIdPath, request: Request,
+                           since: str | None = Query(None, max_length=64,
+                                                     description="Version last seen; wait "
+                                                                 "for a change."),
+                           wait: float = Query(0, ge=0, le=60,
+                                               description="Seconds to wait for a change."),
+                           principal: Principal = Depends(require_user)) -> dict:
+    """Agents' signing requests for this cluster's starting leases; long-polls up to
+    ``wait`` seconds for new ones."""
+    broker = request.app.state.broker
+    cluster = await run_in_threadpool(broker.cluster_for, principal, cluster_id)
+    key = f"cluster:{cluster.id}"
+    if wait:
+        await broker.wait_for_change(key, since, wait)
+    version = broker.version(key)
+    found = await run_in_threadpool(broker.signing_requests, cluster)
+    return {"version": version, "requests": found}
+
+
+@router.post("/{cluster_id}/certificates")
+def certificates(cluster_id: ClusterIdPath, body: WorkerCertificates, request: Request,
+                 principal: Principal = Depends(require_user)) -> dict:
+    """Worker certificates the cluster signed for its leases' signing requests."""
+    broker = request.app.state.broker
+    cluster = broker.cluster_for(principal, cluster_id)
+    return {"accepted": broker.submit_certificates(cluster, body.certificates)}

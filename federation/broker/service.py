@@ -31,7 +31,14 @@ from accounting.units import fmt_pcu, to_nano
 
 from .. import placement
 from ..sizes import format_bytes
-from ..tls import ROLE_WORKER, certificate_identity, key_matches, signed_by
+from ..tls import (
+    ROLE_WORKER,
+    BadSigningRequest,
+    certificate_identity,
+    certificate_matches_request,
+    load_worker_request,
+    signed_by,
+)
 from . import db
 from .auth import Principal
 from .capacity import record_capacity
@@ -50,6 +57,7 @@ from .models import (
     LeaseStateReport,
     Provider,
     ProviderRegister,
+    WorkerCertificate,
 )
 
 logger = logging.getLogger("parallex.broker")
@@ -253,7 +261,7 @@ class Broker:
                 "scheduler_address": cluster.scheduler_address,
                 "ca_cert": cluster.ca_cert,
                 "cert": lease.worker_cert,
-                "key": lease.worker_key,
+                "csr_sent": bool(lease.worker_csr),
                 "cpus": lease.cpus,
                 "memory": lease.memory,
                 "gpus": lease.gpus,
@@ -394,25 +402,10 @@ class Broker:
             taken = s.exec(select(Lease.id).where(col(Lease.id).in_(ids))).all()
             if taken:
                 raise ApiError(409, "lease-id-taken", f"lease ids already exist: {sorted(taken)}")
-            for w in body.workers:
-                # signed_by also refuses what does not parse, so identity can be read after.
-                if not signed_by(w.cert, cluster.ca_cert):
-                    raise ApiError(422, "bad-worker-cert",
-                                   f"the certificate for lease {w.lease_id} is not signed by "
-                                   "this cluster's CA")
-                name, role = certificate_identity(w.cert)
-                if name != w.lease_id or role != ROLE_WORKER:
-                    raise ApiError(422, "bad-worker-cert",
-                                   f"the certificate for lease {w.lease_id} must be a worker "
-                                   f"certificate with CN={w.lease_id}; it has CN={name!r}")
-                if not key_matches(w.cert, w.key):
-                    raise ApiError(422, "bad-worker-key",
-                                   f"the key for lease {w.lease_id} does not match its certificate")
             leases = [
-                Lease(id=w.lease_id, cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
-                      memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model,
-                      worker_cert=w.cert, worker_key=w.key)
-                for w in body.workers
+                Lease(id=lease_id, cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
+                      memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
+                for lease_id in ids
             ]
             s.add_all(leases)
             s.commit()
@@ -496,6 +489,79 @@ class Broker:
         for provider_id in touched:
             self.bump(provider_id)
         self.place_pending()
+
+    # ---- worker certificates ------------------------------------------------------------
+    #
+    # The agent makes the worker's key on its machine and sends a signing request; the cluster
+    # signs it with its own CA and sends the certificate back. The broker relays requests and
+    # certificates, which are public, and never holds a private key.
+
+    def submit_signing_request(self, provider: Provider, lease_id: str, csr_pem: str) -> None:
+        """Store the agent's signing request for a starting lease and wake its cluster."""
+        try:
+            load_worker_request(csr_pem, lease_id)
+        except BadSigningRequest as exc:
+            raise ApiError(422, "bad-signing-request", f"lease {lease_id}: {exc}") from exc
+        with self.session() as s:
+            lease = s.get(Lease, lease_id)
+            if lease is None or lease.provider_id != provider.id:
+                raise ApiError(404, "unknown-lease",
+                               f"no lease {lease_id!r} assigned to provider {provider.id}")
+            if lease.state != LeaseState.starting:
+                raise ApiError(409, "not-starting",
+                               f"lease {lease_id} is {lease.state.value}; only a starting "
+                               "lease's worker gets a certificate")
+            # A new request (the agent restarted and lost its key) replaces the old one.
+            lease.worker_csr = csr_pem
+            lease.worker_cert = ""
+            s.add(lease)
+            s.commit()
+            cluster_id = lease.cluster_id
+        self.bump(f"cluster:{cluster_id}")
+
+    def signing_requests(self, cluster: ClusterRecord) -> list[dict]:
+        """The cluster's starting leases whose agents wait for a certificate."""
+        with self.session() as s:
+            rows = s.exec(select(Lease.id, Lease.worker_csr).where(
+                Lease.cluster_id == cluster.id, Lease.state == LeaseState.starting,
+                Lease.worker_csr != "", Lease.worker_cert == "")).all()
+        return [{"lease_id": lease_id, "csr": csr} for lease_id, csr in rows]
+
+    def submit_certificates(self, cluster: ClusterRecord,
+                            certificates: list[WorkerCertificate]) -> int:
+        """Store the cluster's certificates for its leases' signing requests (all or none)."""
+        touched: set[str | None] = set()
+        with self.session() as s:
+            for item in certificates:
+                lease = s.get(Lease, item.lease_id)
+                if lease is None or lease.cluster_id != cluster.id:
+                    raise ApiError(404, "unknown-lease",
+                                   f"no lease {item.lease_id!r} in this cluster")
+                if lease.state != LeaseState.starting or not lease.worker_csr:
+                    raise ApiError(409, "no-signing-request",
+                                   f"lease {item.lease_id} is {lease.state.value} and has no "
+                                   "signing request waiting")
+                # signed_by also refuses what does not parse, so identity can be read after.
+                if not signed_by(item.cert, cluster.ca_cert):
+                    raise ApiError(422, "bad-worker-cert",
+                                   f"the certificate for lease {item.lease_id} is not signed "
+                                   "by this cluster's CA")
+                name, role = certificate_identity(item.cert)
+                if name != item.lease_id or role != ROLE_WORKER:
+                    raise ApiError(422, "bad-worker-cert",
+                                   f"the certificate for lease {item.lease_id} must be a worker "
+                                   f"certificate with CN={item.lease_id}; it has CN={name!r}")
+                if not certificate_matches_request(item.cert, lease.worker_csr):
+                    raise ApiError(422, "bad-worker-cert",
+                                   f"the certificate for lease {item.lease_id} is not for the "
+                                   "key of its signing request")
+                lease.worker_cert = item.cert
+                s.add(lease)
+                touched.add(lease.provider_id)
+            s.commit()
+        for provider_id in touched:
+            self.bump(provider_id)
+        return len(certificates)
 
     # ---- timeouts -------------------------------------------------------------------------
 
@@ -681,8 +747,6 @@ class Broker:
         lease.end_reason = lease.end_reason or reason
         lease.message = message or lease.message
         lease.ended_at = utcnow()
-        # The worker key is only needed while the worker may still start.
-        lease.worker_key = ""
 
     def _release(self, lease: Lease, reason: EndReason, message: str) -> bool:
         """Move a live lease towards ended; True when it changed."""

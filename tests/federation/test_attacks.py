@@ -56,10 +56,8 @@ def test_hostile_lease_ids_are_refused_and_nothing_written(lab_with_fake_provide
         cluster = user.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
                                                "ca_cert": authority.ca_pem}).json()["id"]
         before = fed.db_rows(*TABLES)
-        creds = authority.worker_credentials("ls-placeholder01")
         answer = user.post(f"/clusters/{cluster}/leases", json={
-            "spec": {"cpus": 1, "memory": "1 GiB"},
-            "workers": [{"lease_id": lease_id, "cert": creds.cert, "key": creds.key}]})
+            "spec": {"cpus": 1, "memory": "1 GiB"}, "workers": [{"lease_id": lease_id}]})
         assert answer.status_code == 422, answer.text
         assert "lease_id" in answer.json()["message"]
         release = user.post(f"/clusters/{cluster}/leases/release",
@@ -193,11 +191,9 @@ def test_a_lease_whose_end_is_never_reported_ends_lost(tmp_path):
         with api(fed, fed.user_tokens["alice"]) as user:
             cluster = user.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
                                                    "ca_cert": authority.ca_pem}).json()["id"]
-            creds = authority.worker_credentials("ls-stuckrelease1")
             user.post(f"/clusters/{cluster}/leases", json={
                 "spec": {"cpus": 1, "memory": "1 GiB"},
-                "workers": [{"lease_id": "ls-stuckrelease1", "cert": creds.cert,
-                             "key": creds.key}]}).raise_for_status()
+                "workers": [{"lease_id": "ls-stuckrelease1"}]}).raise_for_status()
             user.post(f"/clusters/{cluster}/leases/release",
                       json={"lease_ids": ["ls-stuckrelease1"]}).raise_for_status()
         released = time.monotonic()
@@ -271,3 +267,67 @@ def test_a_worker_memory_limit_is_the_lease_memory_in_bytes(two_labs):
         wait_until(lambda: any(le["id"] == lease_id and le["state"] == "running"
                                for le in cluster.leases), 15,
                    "the broker to mark the confirmed lease running")
+
+
+def test_worker_keys_are_made_on_the_provider_and_never_pass_through_the_broker(
+        lab_with_fake_provider):
+    from federation.tls import worker_key_and_request
+
+    fed, provider, pid = lab_with_fake_provider
+    fed.add_lab("lab-b", user="bob")
+    authority = ClusterAuthority()
+    lease = "ls-signme00000001"
+    with api(fed, fed.user_tokens["alice"]) as alice, api(fed, fed.user_tokens["bob"]) as bob, \
+            api(fed, fed.provider_tokens["lab-b"]) as other_provider:
+        cluster = alice.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
+                                                "ca_cert": authority.ca_pem}).json()["id"]
+        alice.post(f"/clusters/{cluster}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"},
+            "workers": [{"lease_id": lease}]}).raise_for_status()
+        (listed,) = provider.get(f"/agent/{pid}/leases").json()["leases"]
+        assert listed["state"] == "starting" and listed["cert"] == "" and "key" not in listed
+
+        key, csr = worker_key_and_request(lease)
+        _other_key, csr_for_other = worker_key_and_request("ls-someoneelse01")
+        before = fed.db_rows(*TABLES)
+        for body, fragment in [({"csr": "garbage"}, "not a PEM certificate request"),
+                               ({"csr": csr_for_other}, "names 'ls-someoneelse01'")]:
+            answer = provider.post(f"/agent/{pid}/leases/{lease}/csr", json=body)
+            assert answer.status_code == 422, answer.text
+            assert fragment in answer.json()["message"]
+        other_pid = other_provider.post("/agent/register", json={
+            "name": "other", "cpus": 1, "memory": "1 GiB"}).json()["provider_id"]
+        stolen = other_provider.post(f"/agent/{other_pid}/leases/{lease}/csr", json={"csr": csr})
+        assert stolen.status_code == 404, stolen.text
+        assert fed.db_rows("lease", "cluster") == {k: before[k] for k in ("lease", "cluster")}
+
+        assert provider.post(f"/agent/{pid}/leases/{lease}/csr",
+                             json={"csr": csr}).status_code == 202
+        (waiting,) = alice.get(f"/clusters/{cluster}/signing-requests").json()["requests"]
+        assert waiting == {"lease_id": lease, "csr": csr}
+        assert bob.get(f"/clusters/{cluster}/signing-requests").status_code == 404
+
+        before = fed.db_rows("lease")
+        wrong = [
+            (ClusterAuthority().sign_worker_request(lease, csr), "not signed by this cluster"),
+            (authority.issue(lease, "parallex-client").cert, "must be a worker certificate"),
+            (authority.worker_credentials(lease).cert, "not for the key of its signing"),
+        ]
+        for cert, fragment in wrong:
+            answer = alice.post(f"/clusters/{cluster}/certificates", json={
+                "certificates": [{"lease_id": lease, "cert": cert}]})
+            assert answer.status_code == 422, answer.text
+            assert fragment in answer.json()["message"]
+        assert bob.post(f"/clusters/{cluster}/certificates", json={"certificates": [
+            {"lease_id": lease, "cert": wrong[0][0]}]}).status_code == 404
+        assert fed.db_rows("lease") == before
+
+        cert = authority.sign_worker_request(lease, csr)
+        assert alice.post(f"/clusters/{cluster}/certificates", json={
+            "certificates": [{"lease_id": lease, "cert": cert}]}).status_code == 200
+        (listed,) = provider.get(f"/agent/{pid}/leases").json()["leases"]
+        assert listed["cert"] == cert
+        from federation.tls import key_matches
+        assert key_matches(listed["cert"], key)
+    every_text = repr(fed.db_rows(*TABLES, "usagerecord", "transfer"))
+    assert "PRIVATE KEY" not in every_text

@@ -13,7 +13,7 @@ from distributed import Client, Worker
 from distributed.core import rpc
 from distributed.security import Security
 
-from federation import FederatedCluster, PermissionDenied, TokenRefused
+from federation import FederatedCluster, NotFound, PermissionDenied, TokenRefused
 from federation.client import BrokerClient
 from federation.tls import ClusterAuthority
 
@@ -135,18 +135,24 @@ def test_user_cannot_touch_another_users_cluster(two_labs):
         cluster.wait_for_workers(1, timeout=60)
         bob = BrokerClient(fed.url, fed.user_tokens["bob"])
         creds = cluster.authority.worker_credentials("ls-bobwantsthis01")
+        mine = f"no cluster '{cluster.cluster_id}' of yours"
         try:
-            with pytest.raises(PermissionDenied, match="belongs to another user"):
+            # Another user's cluster answers exactly as an unknown one would (404).
+            with pytest.raises(NotFound, match=mine):
                 bob.request("GET", f"/clusters/{cluster.cluster_id}")
-            with pytest.raises(PermissionDenied, match="belongs to another user"):
+            with pytest.raises(NotFound, match=mine):
                 bob.request("POST", f"/clusters/{cluster.cluster_id}/leases", json={
                     "spec": {"cpus": 1, "memory": "1 GiB"},
-                    "workers": [{"lease_id": "ls-bobwantsthis01", "cert": creds.cert,
-                                 "key": creds.key}]})
-            with pytest.raises(PermissionDenied, match="belongs to another user"):
+                    "workers": [{"lease_id": "ls-bobwantsthis01"}]})
+            with pytest.raises(NotFound, match=mine):
                 bob.request("POST", f"/clusters/{cluster.cluster_id}/leases/release",
                             json={"lease_ids": sorted(cluster._live)})
-            with pytest.raises(PermissionDenied, match="belongs to another user"):
+            with pytest.raises(NotFound, match=mine):
+                bob.request("GET", f"/clusters/{cluster.cluster_id}/signing-requests")
+            with pytest.raises(NotFound, match=mine):
+                bob.request("POST", f"/clusters/{cluster.cluster_id}/certificates", json={
+                    "certificates": [{"lease_id": "ls-bobwantsthis01", "cert": creds.cert}]})
+            with pytest.raises(NotFound, match=mine):
                 bob.request("DELETE", f"/clusters/{cluster.cluster_id}")
             assert [c["id"] for c in bob.request("GET", "/clusters")] == []
         finally:
@@ -179,7 +185,7 @@ def test_provider_token_cannot_act_as_user_and_user_cannot_act_as_provider(two_l
                                                   "user": "mallory"})
         # lab-a's provider token cannot act for lab-b's provider.
         lab_b = next(p for p in provider.request("GET", "/providers") if p["lab"] == "lab-b")
-        with pytest.raises(PermissionDenied, match="belongs to another lab"):
+        with pytest.raises(NotFound, match=f"no provider '{lab_b['id']}' of your lab"):
             provider.request("POST", f"/agent/{lab_b['id']}/heartbeat", json={"running": []})
     finally:
         provider.close()

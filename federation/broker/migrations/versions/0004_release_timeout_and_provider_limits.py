@@ -1,5 +1,6 @@
-"""When a lease started releasing (for the release timeout), and the largest provider machine
-an administrator allows per lab.
+"""When a lease started releasing (for the release timeout); the agent's signing request in
+place of the worker's private key, which the broker no longer holds; and the largest provider
+machine an administrator allows per lab.
 
 Revision ID: 0004
 Revises: 0003
@@ -26,6 +27,10 @@ def upgrade() -> None:
     with op.batch_alter_table('lease', schema=None) as batch_op:
         batch_op.add_column(sa.Column('releasing_at', sqlmodel.sql.sqltypes.UTCDateTime(),
                                       nullable=True))
+        batch_op.add_column(sa.Column('worker_csr', sqlmodel.sql.sqltypes.AutoString(),
+                                      nullable=False, server_default=''))
+        # Private keys of earlier leases go with the column.
+        batch_op.drop_column('worker_key')
     with op.batch_alter_table('lab', schema=None) as batch_op:
         batch_op.add_column(sa.Column('provider_max_cpus', sa.Integer(), nullable=False,
                                       server_default=str(DEFAULT_PROVIDER_MAX_CPUS)))
@@ -43,4 +48,7 @@ def downgrade() -> None:
         batch_op.drop_column('provider_max_memory')
         batch_op.drop_column('provider_max_cpus')
     with op.batch_alter_table('lease', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('worker_key', sqlmodel.sql.sqltypes.AutoString(),
+                                      nullable=False, server_default=''))
+        batch_op.drop_column('worker_csr')
         batch_op.drop_column('releasing_at')

@@ -1,0 +1,89 @@
+"""Rate limits: one token's flood is answered 429 cheaply and leaves the broker fast for
+everyone else; heartbeats have a minimum interval."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import httpx
+
+FLOODERS = 50
+
+
+def test_a_flood_from_one_token_leaves_whoami_fast_for_others(federation):
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    fed.add_lab("lab-b", user="bob")
+    flood_headers = {"Authorization": f"Bearer {fed.provider_tokens['lab-a']}"}
+    pid = httpx.post(f"{fed.url}/api/v1/agent/register", headers=flood_headers,
+                     json={"name": "flooder", "cpus": 1, "memory": "1 GiB"}).json()["provider_id"]
+
+    async def main() -> tuple[list[float], dict[int, int], set[str]]:
+        stop = asyncio.Event()
+        statuses: dict[int, int] = {}
+        retry_after: set[str] = set()
+
+        async def flood(client: httpx.AsyncClient) -> None:
+            while not stop.is_set():
+                answer = await client.get(f"/agent/{pid}/leases",
+                                          params={"since": "stale", "wait": 0})
+                statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+                if answer.status_code == 429:
+                    retry_after.add(answer.headers.get("retry-after", ""))
+
+        limits = httpx.Limits(max_connections=FLOODERS)
+        async with httpx.AsyncClient(base_url=f"{fed.url}/api/v1", headers=flood_headers,
+                                     limits=limits, timeout=30) as flooder, \
+                httpx.AsyncClient(base_url=f"{fed.url}/api/v1", timeout=30, headers={
+                    "Authorization": f"Bearer {fed.user_tokens['bob']}"}) as bob:
+            tasks = [asyncio.create_task(flood(flooder)) for _ in range(FLOODERS)]
+            try:
+                # Until the flood is being refused, so the measurement is taken under it.
+                deadline = time.monotonic() + 30
+                while statuses.get(429, 0) < 100:
+                    assert time.monotonic() < deadline, f"no 429 within 30 s: {statuses}"
+                    await asyncio.sleep(0.05)
+                latencies = []
+                for _ in range(40):
+                    start = time.perf_counter()
+                    answer = await bob.get("/whoami")
+                    latencies.append(time.perf_counter() - start)
+                    assert answer.status_code == 200, answer.text
+                    await asyncio.sleep(0.02)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+        return latencies, statuses, retry_after
+
+    latencies, statuses, retry_after = asyncio.run(main())
+    assert statuses.get(429, 0) > statuses.get(200, 0), statuses
+    assert retry_after and all(value.isdigit() and int(value) >= 1 for value in retry_after)
+    assert statuses.keys() <= {200, 429}, statuses
+    median_ms = statistics.median(latencies) * 1000
+    assert median_ms < 20, f"/whoami median {median_ms:.1f} ms under the flood"
+
+
+def test_heartbeats_closer_than_the_minimum_interval_are_refused(federation):
+    fed = federation
+    fed.add_lab("lab-a")
+    with httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30, headers={
+            "Authorization": f"Bearer {fed.provider_tokens['lab-a']}"}) as agent:
+        registered = agent.post("/agent/register", json={"name": "eager", "cpus": 1,
+                                                          "memory": "1 GiB"}).json()
+        pid = registered["provider_id"]
+        first = agent.post(f"/agent/{pid}/heartbeat", json={"running": []})
+        accepted = time.monotonic()
+        second = agent.post(f"/agent/{pid}/heartbeat", json={"running": []})
+        assert first.status_code == 200, first.text
+        assert second.status_code == 429, second.text
+        assert second.headers["retry-after"] == "1"
+        assert "heartbeats from one provider must be at least 1 s apart" in \
+            second.json()["message"]
+        # The interval the broker tells agents is at least twice the minimum.
+        assert registered["heartbeat_interval"] >= 2
+        deadline = accepted + 10
+        while agent.post(f"/agent/{pid}/heartbeat", json={"running": []}).status_code == 429:
+            assert time.monotonic() < deadline, "heartbeats stayed refused"
+        assert time.monotonic() - accepted >= 1.0
