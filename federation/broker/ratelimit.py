@@ -4,10 +4,16 @@ One misbehaving agent or notebook (a poll loop with a stale version, a script ha
 heartbeats) must not slow the broker for everyone else. The limit is checked in an ASGI
 middleware before authentication or the database, so a refused request costs a hash and a
 dictionary lookup; it is answered 429 with Retry-After, which the Parallex clients honour.
+
+A client that ignores Retry-After would still keep the event loop busy with refusals, so a
+refusal is held for up to a second before it is sent (a tarpit: waiting costs no CPU, and a
+client that waits for its answer is slowed to the rate it was given). At most
+``TARPIT_PER_KEY`` refusals per key are held at once; past that they are sent at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -15,6 +21,10 @@ import time
 from dataclasses import dataclass, field
 
 LIMITED_PREFIXES = ("/agent/", "/clusters")
+#: Longest a refusal is held before it is sent, in seconds.
+TARPIT_SECONDS = 1.0
+#: Most refusals held at once per key; more are answered at once.
+TARPIT_PER_KEY = 64
 
 
 @dataclass
@@ -22,6 +32,7 @@ class _Bucket:
     tokens: float
     updated: float
     in_flight: int = 0
+    held: int = 0
 
 
 @dataclass
@@ -97,6 +108,15 @@ class RateLimitMiddleware:
             return await self.app(scope, receive, send)
         wait = self.limiter.acquire(key)
         if wait is not None:
+            bucket = self.limiter._buckets.get(key)
+            if bucket is not None and bucket.held < TARPIT_PER_KEY:
+                delay = min(wait, TARPIT_SECONDS)
+                bucket.held += 1
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    bucket.held -= 1
+                wait -= delay
             return await _too_many(send, wait, self.limiter)
         try:
             return await self.app(scope, receive, send)
@@ -105,7 +125,7 @@ class RateLimitMiddleware:
 
 
 async def _too_many(send, wait: float, limiter: RateLimiter) -> None:
-    retry = max(1, math.ceil(wait))
+    retry = max(0, math.ceil(wait))
     body = json.dumps({
         "error": "rate-limited",
         "message": f"too many requests with this token (limit {limiter.rate:g} per second, "

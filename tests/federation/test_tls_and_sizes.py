@@ -54,7 +54,9 @@ def test_offer_caps_by_flags():
     assert offer(gpus="none", detected=machine).gpus == []
     with pytest.raises(ValueError, match="more than this machine has"):
         offer(memory="32 GiB", detected=machine)
-    with pytest.raises(ValueError, match="must be more than 0"):
+    with pytest.raises(ValueError, match="must be a whole number of cores, at least 1; got 0"):
         offer(cpus=0, detected=machine)
+    with pytest.raises(ValueError, match="must be a whole number of cores, at least 1; got 1.5"):
+        offer(cpus=1.5, detected=machine)
     with pytest.raises(ValueError, match="not a list of GPU indices"):
         parse_gpu_list("first", machine.gpus)

@@ -160,7 +160,8 @@ def test_agent_waiting_for_an_unreachable_broker_stops_on_sigterm(tmp_path):
         port = s.getsockname()[1]
     agent = Proc(parallex("provide", "--broker", f"http://127.0.0.1:{port}", "--token", "px_x",
                           "--cpus", "1", "--memory", "1 GiB", "--gpus", "none", "--workdir",
-                          str(tmp_path / "agent")), tmp_path / "agent.log")
+                          str(tmp_path / "agent"), "--insecure-shared-account"),
+                 tmp_path / "agent.log")
     try:
         # Its first retry message is the signal that it is up and waiting for the broker.
         wait_until(lambda: "retrying in" in agent.log_text(), 30, "the agent's first retry")

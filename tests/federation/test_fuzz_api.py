@@ -1,0 +1,98 @@
+"""The whole API fuzzed from its own OpenAPI document (schemathesis) with a member's, a PI's, an
+administrator's and a provider's token: no request is a server error, and every refusal leaves
+the database exactly as it was."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+
+from federation.tls import ClusterAuthority
+from tests.utils.federation import make_federation
+
+EXAMPLES_PER_OPERATION = 12
+#: Nothing in the broker may change the database on its own while the fuzzer compares it.
+QUIET = ("--rate-limit", "1000000", "--rate-burst", "1000000", "--max-concurrent-requests",
+         "1000", "--min-heartbeat-interval", "0", "--metering-interval", "100000",
+         "--capacity-interval", "100000")
+
+
+@pytest.fixture
+def populated(tmp_path):
+    """Two labs with a member, a PI and an administrator, a registered provider, a cluster
+    with a placed lease (so real ids exist), and the four tokens."""
+    fed = make_federation(tmp_path, provider_timeout=100_000, cluster_timeout=100_000,
+                          broker_args=QUIET)
+    try:
+        fed.add_lab("lab-a", user="alice")
+        fed.add_user("lab-a", "pia", role="pi")
+        fed.add_user("lab-a", "ada", role="admin")
+        fed.add_lab("lab-b", user="bob")
+        provider = {"Authorization": f"Bearer {fed.provider_tokens['lab-b']}"}
+        httpx.post(f"{fed.url}/api/v1/agent/register", headers=provider, json={
+            "name": "box", "cpus": 4, "memory": "8 GiB"}).raise_for_status()
+        alice = {"Authorization": f"Bearer {fed.user_tokens['alice']}"}
+        cluster = httpx.post(f"{fed.url}/api/v1/clusters", headers=alice, json={
+            "scheduler_address": "tls://127.0.0.1:1",
+            "ca_cert": ClusterAuthority().ca_pem}).json()["id"]
+        httpx.post(f"{fed.url}/api/v1/clusters/{cluster}/leases", headers=alice, json={
+            "spec": {"cpus": 1, "memory": "1 GiB"},
+            "workers": [{"lease_id": "ls-fuzzlease00001"}]}).raise_for_status()
+        yield fed, {"member": fed.user_tokens["alice"], "pi": fed.user_tokens["pia"],
+                    "admin": fed.user_tokens["ada"], "provider": fed.provider_tokens["lab-b"]}
+    finally:
+        fed.stop()
+
+
+def snapshot(fed) -> dict[str, list[tuple]]:
+    with contextlib.closing(sqlite3.connect(f"file:{fed.tmp / 'broker.db'}?mode=ro",
+                                            uri=True)) as con:
+        tables = [r[0] for r in con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: sorted(con.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr)  # noqa: S608
+                for t in tables}
+
+
+def test_no_request_is_a_server_error_and_refusals_write_nothing(populated):
+    fed, tokens = populated
+    schema = schemathesis.openapi.from_url(f"{fed.url}/api/v1/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) > 25
+    problems: list[str] = []
+    calls = 0
+
+    for operation in operations:
+        for who, token in tokens.items():
+            headers = {"Authorization": f"Bearer {token}"}
+
+            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
+                      phases=[Phase.explicit, Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy())
+            def check(case, who=who, headers=headers, operation=operation) -> None:
+                nonlocal calls
+                if case.query and "wait" in case.query:
+                    case.query["wait"] = 0  # long polls: answer at once
+                before = snapshot(fed)
+                response = case.call(base_url=fed.url, headers=headers)
+                calls += 1
+                where = f"{who} {operation.label} -> {response.status_code}"
+                if response.status_code >= 500:
+                    problems.append(f"{where}: {response.text[:200]}")
+                elif response.status_code >= 400:
+                    after = snapshot(fed)
+                    changed = [t for t in before if before[t] != after.get(t)]
+                    if changed:
+                        problems.append(f"{where} changed {changed}")
+                    body = response.json()
+                    if not body.get("message"):
+                        problems.append(f"{where} has no message: {response.text[:200]}")
+
+            check()
+    assert calls > 1000
+    assert problems == []
