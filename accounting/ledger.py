@@ -10,6 +10,7 @@ from sqlalchemy import BigInteger, insert, update
 from sqlmodel import Field, Session, SQLModel, select
 
 from .models import Lab, utcnow
+from .units import fmt_pcu
 
 
 class AccountKind(StrEnum):
@@ -110,6 +111,11 @@ def apply_entries(session: Session, rows: list[tuple[int, int, int, dt.datetime]
                         .values(amount=Balance.amount + amount))
 
 
+#: Largest balance magnitude a grant may produce, in nano-PCU (4e9 PCU): far below the 64-bit
+#: integer columns' limit (9.2e9 PCU), leaving room for usage transfers.
+MAX_ABS_BALANCE = 4 * 10**18
+
+
 def balance(session: Session, account_id: int) -> int:
     """The account's balance in nano-PCU (one primary-key read)."""
     row = session.get(Balance, account_id)
@@ -122,6 +128,11 @@ def grant(session: Session, *, lab: Lab, amount: int, memo: str = "") -> Transfe
         raise ValueError("a grant must be more than 0 PCU")
     source = system_account(session, AccountKind.grants)
     target = lab_account(session, lab)
+    for account, change in ((target, amount), (source, -amount)):
+        if abs(balance(session, account.id) + change) > MAX_ABS_BALANCE:
+            raise ValueError(
+                f"this grant would take {account.name}'s balance beyond the ledger's largest "
+                f"({fmt_pcu(MAX_ABS_BALANCE)}); grant less")
     return post_transfer(session, kind=TransferKind.grant,
                          entries=[(source.id, -amount), (target.id, amount)],
                          memo=memo or f"grant to {lab.name}")

@@ -13,6 +13,7 @@ from pydantic import field_validator
 from sqlalchemy import case, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from accounting.identifiers import LabName
 from accounting.ledger import Account, LedgerEntry, Transfer, balance, grant, lab_account
 from accounting.metering import UsageRecord
 from accounting.models import Lab, User, as_utc, names_by_id, utcnow
@@ -302,8 +303,10 @@ def new_price(body: PriceSet, request: Request,
 
 
 class GrantCreate(SQLModel):
-    lab: str = Field(min_length=1, max_length=64)
-    amount: float = Field(gt=0, le=1e12, description="PCU to give.")
+    lab: LabName = Field(min_length=1, max_length=64)
+    amount: float = Field(ge=1e-9, le=1e8,
+                          description="PCU to give, from 0.000000001 (the ledger's unit) "
+                                      "to 100,000,000.")
     memo: str = Field(default="", max_length=500)
 
 
@@ -312,7 +315,10 @@ def new_grant(body: GrantCreate, request: Request,
               admin: Principal = Depends(require_admin)) -> dict:
     with request.app.state.session() as s:
         lab = readable_lab(s, admin, body.lab)
-        transfer = grant(s, lab=lab, amount=to_nano(body.amount), memo=body.memo)
+        try:
+            transfer = grant(s, lab=lab, amount=to_nano(body.amount), memo=body.memo)
+        except ValueError as exc:
+            raise ApiError(422, "bad-grant", str(exc)) from exc
         s.commit()
         return {"transfer_id": transfer.id, "lab": lab.name, "amount": str(body.amount),
                 "balance": _pcu(balance(s, lab_account(s, lab).id))}

@@ -11,11 +11,13 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.generation import GenerationMode
 
 from federation.tls import ClusterAuthority
 from tests.utils.federation import make_federation
 
-EXAMPLES_PER_OPERATION = 12
+EXAMPLES_PER_OPERATION = 20
 #: Nothing in the broker may change the database on its own while the fuzzer compares it.
 QUIET = ("--rate-limit", "1000000", "--rate-burst", "1000000", "--max-concurrent-requests",
          "1000", "--min-heartbeat-interval", "0", "--metering-interval", "100000",
@@ -66,33 +68,40 @@ def test_no_request_is_a_server_error_and_refusals_write_nothing(populated):
     problems: list[str] = []
     calls = 0
 
+    def fuzz(operation, who: str, token: str, mode: GenerationMode) -> None:
+        headers = {"Authorization": f"Bearer {token}"}
+
+        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
+                  phases=[Phase.explicit, Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case) -> None:
+            nonlocal calls
+            if case.query and "wait" in case.query:
+                case.query["wait"] = 0  # long polls: answer at once
+            before = snapshot(fed)
+            response = case.call(base_url=fed.url, headers=headers)
+            calls += 1
+            where = f"{who} {mode.value} {operation.label} -> {response.status_code}"
+            if response.status_code >= 500:
+                problems.append(f"{where}: {response.text[:200]}")
+            elif response.status_code >= 400:
+                after = snapshot(fed)
+                changed = [t for t in before if before[t] != after.get(t)]
+                if changed:
+                    problems.append(f"{where} changed {changed}")
+                if not response.json().get("message"):
+                    problems.append(f"{where} has no message: {response.text[:200]}")
+
+        try:
+            check()
+        except Unsatisfiable:
+            # Nothing in this operation can be made invalid (no parameters, no body).
+            assert mode is GenerationMode.NEGATIVE, operation.label
+
     for operation in operations:
         for who, token in tokens.items():
-            headers = {"Authorization": f"Bearer {token}"}
-
-            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                      phases=[Phase.explicit, Phase.generate],
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy())
-            def check(case, who=who, headers=headers, operation=operation) -> None:
-                nonlocal calls
-                if case.query and "wait" in case.query:
-                    case.query["wait"] = 0  # long polls: answer at once
-                before = snapshot(fed)
-                response = case.call(base_url=fed.url, headers=headers)
-                calls += 1
-                where = f"{who} {operation.label} -> {response.status_code}"
-                if response.status_code >= 500:
-                    problems.append(f"{where}: {response.text[:200]}")
-                elif response.status_code >= 400:
-                    after = snapshot(fed)
-                    changed = [t for t in before if before[t] != after.get(t)]
-                    if changed:
-                        problems.append(f"{where} changed {changed}")
-                    body = response.json()
-                    if not body.get("message"):
-                        problems.append(f"{where} has no message: {response.text[:200]}")
-
-            check()
-    assert calls > 1000
-    assert problems == []
+            for mode in GenerationMode:  # valid requests, then invalid ones
+                fuzz(operation, who, token, mode)
+    assert calls > 2000
+    assert problems == [], "\n".join(problems)
