@@ -97,7 +97,10 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
 
     app = FastAPI(title="Parallex broker", version="1", lifespan=lifespan,
                   openapi_url=f"{API_PREFIX}/openapi.json", docs_url=f"{API_PREFIX}/docs",
-                  redoc_url=None)
+                  redoc_url=None,
+                  # A path ending in '/' (e.g. a decoded '%2F' in an id) is a 404 with a
+                  # message, not a redirect to another path.
+                  redirect_slashes=False)
     app.state.broker = broker
     app.add_middleware(RateLimitMiddleware, prefix=API_PREFIX, limiter=RateLimiter(
         rate=settings.rate_limit, burst=settings.rate_burst,

@@ -121,9 +121,19 @@ def test_bad_accounting_requests_write_nothing(metered):
                                                    "gpu_weights": {"quantum": 3}})
         with pytest.raises(NotFound, match="no lab named 'nolab'"):
             admin.request("POST", "/grants", json={"lab": "nolab", "amount": 10})
-        with pytest.raises(RequestRejected, match="amount: Input should be greater than 0"):
+        with pytest.raises(RequestRejected,
+                           match="amount: Input should be greater than or equal to 0.000000001"):
             admin.request("POST", "/grants", json={"lab": "lab-a", "amount": 0})
+        with pytest.raises(RequestRejected, match="amount: Input should be less than or equal"):
+            admin.request("POST", "/grants", json={"lab": "lab-a", "amount": 1e12})
         assert fed.db_rows(*BOOK_TABLES) == before
+        admin.request("POST", "/labs", json={"name": "lab-rich"})
+        for _ in range(39):  # with its first grant, 1e8 PCU short of the largest balance
+            admin.request("POST", "/grants", json={"lab": "lab-rich", "amount": 1e8})
+        full = fed.db_rows(*BOOK_TABLES)
+        with pytest.raises(RequestRejected, match="beyond the ledger's largest"):
+            admin.request("POST", "/grants", json={"lab": "lab-rich", "amount": 1e8})
+        assert fed.db_rows(*BOOK_TABLES) == full
 
         version = admin.request("POST", "/prices", json={
             "w_cpu": 2, "w_mem_gib": 0.2, "gpu_weights": {"h100": 20},
