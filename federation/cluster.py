@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from dask.utils import format_time
 from distributed import Scheduler
 from distributed.core import Status, rpc
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.metrics import time
 from distributed.security import Security
 from distributed.utils import format_dashboard_link
 
@@ -109,6 +111,9 @@ class FederatedCluster(Cluster):
         Seconds between heartbeats to the broker (``parallex.heartbeat-interval``).
     lease_start_timeout:
         Seconds ``wait_for_workers`` waits before raising LeaseStartTimeout.
+    idle_timeout:
+        Seconds without work after which the cluster gives its workers back
+        (``parallex.idle-timeout``, 20 minutes; 0 never). Adaptive clusters scale themselves.
 
     Examples
     --------
@@ -122,7 +127,8 @@ class FederatedCluster(Cluster):
                  worker_memory: str | int | None = None, scheduler_host: str | None = None,
                  scheduler_port: int | None = None, dashboard: bool | None = None,
                  heartbeat_interval: float | None = None,
-                 lease_start_timeout: float | None = None, asynchronous: bool = False,
+                 lease_start_timeout: float | None = None,
+                 idle_timeout: float | None = None, asynchronous: bool = False,
                  loop: Any = None, quiet: bool = False):
         self._broker_url = config.broker_url(broker_url)
         self._token = config.token(token)
@@ -137,6 +143,8 @@ class FederatedCluster(Cluster):
                                    else config.get("scheduler.port"))
         self._dashboard = dashboard if dashboard is not None else config.get("scheduler.dashboard")
         self._heartbeat_interval = float(heartbeat_interval or config.get("heartbeat-interval"))
+        self.idle_timeout = float(idle_timeout if idle_timeout is not None
+                                  else config.get("idle-timeout"))
         self.lease_start_timeout = float(lease_start_timeout or
                                          config.get("lease-start-timeout"))
         self._request_timeout = float(config.get("request-timeout"))
@@ -147,6 +155,7 @@ class FederatedCluster(Cluster):
         self._signing_task: asyncio.Task | None = None
         self._lock: asyncio.Lock | None = None
         self._joined: asyncio.Event | None = None
+        self._last_scale = 0.0
         self.scheduler: Scheduler | None = None
         self.security: Security | None = None
         self.guard: SchedulerGuard | None = None
@@ -318,9 +327,28 @@ class FederatedCluster(Cluster):
             failures = 0
             try:
                 await self._handle_ended(self._update(public))
+                await self._give_back_when_idle()
                 await self._correct_state()
             except errors.ParallexError as exc:
                 logger.warning("could not replace ended workers: %s", exc)
+
+    async def _give_back_when_idle(self) -> None:
+        """Scale to nothing once the scheduler has had no work for ``idle_timeout`` seconds:
+        an idle cluster left open must not hold other labs' machines (and cost credits)."""
+        if self.idle_timeout <= 0 or self._adaptive is not None:
+            return
+        idle_since = self.scheduler.idle_since
+        held = sum(group.desired for group in self._groups.values())
+        # Idle counts from the last scale() as well: asking for workers is activity.
+        if not held or idle_since is None or \
+                time() - max(idle_since, self._last_scale) < self.idle_timeout:
+            return
+        logger.warning("cluster %s had no work for %s; giving its %d workers back (scale up "
+                       "again when you need them)", self.cluster_id,
+                       format_time(self.idle_timeout), held)
+        async with self._lock:
+            for group in self._groups.values():
+                group.desired = 0
 
     async def _signing_loop(self) -> None:
         """Sign the agents' requests for this cluster's workers as they arrive (long poll).
@@ -471,6 +499,7 @@ class FederatedCluster(Cluster):
 
     async def _scale(self, n: int, gpus: int, cpus, memory, gpu_model) -> None:
         group = self._group_for(gpus, cpus, memory, gpu_model)
+        self._last_scale = time()
         before = group.desired
         group.desired = n
         try:
@@ -556,11 +585,13 @@ class FederatedCluster(Cluster):
             if loop.time() > deadline:
                 raise errors.LeaseStartTimeout(self._start_timeout_message(n_workers, timeout))
             await asyncio.sleep(0.05)
-        # Leases placed after our request learn their provider's lab from the broker.
+        # Confirm the connected workers at once, so the broker runs (and meters) their leases
+        # and cluster.leases shows them running with their provider's lab.
         await self._refresh()
 
     async def _refresh(self) -> None:
-        public = await self._broker.request("GET", f"/clusters/{self.cluster_id}")
+        public = await self._broker.request("POST", f"/clusters/{self.cluster_id}/heartbeat",
+                                            json={"connected": self._connected_leases()})
         await self._handle_ended(self._update(public))
 
     def _running_workers(self) -> int:

@@ -57,8 +57,9 @@ class CreditLimitExceeded(RequestRejected):
     """The lab's balance is below minus its credit limit; running workers keep running."""
 
 
-class LeaseStartTimeout(ParallexError):
-    """Workers were asked for but did not connect within the lease start timeout."""
+class LeaseStartTimeout(ParallexError, TimeoutError):
+    """Workers were asked for but did not connect within the lease start timeout (also a
+    ``TimeoutError``, as Dask's own start timeouts are)."""
 
 
 class BrokerError(ParallexError):

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hub_config.homes import copy_example_notebooks
 from hub_config.settings import load_settings
 
 HERE = Path(__file__).resolve().parent
@@ -92,6 +93,13 @@ c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
 c.JupyterHub.spawner_class = os.environ.get("PARALLEX_SPAWNER", "simple")
 if c.JupyterHub.spawner_class == "simple":
     c.SimpleLocalProcessSpawner.home_dir_template = str(data_dir / "users" / "{username}")
+    if os.geteuid() == 0:
+        # Development spawner only: its servers run as the hub's own account, which is root in
+        # containers and CI, and jupyter-server refuses root without this flag.
+        c.Spawner.args = ["--allow-root"]
+
+# A new user's home starts with the example notebooks (never overwriting their own copies).
+c.Spawner.pre_spawn_hook = copy_example_notebooks
 
 # ---- site additions ----------------------------------------------------------------------------
 # A site (or a test) adds services, roles or spawner options in its own file, loaded last.

@@ -178,3 +178,25 @@ def test_kernel_on_the_hub_uses_the_server_token_through_the_proxy(hub, tmp_path
         agent.stop()
         kill_workers_under([agents / "agent"])
         shutil.rmtree(agents, ignore_errors=True)
+
+
+def test_a_new_users_server_spawns_with_the_example_notebooks_and_the_kernel(hub):
+    """The student's path after sign-in: the server starts (as root too, where the tests and
+    `./dev up` in containers run), the home holds the examples, the Parallex kernel is there."""
+    assert hub.login("north", "petra", "petra-pw").status_code == 200
+    started = hub.api("POST", "/users/petra@north/server")
+    assert started.status_code in (201, 202), started.text
+    try:
+        wait_until(lambda: hub.api("GET", "/users/petra@north").json()["servers"]
+                   .get("", {}).get("ready"), 120, "petra's server to be ready")
+        home = hub.tmp / "hub" / "users" / "petra@north"
+        assert sorted(p.name for p in home.glob("*.ipynb")) == ["quickstart.ipynb",
+                                                                 "remote.ipynb"]
+        token = hub.api("POST", "/users/petra@north/tokens",
+                        json={"scopes": ["access:servers!user=petra@north"]}).json()["token"]
+        specs = httpx.get(f"{hub.url}/user/petra@north/api/kernelspecs", timeout=30,
+                          headers={"Authorization": f"token {token}"})
+        assert specs.status_code == 200, specs.text
+        assert "parallex" in specs.json()["kernelspecs"]
+    finally:
+        hub.api("DELETE", "/users/petra@north/server")
