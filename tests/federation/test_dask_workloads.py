@@ -17,6 +17,7 @@ import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 import pytest
+from dask.utils import key_split
 from distributed import (
     Event,
     Lock,
@@ -71,8 +72,8 @@ def frames(rows: int = 4000):
 
 
 def used_p2p(stream: list[dict]) -> bool:
-    return any("shuffle-transfer" in str(t["key"]) or "p2p" in str(t["key"]).lower()
-               for t in stream)
+    """True when the task stream holds a P2P barrier (every P2P shuffle and rechunk has one)."""
+    return any(key_split(t["key"]) == "shuffle-barrier" for t in stream)
 
 
 def test_dataframe_shuffles_use_p2p_by_default(pool):
@@ -166,8 +167,7 @@ def test_actors(pool):
     _cluster, client = pool
 
     class Counter:
-        def __init__(self):
-            self.n = 0
+        n = 0
 
         def increment(self):
             self.n += 1
@@ -184,7 +184,7 @@ def test_coordination_primitives_from_the_client_and_from_tasks(pool):
     variable.set(10)
     queue = Queue("work", client=client)
     event = Event("go", client=client)
-    lock = Lock("only-one", client=client)
+    lock = Lock("only-one")
     semaphore = Semaphore(max_leases=1, name="one-at-a-time")
 
     def worker_side():
@@ -203,10 +203,11 @@ def test_coordination_primitives_from_the_client_and_from_tasks(pool):
         assert lock.locked()
 
     client.publish_dataset(numbers=client.scatter(list(range(5))))
-    assert client.list_datasets() == ["numbers"]
+    assert list(client.list_datasets()) == ["numbers"]
 
     def read_dataset():
-        return get_client().get_dataset("numbers").result()
+        with worker_client() as inner:
+            return inner.gather(inner.get_dataset("numbers"))
 
     assert client.submit(read_dataset).result(timeout=30) == list(range(5))
     client.unpublish_dataset("numbers")
