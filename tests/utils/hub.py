@@ -263,7 +263,7 @@ def start_hub(tmp: Path) -> Hub:
         service = {"name": "test-admin", "api_token": service_token}
         role = {"name": "test-admin", "services": ["test-admin"],
                 "scopes": ["admin:users", "admin:auth_state", "tokens", "read:groups",
-                           "list:users"]}
+                           "list:users", "servers"]}
         extra.write_text(f"c.JupyterHub.services.append({service!r})\n"
                          f"c.JupyterHub.load_roles.append({role!r})\n"
                          # Ask refresh_user on (almost) every request, so the test need not
