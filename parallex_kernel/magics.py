@@ -11,6 +11,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from federation import errors
 
+from . import logs
 from .pool import Pool
 from .remote import RemoteCellError, RemoteNamespace, run_cell
 
@@ -19,6 +20,7 @@ USAGE = """\
 %parallex scale N [--gpus K]   hold N workers (stops adaptive scaling)
 %parallex adapt MIN MAX        scale between MIN and MAX workers with the work
 %parallex stop                 give every worker back; dask then runs in this kernel
+%parallex log [N]              the last N lines (40) of this kernel's Dask and Parallex log
 %%remote [--gpus K] [--cpus N] [--memory SIZE]
                                run the cell on a pool worker in a namespace that persists"""
 
@@ -50,6 +52,11 @@ class ParallexMagics(Magics):
                 self._namespaces.clear()
                 self.pool.stop()
                 print("Parallex: every worker was given back; dask now runs in this kernel.")
+            elif command == "log":
+                count = int(words[1]) if len(words) > 1 else 40
+                if not 1 <= count <= 100_000:
+                    raise ValueError(f"%parallex log N takes 1 to 100000 lines; got {count}")
+                print(logs.tail(count))
             elif command in ("help", "-h", "--help"):
                 print(USAGE)
             else:

@@ -19,6 +19,8 @@ from typing import Any
 
 from federation import errors
 
+from .logs import send_logging_to_file
+
 logger = logging.getLogger("parallex.kernel")
 
 DEFAULT_MAX_WORKERS = 8
@@ -46,6 +48,7 @@ class Pool:
         self.me: dict = {}
         self.adapt_range: tuple[int, int] = (0, 0)
         self.ready = threading.Event()
+        self.log_file = None  # where Dask's and Parallex's logging goes once connected
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._routed = False
@@ -97,6 +100,8 @@ class Pool:
                                       "JUPYTERHUB_API_TOKEN automatically)")
         # Imported here, on the background thread: distributed takes a third of a second.
         from distributed import Client
+
+        self.log_file = send_logging_to_file()
 
         from federation.client import BrokerClient
         from federation.cluster import FederatedCluster

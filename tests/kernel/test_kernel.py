@@ -128,3 +128,27 @@ def check_local_kernel(tmp_path, env: dict, expected: str) -> None:
         # The reason is also told once, before a cell, without being asked.
         told = run(kc, "x = 1")
         assert expected in first.stderr + told.stderr
+
+
+def test_a_merge_on_the_pool_prints_only_what_the_user_printed(lab_with_agent, tmp_path):
+    """The student's first dask cell: a P2P merge on the pool; the cell shows the answer and
+    nothing else, and Dask's own logging is one `%parallex log` away."""
+    fed = lab_with_agent
+    env = {"PARALLEX_BROKER_URL": fed.url, "PARALLEX_TOKEN": fed.user_tokens["alice"],
+           "PARALLEX_LOG_DIR": str(tmp_path / "logs")}
+    with parallex_kernel(tmp_path / "k", env) as (_km, kc):
+        out = run(kc, "import pandas as pd, dask.dataframe as dd\n"
+                      "left = dd.from_pandas(pd.DataFrame({'k': range(2000), 'a': 1}),"
+                      " npartitions=4)\n"
+                      "right = dd.from_pandas(pd.DataFrame({'k': range(0, 2000, 2), 'b': 2}),"
+                      " npartitions=2)\n"
+                      "print(len(left.merge(right, on='k').compute()))")
+        assert out.status == "ok", out.error + out.stderr
+        assert out.stdout.strip() == "1000"
+        # At most the progress line of the first dask cell; no Dask log records.
+        assert set(out.stderr.splitlines()) <= {"Parallex: waiting for the pool connection…"}, \
+            out.stderr
+        log = run(kc, "%parallex log 500")
+        assert "Register worker" in log.stdout, log.stdout
+        assert "shuffle" in log.stdout.lower()  # the merge ran as a P2P shuffle on the pool
+        assert list((tmp_path / "logs").glob("kernel-*.log"))
