@@ -111,6 +111,9 @@ class FederatedCluster(Cluster):
         Seconds between heartbeats to the broker (``parallex.heartbeat-interval``).
     lease_start_timeout:
         Seconds ``wait_for_workers`` waits before raising LeaseStartTimeout.
+    labs, sites:
+        Only these labs' (or sites') machines may host this cluster's workers, e.g. for
+        sensitive data (``parallex.labs`` / ``parallex.sites``; empty means any).
     idle_timeout:
         Seconds without work after which the cluster gives its workers back
         (``parallex.idle-timeout``, 20 minutes; 0 never). Adaptive clusters scale themselves.
@@ -128,7 +131,8 @@ class FederatedCluster(Cluster):
                  scheduler_port: int | None = None, dashboard: bool | None = None,
                  heartbeat_interval: float | None = None,
                  lease_start_timeout: float | None = None,
-                 idle_timeout: float | None = None, asynchronous: bool = False,
+                 idle_timeout: float | None = None, labs: list[str] | None = None,
+                 sites: list[str] | None = None, asynchronous: bool = False,
                  loop: Any = None, quiet: bool = False):
         self._broker_url = config.broker_url(broker_url)
         self._token = config.token(token)
@@ -143,6 +147,8 @@ class FederatedCluster(Cluster):
                                    else config.get("scheduler.port"))
         self._dashboard = dashboard if dashboard is not None else config.get("scheduler.dashboard")
         self._heartbeat_interval = float(heartbeat_interval or config.get("heartbeat-interval"))
+        self.labs = sorted(labs if labs is not None else config.get("labs") or [])
+        self.sites = sorted(sites if sites is not None else config.get("sites") or [])
         self.idle_timeout = float(idle_timeout if idle_timeout is not None
                                   else config.get("idle-timeout"))
         self.lease_start_timeout = float(lease_start_timeout or
@@ -216,6 +222,7 @@ class FederatedCluster(Cluster):
                                       connection_args=self.security.get_connection_args("client"))
             record = await self._broker.request("POST", "/clusters", json={
                 "name": self.name, "scheduler_address": self.scheduler.address,
+                "labs": self.labs, "sites": self.sites,
                 "ca_cert": self.authority.ca_pem})
             self.cluster_id = record["id"]
             await super()._start()

@@ -42,6 +42,14 @@ class LeaseRequest:
     gpus: int = 0
     gpu_model: str | None = None
     lab: str = ""
+    #: The labs and sites the cluster's owner allows (empty: any), e.g. for sensitive data.
+    allowed_labs: frozenset[str] = frozenset()
+    allowed_sites: frozenset[str] = frozenset()
+
+    def allows(self, cap: ProviderCapacity) -> bool:
+        """True when the owner allows a worker on ``cap``'s lab and site."""
+        return ((not self.allowed_labs or cap.lab in self.allowed_labs)
+                and (not self.allowed_sites or cap.site in self.allowed_sites))
 
 
 @dataclass(frozen=True)
@@ -62,9 +70,10 @@ def matching_gpus(slots: list[GpuSlot], model: str | None) -> list[GpuSlot]:
 
 
 def fits(cap: ProviderCapacity, req: LeaseRequest) -> bool:
-    """True when ``req`` fits in the free capacity of ``cap``."""
+    """True when ``req`` may go to ``cap`` and fits in its free capacity."""
     return (
-        cap.free_cpus >= req.cpus
+        req.allows(cap)
+        and cap.free_cpus >= req.cpus
         and cap.free_memory >= req.memory
         and len(matching_gpus(cap.free_gpus, req.gpu_model)) >= req.gpus
     )
@@ -149,6 +158,12 @@ def largest_offer(providers: list[ProviderCapacity], req: LeaseRequest) -> str |
         return None
     if not providers:
         return "no provider is registered with the federation yet"
+    allowed = [p for p in providers if req.allows(p)]
+    if not allowed:
+        where = ", ".join(f"{kind} {sorted(names)}" for kind, names in
+                          (("labs", req.allowed_labs), ("sites", req.allowed_sites)) if names)
+        return f"no provider is online in the {where} this cluster is restricted to"
+    providers = allowed
     from .sizes import format_bytes
 
     max_cpus = max(p.free_cpus for p in providers)

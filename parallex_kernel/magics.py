@@ -83,6 +83,11 @@ class ParallexMagics(Magics):
         print(f"  workers: {sum(st['workers_by_lab'].values())} ({labs or 'none yet'})"
               f", pending {st['pending']}, adaptive {st['adapt'][0]}–{st['adapt'][1]}")
         print(f"  holding: {st['cpus']:g} CPUs, {st['gpus']} GPUs")
+        cluster = self.pool.cluster
+        where = [f"{kind} {', '.join(names)}" for kind, names in
+                 (("labs", cluster.labs), ("sites", cluster.sites)) if names]
+        if where:
+            print(f"  restricted to {'; '.join(where)} (parallex.labs / parallex.sites)")
         if "cost_pcu" in st:
             print(f"  cost so far: {float(st['cost_pcu']):.4f} PCU "
                   f"(now {st['pcu_per_hour']:.3g} PCU/h); lab balance "

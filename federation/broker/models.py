@@ -86,6 +86,8 @@ class ClusterRecord(SQLModel, table=True):
     lab_id: int = Field(foreign_key="lab.id", index=True)
     scheduler_address: str
     ca_cert: str
+    allowed_labs_json: str = Field(default="[]", description="Labs the owner allows; [] any.")
+    allowed_sites_json: str = Field(default="[]", description="Sites the owner allows; [] any.")
     active: bool = True
     end_reason: str | None = None
     created_at: dt.datetime = Field(default_factory=utcnow)
@@ -197,6 +199,11 @@ class ClusterCreate(SQLModel):
     name: OptionalLabel = Field(default="", max_length=128)
     scheduler_address: str = Field(min_length=6, max_length=512)
     ca_cert: str = Field(min_length=1, max_length=20_000)
+    labs: list[LabName] = Field(default_factory=list, max_length=100,
+                                description="Only these labs' machines may host the cluster's "
+                                            "workers (e.g. for sensitive data); [] means any.")
+    sites: list[SiteName] = Field(default_factory=list, max_length=100,
+                                  description="Only machines at these sites; [] means any.")
 
     @field_validator("scheduler_address")
     @classmethod
@@ -273,6 +280,8 @@ class ClusterPublic(SQLModel):
     user: str
     lab: str
     scheduler_address: str
+    labs: list[str] = Field(default_factory=list)
+    sites: list[str] = Field(default_factory=list)
     active: bool
     end_reason: str | None
     created_at: dt.datetime

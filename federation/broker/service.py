@@ -310,10 +310,19 @@ class Broker:
         if not is_ca_certificate(body.ca_cert):
             raise ApiError(422, "bad-ca", "ca_cert must be a PEM CA certificate")
         with self.session() as s:
+            if body.labs:
+                known = set(s.exec(select(Lab.name).where(col(Lab.name).in_(body.labs))).all())
+                unknown = sorted(set(body.labs) - known)
+                if unknown:
+                    raise ApiError(422, "unknown-lab",
+                                   f"labs: no lab named {', '.join(map(repr, unknown))}; "
+                                   "parallex lab list shows the federation's labs")
             cluster = ClusterRecord(id="cl_" + uuid.uuid4().hex[:12], name=body.name,
                                     user_id=principal.user_id, lab_id=principal.lab_id,
                                     scheduler_address=body.scheduler_address,
-                                    ca_cert=body.ca_cert)
+                                    ca_cert=body.ca_cert,
+                                    allowed_labs_json=json.dumps(sorted(set(body.labs))),
+                                    allowed_sites_json=json.dumps(sorted(set(body.sites))))
             s.add(cluster)
             s.commit()
         logger.info("cluster %s registered by %s", cluster.id, principal.user_name)
@@ -352,7 +361,9 @@ class Broker:
                                              if le.provider_id}))).all())
             return ClusterPublic(
                 id=cluster.id, name=cluster.name, user=user.name, lab=lab.name,
-                scheduler_address=cluster.scheduler_address, active=cluster.active,
+                scheduler_address=cluster.scheduler_address,
+                labs=json.loads(cluster.allowed_labs_json),
+                sites=json.loads(cluster.allowed_sites_json), active=cluster.active,
                 end_reason=cluster.end_reason, created_at=cluster.created_at,
                 leases=[LeasePublic(**lease.model_dump(), lab=labs.get(lease.provider_id))
                         for lease in leases],
@@ -386,10 +397,13 @@ class Broker:
         if not cluster.active:
             raise ApiError(409, "cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
-        request = placement.LeaseRequest("?", cluster.id, spec.cpus, spec.memory, spec.gpus,
-                                         spec.gpu_model)
+        request = placement.LeaseRequest(
+            "?", cluster.id, spec.cpus, spec.memory, spec.gpus, spec.gpu_model,
+            allowed_labs=frozenset(json.loads(cluster.allowed_labs_json)),
+            allowed_sites=frozenset(json.loads(cluster.allowed_sites_json)))
         with self.session() as s:
-            totals = [_capacity(p, []) for p in s.exec(
+            lab_names = {lab.id: lab.name for lab in s.exec(select(Lab))}
+            totals = [_capacity(p, [], lab_names) for p in s.exec(
                 select(Provider).where(Provider.online == True))]  # noqa: E712
             why = placement.largest_offer(totals, request)
             if why is not None:
@@ -721,11 +735,18 @@ class Broker:
                                   clusters[lease.cluster_id].user_id, lease.created_at)
                   for lease in pending]
         by_id = {lease.id: lease for lease in pending}
-        return [placement.LeaseRequest(
-            c.request_id, by_id[c.request_id].cluster_id, by_id[c.request_id].cpus,
-            by_id[c.request_id].memory, by_id[c.request_id].gpus,
-            by_id[c.request_id].gpu_model, lab=lab_names.get(c.lab, ""))
-            for c in fairshare.fair_order(claims, shares, lab_usage, user_usage)]
+        allowed = {cid: (frozenset(json.loads(c.allowed_labs_json)),
+                         frozenset(json.loads(c.allowed_sites_json)))
+                   for cid, c in clusters.items()}
+        requests = []
+        for c in fairshare.fair_order(claims, shares, lab_usage, user_usage):
+            lease = by_id[c.request_id]
+            labs, sites = allowed[lease.cluster_id]
+            requests.append(placement.LeaseRequest(
+                lease.id, lease.cluster_id, lease.cpus, lease.memory, lease.gpus,
+                lease.gpu_model, lab=lab_names.get(c.lab, ""), allowed_labs=labs,
+                allowed_sites=sites))
+        return requests
 
     # ---- helpers --------------------------------------------------------------------------
 

@@ -260,3 +260,17 @@ def test_an_idle_cluster_gives_its_workers_back(labs):
         assert all(group.desired == 0 for group in cluster._groups.values())
         with pytest.raises(TimeoutError):  # LeaseStartTimeout is a TimeoutError
             cluster.wait_for_workers(1, timeout=0.5)
+
+
+def test_a_cluster_can_be_kept_to_labs_its_owner_trusts(labs):
+    from federation import RequestRejected
+
+    # alice is of lab-a; her own lab's machine would come first, but she allows only lab-b.
+    with FederatedCluster(labs.url, labs.user_tokens["alice"], dashboard=False,
+                          heartbeat_interval=0.5, labs=["lab-b"]) as cluster:
+        cluster.scale(1, memory="1 GiB")
+        cluster.wait_for_workers(1, timeout=60)
+        assert cluster.workers_by_lab() == {"lab-b": 1}
+    with pytest.raises(RequestRejected, match="labs: no lab named 'lab-nowhere'"):
+        FederatedCluster(labs.url, labs.user_tokens["alice"], dashboard=False,
+                         labs=["lab-nowhere"])

@@ -11,6 +11,7 @@ from federation.placement import (
     ProviderCapacity,
     largest_offer,
     place,
+    place_with_owner_priority,
 )
 
 GiB = 2**30
@@ -89,3 +90,19 @@ def test_largest_offer_explains_what_never_fits():
     assert "no single provider has 8 CPUs" in largest_offer(providers,
                                                             req("x", cpus=8, mem=8 * GiB))
     assert largest_offer([], req("x")) == "no provider is registered with the federation yet"
+
+
+def test_a_cluster_restricted_to_labs_or_sites_goes_nowhere_else():
+    providers = [cap("pa", "lab-a", cpus=8, site="north"), cap("pb", "lab-b", cpus=2,
+                                                                site="south")]
+    only_b = LeaseRequest("l1", "c1", 1, GiB, lab="lab-a", allowed_labs=frozenset({"lab-b"}))
+    placed = place_with_owner_priority([only_b], providers, {}, random.Random(0))
+    assert [p.provider_id for p in placed] == ["pb"]  # not its own lab's bigger machine
+    south = [LeaseRequest(f"l{i}", "c1", 1, GiB, allowed_sites=frozenset({"south"}))
+             for i in range(3)]
+    fresh = [cap("pa", "lab-a", cpus=8, site="north"), cap("pb", "lab-b", cpus=2, site="south")]
+    placed = place(south, fresh, {}, random.Random(0))
+    assert [p.provider_id for p in placed] == ["pb", "pb"]  # the third waits for room there
+    nowhere = LeaseRequest("l9", "c1", 1, GiB, allowed_labs=frozenset({"lab-x"}))
+    assert largest_offer([cap("pa", "lab-a")], nowhere) == (
+        "no provider is online in the labs ['lab-x'] this cluster is restricted to")

@@ -135,7 +135,7 @@ def test_a_merge_on_the_pool_prints_only_what_the_user_printed(lab_with_agent, t
     nothing else, and Dask's own logging is one `%parallex log` away."""
     fed = lab_with_agent
     env = {"PARALLEX_BROKER_URL": fed.url, "PARALLEX_TOKEN": fed.user_tokens["alice"],
-           "PARALLEX_LOG_DIR": str(tmp_path / "logs")}
+           "PARALLEX_LOG_DIR": str(tmp_path / "logs"), "DASK_PARALLEX__LABS": '["lab-a"]'}
     with parallex_kernel(tmp_path / "k", env) as (_km, kc):
         out = run(kc, "import pandas as pd, dask.dataframe as dd\n"
                       "left = dd.from_pandas(pd.DataFrame({'k': range(2000), 'a': 1}),"
@@ -152,3 +152,5 @@ def test_a_merge_on_the_pool_prints_only_what_the_user_printed(lab_with_agent, t
         assert "Register worker" in log.stdout, log.stdout
         assert "shuffle" in log.stdout.lower()  # the merge ran as a P2P shuffle on the pool
         assert list((tmp_path / "logs").glob("kernel-*.log"))
+        status = run(kc, "%parallex")
+        assert "restricted to labs lab-a" in status.stdout, status.stdout
