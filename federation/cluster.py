@@ -162,6 +162,7 @@ class FederatedCluster(Cluster):
         self._lock: asyncio.Lock | None = None
         self._joined: asyncio.Event | None = None
         self._last_scale = 0.0
+        self._closing = False
         self.scheduler: Scheduler | None = None
         self.security: Security | None = None
         self.guard: SchedulerGuard | None = None
@@ -238,6 +239,7 @@ class FederatedCluster(Cluster):
     async def _close(self) -> None:
         if self.status == Status.closed:
             return
+        self._closing = True
         for task in (self._heartbeat_task, self._signing_task):
             if task is not None:
                 task.cancel()
@@ -312,11 +314,14 @@ class FederatedCluster(Cluster):
 
     async def _heartbeat_loop(self) -> None:
         failures = 0
-        while True:
+        while not self._closing:
             # A worker that joins wakes the loop: the broker starts metering a lease only
-            # when the cluster confirms its worker, so confirm promptly.
+            # when the cluster confirms its worker, so confirm promptly. asyncio.timeout, not
+            # wait_for: on Python 3.11 wait_for loses a cancellation that arrives as the event
+            # is set, and close() then waited for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._joined.wait(), self._heartbeat_interval)
+                async with asyncio.timeout(self._heartbeat_interval):
+                    await self._joined.wait()
             self._joined.clear()
             connected = self._connected_leases()
             try:
@@ -366,7 +371,7 @@ class FederatedCluster(Cluster):
         """
         version = ""
         delay = 0.2
-        while True:
+        while not self._closing:
             try:
                 answer = await self._broker.request(
                     "GET", f"/clusters/{self.cluster_id}/signing-requests",

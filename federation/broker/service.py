@@ -8,6 +8,7 @@ without double-booking a provider.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -123,10 +124,10 @@ class Broker:
         if since != self.version(provider_id):
             return
         event = self._events.setdefault(provider_id, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+        # asyncio.timeout, not wait_for, which on Python 3.11 can lose a cancellation.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
 
     # ---- start-up -------------------------------------------------------------------------
 

@@ -77,8 +77,8 @@ def test_heartbeats_closer_than_the_minimum_interval_are_refused(federation):
         registered = agent.post("/agent/register", json={"name": "eager", "cpus": 1,
                                                           "memory": "1 GiB"}).json()
         pid = registered["provider_id"]
+        accepted = time.monotonic()  # before the broker can have noted the first one
         first = agent.post(f"/agent/{pid}/heartbeat", json={"running": []})
-        accepted = time.monotonic()
         second = agent.post(f"/agent/{pid}/heartbeat", json={"running": []})
         assert first.status_code == 200, first.text
         assert second.status_code == 429, second.text
