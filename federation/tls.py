@@ -80,12 +80,16 @@ class ClusterAuthority:
     def issue(self, common_name: str, role: str) -> CertKey:
         """Sign a new key pair for ``common_name`` in ``role``."""
         key = _new_key()
+        return CertKey(self._certify(common_name, role, key.public_key()), _key_pem(key))
+
+    def _certify(self, common_name: str, role: str, public_key) -> str:
+        """A PEM certificate of this CA naming ``common_name`` in ``role`` over ``public_key``."""
         now = dt.datetime.now(dt.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name, role))
             .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + _VALIDITY)
@@ -95,7 +99,7 @@ class ClusterAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        return CertKey(cert.public_bytes(serialization.Encoding.PEM).decode(), _key_pem(key))
+        return cert.public_bytes(serialization.Encoding.PEM).decode()
 
     def worker_credentials(self, lease_id: str) -> CertKey:
         """A key and the certificate a lease's worker presents: CN = lease id. (Agents make
@@ -106,21 +110,7 @@ class ClusterAuthority:
         """The worker certificate for ``lease_id`` over the public key of the agent's signing
         request; whatever name the request asks for, the certificate names the lease."""
         csr = load_worker_request(csr_pem, lease_id)
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(lease_id, ROLE_WORKER))
-            .issuer_name(self._cert.subject)
-            .public_key(csr.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + _VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(lease_id)]),
-                           critical=False)
-            .sign(self._key, hashes.SHA256())
-        )
-        return cert.public_bytes(serialization.Encoding.PEM).decode()
+        return self._certify(lease_id, ROLE_WORKER, csr.public_key())
 
 
 class BadSigningRequest(ValueError):
