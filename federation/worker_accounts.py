@@ -4,7 +4,8 @@ Two leases on one machine belong to different users, who trust neither each othe
 machine's owner. Under distinct uids the kernel keeps them apart: one lease's task cannot read
 another's memory (/proc/<pid>/mem, environ), folder or key, cannot signal its worker, and cannot
 read the agent's token or memory. A uid is handed out again only after every process it ran has
-been killed and every file it left in the shared temporary folders removed.
+been killed and every file it left in the shared temporary folders removed; a uid that runs
+processes this agent did not start is never used (nor are those processes touched).
 """
 
 from __future__ import annotations
@@ -168,18 +169,23 @@ class WorkerAccounts:
             uid = self._in_use[lease_id]
             return WorkerAccount(uid, uid)
         taken = set(self._in_use.values())
+        busy = []
         for uid in self.uids:
             if uid in taken:
                 continue
             if processes_of(uid):
-                # Left over from an agent that died: clean it before anyone gets it.
-                kill_everything_of(uid)
-                remove_shared_temp_files(uid)
+                # Not ours (ours are adopted from workers.json): another agent's range overlaps
+                # this one, or a worker outlived an agent that lost its state. Never touch it.
+                busy.append(uid)
+                continue
             self._in_use[lease_id] = uid
             return WorkerAccount(uid, uid)
+        hint = (f"; uids {', '.join(map(str, busy[:5]))} run processes this agent did not "
+                "start (overlapping --worker-uids of another agent, or leftovers to stop)"
+                if busy else "")
         raise WorkerAccountError(
-            f"all {len(self.uids)} worker uids are in use; give --worker-uids a larger range "
-            "(one uid per lease that may run at once)")
+            f"all {len(self.uids)} worker uids are in use{hint}; give --worker-uids a larger "
+            "range of its own (one uid per lease that may run at once)")
 
     def adopt(self, lease_id: str, uid: int | None) -> None:
         """Record the uid of a worker that survived an agent restart."""

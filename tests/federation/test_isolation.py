@@ -146,3 +146,23 @@ def test_worker_accounts_must_reach_the_work_folder(tmp_path):
     assert run.returncode == 2
     assert "worker accounts cannot reach" in run.stderr
     assert "choose a --workdir whose parent folders others may traverse" in run.stderr
+
+
+@needs_root
+def test_a_uid_running_someone_elses_processes_is_never_used_or_touched():
+    """Two agents whose --worker-uids overlap must not kill each other's workers."""
+    from federation.worker_accounts import WorkerAccountError, WorkerAccounts
+
+    uid = 29_500 + os.getpid() % 400
+    other = subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[])
+    try:
+        accounts = WorkerAccounts(range(uid, uid + 1))
+        with pytest.raises(WorkerAccountError,
+                           match=f"uids {uid} run processes this agent did not start"):
+            accounts.acquire("ls-overlapping01")
+        assert other.poll() is None  # still running
+        spare = WorkerAccounts(range(uid, uid + 2))
+        assert spare.acquire("ls-overlapping01").uid == uid + 1
+    finally:
+        other.kill()
+        other.wait(10)

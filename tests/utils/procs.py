@@ -121,7 +121,8 @@ def worker_uid_args() -> tuple[str, ...]:
     run as root (as CI does), else --insecure-shared-account (a developer's own machine)."""
     if os.geteuid() != 0:
         return ("--insecure-shared-account",)
-    low = 20000 + UID_BLOCK * (next(_next_uid_block) % 1000) + 10000 * (os.getpid() % 4)
+    # Distinct per test process too, so two test runs on one machine never share a uid.
+    low = 100_000 + 1000 * (os.getpid() % 100_000) + UID_BLOCK * (next(_next_uid_block) % 125)
     return ("--worker-uids", f"{low}-{low + UID_BLOCK - 1}")
 
 
