@@ -59,6 +59,7 @@ class ProviderAgent:
         # readable by the lease's account alone).
         self._keys: dict[str, str] = {}
         self._requesting: set[str] = set()
+        self._prepared = False
         self._stopping: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._report_lock = asyncio.Lock()
@@ -108,7 +109,7 @@ class ProviderAgent:
 
     async def run(self) -> None:
         """Register, then poll, heartbeat and watch workers until stop() is called."""
-        if not getattr(self, "_prepared", False):
+        if not self._prepared:
             self.prepare()
         self._adopt()
         registering = asyncio.create_task(self._register())

@@ -323,11 +323,8 @@ class FederatedCluster(Cluster):
                 async with asyncio.timeout(self._heartbeat_interval):
                     await self._joined.wait()
             self._joined.clear()
-            connected = self._connected_leases()
             try:
-                public = await self._broker.request(
-                    "POST", f"/clusters/{self.cluster_id}/heartbeat",
-                    json={"connected": connected})
+                public = await self._beat()
             except errors.RequestRejected as exc:
                 logger.error("the broker ended cluster %s: %s", self.cluster_id, exc)
                 self._live.clear()
@@ -602,9 +599,13 @@ class FederatedCluster(Cluster):
         await self._refresh()
 
     async def _refresh(self) -> None:
-        public = await self._broker.request("POST", f"/clusters/{self.cluster_id}/heartbeat",
-                                            json={"connected": self._connected_leases()})
-        await self._handle_ended(self._update(public))
+        await self._handle_ended(self._update(await self._beat()))
+
+    async def _beat(self) -> dict:
+        """One heartbeat: the broker hears which leases' workers have joined (they run and are
+        metered from then) and answers with its view of the cluster."""
+        return await self._broker.request("POST", f"/clusters/{self.cluster_id}/heartbeat",
+                                          json={"connected": self._connected_leases()})
 
     def _running_workers(self) -> int:
         return sum(1 for ws in self.scheduler.workers.values()

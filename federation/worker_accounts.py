@@ -65,6 +65,16 @@ def parse_uid_range(text: str) -> range:
     return range(low, high + 1)
 
 
+def uids_running() -> set[int]:
+    """The real and effective uids of every live process (one scan of the process table)."""
+    found: set[int] = set()
+    for proc in psutil.process_iter(["uids"]):
+        uids = proc.info.get("uids")
+        if uids is not None:
+            found.update((uids.real, uids.effective))
+    return found
+
+
 def processes_of(uid: int) -> list[psutil.Process]:
     """Every live process whose real or effective uid is ``uid``."""
     found = []
@@ -169,11 +179,12 @@ class WorkerAccounts:
             uid = self._in_use[lease_id]
             return WorkerAccount(uid, uid)
         taken = set(self._in_use.values())
+        running = uids_running()
         busy = []
         for uid in self.uids:
             if uid in taken:
                 continue
-            if processes_of(uid):
+            if uid in running:
                 # Not ours (ours are adopted from workers.json): another agent's range overlaps
                 # this one, or a worker outlived an agent that lost its state. Never touch it.
                 busy.append(uid)

@@ -62,6 +62,20 @@ class RateLimiter:
         bucket.in_flight += 1
         return None
 
+    async def hold_refusal(self, key: str, wait: float) -> float:
+        """Hold a refusal for up to TARPIT_SECONDS (at most TARPIT_PER_KEY at once per key);
+        returns what is left of ``wait`` for Retry-After."""
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.held >= TARPIT_PER_KEY:
+            return wait
+        delay = min(wait, TARPIT_SECONDS)
+        bucket.held += 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            bucket.held -= 1
+        return wait - delay
+
     def release(self, key: str) -> None:
         bucket = self._buckets.get(key)
         if bucket is not None and bucket.in_flight > 0:
@@ -108,15 +122,7 @@ class RateLimitMiddleware:
             return await self.app(scope, receive, send)
         wait = self.limiter.acquire(key)
         if wait is not None:
-            bucket = self.limiter._buckets.get(key)
-            if bucket is not None and bucket.held < TARPIT_PER_KEY:
-                delay = min(wait, TARPIT_SECONDS)
-                bucket.held += 1
-                try:
-                    await asyncio.sleep(delay)
-                finally:
-                    bucket.held -= 1
-                wait -= delay
+            wait = await self.limiter.hold_refusal(key, wait)
             return await _too_many(send, wait, self.limiter)
         try:
             return await self.app(scope, receive, send)

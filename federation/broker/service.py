@@ -26,7 +26,7 @@ from sqlmodel import Session, col, select
 from accounting import fairshare, ledger, metering, reliability
 from accounting.cloud import CloudPrices, load_cloud_prices
 from accounting.metering import LeaseUsage
-from accounting.models import Lab, Membership, User, as_utc, utcnow
+from accounting.models import Lab, Membership, User, as_utc, names_by_id, utcnow
 from accounting.pricing import Resources
 from accounting.units import fmt_pcu, to_nano
 
@@ -403,9 +403,9 @@ class Broker:
             allowed_labs=frozenset(json.loads(cluster.allowed_labs_json)),
             allowed_sites=frozenset(json.loads(cluster.allowed_sites_json)))
         with self.session() as s:
-            lab_names = {lab.id: lab.name for lab in s.exec(select(Lab))}
-            totals = [_capacity(p, [], lab_names) for p in s.exec(
-                select(Provider).where(Provider.online == True))]  # noqa: E712
+            online = s.exec(select(Provider).where(Provider.online == True)).all()  # noqa: E712
+            lab_names = names_by_id(s, Lab, {p.lab_id for p in online})
+            totals = [_capacity(p, [], lab_names) for p in online]
             why = placement.largest_offer(totals, request)
             if why is not None:
                 raise ApiError(422, "no-provider-fits",
