@@ -1,8 +1,16 @@
 """FederatedCluster: a Dask cluster whose workers are leases on lab machines of the federation.
 
-The Dask scheduler runs inside the user's own process, so the code clients send it runs with the
-user's rights and nobody else's. The broker only places leases; each lease's worker joins the
-scheduler over TLS with a certificate that this cluster's CA issued for that lease alone.
+The Dask scheduler runs in a process of the user's own (federation.scheduler_process) beside
+the LeaseKeeper that asks the broker for leases and heartbeats for them. It does not share the
+notebook's process: a cell that holds the GIL for minutes would otherwise stall the scheduler
+and the heartbeat, and the broker would end the cluster as lost. The code clients send the
+scheduler still runs with the user's rights and nobody else's. The broker only places leases;
+each lease's worker joins the scheduler over TLS with a certificate that this cluster's CA
+issued for that lease alone.
+
+This object is the user's handle: it starts that process, forwards scale/hold/release to the
+keeper (scheduler handlers only the cluster's client certificate may call) and shows its state.
+Closing it, or the end of the user's process, ends every lease.
 """
 
 from __future__ import annotations
@@ -10,61 +18,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 import logging
-import uuid
+import os
+import select
+import subprocess
+import sys
+import time
 from collections import Counter
-from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
-from dask.utils import format_time
-from distributed import Scheduler
+import dask.config
 from distributed.core import Status, rpc
 from distributed.deploy.adaptive import Adaptive
 from distributed.deploy.cluster import Cluster
-from distributed.diagnostics.plugin import SchedulerPlugin
-from distributed.metrics import time
 from distributed.security import Security
-from distributed.utils import format_dashboard_link
+from tornado.ioloop import PeriodicCallback
 
 from . import config, errors
 from .client import AsyncBrokerClient
 from .estimate import Estimate
-from .guard import SchedulerGuard
-from .sizes import format_bytes, parse_memory
-from .tls import ROLE_CLIENT, ROLE_SCHEDULER, BadSigningRequest, ClusterAuthority
+from .lease_keeper import ENDED, LIVE, KeeperSettings, lease_of, pending_reasons
+from .sizes import parse_memory
+from .tls import ROLE_CLIENT, ClusterAuthority
 
 logger = logging.getLogger("parallex.cluster")
 
-ENDED = "ended"
-LIVE = ("pending", "starting", "running")
+__all__ = ["FederatedCluster", "FederatedAdaptive", "ENDED", "LIVE", "lease_of"]
 
-
-@dataclass
-class WorkerGroup:
-    """Workers of one size; ``desired`` is how many the user asked for."""
-
-    name: str
-    cpus: float
-    memory: int
-    gpus: int = 0
-    gpu_model: str | None = None
-    desired: int = 0
-
-    def spec(self) -> dict:
-        return {"cpus": self.cpus, "memory": self.memory, "gpus": self.gpus,
-                "gpu_model": self.gpu_model}
+#: Seconds the scheduler process may take to start and register the cluster.
+START_TIMEOUT = 90.0
+#: Milliseconds between refreshes of the copy of the keeper's state that displays read.
+STATE_REFRESH_MS = 1000
+#: Seconds close() waits for the scheduler process to end the leases and exit.
+CLOSE_TIMEOUT = 45.0
 
 
 class FederatedAdaptive(Adaptive):
-    """Dask's Adaptive, but releasing leases before retiring their workers (see _retire),
-    touching only the default group (named groups, e.g. a %%remote worker, are held on
-    purpose), and keeping a refusal (credit, quota) on ``cluster.scale_error`` instead of
-    logging it every second."""
+    """Dask's Adaptive, but releasing leases before retiring their workers (the keeper's
+    scale_down), touching only the default group (named groups, e.g. a %%remote worker, are
+    held on purpose), and keeping a refusal (credit, quota) on ``cluster.scale_error`` instead
+    of logging it every second."""
+
+    async def recommendations(self, target: int) -> dict:
+        await self.cluster._refresh_state()
+        return await super().recommendations(target)
 
     async def scale_up(self, n: int) -> None:
         try:
-            await super().scale_up(n)
+            await self.cluster._scale(n, None, adaptive=True)
         except errors.ParallexError as exc:
             if str(exc) != str(self.cluster.scale_error):
                 logger.warning("adaptive scale-up refused: %s", exc)
@@ -75,24 +79,39 @@ class FederatedAdaptive(Adaptive):
     async def scale_down(self, workers: list[str]) -> None:
         workers = [w for w in workers if self.cluster.group_of_worker(w) == "default"]
         if workers:
-            await self.cluster.scale_down(workers)
+            await self.cluster._scale_down(workers, adaptive=True)
 
 
-class _WorkerJoined(SchedulerPlugin):
-    """Wakes the cluster's heartbeat when a worker registers, so the broker hears promptly
-    that the lease's worker is really there (it is metered from then on)."""
+def _json_safe(value: Any) -> Any:
+    """``value`` without what JSON cannot carry (callables in dask's config, e.g. a scheduler
+    function the Parallex kernel sets)."""
+    if isinstance(value, dict):
+        return {str(k): v for k, v in ((k, _json_safe(v)) for k, v in value.items())
+                if v is not _DROP}
+    if isinstance(value, list | tuple):
+        return [v for v in map(_json_safe, value) if v is not _DROP]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return _DROP
 
-    def __init__(self, event: asyncio.Event):
-        self.event = event
 
-    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
-        self.event.set()
+_DROP = object()
 
 
-def lease_of(worker_name: str) -> str:
-    """The lease id behind a worker name (dask-cuda adds -<i> for multi-GPU leases)."""
-    head, _, tail = str(worker_name).rpartition("-")
-    return head if tail.isdigit() and head.startswith("ls-") else str(worker_name)
+def _read_line(stream: IO[bytes], timeout: float) -> bytes:
+    """One line from ``stream`` (a pipe), waiting at most ``timeout`` seconds; b"" at its end."""
+    fd = stream.fileno()
+    data = b""
+    end = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return data
+        data += chunk
+    return data
 
 
 class FederatedCluster(Cluster):
@@ -117,6 +136,9 @@ class FederatedCluster(Cluster):
     idle_timeout:
         Seconds without work after which the cluster gives its workers back
         (``parallex.idle-timeout``, 20 minutes; 0 never). Adaptive clusters scale themselves.
+    scheduler_log:
+        File the scheduler process's log is appended to; None (the default) leaves it on this
+        process's stderr, as Dask's own LocalCluster does.
 
     Examples
     --------
@@ -132,16 +154,16 @@ class FederatedCluster(Cluster):
                  heartbeat_interval: float | None = None,
                  lease_start_timeout: float | None = None,
                  idle_timeout: float | None = None, labs: list[str] | None = None,
-                 sites: list[str] | None = None, asynchronous: bool = False,
-                 loop: Any = None, quiet: bool = False):
+                 sites: list[str] | None = None, scheduler_log: str | os.PathLike | None = None,
+                 asynchronous: bool = False, loop: Any = None, quiet: bool = False):
         self._broker_url = config.broker_url(broker_url)
         self._token = config.token(token)
         cpus = float(worker_cpus if worker_cpus is not None else config.get("worker.cpus"))
-        memory = parse_memory(worker_memory if worker_memory is not None
-                              else config.get("worker.memory"))
         if cpus <= 0:
             raise ValueError(f"worker_cpus must be more than 0; got {cpus:g}")
-        self._groups: dict[str, WorkerGroup] = {"default": WorkerGroup("default", cpus, memory)}
+        self.worker_cpus = cpus
+        self.worker_memory = parse_memory(worker_memory if worker_memory is not None
+                                          else config.get("worker.memory"))
         self._scheduler_host = scheduler_host or config.get("scheduler.host")
         self._scheduler_port = int(scheduler_port if scheduler_port is not None
                                    else config.get("scheduler.port"))
@@ -154,18 +176,12 @@ class FederatedCluster(Cluster):
         self.lease_start_timeout = float(lease_start_timeout or
                                          config.get("lease-start-timeout"))
         self._request_timeout = float(config.get("request-timeout"))
-        self._leases: dict[str, dict] = {}
-        self._live: set[str] = set()
+        self.scheduler_log = Path(scheduler_log) if scheduler_log else None
+        self._state: dict[str, Any] = {"leases": [], "live": [], "groups": {}, "workers": [],
+                                       "refusals": [], "adaptive": False}
+        self._process: subprocess.Popen | None = None
         self._broker: AsyncBrokerClient | None = None
-        self._heartbeat_task: asyncio.Task | None = None
-        self._signing_task: asyncio.Task | None = None
-        self._lock: asyncio.Lock | None = None
-        self._joined: asyncio.Event | None = None
-        self._last_scale = 0.0
-        self._closing = False
-        self.scheduler: Scheduler | None = None
         self.security: Security | None = None
-        self.guard: SchedulerGuard | None = None
         self.authority: ClusterAuthority | None = None
         self.cluster_id: str | None = None
         self.scale_error: errors.ParallexError | None = None
@@ -192,96 +208,142 @@ class FederatedCluster(Cluster):
         if self.status != Status.created:
             return
         self.status = Status.starting
-        self._lock = asyncio.Lock()
         try:
             self._broker = AsyncBrokerClient(self._broker_url, self._token,
                                              timeout=self._request_timeout)
-            who = await self._broker.request("GET", "/whoami")
-            if who["kind"] == "provider":
-                raise errors.PermissionDenied(
-                    "a provider token cannot start clusters; use a user token (PARALLEX_TOKEN)")
             self.authority = ClusterAuthority(self.name)
-            scheduler_ck = self.authority.issue("scheduler", ROLE_SCHEDULER)
             client_ck = self.authority.issue("client", ROLE_CLIENT)
             self.security = Security(
-                tls_ca_file=self.authority.ca_pem,
-                tls_scheduler_cert=scheduler_ck.cert, tls_scheduler_key=scheduler_ck.key,
-                tls_client_cert=client_ck.cert, tls_client_key=client_ck.key,
-                require_encryption=True,
-            )
-            self.scheduler = Scheduler(
-                host=self._scheduler_host, port=self._scheduler_port, protocol="tls",
-                security=self.security, dashboard=bool(self._dashboard),
-                dashboard_address=f"{self._scheduler_host}:0",
-            )
-            self.guard = SchedulerGuard(self.scheduler, lambda: self._live)
-            self.guard.install()
-            self._joined = asyncio.Event()
-            self.scheduler.add_plugin(_WorkerJoined(self._joined), name="parallex-joined")
-            await self.scheduler
-            self.scheduler_comm = rpc(self.scheduler.address,
+                tls_ca_file=self.authority.ca_pem, tls_client_cert=client_ck.cert,
+                tls_client_key=client_ck.key, require_encryption=True)
+            ready = await asyncio.to_thread(self._launch)
+            self.cluster_id = ready["cluster_id"]
+            self.scheduler_comm = rpc(ready["address"],
                                       connection_args=self.security.get_connection_args("client"))
-            record = await self._broker.request("POST", "/clusters", json={
-                "name": self.name, "scheduler_address": self.scheduler.address,
-                "labs": self.labs, "sites": self.sites,
-                "ca_cert": self.authority.ca_pem})
-            self.cluster_id = record["id"]
+            # Displays (repr, the widget, %parallex) read a copy at most a second old.
+            self.periodic_callbacks["parallex-state"] = PeriodicCallback(
+                self._refresh_quietly, STATE_REFRESH_MS)
             await super()._start()
+            await self._refresh_state()
         except BaseException:
             self.status = Status.failed
             await self._close()
             raise
-        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
-        self._signing_task = asyncio.create_task(self._signing_loop())
-        logger.info("cluster %s started; scheduler at %s", self.cluster_id,
-                    self.scheduler.address)
+        logger.info("cluster %s started; scheduler at %s (process %s)", self.cluster_id,
+                    ready["address"], ready["pid"])
+
+    def _launch(self) -> dict:
+        """Start the scheduler process and wait for its one line: ready, or why not."""
+        settings = KeeperSettings(
+            broker_url=self._broker_url, token=self._token, name=self.name,
+            ca_cert=self.authority.ca_pem, ca_key=self.authority.key_pem,
+            worker_cpus=self.worker_cpus, worker_memory=self.worker_memory,
+            scheduler_host=self._scheduler_host, scheduler_port=self._scheduler_port,
+            dashboard=bool(self._dashboard), heartbeat_interval=self._heartbeat_interval,
+            request_timeout=self._request_timeout,
+            lease_start_timeout=self.lease_start_timeout, idle_timeout=self.idle_timeout,
+            labs=tuple(self.labs), sites=tuple(self.sites))
+        env = dict(os.environ)
+        # The scheduler process imports this very package, installed or not.
+        here = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+        log = None
+        if self.scheduler_log is not None:
+            self.scheduler_log.parent.mkdir(parents=True, exist_ok=True)
+            log = self.scheduler_log.open("ab")
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "federation.scheduler_process"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=log, env=env,
+                # Its own session: a Ctrl-C or a kernel interrupt is for the user's code.
+                start_new_session=True)
+        finally:
+            if log is not None:
+                log.close()
+        payload = {"settings": settings.to_json(),
+                   "dask_config": _json_safe(dask.config.config)}
+        self._process.stdin.write(json.dumps(payload).encode() + b"\n")
+        self._process.stdin.flush()
+        try:
+            line = _read_line(self._process.stdout, START_TIMEOUT)
+        except TimeoutError:
+            raise errors.ParallexError(
+                f"the cluster's scheduler process did not start within {START_TIMEOUT:g} s"
+                f"{self._log_hint()}") from None
+        finally:
+            self._process.stdout.close()
+        if not line:
+            try:
+                code = self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                code = None
+            raise errors.ParallexError(
+                f"the cluster's scheduler process ended (exit code {code}) before it started"
+                f"{self._log_hint()}")
+        ready = json.loads(line)
+        if "error" in ready:
+            kind = getattr(errors, ready["error"], None)
+            if not (isinstance(kind, type) and issubclass(kind, errors.ParallexError)):
+                kind = errors.ParallexError
+            raise kind(ready["message"])
+        return ready
+
+    def _log_hint(self) -> str:
+        return (f"; its log is in {self.scheduler_log}" if self.scheduler_log
+                else "; its log is above, on this process's stderr")
+
+    async def _call(self, op: str, **kwargs: Any) -> Any:
+        """Call a keeper handler; a gone scheduler process is a ParallexError saying so."""
+        try:
+            return await getattr(self.scheduler_comm, op)(**kwargs)
+        except errors.ParallexError:
+            raise  # LeaseStartTimeout is a TimeoutError, hence an OSError: not a lost process
+        except OSError as exc:
+            code = self._process.poll() if self._process else None
+            gone = f"exited with code {code}" if code is not None else f"is unreachable ({exc})"
+            raise errors.ParallexError(
+                f"the scheduler process of cluster {self.cluster_id} {gone}"
+                f"{self._log_hint()}") from exc
 
     async def _close(self) -> None:
         if self.status == Status.closed:
             return
-        self._closing = True
-        for task in (self._heartbeat_task, self._signing_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self._broker is not None and self.cluster_id is not None:
+        if self.scheduler_comm is not None and self._process is not None \
+                and self._process.poll() is None:
             try:
-                answer = await self._broker.request("DELETE", f"/clusters/{self.cluster_id}")
-                # The leases are now "releasing", so a worker that exits keeps the reason
-                # "released"; closing them from the scheduler is orderly and faster than
-                # waiting for each agent's signal.
-                for address in list(self.scheduler.workers):
-                    await self.scheduler.remove_worker(address=address, close=True,
-                                                       stimulus_id="parallex-cluster-close")
-                await self._wait_for_leases_to_end(answer)
-            except errors.ParallexError as exc:
-                logger.warning("could not end the leases of cluster %s at the broker (%s); the "
-                               "broker ends them when the heartbeat times out", self.cluster_id,
-                               exc)
-        self._live.clear()
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    self._state = await self._call("parallex_end")
+            except (errors.ParallexError, TimeoutError) as exc:
+                logger.warning("could not end the leases of cluster %s (%s); the broker ends "
+                               "them when the heartbeat times out", self.cluster_id, exc)
         await super()._close()
-        if self.scheduler is not None:
-            await self.scheduler.close()
+        await asyncio.to_thread(self._stop_process)
         if self._broker is not None:
             await self._broker.close()
         self.status = Status.closed
 
-    async def _wait_for_leases_to_end(self, answer: dict, timeout: float = 15.0) -> None:
-        """Give agents a moment to stop the workers, so close() leaves no process behind."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while any(lease["state"] != ENDED for lease in answer["leases"]):
-            if loop.time() > deadline:
-                logger.warning("some workers of cluster %s were still stopping after %g s",
-                               self.cluster_id, timeout)
-                return
-            await asyncio.sleep(0.1)
-            answer = await self._broker.request("GET", f"/clusters/{self.cluster_id}")
-        self._update(answer)
+    def _stop_process(self) -> None:
+        """Close the process's stdin (its signal to stop) and wait, bounded, for it to exit."""
+        process = self._process
+        if process is None:
+            return
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            logger.warning("the scheduler process %d did not exit; terminating it", process.pid)
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def close(self, timeout: float | None = None) -> Any:
-        """End every lease of this cluster, stop the scheduler and return."""
+        """End every lease of this cluster, stop the scheduler process and return."""
         result = super().close(timeout=timeout)
         if not self.asynchronous:
             self._loop_runner.stop()
@@ -290,207 +352,73 @@ class FederatedCluster(Cluster):
     def __exit__(self, exc_type, exc_value, traceback):
         self.close()
 
-    # ---- leases -----------------------------------------------------------------------------
+    # ---- state ------------------------------------------------------------------------------
+
+    async def _refresh_state(self, **kwargs: Any) -> dict:
+        self._state = await self._call("parallex_state", **kwargs)
+        return self._state
+
+    async def _refresh_quietly(self) -> None:
+        if self.status == Status.running:
+            with contextlib.suppress(errors.ParallexError):
+                await self._refresh_state()
+
+    def _fresh(self) -> None:
+        """Fetch the keeper's state first when called from the user's (synchronous) code."""
+        if self.status == Status.running and not self.asynchronous:
+            self.sync(self._refresh_state)
+
+    @property
+    def _leases(self) -> dict[str, dict]:
+        return {lease["id"]: lease for lease in self._state["leases"]}
+
+    @property
+    def _live(self) -> set[str]:
+        return set(self._state["live"])
+
+    @property
+    def live(self) -> set[str]:
+        """The ids of the leases this cluster holds or waits for (not yet ended)."""
+        self._fresh()
+        return set(self._state["live"])
 
     @property
     def leases(self) -> list[dict]:
         """Every lease of this cluster as the broker last reported it."""
-        return list(self._leases.values())
+        self._fresh()
+        return list(self._state["leases"])
 
-    def _update(self, public: dict) -> list[dict]:
-        """Take the broker's view; returns leases that ended without being released by us."""
-        newly_ended = []
-        for lease in public["leases"]:
-            self._leases[lease["id"]] = lease
-            if lease["state"] == ENDED and lease["id"] in self._live:
-                self._live.discard(lease["id"])
-                newly_ended.append(lease)
-        return newly_ended
+    def connected_workers(self) -> list[dict]:
+        """The workers registered with the scheduler now: name, address, lease, status, pid
+        and resources of each."""
+        self._fresh()
+        return list(self._state["workers"])
 
-    def _connected_leases(self) -> list[str]:
-        """Leases whose workers are registered with the scheduler right now."""
-        return sorted({lease_of(ws.name) for ws in self.scheduler.workers.values()}
-                      & self._live)
+    def groups(self) -> dict[str, dict]:
+        """The worker groups: each one's size and how many workers it should have."""
+        self._fresh()
+        return dict(self._state["groups"])
 
-    async def _heartbeat_loop(self) -> None:
-        failures = 0
-        while not self._closing:
-            # A worker that joins wakes the loop: the broker starts metering a lease only
-            # when the cluster confirms its worker, so confirm promptly. asyncio.timeout, not
-            # wait_for: on Python 3.11 wait_for loses a cancellation that arrives as the event
-            # is set, and close() then waited for this loop forever.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._heartbeat_interval):
-                    await self._joined.wait()
-            self._joined.clear()
-            try:
-                public = await self._beat()
-            except errors.RequestRejected as exc:
-                logger.error("the broker ended cluster %s: %s", self.cluster_id, exc)
-                self._live.clear()
-                return
-            except errors.ParallexError as exc:
-                failures += 1
-                logger.warning("heartbeat %d to the broker failed: %s", failures, exc)
-                continue
-            failures = 0
-            try:
-                await self._handle_ended(self._update(public))
-                await self._give_back_when_idle()
-                await self._correct_state()
-            except errors.ParallexError as exc:
-                logger.warning("could not replace ended workers: %s", exc)
+    @property
+    def refusals(self) -> list[str]:
+        """The scheduler's latest refusals (worker registrations, calls to its handlers)."""
+        self._fresh()
+        return list(self._state["refusals"])
 
-    async def _give_back_when_idle(self) -> None:
-        """Scale to nothing once the scheduler has had no work for ``idle_timeout`` seconds:
-        an idle cluster left open must not hold other labs' machines (and cost credits)."""
-        if self.idle_timeout <= 0 or self._adaptive is not None:
-            return
-        idle_since = self.scheduler.idle_since
-        held = sum(group.desired for group in self._groups.values())
-        # Idle counts from the last scale() as well: asking for workers is activity.
-        if not held or idle_since is None or \
-                time() - max(idle_since, self._last_scale) < self.idle_timeout:
-            return
-        logger.warning("cluster %s had no work for %s; giving its %d workers back (scale up "
-                       "again when you need them)", self.cluster_id,
-                       format_time(self.idle_timeout), held)
-        async with self._lock:
-            for group in self._groups.values():
-                group.desired = 0
-
-    async def _signing_loop(self) -> None:
-        """Sign the agents' requests for this cluster's workers as they arrive (long poll).
-
-        Each agent makes its worker's key on its own machine and sends a signing request; the
-        certificate this cluster's CA returns names the lease. Requests for leases this cluster
-        did not ask for, or no longer wants, are left unsigned.
-        """
-        version = ""
-        delay = 0.2
-        while not self._closing:
-            try:
-                answer = await self._broker.request(
-                    "GET", f"/clusters/{self.cluster_id}/signing-requests",
-                    params={"since": version, "wait": 20}, timeout=self._request_timeout + 25)
-                version = answer["version"]
-                delay = 0.2
-                signed = []
-                for item in answer["requests"]:
-                    if item["lease_id"] not in self._live:
-                        continue
-                    try:
-                        cert = self.authority.sign_worker_request(item["lease_id"], item["csr"])
-                    except BadSigningRequest as exc:
-                        logger.warning("not signing lease %s: %s", item["lease_id"], exc)
-                        continue
-                    signed.append({"lease_id": item["lease_id"], "cert": cert})
-                if signed:
-                    await self._broker.request(
-                        "POST", f"/clusters/{self.cluster_id}/certificates",
-                        json={"certificates": signed})
-            except (errors.TokenRefused, errors.NotFound, errors.PermissionDenied):
-                return  # the cluster is gone or its token revoked: the heartbeat reports it
-            except errors.RequestRejected as exc:
-                # A lease ended between the request and the signature; ask again shortly.
-                logger.info("worker certificates not accepted: %s", exc)
-                await asyncio.sleep(delay)
-                version = ""
-            except errors.ParallexError as exc:
-                logger.warning("waiting for signing requests failed: %s; retrying in %.1f s",
-                               exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5)
-                version = ""
-
-    async def _handle_ended(self, ended: list[dict]) -> None:
-        for lease in ended:
-            if lease["end_reason"] != "released":
-                logger.warning("lease %s on %s ended (%s): %s", lease["id"],
-                               lease.get("lab") or "no provider", lease["end_reason"],
-                               lease["message"])
-            await self._drop_worker(lease["id"])
-
-    async def _drop_worker(self, lease_id: str) -> None:
-        for address, ws in list(self.scheduler.workers.items()):
-            if lease_of(ws.name) == lease_id:
-                await self.scheduler.remove_worker(address=address, close=True,
-                                                   stimulus_id=f"lease-ended-{lease_id}")
-
-    def _live_in(self, group: str) -> list[str]:
-        return [lid for lid in self._live if self._leases[lid]["group"] == group]
-
-    async def _correct_state(self) -> None:
-        async with self._lock:
-            for group in self._groups.values():
-                live = self._live_in(group.name)
-                if len(live) < group.desired:
-                    await self._request(group, group.desired - len(live))
-                elif len(live) > group.desired:
-                    await self._shrink(group, live, len(live) - group.desired)
-
-    async def _request(self, group: WorkerGroup, n: int) -> None:
-        ids = [f"ls-{uuid.uuid4().hex[:16]}" for _ in range(n)]
-        workers = [{"lease_id": lease_id} for lease_id in ids]
-        # Allowed before the broker hears of them, so a fast worker is never refused.
-        for lease_id in ids:
-            self._leases[lease_id] = {"id": lease_id, "group": group.name, "state": "pending"}
-        self._live.update(ids)
-        try:
-            created = await self._broker.request(
-                "POST", f"/clusters/{self.cluster_id}/leases",
-                json={"spec": group.spec(), "group": group.name, "workers": workers})
-        except BaseException:
-            self._live.difference_update(ids)
-            for lease_id in ids:
-                self._leases.pop(lease_id, None)
-            raise
-        for lease in created:
-            self._leases[lease["id"]] = lease
-
-    async def _shrink(self, group: WorkerGroup, live: list[str], n: int) -> None:
-        order = {"pending": 0, "starting": 1, "running": 2}
-        by_name = {ws.name: ws for ws in self.scheduler.workers.values()}
-
-        def cost(lid: str) -> tuple:
-            ws = by_name.get(lid)
-            return (order.get(self._leases[lid]["state"], 3), ws.nbytes if ws else 0)
-
-        await self._retire(sorted(live, key=cost)[:n])
-
-    async def _retire(self, lease_ids: list[str]) -> None:
-        """Release leases at the broker, then retire their workers through the scheduler.
-
-        Releasing first matters: once a lease is "releasing", a worker that exits ends it as
-        released, never as failed; the agent gives it a grace period to move its data away.
-        """
-        if not lease_ids:
-            return
-        self._live.difference_update(lease_ids)
-        await self._broker.request("POST", f"/clusters/{self.cluster_id}/leases/release",
-                                   json={"lease_ids": lease_ids})
-        wanted = set(lease_ids)
-        names = [ws.name for ws in self.scheduler.workers.values()
-                 if lease_of(ws.name) in wanted]
-        if names:
-            await self.scheduler.retire_workers(names=names, close_workers=True, remove=True,
-                                                stimulus_id="parallex-scale-down")
+    async def _refresh(self) -> None:
+        """Heartbeat now and take the broker's answer (leases confirmed, ended leases)."""
+        self._state = await self._call("parallex_refresh")
 
     # ---- scaling ----------------------------------------------------------------------------
 
-    def _group_for(self, gpus: int, cpus: float | None, memory: str | int | None,
-                   gpu_model: str | None) -> WorkerGroup:
-        default = self._groups["default"]
+    def _group_spec(self, gpus: int, cpus: float | None, memory: str | int | None,
+                    gpu_model: str | None) -> dict | None:
+        """None for the default group, else the size that names a group."""
         if not gpus and cpus is None and memory is None and gpu_model is None:
-            return default
-        size = (float(cpus) if cpus is not None else default.cpus,
-                parse_memory(memory) if memory is not None else default.memory)
-        name = f"{size[0]:g}cpu-{format_bytes(size[1]).replace(' ', '')}"
-        if gpus:
-            name += f"-{gpus}gpu" + (f"-{gpu_model}" if gpu_model else "")
-        if name not in self._groups:
-            self._groups[name] = WorkerGroup(name, size[0], size[1], int(gpus), gpu_model)
-        return self._groups[name]
+            return None
+        return {"cpus": float(cpus) if cpus is not None else None,
+                "memory": parse_memory(memory) if memory is not None else None,
+                "gpus": int(gpus), "gpu_model": gpu_model}
 
     def scale(self, n: int, gpus: int = 0, *, cpus: float | None = None,
               memory: str | int | None = None, gpu_model: str | None = None) -> Any:
@@ -504,120 +432,71 @@ class FederatedCluster(Cluster):
             raise ValueError(f"gpus must be a whole number >= 0; got {gpus!r}")
         if cpus is not None and cpus <= 0:
             raise ValueError(f"cpus must be more than 0; got {cpus!r}")
-        return self.sync(self._scale, n, gpus, cpus, memory, gpu_model)
+        return self.sync(self._scale, n, self._group_spec(gpus, cpus, memory, gpu_model))
 
-    async def _scale(self, n: int, gpus: int, cpus, memory, gpu_model) -> None:
-        group = self._group_for(gpus, cpus, memory, gpu_model)
-        self._last_scale = time()
-        before = group.desired
-        group.desired = n
-        try:
-            await self._correct_state()
-        except BaseException:
-            group.desired = before
-            raise
+    async def _scale(self, n: int, group: dict | None, adaptive: bool = False) -> None:
+        self._state = await self._call("parallex_scale", n=n, group=group, adaptive=adaptive)
 
     async def scale_down(self, workers: list[str]) -> None:
         """Release the leases of these workers (names) and lower their groups' targets."""
-        leases = {lease_of(w) for w in workers} & self._live
-        for lid in leases:
-            group = self._groups[self._leases[lid]["group"]]
-            group.desired = max(0, group.desired - 1)
-        await self._retire(sorted(leases))
+        await self._scale_down(workers)
+
+    async def _scale_down(self, workers: list[str], adaptive: bool = False) -> None:
+        self._state = await self._call("parallex_scale_down", workers=list(workers),
+                                       adaptive=adaptive)
 
     def group_of_worker(self, worker: str) -> str | None:
         """The group of a worker (by name or address), None when it is not ours."""
         name = worker
-        if self.scheduler is not None and worker in self.scheduler.workers:
-            name = self.scheduler.workers[worker].name
+        if worker in self.scheduler_info.get("workers", {}):
+            name = self.scheduler_info["workers"][worker]["name"]
         lease = self._leases.get(lease_of(str(name)))
-        return lease["group"] if lease else None
+        return lease.get("group") if lease else None
 
     def hold(self, group: str, *, cpus: float | None = None, memory: str | int | None = None,
              gpus: int = 0, gpu_model: str | None = None, timeout: float | None = None) -> str:
         """Keep one worker in the named ``group`` (adaptive scaling leaves it alone) and
         return its address once it is connected."""
-        return self.sync(self._hold, group, cpus, memory, gpus, gpu_model, timeout)
+        spec = {"name": group, "cpus": cpus,
+                "memory": parse_memory(memory) if memory is not None else None,
+                "gpus": int(gpus), "gpu_model": gpu_model}
+        return self.sync(self._hold, spec, timeout)
 
-    async def _hold(self, name, cpus, memory, gpus, gpu_model, timeout) -> str:
-        default = self._groups["default"]
-        group = self._groups.get(name)
-        if group is None:
-            group = self._groups[name] = WorkerGroup(
-                name, float(cpus) if cpus is not None else default.cpus,
-                parse_memory(memory) if memory is not None else default.memory,
-                int(gpus), gpu_model)
-        if group.desired < 1:
-            group.desired = 1
-            try:
-                await self._correct_state()
-            except BaseException:
-                group.desired = 0
-                raise
-        loop = asyncio.get_running_loop()
-        timeout = self.lease_start_timeout if timeout is None else float(timeout)
-        deadline = loop.time() + timeout
-        while True:
-            for address, ws in self.scheduler.workers.items():
-                if ws.status == Status.running and self.group_of_worker(address) == name:
-                    return address
-            if loop.time() > deadline:
-                raise errors.LeaseStartTimeout(self._start_timeout_message(1, timeout))
-            await asyncio.sleep(0.05)
+    async def _hold(self, spec: dict, timeout: float | None) -> str:
+        address = await self._call("parallex_hold", group=spec, timeout=timeout)
+        await self._refresh_state()
+        return address
 
     def release(self, group: str) -> None:
         """Give back the workers of a named group."""
         return self.sync(self._release_group, group)
 
     async def _release_group(self, name: str) -> None:
-        if name in self._groups and name != "default":
-            self._groups[name].desired = 0
-            await self._correct_state()
+        self._state = await self._call("parallex_release", name=name)
 
     def adapt(self, Adaptive: type[Adaptive] | None = None, **kwargs: Any) -> Adaptive:
         """Scale between ``minimum`` and ``maximum`` workers with Dask's adaptive policy."""
-        return super().adapt(Adaptive=Adaptive or FederatedAdaptive, **kwargs)
+        adaptive = super().adapt(Adaptive=Adaptive or FederatedAdaptive, **kwargs)
+        # The keeper leaves an adaptive cluster's idle workers to the adaptive policy.
+        self.sync(self._refresh_state, adaptive=True)
+        return adaptive
 
     @property
     def plan(self) -> set[str]:
-        return set(self._live)
+        return self._live
 
     @property
     def requested(self) -> set[str]:
-        return set(self._live)
+        return self._live
 
     async def _wait_for_workers(self, n_workers: int = 0, timeout: float | None = None) -> None:
-        loop = asyncio.get_running_loop()
         timeout = self.lease_start_timeout if timeout is None else float(timeout)
-        deadline = loop.time() + timeout
-        while self._running_workers() < n_workers:
-            if loop.time() > deadline:
-                raise errors.LeaseStartTimeout(self._start_timeout_message(n_workers, timeout))
-            await asyncio.sleep(0.05)
-        # Confirm the connected workers at once, so the broker runs (and meters) their leases
-        # and cluster.leases shows them running with their provider's lab.
-        await self._refresh()
-
-    async def _refresh(self) -> None:
-        await self._handle_ended(self._update(await self._beat()))
-
-    async def _beat(self) -> dict:
-        """One heartbeat: the broker hears which leases' workers have joined (they run and are
-        metered from then) and answers with its view of the cluster."""
-        return await self._broker.request("POST", f"/clusters/{self.cluster_id}/heartbeat",
-                                          json={"connected": self._connected_leases()})
-
-    def _running_workers(self) -> int:
-        return sum(1 for ws in self.scheduler.workers.values()
-                   if ws.status == Status.running and lease_of(ws.name) in self._live)
-
-    def _start_timeout_message(self, n: int, timeout: float) -> str:
-        states = Counter(self._leases[lid]["state"] for lid in self._live)
-        detail = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no live leases"
-        hint = (" Pending leases wait for a provider with free capacity; see "
-                "cluster.leases for each lease's state and message.")
-        return (f"{self._running_workers()} of {n} workers connected after {timeout:g} s "
-                f"(leases: {detail}).{hint}")
+        try:
+            self._state = await self._call("parallex_wait_for_workers", n=n_workers,
+                                           timeout=timeout)
+        except errors.LeaseStartTimeout:
+            await self._refresh_state()
+            raise
 
     # ---- cost -------------------------------------------------------------------------------
 
@@ -649,10 +528,9 @@ class FederatedCluster(Cluster):
         now = await self._cost_details()
         planned = None
         if n is not None:
-            default = self._groups["default"]
-            spec = {"cpus": float(cpus) if cpus is not None else default.cpus,
-                    "memory": parse_memory(memory) if memory is not None else default.memory,
-                    "gpus": int(gpus), "gpu_model": gpu_model}
+            spec = {"cpus": float(cpus) if cpus is not None else self.worker_cpus,
+                    "memory": parse_memory(memory) if memory is not None
+                    else self.worker_memory, "gpus": int(gpus), "gpu_model": gpu_model}
             planned = await self._broker.request("POST", "/prices/quote",
                                                  json={"spec": spec, "workers": n})
         return Estimate.from_answers(now, planned)
@@ -661,23 +539,33 @@ class FederatedCluster(Cluster):
 
     def workers_by_lab(self) -> dict[str, int]:
         """Connected workers per providing lab."""
-        connected = {lease_of(ws.name) for ws in (self.scheduler.workers.values()
-                                                  if self.scheduler else [])}
-        return dict(Counter(self._leases[lid].get("lab") or "?" for lid in connected
-                            if lid in self._leases))
+        self._fresh()
+        return self._workers_by_lab()
+
+    def _workers_by_lab(self) -> dict[str, int]:
+        leases = self._leases
+        connected = {w["lease"] for w in self._state["workers"]}
+        return dict(Counter(leases[lid].get("lab") or "?" for lid in connected
+                            if lid in leases))
+
+    def pending(self) -> dict[str, int]:
+        """Pending leases by the reason they wait (as the broker words it)."""
+        self._fresh()
+        return dict(pending_reasons(self._state["leases"]))
 
     def _pending(self) -> int:
-        return sum(1 for lid in self._live if self._leases[lid]["state"] in ("pending",
-                                                                              "starting"))
+        leases = self._leases
+        return sum(1 for lid in self._live if leases.get(lid, {}).get("state") in
+                   ("pending", "starting"))
 
     def __repr__(self) -> str:
         return (f"FederatedCluster({self.cluster_id}, {self.scheduler_address!r}, "
-                f"workers={sum(self.workers_by_lab().values())}, pending={self._pending()}, "
-                f"labs={self.workers_by_lab()})")
+                f"workers={sum(self._workers_by_lab().values())}, pending={self._pending()}, "
+                f"labs={self._workers_by_lab()})")
 
     def _scaling_status(self) -> str:
         rows = "".join(f"<tr><td>{html.escape(lab)}</td><td>{n}</td></tr>"
-                       for lab, n in sorted(self.workers_by_lab().items()))
+                       for lab, n in sorted(self._workers_by_lab().items()))
         return (f"<table><tr><th>Lab</th><th>Workers</th></tr>{rows}"
                 f"<tr><td>pending</td><td>{self._pending()}</td></tr></table>")
 
@@ -687,10 +575,3 @@ class FederatedCluster(Cluster):
                 f"<br>Scheduler: {html.escape(self.scheduler_address)}"
                 f"<br>Dashboard: <a href='{link}' target='_blank'>{html.escape(link)}</a>"
                 f"{self._scaling_status()}</div>")
-
-    @property
-    def dashboard_link(self) -> str:
-        if self.scheduler is None or "dashboard" not in self.scheduler.services:
-            return ""
-        port = self.scheduler.services["dashboard"].port
-        return format_dashboard_link(self._scheduler_host, port)

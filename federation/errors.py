@@ -48,6 +48,10 @@ class RequestRejected(ParallexError):
         self.status_code = status_code
         self.code = code
 
+    def __reduce__(self):
+        # Crosses from the scheduler process to the user's with its status and code.
+        return (type(self), (str(self), self.status_code, self.code))
+
 
 class NoProviderFits(RequestRejected):
     """No provider in the federation has enough capacity for one worker of the asked size."""

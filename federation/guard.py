@@ -9,19 +9,24 @@ worker is: a worker registers only under the lease id its certificate names, onl
 lease is live, and a client certificate cannot register a worker at all.
 
 It wraps the one handler that makes a worker ("register-worker") in the scheduler's public
-handler table; handlers and stream handlers are otherwise Dask's own.
+handler table; handlers and stream handlers are otherwise Dask's own. The cluster's own
+handlers (``parallex_*``: scale, hold, end the leases) answer only the cluster's client
+certificate: a worker, or a client a task opens with the worker's certificate, cannot spend the
+user's credits.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from distributed import Scheduler
+from distributed.core import error_message
 from distributed.metrics import time
 
-from .tls import ROLE_WORKER, peer_identity
+from .errors import ParallexError
+from .tls import ROLE_CLIENT, ROLE_WORKER, peer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +60,28 @@ class SchedulerGuard:
             return await register(comm=comm, **msg)
 
         self.scheduler.handlers["register-worker"] = register_worker
+
+    def add_client_handler(self, op: str, handler: Callable[..., Awaitable[Any]]) -> None:
+        """Serve ``op`` on the scheduler to connections with the cluster's client certificate
+        only; any other connection gets a PermissionError naming its certificate."""
+        guard = self
+
+        async def client_only(comm: Any, **msg: Any) -> Any:
+            name, role = peer_identity(comm.extra_info.get("peercert") if comm else None)
+            if role != ROLE_CLIENT:
+                refusal = f"a {role or 'certificate-less'} connection ({name}) may not call {op!r}"
+                guard.refusals.append(refusal)
+                logger.warning("Refused: %s", refusal)
+                return error_message(PermissionError(refusal), status="uncaught-error")
+            try:
+                return await handler(**msg)
+            except ParallexError as exc:
+                # The user's own mistake or the broker's refusal: it is raised for them on
+                # their side, so one line here instead of Dask's traceback.
+                logger.info("%s: %s", op, exc)
+                return error_message(exc, status="uncaught-error")
+
+        self.scheduler.handlers[op] = client_only
 
     def check_registration(self, comm: Any, msg: dict) -> str | None:
         """A refusal message, or None when this connection may register this worker."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -61,7 +62,7 @@ class ClusterAuthority:
     """The certificate authority of one cluster; it lives only in the user's process."""
 
     def __init__(self, cluster_name: str | None = None):
-        self._key = _new_key()
+        self._key: Any = _new_key()
         now = dt.datetime.now(dt.UTC)
         subject = _name(f"parallex-ca-{cluster_name or uuid.uuid4().hex[:8]}", "parallex-ca")
         self._cert = (
@@ -76,6 +77,20 @@ class ClusterAuthority:
             .sign(self._key, hashes.SHA256())
         )
         self.ca_pem = self._cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    @property
+    def key_pem(self) -> str:
+        """The CA's private key; it travels only to this cluster's own scheduler process."""
+        return _key_pem(self._key)
+
+    @classmethod
+    def from_pem(cls, ca_pem: str, key_pem: str) -> ClusterAuthority:
+        """The same authority in another process of the user (the scheduler's)."""
+        authority = cls.__new__(cls)
+        authority._key = serialization.load_pem_private_key(key_pem.encode(), password=None)
+        authority._cert = x509.load_pem_x509_certificate(ca_pem.encode())
+        authority.ca_pem = ca_pem
+        return authority
 
     def issue(self, common_name: str, role: str) -> CertKey:
         """Sign a new key pair for ``common_name`` in ``role``."""

@@ -1,9 +1,10 @@
 """Where the kernel's Dask and Parallex logging goes: a file, not the notebook.
 
-A notebook cell's output should hold what the user printed and what they must act on. The
-scheduler runs in the kernel, so without this every worker registration and shuffle notice would
-land in red under the cell. INFO and above go to ``$PARALLEX_LOG_DIR/kernel-<pid>.log``
-(default ``~/.parallex/logs``); only errors of Parallex itself still reach the cell.
+A notebook cell's output should hold what the user printed and what they must act on. Without
+this every worker registration and shuffle notice (the client's and the cluster's, whose
+scheduler process appends to the same file) would land in red under the cell. INFO and above
+go to ``$PARALLEX_LOG_DIR/kernel-<pid>.log`` (default ``~/.parallex/logs``); only errors of
+Parallex itself still reach the cell.
 `%parallex log` shows the file's tail.
 """
 

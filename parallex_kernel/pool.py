@@ -119,8 +119,10 @@ class Pool:
                         "start; ask your PI")
         finally:
             broker.close()
+        # The scheduler runs in a process of its own (a cell holding the GIL cannot stall
+        # it); its log joins this kernel's, which %parallex log shows.
         cluster = FederatedCluster(self.broker_url, self.token, quiet=True,
-                                   name=f"kernel-{os.getpid()}")
+                                   name=f"kernel-{os.getpid()}", scheduler_log=self.log_file)
         try:
             maximum = self._max_workers(cluster)
             cluster.adapt(minimum=0, maximum=maximum)
@@ -141,7 +143,7 @@ class Pool:
         quota = self.me.get("max_cpus")
         if quota is None:
             return configured
-        return max(0, math.floor(float(quota) / cluster._groups["default"].cpus))
+        return max(0, math.floor(float(quota) / cluster.worker_cpus))
 
     def _get_when_ready(self, dsk, keys, **kwargs):
         """Dask's scheduler until the pool is ready: wait for it, then run there (or, if it

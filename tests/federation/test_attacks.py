@@ -152,7 +152,7 @@ def test_a_provider_that_never_starts_the_worker_is_not_paid(tmp_path):
         with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
                               heartbeat_interval=0.5) as cluster:
             cluster.scale(1)
-            first = next(iter(cluster._live))
+            first = next(iter(cluster.live))
 
             def lie() -> bool:
                 leases = provider.get(f"/agent/{pid}/leases").json()["leases"]
@@ -261,9 +261,9 @@ def test_a_worker_memory_limit_is_the_lease_memory_in_bytes(two_labs):
                           heartbeat_interval=0.5) as cluster:
         cluster.scale(1, memory="768 MiB")
         cluster.wait_for_workers(1)
-        (worker,) = cluster.scheduler.workers.values()
-        assert worker.memory_limit == 768 * 2**20
-        lease_id = next(iter(cluster._live))
+        (worker,) = cluster.connected_workers()
+        assert worker["memory_limit"] == 768 * 2**20
+        lease_id = next(iter(cluster.live))
         wait_until(lambda: any(le["id"] == lease_id and le["state"] == "running"
                                for le in cluster.leases), 15,
                    "the broker to mark the confirmed lease running")

@@ -139,7 +139,7 @@ def test_cluster_takes_broker_and_token_from_dask_config(registered, monkeypatch
                           "parallex.worker.memory": "3 GiB"}):
         with FederatedCluster(dashboard=False) as cluster:
             assert cluster.cluster_id.startswith("cl_")
-            assert cluster._groups["default"].memory == 3 * 2**30
+            assert cluster.worker_memory == 3 * 2**30
     with pytest.raises(TokenRefused, match="no API token"):
         FederatedCluster(fed.url, dashboard=False)
 

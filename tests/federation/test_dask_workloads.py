@@ -254,10 +254,10 @@ def test_an_idle_cluster_gives_its_workers_back(labs):
         with cluster.get_client() as client:
             assert client.submit(lambda: 1).result() == 1
         busy_until = time.monotonic()
-        wait_until(lambda: not cluster._live and not cluster.scheduler.workers, 30,
+        wait_until(lambda: not cluster.live and not cluster.connected_workers(), 30,
                    "the idle cluster to give its worker back")
         assert time.monotonic() - busy_until >= 3
-        assert all(group.desired == 0 for group in cluster._groups.values())
+        assert all(group["desired"] == 0 for group in cluster.groups().values())
         with pytest.raises(TimeoutError):  # LeaseStartTimeout is a TimeoutError
             cluster.wait_for_workers(1, timeout=0.5)
 

@@ -30,7 +30,7 @@ def test_compute_across_two_labs_then_scale_down_and_close(two_labs):
         assert len(pids_before) == 3
 
         cluster.scale(1)
-        wait_until(lambda: len(cluster.scheduler.workers) == 1, 30, "scale down to 1 worker")
+        wait_until(lambda: len(cluster.connected_workers()) == 1, 30, "scale down to 1 worker")
         wait_until(lambda: len(live_worker_pids(fed.workdirs["agent-a"])
                                | live_worker_pids(fed.workdirs["agent-b"])) == 1,
                    30, "retired worker processes to exit")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 
 import dask.array as da
 import numpy as np
+import psutil
 
 from federation import FederatedCluster
 from federation.client import BrokerClient
@@ -94,7 +96,7 @@ def test_broker_killed_and_restarted_loses_and_duplicates_nothing(two_labs):
         assert set(after) == set(before), "a lease was lost or duplicated"
         assert all(le["state"] == "running" for le in after.values()), after
         assert {name: live_worker_pids(w) for name, w in fed.workdirs.items()} == pids_before
-        assert len(cluster.scheduler.workers) == 3
+        assert len(cluster.connected_workers()) == 3
         client = cluster.get_client()
         _check_sum(client)
         client.close()
@@ -114,7 +116,8 @@ def test_restarted_agent_adopts_live_workers_and_stops_released_ones(federation)
 
         # While the agent is down, one lease is released at the broker directly.
         keep, drop = sorted(le["id"] for le in cluster.leases if le["state"] == "running")
-        dropped_pid = next(ws.pid for ws in cluster.scheduler.workers.values() if ws.name == drop)
+        dropped_pid = next(ws["pid"] for ws in cluster.connected_workers()
+                           if ws["name"] == drop)
         user = BrokerClient(fed.url, fed.user_tokens["alice"])
         try:
             user.request("POST", f"/clusters/{cluster.cluster_id}/leases/release",
@@ -138,7 +141,7 @@ def test_restarted_agent_adopts_live_workers_and_stops_released_ones(federation)
                   for le in _cluster_public(fed, cluster.cluster_id)["leases"]}
         assert states[drop] == ("ended", "released")
         assert states[keep] == ("running", None)
-        kept_pid = next(ws.pid for ws in cluster.scheduler.workers.values() if ws.name == keep)
+        kept_pid = next(ws["pid"] for ws in cluster.connected_workers() if ws["name"] == keep)
         assert kept_pid in live_worker_pids(workdir), "the live worker was not adopted"
         assert "adopted the running worker of lease " + keep in fed.agents["agent-a"].log_text()
         # The cluster asks for a replacement of the lease it did not release; it connects too.
@@ -151,8 +154,8 @@ def test_dead_worker_ends_its_lease_failed_and_is_replaced(two_labs):
                           dashboard=False) as cluster:
         cluster.scale(1)
         cluster.wait_for_workers(1, timeout=60)
-        (ws,) = cluster.scheduler.workers.values()
-        victim_lease, victim_pid = ws.name, ws.pid
+        (ws,) = cluster.connected_workers()
+        victim_lease, victim_pid = ws["name"], ws["pid"]
         os.kill(victim_pid, signal.SIGKILL)
 
         def failed():
@@ -163,8 +166,8 @@ def test_dead_worker_ends_its_lease_failed_and_is_replaced(two_labs):
         lease = wait_until(failed, 30, "the dead worker's lease to end")
         assert lease["end_reason"] == "failed"
         assert "worker process exited with code -9" in lease["message"]
-        wait_until(lambda: [w.name for w in cluster.scheduler.workers.values()
-                            if w.name != victim_lease], 60, "a replacement worker")
+        wait_until(lambda: [w["name"] for w in cluster.connected_workers()
+                            if w["name"] != victim_lease], 60, "a replacement worker")
         assert len(cluster.plan) == 1 and victim_lease not in cluster.plan
 
 
@@ -175,31 +178,63 @@ from federation import FederatedCluster
 cluster = FederatedCluster(sys.argv[1], sys.argv[2], heartbeat_interval=0.5, dashboard=False)
 cluster.scale(1)
 cluster.wait_for_workers(1, timeout=60)
-print("READY", cluster.cluster_id, flush=True)
+print("READY", cluster.cluster_id, cluster._process.pid, flush=True)
 threading.Event().wait()  # until the test kills this process
 """
 
 
-def test_cluster_whose_process_dies_stops_costing_within_its_timeout(two_labs, tmp_path):
-    fed = two_labs
+def _start_cluster_script(fed, tmp_path) -> tuple[Proc, str, int]:
     script = tmp_path / "cluster.py"
     script.write_text(CLUSTER_SCRIPT)
     user = Proc([sys.executable, str(script), fed.url, fed.user_tokens["alice"]],
                 tmp_path / "cluster.log")
+    cluster_id, scheduler_pid = user.wait_for_line("READY ").split()[:2]
+    return user, cluster_id, int(scheduler_pid)
+
+
+def _ended(fed, cluster_id):
+    public = _cluster_public(fed, cluster_id)
+    return public if not public["active"] and all(
+        le["state"] == "ended" for le in public["leases"]) else None
+
+
+def test_a_killed_notebook_ends_its_leases_at_once(two_labs, tmp_path):
+    """The scheduler process sees its parent's pipe close and ends the cluster: nothing runs,
+    or is charged, until the broker's cluster timeout."""
+    fed = two_labs
+    user, cluster_id, scheduler_pid = _start_cluster_script(fed, tmp_path)
     try:
-        cluster_id = user.wait_for_line("READY ")
-        (lease,) = _cluster_public(fed, cluster_id)["leases"]
+        assert len(set().union(*(live_worker_pids(w) for w in fed.workdirs.values()))) == 1
+        killed_at = dt.datetime.now(dt.UTC)
+        user.kill9()
+        public = wait_until(lambda: _ended(fed, cluster_id), fed.cluster_timeout + 20,
+                            "the orphaned cluster's leases")
+        assert public["end_reason"] == "closed"
+        (lease,) = public["leases"]
+        assert lease["end_reason"] == "released", lease
+        ended_at = dt.datetime.fromisoformat(lease["ended_at"]).replace(tzinfo=dt.UTC)
+        assert (ended_at - killed_at).total_seconds() < fed.cluster_timeout
+        wait_until(lambda: not psutil.pid_exists(scheduler_pid), 30,
+                   "the scheduler process to exit")
+    finally:
+        user.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(scheduler_pid, signal.SIGKILL)
+
+
+def test_cluster_whose_processes_die_stops_costing_within_its_timeout(two_labs, tmp_path):
+    fed = two_labs
+    user, cluster_id, scheduler_pid = _start_cluster_script(fed, tmp_path)
+    try:
         worker_pids = set().union(*(live_worker_pids(w) for w in fed.workdirs.values()))
         assert len(worker_pids) == 1
         killed_at = dt.datetime.now(dt.UTC)
+        # Both the user's process and its scheduler die at once (a machine lost): nobody is
+        # left to say goodbye, so the broker's cluster timeout ends the leases.
+        os.kill(scheduler_pid, signal.SIGKILL)
         user.kill9()
-
-        def ended():
-            public = _cluster_public(fed, cluster_id)
-            return public if not public["active"] and all(
-                le["state"] == "ended" for le in public["leases"]) else None
-
-        public = wait_until(ended, fed.cluster_timeout + 20, "the silent cluster's leases")
+        public = wait_until(lambda: _ended(fed, cluster_id), fed.cluster_timeout + 20,
+                            "the silent cluster's leases")
         assert public["end_reason"] == "lost"
         (lease,) = public["leases"]
         # The worker noticed its scheduler vanish and left; that is no failure of the provider.

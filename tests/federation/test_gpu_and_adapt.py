@@ -33,7 +33,7 @@ def test_gpu_group_routes_annotated_tasks_and_pins_devices(federation):
         cluster.wait_for_workers(2, timeout=60)
         client = cluster.get_client()
         gpu_lease = next(le for le in cluster.leases if le["gpus"] == 1)
-        resources = {ws.name: ws.resources for ws in cluster.scheduler.workers.values()}
+        resources = {ws["name"]: ws["resources"] for ws in cluster.connected_workers()}
         assert resources[gpu_lease["id"]] == {"GPU": 1}
         with dask.annotate(resources={"GPU": 1}):
             on_gpu = dask.delayed(visible_devices)().persist()
@@ -41,8 +41,9 @@ def test_gpu_group_routes_annotated_tasks_and_pins_devices(federation):
         assert on_gpu.compute() == "1"
         who = client.who_has(on_gpu)
         (holders,) = who.values()
-        assert [cluster.scheduler.workers[a].name for a in holders] == [gpu_lease["id"]]
-        cpu_worker = next(a for a, ws in cluster.scheduler.workers.items() if not ws.resources)
+        by_address = {ws["address"]: ws for ws in cluster.connected_workers()}
+        assert [by_address[a]["name"] for a in holders] == [gpu_lease["id"]]
+        cpu_worker = next(a for a, ws in by_address.items() if not ws["resources"])
         assert client.submit(visible_devices, workers=[cpu_worker], pure=False).result() == ""
         client.close()
 
@@ -52,12 +53,12 @@ def test_adapt_scales_up_under_load_and_back_down(two_labs):
     with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
                           worker_memory="1 GiB", heartbeat_interval=0.5) as cluster:
         cluster.adapt(minimum=1, maximum=3, interval="200ms", wait_count=2)
-        wait_until(lambda: len(cluster.scheduler.workers) == 1, 60, "the adaptive minimum")
+        wait_until(lambda: len(cluster.connected_workers()) == 1, 60, "the adaptive minimum")
         client = cluster.get_client()
         futures = client.map(time.sleep, [0.5] * 40, pure=False)
-        wait_until(lambda: len(cluster.scheduler.workers) == 3, 60, "scale-up to 3 workers")
+        wait_until(lambda: len(cluster.connected_workers()) == 3, 60, "scale-up to 3 workers")
         wait(futures, timeout=120)
-        wait_until(lambda: len(cluster.scheduler.workers) == 1, 60, "scale-down to 1 worker")
+        wait_until(lambda: len(cluster.connected_workers()) == 1, 60, "scale-down to 1 worker")
         wait_until(lambda: sum(len(live_worker_pids(w)) for w in fed.workdirs.values()) == 1,
                    30, "retired worker processes to exit")
 

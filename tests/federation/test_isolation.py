@@ -79,13 +79,13 @@ def test_leases_on_one_machine_cannot_reach_each_other_or_the_agent(federation):
         victim.scale(1, memory="1 GiB")
         attacker.wait_for_workers(1)
         victim.wait_for_workers(1)
-        (victim_worker,) = victim.scheduler.workers.values()
-        victim_lease = victim_worker.name
+        (victim_worker,) = victim.connected_workers()
+        victim_lease = victim_worker["name"]
         victim_folder = workdir / "leases" / victim_lease
         assert victim_folder.is_dir()
         assert victim_folder.stat().st_mode & 0o777 == 0o700
         assert (victim_folder / "key.pem").stat().st_mode & 0o777 == 0o600
-        targets = {"victim_pid": victim_worker.pid, "victim_folder": str(victim_folder),
+        targets = {"victim_pid": victim_worker["pid"], "victim_folder": str(victim_folder),
                    "token_file": str(workdir.parent / "shared-box.token"),
                    "agent_pid": fed.agents["shared-box"].pid,
                    "state_file": str(workdir / "workers.json"),
@@ -100,8 +100,8 @@ def test_leases_on_one_machine_cannot_reach_each_other_or_the_agent(federation):
                    "signal victim", "agent token", "agent mem", "agent environ",
                    "agent state", "list leases"]
         assert {k: seen[k] for k in refused} == dict.fromkeys(refused, "denied")
-        assert len(victim.scheduler.workers) == 1  # the victim's worker survived
-        attacker_lease = next(iter(attacker._live))
+        assert len(victim.connected_workers()) == 1  # the victim's worker survived
+        attacker_lease = next(iter(attacker.live))
         attacker.scale(0, memory="1 GiB")
         wait_until(lambda: not (workdir / "leases" / attacker_lease).exists(), 30,
                    "the ended lease's folder (with its key) to be deleted")

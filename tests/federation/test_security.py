@@ -40,19 +40,20 @@ def test_certificates_of_another_cluster_are_refused(two_labs):
         try:
             # A client with cluster B's certificates cannot reach cluster A's scheduler.
             with pytest.raises((OSError, TimeoutError)):
-                await asyncio.wait_for(Client(a.scheduler.address, asynchronous=True,
+                await asyncio.wait_for(Client(a.scheduler_address, asynchronous=True,
                                               security=client_security(b.authority),
                                               timeout="3s"), 10)
             # Nor can a worker holding B's certificate for one of A's lease names.
             await a.scale(1)
-            lease = next(iter(a._live))
+            lease = next(iter(a.live))
             with pytest.raises((OSError, TimeoutError)):
                 await asyncio.wait_for(
-                    Worker(a.scheduler.address, name=lease, nthreads=1,
+                    Worker(a.scheduler_address, name=lease, nthreads=1,
                            security=worker_security(b.authority, lease),
                            death_timeout="3s"), 15)
             # Only the agent's real worker may hold that name; the impostor ran in this process.
-            assert all(ws.pid != os.getpid() for ws in a.scheduler.workers.values())
+            state = await a._refresh_state()
+            assert all(ws["pid"] != os.getpid() for ws in state["workers"])
         finally:
             await b.close()
             await a.close()
@@ -70,21 +71,24 @@ def test_worker_certificates_speak_the_whole_protocol_but_register_only_as_their
         try:
             await cluster.scale(1)
             await cluster._wait_for_workers(1, timeout=60)
-            lease = next(iter(cluster._live))
-            async with Client(cluster.scheduler.address, asynchronous=True,
+            lease = next(iter(cluster.live))
+            async with Client(cluster.scheduler_address, asynchronous=True,
                               security=worker_security(cluster.authority, lease)) as client:
                 assert await client.submit(lambda x: x + 1, 41) == 42
+                # …but it cannot drive the cluster: scaling spends the user's credits.
+                with pytest.raises(PermissionError, match="may not call 'parallex_scale'"):
+                    await client.scheduler.parallex_scale(n=5)
             client_creds = cluster.authority.issue("client-2", "parallex-client")
             as_client = Security(tls_ca_file=cluster.authority.ca_pem,
                                  tls_worker_cert=client_creds.cert,
                                  tls_worker_key=client_creds.key, require_encryption=True)
             with pytest.raises((ValueError, OSError, TimeoutError, RuntimeError)):
                 await asyncio.wait_for(
-                    Worker(cluster.scheduler.address, name=lease, nthreads=1,
+                    Worker(cluster.scheduler_address, name=lease, nthreads=1,
                            security=as_client, death_timeout="5s"), 20)
-            assert "a parallex-client connection cannot register a worker" in \
-                cluster.guard.refusals
-            assert len(cluster.scheduler.workers) == 1
+            state = await cluster._refresh_state()
+            assert "a parallex-client connection cannot register a worker" in state["refusals"]
+            assert len(state["workers"]) == 1 and list(state["live"]) == [lease]
         finally:
             await cluster.close()
 
@@ -97,23 +101,24 @@ def test_worker_cannot_register_under_another_lease_name(two_labs):
         try:
             await cluster.scale(2)
             await cluster._wait_for_workers(2, timeout=60)
-            mine, other = sorted(cluster._live)
+            mine, other = sorted(cluster.live)
             with pytest.raises((ValueError, OSError, TimeoutError, RuntimeError)):
                 await asyncio.wait_for(
-                    Worker(cluster.scheduler.address, name=other, nthreads=1,
+                    Worker(cluster.scheduler_address, name=other, nthreads=1,
                            security=worker_security(cluster.authority, mine),
                            death_timeout="5s"), 20)
+            refusals = (await cluster._refresh_state())["refusals"]
             assert any(f"for lease {mine!r} tried to register as {other!r}" in r
-                       for r in cluster.guard.refusals), cluster.guard.refusals
+                       for r in refusals), refusals
             # A certificate for a lease id the cluster never asked for is refused as well.
             with pytest.raises((ValueError, OSError, TimeoutError, RuntimeError)):
                 await asyncio.wait_for(
-                    Worker(cluster.scheduler.address, name="ls-notalease0000", nthreads=1,
+                    Worker(cluster.scheduler_address, name="ls-notalease0000", nthreads=1,
                            security=worker_security(cluster.authority, "ls-notalease0000"),
                            death_timeout="5s"), 20)
-            assert any("'ls-notalease0000' is not a live lease" in r
-                       for r in cluster.guard.refusals)
-            assert len(cluster.scheduler.workers) == 2
+            state = await cluster._refresh_state()
+            assert any("'ls-notalease0000' is not a live lease" in r for r in state["refusals"])
+            assert len(state["workers"]) == 2
         finally:
             await cluster.close()
 
@@ -138,7 +143,7 @@ def test_user_cannot_touch_another_users_cluster(two_labs):
                     "workers": [{"lease_id": "ls-bobwantsthis01"}]})
             with pytest.raises(NotFound, match=mine):
                 bob.request("POST", f"/clusters/{cluster.cluster_id}/leases/release",
-                            json={"lease_ids": sorted(cluster._live)})
+                            json={"lease_ids": sorted(cluster.live)})
             with pytest.raises(NotFound, match=mine):
                 bob.request("GET", f"/clusters/{cluster.cluster_id}/signing-requests")
             with pytest.raises(NotFound, match=mine):

@@ -154,3 +154,59 @@ def test_a_merge_on_the_pool_prints_only_what_the_user_printed(lab_with_agent, t
         assert list((tmp_path / "logs").glob("kernel-*.log"))
         status = run(kc, "%parallex")
         assert "restricted to labs lab-a" in status.stdout, status.stdout
+
+
+GIL_HOLD_SECONDS = 60
+
+
+def test_a_cell_holding_the_gil_for_a_minute_loses_no_worker(tmp_path):
+    """A cell that never lets go of the GIL (a long C call; here a busy loop with the switch
+    interval raised past its length) while the pool computes. The scheduler and its heartbeat
+    to the broker live in another process, so the broker — whose cluster timeout is a sixth of
+    the hold — keeps the cluster, the workers keep their data and the computation finishes."""
+    fed = make_federation(tmp_path, provider_timeout=5, cluster_timeout=10)
+    try:
+        fed.add_lab("lab-a", user="alice")
+        fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB")
+        env = {"PARALLEX_BROKER_URL": fed.url, "PARALLEX_TOKEN": fed.user_tokens["alice"],
+               "PARALLEX_LOG_DIR": str(tmp_path / "logs")}
+        with parallex_kernel(tmp_path / "k", env) as (_km, kc):
+            start = run(kc, "%parallex scale 2\n"
+                            "import time, dask.array as da\n"
+                            "cluster, client = parallex_pool.cluster, parallex_pool.client\n"
+                            "cluster.wait_for_workers(2, timeout=60)\n"
+                            "kept = da.arange(1_000_000, chunks=100_000).persist()\n"
+                            "def slow(i):\n"
+                            "    import time\n"
+                            "    time.sleep(1)\n"
+                            "    return i * i\n"
+                            "futures = client.map(slow, range(40), pure=False)\n"
+                            "before = sorted(cluster.live)\n"
+                            "print(len(before))")
+            assert start.status == "ok", start.error + start.stderr
+            assert start.stdout.splitlines()[-1] == "2", start.stdout
+            held = run(kc, "import sys\n"
+                           "sys.setswitchinterval(10 * 60)\n"
+                           "t0 = time.monotonic()\n"
+                           f"while time.monotonic() - t0 < {GIL_HOLD_SECONDS}:\n"
+                           "    pass\n"
+                           "sys.setswitchinterval(0.005)\n"
+                           "print(round(time.monotonic() - t0))",
+                       timeout=GIL_HOLD_SECONDS + 60)
+            assert held.status == "ok", held.error
+            assert int(held.stdout.strip()) >= GIL_HOLD_SECONDS
+            after = run(kc, "print(sum(client.gather(futures)) == sum(i * i for i in range(40)))\n"
+                            "print(int(kept.sum().compute()) == 499999500000)\n"
+                            "print(sorted(cluster.live) == before,"
+                            " sorted(le['state'] for le in cluster.leases))")
+            assert after.status == "ok", after.error + after.stderr
+            assert after.stdout.split("\n")[:3] == ["True", "True",
+                                                    "True ['running', 'running']"], after.stdout
+            admin = fed.admin()
+            try:
+                clusters = admin.request("GET", "/clusters")
+            finally:
+                admin.close()
+            assert [c["active"] for c in clusters] == [True], clusters
+    finally:
+        fed.stop()
