@@ -149,6 +149,32 @@ def place_with_owner_priority(
     return first + place(rest, providers, counts, rng)
 
 
+def why_waiting(req: LeaseRequest, providers: list[ProviderCapacity]) -> str:
+    """Why ``req`` is still pending after a placement pass; ``providers`` carry the free
+    capacity that pass left. The words a user reads in ``%parallex`` and in a start timeout."""
+    from .sizes import format_bytes
+
+    def cpus(n: float) -> str:
+        return f"{n:g} CPU" + ("" if n == 1 else "s")
+
+    size = f"{cpus(req.cpus)} and {format_bytes(req.memory)}"
+    if req.gpus:
+        size += f" and {req.gpus} {req.gpu_model + ' ' if req.gpu_model else ''}GPUs"
+    allowed = [p for p in providers if req.allows(p)]
+    if not allowed:
+        where = ", ".join(f"{kind} {', '.join(sorted(names))}" for kind, names in
+                          (("labs", req.allowed_labs), ("sites", req.allowed_sites)) if names)
+        return (f"no provider of the {where} this cluster is restricted to is online"
+                if where else "no provider is online")
+    most = max(allowed, key=lambda p: (len(matching_gpus(p.free_gpus, req.gpu_model)),
+                                       p.free_cpus, p.free_memory))
+    busy = f"all {len(allowed)} online providers are busy" if len(allowed) > 1 \
+        else "the one online provider is busy"
+    gpus = (f", {len(matching_gpus(most.free_gpus, req.gpu_model))} GPUs" if req.gpus else "")
+    return (f"waiting for {size} to come free: {busy} (the most free has "
+            f"{cpus(most.free_cpus)}, {format_bytes(most.free_memory)}{gpus})")
+
+
 def largest_offer(providers: list[ProviderCapacity], req: LeaseRequest) -> str | None:
     """Explain why ``req`` can never fit any provider's *total* capacity, or None if one could.
 

@@ -83,6 +83,8 @@ class ParallexMagics(Magics):
         print(f"  workers: {sum(st['workers_by_lab'].values())} ({labs or 'none yet'})"
               f", pending {st['pending']}, adaptive {st['adapt'][0]}–{st['adapt'][1]}")
         print(f"  holding: {st['cpus']:g} CPUs, {st['gpus']} GPUs")
+        for reason, n in sorted(st.get("waiting", {}).items()):
+            print(f"  {n} pending: {reason}")
         cluster = self.pool.cluster
         where = [f"{kind} {', '.join(names)}" for kind, names in
                  (("labs", cluster.labs), ("sites", cluster.sites)) if names]

@@ -202,10 +202,14 @@ class Pool:
                                "user": self.me.get("user"), "lab": self.me.get("lab")}
         if self.cluster is None:
             return out
-        held = [le for le in self.cluster.leases if le["state"] in ("starting", "running")]
+        from federation.lease_keeper import pending_reasons
+
+        leases = self.cluster.leases
+        held = [le for le in leases if le["state"] in ("starting", "running")]
         out.update(workers_by_lab=self.cluster.workers_by_lab(),
                    cpus=sum(le["cpus"] for le in held), gpus=sum(le["gpus"] for le in held),
-                   pending=sum(1 for le in self.cluster.leases if le["state"] == "pending"),
+                   pending=sum(1 for le in leases if le["state"] == "pending"),
+                   waiting=dict(pending_reasons(leases)),
                    adapt=self.adapt_range,
                    scale_error=str(self.cluster.scale_error) if self.cluster.scale_error
                    else None,

@@ -713,7 +713,17 @@ class Broker:
                 lease.gpu_indices_json = json.dumps(list(p.gpu_indices))
                 lease.state = LeaseState.starting
                 lease.assigned_at = now
+                lease.message = ""
                 s.add(lease)
+            # What still waits says why, with the capacity this pass left (%parallex shows it).
+            placed_ids = {p.lease_id for p in placed}
+            for req in requests:
+                lease = by_id[req.lease_id]
+                if req.lease_id not in placed_ids:
+                    reason = placement.why_waiting(req, snapshot)
+                    if lease.message != reason:
+                        lease.message = reason
+                        s.add(lease)
             s.commit()
         for pid in {p.provider_id for p in placed}:
             self.bump(pid)

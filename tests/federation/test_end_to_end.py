@@ -85,6 +85,11 @@ def test_repr_dashboard_and_lease_start_timeout(two_labs):
         # fits now and two wait for capacity.
         cluster.scale(3, cpus=2, memory="1 GiB")
         with pytest.raises(LeaseStartTimeout, match=r"of 4 workers connected after 3 s "
-                                                    r"\(leases: pending 2"):
+                                                    r"\(leases: pending 2.*Pending leases wait: "
+                                                    r"waiting for 2 CPUs and 1.00 GiB to come "
+                                                    r"free: all 2 online providers are busy"):
             cluster.wait_for_workers(4, timeout=3)
+        (reason,) = cluster.pending()
+        assert cluster.pending()[reason] == 2
+        assert "(the most free has 1 CPU" in reason, reason
         assert "pending=2" in repr(cluster)

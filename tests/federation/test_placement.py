@@ -12,6 +12,7 @@ from federation.placement import (
     largest_offer,
     place,
     place_with_owner_priority,
+    why_waiting,
 )
 
 GiB = 2**30
@@ -29,6 +30,25 @@ def req(lid: str, cluster: str = "c1", cpus: float = 1, mem: int = GiB, gpus: in
 def test_requests_that_do_not_fit_stay_pending():
     placed = place([req("big", cpus=8), req("ok")], [cap("p1", "a")], {}, random.Random(0))
     assert [p.lease_id for p in placed] == ["ok"]
+
+
+def test_a_request_left_pending_says_why():
+    providers = [cap("p1", "a", cpus=2), cap("p2", "b", cpus=1)]
+    requests = [req("l1", cpus=2), req("l2", cpus=2)]
+    placed = place(requests, providers, {}, random.Random(0))
+    assert [p.lease_id for p in placed] == ["l1"]
+    # The snapshot now holds what the pass left: p1 full, p2 with its one CPU.
+    assert why_waiting(requests[1], providers) == (
+        "waiting for 2 CPUs and 1.00 GiB to come free: all 2 online providers are busy (the "
+        "most free has 1 CPU, 8.00 GiB)")
+    only_c = LeaseRequest("l3", "c1", 1, GiB, allowed_labs=frozenset({"c"}))
+    assert why_waiting(only_c, providers) == (
+        "no provider of the labs c this cluster is restricted to is online")
+    assert why_waiting(req("l4"), []) == "no provider is online"
+    gpu = req("l5", gpus=1, model="a100")
+    assert why_waiting(gpu, [cap("g", "a", gpus=[GpuSlot(0, "T4", 16 * GiB)])]).startswith(
+        "waiting for 1 CPU and 1.00 GiB and 1 a100 GPUs to come free: the one online provider "
+        "is busy")
 
 
 def test_free_capacity_is_consumed_within_one_pass():

@@ -41,6 +41,12 @@ def test_dask_on_the_pool_status_and_remote_cells(lab_with_agent, tmp_path):
         status = run(kc, "%parallex")
         assert "alice (lab-a)" in status.stdout and "adaptive 0–8" in status.stdout
         assert "lab balance" in status.stdout, status.stdout + status.stderr
+        # A third worker does not fit the lab's one 2-CPU machine: %parallex says why it waits.
+        run(kc, "%parallex scale 3\nparallex_pool.cluster.wait_for_workers(2, timeout=60)")
+        waiting = run(kc, "%parallex")
+        assert "1 pending: waiting for 1 CPU and 2.00 GiB to come free: the one online " \
+               "provider is busy" in waiting.stdout, waiting.stdout
+        run(kc, "%parallex adapt 0 8")
 
         # %%remote: reads go there, assignments come back, output streams while it runs.
         run(kc, "a = 21")
