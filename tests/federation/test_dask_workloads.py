@@ -274,3 +274,24 @@ def test_a_cluster_can_be_kept_to_labs_its_owner_trusts(labs):
     with pytest.raises(RequestRejected, match="labs: no lab named 'lab-nowhere'"):
         FederatedCluster(labs.url, labs.user_tokens["alice"], dashboard=False,
                          labs=["lab-nowhere"])
+
+
+def test_client_restart_gives_fresh_workers(labs):
+    """Dask's restart without nannies shuts the workers down and waits for the deployment to
+    replace them: the cluster sees their leases end and asks for new ones."""
+    with FederatedCluster(labs.url, labs.user_tokens["bob"], dashboard=False,
+                          heartbeat_interval=0.5) as cluster:
+        cluster.scale(2)
+        cluster.wait_for_workers(2, timeout=120)
+        with cluster.get_client() as client:
+            remembered = client.submit(lambda: 41, pure=False)
+            assert remembered.result(timeout=30) == 41
+            before = cluster.live
+            started = time.monotonic()
+            client.restart(timeout=60)
+            took = time.monotonic() - started
+            after = cluster.live
+            assert len(after) == 2 and not after & before, (before, after)
+            assert remembered.status == "cancelled"  # restart forgets every result
+            assert client.submit(lambda x: x + 1, 1, pure=False).result(timeout=30) == 2
+            print(f"restart took {took:.1f} s")
