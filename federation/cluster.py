@@ -358,10 +358,10 @@ class FederatedCluster(Cluster):
         self._state = await self._call("parallex_state", **kwargs)
         return self._state
 
-    async def _refresh_quietly(self) -> None:
+    async def _refresh_quietly(self, **kwargs: Any) -> None:
         if self.status == Status.running:
             with contextlib.suppress(errors.ParallexError):
-                await self._refresh_state()
+                await self._refresh_state(**kwargs)
 
     def _fresh(self) -> None:
         """Fetch the keeper's state first when called from the user's (synchronous) code."""
@@ -478,7 +478,10 @@ class FederatedCluster(Cluster):
         """Scale between ``minimum`` and ``maximum`` workers with Dask's adaptive policy."""
         adaptive = super().adapt(Adaptive=Adaptive or FederatedAdaptive, **kwargs)
         # The keeper leaves an adaptive cluster's idle workers to the adaptive policy.
-        self.sync(self._refresh_state, adaptive=True)
+        if self.asynchronous:
+            self.loop.add_callback(self._refresh_quietly, adaptive=True)
+        else:
+            self.sync(self._refresh_state, adaptive=True)
         return adaptive
 
     @property

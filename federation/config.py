@@ -29,5 +29,8 @@ def broker_url(explicit: str | None = None) -> str | None:
 
 
 def token(explicit: str | None = None) -> str | None:
-    """The API token: argument, then PARALLEX_TOKEN, then dask config."""
-    return explicit or os.environ.get("PARALLEX_TOKEN") or get("token")
+    """The API token: argument, then PARALLEX_TOKEN, then dask config, then the JupyterHub
+    server's own token (a hub gives it the broker's scope), so code in a user's server — a
+    notebook, or dask-labextension's "new cluster" button — needs no token of its own."""
+    return (explicit or os.environ.get("PARALLEX_TOKEN") or get("token")
+            or os.environ.get("JUPYTERHUB_API_TOKEN"))

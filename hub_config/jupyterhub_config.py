@@ -84,7 +84,19 @@ c.JupyterHub.load_roles = [
 # scope besides the default server scopes; the Parallex kernel uses it.
 c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
                                  "access:services!service=parallex"]
-c.Spawner.environment = {"PARALLEX_BROKER_URL": settings.broker_url}
+c.Spawner.environment = {
+    "PARALLEX_BROKER_URL": settings.broker_url,
+    # The Dask dashboard opens through the user's own server (jupyter-server-proxy), the one
+    # address a browser on the hub can reach; cluster.dashboard_link, %parallex, the cluster
+    # widget and dask-labextension all use this link.
+    "DASK_DISTRIBUTED__DASHBOARD__LINK": "{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/status",
+    # dask-labextension's "new cluster" button makes a FederatedCluster on the pool, adaptive
+    # from 0 workers, so an idle cluster holds nothing and costs nothing.
+    "DASK_LABEXTENSION__FACTORY__MODULE": "federation",
+    "DASK_LABEXTENSION__FACTORY__CLASS": "FederatedCluster",
+    "DASK_LABEXTENSION__DEFAULT__ADAPT__MINIMUM": "0",
+    "DASK_LABEXTENSION__DEFAULT__ADAPT__MAXIMUM": "4",
+}
 c.Spawner.default_url = "/lab"
 c.Spawner.cmd = [sys.executable, "-m", "jupyterhub.singleuser"]
 # Development and single-machine sites run every server as the hub's own account in a

@@ -200,3 +200,58 @@ def test_a_new_users_server_spawns_with_the_example_notebooks_and_the_kernel(hub
         assert "parallex" in specs.json()["kernelspecs"]
     finally:
         hub.api("DELETE", "/users/petra@north/server")
+
+
+def test_dask_labextension_makes_a_federated_cluster_whose_dashboard_opens_through_the_server(
+        hub):
+    """The Dask sidebar's "new cluster" button (dask-labextension's REST API in the user's
+    server) makes an adaptive FederatedCluster on the pool; its dashboard link points into the
+    user's own server (jupyter-server-proxy), and that link serves the Dask dashboard."""
+    user = "alice@north"
+    assert hub.login("north", "alice", "alice-pw").status_code == 200
+    with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30,
+                      headers={"Authorization": f"Bearer {hub.admin_token}"}) as broker:
+        provider_token = broker.post("/tokens", json={"kind": "provider",
+                                                      "lab": "north-physics"}).json()["token"]
+    agents = agents_folder()
+    agent = start_agent(hub.broker_url, provider_token, agents / "agent", name="north-box",
+                        cpus=2, memory="4 GiB")
+    started = hub.api("POST", f"/users/{user}/server")
+    assert started.status_code in (201, 202), started.text
+    try:
+        wait_until(lambda: hub.api("GET", f"/users/{user}").json()["servers"]
+                   .get("", {}).get("ready"), 120, "alice's server to be ready")
+        token = hub.api("POST", f"/users/{user}/tokens",
+                        json={"scopes": [f"access:servers!user={user}"]}).json()["token"]
+        with httpx.Client(base_url=hub.url, timeout=120,
+                          headers={"Authorization": f"token {token}"}) as server:
+            made = server.put(f"/user/{user}/dask/clusters")
+            assert made.status_code == 200, made.text
+            model = made.json()
+            assert model["name"] == "FederatedCluster 1"
+            assert model["adapt"] == {"minimum": 0, "maximum": 4}
+            port = model["dashboard_link"].split("/proxy/")[1].split("/")[0]
+            assert model["dashboard_link"] == f"/user/{user}/proxy/{port}/status"
+            dashboard = server.get(model["dashboard_link"])
+            assert dashboard.status_code == 200, dashboard.text[:500]
+            assert "Dask" in dashboard.text
+            with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30,
+                              headers={"Authorization": f"Bearer {hub.admin_token}"}) as b:
+                clusters = [c for c in b.get("/clusters").json() if c["active"]]
+            assert [c["user"] for c in clusters] == [user], clusters
+            # The sidebar's scale box: a fixed size instead of adaptive.
+            scaled = server.patch(f"/user/{user}/dask/clusters/{model['id']}",
+                                  json={"workers": 1})
+            assert scaled.status_code == 200, scaled.text
+            wait_until(lambda: server.get(f"/user/{user}/dask/clusters/{model['id']}")
+                       .json()["workers"] == 1, 60, "the sidebar's cluster to get 1 worker")
+            assert server.delete(f"/user/{user}/dask/clusters/{model['id']}").status_code == 204
+            assert server.get(f"/user/{user}/dask/clusters").json() == []
+            with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30,
+                              headers={"Authorization": f"Bearer {hub.admin_token}"}) as b:
+                assert not [c for c in b.get("/clusters").json() if c["active"]]
+    finally:
+        hub.api("DELETE", f"/users/{user}/server")
+        agent.stop()
+        kill_workers_under([agents / "agent"])
+        shutil.rmtree(agents, ignore_errors=True)
