@@ -10,28 +10,8 @@ import shutil
 import httpx
 import pytest
 
-from tests.utils.hub import start_hub
 from tests.utils.kernels import parallex_kernel, run
 from tests.utils.procs import agents_folder, kill_workers_under, start_agent, wait_until
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    running = start_hub(tmp_path_factory.mktemp("hub"))
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture(autouse=True)
-def honest_relays(hub):
-    """Every test starts with relays that pass the providers' answers through unchanged."""
-    for inst in hub.institutions.values():
-        inst.relay.mode = None
-    yield
-    for inst in hub.institutions.values():
-        inst.relay.mode = None
 
 
 def broker_whoami(hub, token: str) -> httpx.Response:
