@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import dask.array as da
+import httpx
 import psutil
 import pytest
 
 from federation import FederatedCluster, TokenRefused
 from tests.utils.hub import browser_login
-from tests.utils.procs import Proc, parallex, wait_until
+from tests.utils.procs import Proc, agents_folder, parallex, unprivileged_uid, wait_until
 
 
 def read_env(path) -> dict[str, str]:
@@ -169,3 +171,41 @@ def test_agent_waiting_for_an_unreachable_broker_stops_on_sigterm(tmp_path):
         assert agent.popen.wait(15) == 0
     finally:
         agent.stop()
+
+
+def test_up_as_a_normal_account_spawns_servers_that_are_not_root(tmp_path):
+    """`./dev up` by a developer without root: `parallex up` runs the hub, the broker and the
+    agents (workers in the shared account), and a student's server runs as that account, with
+    no --allow-root. When the tests run as root the test takes an unprivileged uid."""
+    uid = unprivileged_uid() if os.geteuid() == 0 else None
+    home = agents_folder()  # outside pytest's root-only folders
+    if uid is not None:
+        os.chown(home, uid, uid)
+        home.chmod(0o700)
+    up = Proc(parallex("up", "--data-dir", str(home / "data"), "--providers", "1", "--cpus", "1",
+                       "--memory", "2 GiB", "--hub-port", "0"),
+              tmp_path / "up.log", env={"HOME": str(home)}, user=uid)
+    try:
+        up.wait_for_line("Parallex is up")
+        env = read_env(home / "data" / "demo.env")
+        with httpx.Client(follow_redirects=True, timeout=60) as browser:
+            landed = browser_login(env["PARALLEX_HUB_URL"], "north", "ada", "ada-demo", browser)
+            assert landed.status_code == 200, landed.text[:500]
+            browser.get(f"{env['PARALLEX_HUB_URL']}/hub/spawn")
+
+            def server_answers() -> bool:
+                answer = browser.get(f"{env['PARALLEX_HUB_URL']}/user/ada@north/api/status")
+                return answer.status_code == 200 and "started" in answer.text
+
+            wait_until(server_answers, 120, "ada's server to start")
+        servers = [p for p in descendants(up.pid)
+                   if "jupyterhub.singleuser" in " ".join(p.cmdline())]
+        assert len(servers) == 1
+        expected = os.geteuid() if uid is None else uid
+        assert servers[0].uids().real == expected
+        assert servers[0].uids().real != 0 and "--allow-root" not in servers[0].cmdline()
+        os.kill(up.pid, signal.SIGTERM)
+        assert up.popen.wait(60) == 0
+    finally:
+        up.stop()
+        shutil.rmtree(home, ignore_errors=True)

@@ -27,13 +27,16 @@ READY_TIMEOUT = 60.0
 class Proc:
     """A child process in its own process group whose stdout lines are queued."""
 
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+    def __init__(self, args: list[str], log: Path, env: dict | None = None,
+                 user: int | None = None):
         self.args = args
         self.log = log
         self._log_file = open(log, "ab")  # noqa: SIM115 (closed in stop())
+        # ``user``: run as that uid (and its gid, no other groups); the tests run as root.
+        account = {} if user is None else {"user": user, "group": user, "extra_groups": []}
         self.popen = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=self._log_file, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, start_new_session=True, text=True,
+            env={**os.environ, **(env or {})}, start_new_session=True, text=True, **account,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -122,8 +125,14 @@ def worker_uid_args() -> tuple[str, ...]:
     if os.geteuid() != 0:
         return ("--insecure-shared-account",)
     # Distinct per test process too, so two test runs on one machine never share a uid.
-    low = 100_000 + 1000 * (os.getpid() % 100_000) + UID_BLOCK * (next(_next_uid_block) % 125)
+    low = 100_000 + 1000 * (os.getpid() % 100_000) + UID_BLOCK * (next(_next_uid_block) % 124)
     return ("--worker-uids", f"{low}-{low + UID_BLOCK - 1}")
+
+
+def unprivileged_uid() -> int:
+    """An unused uid (no passwd entry needed) for running a program as a normal account; it
+    lies outside every block worker_uid_args hands out in this test process."""
+    return 100_000 + 1000 * (os.getpid() % 100_000) + 999
 
 
 def agents_folder() -> Path:
