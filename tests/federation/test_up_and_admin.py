@@ -194,8 +194,9 @@ def test_up_as_a_normal_account_spawns_servers_that_are_not_root(tmp_path):
             browser.get(f"{env['PARALLEX_HUB_URL']}/hub/spawn")
 
             def server_answers() -> bool:
-                answer = browser.get(f"{env['PARALLEX_HUB_URL']}/user/ada@north/api/status")
-                return answer.status_code == 200 and "started" in answer.text
+                # A page, not the API: cookie-authenticated API calls need an XSRF token.
+                answer = browser.get(f"{env['PARALLEX_HUB_URL']}/user/ada@north/lab")
+                return answer.status_code == 200 and "JupyterLab" in answer.text
 
             wait_until(server_answers, 120, "ada's server to start")
         servers = [p for p in descendants(up.pid)
@@ -206,6 +207,10 @@ def test_up_as_a_normal_account_spawns_servers_that_are_not_root(tmp_path):
         assert servers[0].uids().real != 0 and "--allow-root" not in servers[0].cmdline()
         os.kill(up.pid, signal.SIGTERM)
         assert up.popen.wait(60) == 0
+    except BaseException:
+        for log in sorted((home / "data").glob("*.log")):
+            print(f"==== {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+        raise
     finally:
         up.stop()
         shutil.rmtree(home, ignore_errors=True)
