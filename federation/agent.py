@@ -136,6 +136,10 @@ class ProviderAgent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await self._shutdown_workers()
+            # Said last, after the workers' own reports: until the next registration the broker
+            # places nothing here (otherwise it would until the provider timeout).
+            with contextlib.suppress(errors.ParallexError):
+                await self.client.request("POST", f"{self._base}/offline")
             await self.client.close()
 
     def stop(self) -> None:

@@ -32,6 +32,15 @@ def heartbeat(provider_id: ProviderIdPath, body: ProviderHeartbeat, request: Req
     return {"ok": True}
 
 
+@router.post("/{provider_id}/offline")
+def offline(provider_id: ProviderIdPath, request: Request,
+            principal: Principal = Depends(require_provider)) -> dict:
+    """The agent is shutting down: place nothing more here; end what this machine held."""
+    broker = request.app.state.broker
+    provider = broker.provider_for(principal, provider_id)
+    return {"ended": broker.provider_offline(provider)}
+
+
 @router.get("/{provider_id}/leases")
 async def leases(provider_id: ProviderIdPath, request: Request,
                  since: str | None = Query(None, max_length=64,

@@ -1,8 +1,11 @@
 """The broker's rules: lease state transitions, the placement pass, heartbeat timeouts.
 
-Every function runs on the broker's event loop and finishes its database work without awaiting,
-so each runs as one atomic step: a single broker process needs no row locks to place leases
-without double-booking a provider.
+The routes that call these functions run in FastAPI's thread pool (the reaper on the event
+loop), so calls overlap. What consumes capacity or quota — admission with its insert, and the
+placement pass — holds ``Broker.exclusive`` and, on PostgreSQL, an advisory transaction lock
+that other broker processes on the same database respect; without it two passes read the same
+free capacity and both fill it (tests/federation/test_concurrency.py double-booked a provider
+by 3 CPUs of 8 before). Agents' wake-ups are set on the event loop from whichever thread.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import datetime as dt
 import json
 import logging
 import random
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, or_, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -63,6 +68,10 @@ from .models import (
 
 logger = logging.getLogger("parallex.broker")
 
+#: Key of the PostgreSQL advisory lock that serialises placement and admission across broker
+#: processes (any fixed 64-bit number no other application on the database uses).
+PLACEMENT_LOCK = 0x7061726C6C6578  # "parllex"
+
 
 @dataclass
 class BrokerSettings:
@@ -98,12 +107,32 @@ class Broker:
         self.rng = random.Random(seed)
         self._versions: dict[str, int] = {}
         self._events: dict[str, asyncio.Event] = {}
+        # Routes run in FastAPI's thread pool (and the reaper on the event loop), so two
+        # placement passes, or a quota check and another request's insert, can overlap. Every
+        # change that consumes capacity or quota holds this lock (and, on PostgreSQL, an
+        # advisory lock that also serialises other broker processes on the same database).
+        self._exclusive = threading.RLock()
+        # Wake-ups cross threads: versions and events change under this lock, and events are
+        # set on the loop that waits on them (asyncio.Event is not thread-safe).
+        self._wake_lock = threading.Lock()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._last_metering = 0.0
         self._last_heartbeat: dict[str, float] = {}
         self._last_capacity = 0.0
 
     def session(self) -> Session:
         return db.session(self.engine)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """One capacity- or quota-consuming change at a time in this process."""
+        with self._exclusive:
+            yield
+
+    def _lock_across_processes(self, s: Session) -> None:
+        """On PostgreSQL, hold the placement lock for the rest of ``s``'s transaction."""
+        if self.engine.dialect.name == "postgresql":
+            s.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=PLACEMENT_LOCK))
 
     # ---- agent wake-ups ------------------------------------------------------------------
 
@@ -112,18 +141,34 @@ class Broker:
         return f"{self.boot_id}:{self._versions.get(provider_id, 0)}"
 
     def bump(self, provider_id: str | None) -> None:
+        """Mark a change of the provider's lease list and wake its long poll (any thread)."""
         if provider_id is None:
             return
-        self._versions[provider_id] = self._versions.get(provider_id, 0) + 1
-        event = self._events.pop(provider_id, None)
+        with self._wake_lock:
+            self._versions[provider_id] = self._versions.get(provider_id, 0) + 1
+            event = self._events.pop(provider_id, None)
         if event is not None:
+            self._set(event)
+
+    def _set(self, event: asyncio.Event) -> None:
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or self.loop is None:
             event.set()
+        else:
+            self.loop.call_soon_threadsafe(event.set)
 
     async def wait_for_change(self, provider_id: str, since: str | None, timeout: float) -> None:
         """Return when the provider's lease list differs from ``since`` or after ``timeout``."""
-        if since != self.version(provider_id):
-            return
-        event = self._events.setdefault(provider_id, asyncio.Event())
+        # The version check and the event's creation are one step under the lock, so a bump
+        # from another thread between them cannot be missed (a lost wake-up would leave the
+        # agent waiting the whole poll).
+        with self._wake_lock:
+            if since != self.version(provider_id):
+                return
+            event = self._events.setdefault(provider_id, asyncio.Event())
         # asyncio.timeout, not wait_for, which on Python 3.11 can lose a cancellation.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
@@ -402,7 +447,8 @@ class Broker:
             "?", cluster.id, spec.cpus, spec.memory, spec.gpus, spec.gpu_model,
             allowed_labs=frozenset(json.loads(cluster.allowed_labs_json)),
             allowed_sites=frozenset(json.loads(cluster.allowed_sites_json)))
-        with self.session() as s:
+        with self.exclusive(), self.session() as s:
+            self._lock_across_processes(s)
             online = s.exec(select(Provider).where(Provider.online == True)).all()  # noqa: E712
             lab_names = names_by_id(s, Lab, {p.lab_id for p in online})
             totals = [_capacity(p, [], lab_names) for p in online]
@@ -578,6 +624,29 @@ class Broker:
             self.bump(provider_id)
         return len(certificates)
 
+    def provider_offline(self, provider: Provider) -> int:
+        """An agent that shuts down says so: no new lease goes to its machine, and what it
+        held ends now (preempted: no fault of the provider) instead of after the provider
+        timeout, so clusters replace those workers at once. Returns how many leases ended."""
+        ended: set[str] = set()
+        with self.session() as s:
+            row = s.get(Provider, provider.id)
+            row.online = False
+            s.add(row)
+            for lease in s.exec(select(Lease).where(Lease.provider_id == row.id,
+                                                    col(Lease.state).in_(HELD_STATES))):
+                self._end_by_provider(s, lease, EndReason.preempted,
+                                      f"provider {row.name} went offline (its agent stopped)")
+                s.add(lease)
+                ended.add(lease.id)
+            s.commit()
+        logger.info("provider %s went offline; %d leases ended", provider.id, len(ended))
+        self.bump(provider.id)
+        if ended:
+            self.meter(lease_ids=ended)
+        self.place_pending()
+        return len(ended)
+
     # ---- timeouts -------------------------------------------------------------------------
 
     def reap(self) -> None:
@@ -680,8 +749,12 @@ class Broker:
     # ---- placement ------------------------------------------------------------------------
 
     def place_pending(self) -> int:
-        """Assign pending leases to providers with room; returns how many were placed."""
-        with self.session() as s:
+        """Assign pending leases to providers with room; returns how many were placed.
+
+        One pass at a time (``exclusive``): two passes reading the same free capacity would
+        both fill it."""
+        with self.exclusive(), self.session() as s:
+            self._lock_across_processes(s)
             pending = s.exec(
                 select(Lease).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
                 .where(Lease.state == LeaseState.pending, ClusterRecord.active == True)  # noqa: E712

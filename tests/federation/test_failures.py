@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import signal
 import sys
+import time
 
 import dask.array as da
 import numpy as np
@@ -247,3 +248,31 @@ def test_cluster_whose_processes_die_stops_costing_within_its_timeout(two_labs, 
                    30, "the lost cluster's worker to stop")
     finally:
         user.stop()
+
+
+def test_a_stopped_agent_takes_its_machine_offline_at_once(federation):
+    """An agent that shuts down tells the broker, which places nothing more there and ends
+    what it held as preempted (no reliability penalty) — without waiting the provider
+    timeout (30 s here), so clusters replace those workers at once."""
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    leaving = fed.add_agent("lab-a", "leaving", cpus=1, memory="2 GiB")
+    admin = fed.admin()
+    try:
+        (provider,) = admin.request("GET", "/providers")
+        assert provider["online"] is True
+        stopped_at = time.monotonic()
+        leaving.stop()
+        wait_until(lambda: not admin.request("GET", "/providers")[0]["online"], 10,
+                   "the stopped agent's machine to go offline")
+        assert time.monotonic() - stopped_at < fed.provider_timeout
+        staying = fed.add_agent("lab-a", "staying", cpus=1, memory="2 GiB")
+        with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                              heartbeat_interval=0.5) as cluster:
+            cluster.scale(1)
+            cluster.wait_for_workers(1, timeout=30)
+            (lease,) = cluster.leases
+            assert lease["provider_id"] != provider["id"]
+        staying.stop()
+    finally:
+        admin.close()

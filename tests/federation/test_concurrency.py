@@ -1,0 +1,132 @@
+"""The broker under concurrent requests: many users' scale requests and providers' heartbeats at
+once never place more on a provider than it offers (issue 11: routes run in FastAPI's thread
+pool, so placement passes overlap unless something serialises them)."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from federation.tls import ClusterAuthority
+from tests.utils.federation import make_federation
+
+USERS = 4
+REQUESTS_PER_USER = 12  # under the broker's 16 requests in flight per token
+PROVIDERS = 2
+CPUS_PER_PROVIDER = 8
+
+
+def api(fed, token: str) -> httpx.Client:
+    return httpx.Client(base_url=f"{fed.url}/api/v1", timeout=60,
+                        headers={"Authorization": f"Bearer {token}"},
+                        limits=httpx.Limits(max_connections=32))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, tmp_path):
+    """A broker on SQLite, or on PostgreSQL (where the lock is also an advisory lock that
+    other broker processes would respect)."""
+    db_url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    fed = make_federation(tmp_path, db_url=db_url)
+    try:
+        yield fed
+    finally:
+        fed.stop()
+
+
+def test_concurrent_scale_requests_never_double_book_a_provider(any_database):
+    fed = any_database
+    fed.add_lab("lab-a")
+    for i in range(USERS):
+        fed.add_user("lab-a", f"user{i}")
+    agents = [api(fed, fed.provider_tokens["lab-a"]) for _ in range(PROVIDERS)]
+    users = [api(fed, fed.user_tokens[f"user{i}"]) for i in range(USERS)]
+    try:
+        # Fake agents (nothing starts): their leases stay "starting" and hold their capacity.
+        providers = []
+        for i, agent in enumerate(agents):
+            answer = agent.post("/agent/register", json={
+                "name": f"box-{i}", "cpus": CPUS_PER_PROVIDER, "memory": "64 GiB"})
+            assert answer.status_code == 201, answer.text
+            providers.append(answer.json()["provider_id"])
+        authority = ClusterAuthority()
+        clusters = {}
+        for i, user in enumerate(users):
+            made = user.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
+                                                "ca_cert": authority.ca_pem})
+            assert made.status_code == 201, made.text
+            clusters[i] = made.json()["id"]
+        start = threading.Barrier(USERS * REQUESTS_PER_USER + PROVIDERS)
+
+        def scale(i: int, n: int) -> int:
+            start.wait()
+            return users[i].post(f"/clusters/{clusters[i]}/leases", json={
+                "spec": {"cpus": 1, "memory": "1 GiB"},
+                "workers": [{"lease_id": f"ls-{i:02d}{n:02d}{'0' * 12}"}]}).status_code
+
+        def heartbeat(p: int) -> int:
+            start.wait()
+            return agents[p].post(f"/agent/{providers[p]}/heartbeat",
+                                  json={"running": []}).status_code
+
+        with ThreadPoolExecutor(USERS * REQUESTS_PER_USER + PROVIDERS) as pool:
+            asked = [pool.submit(scale, i, n) for i in range(USERS)
+                     for n in range(REQUESTS_PER_USER)]
+            beats = [pool.submit(heartbeat, p) for p in range(PROVIDERS)]
+            codes = [f.result(timeout=120) for f in asked]
+            beat_codes = [f.result(timeout=120) for f in beats]
+        assert codes == [201] * len(codes), sorted(set(codes))
+        assert all(code in (200, 429) for code in beat_codes), beat_codes
+        admin = fed.admin()
+        try:
+            leases = [lease for c in admin.request("GET", "/clusters", params={"all": True})
+                      for lease in c["leases"]]
+        finally:
+            admin.close()
+        held = Counter()
+        for lease in leases:
+            if lease["provider_id"]:
+                held[lease["provider_id"]] += lease["cpus"]
+        # Every CPU offered is used once, and never more than once.
+        assert sorted(held.values()) == [CPUS_PER_PROVIDER] * PROVIDERS, held
+        pending = [lease for lease in leases if lease["state"] == "pending"]
+        assert len(pending) == USERS * REQUESTS_PER_USER - PROVIDERS * CPUS_PER_PROVIDER
+    finally:
+        for client in agents + users:
+            client.close()
+
+
+def test_concurrent_requests_never_exceed_a_users_cpu_quota(federation):
+    """The quota check and the insert are one step: twelve racing 1-CPU requests against a
+    4-CPU quota admit exactly four."""
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    admin = fed.admin()
+    try:
+        admin.request("PUT", "/labs/lab-a/members/alice", json={"max_cpus": 4})
+    finally:
+        admin.close()
+    with api(fed, fed.user_tokens["alice"]) as user, \
+            api(fed, fed.provider_tokens["lab-a"]) as agent:
+        assert agent.post("/agent/register", json={"name": "box", "cpus": 64,
+                                                   "memory": "64 GiB"}).status_code == 201
+        made = user.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
+                                            "ca_cert": ClusterAuthority().ca_pem})
+        cluster = made.json()["id"]
+        start = threading.Barrier(REQUESTS_PER_USER)
+
+        def scale(n: int) -> int:
+            start.wait()
+            return user.post(f"/clusters/{cluster}/leases", json={
+                "spec": {"cpus": 1, "memory": "1 GiB"},
+                "workers": [{"lease_id": f"ls-{n:04d}{'0' * 12}"}]}).status_code
+
+        with ThreadPoolExecutor(REQUESTS_PER_USER) as pool:
+            codes = sorted(pool.map(scale, range(REQUESTS_PER_USER), timeout=120))
+        assert codes == [201] * 4 + [403] * (REQUESTS_PER_USER - 4), codes
+        live = fed.db_dicts("SELECT COUNT(*) AS n FROM lease WHERE state != 'ended'")
+        assert live[0]["n"] == 4
