@@ -84,8 +84,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     from accounting.cloud import CloudPriceError, load_cloud_prices
 
+    from .broker import settings as broker_settings
     from .broker.app import create_app
-    from .broker.service import BrokerSettings
 
     db_url = _db_url(args)
     try:
@@ -93,23 +93,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     except CloudPriceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    settings = BrokerSettings(provider_timeout=args.provider_timeout,
-                              cluster_timeout=args.cluster_timeout,
-                              start_timeout=args.start_timeout,
-                              release_timeout=args.release_timeout,
-                              min_heartbeat_interval=args.min_heartbeat_interval,
-                              rate_limit=args.rate_limit, rate_burst=args.rate_burst,
-                              max_concurrent_requests=args.max_concurrent_requests,
-                              metering_interval=args.metering_interval,
-                              initial_grant=args.initial_grant,
-                              fair_share_half_life=args.fair_share_half_life * 3600,
-                              reliability_half_life=args.reliability_half_life * 3600,
-                              cloud_prices=cloud_prices,
-                              capacity_interval=args.capacity_interval,
-                              hub_api_url=args.hub_api_url or None,
-                              hub_service_name=args.hub_service_name,
-                              hub_token_cache=args.hub_token_cache,
-                              poll_timeout=min(20.0, max(1.0, args.provider_timeout / 2)))
+    settings = broker_settings.from_arguments(args, cloud_prices=cloud_prices)
     app = create_app(db_url, settings)
     if args.base_path.strip("/"):
         from .broker.app import StripPrefix
@@ -278,6 +262,10 @@ def cmd_admin(args: argparse.Namespace) -> int:
 # ---- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from accounting.fairshare import DEFAULT_HALF_LIFE
+
+    from .broker import settings as broker_settings
+
     parser = argparse.ArgumentParser(prog="parallex", description=__doc__)
     parser.add_argument("--log-level", default="INFO",
                         help="Logging level: DEBUG, INFO, WARNING or ERROR (default INFO).")
@@ -289,60 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
     b.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"TCP port; 0 picks a free one (default {DEFAULT_PORT}).")
-    b.add_argument("--provider-timeout", type=float, default=30.0,
-                   help="Seconds without a provider heartbeat before its leases end as lost "
-                        "(default 30).")
-    b.add_argument("--cluster-timeout", type=float, default=60.0,
-                   help="Seconds without a cluster heartbeat before its leases end (default 60).")
-    b.add_argument("--start-timeout", type=float, default=300.0,
-                   help="Seconds from a lease's placement until its worker must have joined "
-                        "the cluster's scheduler (confirmed by the cluster); after that it "
-                        "ends 'failed' and its provider earns nothing (default 300).")
-    b.add_argument("--release-timeout", type=float, default=60.0,
-                   help="Seconds a released lease may wait for its agent to report the worker "
-                        "stopped before it ends 'lost' and its capacity is free again; keep it "
-                        "above the agents' --release-grace plus their stop timeout (10 s) "
-                        "(default 60).")
-    b.add_argument("--min-heartbeat-interval", type=float, default=1.0,
-                   help="Seconds that must pass between two heartbeats of one provider; a "
-                        "sooner one is answered 429 (default 1; never more than half the "
-                        "interval agents are told, provider timeout / 5).")
-    b.add_argument("--rate-limit", type=float, default=20.0,
-                   help="Requests per second one token may make to the agent and cluster "
-                        "endpoints, per provider machine for agents; more are answered 429 "
-                        "with Retry-After (default 20).")
-    b.add_argument("--rate-burst", type=float, default=100.0,
-                   help="Requests one token may make at once above --rate-limit before it "
-                        "applies (default 100).")
-    b.add_argument("--max-concurrent-requests", type=int, default=16,
-                   help="Requests one token (per provider machine) may have in flight at "
-                        "once, long polls included (default 16).")
-    b.add_argument("--metering-interval", type=float, default=60.0,
-                   help="Seconds per metered period of a running lease (default 60). Keep it "
-                        "fixed for a database: periods continue from where the last one ended.")
-    b.add_argument("--initial-grant", type=float, default=1000.0,
-                   help="PCU granted to each new lab from the grants account (default 1000; "
-                        "0 grants nothing).")
-    b.add_argument("--fair-share-half-life", type=float, default=168.0,
-                   help="Hours after which past usage counts half for fair share "
-                        "(default 168, one week).")
-    b.add_argument("--reliability-half-life", type=float, default=24.0,
-                   help="Hours of clean lease time served that halve a provider's reliability "
-                        "penalty from lost and failed leases (default 24).")
-    b.add_argument("--capacity-interval", type=float, default=60.0,
-                   help="Seconds between capacity samples (CPUs and GPUs online and leased per "
-                        "lab) for the dashboards' capacity history (default 60).")
-    b.add_argument("--hub-api-url", default=os.environ.get("JUPYTERHUB_API_URL", ""),
-                   help="JupyterHub API URL whose user tokens the broker accepts (default "
-                        "JUPYTERHUB_API_URL, set when the hub runs the broker as a service; "
-                        "empty: Parallex tokens only).")
-    b.add_argument("--hub-service-name",
-                   default=os.environ.get("JUPYTERHUB_SERVICE_NAME") or "parallex",
-                   help="Service name in the scope a hub token needs, "
-                        "access:services!service=NAME (default parallex).")
-    b.add_argument("--hub-token-cache", type=float, default=60.0,
-                   help="Seconds a hub token's owner is remembered before the hub is asked "
-                        "again (default 60).")
+    broker_settings.add_arguments(b)
     b.add_argument("--base-path", default=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", ""),
                    help="Also serve the API under this path prefix, e.g. /services/parallex/ "
                         "behind JupyterHub's proxy (default JUPYTERHUB_SERVICE_PREFIX; empty: "
@@ -419,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "JUPYTERHUB_SERVICE_PREFIX; empty: the root).")
     dash.add_argument("--dev-user", help="Development only: show the dashboard as this "
                       "Parallex user (or 'admin') to everyone, without login.")
-    dash.add_argument("--fair-share-half-life", type=float, default=168.0,
-                      help="Hours, as given to the broker (default 168).")
+    dash.add_argument("--fair-share-half-life", type=float,
+                      default=DEFAULT_HALF_LIFE / broker_settings.HOUR,
+                      help="Hours after which past usage counts half for fair share, as given "
+                           f"to the broker (default {DEFAULT_HALF_LIFE / broker_settings.HOUR:g}).")
     dash.set_defaults(func=cmd_dashboard)
 
     d = sub.add_parser("db", help="Database schema: show the revision or upgrade it.")

@@ -18,6 +18,7 @@ import pandas as pd
 import panel as pn
 from sqlmodel import Session
 
+from ..fairshare import DEFAULT_HALF_LIFE
 from . import reports
 
 Sessions = Callable[[], Session]
@@ -55,7 +56,7 @@ class Dashboard:
     """The page of one viewer; ``panel()`` is what the server shows."""
 
     def __init__(self, sessions: Sessions, viewer: reports.Viewer,
-                 fair_share_half_life: float = 7 * 24 * 3600.0, today: dt.date | None = None):
+                 fair_share_half_life: float = DEFAULT_HALF_LIFE, today: dt.date | None = None):
         self.sessions, self.viewer = sessions, viewer
         self.half_life = fair_share_half_life
         today = today or reports.utcnow().date()

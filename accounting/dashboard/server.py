@@ -22,6 +22,7 @@ from tornado.web import RequestHandler, decode_signed_value
 
 from federation.broker import db
 
+from ..fairshare import DEFAULT_HALF_LIFE
 from . import reports
 from .app import Dashboard
 
@@ -92,7 +93,7 @@ def page(engine, hub_auth, cookie_secret, dev_user, half_life) -> pn.viewable.Vi
 
 
 def serve(db_url: str, *, port: int, address: str = "127.0.0.1", prefix: str = "",
-          dev_user: str | None = None, fair_share_half_life: float = 7 * 24 * 3600.0,
+          dev_user: str | None = None, fair_share_half_life: float = DEFAULT_HALF_LIFE,
           show: bool = False) -> None:
     """Run until stopped. Without ``dev_user`` the hub's OAuth is required (the service's
     JUPYTERHUB_* environment); with it, everyone is that user (development only)."""

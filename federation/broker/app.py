@@ -26,7 +26,8 @@ from .routes_admin import router as admin_router
 from .routes_agent import router as agent_router
 from .routes_clusters import router as clusters_router
 from .routes_labs import router as labs_router
-from .service import Broker, BrokerSettings
+from .service import Broker
+from .settings import BrokerSettings
 
 logger = logging.getLogger("parallex.broker")
 

@@ -21,7 +21,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from sqlalchemy import and_, or_, text
 from sqlalchemy.engine import Engine
@@ -29,7 +28,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from accounting import fairshare, ledger, metering, reliability
-from accounting.cloud import CloudPrices, load_cloud_prices
 from accounting.metering import LeaseUsage
 from accounting.models import Lab, Membership, User, as_utc, names_by_id, utcnow
 from accounting.pricing import Resources
@@ -65,36 +63,13 @@ from .models import (
     ProviderRegister,
     WorkerCertificate,
 )
+from .settings import BrokerSettings
 
 logger = logging.getLogger("parallex.broker")
 
 #: Key of the PostgreSQL advisory lock that serialises placement and admission across broker
 #: processes (any fixed 64-bit number no other application on the database uses).
 PLACEMENT_LOCK = 0x7061726C6C6578  # "parllex"
-
-
-@dataclass
-class BrokerSettings:
-    """The broker's tunables; times are in seconds."""
-
-    provider_timeout: float = 30.0
-    cluster_timeout: float = 60.0
-    start_timeout: float = 300.0
-    release_timeout: float = 60.0
-    min_heartbeat_interval: float = 1.0
-    rate_limit: float = 20.0
-    rate_burst: float = 100.0
-    max_concurrent_requests: int = 16
-    poll_timeout: float = 20.0
-    metering_interval: float = 60.0
-    initial_grant: float = 1000.0
-    fair_share_half_life: float = 7 * 24 * 3600.0
-    reliability_half_life: float = reliability.DEFAULT_RELIABILITY_HALF_LIFE
-    cloud_prices: CloudPrices = field(default_factory=load_cloud_prices)
-    capacity_interval: float = 60.0
-    hub_api_url: str | None = None
-    hub_service_name: str = "parallex"
-    hub_token_cache: float = 60.0
 
 
 class Broker:

@@ -1,0 +1,141 @@
+"""The broker's settings: one dataclass whose fields carry their help texts and units; the
+`parallex broker` command line is generated from it, so each default is written once.
+
+A field's help says what it does; the command line adds the unit and the default. Settings are
+kept in seconds (and PCU, requests); ``cli_scale`` shows a field in a friendlier unit on the
+command line (hours for half-lives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from accounting.cloud import CloudPrices, load_cloud_prices
+from accounting.fairshare import DEFAULT_HALF_LIFE
+from accounting.reliability import DEFAULT_RELIABILITY_HALF_LIFE
+
+HOUR = 3600.0
+
+
+def setting(default: Any, help: str, *, unit: str = "s", cli_scale: float = 1.0,
+            env: str | None = None, cli: bool = True) -> Any:
+    """A BrokerSettings field. ``unit``: the unit the command line shows (``cli_scale`` setting
+    units per command-line unit); ``env``: an environment variable that overrides the default
+    on the command line; ``cli=False``: not a flag (derived or set in code)."""
+    return field(default=default, metadata={"help": help, "unit": unit, "cli_scale": cli_scale,
+                                            "env": env, "cli": cli})
+
+
+@dataclass
+class BrokerSettings:
+    """The broker's tunables; times are in seconds."""
+
+    provider_timeout: float = setting(
+        30.0, "without a provider heartbeat, after which its leases end as lost")
+    cluster_timeout: float = setting(
+        60.0, "without a cluster heartbeat, after which its leases end")
+    start_timeout: float = setting(
+        300.0, "from a lease's placement until its worker must have joined the cluster's "
+        "scheduler (confirmed by the cluster); after that it ends 'failed' and its provider "
+        "earns nothing")
+    release_timeout: float = setting(
+        60.0, "a released lease may wait for its agent to report the worker stopped before it "
+        "ends 'lost' and its capacity is free again; keep it above the agents' --release-grace "
+        "plus their stop timeout (10 s)")
+    min_heartbeat_interval: float = setting(
+        1.0, "that must pass between two heartbeats of one provider; a sooner one is answered "
+        "429 (never more than half the interval agents are told, provider timeout / 5)")
+    rate_limit: float = setting(
+        20.0, "one token may make to the agent and cluster endpoints, per provider machine for "
+        "agents; more are answered 429 with Retry-After", unit="requests/s")
+    rate_burst: float = setting(
+        100.0, "one token may make at once above --rate-limit before it applies",
+        unit="requests")
+    max_concurrent_requests: int = setting(
+        16, "one token (per provider machine) may have in flight at once, long polls included",
+        unit="requests")
+    poll_timeout: float = setting(
+        20.0, "an agent's long poll waits at most (derived: provider timeout / 2, 1 to 20)",
+        cli=False)
+    metering_interval: float = setting(
+        60.0, "per metered period of a running lease; keep it fixed for a database: periods "
+        "continue from where the last one ended")
+    initial_grant: float = setting(
+        1000.0, "granted to each new lab from the grants account (0 grants nothing)",
+        unit="PCU")
+    fair_share_half_life: float = setting(
+        DEFAULT_HALF_LIFE, "after which past usage counts half for fair share", unit="hours",
+        cli_scale=HOUR)
+    reliability_half_life: float = setting(
+        DEFAULT_RELIABILITY_HALF_LIFE, "of clean lease time served that halve a provider's "
+        "reliability penalty from lost and failed leases", unit="hours", cli_scale=HOUR)
+    cloud_prices: CloudPrices = field(default_factory=load_cloud_prices,
+                                      metadata={"cli": False})
+    capacity_interval: float = setting(
+        60.0, "between capacity samples (CPUs and GPUs online and leased per lab) for the "
+        "dashboards' capacity history")
+    hub_api_url: str | None = setting(
+        None, "JupyterHub API URL whose user tokens the broker accepts (set when the hub runs "
+        "the broker as a service; empty: Parallex tokens only)", unit="", env="JUPYTERHUB_API_URL")
+    hub_service_name: str = setting(
+        "parallex", "service name in the scope a hub token needs, "
+        "access:services!service=NAME", unit="", env="JUPYTERHUB_SERVICE_NAME")
+    hub_token_cache: float = setting(
+        60.0, "a hub token's owner is remembered before the hub is asked again")
+
+
+#: How a help text starts for each unit (the help itself continues the sentence).
+LEADS = {"s": "Seconds ", "hours": "Hours ", "requests/s": "Requests per second ",
+         "requests": "Requests ", "PCU": "PCU "}
+
+
+METAVARS = {"s": "SECONDS", "hours": "HOURS", "requests/s": "N", "requests": "N",
+            "PCU": "PCU"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per command-line setting of BrokerSettings, with its unit and default."""
+    for f in fields(BrokerSettings):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        scale, unit = meta["cli_scale"], meta["unit"]
+        default = f.default if f.default is not MISSING else None
+        shown = default / scale if isinstance(default, float) else default
+        env = meta.get("env")
+        if env and os.environ.get(env):
+            shown = os.environ[env]
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        lead = LEADS.get(unit, "")
+        text = lead + meta["help"] if lead else meta["help"][0].upper() + meta["help"][1:]
+        if shown in (None, ""):
+            text += " (default: empty"
+        else:
+            text += f" (default {shown:g}" if isinstance(shown, float) else f" (default {shown}"
+        text += f"; the environment's {env} when set)" if env else ")"
+        parser.add_argument(_flag(f.name), type=kind, default=shown, help=text,
+                            dest=f.name, metavar=METAVARS.get(unit, "TEXT"))
+
+
+def from_arguments(args: argparse.Namespace, **extra: Any) -> BrokerSettings:
+    """The settings the parsed flags (and ``extra`` fields) say."""
+    values: dict[str, Any] = {}
+    for f in fields(BrokerSettings):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        value = getattr(args, f.name)
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            value = value * meta["cli_scale"] if meta["cli_scale"] != 1.0 else value
+        if value == "":
+            value = None
+        values[f.name] = value
+    values.setdefault("poll_timeout", min(20.0, max(1.0, values["provider_timeout"] / 2)))
+    return BrokerSettings(**{**values, **extra})
