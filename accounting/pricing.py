@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 from dataclasses import dataclass
 
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from .gpus import class_of
 from .models import utcnow
 
 logger = logging.getLogger("parallex.accounting")
@@ -70,10 +70,9 @@ class Resources:
 
 def gpu_class(price: PriceVersion, model: str | None) -> tuple[str, float]:
     """(class name, PCU per hour) of one GPU of ``model``; unknown models get the default."""
-    name = (model or "").lower()
-    for cls, pattern, weight in price.gpu_classes:
-        if re.search(pattern, name):
-            return cls, float(weight)
+    cls = class_of(model, price.gpu_classes)
+    if cls is not None:
+        return cls, float(dict((c, w) for c, _p, w in price.gpu_classes)[cls])
     logger.warning("GPU model %r matches no GPU class; charged as the default class (%g PCU/h)",
                    model, price.default_gpu_weight)
     return "default", price.default_gpu_weight

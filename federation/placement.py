@@ -9,6 +9,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from accounting import gpus
+from accounting.pricing import DEFAULT_GPU_CLASSES
+
 
 @dataclass(frozen=True)
 class GpuSlot:
@@ -54,19 +57,21 @@ class LeaseRequest:
 
 @dataclass(frozen=True)
 class Placement:
-    """A lease assigned to a provider, with the GPU indices it gets."""
+    """A lease assigned to a provider, with the GPU indices it gets and their model (what the
+    lease is priced by)."""
 
     lease_id: str
     provider_id: str
     gpu_indices: tuple[int, ...] = ()
+    gpu_model: str | None = None
 
 
 def matching_gpus(slots: list[GpuSlot], model: str | None) -> list[GpuSlot]:
-    """The GPU slots whose model matches ``model`` (case-insensitive substring), all if None."""
+    """The GPU slots that serve a request for ``model`` (a GPU class or words of a model name;
+    accounting.gpus decides, as it does for pricing), all if None."""
     if not model:
         return list(slots)
-    wanted = model.lower()
-    return [g for g in slots if wanted in g.model.lower()]
+    return [g for g in slots if gpus.matches(model, g.model, DEFAULT_GPU_CLASSES)]
 
 
 def fits(cap: ProviderCapacity, req: LeaseRequest) -> bool:
@@ -119,7 +124,8 @@ def place(
         best.free_gpus = [g for g in best.free_gpus if g not in taken]
         lab_counts[best.lab] += 1
         site_counts[best.site] += 1
-        placements.append(Placement(req.lease_id, best.provider_id, tuple(g.index for g in taken)))
+        placements.append(Placement(req.lease_id, best.provider_id, tuple(g.index for g in taken),
+                                    taken[0].model if taken else None))
     return placements
 
 

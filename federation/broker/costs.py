@@ -46,7 +46,7 @@ def cluster_cost(s: Session, cluster: ClusterRecord, *, now: dt.datetime,
     for lease, provider_lab in leases:
         if lease.state not in (LeaseState.running, LeaseState.releasing) or not lease.started_at:
             continue
-        res = Resources(lease.cpus, lease.memory, lease.gpus, lease.gpu_model)
+        res = Resources(lease.cpus, lease.memory, lease.gpus, lease.priced_gpu_model)
         per_hour = pcu_per_hour(price, res)
         own = provider_lab == cluster.lab_id
         rate += per_hour
@@ -58,7 +58,7 @@ def cluster_cost(s: Session, cluster: ClusterRecord, *, now: dt.datetime,
             accrued_own += pending
         else:
             accrued += pending
-        cls = gpu_class(price, lease.gpu_model)[0] if lease.gpus else None
+        cls = gpu_class(price, lease.priced_gpu_model)[0] if lease.gpus else None
         cloud_cost += cloud.cost(cpus=lease.cpus, memory=lease.memory, gpus=lease.gpus,
                                  gpu_class=cls, seconds=seconds)
     return {"cluster_id": cluster.id, "pcu": str(to_pcu(charged + accrued)),

@@ -103,8 +103,11 @@ class Lease(SQLModel, table=True):
     cpus: float
     memory: int = Field(sa_type=BigInteger, description="Bytes reserved.")
     gpus: int = 0
-    gpu_model: str | None = None
+    gpu_model: str | None = Field(default=None, description="The GPU model the user asked for "
+                                  "(a class or words of a model name), if any.")
     gpu_indices_json: str = "[]"
+    placed_gpu_model: str | None = Field(default=None, description="The model of the GPUs the "
+                                         "lease was placed on; what it is priced by.")
     state: LeaseState = Field(default=LeaseState.pending, index=True)
     end_reason: EndReason | None = None
     message: str = ""
@@ -121,6 +124,11 @@ class Lease(SQLModel, table=True):
     @property
     def gpu_indices(self) -> list[int]:
         return json.loads(self.gpu_indices_json)
+
+    @property
+    def priced_gpu_model(self) -> str | None:
+        """The model a GPU lease is charged for: the one it runs on, once placed."""
+        return self.placed_gpu_model or self.gpu_model
 
 
 # ---- request / response schemas -------------------------------------------------------------
@@ -266,6 +274,7 @@ class LeasePublic(SQLModel):
     memory: int
     gpus: int
     gpu_model: str | None
+    placed_gpu_model: str | None = None
     state: LeaseState
     end_reason: EndReason | None
     message: str

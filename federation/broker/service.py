@@ -695,7 +695,7 @@ class Broker:
             usages = [LeaseUsage(
                 lease.id, cluster.user_id, cluster.lab_id, provider.lab_id, provider.id,
                 lease.started_at, lease.ended_at if lease.state == LeaseState.ended else None,
-                Resources(lease.cpus, lease.memory, lease.gpus, lease.gpu_model),
+                Resources(lease.cpus, lease.memory, lease.gpus, lease.priced_gpu_model),
                 reliability=factors[provider.id])
                 for lease, cluster, provider in rows]
             try:
@@ -759,6 +759,7 @@ class Broker:
                 lease = by_id[p.lease_id]
                 lease.provider_id = p.provider_id
                 lease.gpu_indices_json = json.dumps(list(p.gpu_indices))
+                lease.placed_gpu_model = p.gpu_model
                 lease.state = LeaseState.starting
                 lease.assigned_at = now
                 lease.message = ""

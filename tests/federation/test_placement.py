@@ -126,3 +126,22 @@ def test_a_cluster_restricted_to_labs_or_sites_goes_nowhere_else():
     nowhere = LeaseRequest("l9", "c1", 1, GiB, allowed_labs=frozenset({"lab-x"}))
     assert largest_offer([cap("pa", "lab-a")], nowhere) == (
         "no provider is online in the labs ['lab-x'] this cluster is restricted to")
+
+
+def test_gpu_models_match_by_class_or_whole_words_never_by_substring():
+    from accounting import gpus
+    from accounting.pricing import DEFAULT_GPU_CLASSES as classes
+
+    a100 = "NVIDIA A100-SXM4-80GB"
+    assert gpus.matches("a100", a100, classes) and gpus.matches("A100", a100, classes)
+    assert not gpus.matches("a10", a100, classes)  # the A10 class, not a prefix of A100
+    assert gpus.matches("a10", "NVIDIA A10G", classes)
+    assert gpus.matches("rtx 4090", "NVIDIA GeForce RTX 4090", classes)
+    assert not gpus.matches("rtx 409", "NVIDIA GeForce RTX 4090", classes)
+    assert gpus.matches(None, a100, classes) and gpus.matches(" ", a100, classes)
+    assert gpus.class_of("NVIDIA H200", classes) == "h200"
+    assert gpus.class_of("Some Future Card", classes) is None
+    slots = [GpuSlot(0, a100, 80 * GiB), GpuSlot(1, "NVIDIA A10G", 24 * GiB)]
+    placed = place([req("l1", gpus=1, model="a10")], [cap("p", "a", gpus=slots)], {},
+                   random.Random(0))
+    assert [(p.gpu_indices, p.gpu_model) for p in placed] == [((1,), "NVIDIA A10G")]

@@ -1,0 +1,84 @@
+"""A GPU lease is priced by the GPU it was placed on, not by the model asked for (issue 11):
+a lease that asks for "any GPU" and lands on an H200 pays the H200 class."""
+
+from __future__ import annotations
+
+import httpx
+from sqlalchemy import text
+
+from federation.broker import db
+from federation.tls import ClusterAuthority
+
+GiB = 2**30
+
+
+def api(fed, token: str) -> httpx.Client:
+    return httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30,
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+def test_a_lease_placed_on_an_h200_is_charged_the_h200_class(federation):
+    fed = federation
+    fed.add_lab("lab-a")
+    fed.add_lab("lab-b", user="alice")  # alice's work on lab-a's machine is charged
+    with api(fed, fed.provider_tokens["lab-a"]) as agent, \
+            api(fed, fed.user_tokens["alice"]) as user:
+        registered = agent.post("/agent/register", json={
+            "name": "gpu-box", "cpus": 8, "memory": "64 GiB",
+            "gpus": [{"index": 0, "model": "NVIDIA H200", "memory": 141 * GiB}]})
+        assert registered.status_code == 201, registered.text
+        provider = registered.json()["provider_id"]
+        cluster = user.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
+                                               "ca_cert": ClusterAuthority().ca_pem}).json()["id"]
+        spec = {"cpus": 1, "memory": "4 GiB", "gpus": 1}
+        asked = user.post(f"/clusters/{cluster}/leases", json={
+            "spec": spec, "workers": [{"lease_id": "ls-0123456789abcdef"}]})
+        assert asked.status_code == 201, asked.text
+        (lease,) = user.get(f"/clusters/{cluster}").json()["leases"]
+        assert lease["state"] == "starting" and lease["gpu_model"] is None
+        assert lease["placed_gpu_model"] == "NVIDIA H200"
+        # The worker starts and joins: the lease runs and accrues.
+        assert agent.post(f"/agent/{provider}/leases/{lease['id']}/state",
+                          json={"state": "running"}).status_code == 200
+        beat = user.post(f"/clusters/{cluster}/heartbeat", json={"connected": [lease["id"]]})
+        assert beat.status_code == 200, beat.text
+        cost = user.get(f"/clusters/{cluster}/cost").json()
+        h200 = user.post("/prices/quote", json={"spec": {**spec, "gpu_model": "h200"},
+                                                "workers": 1}).json()
+        anything = user.post("/prices/quote", json={"spec": spec, "workers": 1}).json()
+        assert h200["gpu_class"] == "h200" and anything["gpu_class"] == "default"
+        assert cost["list_pcu_per_hour"] == h200["pcu_per_hour_per_worker"]
+        assert cost["list_pcu_per_hour"] > anything["pcu_per_hour_per_worker"]
+
+
+def test_upgrade_backfills_the_placed_gpu_model_from_the_provider(tmp_path):
+    engine = db.plain_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    db.migrate(engine, "0005")
+    t = "2026-01-01 00:00:00"
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO lab (id, name, site, share, credit_limit, created_at) "
+                       "VALUES (1, 'a', '', 1, 0, :t)"), {"t": t})
+        c.execute(text("INSERT INTO \"user\" (id, name, lab_id, created_at) "
+                       "VALUES (1, 'u', 1, :t)"), {"t": t})
+        c.execute(text("INSERT INTO apitoken (id, kind, token_hash, lab_id, created_at) "
+                       "VALUES ('tk1', 'PROVIDER', 'h', 1, :t)"), {"t": t})
+        c.execute(text(
+            "INSERT INTO provider (id, lab_id, token_id, name, site, cpus, memory, gpus_json, "
+            "online, last_seen, registered_at) "
+            "VALUES ('p1', 1, 'tk1', 'box', '', 8, 1, :g, true, :t, :t)"),
+            {"t": t, "g": '[{"index": 0, "model": "NVIDIA T4", "memory": 1}, '
+                          '{"index": 1, "model": "NVIDIA H200", "memory": 1}]'})
+        c.execute(text(
+            "INSERT INTO cluster (id, user_id, lab_id, name, scheduler_address, ca_cert, "
+            "active, created_at, last_seen) VALUES ('c1', 1, 1, 'c', 'x', 'x', true, :t, :t)"),
+            {"t": t})
+        for lease_id, gpus, indices in (("ls-gpu", 1, "[1]"), ("ls-cpu", 0, "[]")):
+            c.execute(text(
+                "INSERT INTO lease (id, cluster_id, provider_id, \"group\", cpus, memory, gpus, "
+                "gpu_indices_json, state, message, worker_csr, worker_cert, created_at) VALUES "
+                "(:i, 'c1', 'p1', 'default', 1, 1, :g, :x, 'running', '', '', '', :t)"),
+                {"i": lease_id, "g": gpus, "x": indices, "t": t})
+    db.migrate(engine)
+    with engine.connect() as c:
+        placed = dict(c.execute(text("SELECT id, placed_gpu_model FROM lease")).all())
+    assert placed == {"ls-gpu": "NVIDIA H200", "ls-cpu": None}
