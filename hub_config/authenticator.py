@@ -197,9 +197,20 @@ class ParallexOIDCAuthenticator(Authenticator):
                                "your account is not linked to any lab that takes part in "
                                f"Parallex, so you cannot use it yet. {self._ask(institution)}")
         role = institution.role_for(claims)
-        await self._sync_membership(username, lab, role, institution)
+        # The membership is written in run_post_auth_hook, once JupyterHub's own allow and
+        # block checks have let this login through: a blocked user gets no membership.
         return {"name": username, "groups": self._groups(lab, role), "admin": role == "admin",
                 "auth_state": self._auth_state(institution, data["tokens"], claims, lab, role)}
+
+    async def run_post_auth_hook(self, handler, auth_model: dict) -> dict:
+        """Write the lab membership of a login JupyterHub accepted, then run the site's own
+        post_auth_hook (if configured)."""
+        state = auth_model.get("auth_state") or {}
+        institution = self.hub_settings.institution(state.get("institution", ""))
+        if institution is not None and state.get("lab"):
+            await self._sync_membership(auth_model["name"], state["lab"], state["role"],
+                                        institution)
+        return await super().run_post_auth_hook(handler, auth_model)
 
     async def refresh_user(self, user, handler=None):
         """Renew the access token shortly before it expires; False sends the user to log in."""

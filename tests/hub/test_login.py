@@ -83,6 +83,22 @@ def test_unknown_institution_and_user_without_lab_are_refused(hub):
     assert hub.users() == before
 
 
+def test_a_blocked_user_gets_no_lab_membership(hub):
+    """JupyterHub's blocked_users check runs after authenticate(); the membership is written
+    only for a login it let through (run_post_auth_hook)."""
+    page = hub.login("north", "blocked", "blocked-pw")
+    assert page.status_code == 403, page.status_code
+    assert "blocked@north" not in hub.users()
+    with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30,
+                      headers={"Authorization": f"Bearer {hub.admin_token}"}) as broker:
+        # alice (not blocked) signs in too, so the lab exists and the check can fail.
+        assert hub.login("north", "alice", "alice-pw").status_code == 200
+        members = broker.get("/labs/north-physics/members")
+        assert members.status_code == 200, members.text
+        names = {m["user"] for m in members.json()["members"]}
+    assert "alice@north" in names and "blocked@north" not in names
+
+
 def test_broker_accepts_hub_tokens_only_with_its_scope(hub):
     assert hub.login("north", "alice", "alice-pw").status_code == 200
     scoped = hub.api("POST", "/users/alice@north/tokens",

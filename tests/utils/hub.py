@@ -214,6 +214,9 @@ DEMO_USERS = {
                                                "groups": ["physics"]}),
         "petra": dev_oidc.DevUser("petra-pw", {"email": "petra@north.example.edu",
                                                "groups": ["physics", "physics-pi"]}),
+        # In a lab by its claims, but on the hub's blocked_users list.
+        "blocked": dev_oidc.DevUser("blocked-pw", {"email": "blocked@north.example.edu",
+                                                   "groups": ["physics"]}),
         "nolab": dev_oidc.DevUser("nolab-pw", {"email": "nolab@north.example.edu",
                                                "groups": ["library"]}),
         # Never logs in successfully: the bad-token tests use it, so "no user created" holds.
@@ -268,7 +271,8 @@ def start_hub(tmp: Path) -> Hub:
                          f"c.JupyterHub.load_roles.append({role!r})\n"
                          # Ask refresh_user on (almost) every request, so the test need not
                          # wait the default two minutes.
-                         "c.Authenticator.auth_refresh_age = 1\n")
+                         "c.Authenticator.auth_refresh_age = 1\n"
+                         "c.Authenticator.blocked_users = {'blocked@north'}\n")
         env = {"PARALLEX_HUB_SETTINGS": str(tmp / "hub.yaml"),
                "PARALLEX_HUB_DATA": str(tmp / "hub"),
                "PARALLEX_HUB_INTERNAL_URL": f"http://127.0.0.1:{free_port()}",
