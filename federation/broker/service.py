@@ -359,36 +359,19 @@ class Broker:
         return cluster
 
     def list_clusters(self, principal: Principal, active_only: bool = True) -> list[ClusterPublic]:
+        """The caller's clusters (every cluster for an administrator), in four queries
+        whatever their number."""
         with self.session() as s:
-            q = select(ClusterRecord)
+            q = select(ClusterRecord).order_by(ClusterRecord.created_at)
             if active_only:
                 q = q.where(ClusterRecord.active == True)  # noqa: E712
             if not principal.is_admin:
                 q = q.where(ClusterRecord.user_id == principal.user_id)
-            ids = [c.id for c in s.exec(q)]
-        return [self.cluster_public(cid) for cid in ids]
+            return _clusters_public(s, list(s.exec(q)))
 
     def cluster_public(self, cluster_id: str) -> ClusterPublic:
         with self.session() as s:
-            cluster = s.get(ClusterRecord, cluster_id)
-            user = s.get(User, cluster.user_id)
-            lab = s.get(Lab, cluster.lab_id)
-            leases = s.exec(select(Lease).where(Lease.cluster_id == cluster_id)
-                            .order_by(Lease.created_at)).all()
-            # Only this cluster's providers: the heartbeat calls this every few seconds.
-            labs = dict(s.exec(
-                select(Provider.id, Lab.name).join(Lab, Lab.id == Provider.lab_id)
-                .where(col(Provider.id).in_({le.provider_id for le in leases
-                                             if le.provider_id}))).all())
-            return ClusterPublic(
-                id=cluster.id, name=cluster.name, user=user.name, lab=lab.name,
-                scheduler_address=cluster.scheduler_address,
-                labs=json.loads(cluster.allowed_labs_json),
-                sites=json.loads(cluster.allowed_sites_json), active=cluster.active,
-                end_reason=cluster.end_reason, created_at=cluster.created_at,
-                leases=[LeasePublic(**lease.model_dump(), lab=labs.get(lease.provider_id))
-                        for lease in leases],
-            )
+            return _clusters_public(s, [s.get(ClusterRecord, cluster_id)])[0]
 
     def cluster_heartbeat(self, cluster: ClusterRecord,
                           connected: list[str] | None = None) -> ClusterPublic:
@@ -856,6 +839,32 @@ def _check_provider_limits(lab: Lab, body: ProviderRegister) -> None:
                            f"at most {fmt(limit)} per machine. Offer less (parallex provide "
                            f"--cpus/--memory/--gpus) or ask an administrator to raise the "
                            f"lab's provider limit")
+
+
+def _clusters_public(s: Session, clusters: list[ClusterRecord]) -> list[ClusterPublic]:
+    """The public view of ``clusters``: their owners, labs, leases and the labs of the
+    leases' providers, one query each (the heartbeat reads one cluster every few seconds)."""
+    if not clusters:
+        return []
+    ids = [c.id for c in clusters]
+    users = names_by_id(s, User, {c.user_id for c in clusters})
+    labs = names_by_id(s, Lab, {c.lab_id for c in clusters})
+    leases: dict[str, list[Lease]] = {cid: [] for cid in ids}
+    for lease in s.exec(select(Lease).where(col(Lease.cluster_id).in_(ids))
+                        .order_by(Lease.created_at, Lease.id)):
+        leases[lease.cluster_id].append(lease)
+    provider_labs = dict(s.exec(
+        select(Provider.id, Lab.name).join(Lab, Lab.id == Provider.lab_id)
+        .where(col(Provider.id).in_({le.provider_id for group in leases.values()
+                                     for le in group if le.provider_id}))).all())
+    return [ClusterPublic(
+        id=c.id, name=c.name, user=users[c.user_id], lab=labs[c.lab_id],
+        scheduler_address=c.scheduler_address, labs=json.loads(c.allowed_labs_json),
+        sites=json.loads(c.allowed_sites_json), active=c.active, end_reason=c.end_reason,
+        created_at=c.created_at,
+        leases=[LeasePublic(**lease.model_dump(), lab=provider_labs.get(lease.provider_id))
+                for lease in leases[c.id]])
+        for c in clusters]
 
 
 def _capacity(provider: Provider, held: list[Lease],
