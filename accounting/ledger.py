@@ -64,6 +64,13 @@ def system_account(session: Session, kind: AccountKind) -> Account:
     return account
 
 
+def lab_balance(session: Session, lab: Lab) -> int:
+    """The lab's balance in nano-PCU without writing anything (0 before its account exists),
+    for reads: a GET must not create rows."""
+    account = session.exec(select(Account.id).where(Account.lab_id == lab.id)).first()
+    return 0 if account is None else balance(session, account)
+
+
 def lab_account(session: Session, lab: Lab) -> Account:
     """The lab's account, created on first use."""
     account = session.exec(select(Account).where(Account.lab_id == lab.id)).first()

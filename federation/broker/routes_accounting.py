@@ -14,7 +14,15 @@ from sqlalchemy import case, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from accounting.identifiers import LabName
-from accounting.ledger import Account, LedgerEntry, Transfer, balance, grant, lab_account
+from accounting.ledger import (
+    Account,
+    LedgerEntry,
+    Transfer,
+    balance,
+    grant,
+    lab_account,
+)
+from accounting.ledger import lab_balance as read_lab_balance
 from accounting.metering import UsageRecord
 from accounting.models import Lab, User, as_utc, names_by_id, utcnow
 from accounting.pricing import (
@@ -57,8 +65,7 @@ def lab_balance(lab: LabPath, request: Request,
     """The lab's balance in PCU (a decimal string, exact to 1e-9 PCU) and its credit limit."""
     with request.app.state.session() as s:
         row = readable_lab(s, principal, lab)
-        amount = balance(s, lab_account(s, row).id)
-        s.commit()
+        amount = read_lab_balance(s, row)
         return {"lab": row.name, "balance": _pcu(amount), "balance_nano": amount,
                 "credit_limit": str(row.credit_limit)}
 
@@ -71,9 +78,9 @@ def lab_ledger(lab: LabPath, request: Request,
     """The lab's entries, newest first; usage entries say which lease, machine and rate."""
     with request.app.state.session() as s:
         row = readable_lab(s, principal, lab)
-        account = lab_account(s, row)
+        account_id = s.exec(select(Account.id).where(Account.lab_id == row.id)).first()
         q = (select(LedgerEntry, Transfer).join(Transfer, Transfer.id == LedgerEntry.transfer_id)
-             .where(LedgerEntry.account_id == account.id))
+             .where(LedgerEntry.account_id == account_id))
         if since is not None:
             q = q.where(LedgerEntry.created_at >= as_utc(since))
         rows = s.exec(q.order_by(col(LedgerEntry.created_at).desc(),
@@ -232,7 +239,6 @@ def prices(request: Request, principal: Principal = Depends(require_user)) -> di
     with request.app.state.session() as s:
         now = utcnow()
         current = price_at(s, now)
-        s.commit()
         later = s.exec(select(PriceVersion).where(PriceVersion.effective_from > now)
                        .order_by(PriceVersion.effective_from)).all()
         return {"current": _price_public(current), "upcoming": [_price_public(p) for p in later],
@@ -250,7 +256,6 @@ def quote(body: Quote, request: Request, principal: Principal = Depends(require_
     the caller's own lab's machines is free, so this is an upper bound."""
     with request.app.state.session() as s:
         price = price_at(s, utcnow())
-        s.commit()
         spec = body.spec
         res = Resources(spec.cpus, spec.memory, spec.gpus, spec.gpu_model)
         per_worker = pcu_per_hour(price, res)

@@ -52,9 +52,7 @@ def cost(cluster_id: ClusterIdPath, request: Request,
     broker = request.app.state.broker
     cluster = broker.cluster_for(principal, cluster_id)
     with broker.session() as s:
-        out = cluster_cost(s, cluster, now=utcnow(), cloud=broker.settings.cloud_prices)
-        s.commit()
-        return out
+        return cluster_cost(s, cluster, now=utcnow(), cloud=broker.settings.cloud_prices)
 
 
 @router.post("/{cluster_id}/heartbeat", response_model=ClusterPublic)

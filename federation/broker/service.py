@@ -30,7 +30,7 @@ from sqlmodel import Session, col, select
 from accounting import fairshare, ledger, metering, reliability
 from accounting.metering import LeaseUsage
 from accounting.models import Lab, Membership, User, as_utc, names_by_id, utcnow
-from accounting.pricing import Resources
+from accounting.pricing import Resources, ensure_default_price
 from accounting.units import fmt_pcu, to_nano
 
 from .. import placement
@@ -165,6 +165,8 @@ class Broker:
             for c in s.exec(select(ClusterRecord).where(ClusterRecord.active == True)):  # noqa: E712
                 c.last_seen = now
                 s.add(c)
+            # Installed here, so reading a price never has to write one.
+            ensure_default_price(s)
             s.commit()
         self.place_pending()
 
