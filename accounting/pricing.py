@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 from dataclasses import dataclass
 
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -109,11 +110,35 @@ def price_at(session: Session, at: dt.datetime) -> PriceVersion:
     return price
 
 
+GPU_CLASS_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+
+
+def check_gpu_class(name: str, pattern: str, weight: float) -> None:
+    """Raise ValueError unless (name, pattern, weight) can be a GPU class."""
+    if not GPU_CLASS_NAME.fullmatch(name):
+        raise ValueError(f"GPU class name {name!r} must be 1-32 lower-case letters, digits, "
+                         "'_', '.' or '-', starting with a letter or digit")
+    if not 0 < len(pattern) <= 200:
+        raise ValueError(f"the pattern of GPU class {name!r} must be 1 to 200 characters")
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"the pattern of GPU class {name!r} is not a regular expression: "
+                         f"{exc}") from None
+    if weight < 0:
+        raise ValueError(f"the weight of GPU class {name!r} must be 0 or more; got {weight}")
+
+
 def set_price(session: Session, *, effective_from: dt.datetime, w_cpu: float, w_mem_gib: float,
               gpu_weights: dict[str, float] | None = None, default_gpu_weight: float | None = None,
-              fee_fraction: float | None = None, now: dt.datetime | None = None) -> PriceVersion:
+              fee_fraction: float | None = None, now: dt.datetime | None = None,
+              new_gpu_classes: list[tuple[str, str, float]] | None = None) -> PriceVersion:
     """Add a price version. Raises ValueError for negative weights or a start in the past
-    (charges already made under the current version must stay explainable)."""
+    (charges already made under the current version must stay explainable).
+
+    ``new_gpu_classes`` adds classes (name, pattern matched against the GPU's model name,
+    PCU/hour); they are tried before the existing ones, so a new card is not caught by a broad
+    pattern such as the consumer class's."""
     now = now or utcnow()
     if effective_from < now:
         raise ValueError(f"a new price must take effect now or later; "
@@ -134,6 +159,14 @@ def set_price(session: Session, *, effective_from: dt.datetime, w_cpu: float, w_
     if unknown:
         raise ValueError(f"unknown GPU classes {unknown}; known: {sorted(known)}")
     classes = [(c, p, (gpu_weights or {}).get(c, w)) for c, p, w in classes]
+    added = []
+    for name, pattern, weight in new_gpu_classes or []:
+        check_gpu_class(name, pattern, weight)
+        if name in known or name in {c for c, _p, _w in added}:
+            raise ValueError(f"GPU class {name!r} exists already; set its weight with "
+                             f"gpu_weights ({name}=WEIGHT)")
+        added.append((name, pattern, float(weight)))
+    classes = added + classes
     if session.exec(select(PriceVersion.id)
                     .where(PriceVersion.effective_from == effective_from)).first():
         raise ValueError(f"a price version already takes effect at {effective_from}")

@@ -174,7 +174,20 @@ def cmd_price_set(client: BrokerClient, args: argparse.Namespace) -> dict:
                                          "e.g. h100=12") from exc
         if not sep:
             raise errors.RequestRejected(f"--gpu {item!r} must look like CLASS=WEIGHT")
-    body = {"w_cpu": args.cpu, "w_mem_gib": args.mem, "gpu_weights": gpu_weights}
+    new_classes = []
+    for item in args.gpu_class or []:
+        name, sep, rest = item.partition("=")
+        pattern, colon, weight = rest.rpartition(":")
+        try:
+            new_classes.append({"name": name, "pattern": pattern, "weight": float(weight)})
+        except ValueError as exc:
+            raise errors.RequestRejected(f"--gpu-class {item!r} must look like "
+                                         "NAME=PATTERN:WEIGHT, e.g. b200=b200:20") from exc
+        if not (sep and colon and name and pattern):
+            raise errors.RequestRejected(f"--gpu-class {item!r} must look like "
+                                         "NAME=PATTERN:WEIGHT, e.g. b200=b200:20")
+    body = {"w_cpu": args.cpu, "w_mem_gib": args.mem, "gpu_weights": gpu_weights,
+            "new_gpu_classes": new_classes}
     if args.effective:
         body["effective_from"] = args.effective
     if args.fee is not None:
@@ -276,6 +289,10 @@ def add_parsers(sub, admin_sub) -> None:
     ps.add_argument("--mem", type=float, required=True, help="PCU per hour per GiB of memory.")
     ps.add_argument("--gpu", action="append", metavar="CLASS=WEIGHT",
                     help="PCU per hour per GPU of a class, e.g. h100=12 (repeatable).")
+    ps.add_argument("--gpu-class", action="append", metavar="NAME=PATTERN:WEIGHT",
+                    help="Add a GPU class: its name, a regular expression matched against the "
+                         "GPU's model name, and PCU per hour per GPU, e.g. b200=b200:20 "
+                         "(repeatable; tried before the existing classes).")
     ps.add_argument("--default-gpu", type=float,
                     help="PCU per hour of a GPU that matches no class (default: unchanged).")
     ps.add_argument("--fee", type=float, help="Federation fee, a fraction of each charge "

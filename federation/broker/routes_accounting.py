@@ -270,6 +270,13 @@ def quote(body: Quote, request: Request, principal: Principal = Depends(require_
                 "currency": cloud.currency}
 
 
+class GpuClassNew(SQLModel):
+    name: str = Field(max_length=32, description="Class name, e.g. b200.")
+    pattern: str = Field(max_length=200, description="Regular expression matched against the "
+                         "GPU's model name (case-insensitive), e.g. 'b200'.")
+    weight: float = Field(ge=0, description="PCU per hour per GPU of this class.")
+
+
 class PriceSet(SQLModel):
     effective_from: dt.datetime | None = Field(
         default=None, description="When it takes effect (UTC); now if left out.")
@@ -279,6 +286,9 @@ class PriceSet(SQLModel):
                                           description="PCU per hour per GPU, by GPU class.")
     default_gpu_weight: float | None = Field(default=None, ge=0)
     fee_fraction: float | None = Field(default=None, ge=0, lt=1)
+    new_gpu_classes: list[GpuClassNew] = Field(
+        default_factory=list, max_length=64, description="GPU classes to add (tried before "
+        "the existing ones).")
 
     @field_validator("gpu_weights")
     @classmethod
@@ -299,7 +309,9 @@ def new_price(body: PriceSet, request: Request,
                                 w_cpu=body.w_cpu, w_mem_gib=body.w_mem_gib,
                                 gpu_weights=body.gpu_weights,
                                 default_gpu_weight=body.default_gpu_weight,
-                                fee_fraction=body.fee_fraction, now=now)
+                                fee_fraction=body.fee_fraction, now=now,
+                                new_gpu_classes=[(c.name, c.pattern, c.weight)
+                                                 for c in body.new_gpu_classes])
         except ValueError as exc:
             s.rollback()
             raise ApiError(422, "bad-price", str(exc)) from exc

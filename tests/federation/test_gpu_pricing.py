@@ -82,3 +82,52 @@ def test_upgrade_backfills_the_placed_gpu_model_from_the_provider(tmp_path):
     with engine.connect() as c:
         placed = dict(c.execute(text("SELECT id, placed_gpu_model FROM lease")).all())
     assert placed == {"ls-gpu": "NVIDIA H200", "ls-cpu": None}
+
+
+def test_an_administrator_adds_a_gpu_class_to_a_running_federation(federation):
+    """`parallex admin price set --gpu-class b200=b200:20`: from then on a lease on a B200
+    pays 20 PCU/h for its GPU, not the default class; a bad class is a 422 naming the fault,
+    and nothing is written."""
+    import subprocess
+
+    from tests.utils.procs import parallex
+
+    fed = federation
+    fed.add_lab("lab-a")
+    fed.add_lab("lab-b", user="alice")
+    env = {"PARALLEX_BROKER_URL": fed.url, "PARALLEX_ADMIN_TOKEN": fed.admin_token}
+
+    def price_set(*extra: str) -> subprocess.CompletedProcess:
+        import os
+        return subprocess.run(parallex("admin", "price", "set", "--cpu", "1", "--mem", "0.1",
+                                       *extra), env={**os.environ, **env}, capture_output=True,
+                              text=True, timeout=60)
+
+    refused = price_set("--gpu-class", "b200=([:20")
+    assert refused.returncode != 0 and "not a regular expression" in refused.stderr, \
+        refused.stderr
+    refused = price_set("--gpu-class", "h100=h100:5")
+    assert refused.returncode != 0 and "exists already" in refused.stderr, refused.stderr
+    with api(fed, fed.admin_token) as admin:
+        before = admin.get("/prices").json()
+        assert before["upcoming"] == [] and "b200" not in str(before["current"])
+    added = price_set("--gpu-class", "b200=b200:20")
+    assert added.returncode == 0, added.stderr
+    with api(fed, fed.provider_tokens["lab-a"]) as agent, \
+            api(fed, fed.user_tokens["alice"]) as user:
+        provider = agent.post("/agent/register", json={
+            "name": "new-box", "cpus": 8, "memory": "64 GiB",
+            "gpus": [{"index": 0, "model": "NVIDIA B200", "memory": 180 * GiB}]}).json()[
+            "provider_id"]
+        cluster = user.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
+                                               "ca_cert": ClusterAuthority().ca_pem}).json()["id"]
+        spec = {"cpus": 1, "memory": "4 GiB", "gpus": 1}
+        assert user.post(f"/clusters/{cluster}/leases", json={
+            "spec": spec, "workers": [{"lease_id": "ls-00000000000000b2"}]}).status_code == 201
+        assert agent.post(f"/agent/{provider}/leases/ls-00000000000000b2/state",
+                          json={"state": "running"}).status_code == 200
+        user.post(f"/clusters/{cluster}/heartbeat", json={"connected": ["ls-00000000000000b2"]})
+        cost = user.get(f"/clusters/{cluster}/cost").json()
+        cpu_only = user.post("/prices/quote", json={"spec": {**spec, "gpus": 0},
+                                                    "workers": 1}).json()
+        assert cost["list_pcu_per_hour"] == cpu_only["pcu_per_hour_per_worker"] + 20
