@@ -26,6 +26,7 @@ from . import errors
 from .client import AsyncBrokerClient
 from .ids import UnsafeIdentifier, check_lease_id, url_segment
 from .inventory import Capacity
+from .lease_states import EndReason, LeaseState
 from .tls import key_matches, worker_key_and_request
 from .worker_accounts import WorkerAccountError, WorkerAccounts
 from .worker_process import WorkerProcess, remove_lease_folder, start_worker
@@ -175,7 +176,7 @@ class ProviderAgent:
         await asyncio.gather(*(self._stop_worker(lid) for lid in leases))
         for lease_id in leases if report else ():
             with contextlib.suppress(errors.ParallexError):
-                await self._report(lease_id, "ended", "preempted",
+                await self._report(lease_id, LeaseState.ended, EndReason.preempted,
                                    "the provider agent shut down", attempts=1)
 
     # ---- loops ------------------------------------------------------------------------------
@@ -230,13 +231,13 @@ class ProviderAgent:
                         # away (the user's process died): not this provider's failure.
                         logger.info("lease %s: worker left its scheduler", lease_id)
                         self._spawn(self._report(
-                            lease_id, "ended", "released",
+                            lease_id, LeaseState.ended, EndReason.released,
                             "the worker left its scheduler (exit code 0): the cluster closed "
                             "it or stopped answering"))
                         continue
                     logger.warning("lease %s: worker exited with code %s", lease_id, code)
                     self._spawn(self._report(
-                        lease_id, "ended", "failed",
+                        lease_id, LeaseState.ended, EndReason.failed,
                         f"worker process exited with code {code}; last log lines:\n{tail}"))
             await asyncio.sleep(self.monitor_interval)
 
@@ -269,9 +270,9 @@ class ProviderAgent:
             lid, state = lease["id"], lease["state"]
             if lid in self._stopping:
                 continue
-            if state == "starting" and lid not in self.workers:
+            if state == LeaseState.starting and lid not in self.workers:
                 self._start_when_certified(lease)
-            elif state == "releasing":
+            elif state == LeaseState.releasing:
                 self._stopping.add(lid)
                 self._spawn(self._release(lid))
         for lid in list(self.workers):
@@ -279,7 +280,7 @@ class ProviderAgent:
                 logger.info("lease %s is no longer assigned here; stopping its worker", lid)
                 self._stopping.add(lid)
                 self._spawn(self._stop_worker(lid))
-        starting = {lease["id"] for lease in leases if lease["state"] == "starting"}
+        starting = {lease["id"] for lease in leases if lease["state"] == LeaseState.starting}
         for lid in set(self._keys) - starting:
             del self._keys[lid]  # ended or started: the key is on disk or no longer needed
 
@@ -317,7 +318,7 @@ class ProviderAgent:
         except (OSError, KeyError, ValueError, WorkerAccountError) as exc:
             logger.error("lease %s: cannot start worker: %s", lease["id"], exc)
             self._clean_up(lease["id"])
-            self._spawn(self._report(lease["id"], "ended", "failed",
+            self._spawn(self._report(lease["id"], LeaseState.ended, EndReason.failed,
                                      f"the agent could not start the worker: {exc}"))
             return
         self.workers[lease["id"]] = worker
@@ -331,7 +332,7 @@ class ProviderAgent:
         if worker is not None:
             await worker.wait_exit(self.release_grace)
         await self._stop_worker(lease_id)
-        await self._report(lease_id, "ended")
+        await self._report(lease_id, LeaseState.ended)
 
     async def _stop_worker(self, lease_id: str) -> None:
         """Stop gracefully (SIGTERM), then kill the process group after the stop timeout."""
@@ -353,7 +354,7 @@ class ProviderAgent:
         finally:
             self._stopping.discard(lease_id)
 
-    async def _report(self, lease_id: str, state: str, reason: str | None = None,
+    async def _report(self, lease_id: str, state: LeaseState, reason: EndReason | None = None,
                       message: str = "", attempts: int = 20) -> None:
         body = {"state": state, "reason": reason, "message": message[-2000:]}
         delay = 0.2

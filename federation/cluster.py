@@ -41,6 +41,7 @@ from . import config, errors
 from .client import AsyncBrokerClient
 from .estimate import Estimate
 from .lease_keeper import ENDED, LIVE, KeeperSettings, lease_of, pending_reasons
+from .lease_states import LeaseState
 from .sizes import parse_memory
 from .tls import ROLE_CLIENT, ClusterAuthority
 
@@ -559,7 +560,7 @@ class FederatedCluster(Cluster):
     def _pending(self) -> int:
         leases = self._leases
         return sum(1 for lid in self._live if leases.get(lid, {}).get("state") in
-                   ("pending", "starting"))
+                   (LeaseState.pending, LeaseState.starting))
 
     def __repr__(self) -> str:
         return (f"FederatedCluster({self.cluster_id}, {self.scheduler_address!r}, "

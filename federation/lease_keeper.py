@@ -29,14 +29,15 @@ from distributed.metrics import time
 from . import errors
 from .client import AsyncBrokerClient
 from .guard import SchedulerGuard
+from .lease_states import LIVE_STATES, EndReason, LeaseState
 from .sizes import format_bytes
 from .tls import BadSigningRequest, ClusterAuthority
 
 logger = logging.getLogger("parallex.cluster")
 
-ENDED = "ended"
+ENDED = LeaseState.ended
 #: Lease states before "ended", in the order a lease passes through them.
-LIVE = ("pending", "starting", "running")
+LIVE = LIVE_STATES
 
 
 @dataclass
@@ -443,7 +444,7 @@ class LeaseKeeper:
 
     async def _handle_ended(self, ended: list[dict]) -> None:
         for lease in ended:
-            if lease["end_reason"] != "released":
+            if lease["end_reason"] != EndReason.released:
                 logger.warning("lease %s on %s ended (%s): %s", lease["id"],
                                lease.get("lab") or "no provider", lease["end_reason"],
                                lease["message"])
@@ -472,7 +473,8 @@ class LeaseKeeper:
         workers = [{"lease_id": lease_id} for lease_id in ids]
         # Allowed before the broker hears of them, so a fast worker is never refused.
         for lease_id in ids:
-            self.leases[lease_id] = {"id": lease_id, "group": group.name, "state": "pending"}
+            self.leases[lease_id] = {"id": lease_id, "group": group.name,
+                                     "state": LeaseState.pending}
         self.live.update(ids)
         try:
             created = await self._broker.request(
@@ -487,7 +489,7 @@ class LeaseKeeper:
             self.leases[lease["id"]] = lease
 
     async def _shrink(self, group: WorkerGroup, live: list[str], n: int) -> None:
-        order = {"pending": 0, "starting": 1, "running": 2}
+        order = {state: i for i, state in enumerate(LIVE_STATES)}
         by_name = {ws.name: ws for ws in self.scheduler.workers.values()}
 
         def cost(lid: str) -> tuple:
@@ -530,7 +532,7 @@ class LeaseKeeper:
         states = Counter(self.leases[lid]["state"] for lid in self.live)
         detail = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no live leases"
         waiting = sorted({self.leases[lid].get("message") for lid in self.live
-                          if self.leases[lid]["state"] == "pending"} - {None, ""})
+                          if self.leases[lid]["state"] == LeaseState.pending} - {None, ""})
         hint = (f" Pending leases wait: {'; '.join(waiting)}." if waiting else
                 " Pending leases wait for a provider with free capacity; see "
                 "cluster.leases for each lease's state and message.")
@@ -541,7 +543,7 @@ class LeaseKeeper:
 def pending_reasons(leases: list[dict]) -> Counter[str]:
     """How many pending leases wait for each reason the broker gave."""
     return Counter(lease.get("message") or "waiting for a provider with free capacity"
-                   for lease in leases if lease.get("state") == "pending")
+                   for lease in leases if lease.get("state") == LeaseState.pending)
 
 
 __all__: list[Any] = ["KeeperSettings", "LeaseKeeper", "WorkerGroup", "group_name", "lease_of",

@@ -203,12 +203,13 @@ class Pool:
         if self.cluster is None:
             return out
         from federation.lease_keeper import pending_reasons
+        from federation.lease_states import LeaseState
 
         leases = self.cluster.leases
-        held = [le for le in leases if le["state"] in ("starting", "running")]
+        held = [le for le in leases if le["state"] in (LeaseState.starting, LeaseState.running)]
         out.update(workers_by_lab=self.cluster.workers_by_lab(),
                    cpus=sum(le["cpus"] for le in held), gpus=sum(le["gpus"] for le in held),
-                   pending=sum(1 for le in leases if le["state"] == "pending"),
+                   pending=sum(1 for le in leases if le["state"] == LeaseState.pending),
                    waiting=dict(pending_reasons(leases)),
                    adapt=self.adapt_range,
                    scale_error=str(self.cluster.scale_error) if self.cluster.scale_error

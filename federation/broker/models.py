@@ -22,6 +22,9 @@ from accounting.identifiers import (
 from accounting.models import utcnow
 
 from ..ids import LeaseId
+
+# The lease state machine lives in federation.lease_states; its names are re-exported here.
+from ..lease_states import HELD_STATES, LIVE_STATES, EndReason, LeaseState  # noqa: F401
 from ..sizes import MiB, TiB, parse_memory
 
 
@@ -29,25 +32,6 @@ class TokenKind(StrEnum):
     admin = "admin"
     user = "user"
     provider = "provider"
-
-
-class LeaseState(StrEnum):
-    pending = "pending"
-    starting = "starting"
-    running = "running"
-    releasing = "releasing"
-    ended = "ended"
-
-
-class EndReason(StrEnum):
-    released = "released"
-    lost = "lost"
-    failed = "failed"
-    preempted = "preempted"
-
-
-LIVE_STATES = (LeaseState.pending, LeaseState.starting, LeaseState.running)
-HELD_STATES = (LeaseState.starting, LeaseState.running, LeaseState.releasing)
 
 
 class ApiToken(SQLModel, table=True):

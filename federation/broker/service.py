@@ -34,6 +34,7 @@ from accounting.pricing import Resources, ensure_default_price
 from accounting.units import fmt_pcu, to_nano
 
 from .. import placement
+from ..lease_states import move
 from ..sizes import format_bytes
 from ..tls import (
     ROLE_WORKER,
@@ -392,8 +393,7 @@ class Broker:
                 for lease in s.exec(select(Lease).where(
                         Lease.cluster_id == cluster.id, Lease.state == LeaseState.starting,
                         col(Lease.id).in_(connected))):
-                    lease.state = LeaseState.running
-                    lease.started_at = now
+                    move(lease, LeaseState.running, at=now)
                     s.add(lease)
             s.commit()
         return self.cluster_public(cluster.id)
@@ -745,7 +745,7 @@ class Broker:
                 lease.provider_id = p.provider_id
                 lease.gpu_indices_json = json.dumps(list(p.gpu_indices))
                 lease.placed_gpu_model = p.gpu_model
-                lease.state = LeaseState.starting
+                move(lease, LeaseState.starting, at=now)
                 lease.assigned_at = now
                 lease.message = ""
                 s.add(lease)
@@ -808,11 +808,8 @@ class Broker:
 
     @staticmethod
     def _end(lease: Lease, reason: EndReason, message: str = "") -> None:
-        lease.state = LeaseState.ended
         # A reason chosen when the release was asked for (released, lost cluster) wins.
-        lease.end_reason = lease.end_reason or reason
-        lease.message = message or lease.message
-        lease.ended_at = utcnow()
+        move(lease, LeaseState.ended, at=utcnow(), reason=reason, message=message)
 
     def _release(self, lease: Lease, reason: EndReason, message: str) -> bool:
         """Move a live lease towards ended; True when it changed."""
@@ -820,10 +817,7 @@ class Broker:
             self._end(lease, reason, message)
             return True
         if lease.state in (LeaseState.starting, LeaseState.running):
-            lease.state = LeaseState.releasing
-            lease.releasing_at = utcnow()
-            lease.end_reason = reason
-            lease.message = message
+            move(lease, LeaseState.releasing, at=utcnow(), reason=reason, message=message)
             return True
         return False
 

@@ -1,0 +1,97 @@
+"""The lease state machine: its states, end reasons, the moves between them, and the one
+function that makes a move.
+
+    pending ──placed──▶ starting ──worker joined──▶ running
+       │                   │  └────────release────────┐  │
+       │                   ▼                          ▼  ▼
+       └──────────────▶ ended ◀──worker stopped── releasing
+
+A lease's *status* is its state; its *target* while releasing is the reason it will end with
+(``released`` when its cluster let it go, ``lost`` when the cluster vanished), kept in
+``end_reason`` until the agent reports the worker gone. A reason chosen then wins over what the
+agent reports later. Pure: no database, no clock of its own; the broker, the cluster, the
+agent, the kernel and the dashboards import these names instead of comparing strings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Protocol
+
+
+class LeaseState(StrEnum):
+    pending = "pending"
+    starting = "starting"
+    running = "running"
+    releasing = "releasing"
+    ended = "ended"
+
+
+class EndReason(StrEnum):
+    released = "released"
+    lost = "lost"
+    failed = "failed"
+    preempted = "preempted"
+
+
+#: States of a lease the user holds or waits for.
+LIVE_STATES = (LeaseState.pending, LeaseState.starting, LeaseState.running)
+#: States in which a lease occupies its provider's capacity.
+HELD_STATES = (LeaseState.starting, LeaseState.running, LeaseState.releasing)
+
+#: Every legal move; anything else is a bug the broker refuses to write.
+TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
+    LeaseState.pending: frozenset({LeaseState.starting, LeaseState.ended}),
+    LeaseState.starting: frozenset({LeaseState.running, LeaseState.releasing, LeaseState.ended}),
+    LeaseState.running: frozenset({LeaseState.releasing, LeaseState.ended}),
+    LeaseState.releasing: frozenset({LeaseState.ended}),
+    LeaseState.ended: frozenset(),
+}
+
+
+class IllegalTransition(ValueError):
+    """A move the state machine does not have (e.g. ended → running)."""
+
+
+class LeaseLike(Protocol):
+    """What ``move`` writes: the broker's Lease row has these fields."""
+
+    id: str
+    state: LeaseState
+    end_reason: EndReason | None
+    message: str
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    releasing_at: dt.datetime | None
+
+
+def can_move(current: LeaseState | str, to: LeaseState | str) -> bool:
+    """True when ``current`` → ``to`` is a legal move."""
+    return LeaseState(to) in TRANSITIONS[LeaseState(current)]
+
+
+def move(lease: LeaseLike, to: LeaseState, *, at: dt.datetime,
+         reason: EndReason | None = None, message: str | None = None) -> None:
+    """Move ``lease`` to ``to`` at ``at``, writing the timestamps and the end reason that go
+    with it; raises IllegalTransition for a move the machine does not have.
+
+    - to running: ``started_at`` (metering starts here).
+    - to releasing: ``releasing_at`` and the target ``reason``.
+    - to ended: ``ended_at``; the reason is the one chosen at release if any, else ``reason``.
+    """
+    if not can_move(lease.state, to):
+        raise IllegalTransition(f"lease {lease.id} cannot go from {lease.state} to {to}")
+    if to == LeaseState.ended and reason is None and lease.end_reason is None:
+        raise IllegalTransition(f"lease {lease.id} cannot end without a reason")
+    if to == LeaseState.running:
+        lease.started_at = at
+    elif to == LeaseState.releasing:
+        lease.releasing_at = at
+        lease.end_reason = reason
+    elif to == LeaseState.ended:
+        lease.end_reason = lease.end_reason or reason
+        lease.ended_at = at
+    if message is not None:
+        lease.message = message or lease.message
+    lease.state = to

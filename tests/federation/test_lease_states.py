@@ -1,0 +1,234 @@
+"""The lease state machine: the table of moves, and random event sequences through the real
+broker (its FastAPI app in process, SQLite) that never produce an illegal move (a 5xx), break
+an invariant of the stored leases, or leave a lease without an end once everything closes."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from federation.broker.app import create_app
+from federation.broker.settings import BrokerSettings
+from federation.lease_states import (
+    TRANSITIONS,
+    EndReason,
+    IllegalTransition,
+    LeaseState,
+    can_move,
+    move,
+)
+from federation.tls import ClusterAuthority
+
+ADMIN = "test-admin-token-0123456789"
+
+
+@dataclass
+class FakeLease:
+    id: str = "ls-x"
+    state: LeaseState = LeaseState.pending
+    end_reason: EndReason | None = None
+    message: str = ""
+    started_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+    releasing_at: dt.datetime | None = None
+
+
+def test_the_table_of_moves():
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    assert TRANSITIONS[LeaseState.ended] == frozenset()
+    assert not can_move(LeaseState.ended, LeaseState.running)
+    assert not can_move(LeaseState.pending, LeaseState.running)  # placed first
+    assert not can_move(LeaseState.releasing, LeaseState.running)
+    lease = FakeLease()
+    move(lease, LeaseState.starting, at=now)
+    move(lease, LeaseState.running, at=now)
+    assert lease.started_at == now
+    move(lease, LeaseState.releasing, at=now, reason=EndReason.released, message="bye")
+    # The reason chosen at release wins over the agent's later report.
+    move(lease, LeaseState.ended, at=now, reason=EndReason.failed)
+    assert (lease.state, lease.end_reason, lease.ended_at) == (LeaseState.ended,
+                                                               EndReason.released, now)
+    with pytest.raises(IllegalTransition, match="cannot go from ended to running"):
+        move(lease, LeaseState.running, at=now)
+    with pytest.raises(IllegalTransition, match="without a reason"):
+        move(FakeLease(), LeaseState.ended, at=now)
+
+
+EVENTS = st.lists(st.one_of(
+    st.tuples(st.just("scale"), st.integers(1, 3)),
+    st.tuples(st.just("release"), st.integers(0, 5)),
+    st.tuples(st.just("joined"), st.integers(0, 5)),
+    st.tuples(st.just("ended"), st.integers(0, 5),
+              st.sampled_from([None, "failed", "released", "preempted"])),
+    st.tuples(st.just("offline"), st.integers(0, 1)),
+    st.tuples(st.just("back"), st.integers(0, 1)),
+    st.tuples(st.just("close"),),
+    st.tuples(st.just("restart"),),
+), min_size=1, max_size=25)
+
+
+class Federation:
+    """The broker app in process over one SQLite file, with a lab, a user, two fake agents
+    (2 CPUs each) and the user's current cluster."""
+
+    def __init__(self, folder: Path):
+        self.db_path = folder / "broker.db"
+        self.settings = BrokerSettings(rate_limit=1e6, rate_burst=1e6,
+                                       min_heartbeat_interval=0, cloud_prices=None)
+        self.stack = contextlib.ExitStack()
+        self._start()
+        admin = self.as_(ADMIN)
+        assert admin.post("/labs", json={"name": "lab-a"}).status_code == 201
+        self.user_token = admin.post("/tokens", json={"kind": "user", "lab": "lab-a",
+                                                      "user": "alice"}).json()["token"]
+        agent_token = admin.post("/tokens", json={"kind": "provider",
+                                                  "lab": "lab-a"}).json()["token"]
+        self.agent_token = agent_token
+        self.providers = [self.as_(agent_token).post("/agent/register", json={
+            "name": f"box-{i}", "cpus": 2, "memory": "8 GiB"}).json()["provider_id"]
+            for i in range(2)]
+        self.cluster = self._new_cluster()
+        self.n = 0
+
+    def _start(self) -> None:
+        app = create_app(f"sqlite:///{self.db_path}", self.settings, admin_token=ADMIN)
+        self.client = self.stack.enter_context(TestClient(app, raise_server_exceptions=False))
+
+    def restart(self) -> None:
+        self.stack.close()
+        self.stack = contextlib.ExitStack()
+        self._start()
+
+    def as_(self, token: str):
+        client = self.client
+
+        class As:
+            def __getattr__(self, method):
+                def call(path, **kw):
+                    answer = getattr(client, method)(
+                        "/api/v1" + path, headers={"Authorization": f"Bearer {token}"}, **kw)
+                    assert answer.status_code < 500, (method, path, answer.text)
+                    return answer
+                return call
+
+        return As()
+
+    def _new_cluster(self) -> str:
+        return self.as_(self.user_token).post("/clusters", json={
+            "scheduler_address": "tls://127.0.0.1:1",
+            "ca_cert": ClusterAuthority().ca_pem}).json()["id"]
+
+    def leases(self) -> list[dict]:
+        with contextlib.closing(sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)) as c:
+            c.row_factory = sqlite3.Row
+            return [dict(r) for r in c.execute("SELECT * FROM lease ORDER BY id")]
+
+    def table(self, sql: str) -> list[dict]:
+        with contextlib.closing(sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True)) as c:
+            c.row_factory = sqlite3.Row
+            return [dict(r) for r in c.execute(sql)]
+
+    def pick(self, i: int, states: tuple[str, ...]) -> dict | None:
+        candidates = [le for le in self.leases() if le["state"] in states]
+        return candidates[i % len(candidates)] if candidates else None
+
+    def apply(self, event: tuple) -> None:
+        user, agent = self.as_(self.user_token), self.as_(self.agent_token)
+        kind = event[0]
+        if kind == "scale":
+            ids = [f"ls-{self.n + k:016x}" for k in range(event[1])]
+            self.n += event[1]
+            user.post(f"/clusters/{self.cluster}/leases", json={
+                "spec": {"cpus": 1, "memory": "1 GiB"},
+                "workers": [{"lease_id": lid} for lid in ids]})
+        elif kind == "release":
+            lease = self.pick(event[1], ("pending", "starting", "running"))
+            if lease:
+                user.post(f"/clusters/{lease['cluster_id']}/leases/release",
+                          json={"lease_ids": [lease["id"]]})
+        elif kind == "joined":
+            lease = self.pick(event[1], ("starting",))
+            if lease:
+                agent.post(f"/agent/{lease['provider_id']}/leases/{lease['id']}/state",
+                           json={"state": "running"})
+                user.post(f"/clusters/{lease['cluster_id']}/heartbeat",
+                          json={"connected": [lease["id"]]})
+        elif kind == "ended":
+            lease = self.pick(event[1], ("starting", "running", "releasing"))
+            if lease:
+                agent.post(f"/agent/{lease['provider_id']}/leases/{lease['id']}/state",
+                           json={"state": "ended", "reason": event[2]})
+        elif kind == "offline":
+            agent.post(f"/agent/{self.providers[event[1]]}/offline")
+        elif kind == "back":
+            provider = self.providers[event[1]]
+            running = [le["id"] for le in self.leases()
+                       if le["provider_id"] == provider and le["state"] == "running"]
+            agent.post(f"/agent/{provider}/heartbeat", json={"running": running})
+        elif kind == "close":
+            user.delete(f"/clusters/{self.cluster}")
+            self.cluster = self._new_cluster()
+        elif kind == "restart":
+            self.restart()
+
+    def check(self) -> None:
+        offline = {p["id"] for p in self.table("SELECT id, online FROM provider")
+                   if not p["online"]}
+        active = {c["id"] for c in self.table("SELECT id FROM cluster WHERE active")}
+        held: dict[str, float] = {}
+        for le in self.leases():
+            state = LeaseState(le["state"])
+            if state == LeaseState.pending:
+                assert le["provider_id"] is None, le
+            elif state != LeaseState.ended:  # a lease ended while pending never had one
+                assert le["provider_id"] is not None, le
+            if state == LeaseState.ended:
+                assert le["end_reason"] and le["ended_at"], le
+            if state == LeaseState.running:
+                assert le["started_at"], le
+            if state in (LeaseState.starting, LeaseState.running):
+                assert le["provider_id"] not in offline, le
+                assert le["cluster_id"] in active, le
+            if state in (LeaseState.starting, LeaseState.running, LeaseState.releasing):
+                held[le["provider_id"]] = held.get(le["provider_id"], 0) + le["cpus"]
+        assert all(cpus <= 2 for cpus in held.values()), held
+
+    def wind_down(self) -> None:
+        """Close every cluster and let the agents report their workers gone."""
+        user, agent = self.as_(self.user_token), self.as_(self.agent_token)
+        for c in self.table("SELECT id FROM cluster WHERE active"):
+            user.delete(f"/clusters/{c['id']}")
+        for le in self.leases():
+            if le["state"] != "ended" and le["provider_id"]:
+                agent.post(f"/agent/{le['provider_id']}/leases/{le['id']}/state",
+                           json={"state": "ended"})
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(events=EVENTS)
+def test_random_event_sequences_keep_every_lease_legal_and_end_them_all(events):
+    with tempfile.TemporaryDirectory() as folder:
+        fed = Federation(Path(folder))
+        try:
+            for event in events:
+                fed.apply(event)
+                fed.check()
+            fed.wind_down()
+            fed.check()
+            left = [le for le in fed.leases() if le["state"] != "ended"]
+            assert left == [], left
+        finally:
+            fed.close()
