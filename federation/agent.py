@@ -18,18 +18,19 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 from . import errors
 from .client import AsyncBrokerClient
 from .ids import UnsafeIdentifier, check_lease_id, url_segment
 from .inventory import Capacity
+from .launchers import ProcessLauncher, WorkerLauncher
 from .lease_states import EndReason, LeaseState
 from .tls import key_matches, worker_key_and_request
 from .worker_accounts import WorkerAccountError, WorkerAccounts
-from .worker_process import WorkerProcess, remove_lease_folder, start_worker
+from .worker_process import remove_lease_folder
 
 logger = logging.getLogger("parallex.agent")
 
@@ -41,13 +42,15 @@ class ProviderAgent:
                  workdir: str | Path, name: str | None = None, site: str | None = None,
                  worker_host: str | None = None, accounts: WorkerAccounts | None = None,
                  stop_timeout: float = 10.0, release_grace: float = 10.0,
-                 monitor_interval: float = 0.25):
+                 monitor_interval: float = 0.25, launcher: WorkerLauncher | None = None):
         self.client = AsyncBrokerClient(broker_url, token)
         self.capacity = capacity
         self.workdir = Path(workdir)
         self.name = name or socket.gethostname()
         self.site = site
         self.worker_host = worker_host
+        # How workers run (a process each by default); see federation.launchers.
+        self.launcher = launcher or ProcessLauncher(self.workdir, worker_host)
         self.accounts = accounts or WorkerAccounts(None)
         self.stop_timeout = stop_timeout
         self.release_grace = release_grace
@@ -55,7 +58,7 @@ class ProviderAgent:
         self.provider_id: str | None = None
         self.heartbeat_interval = 5.0
         self.poll_timeout = 20.0
-        self.workers: dict[str, WorkerProcess] = {}
+        self.workers: dict[str, Any] = {}  # lease id -> the launcher's handle
         # Keys made here for starting leases, until their worker starts (then only on disk,
         # readable by the lease's account alone).
         self._keys: dict[str, str] = {}
@@ -77,7 +80,7 @@ class ProviderAgent:
         tmp = self._state_file.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({lid: w.to_state() for lid, w in self.workers.items()}))
+            f.write(json.dumps({lid: self.launcher.save(w) for lid, w in self.workers.items()}))
         os.replace(tmp, self._state_file)
 
     def _adopt(self) -> None:
@@ -86,10 +89,9 @@ class ProviderAgent:
         except (OSError, ValueError):
             saved = {}
         for lease_id, state in saved.items():
-            worker = WorkerProcess.adopt(lease_id, state)
+            worker = self.launcher.adopt(lease_id, state)
             if worker is not None:
-                logger.info("adopted the running worker of lease %s (pid %d)", lease_id,
-                            worker.pid)
+                logger.info("adopted the running worker of lease %s", lease_id)
                 self.workers[lease_id] = worker
                 self.accounts.adopt(lease_id, worker.uid)
         self._save_state()
@@ -220,7 +222,7 @@ class ProviderAgent:
             for lease_id, worker in list(self.workers.items()):
                 if lease_id in self._stopping:
                     continue
-                code = worker.exit_code()
+                code = self.launcher.poll(worker)
                 if code is not None:
                     del self.workers[lease_id]
                     self._save_state()
@@ -314,7 +316,7 @@ class ProviderAgent:
     def _start(self, lease: dict) -> None:
         try:
             account = self.accounts.acquire(lease["id"])
-            worker = start_worker(lease, self.workdir, host=self.worker_host, account=account)
+            worker = self.launcher.start(lease, account)
         except (OSError, KeyError, ValueError, WorkerAccountError) as exc:
             logger.error("lease %s: cannot start worker: %s", lease["id"], exc)
             self._clean_up(lease["id"])
@@ -330,7 +332,7 @@ class ProviderAgent:
         # (moving its results away); give it that long to leave before signalling it.
         worker = self.workers.get(lease_id)
         if worker is not None:
-            await worker.wait_exit(self.release_grace)
+            await self.launcher.wait(worker, self.release_grace)
         await self._stop_worker(lease_id)
         await self._report(lease_id, LeaseState.ended)
 
@@ -341,12 +343,7 @@ class ProviderAgent:
             worker = self.workers.get(lease_id)
             if worker is None:
                 return
-            worker.signal_group(signal.SIGTERM)  # dask worker closes cleanly on SIGTERM
-            if await worker.wait_exit(self.stop_timeout) is None:
-                logger.warning("lease %s: worker did not stop in %g s; killing it", lease_id,
-                               self.stop_timeout)
-                worker.signal_group(signal.SIGKILL)
-                await worker.wait_exit(float("inf"))
+            await self.launcher.stop(worker, self.stop_timeout)
             self.workers.pop(lease_id, None)
             self._save_state()
             self._clean_up(lease_id)

@@ -404,7 +404,8 @@ class Broker:
             raise ApiError(409, "cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
         request = placement.LeaseRequest(
-            "?", cluster.id, spec.cpus, spec.memory, spec.gpus, spec.gpu_model,
+            lease_id="?", cluster_id=cluster.id, cpus=spec.cpus, memory=spec.memory,
+            gpus=spec.gpus, gpu_model=spec.gpu_model,
             allowed_labs=frozenset(json.loads(cluster.allowed_labs_json)),
             allowed_sites=frozenset(json.loads(cluster.allowed_sites_json)))
         with self.exclusive(), self.session() as s:
@@ -788,9 +789,9 @@ class Broker:
             lease = by_id[c.request_id]
             labs, sites = allowed[lease.cluster_id]
             requests.append(placement.LeaseRequest(
-                lease.id, lease.cluster_id, lease.cpus, lease.memory, lease.gpus,
-                lease.gpu_model, lab=lab_names.get(c.lab, ""), allowed_labs=labs,
-                allowed_sites=sites))
+                lease_id=lease.id, cluster_id=lease.cluster_id, cpus=lease.cpus,
+                memory=lease.memory, gpus=lease.gpus, gpu_model=lease.gpu_model,
+                lab=lab_names.get(c.lab, ""), allowed_labs=labs, allowed_sites=sites))
         return requests
 
     # ---- helpers --------------------------------------------------------------------------
