@@ -49,7 +49,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     try:
         serve(_db_url(args), port=args.port, address=args.address, prefix=args.prefix,
-              dev_user=args.dev_user, fair_share_half_life=args.fair_share_half_life * 3600)
+              dev_user=args.dev_user, fair_share_half_life=args.fair_share_half_life * 3600,
+              schema_wait=args.schema_wait)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -354,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "JUPYTERHUB_SERVICE_PREFIX; empty: the root).")
     dash.add_argument("--dev-user", help="Development only: show the dashboard as this "
                       "Parallex user (or 'admin') to everyone, without login.")
+    dash.add_argument("--schema-wait", type=float, default=60.0,
+                      help="Seconds to wait for the broker to migrate its database to the "
+                           "schema this dashboard reads before giving up with a message "
+                           "(default 60); the dashboard never migrates it itself.")
     dash.add_argument("--fair-share-half-life", type=float,
                       default=DEFAULT_HALF_LIFE / broker_settings.HOUR,
                       help="Hours after which past usage counts half for fair share, as given "

@@ -94,10 +94,11 @@ def page(engine, hub_auth, cookie_secret, dev_user, half_life) -> pn.viewable.Vi
 
 def serve(db_url: str, *, port: int, address: str = "127.0.0.1", prefix: str = "",
           dev_user: str | None = None, fair_share_half_life: float = DEFAULT_HALF_LIFE,
-          show: bool = False) -> None:
+          show: bool = False, schema_wait: float = 60.0) -> None:
     """Run until stopped. Without ``dev_user`` the hub's OAuth is required (the service's
     JUPYTERHUB_* environment); with it, everyone is that user (development only)."""
-    engine = db.make_engine(db_url)
+    # A reader: the broker owns (and migrates) the schema.
+    engine = db.reader_engine(db_url, wait=schema_wait)
     cookie_secret = secrets.token_hex(32)
     prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
     options: dict = {"cookie_secret": cookie_secret}

@@ -123,6 +123,31 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def reader_engine(url: str, wait: float = 60.0) -> Engine:
+    """An engine for a reader of the broker's database (the dashboards): it never migrates —
+    the broker owns the schema — but waits up to ``wait`` seconds for the broker to bring a
+    new or older database to the revision this code reads, then raises RuntimeError saying
+    what to do."""
+    import time
+
+    engine = plain_engine(url)
+    head = head_revision()
+    deadline = time.monotonic() + wait
+    told = False
+    while (found := current_revision(engine)) != head:
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"the broker's database is at schema revision {found or 'none (empty)'}, and "
+                f"this code reads revision {head}: start (or upgrade) the broker, which "
+                f"migrates it (`parallex db upgrade` does it by hand), then start this again")
+        if not told:
+            log.info("waiting up to %g s for the broker to migrate its database to "
+                        "revision %s (now %s)", wait, head, found)
+            told = True
+        time.sleep(0.5)
+    return engine
+
+
 def session(engine: Engine) -> Session:
     """A session that keeps loaded objects usable after commit."""
     return Session(engine, expire_on_commit=False)

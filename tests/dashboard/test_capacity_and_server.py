@@ -70,3 +70,21 @@ def _loads(page, url: str) -> bool:
         return page.goto(url).status == 200
     except Exception:  # not listening yet
         return False
+
+
+def test_the_dashboard_reads_but_never_migrates_the_brokers_database(tmp_path):
+    """The broker owns the schema: a dashboard started on a database at an older revision
+    waits (--schema-wait), then says what to do, and leaves the database as it was."""
+    from federation.broker import db
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = db.plain_engine(url)
+    db.migrate(engine, "0005")
+    refused = subprocess.run(parallex("dashboard", "--db-url", url, "--port", "0",
+                                      "--dev-user", "alice", "--schema-wait", "1"),
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    assert "is at schema revision 0005" in refused.stderr
+    assert "start (or upgrade) the broker" in refused.stderr
+    assert db.current_revision(engine) == "0005"
+
