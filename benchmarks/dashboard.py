@@ -20,8 +20,6 @@ from bokeh.document import Document
 from sqlalchemy import func, insert
 from sqlmodel import select
 
-from accounting.dashboard import reports
-from accounting.dashboard.app import Dashboard
 from accounting.ledger import grant
 from accounting.metering import UsageRecord
 from accounting.models import create_lab, create_user, utcnow
@@ -29,6 +27,8 @@ from accounting.pricing import PriceVersion, ensure_default_price
 from accounting.rollups import add_to_rollups
 from accounting.units import to_nano
 from benchmarks.common import quiet_logging, report, summary
+from dashboard import reports
+from dashboard.app import Dashboard
 from federation.broker import db
 
 LABS, USERS_PER_LAB, DAYS = 50, 10, 30

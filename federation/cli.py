@@ -45,7 +45,7 @@ def _db_url(args: argparse.Namespace) -> str:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     """Serve the dashboards until stopped."""
-    from accounting.dashboard.server import serve
+    from dashboard.server import serve
 
     try:
         serve(_db_url(args), port=args.port, address=args.address, prefix=args.prefix,

@@ -7,12 +7,12 @@ import datetime as dt
 
 import pytest
 
-from accounting.dashboard import reports
 from accounting.ledger import grant
 from accounting.metering import LeaseUsage, meter
 from accounting.models import Role, create_lab, create_user
 from accounting.pricing import GiB, Resources, ensure_default_price
 from accounting.units import to_nano
+from dashboard import reports
 from federation.broker import db
 
 DAY1 = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)

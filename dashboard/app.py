@@ -18,7 +18,8 @@ import pandas as pd
 import panel as pn
 from sqlmodel import Session
 
-from ..fairshare import DEFAULT_HALF_LIFE
+from accounting.fairshare import DEFAULT_HALF_LIFE
+
 from . import reports
 
 Sessions = Callable[[], Session]

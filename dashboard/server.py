@@ -20,9 +20,9 @@ from bokeh.server.auth_provider import AuthProvider
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from tornado.web import RequestHandler, decode_signed_value
 
+from accounting.fairshare import DEFAULT_HALF_LIFE
 from federation.broker import db
 
-from ..fairshare import DEFAULT_HALF_LIFE
 from . import reports
 from .app import Dashboard
 
