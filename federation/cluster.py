@@ -179,7 +179,7 @@ class FederatedCluster(Cluster):
         self._request_timeout = float(config.get("request-timeout"))
         self.scheduler_log = Path(scheduler_log) if scheduler_log else None
         self._state: dict[str, Any] = {"leases": [], "live": [], "groups": {}, "workers": [],
-                                       "refusals": [], "adaptive": False}
+                                       "refusals": []}
         self._process: subprocess.Popen | None = None
         self._broker: AsyncBrokerClient | None = None
         self.security: Security | None = None

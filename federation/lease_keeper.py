@@ -18,7 +18,6 @@ import logging
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from dask.utils import format_time
 from distributed import Scheduler
@@ -167,12 +166,6 @@ class LeaseKeeper:
         logger.info("cluster %s started; scheduler at %s", self.cluster_id,
                     self.scheduler.address)
 
-    @property
-    def dashboard_port(self) -> int | None:
-        if self.scheduler is None or "dashboard" not in self.scheduler.services:
-            return None
-        return self.scheduler.services["dashboard"].port
-
     async def end(self) -> None:
         """End every lease at the broker, remove the workers and wait (bounded) until the
         agents have stopped them. Idempotent."""
@@ -231,9 +224,9 @@ class LeaseKeeper:
                    for address, ws in (self.scheduler.workers.items() if self.scheduler
                                        else [])]
         return {"cluster_id": self.cluster_id, "leases": list(self.leases.values()),
-                "live": sorted(self.live), "adaptive": self.adaptive,
+                "live": sorted(self.live),
                 "groups": {name: asdict(g) for name, g in self.groups.items()},
-                "workers": workers, "dashboard_port": self.dashboard_port,
+                "workers": workers,
                 "refusals": list(self.guard.refusals[-50:]) if self.guard else []}
 
     async def _handle_state(self, adaptive: bool | None = None) -> dict:
@@ -546,5 +539,5 @@ def pending_reasons(leases: list[dict]) -> Counter[str]:
                    for lease in leases if lease.get("state") == LeaseState.pending)
 
 
-__all__: list[Any] = ["KeeperSettings", "LeaseKeeper", "WorkerGroup", "group_name", "lease_of",
+__all__ = ["KeeperSettings", "LeaseKeeper", "WorkerGroup", "group_name", "lease_of",
                       "pending_reasons", "ENDED", "LIVE"]

@@ -30,7 +30,7 @@ class HubTokenChecker:
     refusals alike, lasts ``cache_seconds``), then checks the broker's scope."""
 
     def __init__(self, api_url: str, service_name: str = "parallex",
-                 cache_seconds: float = 60.0, timeout: float = 5.0):
+                 cache_seconds: float = 60.0):
         self.service_name = service_name
         # The token asked about is sent as the request's own credential; the service needs
         # no token of its own for this.

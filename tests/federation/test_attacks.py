@@ -8,7 +8,6 @@ import asyncio
 import time
 from urllib.parse import quote
 
-import httpx
 import pytest
 
 from federation import FederatedCluster
@@ -17,6 +16,7 @@ from federation.ids import UnsafeIdentifier, url_segment
 from federation.inventory import Capacity
 from federation.tls import ClusterAuthority
 from federation.worker_process import lease_folder
+from tests.utils.federation import api_client as api
 from tests.utils.procs import wait_until
 
 TABLES = ("lab", "user", "apitoken", "provider", "cluster", "lease")
@@ -25,11 +25,6 @@ TABLES = ("lab", "user", "apitoken", "provider", "cluster", "lease")
 HOSTILE = ["../../../x", "..", "%2e%2e/etc", "ls-abc/../../x", "../heartbeat?x=",
            "ls-00000000?x=1", "ls-00000000#frag", "ls-0000\x000000", "l" * 10_000,
            "ls-äöü-0000000", "ls-0000 0000"]
-
-
-def api(fed, token: str) -> httpx.Client:
-    return httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30,
-                        headers={"Authorization": f"Bearer {token}"})
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from federation.tls import ClusterAuthority
-from tests.utils.federation import make_federation
+from tests.utils.federation import api_client, make_federation
 
 USERS = 4
 REQUESTS_PER_USER = 12  # under the broker's 16 requests in flight per token
@@ -21,9 +21,7 @@ CPUS_PER_PROVIDER = 8
 
 
 def api(fed, token: str) -> httpx.Client:
-    return httpx.Client(base_url=f"{fed.url}/api/v1", timeout=60,
-                        headers={"Authorization": f"Bearer {token}"},
-                        limits=httpx.Limits(max_connections=32))
+    return api_client(fed, token, timeout=60, limits=httpx.Limits(max_connections=32))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

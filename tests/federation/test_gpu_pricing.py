@@ -3,18 +3,13 @@ a lease that asks for "any GPU" and lands on an H200 pays the H200 class."""
 
 from __future__ import annotations
 
-import httpx
 from sqlalchemy import text
 
 from federation.broker import db
 from federation.tls import ClusterAuthority
+from tests.utils.federation import api_client as api
 
 GiB = 2**30
-
-
-def api(fed, token: str) -> httpx.Client:
-    return httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30,
-                        headers={"Authorization": f"Bearer {token}"})
 
 
 def test_a_lease_placed_on_an_h200_is_charged_the_h200_class(federation):

@@ -3,24 +3,13 @@ the broker's database exactly as it was (issue 11: some reads created accounts a
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-
-import httpx
-
 from federation.tls import ClusterAuthority
-
-
-def api(fed, token: str) -> httpx.Client:
-    return httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30,
-                        headers={"Authorization": f"Bearer {token}"})
+from tests.utils.federation import api_client as api
 
 
 def whole_database(fed) -> dict[str, list[tuple]]:
-    with contextlib.closing(sqlite3.connect(f"file:{fed.tmp / 'broker.db'}?mode=ro",
-                                            uri=True)) as con:
-        tables = [r[0] for r in con.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    tables = [r["name"] for r in fed.db_dicts(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
     return fed.db_rows(*tables)
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
+
 from federation.client import BrokerClient
 from tests.utils.procs import (
     Proc,
@@ -132,6 +134,13 @@ class Federation:
         self.broker.stop()
         if self.agents_root is not None:
             shutil.rmtree(self.agents_root, ignore_errors=True)
+
+
+def api_client(fed: Federation, token: str, **options) -> httpx.Client:
+    """An HTTP client of the broker's API with ``token`` (``options`` go to httpx.Client)."""
+    options.setdefault("timeout", 30)
+    return httpx.Client(base_url=f"{fed.url}/api/v1",
+                        headers={"Authorization": f"Bearer {token}"}, **options)
 
 
 def make_federation(tmp: Path, provider_timeout: float = 30, cluster_timeout: float = 60,
