@@ -271,10 +271,11 @@ def quote(body: Quote, request: Request, principal: Principal = Depends(require_
 
 
 class GpuClassNew(SQLModel):
-    name: str = Field(max_length=32, description="Class name, e.g. b200.")
+    name: str = Field(max_length=32, pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
+                      description="Class name, e.g. b200: lower-case letters, digits, _ . -")
     pattern: str = Field(max_length=200, description="Regular expression matched against the "
                          "GPU's model name (case-insensitive), e.g. 'b200'.")
-    weight: float = Field(ge=0, description="PCU per hour per GPU of this class.")
+    weight: float = Field(ge=0, le=1e6, description="PCU per hour per GPU of this class.")
 
 
 class PriceSet(SQLModel):
