@@ -6,10 +6,10 @@ Who may read what is decided in ``access`` alone.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import field_validator
+from pydantic import StringConstraints, field_validator
 from sqlalchemy import case, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
@@ -270,9 +270,12 @@ def quote(body: Quote, request: Request, principal: Principal = Depends(require_
                 "currency": cloud.currency}
 
 
+GpuClassName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$")]
+
+
 class GpuClassNew(SQLModel):
-    name: str = Field(max_length=32, pattern=r"^[a-z0-9][a-z0-9_.-]{0,31}$",
-                      description="Class name, e.g. b200: lower-case letters, digits, _ . -")
+    name: GpuClassName = Field(description="Class name, e.g. b200: lower-case letters, "
+                               "digits, _ . - (at most 32).")
     pattern: str = Field(max_length=200, description="Regular expression matched against the "
                          "GPU's model name (case-insensitive), e.g. 'b200'.")
     weight: float = Field(ge=0, le=1e6, description="PCU per hour per GPU of this class.")
