@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ class ProviderAgent:
                  workdir: str | Path, name: str | None = None, site: str | None = None,
                  worker_host: str | None = None, accounts: WorkerAccounts | None = None,
                  stop_timeout: float = 10.0, release_grace: float = 10.0,
-                 monitor_interval: float = 0.25, launcher: WorkerLauncher | None = None):
+                 monitor_interval: float = 0.25, launcher: WorkerLauncher | None = None,
+                 warm_workers: int = 4):
         self.client = AsyncBrokerClient(broker_url, token)
         self.capacity = capacity
         self.workdir = Path(workdir)
@@ -50,7 +52,8 @@ class ProviderAgent:
         self.site = site
         self.worker_host = worker_host
         # How workers run (a process each by default); see federation.launchers.
-        self.launcher = launcher or ProcessLauncher(self.workdir, worker_host)
+        self.launcher = launcher or ProcessLauncher(self.workdir, worker_host,
+                                                    warm=warm_workers)
         self.accounts = accounts or WorkerAccounts(None)
         self.stop_timeout = stop_timeout
         self.release_grace = release_grace
@@ -59,6 +62,7 @@ class ProviderAgent:
         self.heartbeat_interval = 5.0
         self.poll_timeout = 20.0
         self.workers: dict[str, Any] = {}  # lease id -> the launcher's handle
+        self._sizes: dict[str, float] = {}  # lease id -> CPUs (what the warm pool leaves free)
         # Keys made here for starting leases, until their worker starts (then only on disk,
         # readable by the lease's account alone).
         self._keys: dict[str, str] = {}
@@ -69,6 +73,9 @@ class ProviderAgent:
         self._report_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self.registered = asyncio.Event()
+        # Called with the number of workers the launcher holds ready, when it changes.
+        self.on_ready: Callable[[int], None] | None = None
+        self._ready = 0
 
     # ---- state file -------------------------------------------------------------------------
 
@@ -171,6 +178,7 @@ class ProviderAgent:
         self.registered.set()
 
     async def _shutdown_workers(self, report: bool = True) -> None:
+        self.launcher.close(self.accounts)
         leases = list(self.workers)
         if not leases:
             return
@@ -219,6 +227,14 @@ class ProviderAgent:
 
     async def _monitor_loop(self) -> None:
         while True:
+            held = sum(float(self._sizes.get(lid, 0)) for lid in self.workers)
+            self.launcher.keep_ready(self.accounts, self.capacity.cpus - held)
+            ready = self.launcher.ready_count()
+            if ready != self._ready:
+                self._ready = ready
+                logger.info("%d warm worker interpreters ready", ready)
+                if self.on_ready is not None:
+                    self.on_ready(ready)
             for lease_id, worker in list(self.workers.items()):
                 if lease_id in self._stopping:
                     continue
@@ -315,7 +331,7 @@ class ProviderAgent:
 
     def _start(self, lease: dict) -> None:
         try:
-            account = self.accounts.acquire(lease["id"])
+            account = self.launcher.account_for(lease, self.accounts)
             worker = self.launcher.start(lease, account)
         except (OSError, KeyError, ValueError, WorkerAccountError) as exc:
             logger.error("lease %s: cannot start worker: %s", lease["id"], exc)
@@ -324,6 +340,7 @@ class ProviderAgent:
                                      f"the agent could not start the worker: {exc}"))
             return
         self.workers[lease["id"]] = worker
+        self._sizes[lease["id"]] = float(lease.get("cpus") or 0)
         self._keys.pop(lease["id"], None)
         self._save_state()
 
@@ -375,6 +392,7 @@ class ProviderAgent:
         """The lease's worker is gone: kill what its account still runs, delete its folder
         (key and scratch included) so nothing of it outlives the lease."""
         self.accounts.release(lease_id)
+        self._sizes.pop(lease_id, None)
         try:
             remove_lease_folder(self.workdir, lease_id)
         except (OSError, UnsafeIdentifier) as exc:

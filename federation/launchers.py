@@ -21,6 +21,11 @@ batch job. Like JupyterHub's Spawner, a subclass writes five methods:
 ``save(handle) -> dict``
     What ``adopt`` needs, as JSON (the agent keeps it in workers.json, mode 0600).
 
+Two optional hooks: ``account_for(lease, accounts)`` picks the account a lease's worker runs
+under (default: a fresh one from ``accounts``), and ``keep_ready(accounts, free_cpus)`` /
+``close(accounts)`` let a launcher keep resources ready between leases (the process
+launcher's warm interpreters) and let them go when the agent stops.
+
 A handle also carries ``uid`` (the account, for the agent's accounting of uids) and
 ``log_tail()`` (a few last lines for the user when the worker fails). A lease turns
 ``running``, and is metered, only when its worker has joined the cluster's scheduler and the
@@ -30,13 +35,28 @@ cluster says so; what a launcher reports is only whether the worker still runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 import signal
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .worker_accounts import WorkerAccount
-from .worker_process import WorkerProcess, start_worker
+import psutil
+
+from .worker_accounts import WorkerAccount, WorkerAccountError, WorkerAccounts
+from .worker_process import (
+    WorkerProcess,
+    account_kwargs,
+    prepare_lease_folder,
+    start_worker,
+    worker_command,
+    worker_environment,
+)
 
 logger = logging.getLogger("parallex.agent")
 
@@ -55,6 +75,20 @@ class WorkerLauncher:
 
     def start(self, lease: dict, account: WorkerAccount) -> Any:
         raise NotImplementedError
+
+    def account_for(self, lease: dict, accounts: WorkerAccounts) -> WorkerAccount:
+        """The account the lease's worker will run under."""
+        return accounts.acquire(lease["id"])
+
+    def keep_ready(self, accounts: WorkerAccounts, free_cpus: float) -> None:
+        """Called often (every monitor tick) with the CPUs no lease holds; nothing by default."""
+
+    def close(self, accounts: WorkerAccounts) -> None:
+        """The agent stops: let go of whatever ``keep_ready`` holds."""
+
+    def ready_count(self) -> int:
+        """How many workers could start at once from what ``keep_ready`` holds."""
+        return 0
 
     def poll(self, handle: Any) -> int | None:
         raise NotImplementedError
@@ -78,16 +112,142 @@ class WorkerLauncher:
         return code
 
 
+@dataclass
+class WarmInterpreter:
+    """A `python -m federation.warm_worker` waiting for a lease (see that module)."""
+
+    holder: str  # the key its account is held under until a lease takes it
+    popen: subprocess.Popen
+    create_time: float
+    uid: int | None
+    ready: bool = False
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def check_ready(self) -> bool:
+        """True once the interpreter has imported Dask (it says "warm" on its pipe)."""
+        if not self.ready and self.popen.stdout is not None:
+            with contextlib.suppress(BlockingIOError, OSError, ValueError):
+                self.ready = b"warm" in (self.popen.stdout.read(16) or b"")
+        return self.ready
+
+    def retire(self) -> None:
+        """Close its input (it exits) and, should it not, kill its process group."""
+        with contextlib.suppress(OSError):
+            self.popen.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(2)
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
 class ProcessLauncher(WorkerLauncher):
     """Each worker a `dask worker` process in its own process group, in the lease's folder
-    under ``workdir/leases``, without a nanny (the agent is the nanny)."""
+    under ``workdir/leases``, without a nanny (the agent is the nanny).
 
-    def __init__(self, workdir: Path, host: str | None = None):
+    ``warm`` interpreters (at most; never more than the free CPUs) are kept started with Dask
+    imported, each under the account its lease will use; a CPU lease then starts by handing
+    one its arguments instead of starting Python (GPU leases start cold: dask-cuda's worker
+    is another program). 0 turns the pool off."""
+
+    def __init__(self, workdir: Path, host: str | None = None, warm: int = 0,
+                 death_timeout: float = 60):
         self.workdir = Path(workdir)
         self.host = host
+        self.warm = max(0, int(warm))
+        self.death_timeout = death_timeout
+        self._pool: list[WarmInterpreter] = []
+        self._claimed: dict[str, WarmInterpreter] = {}
+        self._serial = 0
+
+    # ---- the warm pool ------------------------------------------------------------------
+
+    def keep_ready(self, accounts: WorkerAccounts, free_cpus: float) -> None:
+        for interp in [i for i in self._pool if not i.alive()]:
+            logger.warning("warm interpreter pid %d exited with code %s; replacing it",
+                           interp.popen.pid, interp.popen.returncode)
+            self._pool.remove(interp)
+            accounts.release(interp.holder)
+        target = min(self.warm, max(0, int(free_cpus)))
+        while len(self._pool) > target:
+            interp = self._pool.pop()
+            interp.retire()
+            accounts.release(interp.holder)
+        while len(self._pool) < target:
+            try:
+                self._pool.append(self._start_warm(accounts))
+            except (OSError, WorkerAccountError) as exc:
+                logger.warning("cannot start a warm interpreter (%s); leases start cold", exc)
+                return
+        for interp in self._pool:
+            interp.check_ready()
+
+    def _start_warm(self, accounts: WorkerAccounts) -> WarmInterpreter:
+        self._serial += 1
+        holder = f"~warm-{self._serial}"  # never a lease id (those start with a letter)
+        account = accounts.acquire(holder)
+        try:
+            env = worker_environment([], Path("/"))
+            env["TMPDIR"] = "/tmp"  # noqa: S108 - the lease's own folder replaces it
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "federation.warm_worker"], cwd="/", env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True, **account_kwargs(account))
+        except OSError:
+            accounts.release(holder)
+            raise
+        os.set_blocking(popen.stdout.fileno(), False)
+        return WarmInterpreter(holder, popen, psutil.Process(popen.pid).create_time(),
+                               account.uid)
+
+    def ready_count(self) -> int:
+        return sum(1 for i in self._pool if i.ready and i.alive())
+
+    def account_for(self, lease: dict, accounts: WorkerAccounts) -> WorkerAccount:
+        if int(lease.get("gpus") or 0) == 0:
+            live = [i for i in self._pool if i.alive()]
+            if live:
+                # A ready one first; one still importing is still ahead of a cold start.
+                interp = next((i for i in live if i.check_ready()), live[0])
+                self._pool.remove(interp)
+                self._claimed[lease["id"]] = interp
+                return accounts.hand_over(interp.holder, lease["id"])
+        return accounts.acquire(lease["id"])
+
+    def close(self, accounts: WorkerAccounts) -> None:
+        for interp in [*self._pool, *self._claimed.values()]:
+            interp.retire()
+            accounts.release(interp.holder)
+        self._pool.clear()
+        self._claimed.clear()
+
+    # ---- workers --------------------------------------------------------------------------
 
     def start(self, lease: dict, account: WorkerAccount) -> WorkerProcess:
-        return start_worker(lease, self.workdir, host=self.host, account=account)
+        interp = self._claimed.pop(lease["id"], None)
+        if interp is None or not interp.alive():
+            return start_worker(lease, self.workdir, host=self.host, account=account,
+                                death_timeout=self.death_timeout)
+        folder = prepare_lease_folder(lease, self.workdir, account)
+        cmd = worker_command(lease, folder, self.host, self.death_timeout)
+        env = worker_environment(lease.get("gpu_indices") or [], folder)
+        order = {"cwd": str(folder / "scratch"), "log": str(folder / "worker.log"),
+                 "env": {k: env[k] for k in ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES")},
+                 "args": cmd[3:]}  # after "python -m distributed.cli.dask_worker"
+        try:
+            interp.popen.stdin.write(json.dumps(order).encode() + b"\n")
+            interp.popen.stdin.close()
+            interp.popen.stdout.close()  # it wrote "warm" there; its output goes to the log now
+        except OSError as exc:
+            interp.retire()
+            raise OSError(f"the warm interpreter did not take the lease: {exc}") from exc
+        logger.info("lease %s: worker started in warm interpreter pid %d%s", lease["id"],
+                    interp.popen.pid, f" as uid {account.uid}" if account.isolated else "")
+        return WorkerProcess(lease["id"], interp.popen.pid, interp.create_time, folder,
+                             interp.popen, uid=account.uid)
 
     def poll(self, handle: WorkerProcess) -> int | None:
         return handle.exit_code()

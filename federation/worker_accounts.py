@@ -198,6 +198,14 @@ class WorkerAccounts:
             f"all {len(self.uids)} worker uids are in use{hint}; give --worker-uids a larger "
             "range of its own (one uid per lease that may run at once)")
 
+    def hand_over(self, holder: str, lease_id: str) -> WorkerAccount:
+        """Give the account ``holder`` (a warm interpreter) holds to ``lease_id``."""
+        if self.uids is None:
+            return SHARED
+        uid = self._in_use.pop(holder)
+        self._in_use[lease_id] = uid
+        return WorkerAccount(uid, uid)
+
     def adopt(self, lease_id: str, uid: int | None) -> None:
         """Record the uid of a worker that survived an agent restart."""
         if uid is not None and self.uids is not None and uid in self.uids:

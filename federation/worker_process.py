@@ -152,34 +152,45 @@ def remove_lease_folder(workdir: Path, lease_id: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)  # fd-based: never follows symlinks
 
 
-def start_worker(lease: dict, workdir: Path, *, host: str | None = None,
-                 account: WorkerAccount = SHARED, death_timeout: float = 60) -> WorkerProcess:
-    """Write the lease's credentials into a folder only the lease's account can open and start
-    its worker process under that account, in its own process group."""
+def prepare_lease_folder(lease: dict, workdir: Path, account: WorkerAccount) -> Path:
+    """Write the lease's credentials into a fresh folder only the lease's account can open,
+    with an empty log file; returns the folder."""
     folder = lease_folder(workdir, lease["id"])
     folder.parent.mkdir(mode=0o711, exist_ok=True)
     remove_lease_folder(workdir, lease["id"])
     folder.mkdir(mode=0o700)
     (folder / "scratch").mkdir(mode=0o700)
     for name, text in (("ca.pem", lease["ca_cert"]), ("cert.pem", lease["cert"]),
-                       ("key.pem", lease["key"])):
+                       ("key.pem", lease["key"]), ("worker.log", "")):
         fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
-    log_fd = os.open(folder / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                     0o600)
-    user_kwargs: dict = {}
     if account.isolated:
         for path in (folder, folder / "scratch", *folder.iterdir()):
             os.chown(path, account.uid, account.gid, follow_symlinks=False)
-        user_kwargs = {"user": account.uid, "group": account.gid, "extra_groups": []}
+    return folder
+
+
+def account_kwargs(account: WorkerAccount) -> dict:
+    """subprocess.Popen's arguments that run a process under ``account``."""
+    if not account.isolated:
+        return {}
+    return {"user": account.uid, "group": account.gid, "extra_groups": []}
+
+
+def start_worker(lease: dict, workdir: Path, *, host: str | None = None,
+                 account: WorkerAccount = SHARED, death_timeout: float = 60) -> WorkerProcess:
+    """Start the lease's worker as a new process under the lease's account, in its own
+    process group (a cold start: the interpreter starts and imports Dask now)."""
+    folder = prepare_lease_folder(lease, workdir, account)
+    log_fd = os.open(folder / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     try:
         popen = subprocess.Popen(
             worker_command(lease, folder, host, death_timeout),
             cwd=folder / "scratch",
             env=worker_environment(lease.get("gpu_indices") or [], folder),
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True, **user_kwargs,
+            start_new_session=True, close_fds=True, **account_kwargs(account),
         )
     finally:
         os.close(log_fd)
@@ -187,4 +198,3 @@ def start_worker(lease: dict, workdir: Path, *, host: str | None = None,
     logger.info("lease %s: started worker pid %d%s", lease["id"], popen.pid,
                 f" as uid {account.uid}" if account.isolated else "")
     return WorkerProcess(lease["id"], popen.pid, create_time, folder, popen, uid=account.uid)
-

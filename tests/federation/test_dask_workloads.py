@@ -44,10 +44,11 @@ from tests.utils.procs import wait_until
 
 @pytest.fixture(scope="module")
 def labs(tmp_path_factory):
-    """Two labs' agents, 2 CPUs and 4 GiB each; users alice and bob."""
+    """Two labs' agents, 2 CPUs and 4 GiB each, their workers started from warm interpreters
+    (the agent's default); users alice and bob."""
     fed = make_federation(tmp_path_factory.mktemp("pool"))
     try:
-        yield fed.with_two_labs()
+        yield fed.with_two_labs(warm=2)
     finally:
         fed.stop()
 

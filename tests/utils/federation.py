@@ -20,6 +20,7 @@ from tests.utils.procs import (
     kill_workers_under,
     start_agent,
     start_broker,
+    wait_warm,
     worker_uid_args,
 )
 
@@ -110,12 +111,15 @@ class Federation:
     def _read_only_db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.tmp / 'broker.db'}?mode=ro", uri=True)
 
-    def with_two_labs(self) -> Federation:
-        """lab-a and lab-b, one agent each offering 2 CPUs and 4 GiB; users alice and bob."""
+    def with_two_labs(self, warm: int = 0) -> Federation:
+        """lab-a and lab-b, one agent each offering 2 CPUs and 4 GiB; users alice and bob.
+        ``warm``: each agent's --warm-workers (ready before this returns)."""
         self.add_lab("lab-a", user="alice")
         self.add_lab("lab-b", user="bob")
-        self.add_agent("lab-a", "agent-a", cpus=2)
-        self.add_agent("lab-b", "agent-b", cpus=2)
+        for lab, name in (("lab-a", "agent-a"), ("lab-b", "agent-b")):
+            agent = self.add_agent(lab, name, cpus=2, extra=("--warm-workers", str(warm)))
+            if warm:
+                wait_warm(agent, warm)
         return self
 
     def restart_broker(self) -> None:

@@ -99,6 +99,15 @@ def ready(proc: Proc, prefix: str) -> str:
         raise
 
 
+def wait_warm(agent: Proc, n: int, timeout: float = READY_TIMEOUT) -> None:
+    """Wait until the agent says ``n`` warm worker interpreters are ready (its stdout line
+    PARALLEX_WARM_READY=<n>, printed at each change)."""
+    deadline = time.monotonic() + timeout
+    while int(agent.wait_for_line("PARALLEX_WARM_READY=",
+                                  max(0.1, deadline - time.monotonic()))) != n:
+        pass
+
+
 def parallex(*args: str) -> list[str]:
     return [sys.executable, "-m", "federation.cli", *args]
 
@@ -148,7 +157,12 @@ def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
                 env: dict | None = None, token_on_command_line: bool = False,
                 accounts: tuple[str, ...] | None = None) -> Proc:
     """A provider agent; its workers run under uids of their own when the tests run as root
-    (``accounts`` overrides the account options)."""
+    (``accounts`` overrides the account options). Its workers start cold unless ``extra``
+    sets --warm-workers: warm interpreters being started would compete for this machine's two
+    cores in every test; tests/federation/test_warm_pool.py and the Dask workload tests run
+    with them."""
+    if "--warm-workers" not in extra:
+        extra = (*extra, "--warm-workers", "0")
     workdir.mkdir(parents=True, exist_ok=True)
     token_file = workdir.parent / f"{name}.token"
     token_file.write_text(token)

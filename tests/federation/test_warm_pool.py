@@ -1,0 +1,152 @@
+"""The agent's warm interpreters: a CPU lease's worker is handed to an interpreter started
+ahead (same account rules, same folder, log and environment as a cold start), the pool never
+holds more than the free CPUs, GPU leases start cold, and nothing of the pool outlives the
+agent."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import psutil
+import pytest
+
+from federation import FederatedCluster
+from tests.utils.procs import (
+    parallex,
+    recorded_workers,
+    wait_until,
+    wait_warm,
+)
+
+FAKE_GPUS = json.dumps([{"index": 0, "model": "NVIDIA A100-SXM4-40GB", "memory": 40 * 2**30}])
+
+
+def warm_interpreters(agent_pid: int) -> dict[int, psutil.Process]:
+    """The agent's waiting warm interpreters, by pid."""
+    found = {}
+    for child in psutil.Process(agent_pid).children(recursive=True):
+        try:
+            if "federation.warm_worker" in child.cmdline():
+                found[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def where_am_i_probe():
+    """A function the workers run, made here so it is pickled by value (the workers cannot
+    import this test module)."""
+    def where_am_i() -> dict:
+        import os
+        import tempfile
+
+        return {"cwd": os.getcwd(), "home": os.environ.get("HOME"),
+                "tmp": tempfile.gettempdir(), "uid": os.getuid(),
+                "gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")}
+    return where_am_i
+
+
+def test_a_lease_starts_in_a_warm_interpreter_and_the_pool_refills(federation):
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    agent = fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB",
+                          extra=("--warm-workers", "2"))
+    wait_warm(agent, 2)
+    waiting = warm_interpreters(agent.pid)
+    assert len(waiting) == 2
+    started_before = {pid: p.create_time() for pid, p in waiting.items()}
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                          worker_memory="1 GiB") as cluster:
+        cluster.scale(2)
+        cluster.wait_for_workers(2, timeout=60)
+        workers = recorded_workers(fed.workdirs["agent-a"])
+        assert len(workers) == 2
+        # Each lease's worker is one of the interpreters that waited: same pid, same start.
+        assert {w["pid"]: w["create_time"] for w in workers.values()} == started_before
+        # Both CPUs are held: the pool keeps none while they are.
+        wait_until(lambda: not [p for p, proc in warm_interpreters(agent.pid).items()
+                                if p not in started_before], 30, "no spare interpreter")
+        with cluster.get_client() as client:
+            seen = client.run(where_am_i_probe())
+            names = {a: w["name"] for a, w in client.scheduler_info()["workers"].items()}
+            assert client.submit(sum, range(10)).result() == 45
+        for lease_id, facts in ((names[a], f) for a, f in seen.items()):
+            folder = os.path.join(fed.workdirs["agent-a"], "leases", lease_id)
+            assert facts["home"] == folder
+            assert facts["cwd"] == os.path.join(folder, "scratch")
+            assert facts["tmp"] == os.path.join(folder, "scratch")
+            assert facts["gpus"] == ""
+            if os.geteuid() == 0:  # the tests' agents give each lease a uid of its own
+                assert facts["uid"] == workers[lease_id]["uid"] != 0
+        uids = [w["uid"] for w in workers.values()]
+        assert len(set(uids)) == len(uids)
+        log = (fed.workdirs["agent-a"] / "leases" / lease_id / "worker.log").read_text()
+        assert "Start worker at" in log  # the worker's own output goes to the lease's log
+    # Leases ended: the pool refills with new interpreters.
+    wait_warm(agent, 2)
+    refilled = warm_interpreters(agent.pid)
+    assert len(refilled) == 2 and not set(refilled) & set(started_before)
+    agent.stop()
+    assert agent.popen.returncode == 0
+    for proc in refilled.values():
+        assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_gpu_lease_starts_cold_beside_warm_cpu_leases(federation):
+    fed = federation
+    fed.add_lab("lab-gpu", user="alice")
+    agent = fed.add_agent("lab-gpu", "gpu-box", cpus=2, memory="4 GiB", gpus="0",
+                          env={"PARALLEX_FAKE_GPUS": FAKE_GPUS},
+                          extra=("--warm-workers", "1"))
+    wait_warm(agent, 1)
+    (warm_pid,) = warm_interpreters(agent.pid)
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                          worker_memory="1 GiB") as cluster:
+        cluster.scale(1, gpus=1)
+        cluster.wait_for_workers(1, timeout=60)
+        (gpu_lease,) = recorded_workers(fed.workdirs["gpu-box"]).values()
+        assert gpu_lease["pid"] != warm_pid
+        assert warm_pid in warm_interpreters(agent.pid)  # still waiting for a CPU lease
+        cluster.scale(1)  # the CPU group (the GPU group keeps its one)
+        cluster.wait_for_workers(2, timeout=60)
+        pids = {w["pid"] for w in recorded_workers(fed.workdirs["gpu-box"]).values()}
+        assert warm_pid in pids
+        with cluster.get_client() as client:
+            devices = sorted(f["gpus"] for f in client.run(where_am_i_probe()).values())
+        assert devices == ["", "0"]
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_a_bad_warm_pool_size_is_refused(value, tmp_path):
+    import subprocess
+
+    done = subprocess.run(
+        parallex("provide", "--broker", "http://127.0.0.1:9", "--token", "x",
+                 "--insecure-shared-account", "--workdir", str(tmp_path), "--warm-workers",
+                 value), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "--warm-workers" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_worker_environment_of_a_warm_start_has_no_agent_secret(federation):
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    agent = fed.add_agent("lab-a", "agent-a", cpus=1, memory="2 GiB",
+                          extra=("--warm-workers", "1"),
+                          env={"PARALLEX_PROVIDER_TOKEN_HINT": "agent-only"})
+    wait_warm(agent, 1)
+
+    def environment() -> dict:
+        import os
+        return dict(os.environ)
+
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                          worker_memory="1 GiB") as cluster:
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=60)
+        with cluster.get_client() as client:
+            (env,) = client.run(environment).values()
+    assert not [k for k in env if k.startswith("PARALLEX_") or "TOKEN" in k.upper()]
+    assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True"
