@@ -89,13 +89,21 @@ class Claim:
     created: dt.datetime
 
 
+EPSILON = 1e-6  # PCU: keeps a lab that used nothing finite (and first)
+
+
+def lab_priority(share: float, usage: float, epsilon: float = EPSILON) -> float:
+    """A lab's claim to be served next: its share over its decayed usage."""
+    return share / (usage + epsilon)
+
+
 def fair_order(claims: list[Claim], lab_share: dict[int, float], lab_usage: dict[int, float],
-               user_usage: dict[int, float], epsilon: float = 1e-6) -> list[Claim]:
+               user_usage: dict[int, float], epsilon: float = EPSILON) -> list[Claim]:
     """Claims in the order to serve them: labs with the highest share/usage first (a lab that
     used little for its share comes first), then within a lab the user who used least, then
     the oldest request. Pure, so placement stays a function of its inputs."""
     def key(c: Claim) -> tuple:
-        priority = lab_share.get(c.lab, 1.0) / (lab_usage.get(c.lab, 0.0) + epsilon)
+        priority = lab_priority(lab_share.get(c.lab, 1.0), lab_usage.get(c.lab, 0.0), epsilon)
         return (-priority, user_usage.get(c.user, 0.0), c.created, c.request_id)
 
     return sorted(claims, key=key)

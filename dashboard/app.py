@@ -19,6 +19,7 @@ import panel as pn
 from sqlmodel import Session
 
 from accounting.fairshare import DEFAULT_HALF_LIFE
+from federation.broker.access import Scope
 
 from . import reports
 
@@ -56,7 +57,7 @@ def plot(df: pd.DataFrame, kind: str, title: str, **kw) -> pn.viewable.Viewable:
 class Dashboard:
     """The page of one viewer; ``panel()`` is what the server shows."""
 
-    def __init__(self, sessions: Sessions, viewer: reports.Viewer,
+    def __init__(self, sessions: Sessions, viewer: Scope,
                  fair_share_half_life: float = DEFAULT_HALF_LIFE, today: dt.date | None = None):
         self.sessions, self.viewer = sessions, viewer
         self.half_life = fair_share_half_life

@@ -14,41 +14,15 @@ import pandas as pd
 from sqlalchemy import and_, case, func, or_
 from sqlmodel import Session, col, select
 
-from accounting.fairshare import usage_now
+from accounting.fairshare import Claim, fair_order, lab_priority, usage_now
 from accounting.ledger import Account, Balance
-from accounting.models import Institution, Lab, Membership, User, names_by_id, utcnow
+from accounting.models import Institution, Lab, User, names_by_id, utcnow
 from accounting.reliability import ProviderReliability, factor
 from accounting.rollups import UsageDaily
 from accounting.units import NANO
+from federation.broker.access import Scope
 from federation.broker.capacity import CapacitySample
 from federation.broker.models import HELD_STATES, ClusterRecord, Lease, LeaseState, Provider
-
-
-@dataclass(frozen=True)
-class Viewer:
-    """Who is looking: an admin sees every lab, a PI their lab, a member their own usage."""
-
-    name: str
-    role: str  # "admin", "pi" or "member"
-    user_id: int | None = None
-    lab_id: int | None = None
-    lab_name: str | None = None
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
-
-
-def viewer_for(session: Session, username: str, hub_admin: bool = False) -> Viewer | None:
-    """The Viewer of a Parallex user (by name); None for a name the federation does not know.
-    ``hub_admin`` (a JupyterHub administrator) makes an admin viewer."""
-    user = session.exec(select(User).where(User.name == username)).first()
-    if user is None:
-        return Viewer(username, "admin") if hub_admin else None
-    lab = session.get(Lab, user.lab_id)
-    member = session.get(Membership, (user.id, user.lab_id))
-    role = "admin" if hub_admin else (member.role.value if member else "member")
-    return Viewer(username, role, user.id, lab.id, lab.name)
 
 
 @dataclass(frozen=True)
@@ -68,7 +42,7 @@ def _labs(session: Session) -> pd.DataFrame:
                         ).fillna({"institution": "—"})
 
 
-def lab_choices(session: Session, viewer: Viewer) -> dict[str, int]:
+def lab_choices(session: Session, viewer: Scope) -> dict[str, int]:
     """Lab name → id of the labs the viewer may filter on."""
     labs = _labs(session)
     if not viewer.is_admin:
@@ -80,7 +54,7 @@ def institution_choices(session: Session) -> dict[str, int]:
     return dict(session.exec(select(Institution.name, Institution.id)).all())
 
 
-def _scoped(query, viewer: Viewer, filters: Filters, side: str = "consumer"):
+def _scoped(query, viewer: Scope, filters: Filters, side: str = "consumer"):
     """Restrict a UsageDaily query to the period, the filters and what the viewer may see."""
     lab_col = UsageDaily.consumer_lab_id if side == "consumer" else UsageDaily.provider_lab_id
     query = query.where(UsageDaily.day >= filters.since, UsageDaily.day < filters.until)
@@ -114,7 +88,7 @@ def _frame(rows, keys: list[str]) -> pd.DataFrame:
     return df
 
 
-def usage_by(session: Session, viewer: Viewer, filters: Filters, by: str) -> pd.DataFrame:
+def usage_by(session: Session, viewer: Scope, filters: Filters, by: str) -> pd.DataFrame:
     """PCU (all use, own machines included), core-hours, GPU-hours, cloud cost and what the
     providers earned, per institution, lab, user, GPU class or provider machine."""
     key = {"lab": UsageDaily.consumer_lab_id, "institution": UsageDaily.consumer_lab_id,
@@ -138,7 +112,7 @@ def usage_by(session: Session, viewer: Viewer, filters: Filters, by: str) -> pd.
     return df[[by] + _MEASURE_NAMES].sort_values("pcu", ascending=False, ignore_index=True)
 
 
-def usage_over_time(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+def usage_over_time(session: Session, viewer: Scope, filters: Filters) -> pd.DataFrame:
     """PCU per day and consuming lab (for a member: their own, under their lab)."""
     q = select(UsageDaily.day, UsageDaily.consumer_lab_id, *_MEASURES).group_by(
         UsageDaily.day, UsageDaily.consumer_lab_id)
@@ -149,7 +123,7 @@ def usage_over_time(session: Session, viewer: Viewer, filters: Filters) -> pd.Da
     return df.drop(columns="lab_id").sort_values(["day", "lab"], ignore_index=True)
 
 
-def credit_flows(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+def credit_flows(session: Session, viewer: Scope, filters: Filters) -> pd.DataFrame:
     """PCU moved from consuming to providing labs (self-use excluded)."""
     q = (select(UsageDaily.consumer_lab_id, UsageDaily.provider_lab_id,
                 func.sum(UsageDaily.charge), func.sum(UsageDaily.earned))
@@ -166,7 +140,7 @@ def credit_flows(session: Session, viewer: Viewer, filters: Filters) -> pd.DataF
     return df.sort_values("pcu", ascending=False, ignore_index=True)
 
 
-def balances(session: Session, viewer: Viewer) -> pd.DataFrame:
+def balances(session: Session, viewer: Scope) -> pd.DataFrame:
     """Each visible lab's balance, credit limit and how close it is to the limit."""
     q = (select(Lab.name, Balance.amount, Lab.credit_limit)
          .join(Account, Account.lab_id == Lab.id).join(Balance, Balance.account_id == Account.id))
@@ -181,7 +155,7 @@ def balances(session: Session, viewer: Viewer) -> pd.DataFrame:
     return df.sort_values("balance", ignore_index=True)
 
 
-def capacity(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+def capacity(session: Session, viewer: Scope, filters: Filters) -> pd.DataFrame:
     """CPUs and GPUs online and leased over time, per lab (samples of the broker)."""
     start = dt.datetime.combine(filters.since, dt.time(), dt.UTC)
     end = dt.datetime.combine(filters.until, dt.time(), dt.UTC)
@@ -201,7 +175,7 @@ def capacity(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame
     return df
 
 
-def live_leases(session: Session, viewer: Viewer) -> pd.DataFrame:
+def live_leases(session: Session, viewer: Scope) -> pd.DataFrame:
     """Leases held or waiting now, with their cluster's user and lab and the providing lab."""
     provider_lab = Lab.__table__.alias("provider_lab")
     q = (select(Lease.id, User.name, Lab.name, provider_lab.c.name, Lease.cpus, Lease.gpus,
@@ -223,7 +197,7 @@ def live_leases(session: Session, viewer: Viewer) -> pd.DataFrame:
     return df
 
 
-def my_clusters(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+def my_clusters(session: Session, viewer: Scope, filters: Filters) -> pd.DataFrame:
     """A viewer's own clusters in the period, with how many leases each had."""
     start = dt.datetime.combine(filters.since, dt.time(), dt.UTC)
     q = (select(ClusterRecord.id, ClusterRecord.name, ClusterRecord.active,
@@ -235,7 +209,7 @@ def my_clusters(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFr
                         columns=["cluster", "name", "active", "created", "closed", "leases"])
 
 
-def wait_times(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFrame:
+def wait_times(session: Session, viewer: Scope, filters: Filters) -> pd.DataFrame:
     """Seconds from asking for a worker to its start, per consuming lab: mean, max, count."""
     start = dt.datetime.combine(filters.since, dt.time(), dt.UTC)
     end = dt.datetime.combine(filters.until, dt.time(), dt.UTC)
@@ -260,7 +234,7 @@ def wait_times(session: Session, viewer: Viewer, filters: Filters) -> pd.DataFra
     return out[["lab", "leases", "mean_wait_s", "p90_wait_s", "max_wait_s"]]
 
 
-def provider_reliability(session: Session, viewer: Viewer) -> pd.DataFrame:
+def provider_reliability(session: Session, viewer: Scope) -> pd.DataFrame:
     """Each visible machine: its lab, whether online, reliability, lost and failed leases."""
     q = (select(Provider.name, Lab.name, Provider.online, Provider.cpus,
                 ProviderReliability.penalty, ProviderReliability.lost_leases,
@@ -332,9 +306,9 @@ def balance_outlook(session: Session, lab_id: int, days: int = 7) -> dict:
 
 def fair_share_position(session: Session, lab_id: int, half_life: float,
                         reveal_names: bool = False) -> pd.DataFrame:
-    """Labs with waiting workers, in the order fair share serves them, and this lab's place:
-    share / recent usage decides ("why are my members waiting"). Other labs are named only
-    when ``reveal_names`` (administrators)."""
+    """Labs with waiting workers, in the order fair share serves them (the broker's own
+    ``fair_order``), and this lab's place ("why are my members waiting"). Other labs are
+    named only when ``reveal_names`` (administrators)."""
     now = utcnow()
     pending = dict(session.exec(
         select(ClusterRecord.lab_id, func.count(Lease.id))
@@ -343,16 +317,19 @@ def fair_share_position(session: Session, lab_id: int, half_life: float,
     labs = {lab.id: lab for lab in session.exec(select(Lab))}
     keys = set(pending) | {lab_id}
     usage = usage_now(session, "lab", keys, now, half_life)
-    rows = [{"lab": labs[k].name if reveal_names or k == lab_id else "another lab",
+    shares = {k: labs[k].share for k in keys}
+    # One claim per lab, all equally old: the order is then the labs' order alone.
+    claims = [Claim(str(k), k, 0, now) for k in keys]
+    ordered = [c.lab for c in fair_order(claims, shares, usage, {})]
+    rows = [{"served": i, "lab": labs[k].name if reveal_names or k == lab_id else "another lab",
              "share": labs[k].share, "recent_pcu": round(usage[k], 4),
-             "priority": labs[k].share / (usage[k] + 1e-6),
-             "waiting_workers": pending.get(k, 0), "you": k == lab_id} for k in keys]
-    df = pd.DataFrame(rows).sort_values("priority", ascending=False, ignore_index=True)
-    df.insert(0, "served", range(1, len(df) + 1))
-    return df
+             "priority": lab_priority(labs[k].share, usage[k]),
+             "waiting_workers": pending.get(k, 0), "you": k == lab_id}
+            for i, k in enumerate(ordered, start=1)]
+    return pd.DataFrame(rows)
 
 
-def savings(session: Session, viewer: Viewer, filters: Filters) -> dict:
+def savings(session: Session, viewer: Scope, filters: Filters) -> dict:
     """Total PCU used and what the same resources would have cost in the cloud."""
     row = session.exec(_scoped(select(func.sum(UsageDaily.charge),
                                       func.sum(UsageDaily.cloud_cost)), viewer, filters)).one()

@@ -22,8 +22,8 @@ from tornado.web import RequestHandler, decode_signed_value
 
 from accounting.fairshare import DEFAULT_HALF_LIFE
 from federation.broker import db
+from federation.broker.access import Scope, scope_of_user
 
-from . import reports
 from .app import Dashboard
 
 logger = logging.getLogger("parallex.dashboard")
@@ -68,17 +68,19 @@ class HubAuthProvider(AuthProvider):
 
 
 def _viewer_from_request(engine, hub_auth: HubOAuth | None, cookie_secret: str,
-                         dev_user: str | None) -> reports.Viewer | None:
+                         dev_user: str | None) -> Scope | None:
     with db.session(engine) as s:
         if hub_auth is None:
-            return reports.viewer_for(s, dev_user or "", hub_admin=dev_user == "admin")
+            return scope_of_user(s, dev_user or "")
         request = pn.state.curdoc.session_context.request
         raw = request.cookies.get(hub_auth.cookie_name)
         token = decode_signed_value(cookie_secret, hub_auth.cookie_name, raw) if raw else None
         model = hub_auth.user_for_token(token.decode()) if token else None
         if not model:
             return None
-        return reports.viewer_for(s, model["name"], hub_admin=bool(model.get("admin")))
+        # The role comes from the lab membership, as in the API: being a JupyterHub
+        # administrator alone does not open every lab's books.
+        return scope_of_user(s, model["name"])
 
 
 def page(engine, hub_auth, cookie_secret, dev_user, half_life) -> pn.viewable.Viewable:

@@ -113,18 +113,27 @@ def authenticate(request: Request) -> Principal:
         )
 
 
+def user_principal(session: Session, name: str, token_id: str) -> Principal | None:
+    """The Principal of the Parallex user ``name`` with their membership's role; None for a
+    name the federation does not know."""
+    user = session.exec(select(User).where(User.name == name)).first()
+    if user is None:
+        return None
+    lab = session.get(Lab, user.lab_id)
+    member = session.get(Membership, (user.id, lab.id))
+    return Principal(kind=TokenKind.user, token_id=token_id, lab_id=lab.id,
+                     lab_name=lab.name, user_id=user.id, user_name=user.name,
+                     role=member.role if member else None)
+
+
 def _hub_principal(session: Session, identity: HubIdentity) -> Principal:
     """The Parallex user behind a JupyterHub identity (same name, written at hub login)."""
-    user = session.exec(select(User).where(User.name == identity.name)).first()
-    if user is None:
+    principal = user_principal(session, identity.name, f"hub:{identity.name}")
+    if principal is None:
         raise ApiError(403, "no-lab", f"hub user {identity.name} belongs to no Parallex lab "
                        "yet; sign out of the hub and in again so your lab membership is "
                        "registered, or ask your lab's PI")
-    lab = session.get(Lab, user.lab_id)
-    member = session.get(Membership, (user.id, lab.id))
-    return Principal(kind=TokenKind.user, token_id=f"hub:{identity.name}", lab_id=lab.id,
-                     lab_name=lab.name, user_id=user.id, user_name=user.name,
-                     role=member.role if member else None)
+    return principal
 
 
 def _require(*kinds: TokenKind):

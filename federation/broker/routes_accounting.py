@@ -38,7 +38,7 @@ from accounting.statement import Parties, explain_usage
 from accounting.units import to_nano, to_pcu
 
 from ..ids import LabPath, RowIdPath
-from .access import readable_lab, usage_scope
+from .access import readable_lab, scope_of, usage_scope
 from .auth import Principal, require_admin, require_user
 from .errors import ApiError
 from .models import Provider, WorkerSpec
@@ -64,7 +64,7 @@ def lab_balance(lab: LabPath, request: Request,
                 principal: Principal = Depends(require_user)) -> dict:
     """The lab's balance in PCU (a decimal string, exact to 1e-9 PCU) and its credit limit."""
     with request.app.state.session() as s:
-        row = readable_lab(s, principal, lab)
+        row = readable_lab(s, scope_of(principal), lab)
         amount = read_lab_balance(s, row)
         return {"lab": row.name, "balance": _pcu(amount), "balance_nano": amount,
                 "credit_limit": str(row.credit_limit)}
@@ -77,7 +77,7 @@ def lab_ledger(lab: LabPath, request: Request,
                principal: Principal = Depends(require_user)) -> dict:
     """The lab's entries, newest first; usage entries say which lease, machine and rate."""
     with request.app.state.session() as s:
-        row = readable_lab(s, principal, lab)
+        row = readable_lab(s, scope_of(principal), lab)
         account_id = s.exec(select(Account.id).where(Account.lab_id == row.id)).first()
         q = (select(LedgerEntry, Transfer).join(Transfer, Transfer.id == LedgerEntry.transfer_id)
              .where(LedgerEntry.account_id == account_id))
@@ -175,7 +175,7 @@ def usage(request: Request,
     """Usage totals: PCU charged, earned, self-use, core-hours, GPU-hours and the cloud
     equivalent. Members see their own usage, PIs their lab's, administrators everyone's."""
     with request.app.state.session() as s:
-        scope = usage_scope(s, principal, lab, provided=side == "provided")
+        scope = usage_scope(s, scope_of(principal), lab, provided=side == "provided")
         key = {"lab": UsageRecord.consumer_lab_id, "user": UsageRecord.user_id,
                "provider": UsageRecord.provider_id,
                "provider_lab": UsageRecord.provider_lab_id}[by]
@@ -335,7 +335,7 @@ class GrantCreate(SQLModel):
 def new_grant(body: GrantCreate, request: Request,
               admin: Principal = Depends(require_admin)) -> dict:
     with request.app.state.session() as s:
-        lab = readable_lab(s, admin, body.lab)
+        lab = readable_lab(s, scope_of(admin), body.lab)
         try:
             transfer = grant(s, lab=lab, amount=to_nano(body.amount), memo=body.memo)
         except ValueError as exc:

@@ -17,7 +17,7 @@ from accounting.reliability import factor, standings
 from accounting.units import to_pcu
 
 from ..ids import LabPath
-from .access import managed_lab
+from .access import managed_lab, scope_of
 from .auth import Principal, require_user
 from .models import HELD_STATES, ClusterRecord, Lease, Provider
 
@@ -30,7 +30,7 @@ def lab_members(lab: LabPath, request: Request,
                 principal: Principal = Depends(require_user)) -> dict:
     """Each member's role, quotas, what they hold now and what they used."""
     with request.app.state.session() as s:
-        row = managed_lab(s, principal, lab)
+        row = managed_lab(s, scope_of(principal), lab)
         members = s.exec(select(Membership, User).join(User, User.id == Membership.user_id)
                          .where(Membership.lab_id == row.id)).all()
         held = dict.fromkeys([u.id for _m, u in members], (0.0, 0))
@@ -68,7 +68,7 @@ def lab_machines(lab: LabPath, request: Request,
                  principal: Principal = Depends(require_user)) -> dict:
     """The lab's provider machines: capacity, reliability and what they earned."""
     with request.app.state.session() as s:
-        row = managed_lab(s, principal, lab)
+        row = managed_lab(s, scope_of(principal), lab)
         providers = s.exec(select(Provider).where(Provider.lab_id == row.id)
                            .order_by(Provider.name)).all()
         standing = standings(s, [p.id for p in providers])

@@ -14,6 +14,7 @@ from accounting.pricing import GiB, Resources, ensure_default_price
 from accounting.units import to_nano
 from dashboard import reports
 from federation.broker import db
+from federation.broker.access import Scope, scope_of_user
 
 DAY1 = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
 
@@ -55,9 +56,9 @@ def books(tmp_path):
 def test_each_viewer_sees_their_scope(books):
     s, who = books
     period = reports.Filters(DAY1.date(), DAY1.date() + dt.timedelta(days=3))
-    admin = reports.Viewer("root", "admin")
-    pi = reports.viewer_for(s, "pia")
-    ada = reports.viewer_for(s, "ada")
+    admin = Scope("root", "admin")
+    pi = scope_of_user(s, "pia")
+    ada = scope_of_user(s, "ada")
     assert (pi.role, pi.lab_name, ada.role) == ("pi", "physics", "member")
 
     by_user = reports.usage_by(s, admin, period, "user").set_index("user")
@@ -82,7 +83,7 @@ def test_each_viewer_sees_their_scope(books):
 
 def test_filters_change_the_figures(books):
     s, who = books
-    admin = reports.Viewer("root", "admin")
+    admin = Scope("root", "admin")
     day1 = reports.Filters(DAY1.date(), DAY1.date() + dt.timedelta(days=1))
     both = reports.Filters(DAY1.date(), DAY1.date() + dt.timedelta(days=2))
     assert list(reports.usage_by(s, admin, day1, "user")["user"]) == ["ada"]
@@ -128,3 +129,49 @@ def test_fair_share_position_names_other_labs_for_admins_only(books):
     assert hidden.set_index("lab").loc["another lab", "waiting_workers"] == 1
     shown = reports.fair_share_position(s, who["physics"].id, 7 * 86400, reveal_names=True)
     assert set(shown["lab"]) == {"physics", "chemistry"}
+
+
+def test_the_dashboards_and_the_api_read_one_scope(books):
+    """The role comes from the lab membership for both; a name the federation does not know
+    (e.g. a JupyterHub administrator with no lab) reads nothing."""
+    from accounting.models import Membership
+    from federation.broker.access import scope_of
+    from federation.broker.auth import Principal, TokenKind
+
+    s, who = books
+    assert scope_of_user(s, "pia").role == "pi"
+    assert scope_of_user(s, "ada").role == "member"
+    assert scope_of_user(s, "ada").user_id == who["ada"].id
+    assert scope_of_user(s, "hub-admin-without-a-lab") is None
+    member = s.get(Membership, (who["carl"].id, who["chemistry"].id))
+    member.role = Role.admin
+    s.add(member)
+    s.commit()
+    assert scope_of_user(s, "carl").is_admin
+    token = Principal(kind=TokenKind.admin, token_id="tok_admin", lab_id=None, lab_name=None,
+                      user_id=None, user_name=None)
+    assert scope_of(token).is_admin and scope_of(token).is_pi
+
+
+def test_the_fair_share_order_is_the_brokers(books):
+    """The dashboard's order is fair_order's: a lab that used less for its share comes
+    first, whatever the order the labs were made in."""
+    s, who = books
+    from accounting import fairshare
+    from accounting.models import utcnow
+    from federation.broker.models import ClusterRecord, Lease
+
+    for lab, user in (("chemistry", "carl"), ("physics", "ada")):
+        s.add(ClusterRecord(id=f"c-{lab}", user_id=who[user].id, lab_id=who[lab].id,
+                            scheduler_address="tls://x:1", ca_cert="-"))
+        s.add(Lease(id=f"ls-{lab}", cluster_id=f"c-{lab}", cpus=1, memory=GiB,
+                    created_at=utcnow()))
+    s.commit()
+    df = reports.fair_share_position(s, who["physics"].id, 7 * 86400, reveal_names=True)
+    usage = fairshare.usage_now(s, "lab", [who["physics"].id, who["chemistry"].id], utcnow(),
+                                7 * 86400)
+    # Equal shares: the lab that used less recently is served first.
+    expected = sorted(["physics", "chemistry"], key=lambda n: usage[who[n].id])
+    assert list(df["lab"]) == expected
+    assert list(df["served"]) == [1, 2]
+    assert usage[who["physics"].id] != usage[who["chemistry"].id]
