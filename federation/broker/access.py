@@ -21,7 +21,7 @@ from sqlmodel import Session, select
 from accounting.models import Lab
 
 from .auth import Principal, user_principal
-from .errors import ApiError
+from .errors import NotAllowed, NotFound
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def scope_of_user(session: Session, name: str) -> Scope | None:
 def lab_named(session: Session, name: str) -> Lab:
     lab = session.exec(select(Lab).where(Lab.name == name)).first()
     if lab is None:
-        raise ApiError(404, "unknown-lab", f"no lab named {name!r}")
+        raise NotFound("unknown-lab", f"no lab named {name!r}")
     return lab
 
 
@@ -70,14 +70,14 @@ def readable_lab(session: Session, scope: Scope, name: str) -> Lab:
     """The lab named ``name`` if the caller may read its balance and ledger."""
     lab = lab_named(session, name)
     if not scope.is_admin and scope.lab_id != lab.id:
-        raise ApiError(403, "not-your-lab",
+        raise NotAllowed("not-your-lab",
                        f"lab {name}'s books are for its members and administrators; you can "
                        f"read your own lab's ({scope.lab_name})")
     return lab
 
 
-def _pi_only(name: str | None) -> ApiError:
-    return ApiError(403, "pi-only", f"lab {name}'s members, machines and earnings are for its "
+def _pi_only(name: str | None) -> NotAllowed:
+    return NotAllowed("pi-only", f"lab {name}'s members, machines and earnings are for its "
                     "PIs and administrators; your own usage is at /usage")
 
 

@@ -17,7 +17,7 @@ from accounting.models import utcnow
 
 from . import db
 from .auth import hash_token
-from .errors import ApiError
+from .errors import BrokerError, http_status
 from .hub_tokens import HubTokenChecker
 from .models import ApiToken, TokenKind
 from .ratelimit import RateLimiter, RateLimitMiddleware
@@ -112,10 +112,13 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                                             settings.hub_token_cache)
                             if settings.hub_api_url else None)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    @app.exception_handler(BrokerError)
+    async def _broker_error(_request: Request, exc: BrokerError) -> JSONResponse:
+        # The one place the broker's errors become HTTP (federation/broker/errors.py).
+        headers = ({"Retry-After": str(max(1, round(exc.retry_after)))}
+                   if exc.retry_after is not None else None)
         return JSONResponse({"error": exc.code, "message": exc.message},
-                            status_code=exc.status_code, headers=exc.headers)
+                            status_code=http_status(exc), headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

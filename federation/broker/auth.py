@@ -16,7 +16,7 @@ from sqlmodel import Session, select
 
 from accounting.models import Lab, Membership, Role, User, utcnow
 
-from .errors import ApiError
+from .errors import NotAllowed, NotAuthenticated, NotFound
 from .hub_tokens import HubIdentity
 from .models import ApiToken, TokenKind
 
@@ -74,8 +74,7 @@ def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
-        raise ApiError(
-            401, "missing-token",
+        raise NotAuthenticated("missing-token",
             "no API token given; send 'Authorization: Bearer <token>' "
             "(PARALLEX_TOKEN for users, --token for providers)",
         )
@@ -92,10 +91,10 @@ def authenticate(request: Request) -> Principal:
             hub = getattr(request.app.state, "hub_tokens", None)
             if hub is not None and not secret.startswith(TOKEN_PREFIX):
                 return _hub_principal(session, hub.identify(secret))
-            raise ApiError(401, "bad-token", "this token is not known to the broker; ask your "
+            raise NotAuthenticated("bad-token", "this token is not known to the broker; ask your "
                            "administrator for a new one")
         if row.revoked_at is not None:
-            raise ApiError(401, "revoked-token",
+            raise NotAuthenticated("revoked-token",
                            f"token {row.id} was revoked on {row.revoked_at:%Y-%m-%d %H:%M} UTC; "
                            "ask your administrator for a new one")
         lab = session.get(Lab, row.lab_id) if row.lab_id else None
@@ -130,7 +129,7 @@ def _hub_principal(session: Session, identity: HubIdentity) -> Principal:
     """The Parallex user behind a JupyterHub identity (same name, written at hub login)."""
     principal = user_principal(session, identity.name, f"hub:{identity.name}")
     if principal is None:
-        raise ApiError(403, "no-lab", f"hub user {identity.name} belongs to no Parallex lab "
+        raise NotAllowed("no-lab", f"hub user {identity.name} belongs to no Parallex lab "
                        "yet; sign out of the hub and in again so your lab membership is "
                        "registered, or ask your lab's PI")
     return principal
@@ -143,7 +142,7 @@ def _require(*kinds: TokenKind):
         if kinds == (TokenKind.admin,) and principal.is_admin:
             return principal  # a user with the admin role acts as an administrator
         if principal.kind not in kinds:
-            raise ApiError(403, "wrong-token-kind",
+            raise NotAllowed("wrong-token-kind",
                            f"a {principal.kind.value} token cannot do this; it needs a token "
                            f"of kind: {allowed}")
         return principal
@@ -161,7 +160,7 @@ def revoke(session: Session, token_id: str) -> ApiToken:
     """Mark a token revoked; later requests with it get 401."""
     row = session.get(ApiToken, token_id)
     if row is None:
-        raise ApiError(404, "unknown-token", f"no token with id {token_id!r}")
+        raise NotFound("unknown-token", f"no token with id {token_id!r}")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         session.add(row)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from jupyterhub.services.auth import HubAuth
 from tornado.web import HTTPError
 
-from .errors import ApiError
+from .errors import NotAllowed, NotAuthenticated, Unavailable
 
 
 @dataclass(frozen=True)
@@ -42,25 +42,25 @@ class HubTokenChecker:
         return f"access:services!service={self.service_name}"
 
     def identify(self, token: str) -> HubIdentity:
-        """The token's owner; ApiError 401/403 when the hub does not vouch for it, 503 when
-        the hub cannot answer (not cached, so the next request asks again)."""
+        """The token's owner; NotAuthenticated/NotAllowed when the hub does not vouch for it,
+        Unavailable when the hub cannot answer (not cached, so the next request asks again)."""
         try:
             model = self.hub_auth.user_for_token(token, sync=True)
         except HTTPError as exc:
-            raise ApiError(503, "hub-unreachable",
+            raise Unavailable("hub-unreachable",
                            "the JupyterHub that vouches for this token cannot be reached or "
                            f"failed ({exc.log_message or exc.status_code}); try again shortly"
                            ) from exc
         if model is None:
-            raise ApiError(401, "bad-token", "this token is neither a Parallex token nor a "
+            raise NotAuthenticated("bad-token", "this token is neither a Parallex token nor a "
                            "valid JupyterHub token; sign in to the hub again, or ask your "
                            "administrator for a Parallex token")
         scopes = set(model.get("scopes") or [])
         if self.required_scope not in scopes and "access:services" not in scopes:
-            raise ApiError(403, "missing-scope",
+            raise NotAllowed("missing-scope",
                            f"this JupyterHub token lacks the scope {self.required_scope}; use "
                            "the token of your notebook server (JUPYTERHUB_API_TOKEN) or ask the "
                            "hub administrator to grant the scope")
         if model.get("kind", "user") != "user":
-            raise ApiError(403, "not-a-user", "only a hub user's token can use Parallex")
+            raise NotAllowed("not-a-user", "only a hub user's token can use Parallex")
         return HubIdentity(name=model["name"], groups=tuple(model.get("groups") or ()))

@@ -40,7 +40,7 @@ from accounting.units import to_nano, to_pcu
 from ..ids import LabPath, RowIdPath
 from .access import readable_lab, scope_of, usage_scope
 from .auth import Principal, require_admin, require_user
-from .errors import ApiError
+from .errors import Invalid, NotFound
 from .models import Provider, WorkerSpec
 
 router = APIRouter()
@@ -129,7 +129,7 @@ def explain_transfer(transfer_id: RowIdPath, request: Request,
         lab_ids = {a.lab_id for _e, a in rows if a.lab_id is not None}
         if transfer is None or not (principal.is_admin or principal.lab_id in lab_ids):
             # The same answer for "missing" and "not yours": ids are not secrets to probe.
-            raise ApiError(404, "unknown-transfer",
+            raise NotFound("unknown-transfer",
                            f"no transfer {transfer_id} in your lab's ledger; `parallex ledger` "
                            "lists the ids you can explain")
         record = s.exec(select(UsageRecord).where(
@@ -318,7 +318,7 @@ def new_price(body: PriceSet, request: Request,
                                                  for c in body.new_gpu_classes])
         except ValueError as exc:
             s.rollback()
-            raise ApiError(422, "bad-price", str(exc)) from exc
+            raise Invalid("bad-price", str(exc)) from exc
         s.commit()
         return _price_public(version)
 
@@ -339,7 +339,7 @@ def new_grant(body: GrantCreate, request: Request,
         try:
             transfer = grant(s, lab=lab, amount=to_nano(body.amount), memo=body.memo)
         except ValueError as exc:
-            raise ApiError(422, "bad-grant", str(exc)) from exc
+            raise Invalid("bad-grant", str(exc)) from exc
         s.commit()
         return {"transfer_id": transfer.id, "lab": lab.name, "amount": str(body.amount),
                 "balance": _pcu(balance(s, lab_account(s, lab).id))}

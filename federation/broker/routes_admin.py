@@ -26,7 +26,7 @@ from accounting.units import to_nano
 
 from ..ids import LabPath, TokenIdPath, UserPath
 from .auth import Principal, authenticate, issue_token, require_admin, require_any, revoke
-from .errors import ApiError
+from .errors import Conflict, Invalid, NotFound
 from .models import Provider, TokenCreate, TokenKind
 
 router = APIRouter()
@@ -35,7 +35,7 @@ router = APIRouter()
 def _lab_by_name(session, name: str) -> Lab:
     lab = session.exec(select(Lab).where(Lab.name == name)).first()
     if lab is None:
-        raise ApiError(404, "unknown-lab", f"no lab named {name!r}; create it with "
+        raise NotFound("unknown-lab", f"no lab named {name!r}; create it with "
                        "`parallex admin lab create`")
     return lab
 
@@ -64,7 +64,7 @@ def create_lab_route(body: LabCreate, request: Request,
                      _admin: Principal = Depends(require_admin)) -> Lab:
     with request.app.state.session() as s:
         if s.exec(select(Lab).where(Lab.name == body.name)).first():
-            raise ApiError(409, "lab-exists", f"a lab named {body.name!r} already exists")
+            raise Conflict("lab-exists", f"a lab named {body.name!r} already exists")
         lab = create_lab(s, name=body.name, site=body.site or body.name,
                          institution=body.institution,
                          policy=LabPolicy(**body.model_dump(include=set(LabPolicy.model_fields))))
@@ -84,7 +84,7 @@ def update_lab(lab: LabPath, body: LabUpdate, request: Request,
         row = _lab_by_name(s, lab)
         for field, value in body.model_dump(exclude_unset=True, exclude={"clear_quotas"}).items():
             if value is None:
-                raise ApiError(422, "invalid-request", f"{field}: give a value, or use "
+                raise Invalid("invalid-request", f"{field}: give a value, or use "
                                "clear_quotas to remove the quotas")
             setattr(row, field, value)
         if body.clear_quotas:
@@ -134,7 +134,7 @@ def create_user_route(lab: LabPath, body: UserCreate, request: Request,
     with request.app.state.session() as s:
         lab_row = _lab_by_name(s, lab)
         if s.exec(select(User).where(User.name == body.name)).first():
-            raise ApiError(409, "user-exists", f"a user named {body.name!r} already exists")
+            raise Conflict("user-exists", f"a user named {body.name!r} already exists")
         user = create_user(s, name=body.name, lab=lab_row)
         s.commit()
         return UserPublic(id=user.id, name=user.name, lab=lab_row.name)
@@ -149,22 +149,22 @@ def create_token(body: TokenCreate, request: Request,
         user = None
         if body.kind == TokenKind.user:
             if not body.user:
-                raise ApiError(422, "missing-user", "a user token needs 'user'")
+                raise Invalid("missing-user", "a user token needs 'user'")
             user = s.exec(select(User).where(User.name == body.user)).first()
             if user is None:
                 user = create_user(s, name=body.user, lab=lab)
             elif user.lab_id != lab.id:
-                raise ApiError(409, "user-in-other-lab",
+                raise Conflict("user-in-other-lab",
                                f"user {body.user!r} belongs to another lab")
         elif body.kind == TokenKind.admin:
-            raise ApiError(422, "no-admin-tokens",
+            raise Invalid("no-admin-tokens",
                            "admin tokens come from PARALLEX_ADMIN_TOKEN on the broker")
         try:
             row, secret = issue_token(s, kind=body.kind, lab=lab, user=user)
             s.commit()
         except IntegrityError as exc:
             s.rollback()
-            raise ApiError(409, "token-clash", "token id clash; try again") from exc
+            raise Conflict("token-clash", "token id clash; try again") from exc
         return {"id": row.id, "kind": row.kind.value, "lab": lab.name,
                 "user": user.name if user else None, "token": secret}
 

@@ -47,7 +47,7 @@ from ..tls import (
 from . import db
 from .auth import Principal
 from .capacity import record_capacity
-from .errors import ApiError
+from .errors import Conflict, Invalid, NotAllowed, NotFound, OverCreditLimit, TooSoon
 from .models import (
     HELD_STATES,
     LIVE_STATES,
@@ -205,7 +205,7 @@ class Broker:
             provider = s.get(Provider, provider_id)
         # Another lab's provider answers exactly like an unknown one: ids are not disclosed.
         if provider is None or provider.lab_id != principal.lab_id:
-            raise ApiError(404, "unknown-provider",
+            raise NotFound("unknown-provider",
                            f"no provider {provider_id!r} of your lab; register again with POST "
                            "/api/v1/agent/register")
         return provider
@@ -222,9 +222,9 @@ class Broker:
         last = self._last_heartbeat.get(provider_id)
         if last is not None and now - last < least:
             wait = least - (now - last)
-            raise ApiError(429, "heartbeat-too-frequent",
+            raise TooSoon("heartbeat-too-frequent",
                            f"heartbeats from one provider must be at least {least:g} s apart; "
-                           f"retry in {wait:.2f} s", headers={"Retry-After": "1"})
+                           f"retry in {wait:.2f} s", retry_after=1)
         self._last_heartbeat[provider_id] = now
 
     def provider_heartbeat(self, provider: Provider, running: list[str]) -> None:
@@ -299,7 +299,7 @@ class Broker:
         with self.session() as s:
             lease = s.get(Lease, lease_id)
             if lease is None or lease.provider_id != provider.id:
-                raise ApiError(404, "unknown-lease",
+                raise NotFound("unknown-lease",
                                f"no lease {lease_id!r} assigned to provider {provider.id}")
             if lease.state == LeaseState.ended:
                 return lease  # idempotent: a repeated or late report changes nothing
@@ -314,7 +314,7 @@ class Broker:
                               else EndReason.failed)
                 self._end_by_provider(s, lease, reason, body.message)
             else:
-                raise ApiError(422, "bad-state", "an agent can report 'running' or 'ended', "
+                raise Invalid("bad-state", "an agent can report 'running' or 'ended', "
                                f"not {body.state.value!r}")
             s.add(lease)
             s.commit()
@@ -330,15 +330,15 @@ class Broker:
         from ..tls import is_ca_certificate
 
         if principal.user_id is None:
-            raise ApiError(403, "not-a-user", "clusters belong to users; use a user token")
+            raise NotAllowed("not-a-user", "clusters belong to users; use a user token")
         if not is_ca_certificate(body.ca_cert):
-            raise ApiError(422, "bad-ca", "ca_cert must be a PEM CA certificate")
+            raise Invalid("bad-ca", "ca_cert must be a PEM CA certificate")
         with self.session() as s:
             if body.labs:
                 known = set(s.exec(select(Lab.name).where(col(Lab.name).in_(body.labs))).all())
                 unknown = sorted(set(body.labs) - known)
                 if unknown:
-                    raise ApiError(422, "unknown-lab",
+                    raise Invalid("unknown-lab",
                                    f"labs: no lab named {', '.join(map(repr, unknown))}; "
                                    "parallex lab list shows the federation's labs")
             cluster = ClusterRecord(id="cl_" + uuid.uuid4().hex[:12], name=body.name,
@@ -358,7 +358,7 @@ class Broker:
             cluster = s.get(ClusterRecord, cluster_id)
         # Another user's cluster answers exactly like an unknown one: ids are not disclosed.
         if cluster is None or (not principal.is_admin and cluster.user_id != principal.user_id):
-            raise ApiError(404, "unknown-cluster", f"no cluster {cluster_id!r} of yours")
+            raise NotFound("unknown-cluster", f"no cluster {cluster_id!r} of yours")
         return cluster
 
     def list_clusters(self, principal: Principal, active_only: bool = True) -> list[ClusterPublic]:
@@ -381,7 +381,7 @@ class Broker:
         """Note that the cluster lives; leases whose workers it says joined its scheduler
         become running (and metered) from now."""
         if not cluster.active:
-            raise ApiError(409, "cluster-ended",
+            raise Conflict("cluster-ended",
                            f"cluster {cluster.id} was ended ({cluster.end_reason}); "
                            "start a new FederatedCluster")
         now = utcnow()
@@ -401,7 +401,7 @@ class Broker:
     def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[str]:
         """Create the asked leases (pending) and place what fits; returns their ids."""
         if not cluster.active:
-            raise ApiError(409, "cluster-ended", f"cluster {cluster.id} has ended")
+            raise Conflict("cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
         request = placement.LeaseRequest(
             lease_id="?", cluster_id=cluster.id, cpus=spec.cpus, memory=spec.memory,
@@ -415,15 +415,15 @@ class Broker:
             totals = [_capacity(p, [], lab_names) for p in online]
             why = placement.largest_offer(totals, request)
             if why is not None:
-                raise ApiError(422, "no-provider-fits",
+                raise Invalid("no-provider-fits",
                                f"no provider in the federation can ever host this worker: {why}")
             self._check_credit_and_quotas(s, cluster, spec, len(body.workers))
             ids = [w.lease_id for w in body.workers]
             if len(set(ids)) != len(ids):
-                raise ApiError(422, "duplicate-lease-id", "lease ids in one request must differ")
+                raise Invalid("duplicate-lease-id", "lease ids in one request must differ")
             taken = s.exec(select(Lease.id).where(col(Lease.id).in_(ids))).all()
             if taken:
-                raise ApiError(409, "lease-id-taken", f"lease ids already exist: {sorted(taken)}")
+                raise Conflict("lease-id-taken", f"lease ids already exist: {sorted(taken)}")
             leases = [
                 Lease(id=lease_id, cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
                       memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
@@ -440,7 +440,7 @@ class Broker:
         lab = s.get(Lab, cluster.lab_id)
         owed = ledger.balance(s, ledger.lab_account(s, lab).id)
         if owed < -to_nano(lab.credit_limit):
-            raise ApiError(402, "credit-limit",
+            raise OverCreditLimit("credit-limit",
                            f"lab {lab.name}'s balance is {fmt_pcu(owed)}, below its credit "
                            f"limit of -{lab.credit_limit:,.2f} PCU: new workers are refused "
                            "(running ones keep running). Ask your PI or an administrator for "
@@ -458,11 +458,11 @@ class Broker:
             held_cpus = sum(r[0] for r in rows)
             held_gpus = sum(r[1] for r in rows)
             if max_cpus is not None and held_cpus + want_cpus > max_cpus:
-                raise ApiError(403, "quota-exceeded",
+                raise NotAllowed("quota-exceeded",
                                f"{who} may hold at most {max_cpus:g} CPUs at once; {held_cpus:g} "
                                f"are held and this asks for {want_cpus:g} more")
             if max_gpus is not None and held_gpus + want_gpus > max_gpus:
-                raise ApiError(403, "quota-exceeded",
+                raise NotAllowed("quota-exceeded",
                                f"{who} may hold at most {max_gpus} GPUs at once; {held_gpus} are "
                                f"held and this asks for {want_gpus} more")
 
@@ -475,7 +475,7 @@ class Broker:
             missing = [i for i in lease_ids if i not in found] + [
                 r.id for r in rows if r.cluster_id != cluster.id]
             if missing:
-                raise ApiError(404, "unknown-lease",
+                raise NotFound("unknown-lease",
                                f"no such leases in this cluster: {sorted(missing)}")
             touched = self._release_all(s, rows, reason, message)
             s.commit()
@@ -523,14 +523,14 @@ class Broker:
         try:
             load_worker_request(csr_pem, lease_id)
         except BadSigningRequest as exc:
-            raise ApiError(422, "bad-signing-request", f"lease {lease_id}: {exc}") from exc
+            raise Invalid("bad-signing-request", f"lease {lease_id}: {exc}") from exc
         with self.session() as s:
             lease = s.get(Lease, lease_id)
             if lease is None or lease.provider_id != provider.id:
-                raise ApiError(404, "unknown-lease",
+                raise NotFound("unknown-lease",
                                f"no lease {lease_id!r} assigned to provider {provider.id}")
             if lease.state != LeaseState.starting:
-                raise ApiError(409, "not-starting",
+                raise Conflict("not-starting",
                                f"lease {lease_id} is {lease.state.value}; only a starting "
                                "lease's worker gets a certificate")
             # A new request (the agent restarted and lost its key) replaces the old one.
@@ -557,24 +557,24 @@ class Broker:
             for item in certificates:
                 lease = s.get(Lease, item.lease_id)
                 if lease is None or lease.cluster_id != cluster.id:
-                    raise ApiError(404, "unknown-lease",
+                    raise NotFound("unknown-lease",
                                    f"no lease {item.lease_id!r} in this cluster")
                 if lease.state != LeaseState.starting or not lease.worker_csr:
-                    raise ApiError(409, "no-signing-request",
+                    raise Conflict("no-signing-request",
                                    f"lease {item.lease_id} is {lease.state.value} and has no "
                                    "signing request waiting")
                 # signed_by also refuses what does not parse, so identity can be read after.
                 if not signed_by(item.cert, cluster.ca_cert):
-                    raise ApiError(422, "bad-worker-cert",
+                    raise Invalid("bad-worker-cert",
                                    f"the certificate for lease {item.lease_id} is not signed "
                                    "by this cluster's CA")
                 name, role = certificate_identity(item.cert)
                 if name != item.lease_id or role != ROLE_WORKER:
-                    raise ApiError(422, "bad-worker-cert",
+                    raise Invalid("bad-worker-cert",
                                    f"the certificate for lease {item.lease_id} must be a worker "
                                    f"certificate with CN={item.lease_id}; it has CN={name!r}")
                 if not certificate_matches_request(item.cert, lease.worker_csr):
-                    raise ApiError(422, "bad-worker-cert",
+                    raise Invalid("bad-worker-cert",
                                    f"the certificate for lease {item.lease_id} is not for the "
                                    "key of its signing request")
                 lease.worker_cert = item.cert
@@ -831,7 +831,7 @@ def _check_provider_limits(lab: Lab, body: ProviderRegister) -> None:
              (len(body.gpus), lab.provider_max_gpus, "GPUs", str)]
     for value, limit, what, fmt in asked:
         if value > limit:
-            raise ApiError(403, "provider-over-limit",
+            raise NotAllowed("provider-over-limit",
                            f"this machine offers {fmt(value)} {what}; lab {lab.name} may offer "
                            f"at most {fmt(limit)} per machine. Offer less (parallex provide "
                            f"--cpus/--memory/--gpus) or ask an administrator to raise the "
