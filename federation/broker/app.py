@@ -75,7 +75,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        broker.loop = asyncio.get_running_loop()  # where agents' long polls wait
+        broker.wakeups.loop = asyncio.get_running_loop()  # where agents' long polls wait
         broker.recover()
         interval = max(0.2, min(settings.provider_timeout, settings.cluster_timeout) / 6)
 

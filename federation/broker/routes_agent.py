@@ -51,8 +51,8 @@ async def leases(provider_id: ProviderIdPath, request: Request,
     broker = request.app.state.broker
     provider = broker.provider_for(principal, provider_id)
     if wait:
-        await broker.wait_for_change(provider.id, since, wait)
-    version = broker.version(provider.id)
+        await broker.wakeups.wait_for_change(provider.id, since, wait)
+    version = broker.wakeups.version(provider.id)
     return {"version": version, "leases": broker.provider_leases(provider)}
 
 

@@ -107,8 +107,8 @@ async def signing_requests(cluster_id: ClusterIdPath, request: Request,
     cluster = await run_in_threadpool(broker.cluster_for, principal, cluster_id)
     key = f"cluster:{cluster.id}"
     if wait:
-        await broker.wait_for_change(key, since, wait)
-    version = broker.version(key)
+        await broker.wakeups.wait_for_change(key, since, wait)
+    version = broker.wakeups.version(key)
     found = await run_in_threadpool(broker.signing_requests, cluster)
     return {"version": version, "requests": found}
 

@@ -73,6 +73,8 @@ EVENTS = st.lists(st.one_of(
     st.tuples(st.just("back"), st.integers(0, 1)),
     st.tuples(st.just("close"),),
     st.tuples(st.just("restart"),),
+    st.tuples(st.just("provider-silent"), st.integers(0, 1)),
+    st.tuples(st.just("cluster-silent"),),
 ), min_size=1, max_size=25)
 
 
@@ -179,6 +181,21 @@ class Federation:
             self.cluster = self._new_cluster()
         elif kind == "restart":
             self.restart()
+        elif kind == "provider-silent":
+            # An hour without a heartbeat: the reaper finds the provider lost.
+            self.age("provider", self.providers[event[1]])
+            self.client.app.state.broker.reap()
+        elif kind == "cluster-silent":
+            self.age("cluster", self.cluster)
+            self.client.app.state.broker.reap()
+            self.cluster = self._new_cluster()
+
+    def age(self, table: str, row_id: str) -> None:
+        """Move a row's last heartbeat an hour back: the test's clock for timeouts."""
+        with contextlib.closing(sqlite3.connect(self.db_path)) as c:
+            c.execute(f"UPDATE {table} SET last_seen = datetime(last_seen, '-1 hour') "  # noqa: S608
+                      "WHERE id = ?", (row_id,))
+            c.commit()
 
     def check(self) -> None:
         offline = {p["id"] for p in self.table("SELECT id, online FROM provider")
@@ -232,3 +249,32 @@ def test_random_event_sequences_keep_every_lease_legal_and_end_them_all(events):
             assert left == [], left
         finally:
             fed.close()
+
+
+def test_a_lease_request_is_one_unit_of_work(tmp_path):
+    """Admission, the insert and the placement pass of POST /leases commit together: one
+    commit, the leases it answers are already placed, and a refused request writes nothing."""
+    from sqlalchemy import event
+
+    fed = Federation(tmp_path)
+    try:
+        engine = fed.client.app.state.broker.engine
+        commits: list[int] = []
+        event.listen(engine, "commit", lambda _conn: commits.append(1))
+        user = fed.as_(fed.user_token)
+        answer = user.post(f"/clusters/{fed.cluster}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"},
+            "workers": [{"lease_id": f"ls-{i:016x}"} for i in range(3)]})
+        assert answer.status_code == 201, answer.text
+        assert len(commits) == 1
+        assert [le["state"] for le in answer.json()] == ["starting"] * 3
+        before = fed.leases()
+        commits.clear()
+        # Two of the three ids exist already: refused (409) after admission read everything.
+        refused = user.post(f"/clusters/{fed.cluster}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"},
+            "workers": [{"lease_id": f"ls-{i:016x}"} for i in range(2, 5)]})
+        assert refused.status_code == 409 and refused.json()["error"] == "lease-id-taken"
+        assert commits == [] and fed.leases() == before
+    finally:
+        fed.close()

@@ -1,0 +1,160 @@
+"""Admission: whether a request may be accepted at all — credit, quotas, sizes, identifiers
+and certificates. Each check raises the broker's domain error with what to do; none writes.
+
+Checks that read what capacity or quota is held run inside the service's exclusive section
+(and PostgreSQL's placement lock), so the insert that follows sees what they saw.
+"""
+
+from __future__ import annotations
+
+from sqlmodel import Session, col, select
+
+from accounting import ledger
+from accounting.models import Lab, Membership, names_by_id
+from accounting.units import fmt_pcu, to_nano
+
+from .. import placement
+from ..sizes import format_bytes
+from ..tls import (
+    ROLE_WORKER,
+    BadSigningRequest,
+    certificate_identity,
+    certificate_matches_request,
+    is_ca_certificate,
+    load_worker_request,
+    signed_by,
+)
+from .auth import Principal
+from .errors import Conflict, Invalid, NotAllowed, OverCreditLimit
+from .models import (
+    LIVE_STATES,
+    ClusterCreate,
+    ClusterRecord,
+    Lease,
+    LeaseState,
+    Provider,
+    ProviderRegister,
+)
+from .placing import capacity_of
+
+
+def check_provider_limits(lab: Lab, body: ProviderRegister) -> None:
+    """Refuse a machine larger than an administrator allows for the lab: a provider that
+    declares capacity it does not have would be placed and paid for it."""
+    asked = [(body.cpus, lab.provider_max_cpus, "CPU cores", str),
+             (body.memory, lab.provider_max_memory, "memory", format_bytes),
+             (len(body.gpus), lab.provider_max_gpus, "GPUs", str)]
+    for value, limit, what, fmt in asked:
+        if value > limit:
+            raise NotAllowed("provider-over-limit",
+                             f"this machine offers {fmt(value)} {what}; lab {lab.name} may "
+                             f"offer at most {fmt(limit)} per machine. Offer less (parallex "
+                             "provide --cpus/--memory/--gpus) or ask an administrator to raise "
+                             "the lab's provider limit")
+
+
+def check_new_cluster(s: Session, principal: Principal, body: ClusterCreate) -> None:
+    """A cluster belongs to a user, brings its own CA, and names only labs that exist."""
+    if principal.user_id is None:
+        raise NotAllowed("not-a-user", "clusters belong to users; use a user token")
+    if not is_ca_certificate(body.ca_cert):
+        raise Invalid("bad-ca", "ca_cert must be a PEM CA certificate")
+    if body.labs:
+        known = set(s.exec(select(Lab.name).where(col(Lab.name).in_(body.labs))).all())
+        unknown = sorted(set(body.labs) - known)
+        if unknown:
+            raise Invalid("unknown-lab",
+                          f"labs: no lab named {', '.join(map(repr, unknown))}; "
+                          "parallex lab list shows the federation's labs")
+
+
+def check_fits_somewhere(s: Session, request: placement.LeaseRequest) -> None:
+    """Refuse a worker no online provider could host even when idle (it would wait forever)."""
+    online = s.exec(select(Provider).where(Provider.online == True)).all()  # noqa: E712
+    lab_names = names_by_id(s, Lab, {p.lab_id for p in online})
+    why = placement.largest_offer([capacity_of(p, [], lab_names) for p in online], request)
+    if why is not None:
+        raise Invalid("no-provider-fits",
+                      f"no provider in the federation can ever host this worker: {why}")
+
+
+def check_new_lease_ids(s: Session, ids: list[str]) -> None:
+    if len(set(ids)) != len(ids):
+        raise Invalid("duplicate-lease-id", "lease ids in one request must differ")
+    taken = s.exec(select(Lease.id).where(col(Lease.id).in_(ids))).all()
+    if taken:
+        raise Conflict("lease-id-taken", f"lease ids already exist: {sorted(taken)}")
+
+
+def check_credit_and_quotas(s: Session, cluster: ClusterRecord, cpus: float, gpus: int,
+                            n: int) -> None:
+    """Refuse ``n`` new workers for a lab over its credit limit or over a quota."""
+    lab = s.get(Lab, cluster.lab_id)
+    owed = ledger.balance(s, ledger.lab_account(s, lab).id)
+    if owed < -to_nano(lab.credit_limit):
+        raise OverCreditLimit(
+            "credit-limit",
+            f"lab {lab.name}'s balance is {fmt_pcu(owed)}, below its credit limit of "
+            f"-{lab.credit_limit:,.2f} PCU: new workers are refused (running ones keep "
+            "running). Ask your PI or an administrator for a grant, or let your lab's "
+            "machines earn credits.")
+    live = col(Lease.state).in_(LIVE_STATES)
+    lab_rows = s.exec(select(Lease.cpus, Lease.gpus, ClusterRecord.user_id)
+                      .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+                      .where(ClusterRecord.lab_id == lab.id, live)).all()
+    want_cpus, want_gpus = cpus * n, gpus * n
+    member = s.get(Membership, (cluster.user_id, lab.id))
+    for who, rows, max_cpus, max_gpus in (
+            (f"lab {lab.name}", lab_rows, lab.max_cpus, lab.max_gpus),
+            ("you", [r for r in lab_rows if r[2] == cluster.user_id],
+             member.max_cpus if member else None, member.max_gpus if member else None)):
+        held_cpus = sum(r[0] for r in rows)
+        held_gpus = sum(r[1] for r in rows)
+        if max_cpus is not None and held_cpus + want_cpus > max_cpus:
+            raise NotAllowed("quota-exceeded",
+                             f"{who} may hold at most {max_cpus:g} CPUs at once; "
+                             f"{held_cpus:g} are held and this asks for {want_cpus:g} more")
+        if max_gpus is not None and held_gpus + want_gpus > max_gpus:
+            raise NotAllowed("quota-exceeded",
+                             f"{who} may hold at most {max_gpus} GPUs at once; {held_gpus} "
+                             f"are held and this asks for {want_gpus} more")
+
+
+# ---- worker certificates --------------------------------------------------------------------
+#
+# The agent makes the worker's key on its machine and sends a signing request; the cluster
+# signs it with its own CA and sends the certificate back. The broker relays requests and
+# certificates, which are public, and never holds a private key.
+
+def check_signing_request(lease_id: str, csr_pem: str) -> None:
+    """The agent's signing request must be a worker request for this very lease."""
+    try:
+        load_worker_request(csr_pem, lease_id)
+    except BadSigningRequest as exc:
+        raise Invalid("bad-signing-request", f"lease {lease_id}: {exc}") from exc
+
+
+def check_signable(lease: Lease) -> None:
+    """Only a starting lease's worker gets a certificate."""
+    if lease.state != LeaseState.starting:
+        raise Conflict("not-starting", f"lease {lease.id} is {lease.state.value}; only a "
+                       "starting lease's worker gets a certificate")
+
+
+def check_worker_certificate(lease: Lease, cert: str, cluster: ClusterRecord) -> None:
+    """The cluster's certificate must answer the lease's waiting signing request: signed by
+    the cluster's CA, a worker certificate named after the lease, for the request's key."""
+    if lease.state != LeaseState.starting or not lease.worker_csr:
+        raise Conflict("no-signing-request", f"lease {lease.id} is {lease.state.value} and "
+                       "has no signing request waiting")
+    # signed_by also refuses what does not parse, so identity can be read after.
+    if not signed_by(cert, cluster.ca_cert):
+        raise Invalid("bad-worker-cert", f"the certificate for lease {lease.id} is not signed "
+                      "by this cluster's CA")
+    name, role = certificate_identity(cert)
+    if name != lease.id or role != ROLE_WORKER:
+        raise Invalid("bad-worker-cert", f"the certificate for lease {lease.id} must be a "
+                      f"worker certificate with CN={lease.id}; it has CN={name!r}")
+    if not certificate_matches_request(cert, lease.worker_csr):
+        raise Invalid("bad-worker-cert", f"the certificate for lease {lease.id} is not for "
+                      "the key of its signing request")

@@ -1,0 +1,126 @@
+"""Placement orchestration: one pass that reads the pending leases and the providers' free
+capacity, orders the leases by fair share, lets ``federation.placement`` (pure) choose, and
+writes the result. What still waits gets the reason (``placement.why_waiting``).
+
+A pass must not overlap another on the same data: the service runs it inside its exclusive
+section, and ``lock_across_processes`` makes other broker processes on one PostgreSQL wait.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+from sqlalchemy import text
+from sqlmodel import Session, col, select
+
+from accounting import fairshare
+from accounting.models import Lab, utcnow
+
+from .. import placement
+from ..lease_states import move
+from .models import HELD_STATES, ClusterRecord, Lease, LeaseState, Provider
+
+#: Key of the PostgreSQL advisory lock that serialises placement and admission across broker
+#: processes (any fixed 64-bit number no other application on the database uses).
+PLACEMENT_LOCK = 0x7061726C6C6578  # "parllex"
+
+
+def lock_across_processes(s: Session) -> None:
+    """On PostgreSQL, hold the placement lock for the rest of ``s``'s transaction (SQLite
+    has one writer at a time anyway)."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=PLACEMENT_LOCK))
+
+
+def capacity_of(provider: Provider, held: list[Lease],
+                lab_names: dict[int, str] | None = None) -> placement.ProviderCapacity:
+    """What ``provider`` has free beside the leases it ``held``."""
+    used_gpus = {i for lease in held for i in lease.gpu_indices}
+    return placement.ProviderCapacity(
+        provider_id=provider.id,
+        lab=(lab_names or {}).get(provider.lab_id, str(provider.lab_id)),
+        site=provider.site,
+        free_cpus=provider.cpus - sum(lease.cpus for lease in held),
+        free_memory=provider.memory - sum(lease.memory for lease in held),
+        free_gpus=[placement.GpuSlot(g["index"], g["model"], g["memory"])
+                   for g in provider.gpus if g["index"] not in used_gpus],
+    )
+
+
+def request_of(lease: Lease, cluster: ClusterRecord, lab: str = "") -> placement.LeaseRequest:
+    """The placement request of a lease of ``cluster``."""
+    return placement.LeaseRequest(
+        lease_id=lease.id, cluster_id=cluster.id, cpus=lease.cpus, memory=lease.memory,
+        gpus=lease.gpus, gpu_model=lease.gpu_model, lab=lab,
+        allowed_labs=frozenset(json.loads(cluster.allowed_labs_json)),
+        allowed_sites=frozenset(json.loads(cluster.allowed_sites_json)))
+
+
+def fair_requests(s: Session, pending: list[Lease], lab_names: dict[int, str],
+                  half_life: float) -> list[placement.LeaseRequest]:
+    """Pending leases as placement requests, in fair-share order."""
+    clusters = {c.id: c for c in s.exec(select(ClusterRecord).where(
+        col(ClusterRecord.id).in_({lease.cluster_id for lease in pending})))}
+    now = utcnow()
+    lab_ids = {c.lab_id for c in clusters.values()}
+    shares = {lab.id: lab.share for lab in s.exec(select(Lab).where(col(Lab.id).in_(lab_ids)))}
+    lab_usage = fairshare.usage_now(s, "lab", lab_ids, now, half_life)
+    user_usage = fairshare.usage_now(s, "user", {c.user_id for c in clusters.values()},
+                                     now, half_life)
+    claims = [fairshare.Claim(lease.id, clusters[lease.cluster_id].lab_id,
+                              clusters[lease.cluster_id].user_id, lease.created_at)
+              for lease in pending]
+    by_id = {lease.id: lease for lease in pending}
+    return [request_of(by_id[c.request_id], clusters[by_id[c.request_id].cluster_id],
+                       lab_names.get(c.lab, ""))
+            for c in fairshare.fair_order(claims, shares, lab_usage, user_usage)]
+
+
+def place_pending(s: Session, rng: random.Random, half_life: float) -> set[str]:
+    """Assign pending leases to providers with room (the caller commits); returns the
+    providers that got leases, whose agents must be woken."""
+    pending = s.exec(
+        select(Lease).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+        .where(Lease.state == LeaseState.pending, ClusterRecord.active == True)  # noqa: E712
+        .order_by(Lease.created_at, Lease.id)
+    ).all()
+    if not pending:
+        return set()
+    providers = s.exec(select(Provider).where(Provider.online == True)).all()  # noqa: E712
+    held = s.exec(select(Lease).where(col(Lease.state).in_(HELD_STATES))).all()
+    by_provider: dict[str, list[Lease]] = {}
+    for lease in held:
+        by_provider.setdefault(lease.provider_id, []).append(lease)
+    lab_names = {lab.id: lab.name for lab in s.exec(select(Lab))}
+    snapshot = [capacity_of(p, by_provider.get(p.id, []), lab_names) for p in providers]
+    provider_lab = {p.id: lab_names.get(p.lab_id, "") for p in providers}
+    cluster_labs: dict[str, Counter[str]] = {}
+    for lease in held:
+        if lease.state != LeaseState.releasing:
+            cluster_labs.setdefault(lease.cluster_id, Counter())[
+                provider_lab.get(lease.provider_id, "")] += 1
+    requests = fair_requests(s, pending, lab_names, half_life)
+    placed = placement.place_with_owner_priority(requests, snapshot, cluster_labs, rng)
+    by_id = {lease.id: lease for lease in pending}
+    now = utcnow()
+    for p in placed:
+        lease = by_id[p.lease_id]
+        lease.provider_id = p.provider_id
+        lease.gpu_indices_json = json.dumps(list(p.gpu_indices))
+        lease.placed_gpu_model = p.gpu_model
+        move(lease, LeaseState.starting, at=now)
+        lease.assigned_at = now
+        lease.message = ""
+        s.add(lease)
+    # What still waits says why, with the capacity this pass left (%parallex shows it).
+    placed_ids = {p.lease_id for p in placed}
+    for req in requests:
+        lease = by_id[req.lease_id]
+        if req.lease_id not in placed_ids:
+            reason = placement.why_waiting(req, snapshot)
+            if lease.message != reason:
+                lease.message = reason
+                s.add(lease)
+    return {p.provider_id for p in placed}

@@ -1,0 +1,77 @@
+"""Timeouts: what has been silent or stuck too long. These functions find and end it (the
+caller commits and wakes whom it concerns); the service calls them from heartbeats and from
+the reaper that runs every second."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from sqlmodel import Session, col, select
+
+from accounting.models import as_utc
+
+from ..lease_states import EndReason, LeaseState
+from .lease_ends import end, end_by_provider
+from .models import HELD_STATES, ClusterRecord, Lease, Provider
+from .settings import BrokerSettings
+
+
+def end_overdue(s: Session, lease: Lease, alive: set[str], now: dt.datetime,
+                settings: BrokerSettings) -> bool:
+    """On a provider's heartbeat: end its lease if it is overdue — a release the agent never
+    confirmed, a running lease whose worker the agent no longer has, a start that never
+    joined its scheduler. True when the lease ended."""
+    if (lease.state == LeaseState.releasing and lease.releasing_at is not None
+            and (now - as_utc(lease.releasing_at)).total_seconds() > settings.release_timeout):
+        # The agent could not report the end (or would not): the capacity it holds comes
+        # back, and billing stops.
+        lease.end_reason = None
+        end(lease, EndReason.lost, f"the provider did not report the worker stopped within "
+                                   f"{settings.release_timeout:g} s of its release")
+    elif lease.state == LeaseState.running and lease.id not in alive:
+        end_by_provider(s, lease, EndReason.failed, "the provider reports no worker process "
+                                                    "for this lease")
+    elif (lease.state == LeaseState.starting and lease.assigned_at is not None
+          and (now - as_utc(lease.assigned_at)).total_seconds() > settings.start_timeout):
+        end_by_provider(s, lease, EndReason.failed,
+                        f"the worker did not connect to its scheduler within "
+                        f"{settings.start_timeout:g} s of being placed")
+    else:
+        return False
+    s.add(lease)
+    return True
+
+
+@dataclass
+class Silent:
+    """What a reaper pass found silent: providers (now offline, their leases ended) and
+    clusters (still to be closed as lost)."""
+
+    providers: list[str] = field(default_factory=list)
+    leases: set[str] = field(default_factory=set)
+    clusters: list[str] = field(default_factory=list)
+
+
+def end_silent_providers(s: Session, now: dt.datetime, settings: BrokerSettings) -> Silent:
+    """Providers past the provider timeout go offline and their leases end lost; clusters
+    past the cluster timeout are listed (closing them is the service's)."""
+    silent = Silent()
+    provider_cutoff = now - dt.timedelta(seconds=settings.provider_timeout)
+    cluster_cutoff = now - dt.timedelta(seconds=settings.cluster_timeout)
+    for p in s.exec(select(Provider).where(Provider.online == True,  # noqa: E712
+                                           Provider.last_seen < provider_cutoff)):
+        p.online = False
+        s.add(p)
+        silent.providers.append(p.id)
+        for lease in s.exec(select(Lease).where(Lease.provider_id == p.id,
+                                                col(Lease.state).in_(HELD_STATES))):
+            end_by_provider(s, lease, EndReason.lost,
+                            f"provider {p.name} stopped heart-beating for more than "
+                            f"{settings.provider_timeout:g} s")
+            s.add(lease)
+            silent.leases.add(lease.id)
+    silent.clusters = [c.id for c in s.exec(
+        select(ClusterRecord).where(ClusterRecord.active == True,  # noqa: E712
+                                    ClusterRecord.last_seen < cluster_cutoff))]
+    return silent

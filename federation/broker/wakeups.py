@@ -1,0 +1,69 @@
+"""Wake-ups: agents and clusters long-poll for a change of what concerns them.
+
+Each key (a provider id, or ``cluster:<id>``) has a version that changes on every change to
+its lease list; a long poll returns as soon as the version differs from the one it saw.
+Changes happen in FastAPI's thread pool and polls wait on the event loop, so versions and
+events change under a lock and events are set on the loop that waits on them
+(``asyncio.Event`` is not thread-safe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterable
+
+
+class Wakeups:
+    """Versions of keys' lease lists and the long polls waiting for them to change."""
+
+    def __init__(self, boot_id: str):
+        self.boot_id = boot_id  # a restarted broker's versions never equal an old one's
+        self._versions: dict[str, int] = {}
+        self._events: dict[str, asyncio.Event] = {}
+        self._lock = threading.Lock()
+        #: The loop long polls wait on (set when the app starts).
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def version(self, key: str) -> str:
+        """Opaque version of the key's lease list; it changes on every change to it."""
+        return f"{self.boot_id}:{self._versions.get(key, 0)}"
+
+    def bump(self, key: str | None) -> None:
+        """Mark a change of the key's lease list and wake its long poll (any thread)."""
+        if key is None:
+            return
+        with self._lock:
+            self._versions[key] = self._versions.get(key, 0) + 1
+            event = self._events.pop(key, None)
+        if event is not None:
+            self._set(event)
+
+    def bump_all(self, keys: Iterable[str | None]) -> None:
+        for key in set(keys):
+            self.bump(key)
+
+    def _set(self, event: asyncio.Event) -> None:
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or self.loop is None:
+            event.set()
+        else:
+            self.loop.call_soon_threadsafe(event.set)
+
+    async def wait_for_change(self, key: str, since: str | None, timeout: float) -> None:
+        """Return when the key's lease list differs from ``since`` or after ``timeout``."""
+        # The version check and the event's creation are one step under the lock, so a bump
+        # from another thread between them cannot be missed (a lost wake-up would leave the
+        # agent waiting the whole poll).
+        with self._lock:
+            if since != self.version(key):
+                return
+            event = self._events.setdefault(key, asyncio.Event())
+        # asyncio.timeout, not wait_for, which on Python 3.11 can lose a cancellation.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await event.wait()
