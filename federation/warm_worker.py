@@ -24,6 +24,7 @@ import tempfile
 
 # The slow part, done before any lease exists.
 import distributed  # noqa: F401
+import setproctitle
 from distributed.cli import dask_worker
 
 
@@ -49,7 +50,11 @@ def main() -> int:
     if not line.strip():
         return 0
     args = _take_order(line)
-    sys.argv = ["dask worker", *args]
+    # What `ps` shows is then what a cold start shows: the worker's own command line (file
+    # paths and sizes only; nothing secret is on it).
+    command = [sys.executable, "-m", "distributed.cli.dask_worker", *args]
+    setproctitle.setproctitle(" ".join(command))
+    sys.argv = command[2:]
     dask_worker.main(args=args, prog_name="dask worker")  # exits with the worker's code
     return 0
 

@@ -27,8 +27,11 @@ def sampled(tmp_path):
 
 def test_capacity_samples_follow_providers_and_leases(sampled):
     fed = sampled
+    # The latest pass's rows (one per lab with providers online); a pass taken before the
+    # second agent registered has lab-a's only.
     sql = ("SELECT l.name, c.cpus_online, c.cpus_leased FROM capacitysample c "
-           "JOIN lab l ON l.id = c.lab_id ORDER BY c.id DESC LIMIT 2")
+           "JOIN lab l ON l.id = c.lab_id "
+           "WHERE c.at = (SELECT MAX(at) FROM capacitysample)")
     latest = wait_until(lambda: (rows := fed.db_dicts(sql)) and len(rows) == 2 and rows, 30,
                         "a capacity sample of both labs")
     assert {r["name"]: r["cpus_online"] for r in latest} == {"lab-a": 2, "lab-b": 2}
