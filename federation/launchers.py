@@ -215,7 +215,16 @@ class ProcessLauncher(WorkerLauncher):
                 self._pool.remove(interp)
                 self._claimed[lease["id"]] = interp
                 return accounts.hand_over(interp.holder, lease["id"])
-        return accounts.acquire(lease["id"])
+        try:
+            return accounts.acquire(lease["id"])
+        except WorkerAccountError:
+            if not self._pool:
+                raise
+            # Waiting interpreters hold the last free uids: a lease comes first.
+            interp = self._pool.pop()
+            interp.retire()
+            accounts.release(interp.holder)
+            return accounts.acquire(lease["id"])
 
     def close(self, accounts: WorkerAccounts) -> None:
         for interp in [*self._pool, *self._claimed.values()]:

@@ -7,10 +7,12 @@ function that makes a move.
        └──────────────▶ ended ◀──worker stopped── releasing
 
 A lease's *status* is its state; its *target* while releasing is the reason it will end with
-(``released`` when its cluster let it go, ``lost`` when the cluster vanished), kept in
-``end_reason`` until the agent reports the worker gone. A reason chosen then wins over what the
-agent reports later. Pure: no database, no clock of its own; the broker, the cluster, the
-agent, the kernel and the dashboards import these names instead of comparing strings.
+(``released`` when its cluster let it go, ``lost`` when the cluster vanished), kept apart in
+``release_reason`` until the agent reports the worker gone; ``end_reason`` is written only when
+the lease ends. A target chosen at release wins over what the agent reports later.
+
+Pure: no database, no clock of its own; the broker, the cluster, the agent, the kernel and the
+dashboards import these names instead of comparing strings.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class LeaseLike(Protocol):
 
     id: str
     state: LeaseState
+    release_reason: EndReason | None
     end_reason: EndReason | None
     message: str
     started_at: dt.datetime | None
@@ -77,20 +80,21 @@ def move(lease: LeaseLike, to: LeaseState, *, at: dt.datetime,
     with it; raises IllegalTransition for a move the machine does not have.
 
     - to running: ``started_at`` (metering starts here).
-    - to releasing: ``releasing_at`` and the target ``reason``.
-    - to ended: ``ended_at``; the reason is the one chosen at release if any, else ``reason``.
+    - to releasing: ``releasing_at`` and the target ``release_reason``.
+    - to ended: ``ended_at`` and ``end_reason``: the target chosen at release if any, else
+      ``reason``.
     """
     if not can_move(lease.state, to):
         raise IllegalTransition(f"lease {lease.id} cannot go from {lease.state} to {to}")
-    if to == LeaseState.ended and reason is None and lease.end_reason is None:
+    if to == LeaseState.ended and reason is None and lease.release_reason is None:
         raise IllegalTransition(f"lease {lease.id} cannot end without a reason")
     if to == LeaseState.running:
         lease.started_at = at
     elif to == LeaseState.releasing:
         lease.releasing_at = at
-        lease.end_reason = reason
+        lease.release_reason = reason
     elif to == LeaseState.ended:
-        lease.end_reason = lease.end_reason or reason
+        lease.end_reason = lease.release_reason or reason
         lease.ended_at = at
     if message is not None:
         lease.message = message or lease.message

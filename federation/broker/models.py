@@ -93,6 +93,8 @@ class Lease(SQLModel, table=True):
     placed_gpu_model: str | None = Field(default=None, description="The model of the GPUs the "
                                          "lease was placed on; what it is priced by.")
     state: LeaseState = Field(default=LeaseState.pending, index=True)
+    release_reason: EndReason | None = Field(default=None, description="While releasing: the "
+                                             "reason the lease will end with (its target).")
     end_reason: EndReason | None = None
     message: str = ""
     worker_csr: str = Field(default="", description="The agent's signing request (PEM) for "

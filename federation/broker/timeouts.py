@@ -25,8 +25,8 @@ def end_overdue(s: Session, lease: Lease, alive: set[str], now: dt.datetime,
     if (lease.state == LeaseState.releasing and lease.releasing_at is not None
             and (now - as_utc(lease.releasing_at)).total_seconds() > settings.release_timeout):
         # The agent could not report the end (or would not): the capacity it holds comes
-        # back, and billing stops.
-        lease.end_reason = None
+        # back, and billing stops. Lost, whatever the release aimed at.
+        lease.release_reason = None
         end(lease, EndReason.lost, f"the provider did not report the worker stopped within "
                                    f"{settings.release_timeout:g} s of its release")
     elif lease.state == LeaseState.running and lease.id not in alive:

@@ -35,6 +35,7 @@ ADMIN = "test-admin-token-0123456789"
 class FakeLease:
     id: str = "ls-x"
     state: LeaseState = LeaseState.pending
+    release_reason: EndReason | None = None
     end_reason: EndReason | None = None
     message: str = ""
     started_at: dt.datetime | None = None
@@ -53,6 +54,8 @@ def test_the_table_of_moves():
     move(lease, LeaseState.running, at=now)
     assert lease.started_at == now
     move(lease, LeaseState.releasing, at=now, reason=EndReason.released, message="bye")
+    # Status and target apart: releasing towards "released", not ended yet.
+    assert (lease.release_reason, lease.end_reason) == (EndReason.released, None)
     # The reason chosen at release wins over the agent's later report.
     move(lease, LeaseState.ended, at=now, reason=EndReason.failed)
     assert (lease.state, lease.end_reason, lease.ended_at) == (LeaseState.ended,
@@ -210,6 +213,10 @@ class Federation:
                 assert le["provider_id"] is not None, le
             if state == LeaseState.ended:
                 assert le["end_reason"] and le["ended_at"], le
+            else:  # status and target apart: no end reason before the end
+                assert le["end_reason"] is None, le
+            if state == LeaseState.releasing:
+                assert le["release_reason"] and le["releasing_at"], le
             if state == LeaseState.running:
                 assert le["started_at"], le
             if state in (LeaseState.starting, LeaseState.running):
@@ -278,3 +285,40 @@ def test_a_lease_request_is_one_unit_of_work(tmp_path):
         assert commits == [] and fed.leases() == before
     finally:
         fed.close()
+
+
+def test_upgrade_moves_a_releasing_leases_target_out_of_its_end_reason(tmp_path):
+    """Migration 0007: a lease releasing during the upgrade keeps its target as
+    release_reason and has no end reason until it ends; a downgrade puts it back."""
+    from sqlalchemy import text
+
+    from federation.broker import db
+
+    engine = db.plain_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    db.migrate(engine, "0006")
+    t = "2026-01-01 00:00:00"
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO lab (id, name, site, share, credit_limit, created_at) "
+                       "VALUES (1, 'a', '', 1, 0, :t)"), {"t": t})
+        c.execute(text("INSERT INTO \"user\" (id, name, lab_id, created_at) "
+                       "VALUES (1, 'u', 1, :t)"), {"t": t})
+        c.execute(text(
+            "INSERT INTO cluster (id, user_id, lab_id, name, scheduler_address, ca_cert, "
+            "active, created_at, last_seen) VALUES ('c1', 1, 1, 'c', 'x', 'x', true, :t, :t)"),
+            {"t": t})
+        for lease_id, state, reason in (("ls-going", "releasing", "lost"),
+                                        ("ls-gone", "ended", "released")):
+            c.execute(text(
+                "INSERT INTO lease (id, cluster_id, \"group\", cpus, memory, gpus, "
+                "gpu_indices_json, state, end_reason, message, worker_csr, worker_cert, "
+                "created_at) VALUES (:i, 'c1', 'default', 1, 1, 0, '[]', :s, :r, '', '', '', "
+                ":t)"), {"i": lease_id, "s": state, "r": reason, "t": t})
+    db.migrate(engine)
+    query = text("SELECT id, release_reason, end_reason FROM lease ORDER BY id")
+    with engine.connect() as c:
+        assert c.execute(query).all() == [("ls-going", "lost", None),
+                                          ("ls-gone", None, "released")]
+    db.migrate(engine, "0006", downgrade=True)
+    with engine.connect() as c:
+        assert dict(c.execute(text("SELECT id, end_reason FROM lease")).all()) == {
+            "ls-going": "lost", "ls-gone": "released"}
