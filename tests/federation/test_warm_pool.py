@@ -154,3 +154,26 @@ def test_the_worker_environment_of_a_warm_start_has_no_agent_secret(federation):
             (env,) = client.run(environment).values()
     assert not [k for k in env if k.startswith("PARALLEX_") or "TOKEN" in k.upper()]
     assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="worker uids need root (CI runs as root)")
+def test_a_cold_lease_gets_a_uid_that_waiting_interpreters_held(federation):
+    """Two uids, both held by waiting interpreters: a GPU lease (which starts cold) still
+    starts, by retiring one of them."""
+    from tests.utils.procs import worker_uid_args
+
+    low = int(worker_uid_args()[1].split("-")[0])
+    fed = federation
+    fed.add_lab("lab-gpu", user="alice")
+    agent = fed.add_agent("lab-gpu", "gpu-box", cpus=2, memory="4 GiB", gpus="0",
+                          env={"PARALLEX_FAKE_GPUS": FAKE_GPUS},
+                          accounts=("--worker-uids", f"{low}-{low + 1}"),
+                          extra=("--warm-workers", "2"))
+    wait_warm(agent, 2)
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                          worker_memory="1 GiB") as cluster:
+        cluster.scale(1, gpus=1)
+        cluster.wait_for_workers(1, timeout=60)
+        (lease,) = recorded_workers(fed.workdirs["gpu-box"]).values()
+        assert lease["uid"] in (low, low + 1)
+    assert "cannot start worker" not in agent.log_text()
