@@ -6,7 +6,8 @@ idle, then blocks on one line of standard input. When a lease arrives the agent 
 line: the lease's `dask worker` arguments, its folder, log file and environment. The
 interpreter moves into the folder, sends its output to the lease's log and runs the worker;
 from then on it is that lease's worker, exactly like a cold-started one (same process group,
-same account, same command-line options).
+same account, same command-line options; with setproctitle installed, distributed names both
+"dask worker [address]" in ps).
 
 Nothing secret travels on the pipe: the key and certificate are files in the lease's folder,
 as for a cold start. End of input without an order (the agent stopped or shrank its pool)
@@ -24,7 +25,6 @@ import tempfile
 
 # The slow part, done before any lease exists.
 import distributed  # noqa: F401
-import setproctitle
 from distributed.cli import dask_worker
 
 
@@ -50,11 +50,7 @@ def main() -> int:
     if not line.strip():
         return 0
     args = _take_order(line)
-    # What `ps` shows is then what a cold start shows: the worker's own command line (file
-    # paths and sizes only; nothing secret is on it).
-    command = [sys.executable, "-m", "distributed.cli.dask_worker", *args]
-    setproctitle.setproctitle(" ".join(command))
-    sys.argv = command[2:]
+    sys.argv = ["distributed.cli.dask_worker", *args]
     dask_worker.main(args=args, prog_name="dask worker")  # exits with the worker's code
     return 0
 

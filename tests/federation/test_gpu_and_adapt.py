@@ -85,7 +85,7 @@ def test_agent_token_never_reaches_workers(federation):
         cluster.wait_for_workers(1, timeout=60)
         (state,) = recorded_workers(fed.workdirs["leaky"]).values()
         worker = psutil.Process(state["pid"])
-        assert token not in " ".join(worker.cmdline())
+        assert token not in " ".join(worker.cmdline())  # its title, "dask worker [address]"
         assert all(token not in v for v in worker.environ().values())
         assert not [k for k in worker.environ() if k.startswith("PARALLEX_")]
         for path in (fed.workdirs["leaky"] / "leases").rglob("*"):
@@ -95,4 +95,7 @@ def test_agent_token_never_reaches_workers(federation):
         client = cluster.get_client()
         seen = client.run(lambda: {k: v for k, v in os.environ.items() if "TOKEN" in k})
         assert seen and all(env == {} for env in seen.values())
+        # The command line the worker was started with (ps shows its title instead).
+        argv = client.run(lambda: " ".join(__import__("sys").argv))
+        assert argv and all("--tls-key" in a and token not in a for a in argv.values())
         client.close()

@@ -79,7 +79,8 @@ def test_up_serves_a_cluster_and_stops_everything(tmp_path, monkeypatch, stop_si
         # One CPU per demo lab: the two workers come from both labs.
         assert cluster.workers_by_lab() == {"demo-lab-1": 1, "demo-lab-2": 1}
         family = descendants(up.pid)
-        workers = [p for p in family if "dask_worker" in " ".join(p.cmdline())]
+        # Cold or warm-started, a worker is titled "dask worker [address]" (setproctitle).
+        workers = [p for p in family if " ".join(p.cmdline()).startswith("dask worker [")]
         assert len(workers) == 2
 
         os.kill(up.pid, stop_signal)

@@ -194,12 +194,14 @@ def live_worker_pids(workdir: Path) -> set[int]:
 
 
 def worker_processes_of(workdirs: list[Path]) -> list[psutil.Process]:
-    """Every live `dask worker` process whose credentials sit under one of ``workdirs``."""
+    """Every live worker process (cold or warm-started) running in a lease folder under one of
+    ``workdirs``: its working directory is the lease's scratch folder (its command line is
+    "dask worker [address]" once distributed sets the process title)."""
     found = []
     roots = [str(w) for w in workdirs]
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info.get("cmdline") or [])
-        if "dask_worker" in cmd and any(root in cmd for root in roots):
+    for proc in psutil.process_iter(["cwd"]):
+        cwd = proc.info.get("cwd") or ""
+        if any(cwd.startswith(root) for root in roots):
             with contextlib.suppress(psutil.NoSuchProcess):
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     found.append(proc)
