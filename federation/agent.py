@@ -227,7 +227,7 @@ class ProviderAgent:
 
     async def _monitor_loop(self) -> None:
         while True:
-            held = sum(float(self._sizes.get(lid, 0)) for lid in self.workers)
+            held = sum(self._sizes.get(lid, 0.0) for lid in self.workers)
             self.launcher.keep_ready(self.accounts, self.capacity.cpus - held)
             ready = self.launcher.ready_count()
             if ready != self._ready:

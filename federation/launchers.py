@@ -119,7 +119,6 @@ class WarmInterpreter:
     holder: str  # the key its account is held under until a lease takes it
     popen: subprocess.Popen
     create_time: float
-    uid: int | None
     ready: bool = False
 
     def alive(self) -> bool:
@@ -200,8 +199,7 @@ class ProcessLauncher(WorkerLauncher):
             accounts.release(holder)
             raise
         os.set_blocking(popen.stdout.fileno(), False)
-        return WarmInterpreter(holder, popen, psutil.Process(popen.pid).create_time(),
-                               account.uid)
+        return WarmInterpreter(holder, popen, psutil.Process(popen.pid).create_time())
 
     def ready_count(self) -> int:
         return sum(1 for i in self._pool if i.ready and i.alive())
@@ -227,11 +225,10 @@ class ProcessLauncher(WorkerLauncher):
             return accounts.acquire(lease["id"])
 
     def close(self, accounts: WorkerAccounts) -> None:
-        for interp in [*self._pool, *self._claimed.values()]:
+        for interp in self._pool:
             interp.retire()
             accounts.release(interp.holder)
         self._pool.clear()
-        self._claimed.clear()
 
     # ---- workers --------------------------------------------------------------------------
 
@@ -240,19 +237,19 @@ class ProcessLauncher(WorkerLauncher):
         if interp is None or not interp.alive():
             return start_worker(lease, self.workdir, host=self.host, account=account,
                                 death_timeout=self.death_timeout)
-        folder = prepare_lease_folder(lease, self.workdir, account)
-        cmd = worker_command(lease, folder, self.host, self.death_timeout)
-        env = worker_environment(lease.get("gpu_indices") or [], folder)
-        order = {"cwd": str(folder / "scratch"), "log": str(folder / "worker.log"),
-                 "env": {k: env[k] for k in ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES")},
-                 "args": cmd[3:]}  # after "python -m distributed.cli.dask_worker"
         try:
+            folder = prepare_lease_folder(lease, self.workdir, account)
+            cmd = worker_command(lease, folder, self.host, self.death_timeout)
+            env = worker_environment(lease.get("gpu_indices") or [], folder)
+            order = {"cwd": str(folder / "scratch"), "log": str(folder / "worker.log"),
+                     "env": {k: env[k] for k in ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES")},
+                     "args": cmd[3:]}  # after "python -m distributed.cli.dask_worker"
             interp.popen.stdin.write(json.dumps(order).encode() + b"\n")
             interp.popen.stdin.close()
             interp.popen.stdout.close()  # it wrote "warm" there; its output goes to the log now
-        except OSError as exc:
-            interp.retire()
-            raise OSError(f"the warm interpreter did not take the lease: {exc}") from exc
+        except BaseException:
+            interp.retire()  # it never took the lease: no waiting interpreter is left behind
+            raise
         logger.info("lease %s: worker started in warm interpreter pid %d%s", lease["id"],
                     interp.popen.pid, f" as uid {account.uid}" if account.isolated else "")
         return WorkerProcess(lease["id"], interp.popen.pid, interp.create_time, folder,

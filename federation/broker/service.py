@@ -441,13 +441,16 @@ class Broker:
     def reap(self) -> None:
         """End what went silent (providers past the provider timeout, clusters past theirs),
         and run the periodic metering and capacity passes when due."""
-        with self._placing() as s:
+        # Runs every second on the event loop: a plain session, no placement lock, unless
+        # something went silent (then a placement pass of its own uses what it freed).
+        with self.session() as s:
             silent = end_silent_providers(s, utcnow(), self.settings)
-            placed = self._place(s) if silent.providers else set()
             s.commit()
         for pid in silent.providers:
             logger.warning("provider %s is lost; its leases ended", pid)
-        self.wakeups.bump_all({*silent.providers, *placed})
+        self.wakeups.bump_all(silent.providers)
+        if silent.providers:
+            self.place_pending()
         for cid in silent.clusters:
             logger.warning("cluster %s stopped heart-beating; ending its leases", cid)
             self.close_cluster(cid, reason="lost")

@@ -8,6 +8,7 @@ from sqlalchemy import text
 from federation.broker import db
 from federation.tls import ClusterAuthority
 from tests.utils.federation import api_client as api
+from tests.utils.schema import insert_lab_user_cluster
 
 GiB = 2**30
 
@@ -51,10 +52,7 @@ def test_upgrade_backfills_the_placed_gpu_model_from_the_provider(tmp_path):
     db.migrate(engine, "0005")
     t = "2026-01-01 00:00:00"
     with engine.begin() as c:
-        c.execute(text("INSERT INTO lab (id, name, site, share, credit_limit, created_at) "
-                       "VALUES (1, 'a', '', 1, 0, :t)"), {"t": t})
-        c.execute(text("INSERT INTO \"user\" (id, name, lab_id, created_at) "
-                       "VALUES (1, 'u', 1, :t)"), {"t": t})
+        insert_lab_user_cluster(c, t)
         c.execute(text("INSERT INTO apitoken (id, kind, token_hash, lab_id, created_at) "
                        "VALUES ('tk1', 'PROVIDER', 'h', 1, :t)"), {"t": t})
         c.execute(text(
@@ -63,10 +61,6 @@ def test_upgrade_backfills_the_placed_gpu_model_from_the_provider(tmp_path):
             "VALUES ('p1', 1, 'tk1', 'box', '', 8, 1, :g, true, :t, :t)"),
             {"t": t, "g": '[{"index": 0, "model": "NVIDIA T4", "memory": 1}, '
                           '{"index": 1, "model": "NVIDIA H200", "memory": 1}]'})
-        c.execute(text(
-            "INSERT INTO cluster (id, user_id, lab_id, name, scheduler_address, ca_cert, "
-            "active, created_at, last_seen) VALUES ('c1', 1, 1, 'c', 'x', 'x', true, :t, :t)"),
-            {"t": t})
         for lease_id, gpus, indices in (("ls-gpu", 1, "[1]"), ("ls-cpu", 0, "[]")):
             c.execute(text(
                 "INSERT INTO lease (id, cluster_id, provider_id, \"group\", cpus, memory, gpus, "

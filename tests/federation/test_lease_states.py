@@ -293,19 +293,13 @@ def test_upgrade_moves_a_releasing_leases_target_out_of_its_end_reason(tmp_path)
     from sqlalchemy import text
 
     from federation.broker import db
+    from tests.utils.schema import insert_lab_user_cluster
 
     engine = db.plain_engine(f"sqlite:///{tmp_path / 'm.db'}")
     db.migrate(engine, "0006")
     t = "2026-01-01 00:00:00"
     with engine.begin() as c:
-        c.execute(text("INSERT INTO lab (id, name, site, share, credit_limit, created_at) "
-                       "VALUES (1, 'a', '', 1, 0, :t)"), {"t": t})
-        c.execute(text("INSERT INTO \"user\" (id, name, lab_id, created_at) "
-                       "VALUES (1, 'u', 1, :t)"), {"t": t})
-        c.execute(text(
-            "INSERT INTO cluster (id, user_id, lab_id, name, scheduler_address, ca_cert, "
-            "active, created_at, last_seen) VALUES ('c1', 1, 1, 'c', 'x', 'x', true, :t, :t)"),
-            {"t": t})
+        insert_lab_user_cluster(c, t)
         for lease_id, state, reason in (("ls-going", "releasing", "lost"),
                                         ("ls-gone", "ended", "released")):
             c.execute(text(

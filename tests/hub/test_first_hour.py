@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.utils.browser import chromium
-from tests.utils.procs import agents_folder, kill_workers_under, start_agent, wait_until
+from tests.utils.procs import agents_folder, kill_workers_under, wait_until
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
@@ -82,12 +82,7 @@ def test_a_students_first_hour_in_jupyterlab(hub):
                               timeout=UI_TIMEOUT_MS)
             page.wait_for_selector(".jp-Launcher")
             # The lab (made by the sign-in) gets a machine.
-            with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30, headers={
-                    "Authorization": f"Bearer {hub.admin_token}"}) as broker:
-                provider_token = broker.post("/tokens", json={
-                    "kind": "provider", "lab": "north-physics"}).json()["token"]
-            agent = start_agent(hub.broker_url, provider_token, agents / "agent",
-                                name="north-lab-1", cpus=2, memory="4 GiB")
+            agent = hub.start_lab_agent("north-physics", agents / "agent", "north-lab-1")
             # 3. The examples are in the new home.
             listing = page.locator(".jp-DirListing-content")
             listing.get_by_text("quickstart.ipynb").wait_for()

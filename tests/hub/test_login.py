@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.utils.kernels import parallex_kernel, run
-from tests.utils.procs import agents_folder, kill_workers_under, start_agent, wait_until
+from tests.utils.procs import agents_folder, kill_workers_under, wait_until
 
 
 def broker_whoami(hub, token: str) -> httpx.Response:
@@ -153,13 +153,8 @@ def test_kernel_on_the_hub_uses_the_server_token_through_the_proxy(hub, tmp_path
     token = hub.api("POST", "/users/alice@north/tokens", json={
         "scopes": ["users:activity!user=alice@north", "access:services!service=parallex"]}
     ).json()["token"]
-    with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30,
-                      headers={"Authorization": f"Bearer {hub.admin_token}"}) as broker:
-        provider_token = broker.post("/tokens", json={"kind": "provider",
-                                                      "lab": "north-physics"}).json()["token"]
     agents = agents_folder()
-    agent = start_agent(hub.broker_url, provider_token, agents / "agent", name="north-server",
-                        cpus=2, memory="4 GiB")
+    agent = hub.start_lab_agent("north-physics", agents / "agent", "north-server")
     try:
         env = {"PARALLEX_BROKER_URL": f"{hub.url}/services/parallex",
                "JUPYTERHUB_API_TOKEN": token}
@@ -205,13 +200,8 @@ def test_dask_labextension_makes_a_federated_cluster_whose_dashboard_opens_throu
     user's own server (jupyter-server-proxy), and that link serves the Dask dashboard."""
     user = "alice@north"
     assert hub.login("north", "alice", "alice-pw").status_code == 200
-    with httpx.Client(base_url=f"{hub.broker_url}/api/v1", timeout=30,
-                      headers={"Authorization": f"Bearer {hub.admin_token}"}) as broker:
-        provider_token = broker.post("/tokens", json={"kind": "provider",
-                                                      "lab": "north-physics"}).json()["token"]
     agents = agents_folder()
-    agent = start_agent(hub.broker_url, provider_token, agents / "agent", name="north-box",
-                        cpus=2, memory="4 GiB")
+    agent = hub.start_lab_agent("north-physics", agents / "agent", "north-box")
     started = hub.api("POST", f"/users/{user}/server")
     assert started.status_code in (201, 202), started.text
     try:

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from hub_config import dev_oidc
 from hub_config.local import free_port
-from tests.utils.procs import Proc, wait_until
+from tests.utils.procs import Proc, start_agent, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -196,6 +196,14 @@ class Hub:
 
     def login(self, institution: str, username: str, password: str) -> httpx.Response:
         return browser_login(self.url, institution, username, password)
+
+    def start_lab_agent(self, lab: str, workdir: Path, name: str) -> Proc:
+        """A provider agent of ``lab`` (2 CPUs, 4 GiB) with a provider token the broker's
+        administrator issues; the lab exists once one of its users signed in."""
+        with httpx.Client(base_url=f"{self.broker_url}/api/v1", timeout=30,
+                          headers={"Authorization": f"Bearer {self.admin_token}"}) as broker:
+            token = broker.post("/tokens", json={"kind": "provider", "lab": lab}).json()["token"]
+        return start_agent(self.broker_url, token, workdir, name=name, cpus=2, memory="4 GiB")
 
     def login_with(self, browser: httpx.Client, institution: str, username: str,
                    password: str) -> httpx.Response:
