@@ -162,6 +162,10 @@ def _worker_accounts(args: argparse.Namespace) -> WorkerAccounts:
     return WorkerAccounts(None)
 
 
+#: The most warm worker interpreters an agent keeps (each holds ~100 MB and a worker uid).
+MAX_WARM_WORKERS = 64
+
+
 def cmd_provide(args: argparse.Namespace) -> int:
     from .agent import ProviderAgent
     from .inventory import offer
@@ -171,9 +175,9 @@ def cmd_provide(args: argparse.Namespace) -> int:
         print("error: `parallex provide` needs --broker URL and a provider token (--token, "
               "--token-file or PARALLEX_PROVIDER_TOKEN)", file=sys.stderr)
         return 2
-    if args.warm_workers < 0:
-        print(f"error: --warm-workers must be 0 (off) or more, not {args.warm_workers}",
-              file=sys.stderr)
+    if not 0 <= args.warm_workers <= MAX_WARM_WORKERS:
+        print(f"error: --warm-workers must be 0 (off) to {MAX_WARM_WORKERS}, not "
+              f"{args.warm_workers}", file=sys.stderr)
         return 2
     try:
         capacity = offer(cpus=args.cpus, memory=args.memory, gpus=args.gpus)
@@ -327,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Worker interpreters kept started, Dask imported, so a CPU lease's "
                         "worker joins in about a tenth of a second instead of a second; never "
                         "more than the CPUs no lease holds. Each costs about 100 MB of memory "
-                        "while it waits. 0 turns it off (default 4: one per free CPU up to 4).")
+                        "while it waits. 0 turns it off, at most 64 (default 4: one per free "
+                        "CPU up to 4).")
     p.set_defaults(func=cmd_provide)
 
     u = sub.add_parser("up", help="Start a local federation: a broker and N demo labs.")

@@ -120,7 +120,7 @@ def test_a_gpu_lease_starts_cold_beside_warm_cpu_leases(federation):
         assert devices == ["", "0"]
 
 
-@pytest.mark.parametrize("value", ["-1", "many"])
+@pytest.mark.parametrize("value", ["-1", "65", "many"])
 def test_a_bad_warm_pool_size_is_refused(value, tmp_path):
     import subprocess
 
