@@ -78,6 +78,19 @@ class LeaseUsage:
     ended_at: dt.datetime | None
     resources: Resources
     reliability: float = 1.0
+    #: Spans the lease was suspended for its machine's owner (end None: still is); not
+    #: charged, not earned.
+    paused: tuple[tuple[dt.datetime, dt.datetime | None], ...] = ()
+
+
+def _paused_seconds(paused, start: dt.datetime, end: dt.datetime) -> float:
+    """Seconds of [start, end) inside the suspended spans."""
+    total = 0.0
+    for a, b in paused:
+        a, b = as_utc(a), as_utc(b) if b is not None else end
+        overlap = (min(b, end) - max(a, start)).total_seconds()
+        total += max(0.0, overlap)
+    return min(total, (end - start).total_seconds())
 
 
 def _last_ends(session: Session, lease_ids: list[str]) -> dict[str, dt.datetime]:
@@ -170,6 +183,8 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
             price = versions[max(0, bisect.bisect_right(starts, p_start) - 1)]
             rate, cls, cloud_hourly = shape(price, res)
             seconds = (p_end - p_start).total_seconds()
+            if usage.paused:
+                seconds -= _paused_seconds(usage.paused, p_start, p_end)
             charge = to_nano(rate * seconds / 3600)
             self_use = usage.consumer_lab_id == usage.provider_lab_id
             records.append({

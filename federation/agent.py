@@ -9,6 +9,11 @@ adopts the workers still running and stops those whose leases have ended.
 
 Each lease's worker runs under an account of its own (``WorkerAccounts``); its folder, key
 included, is deleted and whatever its account still runs is killed when the lease ends.
+
+With an owner policy other than "always" (federation.owner_policy) the agent watches the
+machine owner's activity: it withholds its capacity while the owner works, suspends its
+leases' workers when the owner comes back, resumes them when the owner leaves, and preempts
+them (retired through their schedulers, ended "preempted") when the owner stays.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from .ids import UnsafeIdentifier, check_lease_id, url_segment
 from .inventory import Capacity
 from .launchers import ProcessLauncher, WorkerLauncher
 from .lease_states import EndReason, LeaseState
+from .owner_activity import OwnerMeter
+from .owner_policy import Decision, OwnerPolicy, OwnerWatch
 from .tls import key_matches, worker_key_and_request
 from .worker_accounts import WorkerAccountError, WorkerAccounts
 from .worker_process import remove_lease_folder
@@ -44,7 +51,8 @@ class ProviderAgent:
                  worker_host: str | None = None, accounts: WorkerAccounts | None = None,
                  stop_timeout: float = 10.0, release_grace: float = 10.0,
                  monitor_interval: float = 0.25, launcher: WorkerLauncher | None = None,
-                 warm_workers: int = 4):
+                 warm_workers: int = 4, policy: OwnerPolicy | None = None,
+                 owner_meter: OwnerMeter | None = None, owner_interval: float = 0.25):
         self.client = AsyncBrokerClient(broker_url, token)
         self.capacity = capacity
         self.workdir = Path(workdir)
@@ -76,6 +84,16 @@ class ProviderAgent:
         # Called with the number of workers the launcher holds ready, when it changes.
         self.on_ready: Callable[[int], None] | None = None
         self._ready = 0
+        # The owner's policy: None (or "always") offers the capacity all the time.
+        self.policy = policy if policy is not None and policy.offer != ("always",) else None
+        self.owner_meter = owner_meter
+        self.owner_interval = owner_interval
+        self.offering, self.offer_note = True, ""
+        self._states: dict[str, str] = {}  # lease id -> its state at the broker, last heard
+        self._suspended: set[str] = set()
+        self._beat_now = asyncio.Event()
+        # Called with each owner-policy decision that changes what the agent does.
+        self.on_decision: Callable[[Decision], None] | None = None
 
     # ---- state file -------------------------------------------------------------------------
 
@@ -101,6 +119,7 @@ class ProviderAgent:
                 logger.info("adopted the running worker of lease %s", lease_id)
                 self.workers[lease_id] = worker
                 self.accounts.adopt(lease_id, worker.uid)
+                self.launcher.resume(worker)  # suspended when the last agent stopped
         self._save_state()
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -135,8 +154,10 @@ class ProviderAgent:
             return
         stopping.cancel()
         registering.result()
-        loops = [asyncio.create_task(coro) for coro in
-                 (self._poll_loop(), self._heartbeat_loop(), self._monitor_loop())]
+        coros = [self._poll_loop(), self._heartbeat_loop(), self._monitor_loop()]
+        if self.policy is not None:
+            coros.append(self._owner_loop())
+        loops = [asyncio.create_task(coro) for coro in coros]
         try:
             await self._stop.wait()
         finally:
@@ -181,9 +202,11 @@ class ProviderAgent:
         self.launcher.close(self.accounts)
         leases = list(self.workers)
         if not leases:
+            self.launcher.finish()
             return
         logger.info("stopping %d workers", len(leases))
         await asyncio.gather(*(self._stop_worker(lid) for lid in leases))
+        self.launcher.finish()
         for lease_id in leases if report else ():
             with contextlib.suppress(errors.ParallexError):
                 await self._report(lease_id, LeaseState.ended, EndReason.preempted,
@@ -219,11 +242,16 @@ class ProviderAgent:
                     # Built under the lock that also guards state reports, so a lease's
                     # "running" report never overtakes a heartbeat that predates its worker.
                     running = [lid for lid in self.workers if lid not in self._stopping]
-                    await self.client.request("POST", f"{self._base}/heartbeat",
-                                              json={"running": running})
+                    await self.client.request("POST", f"{self._base}/heartbeat", json={
+                        "running": running, "offering": self.offering,
+                        "offer_note": self.offer_note[:300]})
             except errors.ParallexError as exc:
                 logger.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(self.heartbeat_interval)
+            # The owner policy wakes it early when the offer changes.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.heartbeat_interval):
+                    await self._beat_now.wait()
+            self._beat_now.clear()
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -243,6 +271,7 @@ class ProviderAgent:
                     del self.workers[lease_id]
                     self._save_state()
                     tail = worker.log_tail()
+                    killed = self.launcher.exit_message(worker)
                     self._clean_up(lease_id)
                     if code == 0:
                         # A worker leaves cleanly only when its scheduler closed it or went
@@ -256,8 +285,73 @@ class ProviderAgent:
                     logger.warning("lease %s: worker exited with code %s", lease_id, code)
                     self._spawn(self._report(
                         lease_id, LeaseState.ended, EndReason.failed,
-                        f"worker process exited with code {code}; last log lines:\n{tail}"))
+                        killed or f"worker process exited with code {code}; last log "
+                                  f"lines:\n{tail}"))
             await asyncio.sleep(self.monitor_interval)
+
+    # ---- the machine's owner ------------------------------------------------------------------
+
+    async def _owner_loop(self) -> None:
+        import datetime as dt
+
+        watch = OwnerWatch(self.policy)
+        meter = self.owner_meter or OwnerMeter()
+        meter.read()  # the first reading only starts the count
+        last: tuple | None = None
+        while True:
+            await asyncio.sleep(self.owner_interval)
+            decision = watch.observe(dt.datetime.now(dt.UTC), meter.read())
+            key = (decision.offer, decision.suspend, decision.preempt)
+            if key != last:
+                last = key
+                logger.info("owner policy: %s%s%s — %s",
+                            "offer" if decision.offer else "withhold",
+                            ", suspend leases" if decision.suspend else "",
+                            ", preempt leases" if decision.preempt else "", decision.why)
+                if self.on_decision is not None:
+                    self.on_decision(decision)
+            self.apply(decision)
+
+    def apply(self, decision: Decision) -> None:
+        """Do what the owner policy decided: offer or withhold the capacity, suspend, resume
+        or preempt the leases' workers."""
+        if (decision.offer, decision.why) != (self.offering, self.offer_note):
+            changed = decision.offer != self.offering
+            self.offering, self.offer_note = decision.offer, decision.why
+            if changed:
+                self._beat_now.set()
+        why = f"owner activity on {self.name}"
+        for lid, worker in list(self.workers.items()):
+            if lid in self._stopping:
+                continue
+            running_here = self._states.get(lid) == LeaseState.running
+            if decision.preempt or (decision.suspend and not running_here):
+                # A lease still starting holds no results: it makes way at once.
+                self._preempt(lid, worker, why)
+            elif decision.suspend and lid not in self._suspended:
+                self.launcher.suspend(worker)
+                self._suspended.add(lid)
+                logger.info("lease %s: suspended (%s)", lid, decision.why)
+                self._spawn(self._report(lid, LeaseState.suspended, message=why))
+            elif not decision.suspend and lid in self._suspended:
+                self.launcher.resume(worker)
+                self._suspended.discard(lid)
+                logger.info("lease %s: resumed (%s)", lid, decision.why)
+                self._spawn(self._report(lid, LeaseState.running,
+                                         message=f"resumed: {decision.why}"))
+
+    def _preempt(self, lease_id: str, worker: Any, why: str) -> None:
+        self.launcher.resume(worker)  # it must run to hand its data over
+        self._suspended.discard(lease_id)
+        self._stopping.add(lease_id)
+        logger.warning("lease %s: preempted (%s)", lease_id, why)
+
+        async def preempt() -> None:
+            await self._report(lease_id, LeaseState.releasing, EndReason.preempted, why)
+            await self._release(lease_id, grace=self.policy.vacate_time if self.policy
+                                else self.release_grace)
+
+        self._spawn(preempt())
 
     # ---- reconciling --------------------------------------------------------------------------
 
@@ -284,6 +378,7 @@ class ProviderAgent:
             safe.append(lease)
         leases = safe
         listed = {lease["id"] for lease in leases}
+        self._states = {lease["id"]: lease["state"] for lease in leases}
         for lease in leases:
             lid, state = lease["id"], lease["state"]
             if lid in self._stopping:
@@ -344,12 +439,12 @@ class ProviderAgent:
         self._keys.pop(lease["id"], None)
         self._save_state()
 
-    async def _release(self, lease_id: str) -> None:
+    async def _release(self, lease_id: str, grace: float | None = None) -> None:
         # The cluster retires the worker through its scheduler right after releasing the lease
         # (moving its results away); give it that long to leave before signalling it.
         worker = self.workers.get(lease_id)
         if worker is not None:
-            await self.launcher.wait(worker, self.release_grace)
+            await self.launcher.wait(worker, self.release_grace if grace is None else grace)
         await self._stop_worker(lease_id)
         await self._report(lease_id, LeaseState.ended)
 
@@ -391,6 +486,8 @@ class ProviderAgent:
     def _clean_up(self, lease_id: str) -> None:
         """The lease's worker is gone: kill what its account still runs, delete its folder
         (key and scratch included) so nothing of it outlives the lease."""
+        self.launcher.forget(lease_id)
+        self._suspended.discard(lease_id)
         self.accounts.release(lease_id)
         self._sizes.pop(lease_id, None)
         try:

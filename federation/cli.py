@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import cli_books, errors
+from .cli_provide import add_options as cli_provide_options
 from .worker_accounts import WorkerAccountError, WorkerAccounts, parse_uid_range
 
 DEFAULT_PORT = 8470
@@ -167,9 +168,28 @@ MAX_WARM_WORKERS = 64
 
 
 def cmd_provide(args: argparse.Namespace) -> int:
+    from . import cli_provide, limits
     from .agent import ProviderAgent
+    from .cgroups import CgroupUnavailable
     from .inventory import offer
+    from .launchers import ProcessLauncher
+    from .owner_policy import PolicyError
 
+    if args.print_systemd_unit:
+        print(cli_provide.systemd_unit(sys.argv[sys.argv.index("provide") + 1:]
+                                       if "provide" in sys.argv else []))
+        return 0
+    try:
+        policy = cli_provide.policy_from_args(args)
+    except PolicyError as exc:
+        return cli_provide.print_error(str(exc))
+    if not 16 <= args.lease_pids <= 1_000_000:
+        return cli_provide.print_error(f"--lease-pids must be 16 to 1000000, not "
+                                       f"{args.lease_pids}")
+    if args.dry_run:
+        uids = parse_uid_range(args.worker_uids) if args.worker_uids else None
+        print(cli_provide.dry_run(policy, cli_provide.owner_meter(policy, uids, [])))
+        return 0
     token = _read_token(args)
     if not args.broker or not token:
         print("error: `parallex provide` needs --broker URL and a provider token (--token, "
@@ -190,16 +210,27 @@ def cmd_provide(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir or _data_home() / "agent")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        enforcement = limits.choose(workdir, args.cgroups)
+    except (CgroupUnavailable, OSError) as exc:
+        return cli_provide.print_error(f"--cgroups {args.cgroups}: {exc}")
+    launcher = ProcessLauncher(workdir, args.worker_host, warm=args.warm_workers,
+                               limits=enforcement, lease_pids=args.lease_pids)
+    meter = cli_provide.owner_meter(policy, accounts.uids,
+                                    [g["index"] for g in capacity.gpus])
     agent = ProviderAgent(args.broker, token, capacity, workdir=workdir, name=args.name,
                           site=args.site, worker_host=args.worker_host,
                           accounts=accounts, release_grace=args.release_grace,
-                          warm_workers=args.warm_workers)
+                          launcher=launcher, policy=policy, owner_meter=meter)
     try:
         agent.prepare()
     except (WorkerAccountError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger("parallex.agent").info("workers run under %s", accounts.describe())
+    logging.getLogger("parallex.agent").info(
+        "workers run under %s; lease sizes enforced by %s; owner policy: offer %s",
+        accounts.describe(), enforcement.describe(), ", ".join(policy.offer))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -207,6 +238,8 @@ def cmd_provide(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, agent.stop)
         # Machine-readable, like the provider id: tests and benchmarks wait on it.
         agent.on_ready = lambda n: print(f"PARALLEX_WARM_READY={n}", flush=True)
+        # Machine-readable too: what the owner policy does now (tests wait on it).
+        agent.on_decision = lambda d: print(f"PARALLEX_OWNER={d.action}", flush=True)
         runner = asyncio.create_task(agent.run())
         registered = asyncio.create_task(agent.registered.wait())
         await asyncio.wait({runner, registered}, return_when=asyncio.FIRST_COMPLETED)
@@ -333,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "more than the CPUs no lease holds. Each costs about 100 MB of memory "
                         "while it waits. 0 turns it off, at most 64 (default 4: one per free "
                         "CPU up to 4).")
+    cli_provide_options(p)
     p.set_defaults(func=cmd_provide)
 
     u = sub.add_parser("up", help="Start a local federation: a broker and N demo labs.")

@@ -389,6 +389,15 @@ class FederatedCluster(Cluster):
         self._fresh()
         return list(self._state["leases"])
 
+    def worker_news(self) -> list[str]:
+        """What happened to this cluster's workers that the user should read: workers
+        preempted by their machine's owner ("2 workers preempted: owner activity on
+        lab-physics-server-3"), suspended, or stopped at their memory limit."""
+        from federation.lease_keeper import worker_news
+
+        self._fresh()
+        return worker_news(self._state["leases"])
+
     def connected_workers(self) -> list[dict]:
         """The workers registered with the scheduler now: name, address, lease, status, pid
         and resources of each."""

@@ -21,10 +21,13 @@ batch job. Like JupyterHub's Spawner, a subclass writes five methods:
 ``save(handle) -> dict``
     What ``adopt`` needs, as JSON (the agent keeps it in workers.json, mode 0600).
 
-Two optional hooks: ``account_for(lease, accounts)`` picks the account a lease's worker runs
+Optional hooks: ``account_for(lease, accounts)`` picks the account a lease's worker runs
 under (default: a fresh one from ``accounts``), and ``keep_ready(accounts, free_cpus)`` /
 ``close(accounts)`` let a launcher keep resources ready between leases (the process
-launcher's warm interpreters) and let them go when the agent stops.
+launcher's warm interpreters) and let them go when the agent stops; ``suspend(handle)`` /
+``resume(handle)`` pause a worker for the machine's owner; ``exit_message(handle)`` says why a
+worker died when its limits killed it; ``forget(lease_id)`` runs once the lease's worker is
+gone for good.
 
 A handle also carries ``uid`` (the account, for the agent's accounting of uids) and
 ``log_tail()`` (a few last lines for the user when the worker fails). A lease turns
@@ -48,6 +51,8 @@ from typing import Any, Protocol
 
 import psutil
 
+from .cgroups import LeaseLimits
+from .limits import DEFAULT_LEASE_PIDS, LeaseLimitsBase, WatchdogLimits, lease_limits
 from .worker_accounts import WorkerAccount, WorkerAccountError, WorkerAccounts
 from .worker_process import (
     WorkerProcess,
@@ -86,12 +91,30 @@ class WorkerLauncher:
     def close(self, accounts: WorkerAccounts) -> None:
         """The agent stops: let go of whatever ``keep_ready`` holds."""
 
+    def finish(self) -> None:
+        """The agent has stopped every worker and is about to exit."""
+
     def ready_count(self) -> int:
         """How many workers could start at once from what ``keep_ready`` holds."""
         return 0
 
     def poll(self, handle: Any) -> int | None:
         raise NotImplementedError
+
+    def suspend(self, handle: Any) -> None:
+        """Stop the worker using the CPU at once (the owner needs it), keeping its state."""
+        raise NotImplementedError
+
+    def resume(self, handle: Any) -> None:
+        """Undo ``suspend``."""
+        raise NotImplementedError
+
+    def exit_message(self, handle: Any) -> str | None:
+        """Why the worker died, when the launcher's limits killed it; None otherwise."""
+        return None
+
+    def forget(self, lease_id: str) -> None:
+        """The lease's worker is gone for good: let go of what the launcher kept for it."""
 
     async def stop(self, handle: Any, timeout: float) -> None:
         raise NotImplementedError
@@ -150,10 +173,16 @@ class ProcessLauncher(WorkerLauncher):
     ``warm`` interpreters (at most; never more than the free CPUs) are kept started with Dask
     imported, each under the account its lease will use; a CPU lease then starts by handing
     one its arguments instead of starting Python (GPU leases start cold: dask-cuda's worker
-    is another program). 0 turns the pool off."""
+    is another program). 0 turns the pool off.
+
+    ``limits`` holds each worker to its lease's size (a cgroup, else rlimits and a watchdog;
+    federation.limits); ``lease_pids`` is the most processes plus threads a lease may run."""
 
     def __init__(self, workdir: Path, host: str | None = None, warm: int = 0,
-                 death_timeout: float = 60):
+                 death_timeout: float = 60, limits: LeaseLimitsBase | None = None,
+                 lease_pids: int = DEFAULT_LEASE_PIDS):
+        self.limits = limits or WatchdogLimits()
+        self.lease_pids = lease_pids
         self.workdir = Path(workdir)
         self.host = host
         self.warm = max(0, int(warm))
@@ -230,14 +259,27 @@ class ProcessLauncher(WorkerLauncher):
             accounts.release(interp.holder)
         self._pool.clear()
 
+    def finish(self) -> None:
+        self.limits.close()
+
     # ---- workers --------------------------------------------------------------------------
 
     def start(self, lease: dict, account: WorkerAccount) -> WorkerProcess:
         interp = self._claimed.pop(lease["id"], None)
+        limits = lease_limits(lease, self.lease_pids)
         if interp is None or not interp.alive():
-            return start_worker(lease, self.workdir, host=self.host, account=account,
-                                death_timeout=self.death_timeout)
+            worker = start_worker(lease, self.workdir, host=self.host, account=account,
+                                  death_timeout=self.death_timeout)
+            try:
+                self.limits.confine(lease["id"], worker.pid, limits)
+            except BaseException:
+                worker.signal_group(signal.SIGKILL)
+                worker.popen.wait()
+                raise
+            return worker
         try:
+            # Confined before it takes the lease: everything the lease runs is held to its size.
+            self.limits.confine(lease["id"], interp.popen.pid, limits)
             folder = prepare_lease_folder(lease, self.workdir, account)
             cmd = worker_command(lease, folder, self.host, self.death_timeout)
             env = worker_environment(lease.get("gpu_indices") or [], folder)
@@ -256,9 +298,23 @@ class ProcessLauncher(WorkerLauncher):
                              interp.popen, uid=account.uid)
 
     def poll(self, handle: WorkerProcess) -> int | None:
+        self.limits.check(handle.lease_id)
         return handle.exit_code()
 
+    def suspend(self, handle: WorkerProcess) -> None:
+        self.limits.suspend(handle.lease_id)
+
+    def resume(self, handle: WorkerProcess) -> None:
+        self.limits.resume(handle.lease_id)
+
+    def exit_message(self, handle: WorkerProcess) -> str | None:
+        return self.limits.exit_message(handle.lease_id)
+
+    def forget(self, lease_id: str) -> None:
+        self.limits.release(lease_id)
+
     async def stop(self, handle: WorkerProcess, timeout: float) -> None:
+        self.limits.resume(handle.lease_id)  # a suspended worker must run to leave cleanly
         handle.signal_group(signal.SIGTERM)  # a dask worker closes cleanly on SIGTERM
         if await self.wait(handle, timeout) is None:
             logger.warning("lease %s: worker did not stop in %g s; killing it",
@@ -267,7 +323,13 @@ class ProcessLauncher(WorkerLauncher):
             await self.wait(handle, float("inf"))
 
     def adopt(self, lease_id: str, state: dict) -> WorkerProcess | None:
-        return WorkerProcess.adopt(lease_id, state)
+        worker = WorkerProcess.adopt(lease_id, state)
+        if worker is not None and state.get("memory"):
+            self.limits.adopt(lease_id, worker.pid, LeaseLimits(
+                float(state.get("cpus") or 1), int(state["memory"]), self.lease_pids))
+        return worker
 
     def save(self, handle: WorkerProcess) -> dict:
-        return handle.to_state()
+        found = self.limits.confined.get(handle.lease_id)
+        size = {"cpus": found.limits.cpus, "memory": found.limits.memory} if found else {}
+        return {**handle.to_state(), **size}

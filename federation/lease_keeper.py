@@ -326,7 +326,15 @@ class LeaseKeeper:
         newly_ended = []
         for lease in public["leases"]:
             self.leases[lease["id"]] = lease
-            if lease["state"] == ENDED and lease["id"] in self.live:
+            if lease["id"] not in self.live:
+                continue
+            if lease["state"] == ENDED:
+                self.live.discard(lease["id"])
+                newly_ended.append(lease)
+            elif (lease["state"] == LeaseState.releasing
+                  and lease.get("release_reason") == EndReason.preempted):
+                # The machine's owner took it back: retire the worker through the scheduler
+                # (its results move to other workers) and ask for a replacement.
                 self.live.discard(lease["id"])
                 newly_ended.append(lease)
         return newly_ended
@@ -436,12 +444,23 @@ class LeaseKeeper:
                 version = ""
 
     async def _handle_ended(self, ended: list[dict]) -> None:
+        preempted = [lease for lease in ended if lease["state"] != ENDED]
         for lease in ended:
-            if lease["end_reason"] != EndReason.released:
+            if lease["state"] == ENDED and lease["end_reason"] != EndReason.released:
                 logger.warning("lease %s on %s ended (%s): %s", lease["id"],
                                lease.get("lab") or "no provider", lease["end_reason"],
                                lease["message"])
-            await self._drop_worker(lease["id"])
+                await self._drop_worker(lease["id"])
+            elif lease["state"] == ENDED:
+                await self._drop_worker(lease["id"])
+        for message, n in Counter(lease["message"] for lease in preempted).items():
+            logger.warning("%s preempted: %s", f"{n} worker{'s' if n > 1 else ''}", message)
+        wanted = {lease["id"] for lease in preempted}
+        names = [ws.name for ws in self.scheduler.workers.values()
+                 if lease_of(ws.name) in wanted]
+        if names:
+            await self.scheduler.retire_workers(names=names, close_workers=True, remove=True,
+                                                stimulus_id="parallex-preempted")
 
     async def _drop_worker(self, lease_id: str) -> None:
         for address, ws in list(self.scheduler.workers.items()):
@@ -533,6 +552,21 @@ class LeaseKeeper:
                 f"(leases: {detail}).{hint}")
 
 
+def worker_news(leases: list[dict]) -> list[str]:
+    """Lines for the user about workers their machines' owners took back or that failed,
+    grouped: "2 workers preempted: owner activity on lab-physics-server-3"."""
+    groups: Counter[tuple[str, str]] = Counter()
+    for lease in leases:
+        if EndReason.preempted in (lease.get("release_reason"), lease.get("end_reason")):
+            groups[("preempted", lease.get("message") or "")] += 1
+        elif lease.get("state") == LeaseState.suspended:
+            groups[("suspended", lease.get("message") or "")] += 1
+        elif lease.get("end_reason") == EndReason.failed:
+            groups[("failed", lease.get("message") or "")] += 1
+    return [f"{n} worker{'s' if n > 1 else ''} {what}: {message}"
+            for (what, message), n in sorted(groups.items())]
+
+
 def pending_reasons(leases: list[dict]) -> Counter[str]:
     """How many pending leases wait for each reason the broker gave."""
     return Counter(lease.get("message") or "waiting for a provider with free capacity"
@@ -540,4 +574,4 @@ def pending_reasons(leases: list[dict]) -> Counter[str]:
 
 
 __all__ = ["KeeperSettings", "LeaseKeeper", "WorkerGroup", "group_name", "lease_of",
-                      "pending_reasons", "ENDED", "LIVE"]
+                      "pending_reasons", "worker_news", "ENDED", "LIVE"]

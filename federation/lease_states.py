@@ -1,10 +1,14 @@
 """The lease state machine: its states, end reasons, the moves between them, and the one
 function that makes a move.
 
-    pending ──placed──▶ starting ──worker joined──▶ running
-       │                   │  └────────release────────┐  │
-       │                   ▼                          ▼  ▼
-       └──────────────▶ ended ◀──worker stopped── releasing
+    pending ──placed──▶ starting ──worker joined──▶ running ◀──owner idle──┐
+       │                   │  └────────release────────┐  │  └──owner back──▶ suspended
+       │                   ▼                          ▼  ▼                     │
+       └──────────────▶ ended ◀──worker stopped── releasing ◀──preempted──────┘
+
+A *suspended* lease's worker is frozen because the machine's owner needs the CPU; its time is
+not metered (``suspensions``) and it either resumes or is preempted (released with the target
+``preempted``, its worker retired through its scheduler so its data moves elsewhere).
 
 A lease's *status* is its state; its *target* while releasing is the reason it will end with
 (``released`` when its cluster let it go, ``lost`` when the cluster vanished), kept apart in
@@ -18,6 +22,7 @@ dashboards import these names instead of comparing strings.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from enum import StrEnum
 from typing import Protocol
 
@@ -26,6 +31,7 @@ class LeaseState(StrEnum):
     pending = "pending"
     starting = "starting"
     running = "running"
+    suspended = "suspended"
     releasing = "releasing"
     ended = "ended"
 
@@ -38,15 +44,20 @@ class EndReason(StrEnum):
 
 
 #: States of a lease the user holds or waits for.
-LIVE_STATES = (LeaseState.pending, LeaseState.starting, LeaseState.running)
+LIVE_STATES = (LeaseState.pending, LeaseState.starting, LeaseState.running,
+               LeaseState.suspended)
 #: States in which a lease occupies its provider's capacity.
-HELD_STATES = (LeaseState.starting, LeaseState.running, LeaseState.releasing)
+HELD_STATES = (LeaseState.starting, LeaseState.running, LeaseState.suspended,
+               LeaseState.releasing)
 
 #: Every legal move; anything else is a bug the broker refuses to write.
 TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {
     LeaseState.pending: frozenset({LeaseState.starting, LeaseState.ended}),
     LeaseState.starting: frozenset({LeaseState.running, LeaseState.releasing, LeaseState.ended}),
-    LeaseState.running: frozenset({LeaseState.releasing, LeaseState.ended}),
+    LeaseState.running: frozenset({LeaseState.suspended, LeaseState.releasing,
+                                   LeaseState.ended}),
+    LeaseState.suspended: frozenset({LeaseState.running, LeaseState.releasing,
+                                     LeaseState.ended}),
     LeaseState.releasing: frozenset({LeaseState.ended}),
     LeaseState.ended: frozenset(),
 }
@@ -67,6 +78,23 @@ class LeaseLike(Protocol):
     started_at: dt.datetime | None
     ended_at: dt.datetime | None
     releasing_at: dt.datetime | None
+    suspensions_json: str
+
+
+def suspensions(lease: LeaseLike) -> list[tuple[dt.datetime, dt.datetime | None]]:
+    """The lease's suspended spans (the last one open while it is suspended), in UTC."""
+    return [(_utc(dt.datetime.fromisoformat(a)), _utc(dt.datetime.fromisoformat(b)) if b
+             else None) for a, b in json.loads(lease.suspensions_json or "[]")]
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _set_suspensions(lease: LeaseLike,
+                     spans: list[tuple[dt.datetime, dt.datetime | None]]) -> None:
+    lease.suspensions_json = json.dumps([[a.isoformat(), b.isoformat() if b else None]
+                                         for a, b in spans])
 
 
 def can_move(current: LeaseState | str, to: LeaseState | str) -> bool:
@@ -83,12 +111,21 @@ def move(lease: LeaseLike, to: LeaseState, *, at: dt.datetime,
     - to releasing: ``releasing_at`` and the target ``release_reason``.
     - to ended: ``ended_at`` and ``end_reason``: the target chosen at release if any, else
       ``reason``.
+    - to suspended: opens a suspended span; leaving suspended closes it.
     """
     if not can_move(lease.state, to):
         raise IllegalTransition(f"lease {lease.id} cannot go from {lease.state} to {to}")
     if to == LeaseState.ended and reason is None and lease.release_reason is None:
         raise IllegalTransition(f"lease {lease.id} cannot end without a reason")
-    if to == LeaseState.running:
+    if lease.state == LeaseState.suspended:
+        spans = suspensions(lease)
+        spans[-1] = (spans[-1][0], at)
+        _set_suspensions(lease, spans)
+    if to == LeaseState.suspended:
+        _set_suspensions(lease, [*suspensions(lease), (at, None)])
+    elif to == LeaseState.running and lease.state == LeaseState.suspended:
+        pass  # resumed: it started running long ago
+    elif to == LeaseState.running:
         lease.started_at = at
     elif to == LeaseState.releasing:
         lease.releasing_at = at

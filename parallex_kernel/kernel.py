@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 
@@ -50,6 +51,9 @@ class ParallexKernel(IPythonKernel):
         cluster = self.pool.cluster
         if cluster is not None and cluster.scale_error is not None:
             news.append(f"Parallex: no new workers — {cluster.scale_error}")
+        if cluster is not None:
+            with contextlib.suppress(Exception):  # news must never stop a cell from running
+                news += [f"Parallex: {line}" for line in cluster.worker_news()]
         for line in news:
             if line not in self._told:
                 self._told.add(line)

@@ -12,7 +12,7 @@ from accounting import metering, reliability
 from accounting.metering import LeaseUsage
 from accounting.pricing import Resources
 
-from ..lease_states import LeaseState
+from ..lease_states import LeaseState, suspensions
 from .models import ClusterRecord, Lease, Provider
 from .settings import BrokerSettings
 
@@ -27,7 +27,8 @@ def meter_leases(s: Session, settings: BrokerSettings, now: dt.datetime,
         .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
         .join(Provider, Provider.id == Lease.provider_id)
         .where(Lease.started_at != None,  # noqa: E711
-               or_(col(Lease.state).in_([LeaseState.running, LeaseState.releasing]),
+               or_(col(Lease.state).in_([LeaseState.running, LeaseState.suspended,
+                                         LeaseState.releasing]),
                    and_(Lease.state == LeaseState.ended,
                         or_(Lease.metered_until == None,  # noqa: E711
                             Lease.metered_until < Lease.ended_at)))))
@@ -41,7 +42,7 @@ def meter_leases(s: Session, settings: BrokerSettings, now: dt.datetime,
         lease.id, cluster.user_id, cluster.lab_id, provider.lab_id, provider.id,
         lease.started_at, lease.ended_at if lease.state == LeaseState.ended else None,
         Resources(lease.cpus, lease.memory, lease.gpus, lease.priced_gpu_model),
-        reliability=factors[provider.id])
+        reliability=factors[provider.id], paused=tuple(suspensions(lease)))
         for lease, cluster, provider in rows]
     records = metering.meter(
         s, usages, now=now, interval=settings.metering_interval,

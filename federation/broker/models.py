@@ -54,6 +54,10 @@ class Provider(SQLModel, table=True):
     memory: int = Field(sa_type=BigInteger, description="Bytes offered.")
     gpus_json: str = "[]"
     online: bool = True
+    offering: bool = Field(default=True, description="False while the owner's policy keeps "
+                           "the machine for its owner: nothing new is placed there.")
+    offer_note: str = Field(default="", description="Why the agent offers or withholds its "
+                            "capacity, as its owner policy says.")
     registered_at: dt.datetime = Field(default_factory=utcnow)
     last_seen: dt.datetime = Field(default_factory=utcnow)
 
@@ -106,6 +110,9 @@ class Lease(SQLModel, table=True):
     ended_at: dt.datetime | None = None
     releasing_at: dt.datetime | None = None
     metered_until: dt.datetime | None = None
+    suspensions_json: str = Field(default="[]", description="Spans the lease was suspended for "
+                                  "its machine's owner, as [[start, end or null], ...] in ISO "
+                                  "8601; not metered.")
 
     @property
     def gpu_indices(self) -> list[int]:
@@ -181,6 +188,10 @@ class ProviderHeartbeat(SQLModel):
         max_length=10_000, description="Lease ids whose worker process is alive (required: "
                                        "an empty list says no worker runs)."
     )
+    offering: bool = Field(default=True, description="False while the owner's policy keeps "
+                           "the machine for its owner (nothing new is placed there).")
+    offer_note: str = Field(default="", max_length=300,
+                            description="Why, as the agent's owner policy says.")
 
 
 class LeaseStateReport(SQLModel):
@@ -262,6 +273,7 @@ class LeasePublic(SQLModel):
     gpu_model: str | None
     placed_gpu_model: str | None = None
     state: LeaseState
+    release_reason: EndReason | None = None
     end_reason: EndReason | None
     message: str
     created_at: dt.datetime

@@ -88,7 +88,9 @@ def place_pending(s: Session, rng: random.Random, half_life: float) -> set[str]:
     ).all()
     if not pending:
         return set()
-    providers = s.exec(select(Provider).where(Provider.online == True)).all()  # noqa: E712
+    # A provider whose owner policy keeps the machine for its owner gets nothing new.
+    providers = s.exec(select(Provider).where(Provider.online == True,  # noqa: E712
+                                              Provider.offering == True)).all()  # noqa: E712
     held = s.exec(select(Lease).where(col(Lease.state).in_(HELD_STATES))).all()
     by_provider: dict[str, list[Lease]] = {}
     for lease in held:

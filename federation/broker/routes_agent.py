@@ -28,7 +28,7 @@ def heartbeat(provider_id: ProviderIdPath, body: ProviderHeartbeat, request: Req
     broker = request.app.state.broker
     provider = broker.provider_for(principal, provider_id)
     broker.check_heartbeat_rate(provider.id)
-    broker.provider_heartbeat(provider, body.running)
+    broker.provider_heartbeat(provider, body.running, body.offering, body.offer_note)
     return {"ok": True}
 
 

@@ -195,16 +195,20 @@ class Broker:
                           f"retry in {wait:.2f} s", retry_after=1)
         self._last_heartbeat[provider_id] = now
 
-    def provider_heartbeat(self, provider: Provider, running: list[str]) -> None:
-        """The provider lives and runs ``running``; overdue leases end. Most heartbeats change
-        nothing else, so a placement pass (its own unit) follows only a change."""
+    def provider_heartbeat(self, provider: Provider, running: list[str],
+                           offering: bool = True, offer_note: str = "") -> None:
+        """The provider lives and runs ``running``, and offers its capacity or keeps it for
+        its owner (``offering``, why in ``offer_note``); overdue leases end. Most heartbeats
+        change nothing else, so a placement pass (its own unit) follows only a change."""
         now = utcnow()
         alive = set(running)
         with self.session() as s:
             row = s.get(Provider, provider.id)
-            came_back = not row.online
+            came_back = not row.online or (offering and not row.offering)
             row.last_seen = now
             row.online = True
+            row.offering = offering
+            row.offer_note = offer_note
             s.add(row)
             held = s.exec(select(Lease).where(Lease.provider_id == provider.id,
                                               col(Lease.state).in_(HELD_STATES))).all()
@@ -221,31 +225,70 @@ class Broker:
 
     def report_lease_state(self, provider: Provider, lease_id: str,
                            body: LeaseStateReport) -> Lease:
-        if body.state not in (LeaseState.running, LeaseState.ended):
-            raise Invalid("bad-state", "an agent can report 'running' or 'ended', "
-                          f"not {body.state.value!r}")
+        """What the agent says of a lease's worker: it runs (or runs again after a
+        suspension), it is suspended for the machine's owner, it is preempted (releasing,
+        target preempted), or it ended."""
+        if body.state in (LeaseState.pending, LeaseState.starting):
+            raise Invalid("bad-state", "an agent can report 'running', 'suspended', "
+                          f"'releasing' (preempted) or 'ended', not {body.state.value!r}")
+        if body.state == LeaseState.releasing and body.reason != EndReason.preempted:
+            raise Invalid("bad-reason", "an agent releases a lease only to preempt it "
+                          "(reason 'preempted'); the cluster releases the others")
         with self._placing() as s:
             lease = s.get(Lease, lease_id)
             if lease is None or lease.provider_id != provider.id:
                 raise NotFound("unknown-lease",
                                f"no lease {lease_id!r} assigned to provider {provider.id}")
-            if lease.state == LeaseState.ended or body.state == LeaseState.running:
-                # Idempotent: a repeated or late report changes nothing. And "running" means
-                # only that the process started: the lease runs (and is metered) once the
-                # cluster confirms that its worker joined the scheduler.
-                return lease
-            reason = body.reason
-            if reason is None:
-                reason = (EndReason.released if lease.state == LeaseState.releasing
-                          else EndReason.failed)
-            end_by_provider(s, lease, reason, body.message)
-            s.add(lease)
-            s.flush()
-            placed = self._place(s)
-            s.commit()
-        self.wakeups.bump_all({provider.id, *placed})
-        self.meter(lease_ids={lease.id})
+            if lease.state == LeaseState.ended:
+                return lease  # idempotent: a repeated or late report changes nothing
+            if body.state != LeaseState.ended:
+                changed = self._owner_move(lease, body)
+                if changed:
+                    s.add(lease)
+                    s.commit()
+            else:
+                reason = body.reason
+                if reason is None:
+                    reason = (EndReason.released if lease.state == LeaseState.releasing
+                              else EndReason.failed)
+                end_by_provider(s, lease, reason, body.message)
+                s.add(lease)
+                s.flush()
+                placed = self._place(s)
+                s.commit()
+                self.wakeups.bump_all({provider.id, *placed})
+                changed = True
+        if changed:
+            self.wakeups.bump(provider.id)
+            self.meter(lease_ids={lease.id})
         return lease
+
+    @staticmethod
+    def _owner_move(lease: Lease, body: LeaseStateReport) -> bool:
+        """Suspend, resume or preempt ``lease`` as its agent reports; True when it moved."""
+        now = utcnow()
+        if body.state == LeaseState.running:
+            # From starting it means only that the process started: the lease runs (and is
+            # metered) once the cluster confirms that its worker joined the scheduler.
+            if lease.state != LeaseState.suspended:
+                return False
+            move(lease, LeaseState.running, at=now, message=body.message or "resumed")
+            return True
+        if body.state == LeaseState.suspended:
+            if lease.state == LeaseState.suspended:
+                return False
+            if lease.state != LeaseState.running:
+                raise Conflict("cannot-suspend", f"lease {lease.id} is {lease.state.value}; "
+                               "only a running lease can be suspended")
+            move(lease, LeaseState.suspended, at=now,
+                 message=body.message or "suspended for the machine's owner")
+            return True
+        # Preempted: the cluster retires the worker (its data moves) and asks for another.
+        if lease.state == LeaseState.releasing:
+            return False
+        move(lease, LeaseState.releasing, at=now, reason=EndReason.preempted,
+             message=body.message or "preempted for the machine's owner")
+        return True
 
     def provider_offline(self, provider: Provider) -> int:
         """An agent that shuts down says so: no new lease goes to its machine, and what it

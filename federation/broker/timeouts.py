@@ -29,7 +29,7 @@ def end_overdue(s: Session, lease: Lease, alive: set[str], now: dt.datetime,
         lease.release_reason = None
         end(lease, EndReason.lost, f"the provider did not report the worker stopped within "
                                    f"{settings.release_timeout:g} s of its release")
-    elif lease.state == LeaseState.running and lease.id not in alive:
+    elif lease.state in (LeaseState.running, LeaseState.suspended) and lease.id not in alive:
         end_by_provider(s, lease, EndReason.failed, "the provider reports no worker process "
                                                     "for this lease")
     elif (lease.state == LeaseState.starting and lease.assigned_at is not None
