@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from . import errors
 from .client import AsyncBrokerClient
 from .ids import UnsafeIdentifier, check_lease_id, url_segment
@@ -428,7 +430,7 @@ class ProviderAgent:
         try:
             account = self.launcher.account_for(lease, self.accounts)
             worker = self.launcher.start(lease, account)
-        except (OSError, KeyError, ValueError, WorkerAccountError) as exc:
+        except (OSError, KeyError, ValueError, WorkerAccountError, psutil.Error) as exc:
             logger.error("lease %s: cannot start worker: %s", lease["id"], exc)
             self._clean_up(lease["id"])
             self._spawn(self._report(lease["id"], LeaseState.ended, EndReason.failed,

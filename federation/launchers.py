@@ -221,7 +221,8 @@ class ProcessLauncher(WorkerLauncher):
             env = worker_environment([], Path("/"))
             env["TMPDIR"] = "/tmp"  # noqa: S108 - the lease's own folder replaces it
             popen = subprocess.Popen(
-                [sys.executable, "-m", "federation.warm_worker"], cwd="/", env=env,
+                [*self.limits.spawn_prefix(account.isolated, self.lease_pids),
+                 sys.executable, "-m", "federation.warm_worker"], cwd="/", env=env,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True, **account_kwargs(account))
         except OSError:
@@ -269,7 +270,9 @@ class ProcessLauncher(WorkerLauncher):
         limits = lease_limits(lease, self.lease_pids)
         if interp is None or not interp.alive():
             worker = start_worker(lease, self.workdir, host=self.host, account=account,
-                                  death_timeout=self.death_timeout)
+                                  death_timeout=self.death_timeout,
+                                  prefix=self.limits.spawn_prefix(account.isolated,
+                                                                  self.lease_pids))
             try:
                 self.limits.confine(lease["id"], worker.pid, limits)
             except BaseException:

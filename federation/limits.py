@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import resource
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -31,10 +30,17 @@ logger = logging.getLogger("parallex.agent")
 DEFAULT_LEASE_PIDS = 1024
 
 
+def _size(n: int) -> str:
+    """'2 GiB' rather than '2.00 GiB'; '2.3 GiB' rather than '2.30 GiB'."""
+    number, unit = format_bytes(n).split(" ")
+    return f"{float(number):.1f}".removesuffix(".0") + f" {unit}"
+
+
 def memory_message(lease_id: str, used: int | None, limit: int) -> str:
-    """What the user reads when a worker is stopped for memory."""
-    used_text = format_bytes(used) if used else "all"
-    return (f"worker {lease_id} used {used_text} of its {format_bytes(limit)} and was stopped "
+    """What the user reads when a worker is stopped for memory, e.g. "worker ls-… used
+    2.3 GiB of its 2 GiB …"."""
+    used_text = _size(used) if used else "all"
+    return (f"worker {lease_id} used {used_text} of its {_size(limit)} and was stopped "
             f"at its lease's memory limit; ask for bigger workers (memory=...) or process the "
             f"data in smaller pieces")
 
@@ -64,6 +70,11 @@ class LeaseLimitsBase:
     def confine(self, lease_id: str, pid: int, limits: LeaseLimits) -> None:
         """Hold the just-started process ``pid`` (and all it starts) to ``limits``."""
         raise NotImplementedError
+
+    def spawn_prefix(self, isolated: bool, pids: int) -> list[str]:
+        """What goes before a worker's command line so it starts limited (default nothing);
+        ``isolated``: it runs under a worker account of its own."""
+        return []
 
     def adopt(self, lease_id: str, pid: int, limits: LeaseLimits) -> None:
         """After an agent restart: the worker already runs, confined or not."""
@@ -149,14 +160,21 @@ class WatchdogLimits(LeaseLimitsBase):
 
     def __init__(self, reason: str = ""):
         super().__init__()
+        self._prlimit = shutil.which("prlimit")
         self.enforced_by = "rlimits and a memory watchdog" + (f" ({reason})" if reason else "")
+        if self._prlimit is None:
+            self.enforced_by += "; no prlimit program (util-linux): forks are not limited"
+
+    def spawn_prefix(self, isolated: bool, pids: int) -> list[str]:
+        # RLIMIT_NPROC counts per account: a worker account runs its lease alone, so this
+        # bounds the lease's forks (the agent's own account runs more than one lease). Set
+        # by util-linux's prlimit as the process starts: changing another account's limit
+        # later needs CAP_SYS_RESOURCE, which containers often lack.
+        if not isolated or self._prlimit is None:
+            return []
+        return [self._prlimit, f"--nproc={pids}:{pids}", "--"]
 
     def confine(self, lease_id: str, pid: int, limits: LeaseLimits) -> None:
-        proc = psutil.Process(pid)
-        if proc.uids().real != 0 and proc.uids().real != os.getuid():
-            # Per account: a worker account runs this lease alone, so this bounds its forks.
-            # The agent's own account runs more than the lease; root ignores the limit.
-            proc.rlimit(resource.RLIMIT_NPROC, (limits.pids, limits.pids))
         self.confined[lease_id] = Confined(lease_id, pid, limits)
 
     def check(self, lease_id: str) -> None:

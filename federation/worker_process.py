@@ -179,14 +179,16 @@ def account_kwargs(account: WorkerAccount) -> dict:
 
 
 def start_worker(lease: dict, workdir: Path, *, host: str | None = None,
-                 account: WorkerAccount = SHARED, death_timeout: float = 60) -> WorkerProcess:
+                 account: WorkerAccount = SHARED, death_timeout: float = 60,
+                 prefix: list[str] | None = None) -> WorkerProcess:
     """Start the lease's worker as a new process under the lease's account, in its own
-    process group (a cold start: the interpreter starts and imports Dask now)."""
+    process group (a cold start: the interpreter starts and imports Dask now); ``prefix``
+    goes before the command (e.g. prlimit)."""
     folder = prepare_lease_folder(lease, workdir, account)
     log_fd = os.open(folder / "worker.log", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     try:
         popen = subprocess.Popen(
-            worker_command(lease, folder, host, death_timeout),
+            [*(prefix or []), *worker_command(lease, folder, host, death_timeout)],
             cwd=folder / "scratch",
             env=worker_environment(lease.get("gpu_indices") or [], folder),
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,

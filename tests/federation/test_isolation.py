@@ -44,6 +44,8 @@ def make_probe():
         attempt("victim environ", lambda: read(f"/proc/{targets['victim_pid']}/environ"))
         attempt("victim key", lambda: read(os.path.join(targets["victim_folder"], "key.pem")))
         attempt("victim folder", lambda: os.listdir(targets["victim_folder"]))
+        attempt("victim scratch",
+                lambda: os.listdir(os.path.join(targets["victim_folder"], "scratch")))
         attempt("signal victim", lambda: os.kill(targets["victim_pid"], signal.SIGKILL))
         attempt("agent token", lambda: read(targets["token_file"]))
         attempt("agent mem", lambda: read(f"/proc/{targets['agent_pid']}/mem"))
@@ -96,7 +98,7 @@ def test_leases_on_one_machine_cannot_reach_each_other_or_the_agent(federation):
         assert seen["uid"] >= 1000 and seen["gid"] == seen["uid"] and seen["groups"] in (
             [], [seen["gid"]])
         assert seen["uid"] != Path(victim_folder).stat().st_uid
-        refused = ["victim mem", "victim environ", "victim key", "victim folder",
+        refused = ["victim mem", "victim environ", "victim key", "victim folder", "victim scratch",
                    "signal victim", "agent token", "agent mem", "agent environ",
                    "agent state", "list leases"]
         assert {k: seen[k] for k in refused} == dict.fromkeys(refused, "denied")
