@@ -326,8 +326,8 @@ class ProviderAgent:
         for lid, worker in list(self.workers.items()):
             if lid in self._stopping:
                 continue
-            running_here = self._states.get(lid) == LeaseState.running
-            if decision.preempt or (decision.suspend and not running_here):
+            joined = self._states.get(lid) in (LeaseState.running, LeaseState.suspended)
+            if decision.preempt or (decision.suspend and not joined):
                 # A lease still starting holds no results: it makes way at once.
                 self._preempt(lid, worker, why)
             elif decision.suspend and lid not in self._suspended:

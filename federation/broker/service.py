@@ -367,14 +367,20 @@ class Broker:
             row = s.get(ClusterRecord, cluster.id)
             row.last_seen = now
             s.add(row)
+            started: set[str] = set()
             if connected:
                 for lease in s.exec(select(Lease).where(
                         Lease.cluster_id == cluster.id, Lease.state == LeaseState.starting,
                         col(Lease.id).in_(connected))):
                     move(lease, LeaseState.running, at=now)
                     s.add(lease)
+                    started.add(lease.provider_id)
             s.commit()
-            return clusters_public(s, [row])[0]
+            public = clusters_public(s, [row])[0]
+        # The agents hear it: a running lease is suspended for the owner, a starting one
+        # (no results yet) simply makes way.
+        self.wakeups.bump_all(started)
+        return public
 
     def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[str]:
         """Admit the asked leases, create them (pending) and place what fits, as one unit of
