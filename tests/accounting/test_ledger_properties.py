@@ -132,3 +132,16 @@ _pg_databases = itertools.count()
 @given(ops=st.lists(op, min_size=1, max_size=25))
 def test_ledger_invariants_hold_on_postgresql(postgres_server_url, ops):
     run_history(fresh_database(postgres_server_url, f"prop_{next(_pg_databases)}"), ops)
+
+
+def test_suspended_spans_are_neither_charged_nor_earned():
+    """A period with a span suspended for the machine's owner charges only the rest."""
+    from accounting.metering import _paused_seconds
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    s = dt.timedelta(seconds=1)
+    spans = ((t0 + 10 * s, t0 + 20 * s), (t0 + 50 * s, None))
+    assert _paused_seconds(spans, t0, t0 + 60 * s) == 20  # 10 closed + 10 still open
+    assert _paused_seconds(spans, t0 + 15 * s, t0 + 30 * s) == 5
+    assert _paused_seconds(spans, t0 + 20 * s, t0 + 50 * s) == 0
+    assert _paused_seconds(((t0, None),), t0 + 5 * s, t0 + 8 * s) == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import sqlite3
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from federation.lease_states import (
     LeaseState,
     can_move,
     move,
+    suspensions,
 )
 from federation.tls import ClusterAuthority
 
@@ -41,6 +43,7 @@ class FakeLease:
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
     releasing_at: dt.datetime | None = None
+    suspensions_json: str = "[]"
 
 
 def test_the_table_of_moves():
@@ -66,6 +69,24 @@ def test_the_table_of_moves():
         move(FakeLease(), LeaseState.ended, at=now)
 
 
+def test_suspended_spans_open_and_close_and_resuming_keeps_the_start():
+    t = [dt.datetime(2026, 1, 1, 0, 0, i, tzinfo=dt.UTC) for i in range(6)]
+    lease = FakeLease()
+    move(lease, LeaseState.starting, at=t[0])
+    move(lease, LeaseState.running, at=t[1])
+    move(lease, LeaseState.suspended, at=t[2])
+    assert suspensions(lease) == [(t[2], None)]
+    move(lease, LeaseState.running, at=t[3])
+    assert lease.started_at == t[1] and suspensions(lease) == [(t[2], t[3])]
+    move(lease, LeaseState.suspended, at=t[4])
+    move(lease, LeaseState.releasing, at=t[5], reason=EndReason.preempted)
+    assert suspensions(lease) == [(t[2], t[3]), (t[4], t[5])]
+    move(lease, LeaseState.ended, at=t[5], reason=EndReason.failed)
+    assert lease.end_reason == EndReason.preempted
+    assert not can_move(LeaseState.starting, LeaseState.suspended)
+    assert not can_move(LeaseState.releasing, LeaseState.suspended)
+
+
 EVENTS = st.lists(st.one_of(
     st.tuples(st.just("scale"), st.integers(1, 3)),
     st.tuples(st.just("release"), st.integers(0, 5)),
@@ -78,6 +99,9 @@ EVENTS = st.lists(st.one_of(
     st.tuples(st.just("restart"),),
     st.tuples(st.just("provider-silent"), st.integers(0, 1)),
     st.tuples(st.just("cluster-silent"),),
+    st.tuples(st.just("suspend"), st.integers(0, 5)),
+    st.tuples(st.just("resume"), st.integers(0, 5)),
+    st.tuples(st.just("preempt"), st.integers(0, 5)),
 ), min_size=1, max_size=25)
 
 
@@ -156,7 +180,7 @@ class Federation:
                 "spec": {"cpus": 1, "memory": "1 GiB"},
                 "workers": [{"lease_id": lid} for lid in ids]})
         elif kind == "release":
-            lease = self.pick(event[1], ("pending", "starting", "running"))
+            lease = self.pick(event[1], ("pending", "starting", "running", "suspended"))
             if lease:
                 user.post(f"/clusters/{lease['cluster_id']}/leases/release",
                           json={"lease_ids": [lease["id"]]})
@@ -168,16 +192,25 @@ class Federation:
                 user.post(f"/clusters/{lease['cluster_id']}/heartbeat",
                           json={"connected": [lease["id"]]})
         elif kind == "ended":
-            lease = self.pick(event[1], ("starting", "running", "releasing"))
+            lease = self.pick(event[1], ("starting", "running", "suspended", "releasing"))
             if lease:
                 agent.post(f"/agent/{lease['provider_id']}/leases/{lease['id']}/state",
                            json={"state": "ended", "reason": event[2]})
+        elif kind in ("suspend", "resume", "preempt"):
+            # The owner's policy, as agents report it; any state, to try illegal moves too.
+            lease = self.pick(event[1], ("starting", "running", "suspended", "releasing"))
+            if lease:
+                body = {"suspend": {"state": "suspended"}, "resume": {"state": "running"},
+                        "preempt": {"state": "releasing", "reason": "preempted"}}[kind]
+                agent.post(f"/agent/{lease['provider_id']}/leases/{lease['id']}/state",
+                           json={**body, "message": "owner activity on box"})
         elif kind == "offline":
             agent.post(f"/agent/{self.providers[event[1]]}/offline")
         elif kind == "back":
             provider = self.providers[event[1]]
             running = [le["id"] for le in self.leases()
-                       if le["provider_id"] == provider and le["state"] == "running"]
+                       if le["provider_id"] == provider and le["state"] in ("running",
+                                                                             "suspended")]
             agent.post(f"/agent/{provider}/heartbeat", json={"running": running})
         elif kind == "close":
             user.delete(f"/clusters/{self.cluster}")
@@ -217,12 +250,20 @@ class Federation:
                 assert le["end_reason"] is None, le
             if state == LeaseState.releasing:
                 assert le["release_reason"] and le["releasing_at"], le
-            if state == LeaseState.running:
+            if state in (LeaseState.running, LeaseState.suspended):
                 assert le["started_at"], le
-            if state in (LeaseState.starting, LeaseState.running):
+            spans = json.loads(le["suspensions_json"])
+            # Only a suspended lease has an open span; every span ends after it starts.
+            assert [b is None for _a, b in spans].count(True) == (
+                1 if state == LeaseState.suspended else 0), le
+            assert all(b is None or a <= b for a, b in spans), le
+            if spans:
+                assert le["started_at"], le
+            if state in (LeaseState.starting, LeaseState.running, LeaseState.suspended):
                 assert le["provider_id"] not in offline, le
                 assert le["cluster_id"] in active, le
-            if state in (LeaseState.starting, LeaseState.running, LeaseState.releasing):
+            if state in (LeaseState.starting, LeaseState.running, LeaseState.suspended,
+                         LeaseState.releasing):
                 held[le["provider_id"]] = held.get(le["provider_id"], 0) + le["cpus"]
         assert all(cpus <= 2 for cpus in held.values()), held
 
