@@ -23,6 +23,7 @@ from accounting.units import NANO
 from federation.broker.access import Scope
 from federation.broker.capacity import CapacitySample
 from federation.broker.models import HELD_STATES, ClusterRecord, Lease, LeaseState, Provider
+from federation.broker.preemption import preemption_rates
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,11 @@ def wait_times(session: Session, viewer: Scope, filters: Filters) -> pd.DataFram
 
 
 def provider_reliability(session: Session, viewer: Scope) -> pd.DataFrame:
-    """Each visible machine: its lab, whether online, reliability, lost and failed leases."""
-    q = (select(Provider.name, Lab.name, Provider.online, Provider.cpus,
+    """Each visible machine: its lab, whether online and offered (its owner policy may keep
+    it for its owner), reliability, lost and failed leases, and how often its owner took it
+    back (preemption rate over 7 days)."""
+    q = (select(Provider.id, Provider.name, Lab.name, Provider.online, Provider.offering,
+                Provider.cpus,
                 ProviderReliability.penalty, ProviderReliability.lost_leases,
                 ProviderReliability.failed_leases)
          .join(Lab, Lab.id == Provider.lab_id)
@@ -244,11 +248,14 @@ def provider_reliability(session: Session, viewer: Scope) -> pd.DataFrame:
                isouter=True))
     if not viewer.is_admin:
         q = q.where(Provider.lab_id == viewer.lab_id)
-    df = pd.DataFrame(list(session.exec(q)), columns=["machine", "lab", "online", "cpus",
-                                                      "penalty", "lost", "failed"])
+    df = pd.DataFrame(list(session.exec(q)), columns=["id", "machine", "lab", "online",
+                                                      "offered", "cpus", "penalty", "lost",
+                                                      "failed"])
     df[["penalty", "lost", "failed"]] = df[["penalty", "lost", "failed"]].fillna(0)
     df["reliability"] = df["penalty"].map(factor).round(4)
-    return df.drop(columns="penalty").sort_values("reliability", ignore_index=True)
+    rates = preemption_rates(session, list(df["id"]))
+    df["preempted_share"] = df["id"].map(lambda p: round(rates.get(p, 0.0), 4))
+    return df.drop(columns=["penalty", "id"]).sort_values("reliability", ignore_index=True)
 
 
 def contribution_vs_consumption(session: Session, lab_id: int,

@@ -32,6 +32,8 @@ class ProviderCapacity:
     free_cpus: float
     free_memory: int
     free_gpus: list[GpuSlot] = field(default_factory=list)
+    #: Share of its recent leases its owner took back (0 to 1); placement prefers lower.
+    preemption_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -114,9 +116,11 @@ def place(
         lab_counts = labs.setdefault(req.cluster_id, Counter())
         site_counts = sites.setdefault(req.cluster_id, Counter())
 
+        # Near the cluster's other workers first; then a machine whose owner takes it back
+        # less often (in steps of 10 %, so small differences leave the choice random).
         best = max(candidates,
-                   key=lambda p, lc=lab_counts, sc=site_counts: (lc[p.lab], sc[p.site],
-                                                                 rng.random()))
+                   key=lambda p, lc=lab_counts, sc=site_counts: (
+                       lc[p.lab], sc[p.site], -round(p.preemption_rate, 1), rng.random()))
         gpu_slots = sorted(matching_gpus(best.free_gpus, req.gpu_model), key=lambda g: g.index)
         taken = gpu_slots[: req.gpus]
         best.free_cpus -= req.cpus

@@ -21,6 +21,7 @@ from accounting.models import Lab, utcnow
 from .. import placement
 from ..lease_states import move
 from .models import HELD_STATES, ClusterRecord, Lease, LeaseState, Provider
+from .preemption import preemption_rates
 
 #: Key of the PostgreSQL advisory lock that serialises placement and admission across broker
 #: processes (any fixed 64-bit number no other application on the database uses).
@@ -97,6 +98,9 @@ def place_pending(s: Session, rng: random.Random, half_life: float) -> set[str]:
         by_provider.setdefault(lease.provider_id, []).append(lease)
     lab_names = {lab.id: lab.name for lab in s.exec(select(Lab))}
     snapshot = [capacity_of(p, by_provider.get(p.id, []), lab_names) for p in providers]
+    rates = preemption_rates(s, [p.id for p in providers])
+    for cap in snapshot:
+        cap.preemption_rate = rates.get(cap.provider_id, 0.0)
     provider_lab = {p.id: lab_names.get(p.lab_id, "") for p in providers}
     cluster_labs: dict[str, Counter[str]] = {}
     for lease in held:

@@ -20,6 +20,7 @@ from ..ids import LabPath
 from .access import managed_lab, scope_of
 from .auth import Principal, require_user
 from .models import HELD_STATES, ClusterRecord, Lease, Provider
+from .preemption import preemption_rates
 
 router = APIRouter()
 
@@ -72,6 +73,7 @@ def lab_machines(lab: LabPath, request: Request,
         providers = s.exec(select(Provider).where(Provider.lab_id == row.id)
                            .order_by(Provider.name)).all()
         standing = standings(s, [p.id for p in providers])
+        rates = preemption_rates(s, [p.id for p in providers])
         earned = dict(s.exec(select(UsageRecord.provider_id, func.sum(UsageRecord.earned))
                              .where(UsageRecord.provider_lab_id == row.id)
                              .group_by(UsageRecord.provider_id)).all())
@@ -85,4 +87,6 @@ def lab_machines(lab: LabPath, request: Request,
              "reliability": round(factor(standing[p.id].penalty), 4),
              "lost_leases": standing[p.id].lost_leases,
              "failed_leases": standing[p.id].failed_leases,
+             "offering": p.offering, "offer_note": p.offer_note,
+             "preemption_rate": round(rates.get(p.id, 0.0), 4),
              "earned_pcu": str(to_pcu(int(earned.get(p.id) or 0)))} for p in providers]}

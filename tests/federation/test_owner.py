@@ -140,3 +140,12 @@ def test_the_owner_comes_back_suspend_resume_preempt(federation, tmp_path):
     assert charged == pytest.approx(held - suspended, abs=0.01)
     assert fed.db_value("SELECT coalesce(sum(lost_leases + failed_leases), 0) FROM "
                         "providerreliability") == 0
+    # The lab's PI sees how often the owner took the machine back.
+    admin = fed.admin()
+    try:
+        machines = {m["name"]: m for m in admin.request("GET", "/labs/lab-b/machines")[
+            "machines"]}
+    finally:
+        admin.close()
+    assert machines["owner-box"]["preemption_rate"] == 1.0
+    assert machines["owner-box"]["reliability"] == 1.0

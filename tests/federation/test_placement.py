@@ -84,6 +84,19 @@ def test_ties_are_broken_at_random():
     assert chosen == {"p1", "p2", "p3"}
 
 
+def test_machines_whose_owners_take_them_back_often_come_last():
+    for seed in range(20):
+        often, seldom = cap("p1", "a"), cap("p2", "b")
+        often.preemption_rate, seldom.preemption_rate = 0.5, 0.04
+        placed = place([req("l1")], [often, seldom], {}, random.Random(seed))
+        assert placed[0].provider_id == "p2"
+    # Locality still comes first: a cluster already on lab a stays there.
+    often, seldom = cap("p1", "a"), cap("p2", "b")
+    often.preemption_rate = 0.5
+    placed = place([req("l1")], [often, seldom], {"c1": Counter({"a": 2})}, random.Random(0))
+    assert placed[0].provider_id == "p1"
+
+
 def test_gpus_by_model_and_never_twice():
     gpus = [GpuSlot(0, "NVIDIA A100-SXM4-40GB", 40 * GiB), GpuSlot(1, "NVIDIA A100-SXM4-40GB",
                                                                     40 * GiB),
