@@ -8,8 +8,9 @@
 2. Preemption slowdown: a computation across two labs (2 workers on each) when one lab's
    owner comes back a quarter of the way in (suspended, then preempted after 1 s: its work is
    redone on the other lab), against the same computation without the owner, interleaved.
-   Half the workers go, so even a perfect system takes (1/4 + 2 × 3/4) × the calm time plus
-   the 1 s suspension: the target is that model (no time lost beyond the capacity lost).
+   Half the workers go, so even a perfect system takes about (1/4 + 2 × 3/4) = 1.75 × the
+   calm time (the other lab works on while the owner's lab is suspended); the target is
+   within 20 % of that model: little time lost beyond the capacity lost.
 
 The synthetic owner runs under an account of its own (needs root, as CI has).
 
@@ -201,12 +202,12 @@ def main() -> None:
             fed.stop()
     p50, p95 = statistics.median(latencies), percentile(latencies, 0.95)
     slowdown = statistics.median(preempted) / statistics.median(calm)
-    model = (0.25 + 2 * 0.75) + PREEMPT_AFTER / statistics.median(calm)
+    model = 0.25 + 2 * 0.75
     report("owner", [("owner's CPU back, workers suspended", summary(latencies)),
                      ("owner's CPU back, workers idle (floor)", summary(baseline)),
                      ("2-lab computation, one lab preempted", summary(preempted)),
                      ("2-lab computation, no owner", summary(calm))],
-           "s", ".3f", slowdown, f"<= {model:.2f}, the lost-capacity model",
+           "s", ".3f", slowdown, f"<= {1.2 * model:.2f}, 1.2 x the lost-capacity model",
            {"latency_s": summary(latencies), "latency_p50_s": p50, "latency_p95_s": p95,
             "floor_s": summary(baseline), "calm_s": summary(calm),
             "preempted_s": summary(preempted),
@@ -214,8 +215,8 @@ def main() -> None:
     print(f"owner latency p50 {p50:.3f} s, p95 {p95:.3f} s")
     print(f"2-lab computation: {statistics.median(calm):.2f} s calm, "
           f"{statistics.median(preempted):.2f} s with one lab preempted mid-run "
-          f"(slowdown {slowdown:.2f}x; losing half the workers and {PREEMPT_AFTER:g} s costs "
-          f"{model:.2f}x at best)")
+          f"(slowdown {slowdown:.2f}x; losing half the workers a quarter of the way in costs "
+          f"about {model:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -281,6 +281,26 @@ class Federation:
         self.stack.close()
 
 
+def test_agents_owner_reports_that_make_no_sense_are_refused_and_change_nothing(tmp_path):
+    fed = Federation(tmp_path)
+    try:
+        fed.apply(("scale", 1))
+        (lease,) = fed.leases()
+        assert lease["state"] == "starting"
+        agent = fed.as_(fed.agent_token)
+        url = f"/agent/{lease['provider_id']}/leases/{lease['id']}/state"
+        refused = agent.post(url, json={"state": "suspended"})
+        assert refused.status_code == 409
+        assert "only a running lease can be suspended" in refused.json()["message"]
+        wrong = agent.post(url, json={"state": "releasing", "reason": "released"})
+        assert wrong.status_code == 422 and "only to preempt it" in wrong.json()["message"]
+        odd = agent.post(url, json={"state": "pending"})
+        assert odd.status_code == 422 and "not 'pending'" in odd.json()["message"]
+        assert fed.leases() == [lease]  # nothing half-written
+    finally:
+        fed.close()
+
+
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(events=EVENTS)

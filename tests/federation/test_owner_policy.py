@@ -138,6 +138,32 @@ def test_dry_run_prints_what_the_policy_would_do_now(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "needs schedule windows" in bad.stderr
     assert "Traceback" not in bad.stderr
+    pids = subprocess.run(parallex("provide", "--lease-pids", "3", "--dry-run"),
+                          capture_output=True, text=True, timeout=60)
+    assert pids.returncode == 2 and "--lease-pids must be 16 to 1000000, not 3" in pids.stderr
+    unknown = subprocess.run(parallex("provide", "--owner-accounts", "nobody-here-xyz",
+                                      "--dry-run"), capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2
+    assert "owner account 'nobody-here-xyz' does not exist" in unknown.stderr
+
+
+def test_worker_news_groups_what_the_user_should_read():
+    from federation.lease_keeper import worker_news
+
+    leases = [
+        {"state": "ended", "end_reason": "preempted", "message": "owner activity on box-3"},
+        {"state": "releasing", "release_reason": "preempted", "end_reason": None,
+         "message": "owner activity on box-3"},
+        {"state": "suspended", "end_reason": None, "message": "owner activity on box-4"},
+        {"state": "ended", "end_reason": "failed", "message": "worker ls-1 used 2.3 GiB of "
+                                                             "its 2 GiB"},
+        {"state": "ended", "end_reason": "released", "message": ""},
+        {"state": "running", "end_reason": None, "message": ""},
+    ]
+    assert worker_news(leases) == [
+        "1 worker failed: worker ls-1 used 2.3 GiB of its 2 GiB",
+        "2 workers preempted: owner activity on box-3",
+        "1 worker suspended: owner activity on box-4"]
 
 
 def test_print_systemd_unit_runs_the_agent_as_root_with_a_delegated_cgroup():
