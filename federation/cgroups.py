@@ -52,6 +52,16 @@ def _read(path: Path) -> str:
         return f.read()
 
 
+def _counter(path: Path, name: str) -> int:
+    """A counter from a cgroup file of "name value" lines (0 when absent)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in _read(path).splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    return 0
+
+
 def _own_paths() -> dict[str, str]:
     """This process's cgroup per v1 controller, and under "" its v2 cgroup."""
     out: dict[str, str] = {}
@@ -133,12 +143,7 @@ class V1LeaseGroup(LeaseGroup):
         return None
 
     def oom_kills(self) -> int:
-        with contextlib.suppress(OSError):
-            for line in _read(self.dirs["memory"] / "memory.oom_control").splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        return 0
+        return _counter(self.dirs["memory"] / "memory.oom_control", "oom_kill")
 
 
 class V2LeaseGroup(LeaseGroup):
@@ -157,12 +162,7 @@ class V2LeaseGroup(LeaseGroup):
         return None
 
     def oom_kills(self) -> int:
-        with contextlib.suppress(OSError):
-            for line in _read(self.dirs[""] / "memory.events").splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        return 0
+        return _counter(self.dirs[""] / "memory.events", "oom_kill")
 
     def kill(self) -> None:
         try:

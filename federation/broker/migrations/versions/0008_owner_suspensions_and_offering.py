@@ -23,23 +23,22 @@ def upgrade() -> None:
     if bind.dialect.name == "postgresql":
         # Inside the migration's transaction (PostgreSQL 12+); nothing here uses the value.
         op.execute("ALTER TYPE leasestate ADD VALUE IF NOT EXISTS 'suspended'")
-    with op.batch_alter_table('lease', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('suspensions_json', sa.String(), nullable=False,
-                                      server_default='[]'))
-    with op.batch_alter_table('provider', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('offering', sa.Boolean(), nullable=False,
-                                      server_default=sa.true()))
-        batch_op.add_column(sa.Column('offer_note', sa.String(), nullable=False,
-                                      server_default=''))
+    # Plain ADD COLUMN (SQLite has it): a batch copy would drop and recreate provider, which
+    # leases reference, and fail the foreign-key check.
+    op.add_column('lease', sa.Column('suspensions_json', sa.String(), nullable=False,
+                                     server_default='[]'))
+    op.add_column('provider', sa.Column('offering', sa.Boolean(), nullable=False,
+                                        server_default=sa.true()))
+    op.add_column('provider', sa.Column('offer_note', sa.String(), nullable=False,
+                                        server_default=''))
 
 
 def downgrade() -> None:
     bind = op.get_bind()
     # A suspended lease runs again on the old schema (which cannot say suspended).
     bind.execute(sa.text("UPDATE lease SET state = 'running' WHERE state = 'suspended'"))
-    with op.batch_alter_table('provider', schema=None) as batch_op:
-        batch_op.drop_column('offer_note')
-        batch_op.drop_column('offering')
-    with op.batch_alter_table('lease', schema=None) as batch_op:
-        batch_op.drop_column('suspensions_json')
+    # DROP COLUMN in place (SQLite 3.35+), for the same reason as above.
+    op.drop_column('provider', 'offer_note')
+    op.drop_column('provider', 'offering')
+    op.drop_column('lease', 'suspensions_json')
     # PostgreSQL cannot drop an enum value; 'suspended' stays unused in leasestate.
