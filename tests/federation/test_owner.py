@@ -72,12 +72,13 @@ def make_task():
 
 
 @needs_root
-def test_the_owner_comes_back_suspend_resume_preempt(federation, tmp_path):
+@pytest.mark.parametrize("cgroups", ["auto", "off"])  # off: SIGSTOP and the watchdog
+def test_the_owner_comes_back_suspend_resume_preempt(federation, tmp_path, cgroups):
     fed = federation
     fed.add_lab("lab-a", user="alice")
     fed.add_lab("lab-b")
     owner = fed.add_agent("lab-b", "owner-box", cpus=1, memory="2 GiB", extra=(
-        "--offer", "idle", "--idle-for", "0", "--suspend-after", "0", "--resume-after", "1",
+        "--cgroups", cgroups, "--offer", "idle", "--idle-for", "0", "--suspend-after", "0", "--resume-after", "1",
         "--preempt-after", "4", "--vacate-time", "10",
         "--owner-accounts", str(unprivileged_uid())))
     owner.wait_for_line("PARALLEX_OWNER=offer")

@@ -216,3 +216,45 @@ def test_a_cell_holding_the_gil_for_a_minute_loses_no_worker(tmp_path):
             assert [c["active"] for c in clusters] == [True], clusters
     finally:
         fed.stop()
+
+
+def test_the_notebook_reads_why_its_workers_were_preempted(tmp_path):
+    """A notebook's worker runs on a lab server whose owner comes back and stays: the worker
+    is preempted, and before the next cell the notebook says so, with the machine's name."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("the synthetic owner runs under an account of its own (needs root)")
+    from tests.federation.test_owner import owner_load
+    from tests.utils.procs import unprivileged_uid
+
+    fed = make_federation(tmp_path, provider_timeout=5, cluster_timeout=10)
+    try:
+        fed.add_lab("lab-a", user="alice")
+        agent = fed.add_agent("lab-a", "physics-server-3", cpus=2, memory="4 GiB", extra=(
+            "--offer", "idle", "--idle-for", "0", "--suspend-after", "0",
+            "--preempt-after", "1", "--vacate-time", "5",
+            "--owner-accounts", str(unprivileged_uid())))
+        agent.wait_for_line("PARALLEX_OWNER=offer")
+        env = {"PARALLEX_BROKER_URL": fed.url, "PARALLEX_TOKEN": fed.user_tokens["alice"]}
+        with parallex_kernel(tmp_path / "k", env) as (_km, kc):
+            held = run(kc, "%parallex scale 1\n"
+                           "parallex_pool.cluster.wait_for_workers(1, timeout=60)")
+            assert held.status == "ok", held.error
+            with owner_load(tmp_path):
+                agent.wait_for_line("PARALLEX_OWNER=preempt", timeout=30)
+                waited = run(kc, "import time\n"
+                                 "deadline = time.monotonic() + 60\n"
+                                 "while not any(le.get('end_reason') == 'preempted' for le in "
+                                 "parallex_pool.cluster.leases):\n"
+                                 "    assert time.monotonic() < deadline, 'not preempted'\n"
+                                 "    time.sleep(0.1)\n")
+                assert waited.status == "ok", waited.error
+                told = run(kc, "print('next cell')")
+            assert "next cell" in told.stdout
+            assert ("Parallex: 1 worker preempted: owner activity on physics-server-3"
+                    in told.stderr), told.stderr
+            # Said once, not before every cell.
+            assert "preempted" not in run(kc, "print('again')").stderr
+    finally:
+        fed.stop()
