@@ -78,7 +78,8 @@ def test_the_owner_comes_back_suspend_resume_preempt(federation, tmp_path, cgrou
     fed.add_lab("lab-a", user="alice")
     fed.add_lab("lab-b")
     owner = fed.add_agent("lab-b", "owner-box", cpus=1, memory="2 GiB", extra=(
-        "--cgroups", cgroups, "--offer", "idle", "--idle-for", "0", "--suspend-after", "0", "--resume-after", "1",
+        "--cgroups", cgroups, "--offer", "idle", "--idle-for", "0", "--suspend-after", "0",
+        "--resume-after", "1",
         "--preempt-after", "4", "--vacate-time", "10",
         "--owner-accounts", str(unprivileged_uid())))
     owner.wait_for_line("PARALLEX_OWNER=offer")
