@@ -97,6 +97,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
         return 1
     settings = broker_settings.from_arguments(args, cloud_prices=cloud_prices)
     app = create_app(db_url, settings)
+    broker = app.state.broker
     if args.base_path.strip("/"):
         from .broker.app import StripPrefix
 
@@ -125,10 +126,26 @@ def cmd_broker(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.02)
         if server.started:
             print(f"PARALLEX_BROKER_URL=http://{host}:{port}", flush=True)
+            if args.gateway:
+                gateway = await _start_gateway(broker, args.gateway, args.gateway_public)
+                print(f"PARALLEX_GATEWAY={gateway.address}", flush=True)
         await task
 
     asyncio.run(serve())
     return 0
+
+
+async def _start_gateway(broker, listen: str, public: str | None):
+    """The federation gateway in the broker's process, routing by the broker's clusters."""
+    from .gateway import Gateway
+
+    host, _, port = listen.rpartition(":")
+    gateway = Gateway(broker.scheduler_of)
+    await gateway.start(host or "0.0.0.0", int(port or 0))  # noqa: S104 - the public port
+    broker.gateway_address = public or gateway.address
+    logging.getLogger("parallex.gateway").info(
+        "gateway listening on %s; workers dial %s", gateway.address, broker.gateway_address)
+    return gateway
 
 
 # ---- provide ----------------------------------------------------------------------------------
@@ -327,6 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also serve the API under this path prefix, e.g. /services/parallex/ "
                         "behind JupyterHub's proxy (default JUPYTERHUB_SERVICE_PREFIX; empty: "
                         "only at the root).")
+    b.add_argument("--gateway", metavar="HOST:PORT",
+                   help="Also listen here for workers' TLS connections and route each to its "
+                        "cluster's scheduler by server name (the federation gateway); port 0 "
+                        "picks a free one. Workers are then given parallex:// addresses and "
+                        "schedulers need to be reachable only from this host (default off: "
+                        "workers dial schedulers directly).")
+    b.add_argument("--gateway-public", metavar="HOST:PORT",
+                   help="The gateway address workers dial, when it differs from --gateway "
+                        "(behind NAT or a load balancer; default: the --gateway address).")
     b.add_argument("--cloud-prices", metavar="FILE",
                    help="YAML table of reference on-demand cloud prices used for the savings "
                         "figures (default: the shipped accounting/cloud_prices.yaml).")

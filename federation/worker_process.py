@@ -134,6 +134,9 @@ def worker_command(lease: dict, folder: Path, host: str | None,
     ]
     if host:
         cmd += ["--host", host]
+    if lease["scheduler_address"].startswith("parallex://"):
+        # Through the federation gateway: dial parallex://, listen with plain TLS.
+        cmd += ["--protocol", "tls"]
     return cmd
 
 

@@ -76,6 +76,9 @@ class Broker:
     """The broker's state beside the database (engine, settings, wake-ups) and its
     operations, one unit of work each."""
 
+    #: The federation gateway's address workers dial (host:port), None when there is none.
+    gateway_address: str | None = None
+
     def __init__(self, engine: Engine, settings: BrokerSettings, seed: int | None = None):
         self.engine = engine
         self.settings = settings
@@ -221,7 +224,15 @@ class Broker:
     def provider_leases(self, provider: Provider) -> list[dict]:
         """What the agent should run (starting, running) and stop (releasing)."""
         with self.session() as s:
-            return agent_leases(s, provider.id)
+            return agent_leases(s, provider.id, gateway=self.gateway_address)
+
+    def scheduler_of(self, cluster_id: str) -> str | None:
+        """The gateway's route: an active cluster's scheduler as host:port, else None."""
+        with self.session() as s:
+            row = s.get(ClusterRecord, cluster_id)
+            if row is None or not row.active:
+                return None
+            return row.scheduler_address.split("://", 1)[-1]
 
     def report_lease_state(self, provider: Provider, lease_id: str,
                            body: LeaseStateReport) -> Lease:

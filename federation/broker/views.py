@@ -9,6 +9,7 @@ from sqlmodel import Session, col, select
 
 from accounting.models import Lab, User, names_by_id
 
+from ..gateway import gateway_address
 from .models import (
     HELD_STATES,
     ClusterPublic,
@@ -45,8 +46,9 @@ def clusters_public(s: Session, clusters: list[ClusterRecord]) -> list[ClusterPu
         for c in clusters]
 
 
-def agent_leases(s: Session, provider_id: str) -> list[dict]:
-    """What the agent should run (starting, running) and stop (releasing)."""
+def agent_leases(s: Session, provider_id: str, gateway: str | None = None) -> list[dict]:
+    """What the agent should run (starting, running) and stop (releasing); with a
+    ``gateway``, workers dial their scheduler through it (parallex:// addresses)."""
     rows = s.exec(
         select(Lease, ClusterRecord)
         .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
@@ -56,7 +58,8 @@ def agent_leases(s: Session, provider_id: str) -> list[dict]:
         {
             "id": lease.id,
             "state": lease.state.value,
-            "scheduler_address": cluster.scheduler_address,
+            "scheduler_address": (gateway_address(gateway, cluster.id) if gateway
+                                  else cluster.scheduler_address),
             "ca_cert": cluster.ca_cert,
             "cert": lease.worker_cert,
             "csr_sent": bool(lease.worker_csr),

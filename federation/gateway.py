@@ -1,0 +1,163 @@
+"""The federation gateway: one public port where workers outside the hub's network reach their
+cluster's scheduler. Each TLS connection is routed by the server name its ClientHello carries
+(SNI, ``<cluster id>.parallex``) to that cluster's scheduler; the gateway reads nothing past
+the ClientHello and holds no cluster's key, so TLS stays end to end between the worker and its
+scheduler (a certificate of one cluster still fails against another).
+
+Workers dial it with ``parallex://<gateway host>:<port>/<cluster id>`` addresses
+(federation.gateway_comm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import Callable
+
+logger = logging.getLogger("parallex.gateway")
+
+#: The Dask comm scheme of addresses through the gateway (federation.gateway_comm).
+SCHEME = "parallex"
+#: What follows the cluster id in the server name a worker asks the gateway for.
+SNI_SUFFIX = ".parallex"
+#: The most ClientHello bytes the gateway reads before it gives up on a connection.
+MAX_HELLO = 64 * 1024
+#: Seconds a new connection may take to send its ClientHello.
+HELLO_TIMEOUT = 10.0
+
+
+class NotRoutable(ValueError):
+    """A connection the gateway does not route (not TLS, no or unknown server name)."""
+
+
+def server_name(cluster_id: str) -> str:
+    """The TLS server name of a cluster at the gateway ('cl_7fe8…' → 'cl-7fe8….parallex':
+    a DNS label may not hold '_')."""
+    return cluster_id.replace("_", "-") + SNI_SUFFIX
+
+
+def gateway_address(gateway: str, cluster_id: str) -> str:
+    """The address a worker dials to reach ``cluster_id`` through ``gateway`` (host:port)."""
+    return f"{SCHEME}://{gateway}/{cluster_id}"
+
+
+def cluster_of(name: str) -> str | None:
+    """The cluster id a server name asks for, None when it is not one of ours."""
+    if not name.endswith(SNI_SUFFIX):
+        return None
+    label = name[: -len(SNI_SUFFIX)]
+    return label.replace("-", "_", 1) if label.startswith("cl-") else None
+
+
+def parse_sni(hello: bytes) -> str | None:
+    """The server name in a ClientHello handshake message (type, length, body), or None."""
+    try:
+        if hello[0] != 1:
+            raise NotRoutable("the first handshake message is not a ClientHello")
+        at = 4 + 2 + 32  # type + length, client version, random
+        at += 1 + hello[at]  # session id
+        (n,) = struct.unpack_from("!H", hello, at)
+        at += 2 + n  # cipher suites
+        at += 1 + hello[at]  # compression methods
+        if at >= len(hello):
+            return None  # no extensions
+        (end,) = struct.unpack_from("!H", hello, at)
+        at += 2
+        end += at
+        while at + 4 <= end:
+            kind, size = struct.unpack_from("!HH", hello, at)
+            at += 4
+            if kind == 0:  # server_name: list length, then (type, length, name)
+                name_type, name_len = struct.unpack_from("!BH", hello, at + 2)
+                if name_type == 0:
+                    return hello[at + 5: at + 5 + name_len].decode("ascii")
+            at += size
+    except (IndexError, struct.error, UnicodeDecodeError) as exc:
+        raise NotRoutable(f"malformed ClientHello: {exc}") from exc
+    return None
+
+
+async def read_client_hello(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
+    """Read TLS records until the whole ClientHello is in; (the raw bytes read, its SNI)."""
+    raw = b""
+    handshake = b""
+    while True:
+        header = await reader.readexactly(5)
+        kind, _version, length = struct.unpack("!BHH", header)
+        if kind != 22:  # handshake
+            raise NotRoutable("not a TLS handshake")
+        raw += header + await reader.readexactly(length)
+        handshake += raw[-length:]
+        if len(raw) > MAX_HELLO:
+            raise NotRoutable(f"ClientHello larger than {MAX_HELLO} bytes")
+        if len(handshake) >= 4:
+            needed = 4 + int.from_bytes(handshake[1:4], "big")
+            if len(handshake) >= needed:
+                return raw, parse_sni(handshake[:needed])
+
+
+class Gateway:
+    """Routes workers' TLS connections to schedulers by server name.
+
+    ``route(cluster_id)`` gives the scheduler's ``host:port`` (or None for an unknown or
+    ended cluster); the broker's view of active clusters is the usual source
+    (``BrokerRoutes``)."""
+
+    def __init__(self, route: Callable[[str], str | None]):
+        self.route = route
+        self.server: asyncio.Server | None = None
+        self.refused = 0
+        self.routed = 0
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._handle, host, port)
+
+    @property
+    def address(self) -> str:
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            try:
+                async with asyncio.timeout(HELLO_TIMEOUT):
+                    raw, name = await read_client_hello(reader)
+                cluster = cluster_of(name or "")
+                target = self.route(cluster) if cluster else None
+                if target is None:
+                    raise NotRoutable(f"no active cluster for server name {name!r}")
+                host, _, port = target.rpartition(":")
+                up_reader, up_writer = await asyncio.open_connection(host.strip("[]"),
+                                                                     int(port))
+            except (NotRoutable, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
+                self.refused += 1
+                logger.info("gateway: refused a connection from %s: %s", peer, exc)
+                return
+            self.routed += 1
+            up_writer.write(raw)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            with contextlib.suppress(OSError):
+                writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy bytes until either side closes."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            writer.close()
