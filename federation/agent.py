@@ -54,12 +54,14 @@ class ProviderAgent:
                  stop_timeout: float = 10.0, release_grace: float = 10.0,
                  monitor_interval: float = 0.25, launcher: WorkerLauncher | None = None,
                  warm_workers: int = 4, policy: OwnerPolicy | None = None,
-                 owner_meter: OwnerMeter | None = None, owner_interval: float = 0.25):
+                 owner_meter: OwnerMeter | None = None, owner_interval: float = 0.25,
+                 accepts_peers: bool = True):
         self.client = AsyncBrokerClient(broker_url, token)
         self.capacity = capacity
         self.workdir = Path(workdir)
         self.name = name or socket.gethostname()
         self.site = site
+        self.accepts_peers = accepts_peers
         self.worker_host = worker_host
         # How workers run (a process each by default); see federation.launchers.
         self.launcher = launcher or ProcessLauncher(self.workdir, worker_host,
@@ -185,7 +187,8 @@ class ProviderAgent:
             try:
                 answer = await self.client.request("POST", "/agent/register", json={
                     "name": self.name, "site": self.site, "cpus": self.capacity.cpus,
-                    "memory": self.capacity.memory, "gpus": self.capacity.gpus})
+                    "memory": self.capacity.memory, "gpus": self.capacity.gpus,
+                    "accepts_peers": self.accepts_peers})
                 break
             except errors.BrokerUnreachable as exc:
                 logger.warning("%s; retrying in %.1f s", exc, delay)

@@ -239,7 +239,8 @@ def cmd_provide(args: argparse.Namespace) -> int:
     agent = ProviderAgent(args.broker, token, capacity, workdir=workdir, name=args.name,
                           site=args.site, worker_host=args.worker_host,
                           accounts=accounts, release_grace=args.release_grace,
-                          launcher=launcher, policy=policy, owner_meter=meter)
+                          launcher=launcher, policy=policy, owner_meter=meter,
+                          accepts_peers=not args.no_peer_connections)
     try:
         agent.prepare()
     except (WorkerAccountError, OSError) as exc:

@@ -66,6 +66,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--lease-pids", type=int, default=1024, metavar="N",
                      help="Most processes plus threads one lease's worker may run; a fork "
                           "bomb stops there (default 1024).")
+    p.add_argument("--no-peer-connections", action="store_true",
+                   help="This machine's workers accept no connections from other sites (a "
+                        "lab behind NAT or a firewall): the broker keeps a cluster that uses "
+                        "it within this site (default: they accept them).")
     p.add_argument("--print-systemd-unit", action="store_true",
                    help="Print a systemd unit that runs this agent as root with a delegated "
                         "cgroup subtree, with the options given here, and exit.")

@@ -34,6 +34,28 @@ class ProviderCapacity:
     free_gpus: list[GpuSlot] = field(default_factory=list)
     #: Share of its recent leases its owner took back (0 to 1); placement prefers lower.
     preemption_rate: float = 0.0
+    #: Whether its workers accept connections from other sites (False behind NAT or a
+    #: firewall): a cluster with a worker here keeps all its workers within this site.
+    accepts_peers: bool = True
+
+
+@dataclass
+class Reach:
+    """Where one cluster's workers are: every site, and the sites of workers that accept no
+    connections from other sites. Dask needs every worker to reach every other."""
+
+    sites: set[str] = field(default_factory=set)
+    closed: set[str] = field(default_factory=set)
+
+    def admits(self, cap: ProviderCapacity) -> bool:
+        """True when a worker on ``cap`` could reach, and be reached by, the others."""
+        return (self.closed <= {cap.site}
+                and (cap.accepts_peers or self.sites <= {cap.site}))
+
+    def add(self, cap: ProviderCapacity) -> None:
+        self.sites.add(cap.site)
+        if not cap.accepts_peers:
+            self.closed.add(cap.site)
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,7 @@ def place(
     providers: list[ProviderCapacity],
     cluster_labs: dict[str, Counter[str]],
     rng: random.Random,
+    reach: dict[str, Reach] | None = None,
 ) -> list[Placement]:
     """Place ``requests`` in order onto ``providers``.
 
@@ -99,7 +122,10 @@ def place(
     links. Among equally good providers the choice is random, which spreads load without
     preferring whoever registered first. Requests that do not fit stay unplaced. The snapshot
     passed in is consumed (its free capacity is reduced) so callers pass a copy.
+    ``reach`` (per cluster, updated as requests are placed) keeps a cluster's workers where
+    they can all reach each other.
     """
+    reach = {} if reach is None else reach
     placements: list[Placement] = []
     labs = {cid: Counter(c) for cid, c in cluster_labs.items()}
     sites: dict[str, Counter[str]] = {}
@@ -110,7 +136,8 @@ def place(
             sites[cid][lab_site.get(lab, "")] += n
 
     for req in requests:
-        candidates = [p for p in providers if fits(p, req)]
+        where = reach.setdefault(req.cluster_id, Reach())
+        candidates = [p for p in providers if fits(p, req) and where.admits(p)]
         if not candidates:
             continue
         lab_counts = labs.setdefault(req.cluster_id, Counter())
@@ -128,6 +155,7 @@ def place(
         best.free_gpus = [g for g in best.free_gpus if g not in taken]
         lab_counts[best.lab] += 1
         site_counts[best.site] += 1
+        where.add(best)
         placements.append(Placement(req.lease_id, best.provider_id, tuple(g.index for g in taken),
                                     taken[0].model if taken else None))
     return placements
@@ -138,28 +166,31 @@ def place_with_owner_priority(
     providers: list[ProviderCapacity],
     cluster_labs: dict[str, Counter[str]],
     rng: random.Random,
+    reach: dict[str, Reach] | None = None,
 ) -> list[Placement]:
     """Owner priority, then everything else: first each request (in the given, fair-share
     order) may only use its own lab's machines, so a lab's members come first there; the
     requests left over are then placed anywhere with ``place``."""
     labs = {p.lab for p in providers}
+    reach = {} if reach is None else reach
     first: list[Placement] = []
     counts = {cid: Counter(c) for cid, c in cluster_labs.items()}
     for lab in labs:
         own = [p for p in providers if p.lab == lab]
         mine = [r for r in requests if r.lab == lab]
         if mine:
-            first += place(mine, own, counts, rng)
+            first += place(mine, own, counts, rng, reach)
     cluster_of = {r.lease_id: r.cluster_id for r in requests}
     lab_of = {p.provider_id: p.lab for p in providers}
     for p in first:  # what the first pass placed counts for locality in the second
         counts.setdefault(cluster_of[p.lease_id], Counter())[lab_of[p.provider_id]] += 1
     placed = {p.lease_id for p in first}
     rest = [r for r in requests if r.lease_id not in placed]
-    return first + place(rest, providers, counts, rng)
+    return first + place(rest, providers, counts, rng, reach)
 
 
-def why_waiting(req: LeaseRequest, providers: list[ProviderCapacity]) -> str:
+def why_waiting(req: LeaseRequest, providers: list[ProviderCapacity],
+                reach: Reach | None = None) -> str:
     """Why ``req`` is still pending after a placement pass; ``providers`` carry the free
     capacity that pass left. The words a user reads in ``%parallex`` and in a start timeout."""
     from .sizes import format_bytes
@@ -176,6 +207,12 @@ def why_waiting(req: LeaseRequest, providers: list[ProviderCapacity]) -> str:
                           (("labs", req.allowed_labs), ("sites", req.allowed_sites)) if names)
         return (f"no provider of the {where} this cluster is restricted to is online"
                 if where else "no provider is online")
+    if reach is not None and any(fits(p, req) for p in allowed) \
+            and not any(fits(p, req) and reach.admits(p) for p in allowed):
+        sites = ", ".join(sorted(reach.closed or reach.sites))
+        return (f"waiting for {size} at site {sites}: this cluster's workers there accept no "
+                f"connections from other sites, so its workers stay within that site (a "
+                f"provider elsewhere has room)")
     most = max(allowed, key=lambda p: (len(matching_gpus(p.free_gpus, req.gpu_model)),
                                        p.free_cpus, p.free_memory))
     busy = f"all {len(allowed)} online providers are busy" if len(allowed) > 1 \

@@ -58,6 +58,9 @@ class Provider(SQLModel, table=True):
                            "the machine for its owner: nothing new is placed there.")
     offer_note: str = Field(default="", description="Why the agent offers or withholds its "
                             "capacity, as its owner policy says.")
+    accepts_peers: bool = Field(default=True, description="Whether its workers accept "
+                                "connections from other sites (False behind NAT or a "
+                                "firewall: a cluster using it stays within its site).")
     registered_at: dt.datetime = Field(default_factory=utcnow)
     last_seen: dt.datetime = Field(default_factory=utcnow)
 
@@ -169,6 +172,8 @@ class ProviderRegister(SQLModel):
     memory: int = Field(ge=MIN_WORKER_MEMORY, le=MAX_PROVIDER_MEMORY,
                         description="Memory offered in bytes, 256 MiB to 64 TiB.")
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_PROVIDER_GPUS)
+    accepts_peers: bool = Field(default=True, description="Whether this machine's workers "
+                                "accept connections from other sites.")
 
     @field_validator("gpus")
     @classmethod

@@ -47,6 +47,7 @@ def capacity_of(provider: Provider, held: list[Lease],
         free_memory=provider.memory - sum(lease.memory for lease in held),
         free_gpus=[placement.GpuSlot(g["index"], g["model"], g["memory"])
                    for g in provider.gpus if g["index"] not in used_gpus],
+        accepts_peers=provider.accepts_peers,
     )
 
 
@@ -107,8 +108,13 @@ def place_pending(s: Session, rng: random.Random, half_life: float) -> set[str]:
         if lease.state != LeaseState.releasing:
             cluster_labs.setdefault(lease.cluster_id, Counter())[
                 provider_lab.get(lease.provider_id, "")] += 1
+    caps = {c.provider_id: c for c in snapshot}
+    reach: dict[str, placement.Reach] = {}
+    for lease in held:
+        if lease.state != LeaseState.releasing and lease.provider_id in caps:
+            reach.setdefault(lease.cluster_id, placement.Reach()).add(caps[lease.provider_id])
     requests = fair_requests(s, pending, lab_names, half_life)
-    placed = placement.place_with_owner_priority(requests, snapshot, cluster_labs, rng)
+    placed = placement.place_with_owner_priority(requests, snapshot, cluster_labs, rng, reach)
     by_id = {lease.id: lease for lease in pending}
     now = utcnow()
     for p in placed:
@@ -125,7 +131,7 @@ def place_pending(s: Session, rng: random.Random, half_life: float) -> set[str]:
     for req in requests:
         lease = by_id[req.lease_id]
         if req.lease_id not in placed_ids:
-            reason = placement.why_waiting(req, snapshot)
+            reason = placement.why_waiting(req, snapshot, reach.get(req.cluster_id))
             if lease.message != reason:
                 lease.message = reason
                 s.add(lease)

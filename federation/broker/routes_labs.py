@@ -88,5 +88,6 @@ def lab_machines(lab: LabPath, request: Request,
              "lost_leases": standing[p.id].lost_leases,
              "failed_leases": standing[p.id].failed_leases,
              "offering": p.offering, "offer_note": p.offer_note,
+             "site": p.site, "accepts_peers": p.accepts_peers,
              "preemption_rate": round(rates.get(p.id, 0.0), 4),
              "earned_pcu": str(to_pcu(int(earned.get(p.id) or 0)))} for p in providers]}

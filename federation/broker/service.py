@@ -159,6 +159,7 @@ class Broker:
             provider.cpus = body.cpus
             provider.memory = body.memory
             provider.gpus_json = json.dumps([g.model_dump() for g in body.gpus])
+            provider.accepts_peers = body.accepts_peers
             provider.online = True
             provider.last_seen = utcnow()
             s.add(provider)

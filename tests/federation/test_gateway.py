@@ -81,7 +81,11 @@ def test_workers_reach_their_schedulers_through_the_gateway(tmp_path):
     try:
         gateway = fed.broker.wait_for_line("PARALLEX_GATEWAY=")
         fed.add_lab("lab-a", user="alice")
-        fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB")
+        # Behind NAT: its workers accept no connections from other sites (the broker keeps
+        # a cluster using it within its site).
+        fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB",
+                      extra=("--no-peer-connections",))
+        assert fed.db_value("SELECT accepts_peers FROM provider WHERE name = 'agent-a'") == 0
         with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
                               heartbeat_interval=0.5) as cluster:
             cluster.scale(2, memory="1 GiB")

@@ -97,6 +97,33 @@ def test_machines_whose_owners_take_them_back_often_come_last():
     assert placed[0].provider_id == "p1"
 
 
+def test_a_cluster_with_workers_that_accept_no_peers_stays_within_their_site():
+    from federation.placement import Reach, why_waiting
+
+    closed = cap("behind-nat", "a", cpus=1, site="north")
+    closed.accepts_peers = False
+    elsewhere = cap("open-south", "b", cpus=4, site="south")
+    reach: dict[str, Reach] = {}
+    placed = place([req("l1")], [closed], {}, random.Random(0), reach)
+    assert [p.provider_id for p in placed] == ["behind-nat"]
+    assert reach["c1"].closed == {"north"}
+    # The cluster's next worker may not go south (the north worker cannot be reached from
+    # there); it waits, and says why.
+    assert place([req("l2")], [elsewhere], {}, random.Random(0), reach) == []
+    why = why_waiting(req("l2"), [elsewhere], reach["c1"])
+    assert "at site north" in why and "accept no connections from other sites" in why
+    # Another cluster, and a provider at the same site, are not held back.
+    north = cap("open-north", "c", cpus=2, site="north")
+    assert [p.provider_id for p in place([req("l3")], [elsewhere, north], {},
+                                         random.Random(0), reach)] == ["open-north"]
+    assert [p.provider_id for p in place([req("l4", cluster="c2")], [elsewhere], {},
+                                         random.Random(0), reach)] == ["open-south"]
+    # A closed provider joins only a cluster that is all at its own site.
+    assert not Reach({"south"}, set()).admits(closed)
+    assert Reach({"north"}, set()).admits(closed)
+    assert Reach({"north", "south"}, set()).admits(elsewhere)
+
+
 def test_gpus_by_model_and_never_twice():
     gpus = [GpuSlot(0, "NVIDIA A100-SXM4-40GB", 40 * GiB), GpuSlot(1, "NVIDIA A100-SXM4-40GB",
                                                                     40 * GiB),
