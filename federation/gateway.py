@@ -6,6 +6,14 @@ scheduler (a certificate of one cluster still fails against another).
 
 Workers dial it with ``parallex://<gateway host>:<port>/<cluster id>`` addresses
 (federation.gateway_comm).
+
+Workers behind NAT accept nothing inbound, so connections *to* a worker go through the gateway
+too, the other way round (HTCondor's CCB does the same): the worker keeps a few connections
+parked at the gateway under its lease id (``PXPARK <lease id>``); a connection whose server name
+is ``<lease id>.parallex`` takes one (``GO`` / ``OK``), and the worker runs the TLS server
+side of the handshake on it. A parked connection proves nothing about who parked it: a
+stranger parking under a lease id gets connections it cannot complete (it has no certificate
+from the cluster's CA), which the dialer sees as a failed handshake.
 """
 
 from __future__ import annotations
@@ -41,6 +49,20 @@ def server_name(cluster_id: str) -> str:
 def gateway_address(gateway: str, cluster_id: str) -> str:
     """The address a worker dials to reach ``cluster_id`` through ``gateway`` (host:port)."""
     return f"{SCHEME}://{gateway}/{cluster_id}"
+
+
+#: Parked connections one lease may keep at the gateway.
+MAX_PARKED = 8
+#: Seconds a connection to a worker waits for one of its parked connections.
+PARK_WAIT = 10.0
+
+
+def lease_of(name: str) -> str | None:
+    """The lease id a server name asks for ('ls-….parallex'), None when it is not one."""
+    if not name.endswith(SNI_SUFFIX):
+        return None
+    label = name[: -len(SNI_SUFFIX)]
+    return label if label.startswith("ls-") and len(label) <= 64 else None
 
 
 def cluster_of(name: str) -> str | None:
@@ -79,12 +101,15 @@ def parse_sni(hello: bytes) -> str | None:
     return None
 
 
-async def read_client_hello(reader: asyncio.StreamReader) -> tuple[bytes, str | None]:
-    """Read TLS records until the whole ClientHello is in; (the raw bytes read, its SNI)."""
+async def read_client_hello(reader: asyncio.StreamReader,
+                            first: bytes = b"") -> tuple[bytes, str | None]:
+    """Read TLS records until the whole ClientHello is in; (the raw bytes read, its SNI).
+    ``first``: bytes of the first record already read."""
     raw = b""
     handshake = b""
     while True:
-        header = await reader.readexactly(5)
+        header = first + await reader.readexactly(5 - len(first))
+        first = b""
         kind, _version, length = struct.unpack("!BHH", header)
         if kind != 22:  # handshake
             raise NotRoutable("not a TLS handshake")
@@ -110,6 +135,11 @@ class Gateway:
         self.server: asyncio.Server | None = None
         self.refused = 0
         self.routed = 0
+        # lease id -> its worker's parked connections, oldest first: (reader, writer, an
+        # event set once the connection has been used, which ends its parking handler)
+        self.parked: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter,
+                                          asyncio.Event]]] = {}
+        self._parked_event: dict[str, asyncio.Event] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.server = await asyncio.start_server(self._handle, host, port)
@@ -130,24 +160,84 @@ class Gateway:
         try:
             try:
                 async with asyncio.timeout(HELLO_TIMEOUT):
-                    raw, name = await read_client_hello(reader)
-                cluster = cluster_of(name or "")
-                target = self.route(cluster) if cluster else None
-                if target is None:
-                    raise NotRoutable(f"no active cluster for server name {name!r}")
-                host, _, port = target.rpartition(":")
-                up_reader, up_writer = await asyncio.open_connection(host.strip("[]"),
-                                                                     int(port))
+                    first = await reader.readexactly(1)
+                    if first == b"P":
+                        await self._park(reader, writer)
+                        return
+                    raw, name = await read_client_hello(reader, first=first)
+                lease = lease_of(name or "")
+                used = None
+                if lease is not None:
+                    up_reader, up_writer, used = await self._take_parked(lease)
+                else:
+                    cluster = cluster_of(name or "")
+                    target = self.route(cluster) if cluster else None
+                    if target is None:
+                        raise NotRoutable(f"no active cluster for server name {name!r}")
+                    host, _, port = target.rpartition(":")
+                    up_reader, up_writer = await asyncio.open_connection(host.strip("[]"),
+                                                                         int(port))
             except (NotRoutable, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
                 self.refused += 1
                 logger.info("gateway: refused a connection from %s: %s", peer, exc)
                 return
             self.routed += 1
             up_writer.write(raw)
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            try:
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            finally:
+                if used is not None:
+                    used.set()
         finally:
             with contextlib.suppress(OSError):
                 writer.close()
+
+
+    async def _park(self, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> None:
+        """A worker parks a connection: ``PXPARK <lease id>\\n``; it waits here until a
+        connection to that worker takes it."""
+        line = await reader.readline()
+        parts = line.decode("ascii", "replace").split()
+        if len(parts) != 2 or parts[0] != "XPARK" or lease_of(parts[1] + SNI_SUFFIX) is None:
+            raise NotRoutable(f"bad parking request {line[:80]!r}")
+        lease = parts[1]
+        waiting = self.parked.setdefault(lease, [])
+        if len(waiting) >= MAX_PARKED:
+            raise NotRoutable(f"lease {lease} already has {MAX_PARKED} parked connections")
+        used = asyncio.Event()
+        waiting.append((reader, writer, used))
+        self._parked_event.setdefault(lease, asyncio.Event()).set()
+        # Stay here while parked and used: asyncio closes a connection whose handler ends.
+        await used.wait()
+
+    async def _take_parked(self, lease: str):
+        """One of the lease's parked connections, told to expect a connection; waits up to
+        PARK_WAIT seconds for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PARK_WAIT
+        while True:
+            waiting = self.parked.get(lease) or []
+            while waiting:
+                reader, writer, used = waiting.pop(0)
+                try:
+                    writer.write(b"GO\n")
+                    await writer.drain()
+                    async with asyncio.timeout(5):
+                        if await reader.readline() == b"OK\n":
+                            return reader, writer, used
+                except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                    pass
+                writer.close()  # gone or confused: the worker parks another
+                used.set()
+            event = self._parked_event.setdefault(lease, asyncio.Event())
+            event.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise NotRoutable(f"worker {lease} has no connection parked at the gateway")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await event.wait()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -285,9 +285,10 @@ class ProcessLauncher(WorkerLauncher):
             self.limits.confine(lease["id"], interp.popen.pid, limits)
             folder = prepare_lease_folder(lease, self.workdir, account)
             cmd = worker_command(lease, folder, self.host, self.death_timeout)
-            env = worker_environment(lease.get("gpu_indices") or [], folder)
+            env = worker_environment(lease.get("gpu_indices") or [], folder, lease["id"])
             order = {"cwd": str(folder / "scratch"), "log": str(folder / "worker.log"),
-                     "env": {k: env[k] for k in ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES")},
+                     "env": {k: env[k] for k in ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES",
+                                                 "WORKER_LEASE_ID")},
                      "args": cmd[3:]}  # after "python -m distributed.cli.dask_worker"
             interp.popen.stdin.write(json.dumps(order).encode() + b"\n")
             interp.popen.stdin.close()

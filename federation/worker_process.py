@@ -93,9 +93,11 @@ def _still_running(pid: int, create_time: float) -> bool:
         return False
 
 
-def worker_environment(gpu_indices: list[int], folder: Path) -> dict[str, str]:
+def worker_environment(gpu_indices: list[int], folder: Path,
+                       lease_id: str = "") -> dict[str, str]:
     """The worker's environment: the agent's minus every Parallex secret, GPUs pinned, home
-    and temporary files in the lease's own folder."""
+    and temporary files in the lease's own folder, and the lease's id (not a secret: the
+    gateway listener parks connections under it)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(SECRET_ENV_PREFIXES) and "TOKEN" not in k.upper()}
     env["HOME"] = str(folder)
@@ -103,6 +105,7 @@ def worker_environment(gpu_indices: list[int], folder: Path) -> dict[str, str]:
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_indices)
     env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
     env["PYTHONUNBUFFERED"] = "1"
+    env["WORKER_LEASE_ID"] = lease_id
     return env
 
 
@@ -132,11 +135,15 @@ def worker_command(lease: dict, folder: Path, host: str | None,
         "--death-timeout", str(int(death_timeout)),
         "--no-dashboard",
     ]
-    if host:
-        cmd += ["--host", host]
     if lease["scheduler_address"].startswith("parallex://"):
-        # Through the federation gateway: dial parallex://, listen with plain TLS.
-        cmd += ["--protocol", "tls"]
+        # Through the federation gateway both ways: the worker dials its scheduler there and
+        # is dialled there (connections parked at the gateway), accepting nothing inbound.
+        # The lease id reaches the listener through WORKER_LEASE_ID (worker_environment).
+        gateway = lease["scheduler_address"].removeprefix("parallex://").partition("/")[0]
+        cmd += ["--listen-address", f"parallex://{gateway}",
+                "--contact-address", f"parallex://{gateway}/{lease['id']}"]
+    elif host:
+        cmd += ["--host", host]
     return cmd
 
 
@@ -193,7 +200,7 @@ def start_worker(lease: dict, workdir: Path, *, host: str | None = None,
         popen = subprocess.Popen(
             [*(prefix or []), *worker_command(lease, folder, host, death_timeout)],
             cwd=folder / "scratch",
-            env=worker_environment(lease.get("gpu_indices") or [], folder),
+            env=worker_environment(lease.get("gpu_indices") or [], folder, lease["id"]),
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, **account_kwargs(account),
         )

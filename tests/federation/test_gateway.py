@@ -91,13 +91,101 @@ def test_workers_reach_their_schedulers_through_the_gateway(tmp_path):
             cluster.scale(2, memory="1 GiB")
             cluster.wait_for_workers(2)
             client = cluster.get_client()
-            total = client.submit(sum, [1, 2, 3], pure=False).result(timeout=30)
-            assert total == 6
-            # Each worker dialled the gateway with its cluster's address, not the scheduler.
+            # Each worker dialled the gateway with its cluster's address, not the scheduler,
+            # and is dialled there too (its connections parked under its lease id).
             via = gateway_address(gateway, cluster.cluster_id)
-            for worker in cluster.connected_workers():
+            workers = cluster.connected_workers()
+            for worker in workers:
+                assert worker["address"] == gateway_address(gateway, worker["lease"])
                 log = (fed.workdirs["agent-a"] / "leases" / worker["lease"] /
                        "worker.log").read_text()
                 assert f"Registered to: {via}" in log, log[-2000:]
+            # The scheduler gathers from a worker, and a worker fetches from the other,
+            # both through the gateway.
+            first, second = (w["address"] for w in workers)
+            made = client.submit(list, range(1000), workers=[first], pure=False)
+            summed = client.submit(sum, made, workers=[second], pure=False)
+            assert summed.result(timeout=30) == sum(range(1000))
+            assert len(made.result(timeout=30)) == 1000
+            # Dask's P2P shuffle, worker to worker through the gateway.
+            import dask
+            import dask.dataframe as dd
+            import pandas as pd
+
+            left = dd.from_pandas(pd.DataFrame({"k": range(2000), "a": range(2000)}),
+                                  npartitions=4)
+            right = dd.from_pandas(pd.DataFrame({"k": range(0, 4000, 2), "b": 1}),
+                                   npartitions=3)
+            with dask.config.set({"dataframe.shuffle.method": "p2p"}):
+                merged = client.compute(left.merge(right, on="k")).result(timeout=120)
+            assert len(merged) == 1000
     finally:
         fed.stop()
+
+
+def test_a_worker_behind_nat_is_dialled_through_connections_it_parked(tmp_path, monkeypatch):
+    """The reverse path alone: a listener that accepts nothing inbound keeps connections
+    parked at the gateway; Dask comms dialled to it arrive over them, TLS end to end."""
+    from distributed.comm import connect, listen
+    from distributed.security import Security
+
+    from federation.gateway_comm import LEASE_ENV, PARKED
+    from federation.tls import ROLE_SCHEDULER, ClusterAuthority, worker_key_and_request
+
+    lease = "ls-0123456789abcdef"
+    ca = ClusterAuthority()
+    key, csr = worker_key_and_request(lease)
+    for name, text in (("ca.pem", ca.ca_pem), ("cert.pem", ca.sign_worker_request(lease, csr)),
+                       ("key.pem", key)):
+        (tmp_path / name).write_text(text)
+    worker = Security(tls_ca_file=str(tmp_path / "ca.pem"),
+                      tls_worker_cert=str(tmp_path / "cert.pem"),
+                      tls_worker_key=str(tmp_path / "key.pem"), require_encryption=True)
+    issued = ca.issue("scheduler", ROLE_SCHEDULER)
+    scheduler = Security(tls_ca_file=ca.ca_pem, tls_scheduler_cert=issued.cert,
+                         tls_scheduler_key=issued.key, require_encryption=True)
+    stranger_ca = ClusterAuthority()
+    other = stranger_ca.issue("scheduler", ROLE_SCHEDULER)
+    stranger = Security(tls_ca_file=stranger_ca.ca_pem, tls_scheduler_cert=other.cert,
+                        tls_scheduler_key=other.key, require_encryption=True)
+    monkeypatch.setenv(LEASE_ENV, lease)
+
+    async def go():
+        gateway = Gateway(lambda cluster: None)
+        await gateway.start()
+
+        async def echo(comm):
+            await comm.write({"echo": await comm.read()})
+            await comm.close()
+
+        listener = await listen(f"parallex://{gateway.address}", echo,
+                                **worker.get_listen_args("worker"))
+        try:
+            assert listener.contact_address == gateway_address(gateway.address, lease)
+            async with asyncio.timeout(10):
+                while len(gateway.parked.get(lease, [])) < PARKED:
+                    await asyncio.sleep(0.02)
+            answers = []
+            for i in range(5):
+                comm = await connect(listener.contact_address,
+                                     **scheduler.get_connection_args("scheduler"))
+                await comm.write(i)
+                answers.append(await comm.read())
+                await comm.close()
+            # A dialler of another cluster (another CA) fails the worker's handshake.
+            from distributed.comm.core import CommClosedError
+
+            with pytest.raises((CommClosedError, OSError)):
+                comm = await connect(listener.contact_address, timeout=5,
+                                     **stranger.get_connection_args("scheduler"))
+                await comm.write(0)
+                await comm.read()
+            async with asyncio.timeout(10):  # each used connection was replaced
+                while len(gateway.parked.get(lease, [])) < PARKED:
+                    await asyncio.sleep(0.02)
+            return answers
+        finally:
+            listener.stop()
+            await gateway.close()
+
+    assert asyncio.run(go()) == [{"echo": i} for i in range(5)]
