@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -297,8 +298,6 @@ class ProviderAgent:
     # ---- the machine's owner ------------------------------------------------------------------
 
     async def _owner_loop(self) -> None:
-        import datetime as dt
-
         watch = OwnerWatch(self.policy)
         meter = self.owner_meter or OwnerMeter()
         meter.read()  # the first reading only starts the count

@@ -107,9 +107,9 @@ class LeaseGroup:
                 os.kill(pid, signal.SIGKILL)
 
     def remove(self) -> None:
-        """Delete the group (its processes must have gone)."""
+        """Delete the group; one whose processes have not all gone yet stays (EBUSY)."""
         for folder in self.dirs.values():
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 folder.rmdir()
 
     def freeze(self) -> None:

@@ -21,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import struct
 from collections.abc import Callable
+
+from .ids import LEASE_ID, OBJECT_ID
 
 logger = logging.getLogger("parallex.gateway")
 
@@ -62,7 +65,7 @@ def lease_of(name: str) -> str | None:
     if not name.endswith(SNI_SUFFIX):
         return None
     label = name[: -len(SNI_SUFFIX)]
-    return label if label.startswith("ls-") and len(label) <= 64 else None
+    return label if label.startswith("ls-") and re.fullmatch(LEASE_ID, label) else None
 
 
 def cluster_of(name: str) -> str | None:
@@ -70,7 +73,8 @@ def cluster_of(name: str) -> str | None:
     if not name.endswith(SNI_SUFFIX):
         return None
     label = name[: -len(SNI_SUFFIX)]
-    return label.replace("-", "_", 1) if label.startswith("cl-") else None
+    cluster = label.replace("-", "_", 1)
+    return cluster if label.startswith("cl-") and re.fullmatch(OBJECT_ID, cluster) else None
 
 
 def parse_sni(hello: bytes) -> str | None:

@@ -253,6 +253,7 @@ class Broker:
                                f"no lease {lease_id!r} assigned to provider {provider.id}")
             if lease.state == LeaseState.ended:
                 return lease  # idempotent: a repeated or late report changes nothing
+            woken = {provider.id}
             if body.state != LeaseState.ended:
                 changed = self._owner_move(lease, body)
                 if changed:
@@ -266,12 +267,11 @@ class Broker:
                 end_by_provider(s, lease, reason, body.message)
                 s.add(lease)
                 s.flush()
-                placed = self._place(s)
+                woken |= self._place(s)
                 s.commit()
-                self.wakeups.bump_all({provider.id, *placed})
                 changed = True
         if changed:
-            self.wakeups.bump(provider.id)
+            self.wakeups.bump_all(woken)
             self.meter(lease_ids={lease.id})
         return lease
 

@@ -8,7 +8,7 @@ from sqlalchemy import text
 from federation.broker import db
 from federation.tls import ClusterAuthority
 from tests.utils.federation import api_client as api
-from tests.utils.schema import insert_lab_user_cluster
+from tests.utils.schema import insert_lab_user_cluster, insert_provider
 
 GiB = 2**30
 
@@ -53,14 +53,8 @@ def test_upgrade_backfills_the_placed_gpu_model_from_the_provider(tmp_path):
     t = "2026-01-01 00:00:00"
     with engine.begin() as c:
         insert_lab_user_cluster(c, t)
-        c.execute(text("INSERT INTO apitoken (id, kind, token_hash, lab_id, created_at) "
-                       "VALUES ('tk1', 'PROVIDER', 'h', 1, :t)"), {"t": t})
-        c.execute(text(
-            "INSERT INTO provider (id, lab_id, token_id, name, site, cpus, memory, gpus_json, "
-            "online, last_seen, registered_at) "
-            "VALUES ('p1', 1, 'tk1', 'box', '', 8, 1, :g, true, :t, :t)"),
-            {"t": t, "g": '[{"index": 0, "model": "NVIDIA T4", "memory": 1}, '
-                          '{"index": 1, "model": "NVIDIA H200", "memory": 1}]'})
+        insert_provider(c, t, '[{"index": 0, "model": "NVIDIA T4", "memory": 1}, '
+                              '{"index": 1, "model": "NVIDIA H200", "memory": 1}]')
         for lease_id, gpus, indices in (("ls-gpu", 1, "[1]"), ("ls-cpu", 0, "[]")):
             c.execute(text(
                 "INSERT INTO lease (id, cluster_id, provider_id, \"group\", cpus, memory, gpus, "

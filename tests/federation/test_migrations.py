@@ -118,19 +118,14 @@ def test_upgrade_to_0002_recovers_earnings_of_earlier_usage_from_the_ledger(empt
 def test_0008_adds_suspensions_and_offering_and_downgrades_suspended_leases(tmp_path):
     """Upgrading keeps existing providers and leases (provider is referenced by leases: no
     table copy), and a downgrade runs suspended leases again."""
-    from tests.utils.schema import insert_lab_user_cluster
+    from tests.utils.schema import insert_lab_user_cluster, insert_provider
 
     engine = db.plain_engine(f"sqlite:///{tmp_path / 'm.db'}")
     db.migrate(engine, "0007")
     t = "2026-01-01 00:00:00"
     with engine.begin() as c:
         insert_lab_user_cluster(c, t)
-        c.execute(text("INSERT INTO apitoken (id, kind, token_hash, lab_id, created_at) "
-                       "VALUES ('tk1', 'PROVIDER', 'h', 1, :t)"), {"t": t})
-        c.execute(text("INSERT INTO provider (id, lab_id, token_id, name, site, cpus, memory, "
-                       "gpus_json, online, last_seen, registered_at) "
-                       "VALUES ('p1', 1, 'tk1', 'box', '', 8, 1, '[]', true, :t, :t)"),
-                  {"t": t})
+        insert_provider(c, t)
         c.execute(text("INSERT INTO lease (id, cluster_id, provider_id, \"group\", cpus, "
                        "memory, gpus, gpu_indices_json, state, message, worker_csr, "
                        "worker_cert, created_at) VALUES ('ls-1', 'c1', 'p1', 'default', 1, 1, "
