@@ -274,7 +274,8 @@ class LeaseKeeper:
                 if ws.status == Status.running and self.group_of_worker(address) == target.name:
                     return address
             if loop.time() > deadline:
-                raise errors.LeaseStartTimeout(self._start_timeout_message(1, timeout))
+                raise errors.LeaseStartTimeout(
+                    self._start_timeout_message(1, timeout, group=target.name))
             await asyncio.sleep(0.05)
 
     async def _handle_release(self, name: str) -> dict:
@@ -536,19 +537,27 @@ class LeaseKeeper:
         lease = self.leases.get(lease_of(str(name)))
         return lease["group"] if lease else None
 
-    def _running_workers(self) -> int:
-        return sum(1 for ws in self.scheduler.workers.values()
-                   if ws.status == Status.running and lease_of(ws.name) in self.live)
+    def _live_in(self, group: str | None) -> set[str]:
+        """The live leases, of ``group`` only when given."""
+        return {lid for lid in self.live
+                if group is None or self.leases[lid].get("group") == group}
 
-    def _start_timeout_message(self, n: int, timeout: float) -> str:
-        states = Counter(self.leases[lid]["state"] for lid in self.live)
+    def _running_workers(self, group: str | None = None) -> int:
+        live = self._live_in(group)
+        return sum(1 for ws in self.scheduler.workers.values()
+                   if ws.status == Status.running and lease_of(ws.name) in live)
+
+    def _start_timeout_message(self, n: int, timeout: float, group: str | None = None) -> str:
+        live = self._live_in(group)
+        states = Counter(self.leases[lid]["state"] for lid in live)
         detail = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "no live leases"
-        waiting = sorted({self.leases[lid].get("message") for lid in self.live
+        waiting = sorted({self.leases[lid].get("message") for lid in live
                           if self.leases[lid]["state"] == LeaseState.pending} - {None, ""})
         hint = (f" Pending leases wait: {'; '.join(waiting)}." if waiting else
                 " Pending leases wait for a provider with free capacity; see "
                 "cluster.leases for each lease's state and message.")
-        return (f"{self._running_workers()} of {n} workers connected after {timeout:g} s "
+        which = f"workers ({group})" if group else "workers"
+        return (f"{self._running_workers(group)} of {n} {which} connected after {timeout:g} s "
                 f"(leases: {detail}).{hint}")
 
 

@@ -134,6 +134,10 @@ def worker_command(lease: dict, folder: Path, host: str | None,
         "--local-directory", str(folder / "scratch"),
         "--death-timeout", str(int(death_timeout)),
         "--no-dashboard",
+        # --no-dashboard still leaves the worker's HTTP server (health, metrics) listening on
+        # every interface; nothing of Parallex reads it, and a lab's firewall should see no
+        # listener, so it stays on the machine's loopback.
+        "--dashboard-address", "127.0.0.1:0",
     ]
     if lease["scheduler_address"].startswith("parallex://"):
         # Through the federation gateway both ways: the worker dials its scheduler there and

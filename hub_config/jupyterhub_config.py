@@ -56,9 +56,16 @@ broker_service = {"name": "parallex", "url": settings.broker_url, "display": Fal
 if settings.broker_db_url:
     # The hub starts and stops the broker; it hands it JUPYTERHUB_API_URL, which turns on
     # hub-token checks, and JUPYTERHUB_SERVICE_PREFIX, under which it is also served.
+    broker_host = settings.broker_listen or urlsplit(settings.broker_url).hostname
     broker_service["command"] = [
-        sys.executable, "-m", "federation.cli", "broker", "--host", "127.0.0.1",
+        sys.executable, "-m", "federation.cli", "broker", "--host", broker_host or "127.0.0.1",
         "--port", str(broker_port), "--db-url", settings.broker_db_url]
+    if settings.gateway:
+        # Workers at other sites reach users' schedulers (inside the hub's network) only
+        # through the gateway's one public port.
+        broker_service["command"] += ["--gateway", settings.gateway]
+        if settings.gateway_public:
+            broker_service["command"] += ["--gateway-public", settings.gateway_public]
     broker_service["environment"] = {
         k: os.environ[k] for k in ("PARALLEX_ADMIN_TOKEN", "PATH", "HOME") if k in os.environ}
 # The Panel dashboards: a managed service behind the hub's OAuth (people log in with their hub

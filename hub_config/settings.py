@@ -6,6 +6,11 @@ Example::
     hub_db_url: sqlite:////srv/parallex/jupyterhub.sqlite
     broker_url: http://127.0.0.1:8470          # where users' kernels reach the broker
     broker_db_url: postgresql://parallex@db/parallex   # the hub then runs the broker itself
+    broker_listen: 0.0.0.0                     # where that broker listens (default: the
+                                               # broker_url's host); lab agents must reach it
+    gateway: 0.0.0.0:8786                      # the federation gateway beside the broker:
+                                               # workers reach schedulers through it
+    gateway_public: gw.hub.example.edu:8786    # the address workers dial (default: gateway)
     institutions:
       north:
         display_name: North University
@@ -94,6 +99,14 @@ class HubSettings:
     hub_db_url: str = "sqlite:///jupyterhub.sqlite"
     broker_url: str = "http://127.0.0.1:8470"
     broker_db_url: str | None = None
+    #: The address the hub-run broker binds (None: broker_url's host).
+    broker_listen: str | None = None
+    #: HOST:PORT of the federation gateway the hub-run broker opens (None: no gateway, workers
+    #: must reach users' schedulers directly).
+    gateway: str | None = None
+    #: HOST:PORT workers dial for the gateway when it differs from ``gateway`` (NAT, load
+    #: balancer); None: ``gateway``.
+    gateway_public: str | None = None
     data_dir: str = "."
     institutions: tuple[Institution, ...] = field(default_factory=tuple)
 
@@ -141,6 +154,21 @@ def _institution(name: str, raw: dict, env: dict[str, str]) -> Institution:
         labs=_rules(raw.get("labs"), where, "lab"), roles=_rules(raw.get("roles"), where, "role"))
 
 
+def _text(raw: dict, key: str) -> str | None:
+    value = raw.get(key)
+    return None if value in (None, "") else str(value)
+
+
+def _host_port(raw: dict, key: str) -> str | None:
+    value = _text(raw, key)
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SettingsError(f"{key} must be HOST:PORT (e.g. 0.0.0.0:8786); got {value!r}")
+    return value
+
+
 def load_settings(path: str | Path | None = None,
                   env: dict[str, str] | None = None) -> HubSettings:
     """Read the settings file (PARALLEX_HUB_SETTINGS when ``path`` is None) and environment."""
@@ -170,5 +198,8 @@ def load_settings(path: str | Path | None = None,
         broker_url=(env.get("PARALLEX_BROKER_URL") or raw.get("broker_url")
                     or HubSettings.broker_url).rstrip("/"),
         broker_db_url=env.get("PARALLEX_DB_URL") or raw.get("broker_db_url"),
+        broker_listen=_text(raw, "broker_listen"),
+        gateway=_host_port(raw, "gateway"),
+        gateway_public=_host_port(raw, "gateway_public"),
         data_dir=str(raw.get("data_dir") or Path(path).parent if path else "."),
         institutions=tuple(_institution(str(n), r or {}, env) for n, r in institutions.items()))

@@ -80,9 +80,14 @@ def fair_requests(s: Session, pending: list[Lease], lab_names: dict[int, str],
             for c in fairshare.fair_order(claims, shares, lab_usage, user_usage)]
 
 
-def place_pending(s: Session, rng: random.Random, half_life: float) -> set[str]:
+def place_pending(s: Session, rng: random.Random, half_life: float,
+                  relayed: bool = False) -> set[str]:
     """Assign pending leases to providers with room (the caller commits); returns the
-    providers that got leases, whose agents must be woken."""
+    providers that got leases, whose agents must be woken.
+
+    ``relayed``: the federation has a gateway, through which every worker is reached (its
+    workers listen on parallex:// addresses), so sites that accept no peer connections need
+    not confine a cluster (docs/architecture.md, "Peer traffic across sites")."""
     pending = s.exec(
         select(Lease).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
         .where(Lease.state == LeaseState.pending, ClusterRecord.active == True)  # noqa: E712
@@ -99,6 +104,9 @@ def place_pending(s: Session, rng: random.Random, half_life: float) -> set[str]:
         by_provider.setdefault(lease.provider_id, []).append(lease)
     lab_names = {lab.id: lab.name for lab in s.exec(select(Lab))}
     snapshot = [capacity_of(p, by_provider.get(p.id, []), lab_names) for p in providers]
+    if relayed:
+        for cap in snapshot:
+            cap.accepts_peers = True
     rates = preemption_rates(s, [p.id for p in providers])
     for cap in snapshot:
         cap.preemption_rate = rates.get(cap.provider_id, 0.0)

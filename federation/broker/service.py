@@ -109,7 +109,8 @@ class Broker:
 
     def _place(self, s: Session) -> set[str]:
         """A placement pass inside the caller's unit of work; the providers to wake."""
-        return place_pending(s, self.rng, self.settings.fair_share_half_life)
+        return place_pending(s, self.rng, self.settings.fair_share_half_life,
+                             relayed=self.gateway_address is not None)
 
     def place_pending(self) -> int:
         """A placement pass as a unit of its own; returns how many providers got leases."""

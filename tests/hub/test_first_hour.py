@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.utils.browser import chromium
+from tests.utils.notebook import UI_TIMEOUT_MS, run_cell
 from tests.utils.procs import agents_folder, kill_workers_under, wait_until
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -22,46 +23,6 @@ import pandas as pd, dask.dataframe as dd
 left = dd.from_pandas(pd.DataFrame({'k': range(2000), 'a': 1}), npartitions=4)
 right = dd.from_pandas(pd.DataFrame({'k': range(0, 2000, 2), 'b': 2}), npartitions=2)
 print(len(left.merge(right, on='k').compute()))"""
-
-# Generous: the first JupyterLab load builds nothing, but a 2-core CI machine is slow.
-UI_TIMEOUT_MS = 120_000
-
-
-def run_cell(page, code: str, index: int) -> str:
-    """Type ``code`` into the notebook's cell ``index`` (0-based), run it and return the text
-    of its output once the cell has finished (its prompt shows a number again)."""
-    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
-    editor = cell.locator(".cm-content")
-    editor.click()
-    # insert_text, not typing: the editor's auto-indent and bracket closing would alter code.
-    page.keyboard.insert_text(code)
-    wait_until(lambda: editor.inner_text().strip() == code.strip(), 10,
-               f"cell {index} to hold the code")
-    run = page.locator('.jp-NotebookPanel-toolbar '
-                       '[data-command="notebook:run-cell-and-select-next"]')
-    run.click()
-    prompt = cell.locator(".jp-InputArea-prompt")
-    try:
-        wait_until(lambda: prompt.inner_text().strip() != "[ ]:", 5, f"cell {index} to queue")
-    except AssertionError:
-        # Not queued: the click can land while Lab is still wiring the new notebook to its
-        # kernel. A person clicks again; so do we, once, then select the cell back.
-        cell.locator(".jp-InputArea-prompt").click()
-        run.click()
-    outputs = cell.locator(".jp-OutputArea-output")
-
-    def text() -> str:
-        return "\n".join(outputs.nth(i).inner_text() for i in range(outputs.count()))
-
-    try:
-        wait_until(lambda: re.fullmatch(r"\[\d+\]:", prompt.inner_text().strip()), 180,
-                   f"cell {index} to finish")
-    except AssertionError as exc:
-        page.screenshot(path=str(SCREENSHOTS.parent.parent / ".pytest-failure.png"))
-        raise AssertionError(f"{exc}; prompt {prompt.inner_text()!r}, output {text()!r}") \
-            from None
-    return text()
-
 
 def test_a_students_first_hour_in_jupyterlab(hub):
     user = "alice@north"

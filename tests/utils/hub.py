@@ -197,13 +197,22 @@ class Hub:
     def login(self, institution: str, username: str, password: str) -> httpx.Response:
         return browser_login(self.url, institution, username, password)
 
-    def start_lab_agent(self, lab: str, workdir: Path, name: str) -> Proc:
+    def start_lab_agent(self, lab: str, workdir: Path, name: str, *,
+                        extra: tuple[str, ...] = (), prefix: tuple[str, ...] = (),
+                        token: str | None = None) -> Proc:
         """A provider agent of ``lab`` (2 CPUs, 4 GiB) with a provider token the broker's
-        administrator issues; the lab exists once one of its users signed in."""
+        administrator issues (or ``token``); the lab exists once one of its users signed in.
+        ``prefix`` runs it elsewhere (e.g. in a network namespace)."""
+        if token is None:
+            token = self.provider_token(lab)
+        return start_agent(self.broker_url, token, workdir, name=name, cpus=2, memory="4 GiB",
+                           extra=extra, prefix=prefix)
+
+    def provider_token(self, lab: str) -> str:
+        """A provider token for ``lab``, issued by the broker's administrator."""
         with httpx.Client(base_url=f"{self.broker_url}/api/v1", timeout=30,
                           headers={"Authorization": f"Bearer {self.admin_token}"}) as broker:
-            token = broker.post("/tokens", json={"kind": "provider", "lab": lab}).json()["token"]
-        return start_agent(self.broker_url, token, workdir, name=name, cpus=2, memory="4 GiB")
+            return broker.post("/tokens", json={"kind": "provider", "lab": lab}).json()["token"]
 
     def login_with(self, browser: httpx.Client, institution: str, username: str,
                    password: str) -> httpx.Response:
@@ -251,10 +260,13 @@ INSTITUTION_RULES = {
 }
 
 
-def start_hub(tmp: Path) -> Hub:
-    """Two institutions' providers, then JupyterHub (+ proxy, + the broker as its service)."""
+def start_hub(tmp: Path, public_host: str = "127.0.0.1", gateway: bool = False) -> Hub:
+    """Two institutions' providers, then JupyterHub (+ proxy, + the broker as its service).
+
+    ``public_host``: the address the broker (and with ``gateway``, the federation gateway)
+    listens on, where lab agents reach them; everything else stays on 127.0.0.1."""
     hub_port, broker_port = free_port(), free_port()
-    url, broker_url = f"http://127.0.0.1:{hub_port}", f"http://127.0.0.1:{broker_port}"
+    url, broker_url = f"http://127.0.0.1:{hub_port}", f"http://{public_host}:{broker_port}"
     (tmp / "hub").mkdir()
     institutions: dict[str, DevInstitution] = {}
     try:
@@ -264,6 +276,7 @@ def start_hub(tmp: Path) -> Hub:
         settings = {
             "public_url": url, "hub_db_url": f"sqlite:///{tmp / 'hub' / 'jupyterhub.sqlite'}",
             "broker_url": broker_url, "broker_db_url": f"sqlite:///{tmp / 'broker.db'}",
+            **({"gateway": f"{public_host}:{free_port()}"} if gateway else {}),
             "institutions": {
                 name: {**INSTITUTION_RULES[name], "issuer": inst.issuer,
                        "client_id": "parallex-hub",

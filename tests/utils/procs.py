@@ -155,7 +155,7 @@ def agents_folder() -> Path:
 def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
                 memory: str = "2 GiB", extra: tuple[str, ...] = (), gpus: str = "none",
                 env: dict | None = None, token_on_command_line: bool = False,
-                accounts: tuple[str, ...] | None = None) -> Proc:
+                accounts: tuple[str, ...] | None = None, prefix: tuple[str, ...] = ()) -> Proc:
     """A provider agent; its workers run under uids of their own when the tests run as root
     (``accounts`` overrides the account options). Its workers start cold unless ``extra``
     sets --warm-workers: warm interpreters being started would compete for this machine's two
@@ -169,11 +169,11 @@ def start_agent(url: str, token: str, workdir: Path, *, name: str, cpus: float,
     token_file.chmod(0o600)
     token_args = ["--token", token] if token_on_command_line else ["--token-file",
                                                                     str(token_file)]
-    proc = Proc(parallex("provide", "--broker", url, *token_args, "--cpus", str(cpus),
-                         "--memory", memory, "--gpus", gpus, "--workdir", str(workdir),
-                         "--name", name,
-                         *(worker_uid_args() if accounts is None else accounts), *extra),
-                workdir.parent / f"{name}.log", env=env)
+    command = parallex("provide", "--broker", url, *token_args, "--cpus", str(cpus),
+                       "--memory", memory, "--gpus", gpus, "--workdir", str(workdir),
+                       "--name", name, *(worker_uid_args() if accounts is None else accounts),
+                       *extra)
+    proc = Proc([*prefix, *command], workdir.parent / f"{name}.log", env=env)
     ready(proc, "PARALLEX_PROVIDER_ID=")
     return proc
 
