@@ -127,7 +127,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         if server.started:
             print(f"PARALLEX_BROKER_URL=http://{host}:{port}", flush=True)
             if args.gateway:
-                gateway = await _start_gateway(broker, args.gateway, args.gateway_public)
+                gateway = await _start_gateway(broker, args.gateway, args.gateway_public,
+                                               args.gateway_internal)
                 print(f"PARALLEX_GATEWAY={gateway.address}", flush=True)
         await task
 
@@ -135,7 +136,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _start_gateway(broker, listen: str, public: str | None):
+async def _start_gateway(broker, listen: str, public: str | None, internal: str | None):
     """The federation gateway in the broker's process, routing by the broker's clusters."""
     from .gateway import Gateway
 
@@ -143,6 +144,10 @@ async def _start_gateway(broker, listen: str, public: str | None):
     gateway = Gateway(broker.scheduler_of)
     await gateway.start(host or "0.0.0.0", int(port or 0))  # noqa: S104 - the public port
     broker.gateway_address = public or gateway.address
+    bound_host, _, bound_port = gateway.address.rpartition(":")
+    if bound_host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard is not dialable
+        bound_host = "127.0.0.1"
+    broker.gateway_internal = internal or f"{bound_host}:{bound_port}"
     logging.getLogger("parallex.gateway").info(
         "gateway listening on %s; workers dial %s", gateway.address, broker.gateway_address)
     return gateway
@@ -354,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gateway-public", metavar="HOST:PORT",
                    help="The gateway address workers dial, when it differs from --gateway "
                         "(behind NAT or a load balancer; default: the --gateway address).")
+    b.add_argument("--gateway-internal", metavar="HOST:PORT",
+                   help="The gateway address users' schedulers dial to reach their workers: "
+                        "they run in the hub's network, where the public address may not "
+                        "route back in (no NAT hairpin) or would take a detour (default: the "
+                        "--gateway address, 127.0.0.1 for a wildcard host).")
     b.add_argument("--cloud-prices", metavar="FILE",
                    help="YAML table of reference on-demand cloud prices used for the savings "
                         "figures (default: the shipped accounting/cloud_prices.yaml).")

@@ -398,6 +398,11 @@ class FederatedCluster(Cluster):
         self._fresh()
         return worker_news(self._state["leases"])
 
+    def round_trips(self) -> dict[str, float]:
+        """Measure the round trip from the scheduler to each worker now: seconds by worker
+        name. Across sites it is what every task hand-over costs (docs: README, "Latency")."""
+        return self.sync(self._call, "parallex_round_trips")
+
     def connected_workers(self) -> list[dict]:
         """The workers registered with the scheduler now: name, address, lease, status, pid
         and resources of each."""

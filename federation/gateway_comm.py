@@ -38,6 +38,11 @@ PARKED = 3
 #: command line turns --listen-address into a host and a port, dropping any path).
 LEASE_ENV = "WORKER_LEASE_ID"
 
+#: In a scheduler's process (inside the hub's network): the gateway address to dial instead
+#: of the public one in workers' addresses, which may not route back in (no NAT hairpin) or
+#: would cross the internet twice. None: dial addresses as they are (workers do).
+dial_via: str | None = None
+
 
 def split(address: str) -> tuple[str, str]:
     """'host:port/cl_x' → ('host:port', 'cl_x'); a ValueError without the cluster."""
@@ -53,7 +58,7 @@ class GatewayConnector(TLSConnector):
 
     async def connect(self, address, deserialize=True, **connection_args):
         target, cluster = split(address)
-        comm = await super().connect(target, deserialize, **connection_args,
+        comm = await super().connect(dial_via or target, deserialize, **connection_args,
                                      server_hostname=server_name(cluster))
         comm._peer_addr = f"{self.prefix}{address}"
         return comm

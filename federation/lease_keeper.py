@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.metrics import time
 
-from . import errors
+from . import errors, gateway_comm, latency
 from .client import AsyncBrokerClient
 from .guard import SchedulerGuard
 from .lease_states import LIVE_STATES, EndReason, LeaseState
@@ -109,7 +110,7 @@ class LeaseKeeper:
     """The scheduler and the leases of one FederatedCluster, in the scheduler's process."""
 
     HANDLERS = ("state", "scale", "scale_down", "hold", "release", "wait_for_workers",
-                "refresh", "end")
+                "refresh", "end", "round_trips")
 
     def __init__(self, settings: KeeperSettings):
         self.settings = settings
@@ -129,6 +130,8 @@ class LeaseKeeper:
         self._last_scale = 0.0
         self._closing = False
         self._ended = False
+        #: Seconds of the last measured round trip to each worker, by address.
+        self.round_trips: dict[str, float] = {}
 
     # ---- start and stop ---------------------------------------------------------------------
 
@@ -161,8 +164,12 @@ class LeaseKeeper:
             "name": s.name, "scheduler_address": self.scheduler.address,
             "labs": list(s.labs), "sites": list(s.sites), "ca_cert": self.authority.ca_pem})
         self.cluster_id = record["id"]
+        if record.get("gateway_internal"):
+            # Workers are reached through the gateway; from here, by its inside address.
+            gateway_comm.dial_via = record["gateway_internal"]
         self._tasks = [asyncio.create_task(self._heartbeat_loop()),
-                       asyncio.create_task(self._signing_loop())]
+                       asyncio.create_task(self._signing_loop()),
+                       asyncio.create_task(self._round_trip_loop())]
         logger.info("cluster %s started; scheduler at %s", self.cluster_id,
                     self.scheduler.address)
 
@@ -220,7 +227,7 @@ class LeaseKeeper:
         workers = [{"name": str(ws.name), "address": address, "pid": ws.pid,
                     "status": ws.status.name, "resources": dict(ws.resources),
                     "memory_limit": ws.memory_limit, "nthreads": ws.nthreads,
-                    "lease": lease_of(ws.name)}
+                    "lease": lease_of(ws.name), "round_trip": self.round_trips.get(address)}
                    for address, ws in (self.scheduler.workers.items() if self.scheduler
                                        else [])]
         return {"cluster_id": self.cluster_id, "leases": list(self.leases.values()),
@@ -228,6 +235,34 @@ class LeaseKeeper:
                 "groups": {name: asdict(g) for name, g in self.groups.items()},
                 "workers": workers,
                 "refusals": list(self.guard.refusals[-50:]) if self.guard else []}
+
+    async def _handle_round_trips(self) -> dict[str, float]:
+        """Measure the round trip to every worker now; seconds by worker name."""
+        await self._measure_round_trips()
+        return {str(self.scheduler.workers[a].name): rtt for a, rtt in self.round_trips.items()
+                if a in self.scheduler.workers}
+
+    async def _measure_round_trips(self) -> None:
+        found = await latency.measure(self.scheduler, list(self.scheduler.workers))
+        self.round_trips = {a: rtt for a, rtt in found.items() if a in self.scheduler.workers}
+
+    async def _round_trip_loop(self) -> None:
+        """Measure every worker's round trip now and then, for %parallex and the log."""
+        logged: float | None = None
+        while not self._closing:
+            await asyncio.sleep(latency.PROBE_INTERVAL)
+            if not self.scheduler.workers:
+                continue
+            try:
+                await self._measure_round_trips()
+            except Exception:  # a probe must never take the keeper down
+                logger.exception("could not measure round trips to the workers")
+                continue
+            # Logged when first known and when it halves or doubles, not every 10 s.
+            median = statistics.median(self.round_trips.values()) if self.round_trips else None
+            if median and (logged is None or not logged / 2 <= median <= logged * 2):
+                logger.info("%s", latency.describe(self.round_trips))
+                logged = median
 
     async def _handle_state(self, adaptive: bool | None = None) -> dict:
         if adaptive is not None:

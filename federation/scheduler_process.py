@@ -87,6 +87,14 @@ def main() -> int:
     parallex.addHandler(handler)
     parallex.setLevel(logging.INFO)
     parallex.propagate = False
+    from .latency import apply_scheduler_settings
+
+    try:
+        # Before the scheduler exists: it reads its settings when it is made.
+        apply_scheduler_settings()
+    except ValueError as exc:
+        _report(report_fd, {"error": "ParallexError", "message": str(exc)})
+        return 2
     return asyncio.run(_serve(first["settings"], report_fd))
 
 

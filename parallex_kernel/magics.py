@@ -98,6 +98,8 @@ class ParallexMagics(Magics):
             print(f"  books: {st['books_error']}")
         if st.get("scale_error"):
             print(f"  last scale-up refused: {st['scale_error']}")
+        if st.get("round_trips"):
+            print(f"  {st['round_trips']}")
         if st.get("dashboard"):
             print(f"  dashboard: {st['dashboard']}")
 

@@ -215,6 +215,13 @@ class Pool:
                    scale_error=str(self.cluster.scale_error) if self.cluster.scale_error
                    else None,
                    dashboard=self.cluster.dashboard_link)
+        if self.cluster.connected_workers():
+            from federation.latency import describe
+
+            try:
+                out["round_trips"] = describe(self.cluster.round_trips())
+            except errors.ParallexError as exc:
+                out["round_trips"] = f"round trip to workers not measured: {exc}"
         try:
             from federation.client import BrokerClient
 

@@ -298,3 +298,6 @@ class ClusterPublic(SQLModel):
     end_reason: str | None
     created_at: dt.datetime
     leases: list[LeasePublic] = Field(default_factory=list)
+    #: Where the cluster's scheduler (in the hub's network) dials the federation gateway to
+    #: reach its workers, when the federation has one; workers dial its public address.
+    gateway_internal: str | None = None

@@ -78,6 +78,9 @@ class Broker:
 
     #: The federation gateway's address workers dial (host:port), None when there is none.
     gateway_address: str | None = None
+    #: The gateway's address inside the hub's network (schedulers dial it to reach workers
+    #: without leaving that network), None when there is no gateway.
+    gateway_internal: str | None = None
 
     def __init__(self, engine: Engine, settings: BrokerSettings, seed: int | None = None):
         self.engine = engine
@@ -365,7 +368,9 @@ class Broker:
 
     def cluster_public(self, cluster_id: str) -> ClusterPublic:
         with self.session() as s:
-            return clusters_public(s, [s.get(ClusterRecord, cluster_id)])[0]
+            public = clusters_public(s, [s.get(ClusterRecord, cluster_id)])[0]
+        public.gateway_internal = self.gateway_internal
+        return public
 
     def cluster_heartbeat(self, cluster: ClusterRecord,
                           connected: list[str] | None = None) -> ClusterPublic:

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 
+import dask
 import pytest
 
 from federation import FederatedCluster
+from federation.errors import ParallexError
 from federation.gateway import (
     Gateway,
     NotRoutable,
@@ -19,7 +22,10 @@ from federation.gateway import (
     read_client_hello,
     server_name,
 )
+from hub_config.local import free_port
+from tests.utils.delay_relay import Relay
 from tests.utils.federation import make_federation
+from tests.utils.procs import wait_until
 
 
 def client_hello(name: str | None) -> bytes:
@@ -189,3 +195,45 @@ def test_a_worker_behind_nat_is_dialled_through_connections_it_parked(tmp_path, 
             await gateway.close()
 
     assert asyncio.run(go()) == [{"echo": i} for i in range(5)]
+
+
+def test_a_cluster_measures_its_round_trips_and_hides_them(tmp_path):
+    """Workers 40 ms away (a delay relay in front of the gateway's public address): the
+    cluster measures that round trip, its scheduler dials workers through the gateway's
+    inside address (one WAN crossing, not two) and runs with the federation's settings."""
+    gateway = free_port()
+    relay = Relay([("127.0.0.1", gateway)])
+    fed = make_federation(tmp_path, broker_args=(
+        "--gateway", f"127.0.0.1:{gateway}", "--gateway-public", f"127.0.0.1:{relay.ports[0]}"))
+    try:
+        relay.set_rtt(40)
+        fed.add_lab("lab-a", user="alice")
+        fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB")
+        with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                              worker_memory="1 GiB") as cluster:
+            cluster.scale(2)
+            cluster.wait_for_workers(2)
+            trips = cluster.round_trips()
+            assert sorted(trips) == sorted(w["name"] for w in cluster.connected_workers())
+            # At least the relay's 40 ms; well under the 80 ms of a detour through the
+            # gateway's public address.
+            assert all(0.040 <= rtt < 0.075 for rtt in trips.values()), trips
+            client = cluster.get_client()
+            assert client.run_on_scheduler(
+                lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == float("inf")
+            # Queuing is off, so a worker is handed tasks ahead of its thread.
+            slow = client.map(time.sleep, [0.2] * 8, pure=False)
+            wait_until(lambda: max(map(len, client.processing().values()), default=0) > 2, 10,
+                       "a worker to hold more tasks than queuing would give it (2)")
+            client.gather(slow)
+        # {} gives Dask's defaults back (queuing at 1.1).
+        with dask.config.set({"parallex.scheduler.latency-settings": {}}), FederatedCluster(
+                fed.url, fed.user_tokens["alice"], dashboard=False) as plain:
+            assert plain.get_client().run_on_scheduler(
+                lambda dask_scheduler: dask_scheduler.WORKER_SATURATION) == 1.1
+        with dask.config.set({"parallex.scheduler.latency-settings": "fast"}), \
+                pytest.raises(ParallexError, match="must map Dask config keys"):
+            FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False)
+    finally:
+        fed.stop()
+        relay.stop()

@@ -41,6 +41,7 @@ def test_dask_on_the_pool_status_and_remote_cells(lab_with_agent, tmp_path):
         status = run(kc, "%parallex")
         assert "alice (lab-a)" in status.stdout and "adaptive 0–8" in status.stdout
         assert "lab balance" in status.stdout, status.stdout + status.stderr
+        assert "round trip to workers: median " in status.stdout, status.stdout
         # A third worker does not fit the lab's one 2-CPU machine: %parallex says why it waits.
         run(kc, "%parallex scale 3\nparallex_pool.cluster.wait_for_workers(2, timeout=60)")
         waiting = run(kc, "%parallex")
