@@ -96,7 +96,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     settings = broker_settings.from_arguments(args, cloud_prices=cloud_prices)
-    app = create_app(db_url, settings)
+    try:
+        app = create_app(db_url, settings)
+    except ValueError as exc:  # a setting the broker cannot work with, e.g. a bad network
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     broker = app.state.broker
     if args.base_path.strip("/"):
         from .broker.app import StripPrefix

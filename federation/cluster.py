@@ -57,6 +57,10 @@ STATE_REFRESH_MS = 1000
 CLOSE_TIMEOUT = 45.0
 
 
+#: distributed's own default for distributed.dashboard.link.
+DASK_DEFAULT_LINK = "{scheme}://{host}:{port}/status"
+
+
 class FederatedAdaptive(Adaptive):
     """Dask's Adaptive, but releasing leases before retiring their workers (the keeper's
     scale_down), touching only the default group (named groups, e.g. a %%remote worker, are
@@ -178,6 +182,8 @@ class FederatedCluster(Cluster):
                                          config.get("lease-start-timeout"))
         self._request_timeout = float(config.get("request-timeout"))
         self.scheduler_log = Path(scheduler_log) if scheduler_log else None
+        #: Where the broker serves this cluster's Dask dashboard (None: no dashboard).
+        self.broker_dashboard_link: str | None = None
         self._state: dict[str, Any] = {"leases": [], "live": [], "groups": {}, "workers": [],
                                        "refusals": []}
         self._process: subprocess.Popen | None = None
@@ -219,6 +225,12 @@ class FederatedCluster(Cluster):
                 tls_client_key=client_ck.key, require_encryption=True)
             ready = await asyncio.to_thread(self._launch)
             self.cluster_id = ready["cluster_id"]
+            if ready.get("dashboard_path"):
+                # The broker's URL as a browser sees it: inside JupyterHub the kernel's broker
+                # URL is the hub's internal one, and the hub says the public path.
+                public = os.environ.get("PARALLEX_BROKER_PUBLIC_URL") or self._broker_url
+                self.broker_dashboard_link = (public.rstrip("/") + ready["dashboard_path"]
+                                              + "status")
             self.scheduler_comm = rpc(ready["address"],
                                       connection_args=self.security.get_connection_args("client"))
             # Displays (repr, the widget, %parallex) read a copy at most a second old.
@@ -586,6 +598,17 @@ class FederatedCluster(Cluster):
                        for lab, n in sorted(self._workers_by_lab().items()))
         return (f"<table><tr><th>Lab</th><th>Workers</th></tr>{rows}"
                 f"<tr><td>pending</td><td>{self._pending()}</td></tr></table>")
+
+    @property
+    def dashboard_link(self) -> str:
+        """The Dask dashboard's link. Dask's own (distributed.dashboard.link) unless this runs
+        in a JupyterHub server whose site set no link through the server (no
+        jupyter-server-proxy): the browser cannot reach the scheduler's port there, and the
+        broker serves the dashboard instead (``broker_dashboard_link``)."""
+        if (self.broker_dashboard_link and os.environ.get("JUPYTERHUB_SERVICE_PREFIX")
+                and dask.config.get("distributed.dashboard.link") == DASK_DEFAULT_LINK):
+            return self.broker_dashboard_link
+        return super().dashboard_link
 
     def _repr_html_(self, cluster_status=None) -> str:
         link = self.dashboard_link

@@ -130,6 +130,8 @@ class LeaseKeeper:
         self._last_scale = 0.0
         self._closing = False
         self._ended = False
+        #: The broker's path of this cluster's dashboard link (None: no dashboard).
+        self.dashboard_path: str | None = None
         #: Seconds of the last measured round trip to each worker, by address.
         self.round_trips: dict[str, float] = {}
 
@@ -160,10 +162,14 @@ class LeaseKeeper:
             self.guard.add_client_handler(f"parallex_{name}", getattr(self, f"_handle_{name}"))
         self.scheduler.add_plugin(_WorkerJoined(self._joined), name="parallex-joined")
         await self.scheduler
+        dashboard_port = (self.scheduler.http_server.port
+                          if s.dashboard and self.scheduler.http_server else None)
         record = await self._broker.request("POST", "/clusters", json={
             "name": s.name, "scheduler_address": self.scheduler.address,
-            "labs": list(s.labs), "sites": list(s.sites), "ca_cert": self.authority.ca_pem})
+            "labs": list(s.labs), "sites": list(s.sites), "ca_cert": self.authority.ca_pem,
+            "dashboard_port": dashboard_port})
         self.cluster_id = record["id"]
+        self.dashboard_path = record.get("dashboard_path")
         if record.get("gateway_internal"):
             # Workers are reached through the gateway; from here, by its inside address.
             gateway_comm.dial_via = record["gateway_internal"]

@@ -50,7 +50,7 @@ async def _serve(settings: dict, report_fd: int) -> int:
         await keeper.close()
         return 1
     _report(report_fd, {"address": keeper.scheduler.address, "cluster_id": keeper.cluster_id,
-                        "pid": os.getpid()})
+                        "pid": os.getpid(), "dashboard_path": keeper.dashboard_path})
     gone = asyncio.Event()
     threading.Thread(target=_watch_parent, args=(asyncio.get_running_loop(), gone),
                      name="parallex-parent-watch", daemon=True).start()

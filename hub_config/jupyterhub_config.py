@@ -93,6 +93,9 @@ c.Spawner.server_token_scopes = ["users:activity!user", "access:servers!server",
                                  "access:services!service=parallex"]
 c.Spawner.environment = {
     "PARALLEX_BROKER_URL": settings.broker_url,
+    # The broker as the user's browser reaches it (through the hub's proxy): where it serves
+    # a cluster's Dask dashboard when the server has no link of its own for it.
+    "PARALLEX_BROKER_PUBLIC_URL": f"{settings.public_url}/services/parallex/",
     # The Dask dashboard opens through the user's own server (jupyter-server-proxy), the one
     # address a browser on the hub can reach; cluster.dashboard_link, %parallex, the cluster
     # widget and dask-labextension all use this link.

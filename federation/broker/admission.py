@@ -7,6 +7,8 @@ Checks that read what capacity or quota is held run inside the service's exclusi
 
 from __future__ import annotations
 
+import ipaddress
+
 from sqlmodel import Session, col, select
 
 from accounting import ledger
@@ -53,12 +55,49 @@ def check_provider_limits(lab: Lab, body: ProviderRegister) -> None:
                              "the lab's provider limit")
 
 
-def check_new_cluster(s: Session, principal: Principal, body: ClusterCreate) -> None:
-    """A cluster belongs to a user, brings its own CA, and names only labs that exist."""
+def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """'10.0.0.0/8,::1/128' → networks; a ValueError naming the bad one."""
+    networks = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"--scheduler-networks: {part!r} is not a network (write "
+                             "e.g. 10.0.0.0/8,127.0.0.0/8)") from None
+    if not networks:
+        raise ValueError("--scheduler-networks names no network; users could start no cluster")
+    return tuple(networks)
+
+
+def check_scheduler_host(address: str, networks: tuple) -> None:
+    """The scheduler listens on an IP address inside ``networks`` (the gateway forwards to
+    it and workers dial it: a host elsewhere would make either a relay to that host)."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise Invalid("scheduler-address", f"scheduler_address must name an IP address; got "
+                      f"host {host!r}: set parallex.scheduler.host to the server's "
+                      "IP address") from None
+    if not any(ip in net for net in networks):
+        allowed = ", ".join(str(n) for n in networks)
+        raise Invalid("scheduler-address", f"the scheduler at {ip} is outside the networks "
+                      f"this federation's schedulers may use ({allowed}); run the notebook "
+                      "on the hub, or ask the federation's administrator")
+
+
+def check_new_cluster(s: Session, principal: Principal, body: ClusterCreate,
+                      networks: tuple = ()) -> None:
+    """A cluster belongs to a user, brings its own CA, listens inside the allowed networks
+    (``networks``; empty: anywhere) and names only labs that exist."""
     if principal.user_id is None:
         raise NotAllowed("not-a-user", "clusters belong to users; use a user token")
     if not is_ca_certificate(body.ca_cert):
         raise Invalid("bad-ca", "ca_cert must be a PEM CA certificate")
+    if networks:
+        check_scheduler_host(body.scheduler_address, networks)
     if body.labs:
         known = set(s.exec(select(Lab.name).where(col(Lab.name).in_(body.labs))).all())
         unknown = sorted(set(body.labs) - known)

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accounting.models import utcnow
 
-from . import db
+from . import API_PREFIX, db
 from .auth import hash_token
 from .errors import BrokerError, http_status
 from .hub_tokens import HubTokenChecker
@@ -25,13 +25,13 @@ from .routes_accounting import router as accounting_router
 from .routes_admin import router as admin_router
 from .routes_agent import router as agent_router
 from .routes_clusters import router as clusters_router
+from .routes_dashboards import router as dashboards_router
 from .routes_labs import router as labs_router
 from .service import Broker
 from .settings import BrokerSettings
 
 logger = logging.getLogger("parallex.broker")
 
-API_PREFIX = "/api/v1"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
@@ -148,6 +148,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.include_router(admin_router, prefix=API_PREFIX)
     app.include_router(agent_router, prefix=API_PREFIX)
     app.include_router(clusters_router, prefix=API_PREFIX)
+    app.include_router(dashboards_router, prefix=API_PREFIX)
     app.include_router(accounting_router, prefix=API_PREFIX)
     app.include_router(labs_router, prefix=API_PREFIX)
     return app

@@ -84,6 +84,10 @@ class ClusterRecord(SQLModel, table=True):
     created_at: dt.datetime = Field(default_factory=utcnow)
     last_seen: dt.datetime = Field(default_factory=utcnow)
     closed_at: dt.datetime | None = None
+    dashboard_port: int | None = Field(default=None, description="The port of the scheduler's "
+                                       "Dask dashboard, on the scheduler's host; None: none.")
+    dashboard_key_hash: str | None = Field(default=None, description="SHA-256 (hex) of the "
+                                           "secret in the cluster's dashboard link.")
 
 
 class Lease(SQLModel, table=True):
@@ -214,6 +218,10 @@ class ClusterCreate(SQLModel):
                                             "workers (e.g. for sensitive data); [] means any.")
     sites: list[SiteName] = Field(default_factory=list, max_length=100,
                                   description="Only machines at these sites; [] means any.")
+    dashboard_port: int | None = Field(default=None, ge=1, le=65535,
+                                       description="The port of the scheduler's Dask dashboard "
+                                                   "(on the scheduler's host), which the broker "
+                                                   "then serves at the cluster's dashboard link.")
 
     @field_validator("scheduler_address")
     @classmethod
@@ -301,3 +309,6 @@ class ClusterPublic(SQLModel):
     #: Where the cluster's scheduler (in the hub's network) dials the federation gateway to
     #: reach its workers, when the federation has one; workers dial its public address.
     gateway_internal: str | None = None
+    #: Only in the answer to the cluster's creation, to its owner: the path (under the broker's
+    #: URL) where the broker serves the cluster's Dask dashboard; it holds the link's secret.
+    dashboard_path: str | None = None

@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from accounting.models import utcnow
 
 from ..ids import ClusterIdPath
+from . import API_PREFIX
 from .auth import Principal, require_user
 from .costs import cluster_cost
 from .models import (
@@ -27,8 +28,11 @@ router = APIRouter(prefix="/clusters")
 def create(body: ClusterCreate, request: Request,
            principal: Principal = Depends(require_user)) -> ClusterPublic:
     broker = request.app.state.broker
-    cluster = broker.create_cluster(principal, body)
-    return broker.cluster_public(cluster.id)
+    cluster, key = broker.create_cluster(principal, body)
+    public = broker.cluster_public(cluster.id)
+    if key:
+        public.dashboard_path = f"{API_PREFIX}/clusters/{cluster.id}/dashboard/{key}/"
+    return public
 
 
 @router.get("", response_model=list[ClusterPublic])

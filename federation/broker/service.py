@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
+import hmac
 import json
 import logging
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -72,6 +75,11 @@ from .wakeups import Wakeups
 logger = logging.getLogger("parallex.broker")
 
 
+def dashboard_key_hash(key: str) -> str:
+    """What the broker keeps of a dashboard link's secret."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 class Broker:
     """The broker's state beside the database (engine, settings, wake-ups) and its
     operations, one unit of work each."""
@@ -85,6 +93,8 @@ class Broker:
     def __init__(self, engine: Engine, settings: BrokerSettings, seed: int | None = None):
         self.engine = engine
         self.settings = settings
+        #: Where users' schedulers may listen (BrokerSettings.scheduler_networks).
+        self.scheduler_networks = admission.parse_networks(settings.scheduler_networks)
         self.boot_id = uuid.uuid4().hex[:8]
         self.rng = random.Random(seed)
         self.wakeups = Wakeups(self.boot_id)
@@ -332,19 +342,38 @@ class Broker:
 
     # ---- clusters -------------------------------------------------------------------------
 
-    def create_cluster(self, principal: Principal, body: ClusterCreate) -> ClusterRecord:
+    def create_cluster(self, principal: Principal,
+                       body: ClusterCreate) -> tuple[ClusterRecord, str | None]:
+        """Register a cluster; returns it and, when it has a dashboard, the secret of its
+        dashboard link (only its hash is kept, so only this answer can tell it)."""
+        key = secrets.token_urlsafe(32) if body.dashboard_port else None
         with self.session() as s:
-            admission.check_new_cluster(s, principal, body)
+            admission.check_new_cluster(s, principal, body, self.scheduler_networks)
             cluster = ClusterRecord(id="cl_" + uuid.uuid4().hex[:12], name=body.name,
                                     user_id=principal.user_id, lab_id=principal.lab_id,
                                     scheduler_address=body.scheduler_address,
                                     ca_cert=body.ca_cert,
                                     allowed_labs_json=json.dumps(sorted(set(body.labs))),
-                                    allowed_sites_json=json.dumps(sorted(set(body.sites))))
+                                    allowed_sites_json=json.dumps(sorted(set(body.sites))),
+                                    dashboard_port=body.dashboard_port,
+                                    dashboard_key_hash=key and dashboard_key_hash(key))
             s.add(cluster)
             s.commit()
         logger.info("cluster %s registered by %s", cluster.id, principal.user_name)
-        return cluster
+        return cluster, key
+
+    def dashboard_target(self, cluster_id: str, key: str) -> str:
+        """host:port of an active cluster's Dask dashboard, if ``key`` is its link's secret;
+        otherwise NotFound, the same for every reason (ids and keys are not disclosed)."""
+        with self.session() as s:
+            cluster = s.get(ClusterRecord, cluster_id)
+        if (cluster is None or not cluster.active or not cluster.dashboard_port
+                or not cluster.dashboard_key_hash
+                or not hmac.compare_digest(cluster.dashboard_key_hash, dashboard_key_hash(key))):
+            raise NotFound("unknown-dashboard", "no dashboard at this link: its cluster has "
+                           "ended or the link is not its own (print cluster.dashboard_link)")
+        host = cluster.scheduler_address.split("://", 1)[-1].rsplit(":", 1)[0]
+        return f"{host}:{cluster.dashboard_port}"
 
     def cluster_for(self, principal: Principal, cluster_id: str) -> ClusterRecord:
         """The cluster, if the caller may act on it: its owner or an administrator."""

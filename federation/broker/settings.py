@@ -85,6 +85,13 @@ class BrokerSettings:
         "access:services!service=NAME", unit="", env="JUPYTERHUB_SERVICE_NAME")
     hub_token_cache: float = setting(
         60.0, "a hub token's owner is remembered before the hub is asked again")
+    scheduler_networks: str = setting(
+        "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
+        "networks where users' schedulers may listen, comma-separated: a cluster whose "
+        "scheduler address lies elsewhere is refused, so neither the gateway nor lab workers "
+        "can be pointed at other hosts. The default (loopback and private networks) keeps out "
+        "public hosts and link-local metadata services; narrow it to the hub's user-server "
+        "network", unit="")
 
 
 #: How a help text starts for each unit (the help itself continues the sentence).

@@ -3,7 +3,7 @@ kernel (with its scheduler) in a ``hub`` network namespace; one lab machine each
 and ``lab-b``, which can reach only the hub's public address (the broker and the gateway) and
 not each other. The test proves those refusals first, then runs the student's journey in
 Chromium: scale(4) across both labs, a P2P merge, %%remote, a lab agent killed and restarted,
-adapt, and the Dask dashboard through the hub."""
+adapt, and the Dask dashboard through the hub (the student's server, and the broker)."""
 
 from __future__ import annotations
 
@@ -217,6 +217,16 @@ def test_a_student_computes_on_two_labs_that_reach_only_the_gateway(internet, hu
                                         timeout=UI_TIMEOUT_MS)
             dashboard.locator(".bk-Canvas, canvas").first.wait_for()
             dashboard.close()
+            # The same dashboard served by the broker (for servers that cannot proxy it),
+            # through the hub's proxy: the link the cluster holds.
+            served = run_cell(page, "print(parallex_pool.cluster.broker_dashboard_link)", 9)
+            assert served.strip().startswith(f"{hub.url}/services/parallex/api/v1/clusters/"), \
+                served
+            relayed = context.new_page()
+            relayed.goto(served.strip())
+            relayed.wait_for_function("document.title.includes('Dask')", timeout=UI_TIMEOUT_MS)
+            relayed.locator(".bk-Canvas, canvas").first.wait_for()
+            relayed.close()
     except BaseException:
         for log in (hub.tmp / "hub" / "users" / USER / ".parallex" / "logs").glob("*.log"):
             print(f"==== {log}\n{log.read_text(errors='replace')[-6000:]}")
