@@ -49,6 +49,10 @@ PARTITIONS = 8
 CLUSTERS = ("Parallex", "Parallex, Dask defaults", "LocalCluster")
 
 
+# inc, tiny_rate, make_part and merge_seconds repeat benchmarks/throughput.py and shuffle.py on
+# purpose: defined in __main__ they travel to the workers by value, and workers (in their
+# lease folders) cannot import benchmarks/. Distributed pickles a task holding an imported
+# function by reference, even with cloudpickle.register_pickle_by_value.
 def inc(x: int) -> int:
     return x + 1
 

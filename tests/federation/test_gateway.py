@@ -197,6 +197,53 @@ def test_a_worker_behind_nat_is_dialled_through_connections_it_parked(tmp_path, 
     assert asyncio.run(go()) == [{"echo": i} for i in range(5)]
 
 
+def test_a_certificate_of_one_cluster_fails_against_another_through_the_gateway():
+    """The gateway routes by name only; the scheduler's own TLS refuses a worker whose
+    certificate another cluster's CA signed, even when it names this cluster."""
+    from distributed.comm import connect, listen
+    from distributed.comm.core import CommClosedError
+    from distributed.security import Security
+
+    from federation.tls import ROLE_SCHEDULER, ROLE_WORKER, ClusterAuthority
+
+    def security(ca: ClusterAuthority, role: str, kind: str) -> Security:
+        issued = ca.issue(kind, role)
+        return Security(tls_ca_file=ca.ca_pem, require_encryption=True,
+                        **{f"tls_{kind}_cert": issued.cert, f"tls_{kind}_key": issued.key})
+
+    ours, theirs = ClusterAuthority(), ClusterAuthority()
+    scheduler = security(ours, ROLE_SCHEDULER, "scheduler")
+
+    async def go():
+        async def echo(comm):
+            await comm.write(await comm.read())
+            await comm.close()
+
+        listener = await listen("tls://127.0.0.1:0", echo,
+                                **scheduler.get_listen_args("scheduler"))
+        await listener.start()
+        host_port = listener.contact_address.removeprefix("tls://")
+        gateway = Gateway(lambda cluster: host_port if cluster == "cl_0123456789ab" else None)
+        await gateway.start()
+        try:
+            address = gateway_address(gateway.address, "cl_0123456789ab")
+            comm = await connect(address, **security(ours, ROLE_WORKER, "worker")
+                                 .get_connection_args("worker"))
+            await comm.write("ours")
+            assert await comm.read() == "ours"
+            await comm.close()
+            with pytest.raises((CommClosedError, OSError)):
+                comm = await connect(address, timeout=5, **security(
+                    theirs, ROLE_WORKER, "worker").get_connection_args("worker"))
+                await comm.write("theirs")
+                await comm.read()
+        finally:
+            listener.stop()
+            await gateway.close()
+
+    asyncio.run(go())
+
+
 def test_a_cluster_measures_its_round_trips_and_hides_them(tmp_path):
     """Workers 40 ms away (a delay relay in front of the gateway's public address): the
     cluster measures that round trip, its scheduler dials workers through the gateway's

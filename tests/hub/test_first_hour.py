@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.utils.browser import chromium
-from tests.utils.notebook import UI_TIMEOUT_MS, run_cell
+from tests.utils.notebook import UI_TIMEOUT_MS, open_jupyterlab, run_cell
 from tests.utils.procs import agents_folder, kill_workers_under, wait_until
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
@@ -31,17 +31,8 @@ def test_a_students_first_hour_in_jupyterlab(hub):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     try:
         with chromium() as browser:
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
-            page = context.new_page()
-            page.set_default_timeout(UI_TIMEOUT_MS)
             # 1-2. Sign in through the institution; the hub spawns the server and opens Lab.
-            page.goto(f"{hub.url}/hub/login?institution=north")
-            page.fill("input[name=username]", "alice")
-            page.fill("input[name=password]", "alice-pw")
-            page.click("button[type=submit]")
-            page.wait_for_url(re.compile(rf".*/user/{re.escape(user)}/lab.*"),
-                              timeout=UI_TIMEOUT_MS)
-            page.wait_for_selector(".jp-Launcher")
+            context, page = open_jupyterlab(browser, hub.url, "north", "alice", "alice-pw")
             # The lab (made by the sign-in) gets a machine.
             agent = hub.start_lab_agent("north-physics", agents / "agent", "north-lab-1")
             # 3. The examples are in the new home.

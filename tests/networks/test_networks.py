@@ -18,7 +18,7 @@ import yaml
 from tests.utils.browser import chromium
 from tests.utils.hub import Hub, start_hub
 from tests.utils.netns import HUB_PUBLIC, NamespacesUnavailable, SmallInternet
-from tests.utils.notebook import UI_TIMEOUT_MS, run_cell
+from tests.utils.notebook import UI_TIMEOUT_MS, open_jupyterlab, run_cell
 from tests.utils.procs import agents_folder, kill_workers_under
 
 USER = "alice@north"
@@ -78,16 +78,7 @@ def test_a_student_computes_on_two_labs_that_reach_only_the_gateway(internet, hu
         # The second lab exists once one of its people signed in.
         assert hub.login("south", "alice", "alice-pw").status_code == 200
         with chromium() as browser:
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
-            page = context.new_page()
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(f"{hub.url}/hub/login?institution=north")
-            page.fill("input[name=username]", "alice")
-            page.fill("input[name=password]", "alice-pw")
-            page.click("button[type=submit]")
-            page.wait_for_url(re.compile(rf".*/user/{re.escape(USER)}/lab.*"),
-                              timeout=UI_TIMEOUT_MS)
-            page.wait_for_selector(".jp-Launcher")
+            context, page = open_jupyterlab(browser, hub.url, "north", "alice", "alice-pw")
 
             # 1. The networks refuse what a campus firewall refuses.
             server = user_server_port(hub)

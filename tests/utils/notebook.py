@@ -13,6 +13,22 @@ REPO = Path(__file__).resolve().parents[2]
 UI_TIMEOUT_MS = 120_000
 
 
+def open_jupyterlab(browser, hub_url: str, institution: str, username: str, password: str):
+    """Sign in through ``institution`` in a new browser context, as a person does; returns
+    (context, page) once the hub has spawned the server and JupyterLab shows its launcher."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    page.goto(f"{hub_url}/hub/login?institution={institution}")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", password)
+    page.click("button[type=submit]")
+    user = f"{username}@{institution}"
+    page.wait_for_url(re.compile(rf".*/user/{re.escape(user)}/lab.*"), timeout=UI_TIMEOUT_MS)
+    page.wait_for_selector(".jp-Launcher")
+    return context, page
+
+
 def run_cell(page, code: str, index: int) -> str:
     """Type ``code`` into the notebook's cell ``index`` (0-based), run it and return the text
     of its output once the cell has finished (its prompt shows a number again)."""
