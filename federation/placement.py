@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from accounting import gpus
 from accounting.pricing import DEFAULT_GPU_CLASSES
 
+from .placement_index import CandidateIndex
+
 
 @dataclass(frozen=True)
 class GpuSlot:
@@ -135,30 +137,49 @@ def place(
         for lab, n in counts.items():
             sites[cid][lab_site.get(lab, "")] += n
 
+    if not requests:
+        return placements
+    index = CandidateIndex(providers, min(r.cpus for r in requests),
+                           min(r.memory for r in requests))
     for req in requests:
         where = reach.setdefault(req.cluster_id, Reach())
-        candidates = [p for p in providers if fits(p, req) and where.admits(p)]
-        if not candidates:
-            continue
         lab_counts = labs.setdefault(req.cluster_id, Counter())
         site_counts = sites.setdefault(req.cluster_id, Counter())
-
         # Near the cluster's other workers first; then a machine whose owner takes it back
         # less often (in steps of 10 %, so small differences leave the choice random).
-        best = max(candidates,
-                   key=lambda p, lc=lab_counts, sc=site_counts: (
-                       lc[p.lab], sc[p.site], -round(p.preemption_rate, 1), rng.random()))
+        best = index.best(_labs_allowed(req, where, index.labs_at), lab_counts, site_counts,
+                          req.gpus > 0,
+                          lambda p, r=req, w=where: fits(p, r) and w.admits(p), rng)
+        if best is None:
+            continue
         gpu_slots = sorted(matching_gpus(best.free_gpus, req.gpu_model), key=lambda g: g.index)
         taken = gpu_slots[: req.gpus]
         best.free_cpus -= req.cpus
         best.free_memory -= req.memory
         best.free_gpus = [g for g in best.free_gpus if g not in taken]
+        index.taken(best)
         lab_counts[best.lab] += 1
         site_counts[best.site] += 1
         where.add(best)
         placements.append(Placement(req.lease_id, best.provider_id, tuple(g.index for g in taken),
                                     taken[0].model if taken else None))
     return placements
+
+
+def _labs_allowed(req: LeaseRequest, where: Reach,
+                  labs_at: dict[str, set[str]]) -> set[str] | None:
+    """The labs whose providers could serve ``req`` by its restrictions and its cluster's
+    reach (None: any); a superset, since the fit check decides per provider."""
+    labs: set[str] | None = set(req.allowed_labs) if req.allowed_labs else None
+    sites = set(req.allowed_sites) if req.allowed_sites else None
+    if where.closed:
+        sites = (sites if sites is not None else set(where.closed)) & where.closed
+        if len(where.closed) > 1:
+            sites = set()
+    if sites is not None:
+        at_sites = {lab for site in sites for lab in labs_at.get(site, ())}
+        labs = at_sites if labs is None else labs & at_sites
+    return labs
 
 
 def place_with_owner_priority(

@@ -19,6 +19,7 @@ from . import API_PREFIX, db
 from .auth import hash_token
 from .errors import BrokerError, http_status
 from .hub_tokens import HubTokenChecker
+from .metrics import HttpTimer
 from .models import ApiToken, TokenKind
 from .ratelimit import RateLimiter, RateLimitMiddleware
 from .routes_accounting import router as accounting_router
@@ -104,6 +105,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                   # message, not a redirect to another path.
                   redirect_slashes=False)
     app.state.broker = broker
+    app.add_middleware(HttpTimer, metrics=broker.metrics)
     app.add_middleware(RateLimitMiddleware, prefix=API_PREFIX, limiter=RateLimiter(
         rate=settings.rate_limit, burst=settings.rate_burst,
         max_concurrent=settings.max_concurrent_requests))

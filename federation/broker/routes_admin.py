@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import generate_latest
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, SQLModel, select
 
@@ -188,3 +190,12 @@ def list_providers(request: Request, _p: Principal = Depends(require_any)) -> li
                  "memory": p.memory, "gpus": p.gpus, "online": p.online,
                  "last_seen": p.last_seen, "reliability": round(factors[p.id], 4)}
                 for p, lab in rows]
+
+
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}}})
+def metrics(request: Request, principal: Principal = Depends(require_admin)) -> str:
+    """Prometheus metrics (text format): leases by state and lab, the oldest pending lease's
+    age, agents online and offering, PCU/h by lab, and this replica's placement, metering and
+    HTTP timings. Scrape with an administrator token (``authorization: credentials_file``)."""
+    return generate_latest(request.app.state.broker.metrics.registry).decode()

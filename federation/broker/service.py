@@ -51,6 +51,7 @@ from .capacity import record_capacity
 from .errors import Conflict, Invalid, NotFound, TooSoon
 from .lease_ends import end_by_provider, release_all
 from .metering_runs import meter_leases
+from .metrics import BrokerMetrics
 from .models import (
     HELD_STATES,
     LIVE_STATES,
@@ -102,6 +103,8 @@ class Broker:
         self._last_metering = 0.0
         self._last_heartbeat: dict[str, float] = {}
         self._last_capacity = 0.0
+        #: Prometheus metrics (GET /api/v1/metrics); passes time themselves into it.
+        self.metrics = BrokerMetrics(self.session)
 
     def session(self) -> Session:
         return db.session(self.engine)
@@ -122,8 +125,9 @@ class Broker:
 
     def _place(self, s: Session) -> set[str]:
         """A placement pass inside the caller's unit of work; the providers to wake."""
-        return place_pending(s, self.rng, self.settings.fair_share_half_life,
-                             relayed=self.gateway_address is not None)
+        with self.metrics.placement.time():
+            return place_pending(s, self.rng, self.settings.fair_share_half_life,
+                                 relayed=self.gateway_address is not None)
 
     def place_pending(self) -> int:
         """A placement pass as a unit of its own; returns how many providers got leases."""
@@ -570,7 +574,8 @@ class Broker:
             self._last_metering = time.monotonic()
         elif not lease_ids:
             return 0
-        with self.session() as s:
+        timer = self.metrics.metering.time() if lease_ids is None else contextlib.nullcontext()
+        with timer, self.session() as s:
             try:
                 recorded = meter_leases(s, self.settings, now or utcnow(), lease_ids)
                 s.commit()

@@ -185,3 +185,71 @@ def test_gpu_models_match_by_class_or_whole_words_never_by_substring():
     placed = place([req("l1", gpus=1, model="a10")], [cap("p", "a", gpus=slots)], {},
                    random.Random(0))
     assert [(p.gpu_indices, p.gpu_model) for p in placed] == [((1,), "NVIDIA A10G")]
+
+
+def test_the_indexed_pass_picks_a_best_fitting_provider_every_time():
+    """Against the definition, on random federations: each placed request went to a provider
+    that fits, its cluster can reach, and has the best (lab count, site count, preemption
+    step) key among those at that moment; each unplaced request had no such provider."""
+    from federation.placement import Reach, fits
+
+    for seed in range(60):
+        rng = random.Random(seed)
+        providers = []
+        for i in range(rng.randrange(1, 40)):
+            lab = f"lab-{rng.randrange(5)}"
+            site = f"site-{rng.randrange(3)}" if rng.random() < 0.3 else lab
+            gpus = [GpuSlot(g, rng.choice(["NVIDIA A100", "NVIDIA T4"]), 16 * GiB)
+                    for g in range(rng.choice([0, 0, 2]))]
+            p = ProviderCapacity(f"p{i}", lab, site, float(rng.choice([1, 2, 4])),
+                                 rng.choice([2, 4, 8]) * GiB, gpus,
+                                 preemption_rate=rng.choice([0.0, 0.04, 0.3, 0.9]),
+                                 accepts_peers=rng.random() < 0.8)
+            providers.append(p)
+        requests = []
+        for i in range(rng.randrange(1, 60)):
+            gpu = rng.random() < 0.15
+            allowed = (frozenset({f"lab-{rng.randrange(5)}"}) if rng.random() < 0.15
+                       else frozenset())
+            sites = (frozenset({f"site-{rng.randrange(3)}", "lab-1"}) if rng.random() < 0.1
+                     else frozenset())
+            requests.append(LeaseRequest(f"l{i}", f"c{rng.randrange(6)}",
+                                         rng.choice([0.5, 1, 2]), rng.choice([1, 2]) * GiB,
+                                         1 if gpu else 0, "a100" if gpu else None,
+                                         allowed_labs=allowed, allowed_sites=sites))
+        held = {f"c{c}": Counter({f"lab-{rng.randrange(5)}": 1}) for c in range(3)}
+        reference = {p.provider_id: ProviderCapacity(p.provider_id, p.lab, p.site,
+                                                     p.free_cpus, p.free_memory,
+                                                     list(p.free_gpus), p.preemption_rate,
+                                                     p.accepts_peers) for p in providers}
+        placed = {p.lease_id: p for p in place(requests, providers, held,
+                                               random.Random(seed))}
+        labs = {c: Counter(n) for c, n in held.items()}
+        sites_of = {c: Counter() for c in held}
+        site_of_lab = {p.lab: p.site for p in reference.values()}
+        for c, counts in labs.items():
+            for lab, n in counts.items():
+                sites_of[c][site_of_lab.get(lab, "")] += n
+        reach: dict[str, Reach] = {}
+        for r in requests:
+            where = reach.setdefault(r.cluster_id, Reach())
+            lc = labs.setdefault(r.cluster_id, Counter())
+            sc = sites_of.setdefault(r.cluster_id, Counter())
+            ok = [p for p in reference.values() if fits(p, r) and where.admits(p)]
+
+            def key(p, lc=lc, sc=sc):
+                return (lc[p.lab], sc[p.site], -round(p.preemption_rate, 1))
+
+            if r.lease_id not in placed:
+                assert not ok, (seed, r, ok)
+                continue
+            chosen = reference[placed[r.lease_id].provider_id]
+            assert chosen in ok, (seed, r, chosen)
+            assert key(chosen) == max(map(key, ok)), (seed, r, chosen, ok)
+            chosen.free_cpus -= r.cpus
+            chosen.free_memory -= r.memory
+            taken = set(placed[r.lease_id].gpu_indices)
+            chosen.free_gpus = [g for g in chosen.free_gpus if g.index not in taken]
+            lc[chosen.lab] += 1
+            sc[chosen.site] += 1
+            where.add(chosen)

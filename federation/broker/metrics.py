@@ -1,0 +1,132 @@
+"""Prometheus metrics of the broker, at ``GET /api/v1/metrics`` (administrator token).
+
+Two kinds: what the database says at scrape time (leases by state and lab, the oldest pending
+lease's age, agents online, PCU/h by lab), read by a collector so a scrape always sees the
+federation as it is, whichever broker replica answers; and what this process timed (placement
+and metering passes, HTTP requests by route), histograms of this replica only.
+
+Each app has its own registry: tests build many apps in one process, and Prometheus client's
+global registry would refuse a second set of the same names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import case, func
+from sqlmodel import Session, select
+
+from accounting.models import Lab, as_utc, utcnow
+from accounting.pricing import Resources, pcu_per_hour, price_at
+
+from . import API_PREFIX
+from .models import ClusterRecord, Lease, LeaseState, Provider
+
+#: Seconds buckets for passes (placement, metering): from a few ms to a minute.
+PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: Seconds buckets for HTTP requests (long polls are excluded: they wait on purpose).
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class FederationCollector:
+    """Gauges read from the database at each scrape."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        leases = GaugeMetricFamily("parallex_leases", "Leases by state and by the lab of "
+                                   "the user whose cluster holds them.",
+                                   labels=["state", "lab"])
+        oldest = GaugeMetricFamily("parallex_oldest_pending_lease_seconds",
+                                   "Age of the oldest lease waiting for a provider (0: none).")
+        agents = GaugeMetricFamily("parallex_agents_online", "Provider agents online, by lab.",
+                                   labels=["lab"])
+        offering = GaugeMetricFamily("parallex_agents_offering", "Online provider agents whose "
+                                     "owner policy offers the machine now, by lab.",
+                                     labels=["lab"])
+        spending = GaugeMetricFamily("parallex_pcu_per_hour", "PCU per hour the lab's running "
+                                     "leases cost now (own machines included).", labels=["lab"])
+        with self.session() as s:
+            labs = dict(s.exec(select(Lab.id, Lab.name)).all())
+            for state, lab_id, n in s.exec(
+                    select(Lease.state, ClusterRecord.lab_id, func.count())
+                    .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+                    .where(Lease.state != LeaseState.ended)
+                    .group_by(Lease.state, ClusterRecord.lab_id)).all():
+                leases.add_metric([str(getattr(state, "value", state)), labs.get(lab_id, "")], n)
+            first = s.exec(select(func.min(Lease.created_at))
+                           .where(Lease.state == LeaseState.pending)).one()
+            oldest.add_metric([], (utcnow() - as_utc(first)).total_seconds() if first else 0.0)
+            for lab_id, online, offered in s.exec(
+                    select(Provider.lab_id, func.count(),
+                           func.sum(case((Provider.offering == True, 1), else_=0)))  # noqa: E712
+                    .where(Provider.online == True)  # noqa: E712
+                    .group_by(Provider.lab_id)).all():
+                agents.add_metric([labs.get(lab_id, "")], online)
+                offering.add_metric([labs.get(lab_id, "")], float(offered or 0))
+            for lab, rate in _pcu_per_hour(s, labs).items():
+                spending.add_metric([lab], rate)
+        yield from (leases, oldest, agents, offering, spending)
+
+
+def _pcu_per_hour(s: Session, labs: dict[int, str]) -> dict[str, float]:
+    price = price_at(s, utcnow())
+    rates: dict[str, float] = {}
+    for lease, lab_id in s.exec(
+            select(Lease, ClusterRecord.lab_id)
+            .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+            .where(Lease.state == LeaseState.running)).all():
+        res = Resources(lease.cpus, lease.memory, lease.gpus, lease.priced_gpu_model)
+        lab = labs.get(lab_id, "")
+        rates[lab] = rates.get(lab, 0.0) + pcu_per_hour(price, res)
+    return rates
+
+
+class BrokerMetrics:
+    """The broker's registry and the timings it records."""
+
+    def __init__(self, session) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(FederationCollector(session))
+        self.placement = Histogram("parallex_placement_pass_seconds",
+                                   "Seconds of one placement pass (this replica).",
+                                   buckets=PASS_BUCKETS, registry=self.registry)
+        self.metering = Histogram("parallex_metering_pass_seconds",
+                                  "Seconds of one periodic metering pass (this replica).",
+                                  buckets=PASS_BUCKETS, registry=self.registry)
+        self.http = Histogram("parallex_http_request_seconds",
+                              "Seconds to answer a request, by method and route template "
+                              "under /api/v1 (this replica; long polls excluded).",
+                              labelnames=["method", "route"], buckets=HTTP_BUCKETS,
+                              registry=self.registry)
+
+
+class HttpTimer:
+    """ASGI middleware timing each HTTP request by its route template (bounded labels:
+    never the raw path, which holds ids)."""
+
+    #: Routes that wait on purpose (long polls of agents and clusters).
+    UNTIMED = ("/agent/{provider_id}/leases", "/clusters/{cluster_id}/signing-requests")
+
+    def __init__(self, app, metrics: BrokerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path_format", None) or getattr(route, "path", None)
+            template = template and template.removeprefix(API_PREFIX)
+            if template and template not in self.UNTIMED:
+                self.metrics.http.labels(scope["method"], template).observe(
+                    time.perf_counter() - start)
