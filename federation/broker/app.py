@@ -84,7 +84,10 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
             while True:
                 await asyncio.sleep(interval)
                 try:
-                    broker.reap()
+                    # In a thread: a metering pass (about a second per 10,000 leases) or a
+                    # capacity sample must not hold the event loop that answers heartbeats,
+                    # long polls and scale requests.
+                    await asyncio.to_thread(broker.reap)
                 except Exception:  # keep reaping after a transient database error
                     logger.exception("reaper pass failed")
 
