@@ -99,6 +99,8 @@ class ProviderAgent:
         self._beat_now = asyncio.Event()
         # Called with each owner-policy decision that changes what the agent does.
         self.on_decision: Callable[[Decision], None] | None = None
+        #: Prometheus metrics (federation.agent_metrics.AgentMetrics) when served.
+        self.metrics: Any = None
 
     # ---- state file -------------------------------------------------------------------------
 
@@ -248,9 +250,12 @@ class ProviderAgent:
                     # Built under the lock that also guards state reports, so a lease's
                     # "running" report never overtakes a heartbeat that predates its worker.
                     running = [lid for lid in self.workers if lid not in self._stopping]
-                    await self.client.request("POST", f"{self._base}/heartbeat", json={
-                        "running": running, "offering": self.offering,
-                        "offer_note": self.offer_note[:300]})
+                    timer = (self.metrics.heartbeat.time() if self.metrics is not None
+                             else contextlib.nullcontext())
+                    with timer:
+                        await self.client.request("POST", f"{self._base}/heartbeat", json={
+                            "running": running, "offering": self.offering,
+                            "offer_note": self.offer_note[:300]})
             except errors.ParallexError as exc:
                 logger.warning("heartbeat failed: %s", exc)
             # The owner policy wakes it early when the offer changes.

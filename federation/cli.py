@@ -258,6 +258,17 @@ def cmd_provide(args: argparse.Namespace) -> int:
     logging.getLogger("parallex.agent").info(
         "workers run under %s; lease sizes enforced by %s; owner policy: offer %s",
         accounts.describe(), enforcement.describe(), ", ".join(policy.offer))
+    if args.metrics_port is not None:
+        from .agent_metrics import AgentMetrics
+
+        agent.metrics = AgentMetrics(agent)
+        try:
+            port = agent.metrics.serve(args.metrics_port, args.metrics_address)
+        except OSError as exc:
+            return cli_provide.print_error(
+                f"--metrics-port {args.metrics_port} on {args.metrics_address}: {exc.strerror}")
+        print(f"PARALLEX_AGENT_METRICS=http://{args.metrics_address}:{port}/metrics",
+              flush=True)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -407,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "more than the CPUs no lease holds. Each costs about 100 MB of memory "
                         "while it waits. 0 turns it off, at most 64 (default 4: one per free "
                         "CPU up to 4).")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="Serve Prometheus metrics (workers by state, offering, CPUs leased, "
+                        "heartbeat round trip) on this port; 0 picks a free one (default: "
+                        "off).")
+    p.add_argument("--metrics-address", default="127.0.0.1", metavar="HOST",
+                   help="Address the metrics listen on (default 127.0.0.1: the lab's network "
+                        "sees no listener; scrape from the machine itself).")
     cli_provide_options(p)
     p.set_defaults(func=cmd_provide)
 

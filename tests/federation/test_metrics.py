@@ -4,13 +4,19 @@ and only for an administrator."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from federation import FederatedCluster
+from hub_config.local import free_port
 from tests.utils.procs import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -55,3 +61,63 @@ def test_metrics_say_what_the_federation_holds_and_how_long_the_broker_took(fede
     user = httpx.get(url, headers={"Authorization": f"Bearer {fed.user_tokens['alice']}"},
                      timeout=30)
     assert user.status_code == 403 and "kind: admin" in user.json()["message"]
+
+
+def test_an_agent_serves_its_own_metrics_on_loopback(federation):
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    port = free_port()
+    fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB",
+                  extra=("--metrics-port", str(port)))
+    url = f"http://127.0.0.1:{port}/metrics"
+    with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                          worker_memory="1 GiB") as cluster:
+        cluster.scale(2)
+        cluster.wait_for_workers(2)
+
+        def running() -> float | None:
+            return samples(httpx.get(url, timeout=10).text).get(
+                ("parallex_agent_workers", (("state", "running"),)))
+
+        wait_until(lambda: running() == 2, 30, "the agent's metrics to show two workers")
+        now = samples(httpx.get(url, timeout=10).text)
+        assert now[("parallex_agent_registered", ())] == 1
+        assert now[("parallex_agent_offering", ())] == 1
+        assert now[("parallex_agent_cpus_offered", ())] == 2
+        assert now[("parallex_agent_cpus_leased", ())] == 2
+        assert now[("parallex_agent_heartbeat_seconds_count", ())] >= 1
+    # Loopback only: the lab's network sees no listener.
+    listening = [c for c in psutil.net_connections("tcp")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert [c.laddr.ip for c in listening] == ["127.0.0.1"], listening
+
+
+def test_the_grafana_dashboard_plots_only_metrics_that_exist(tmp_path):
+    """deploy/grafana/parallex.json against what the broker and an agent register: a renamed
+    metric must not leave an empty panel behind."""
+    from prometheus_client import generate_latest
+
+    from federation.agent_metrics import AgentMetrics
+    from federation.broker.app import create_app
+
+    app = create_app(f"sqlite:///{tmp_path / 'b.db'}", admin_token="t" * 40)
+    exposed = generate_latest(app.state.broker.metrics.registry).decode()
+
+    class Idle:  # only what AgentCollector reads
+        _suspended: set = set()
+        workers: dict = {}
+        _sizes: dict = {}
+        _ready = 0
+        offering = True
+        capacity = type("C", (), {"cpus": 1.0, "memory": 1})()
+        registered = type("R", (), {"is_set": lambda self: True})()
+
+    exposed += generate_latest(AgentMetrics(Idle()).registry).decode()
+    names = set(re.findall(r"^# TYPE (\w+) ", exposed, re.MULTILINE))
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "parallex.json").read_text())
+    used = {m for panel in dashboard["panels"] for target in panel["targets"]
+            for m in re.findall(r"parallex_\w+", target["expr"])}
+    assert used, "the dashboard plots nothing"
+    unknown = {m for m in used
+               if m not in names and re.sub(r"_(bucket|count|sum)$", "", m) not in names}
+    assert not unknown, unknown
