@@ -6,8 +6,11 @@ Readable tables by default; --json prints the broker's answer for scripts.
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime as dt
 import json
 import os
+import sys
 from decimal import Decimal
 
 from . import errors
@@ -111,23 +114,87 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _periods(args: argparse.Namespace) -> list[tuple[str | None, str | None]]:
+    """[(since, until)] — one span, or one per day/month of --since..--until."""
+    if not args.period:
+        return [(args.since, args.until)]
+    if not args.since:
+        raise errors.RequestRejected("--period needs --since (the first period's start)")
+    start = dt.date.fromisoformat(args.since[:10])
+    end = dt.date.fromisoformat(args.until[:10]) if args.until else dt.date.today()
+    spans = []
+    while start < end:
+        nxt = (start + dt.timedelta(days=1) if args.period == "day"
+               else (start.replace(day=1) + dt.timedelta(days=32)).replace(day=1))
+        spans.append((start.isoformat(), min(nxt, end).isoformat()))
+        start = nxt
+    return spans
+
+
 def cmd_usage(args: argparse.Namespace) -> int:
-    params = {"by": args.by, "side": args.side} | {
-        k: v for k in ("since", "until", "lab") if (v := getattr(args, k))}
-    answer = _fetch(args, "/usage", params)
-    if args.json:
-        print(json.dumps(answer, indent=2, default=str))
+    fmt = "json" if args.json else args.format
+    base = {"by": args.by, "side": args.side} | ({"lab": args.lab} if args.lab else {})
+    rows, answer = [], {}
+    for since, until in _periods(args):
+        params = base | {k: v for k, v in (("since", since), ("until", until)) if v}
+        answer = _fetch(args, "/usage", params)
+        rows += [{"period_start": since, "period_end": until, **r} for r in answer["rows"]]
+    if fmt == "json":
+        print(json.dumps({**answer, "since": args.since, "until": args.until,
+                          "period": args.period, "rows": rows}, indent=2, default=str))
+        return 0
+    if fmt == "csv":
+        fields = list(dict.fromkeys(k for r in rows for k in r)) or [
+            "period_start", "period_end", args.by]
+        writer = csv.DictWriter(sys.stdout, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
         return 0
     cur = answer.get("currency", "USD")
-    head = [args.by, "charged PCU", "earned PCU", "own-machine PCU", "core-hours", "GPU-hours",
-            f"cloud {cur}"]
-    rows = [head + (["reliability"] if args.by == "provider" else [])] + [
-        [r[args.by], _pcu(r["pcu"]), _pcu(r["earned_pcu"]), _pcu(r["self_use_pcu"]),
-         f"{r['core_hours']:.3f}", f"{r['gpu_hours']:.3f}", f"{r['cloud_cost']:,.2f}"]
+    period = bool(args.period)
+    head = (["period"] if period else []) + [
+        args.by, "charged PCU", "earned PCU", "own-machine PCU", "core-hours", "GPU-hours",
+        f"cloud {cur}"]
+    table = [head + (["reliability"] if args.by == "provider" else [])] + [
+        ([r["period_start"]] if period else [])
+        + [r[args.by], _pcu(r["pcu"]), _pcu(r["earned_pcu"]), _pcu(r["self_use_pcu"]),
+           f"{r['core_hours']:.3f}", f"{r['gpu_hours']:.3f}", f"{r['cloud_cost']:,.2f}"]
         + ([f"{r['reliability']:.3f}"] if args.by == "provider" else [])
-        for r in answer["rows"]]
+        for r in rows]
     print(f"Usage {args.side} ({answer['scope']})")
-    print(_table(rows, right=set(range(1, 8))) if len(rows) > 1 else "no usage")
+    shift = 1 if period else 0
+    print(_table(table, right=set(range(1 + shift, 8 + shift))) if len(table) > 1
+          else "no usage")
+    return 0
+
+
+def cmd_records(args: argparse.Namespace) -> int:
+    """`parallex records`: every job record (one per ended lease) in the window, all pages."""
+    from .broker.job_records import FIELDS as JOB_RECORD_FIELDS
+
+    params = {k: v for k in ("since", "until", "lab") if (v := getattr(args, k))}
+    found: list[dict] = []
+    cursor = None
+    while True:
+        page = _fetch(args, "/usage/records", params | {"limit": 10_000} | (
+            {"after": cursor} if cursor else {}))
+        found += page["records"]
+        cursor = page["next"]
+        if not cursor:
+            break
+    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        if args.format == "json":
+            out.write(json.dumps(found, indent=2) + "\n")
+        else:
+            writer = csv.DictWriter(out, fieldnames=JOB_RECORD_FIELDS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(found)
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        print(f"wrote {len(found)} records to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -263,7 +330,24 @@ def add_parsers(sub, admin_sub) -> None:
                         "machines served (PIs and admins).")
     u.add_argument("--lab", help="Only this lab (default: yours; admins: all labs). Members "
                                  "see their own usage, PIs their lab's.")
+    u.add_argument("--period", choices=["day", "month"],
+                   help="One row per group and day or month from --since to --until (default: "
+                        "one total over the whole span).")
+    u.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="Output format (default table; --json is json).")
     u.set_defaults(func=cmd_usage)
+
+    rec = sub.add_parser("records", help="Job records, one per ended lease, for a site's "
+                                         "accounting (docs/job-records.md).")
+    common(rec)
+    rec.add_argument("--since", help="Leases that ended from this UTC time, e.g. 2026-11-01.")
+    rec.add_argument("--until", help="Leases that ended before this UTC time.")
+    rec.add_argument("--lab", help="Only this lab (default: yours; admins: all labs).")
+    rec.add_argument("--format", choices=["csv", "json"], default="csv",
+                     help="Output format (default csv).")
+    rec.add_argument("--output", metavar="FILE", help="Write to FILE (default: standard "
+                                                       "output).")
+    rec.set_defaults(func=cmd_records)
 
     lab = sub.add_parser("lab", help="Your lab's members and machines (PIs and admins).")
     lsub = lab.add_subparsers(dest="lab_view", required=True)

@@ -28,6 +28,7 @@ from .routes_agent import router as agent_router
 from .routes_clusters import router as clusters_router
 from .routes_dashboards import router as dashboards_router
 from .routes_labs import router as labs_router
+from .routes_records import router as records_router
 from .service import Broker
 from .settings import BrokerSettings
 
@@ -155,6 +156,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.include_router(clusters_router, prefix=API_PREFIX)
     app.include_router(dashboards_router, prefix=API_PREFIX)
     app.include_router(accounting_router, prefix=API_PREFIX)
+    app.include_router(records_router, prefix=API_PREFIX)
     app.include_router(labs_router, prefix=API_PREFIX)
     return app
 
