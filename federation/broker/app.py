@@ -22,6 +22,7 @@ from .hub_tokens import HubTokenChecker
 from .metrics import HttpTimer
 from .models import ApiToken, TokenKind
 from .ratelimit import RateLimiter, RateLimitMiddleware
+from .replicas import give_up_leadership
 from .routes_accounting import router as accounting_router
 from .routes_admin import router as admin_router
 from .routes_agent import router as agent_router
@@ -92,6 +93,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                 except Exception:  # keep reaping after a transient database error
                     logger.exception("reaper pass failed")
 
+        if broker.relay is not None:
+            broker.relay.start()
         task = asyncio.create_task(reaper())
         logger.info("broker %s ready (started %s UTC)", broker.boot_id, utcnow())
         try:
@@ -100,6 +103,10 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if broker.relay is not None:
+                broker.relay.stop()
+            if broker.is_leader:
+                give_up_leadership(engine, broker.boot_id)
             engine.dispose()
 
     app = FastAPI(title="Parallex broker", version="1", lifespan=lifespan,

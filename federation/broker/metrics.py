@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import case, func
 from sqlmodel import Session, select
@@ -98,6 +98,9 @@ class BrokerMetrics:
         self.metering = Histogram("parallex_metering_pass_seconds",
                                   "Seconds of one periodic metering pass (this replica).",
                                   buckets=PASS_BUCKETS, registry=self.registry)
+        self.leader = Gauge("parallex_broker_leader", "1 on the replica that runs the "
+                            "periodic passes (reaping, metering, capacity samples), else 0.",
+                            registry=self.registry)
         self.http = Histogram("parallex_http_request_seconds",
                               "Seconds to answer a request, by method and route template "
                               "under /api/v1 (this replica; long polls excluded).",

@@ -90,6 +90,15 @@ class ClusterRecord(SQLModel, table=True):
                                            "secret in the cluster's dashboard link.")
 
 
+class BrokerLeader(SQLModel, table=True):
+    """Which broker replica runs the periodic passes, until when (database time)."""
+
+    __tablename__ = "broker_leader"
+    name: str = Field(primary_key=True)
+    holder: str = ""
+    expires_at: dt.datetime = Field(default_factory=utcnow)
+
+
 class Lease(SQLModel, table=True):
     id: str = Field(primary_key=True)
     cluster_id: str = Field(foreign_key="cluster.id", index=True)

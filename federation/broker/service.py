@@ -68,6 +68,7 @@ from .models import (
     WorkerCertificate,
 )
 from .placing import lock_across_processes, place_pending, request_of
+from .replicas import WakeupRelay, hold_leadership, is_postgresql
 from .settings import BrokerSettings
 from .timeouts import end_overdue, end_silent_providers
 from .views import agent_leases, clusters_public
@@ -105,6 +106,14 @@ class Broker:
         self._last_capacity = 0.0
         #: Prometheus metrics (GET /api/v1/metrics); passes time themselves into it.
         self.metrics = BrokerMetrics(self.session)
+        #: Whether this replica runs the periodic passes now (always, on SQLite).
+        self.is_leader = False
+        self.metrics.leader.set_function(lambda: float(self.is_leader))
+        # Several replicas on PostgreSQL: wake-ups cross them (started with the app).
+        self.relay = (WakeupRelay(engine, self.boot_id,
+                                  lambda key: self.wakeups.bump(key, forward=False))
+                      if is_postgresql(engine) else None)
+        self.wakeups.relay = self.relay.send if self.relay is not None else None
 
     def session(self) -> Session:
         return db.session(self.engine)
@@ -538,9 +547,24 @@ class Broker:
 
     # ---- timeouts -------------------------------------------------------------------------
 
+    @property
+    def leader_ttl(self) -> float:
+        """Seconds a replica's hold on the periodic passes lasts without renewal: another
+        replica takes over at most this long after the leader dies, well within the
+        timeouts those passes enforce."""
+        return max(1.0, min(self.settings.provider_timeout, self.settings.cluster_timeout) / 3)
+
     def reap(self) -> None:
         """End what went silent (providers past the provider timeout, clusters past theirs),
-        and run the periodic metering and capacity passes when due."""
+        and run the periodic metering and capacity passes when due — on the leader replica
+        only (replicas.hold_leadership)."""
+        was = self.is_leader
+        self.is_leader = hold_leadership(self.engine, self.boot_id, self.leader_ttl)
+        if self.is_leader != was:
+            logger.info("broker %s %s the periodic passes", self.boot_id,
+                        "now runs" if self.is_leader else "no longer runs")
+        if not self.is_leader:
+            return
         # Runs every second on the event loop: a plain session, no placement lock, unless
         # something went silent (then a placement pass of its own uses what it freed).
         with self.session() as s:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class Wakeups:
@@ -25,15 +25,20 @@ class Wakeups:
         self._lock = threading.Lock()
         #: The loop long polls wait on (set when the app starts).
         self.loop: asyncio.AbstractEventLoop | None = None
+        #: Tells other broker replicas of changes (replicas.WakeupRelay.send), if any.
+        self.relay: Callable[[set[str]], None] | None = None
 
     def version(self, key: str) -> str:
         """Opaque version of the key's lease list; it changes on every change to it."""
         return f"{self.boot_id}:{self._versions.get(key, 0)}"
 
-    def bump(self, key: str | None) -> None:
-        """Mark a change of the key's lease list and wake its long poll (any thread)."""
+    def bump(self, key: str | None, forward: bool = True) -> None:
+        """Mark a change of the key's lease list and wake its long poll (any thread); with
+        ``forward``, other replicas are told too."""
         if key is None:
             return
+        if forward and self.relay is not None:
+            self.relay({key})
         with self._lock:
             self._versions[key] = self._versions.get(key, 0) + 1
             event = self._events.pop(key, None)
@@ -41,8 +46,11 @@ class Wakeups:
             self._set(event)
 
     def bump_all(self, keys: Iterable[str | None]) -> None:
-        for key in set(keys):
-            self.bump(key)
+        changed = {key for key in keys if key is not None}
+        if changed and self.relay is not None:
+            self.relay(changed)
+        for key in changed:
+            self.bump(key, forward=False)
 
     def _set(self, event: asyncio.Event) -> None:
         try:
