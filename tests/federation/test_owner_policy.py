@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,15 @@ def test_print_systemd_unit_runs_the_agent_as_root_with_a_delegated_cgroup():
     assert ("ExecStart=/opt/parallex/venv/bin/parallex provide --broker "
             "https://broker.example --worker-uids 20000-20063 --workdir "
             "/var/lib/parallex/agent --token-file /etc/parallex/provider-token") in unit
+
+
+def test_the_shipped_agent_unit_is_what_the_agent_generates():
+    """deploy/systemd/parallex-agent.service stays the generator's output (plus its note)."""
+    shipped = (Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+               / "parallex-agent.service").read_text()
+    done = subprocess.run(parallex("provide", "--broker",
+                                   "https://hub.example.edu/services/parallex",
+                                   "--worker-uids", "20000-20063", "--print-systemd-unit"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert shipped.startswith(done.stdout)

@@ -1,0 +1,274 @@
+"""load: the broker under a federation's load, on loopback, bounded in time and count.
+
+Two broker replicas on one PostgreSQL. Simulated provider agents (lightweight coroutines, not
+real workers: --agents, default 1,000, 16 CPUs each, in 20 labs, spread over both replicas)
+register, long-poll, heartbeat every 5 s and report the leases they are asked to stop.
+Simulated users (--users, default 100) each make a cluster, ask for --workers leases (default
+100: 10,000 in all), confirm them as their workers "join" (cluster heartbeats every 2 s, which
+turns them running and metered), and churn: every 20 s they release a tenth and ask again.
+Metering runs every 30 s over everything running.
+
+Reports, per endpoint, p50 and p99 latency (long polls excluded: they wait on purpose),
+errors (any non-2xx or transport failure), placements per second while leases were being
+placed, and metering passes. Targets: 0 errors, p99 < 100 ms, including during metering.
+
+Run: python -m benchmarks.load [--agents 1000] [--users 100] [--workers 100] [--seconds 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import random
+import secrets
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import table, write
+from federation.tls import ClusterAuthority
+from tests.utils.postgres import fresh_database, postgres_server
+from tests.utils.procs import start_broker
+
+LABS = 20
+HEARTBEAT = 5.0
+CLUSTER_HEARTBEAT = 2.0
+CHURN_EVERY = 20.0
+METERING_INTERVAL = "30"
+
+
+class Recorder:
+    """Latencies and errors by endpoint (route template)."""
+
+    def __init__(self) -> None:
+        self.latency: dict[str, list[float]] = defaultdict(list)
+        self.errors: dict[str, int] = defaultdict(int)
+        self.examples: dict[str, str] = {}
+        self.placed: list[float] = []  # when each lease was first seen placed
+
+    async def call(self, client: httpx.AsyncClient, name: str, method: str, url: str,
+                   timed: bool = True, **kwargs) -> httpx.Response | None:
+        start = time.perf_counter()
+        try:
+            answer = await client.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            self.errors[name] += 1
+            self.examples.setdefault(name, f"{type(exc).__name__}: {exc}")
+            return None
+        if timed:
+            self.latency[name].append(time.perf_counter() - start)
+        if answer.status_code >= 300:
+            self.errors[name] += 1
+            self.examples.setdefault(name, f"{answer.status_code} {answer.text[:200]}")
+            return None
+        return answer
+
+
+async def agent(rec: Recorder, url: str, token: str, name: str, stop: asyncio.Event) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=f"{url}/api/v1", headers=headers,
+                                 timeout=60) as client:
+        answer = await rec.call(client, "agent register", "POST", "/agent/register", json={
+            "name": name, "cpus": 16, "memory": 64 * 2**30, "gpus": []})
+        if answer is None:
+            return
+        pid = answer.json()["provider_id"]
+        poll = answer.json()["poll_timeout"]
+        leases: dict[str, str] = {}
+
+        async def heartbeat() -> None:
+            await asyncio.sleep(random.random() * HEARTBEAT)
+            while not stop.is_set():
+                running = [lid for lid, st in leases.items() if st in ("starting", "running")]
+                await rec.call(client, "agent heartbeat", "POST", f"/agent/{pid}/heartbeat",
+                               json={"running": running})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), HEARTBEAT)
+
+        beating = asyncio.create_task(heartbeat())
+        version = ""
+        while not stop.is_set():
+            answer = await rec.call(client, "agent poll", "GET", f"/agent/{pid}/leases",
+                                    timed=False, params={"since": version, "wait": poll})
+            if answer is None:
+                await asyncio.sleep(1)
+                continue
+            version = answer.json()["version"]
+            leases = {le["id"]: le["state"] for le in answer.json()["leases"]}
+            for lid, state in leases.items():
+                if state == "releasing":
+                    await rec.call(client, "agent report", "POST",
+                                   f"/agent/{pid}/leases/{lid}/state",
+                                   json={"state": "ended", "reason": "released"})
+        await beating
+
+
+async def user(rec: Recorder, url: str, token: str, ca_pem: str, workers: int,
+               stop: asyncio.Event) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=f"{url}/api/v1", headers=headers,
+                                 timeout=60) as client:
+        answer = await rec.call(client, "cluster create", "POST", "/clusters", json={
+            "scheduler_address": f"tls://127.0.0.1:{random.randrange(20000, 60000)}",
+            "ca_cert": ca_pem})
+        if answer is None:
+            return
+        cid = answer.json()["id"]
+        seen_placed: set[str] = set()
+
+        async def ask(n: int) -> None:
+            slots = [{"lease_id": f"ls-{secrets.token_hex(8)}"} for _ in range(n)]
+            for i in range(0, n, 100):
+                await rec.call(client, "cluster request leases", "POST",
+                               f"/clusters/{cid}/leases",
+                               json={"spec": {"cpus": 1, "memory": 2**30},
+                                     "workers": slots[i:i + 100]})
+
+        await ask(workers)
+        last_churn = time.monotonic()
+        while not stop.is_set():
+            answer = await rec.call(client, "cluster read", "GET", f"/clusters/{cid}")
+            if answer is not None:
+                leases = answer.json()["leases"]
+                starting = [le["id"] for le in leases if le["state"] == "starting"]
+                now = time.monotonic()
+                for le in leases:
+                    if le["state"] != "pending" and le["id"] not in seen_placed:
+                        seen_placed.add(le["id"])
+                        rec.placed.append(now)
+                await rec.call(client, "cluster heartbeat", "POST",
+                               f"/clusters/{cid}/heartbeat", json={"connected": starting})
+                running = [le["id"] for le in leases if le["state"] == "running"]
+                if now - last_churn > CHURN_EVERY and len(running) >= 10:
+                    last_churn = now
+                    gone = random.sample(running, len(running) // 10)
+                    await rec.call(client, "cluster release", "POST",
+                                   f"/clusters/{cid}/leases/release", json={"lease_ids": gone})
+                    await ask(len(gone))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), CLUSTER_HEARTBEAT)
+        await rec.call(client, "cluster close", "DELETE", f"/clusters/{cid}")
+
+
+async def setup(url: str, admin_token: str, users: int) -> tuple[list[str], list[str]]:
+    """Labs, one provider token per lab, one user token per user."""
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    async with httpx.AsyncClient(base_url=f"{url}/api/v1", headers=headers,
+                                 timeout=60) as admin:
+        providers, tokens = [], []
+        for i in range(LABS):
+            (await admin.post("/labs", json={"name": f"lab-{i}"})).raise_for_status()
+            answer = await admin.post("/tokens", json={"kind": "provider", "lab": f"lab-{i}"})
+            providers.append(answer.raise_for_status().json()["token"])
+        for u in range(users):
+            lab = f"lab-{u % LABS}"
+            (await admin.put(f"/labs/{lab}/members/user{u}",
+                             json={"role": "member"})).raise_for_status()
+            answer = await admin.post("/tokens", json={"kind": "user", "lab": lab,
+                                                       "user": f"user{u}"})
+            tokens.append(answer.raise_for_status().json()["token"])
+    return providers, tokens
+
+
+async def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder:
+    providers, tokens = await setup(urls[0], admin_token, args.users)
+    rec = Recorder()
+    stop = asyncio.Event()
+    ca = ClusterAuthority().ca_pem
+    replica = itertools.cycle(urls)
+    tasks = [asyncio.create_task(agent(rec, next(replica), providers[i % LABS], f"sim-{i}",
+                                       stop)) for i in range(args.agents)]
+    await asyncio.sleep(5)  # registrations first, as agents are up before users come
+    tasks += [asyncio.create_task(user(rec, next(replica), tokens[u], ca, args.workers, stop))
+              for u in range(args.users)]
+    await asyncio.sleep(args.seconds)
+    stop.set()
+    await asyncio.wait(tasks, timeout=90)
+    return rec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, default=1000, help="Simulated agents (1000).")
+    parser.add_argument("--users", type=int, default=100, help="Simulated users (100).")
+    parser.add_argument("--workers", type=int, default=100, help="Leases per user (100).")
+    parser.add_argument("--seconds", type=float, default=120, help="Run time (120).")
+    args = parser.parse_args()
+    admin_token = secrets.token_hex(24)
+    with tempfile.TemporaryDirectory() as tmp, postgres_server() as server:
+        db = fresh_database(server, "load")
+        brokers = []
+        try:
+            for name in ("replica-1", "replica-2"):
+                proc, url = start_broker(Path(tmp), admin_token, db_url=db, name=name,
+                                         extra=("--metering-interval", METERING_INTERVAL,
+                                                "--rate-burst", "1000"))
+                brokers.append((proc, url))
+            start = time.perf_counter()
+            rec = asyncio.run(run(args, [url for _p, url in brokers], admin_token))
+            elapsed = time.perf_counter() - start
+            passes = metering_passes([url for _p, url in brokers], admin_token)
+        finally:
+            for proc, _url in brokers:
+                proc.stop()
+    report(rec, elapsed, passes, args)
+
+
+def metering_passes(urls: list[str], admin_token: str) -> tuple[int, float]:
+    """Periodic metering passes over all replicas, and their mean seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    count = total = 0.0
+    for url in urls:
+        text = httpx.get(f"{url}/api/v1/metrics", timeout=30,
+                         headers={"Authorization": f"Bearer {admin_token}"}).text
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "parallex_metering_pass_seconds_count":
+                    count += s.value
+                elif s.name == "parallex_metering_pass_seconds_sum":
+                    total += s.value
+    return int(count), (total / count if count else 0.0)
+
+
+def report(rec: Recorder, elapsed: float, passes: tuple[int, float],
+           args: argparse.Namespace) -> None:
+    rows = [("endpoint", "requests", "p50 ms", "p99 ms", "errors")]
+    worst = 0.0
+    for name in sorted(set(rec.latency) | set(rec.errors)):
+        samples = sorted(rec.latency.get(name, []))
+        p50 = statistics.median(samples) * 1000 if samples else float("nan")
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000 if samples \
+            else float("nan")
+        if samples:
+            worst = max(worst, p99)
+        rows.append((name, str(len(samples)), f"{p50:.1f}", f"{p99:.1f}",
+                     str(rec.errors.get(name, 0))))
+    print(table(rows))
+    errors = sum(rec.errors.values())
+    for name, example in rec.examples.items():
+        print(f"  first error of {name}: {example}")
+    placed = sorted(rec.placed)
+    span = (placed[-1] - placed[0]) if len(placed) > 1 else 0.0
+    rate = len(placed) / span if span else 0.0
+    print(f"metering: {passes[0]} periodic passes, {passes[1]:.2f} s each on average")
+    print(f"{len(placed)} leases placed, {rate:.0f} placements/s while placing; "
+          f"{errors} errors; worst endpoint p99 {worst:.1f} ms (target < 100 ms, 0 errors)")
+    result = {"args": vars(args), "seconds": elapsed, "errors": errors,
+              "placements_per_s": rate, "placed": len(placed), "worst_p99_ms": worst,
+              "metering_passes": passes[0], "metering_mean_s": passes[1],
+              "endpoints": {r[0]: {"requests": int(r[1]), "p50_ms": float(r[2]),
+                                   "p99_ms": float(r[3]), "errors": int(r[4])}
+                            for r in rows[1:]}}
+    print(f"wrote {write('load', result)}")
+
+
+if __name__ == "__main__":
+    main()
