@@ -30,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import httpx
+import psutil
 
 from benchmarks.common import table, write
 from federation.tls import ClusterAuthority
@@ -51,9 +52,12 @@ class Recorder:
         self.errors: dict[str, int] = defaultdict(int)
         self.examples: dict[str, str] = {}
         self.placed: list[float] = []  # when each lease was first seen placed
+        self.retried: dict[str, int] = defaultdict(int)  # 429s a real agent retries
+        self.cpu: dict[str, float] = {}  # cores used on average, by process group
 
     async def call(self, client: httpx.AsyncClient, name: str, method: str, url: str,
-                   timed: bool = True, **kwargs) -> httpx.Response | None:
+                   timed: bool = True, retry_on_429: bool = False,
+                   **kwargs) -> httpx.Response | None:
         start = time.perf_counter()
         try:
             answer = await client.request(method, url, **kwargs)
@@ -61,6 +65,9 @@ class Recorder:
             self.errors[name] += 1
             self.examples.setdefault(name, f"{type(exc).__name__}: {exc}")
             return None
+        if answer.status_code == 429 and retry_on_429:
+            self.retried[name] += 1
+            return answer
         if timed:
             self.latency[name].append(time.perf_counter() - start)
         if answer.status_code >= 300:
@@ -74,9 +81,17 @@ async def agent(rec: Recorder, url: str, token: str, name: str, stop: asyncio.Ev
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=f"{url}/api/v1", headers=headers,
                                  timeout=60) as client:
-        answer = await rec.call(client, "agent register", "POST", "/agent/register", json={
-            "name": name, "cpus": 16, "memory": 64 * 2**30, "gpus": []})
-        if answer is None:
+        body = {"name": name, "cpus": 16, "memory": 64 * 2**30, "gpus": []}
+        for _attempt in range(30):
+            # As a real agent does: a lab's machines share a token, whose rate limit answers
+            # a burst of registrations 429 with Retry-After.
+            answer = await rec.call(client, "agent register", "POST", "/agent/register",
+                                    json=body, retry_on_429=True)
+            if answer is not None and answer.status_code != 429:
+                break
+            await asyncio.sleep(float(answer.headers.get("Retry-After", 1)) if answer else 1)
+        if answer is None or answer.status_code == 429:
+            rec.errors["agent register"] += 1
             return
         pid = answer.json()["provider_id"]
         poll = answer.json()["poll_timeout"]
@@ -212,17 +227,31 @@ def main() -> None:
                                                 "--rate-burst", "1000"))
                 brokers.append((proc, url))
             start = time.perf_counter()
+            watched = {"broker replicas": [psutil.Process(p.pid) for p, _u in brokers],
+                       "load generator": [psutil.Process()]}
+            before = {k: sum(cpu(p) for p in ps) for k, ps in watched.items()}
             rec = asyncio.run(run(args, [url for _p, url in brokers], admin_token))
             elapsed = time.perf_counter() - start
-            passes = metering_passes([url for _p, url in brokers], admin_token)
+            rec.cpu = {k: (sum(cpu(p) for p in ps) - before[k]) / elapsed
+                       for k, ps in watched.items()}
+            urls = [url for _p, url in brokers]
+            passes = {kind: pass_stats(urls, admin_token, kind)
+                      for kind in ("metering", "placement")}
         finally:
             for proc, _url in brokers:
                 proc.stop()
     report(rec, elapsed, passes, args)
 
 
-def metering_passes(urls: list[str], admin_token: str) -> tuple[int, float]:
-    """Periodic metering passes over all replicas, and their mean seconds."""
+def cpu(process: psutil.Process) -> float:
+    """CPU seconds a process has used so far."""
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def pass_stats(urls: list[str], admin_token: str, kind: str) -> tuple[int, float]:
+    """How many ``kind`` (metering, placement) passes all replicas ran, and their mean
+    seconds."""
     from prometheus_client.parser import text_string_to_metric_families
 
     count = total = 0.0
@@ -231,14 +260,14 @@ def metering_passes(urls: list[str], admin_token: str) -> tuple[int, float]:
                          headers={"Authorization": f"Bearer {admin_token}"}).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name == "parallex_metering_pass_seconds_count":
+                if s.name == f"parallex_{kind}_pass_seconds_count":
                     count += s.value
-                elif s.name == "parallex_metering_pass_seconds_sum":
+                elif s.name == f"parallex_{kind}_pass_seconds_sum":
                     total += s.value
     return int(count), (total / count if count else 0.0)
 
 
-def report(rec: Recorder, elapsed: float, passes: tuple[int, float],
+def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float]],
            args: argparse.Namespace) -> None:
     rows = [("endpoint", "requests", "p50 ms", "p99 ms", "errors")]
     worst = 0.0
@@ -258,12 +287,16 @@ def report(rec: Recorder, elapsed: float, passes: tuple[int, float],
     placed = sorted(rec.placed)
     span = (placed[-1] - placed[0]) if len(placed) > 1 else 0.0
     rate = len(placed) / span if span else 0.0
-    print(f"metering: {passes[0]} periodic passes, {passes[1]:.2f} s each on average")
+    for kind, (n, mean) in passes.items():
+        print(f"{kind}: {n} passes, {mean * 1000:.0f} ms each on average")
+    print("CPU used (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in rec.cpu.items())
+          + f" of {psutil.cpu_count()}; 429s retried as agents do: {dict(rec.retried)}")
     print(f"{len(placed)} leases placed, {rate:.0f} placements/s while placing; "
           f"{errors} errors; worst endpoint p99 {worst:.1f} ms (target < 100 ms, 0 errors)")
     result = {"args": vars(args), "seconds": elapsed, "errors": errors,
               "placements_per_s": rate, "placed": len(placed), "worst_p99_ms": worst,
-              "metering_passes": passes[0], "metering_mean_s": passes[1],
+              "passes": {k: {"count": n, "mean_s": m} for k, (n, m) in passes.items()},
+              "cpu_cores_used": rec.cpu, "retried_429": dict(rec.retried),
               "endpoints": {r[0]: {"requests": int(r[1]), "p50_ms": float(r[2]),
                                    "p99_ms": float(r[3]), "errors": int(r[4])}
                             for r in rows[1:]}}
