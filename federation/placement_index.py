@@ -58,7 +58,6 @@ class CandidateIndex:
     def __init__(self, providers: list, min_cpus: float, min_memory: int):
         self.min_cpus, self.min_memory = min_cpus, min_memory
         self.lists = ProviderLists()
-        self.steps: list[float] = []
         self.labs_at: dict[str, set[str]] = defaultdict(set)
         self.sites_of: dict[str, set[str]] = defaultdict(set)
         for cap in providers:
@@ -71,7 +70,7 @@ class CandidateIndex:
                 self.lists.add((lab, site, s, False), cap)
                 if cap.free_gpus:
                     self.lists.add((lab, site, s, True), cap)
-        self.steps = sorted({k[2] for k in self.lists.lists})
+        self.steps: list[float] = sorted({k[2] for k in self.lists.lists})
 
     def _has_room(self, cap) -> bool:
         return cap.free_cpus >= self.min_cpus and cap.free_memory >= self.min_memory

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Annotated
 
 import httpx
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, Path, Request, WebSocket
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
@@ -35,6 +36,8 @@ router = APIRouter(prefix="/clusters")
 HOP_HEADERS = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
                "trailer", "transfer-encoding", "upgrade", "host", "content-length",
                "content-encoding", "authorization", "cookie"}
+#: The secret in a dashboard link: secrets.token_urlsafe(32) makes 43 of these characters.
+DashboardKey = Annotated[str, Path(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 #: Seconds the dashboard may take to answer one request.
 UPSTREAM_TIMEOUT = 30.0
 
@@ -48,7 +51,7 @@ def _prefix(request: Request | WebSocket, cluster_id: str, key: str) -> str:
 
 @router.api_route("/{cluster_id}/dashboard/{key}/{path:path}", methods=["GET", "HEAD"],
                   include_in_schema=False)
-async def dashboard_page(cluster_id: ClusterIdPath, key: str, path: str,
+async def dashboard_page(cluster_id: ClusterIdPath, key: DashboardKey, path: str,
                          request: Request) -> Response:
     broker = request.app.state.broker
     target = await run_in_threadpool(broker.dashboard_target, cluster_id, key)
@@ -75,7 +78,8 @@ async def dashboard_page(cluster_id: ClusterIdPath, key: str, path: str,
 
 
 @router.websocket("/{cluster_id}/dashboard/{key}/{path:path}")
-async def dashboard_socket(websocket: WebSocket, cluster_id: str, key: str, path: str) -> None:
+async def dashboard_socket(websocket: WebSocket, cluster_id: ClusterIdPath, key: DashboardKey,
+                           path: str) -> None:
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
