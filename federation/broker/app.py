@@ -95,6 +95,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
 
         if broker.relay is not None:
             broker.relay.start()
+        broker.placer.start()
+        broker.end_meterer.start()
         task = asyncio.create_task(reaper())
         logger.info("broker %s ready (started %s UTC)", broker.boot_id, utcnow())
         try:
@@ -103,6 +105,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await asyncio.to_thread(broker.placer.stop)
+            await asyncio.to_thread(broker.end_meterer.stop)
             if broker.relay is not None:
                 broker.relay.stop()
             if broker.is_leader:

@@ -54,7 +54,11 @@ def plain_engine(url: str) -> Engine:
     """An engine with our connection settings, without touching the schema."""
     url = normalise_url(url)
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        # 20 kept open, 20 more in bursts: with SQLAlchemy's default (5 kept, 10 more opened
+        # and closed again) requests under load queued for a connection, and each extra one
+        # costs PostgreSQL a new backend process. Two replicas stay under PostgreSQL's
+        # default max_connections (100); more replicas need it raised (README).
+        return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")

@@ -35,6 +35,18 @@ def lock_across_processes(s: Session) -> None:
         s.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=PLACEMENT_LOCK))
 
 
+#: First key of the PostgreSQL advisory locks that serialise one lab's registrations (the
+#: second is the lab's id), so that a machine registering twice at once makes one row.
+REGISTRATION_LOCK = 0x70726567  # "preg"
+
+
+def lock_lab_registrations(s: Session, lab_id: int) -> None:
+    """On PostgreSQL, hold the lab's registration lock for the rest of ``s``'s transaction."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.exec(text("SELECT pg_advisory_xact_lock(:key, :lab)").bindparams(
+            key=REGISTRATION_LOCK, lab=lab_id))
+
+
 def capacity_of(provider: Provider, held: list[Lease],
                 lab_names: dict[int, str] | None = None) -> placement.ProviderCapacity:
     """What ``provider`` has free beside the leases it ``held``."""

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
+from starlette.concurrency import run_in_threadpool
 
 from ..ids import LeaseIdPath, ProviderIdPath
 from .auth import Principal, require_provider
-from .models import LeaseStateReport, ProviderHeartbeat, ProviderRegister, SigningRequest
+from .models import (
+    LeaseState,
+    LeaseStateReport,
+    ProviderHeartbeat,
+    ProviderRegister,
+    SigningRequest,
+)
+from .service import METERING_WAIT
 
 router = APIRouter(prefix="/agent")
 
@@ -49,19 +57,26 @@ async def leases(provider_id: ProviderIdPath, request: Request,
                  principal: Principal = Depends(require_provider)) -> dict:
     """The leases this provider must run or stop; long-polls up to ``wait`` seconds."""
     broker = request.app.state.broker
-    provider = broker.provider_for(principal, provider_id)
+    # The database calls in the thread pool: on the event loop every agent's poll held up
+    # every other request (issue 14's load benchmark: registrations took seconds).
+    provider = await run_in_threadpool(broker.provider_for, principal, provider_id)
     if wait:
         await broker.wakeups.wait_for_change(provider.id, since, wait)
     version = broker.wakeups.version(provider.id)
-    return {"version": version, "leases": broker.provider_leases(provider)}
+    return {"version": version,
+            "leases": await run_in_threadpool(broker.provider_leases, provider)}
 
 
 @router.post("/{provider_id}/leases/{lease_id}/state")
-def report(provider_id: ProviderIdPath, lease_id: LeaseIdPath, body: LeaseStateReport,
-           request: Request, principal: Principal = Depends(require_provider)) -> dict:
+async def report(provider_id: ProviderIdPath, lease_id: LeaseIdPath, body: LeaseStateReport,
+                 request: Request, principal: Principal = Depends(require_provider)) -> dict:
     broker = request.app.state.broker
-    provider = broker.provider_for(principal, provider_id)
-    lease = broker.report_lease_state(provider, lease_id, body)
+    provider = await run_in_threadpool(broker.provider_for, principal, provider_id)
+    lease = await run_in_threadpool(broker.report_lease_state, provider, lease_id, body, False)
+    if lease.state == LeaseState.ended:
+        # The lease's charge, booked in a batch with others that ended: waited for on the
+        # event loop, holding no pool thread.
+        await broker.end_meterer.wait_async(broker.end_meterer.last_ticket, METERING_WAIT)
     return {"id": lease.id, "state": lease.state.value,
             "end_reason": lease.end_reason.value if lease.end_reason else None}
 

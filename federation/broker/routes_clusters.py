@@ -20,6 +20,7 @@ from .models import (
     LeaseRelease,
     WorkerCertificates,
 )
+from .service import PLACEMENT_WAIT
 
 router = APIRouter(prefix="/clusters")
 
@@ -71,12 +72,15 @@ def heartbeat(cluster_id: ClusterIdPath, request: Request,
 
 
 @router.post("/{cluster_id}/leases", status_code=201, response_model=list[LeasePublic])
-def request_leases(cluster_id: ClusterIdPath, body: LeaseCreate, request: Request,
-                   principal: Principal = Depends(require_user)) -> list[LeasePublic]:
+async def request_leases(cluster_id: ClusterIdPath, body: LeaseCreate, request: Request,
+                         principal: Principal = Depends(require_user)) -> list[LeasePublic]:
     broker = request.app.state.broker
-    cluster = broker.cluster_for(principal, cluster_id)
-    created = set(broker.request_leases(cluster, body))
-    return [lease for lease in broker.cluster_public(cluster.id).leases if lease.id in created]
+    cluster = await run_in_threadpool(broker.cluster_for, principal, cluster_id)
+    created = set(await run_in_threadpool(broker.request_leases, cluster, body, False))
+    # The placement pass after the insert, waited for on the event loop (no pool thread).
+    await broker.placer.wait_async(broker.placer.last_ticket, PLACEMENT_WAIT)
+    public = await run_in_threadpool(broker.cluster_public, cluster.id)
+    return [lease for lease in public.leases if lease.id in created]
 
 
 @router.post("/{cluster_id}/leases/release")

@@ -1,12 +1,16 @@
 """The broker's service: each public method is one request's unit of work.
 
-A change and the placement pass it allows commit together in one transaction; agents and
-clusters are woken after the commit, and the leases a change ended are metered after it in
-a unit of their own (a metering collision must not undo the change). The rules live beside
-this module, one concern each:
+A change commits in a short unit of its own and then asks the placer (a ``coalescer``) for a
+placement pass: one thread runs passes, one for all the asks that arrive while another runs,
+so requests no longer queue behind one another's passes. A scale request waits (bounded) for
+the pass after it so that its answer shows where its leases went. Agents and clusters are
+woken after the commit, and the leases a change ended are metered after it in a unit of its
+own (a metering collision must not undo the change). The rules live beside this module, one
+concern each:
 
 - ``admission``: credit, quotas, sizes, identifiers, certificates (checks that raise);
 - ``placing``: the placement pass and its lock;
+- ``coalescer``: the threads that run placement passes and meter ended leases;
 - ``timeouts``: what went silent or is overdue;
 - ``metering_runs``: which leases a metering pass charges;
 - ``lease_ends``: ending and releasing leases (through ``federation.lease_states.move``);
@@ -14,12 +18,13 @@ this module, one concern each:
 - ``views``: what the API shows of clusters and leases;
 - ``errors``: the domain errors all of them raise (HTTP statuses are mapped in app.py).
 
-Routes run in FastAPI's thread pool and the reaper on the event loop, so calls overlap. What
-consumes capacity or quota — admission with its insert, and every placement pass — runs in
-``_placing()``: this process's exclusive section and, on PostgreSQL, an advisory transaction
-lock other broker processes on the same database respect. Without it two passes read the same
-free capacity and both fill it (tests/federation/test_concurrency.py double-booked a provider
-by 3 CPUs of 8 before).
+Routes run in FastAPI's thread pool, the reaper and the placer on threads of their own, so
+calls overlap. What consumes capacity or quota — admission with its insert, every placement
+pass, and the changes a pass must not overwrite (releases, ends) — runs in ``_placing()``:
+this process's exclusive section and, on PostgreSQL, an advisory transaction lock other
+broker processes on the same database respect. Without it two passes read the same free
+capacity and both fill it (tests/federation/test_concurrency.py double-booked a provider by
+3 CPUs of 8 before).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from ..lease_states import move
 from . import admission, db
 from .auth import Principal
 from .capacity import record_capacity
+from .coalescer import Coalescer
 from .errors import Conflict, Invalid, NotFound, TooSoon
 from .lease_ends import end_by_provider, release_all
 from .metering_runs import meter_leases
@@ -67,7 +73,12 @@ from .models import (
     ProviderRegister,
     WorkerCertificate,
 )
-from .placing import lock_across_processes, place_pending, request_of
+from .placing import (
+    lock_across_processes,
+    lock_lab_registrations,
+    place_pending,
+    request_of,
+)
 from .replicas import WakeupRelay, hold_leadership, is_postgresql
 from .settings import BrokerSettings
 from .timeouts import end_overdue, end_silent_providers
@@ -75,6 +86,17 @@ from .views import agent_leases, clusters_public
 from .wakeups import Wakeups
 
 logger = logging.getLogger("parallex.broker")
+
+#: Seconds a scale request waits for the placement pass that follows it, so that its answer
+#: says where its leases went or why they wait; past it the answer shows them pending and
+#: the pass still comes (agents and the cluster hear of it through their long polls).
+PLACEMENT_WAIT = 5.0
+#: Seconds an agent's report that ended a lease waits for the lease's charge to be booked
+#: (a batch with the other leases that ended meanwhile); past it the answer goes, and the
+#: charge follows (or the next periodic metering pass makes it).
+METERING_WAIT = 5.0
+#: Seconds between the leader's placement passes when nothing asked for one.
+SWEEP_INTERVAL = 10.0
 
 
 def dashboard_key_hash(key: str) -> str:
@@ -104,6 +126,7 @@ class Broker:
         self._last_metering = 0.0
         self._last_heartbeat: dict[str, float] = {}
         self._last_capacity = 0.0
+        self._last_sweep = time.monotonic()
         #: Prometheus metrics (GET /api/v1/metrics); passes time themselves into it.
         self.metrics = BrokerMetrics(self.session)
         #: Whether this replica runs the periodic passes now (always, on SQLite).
@@ -114,6 +137,12 @@ class Broker:
                                   lambda key: self.wakeups.bump(key, forward=False))
                       if is_postgresql(engine) else None)
         self.wakeups.relay = self.relay.send if self.relay is not None else None
+        #: Runs placement passes for every change that frees or asks for capacity, one pass
+        #: for all the asks that arrive while another runs (started with the app).
+        self.placer = Coalescer(lambda _items: self.place_pending(), "parallex-placer")
+        #: Meters leases that just ended, many to a transaction (started with the app).
+        self.end_meterer = Coalescer(lambda ids: self.meter(lease_ids=ids),
+                                     "parallex-end-meterer")
 
     def session(self) -> Session:
         return db.session(self.engine)
@@ -131,6 +160,20 @@ class Broker:
         with self.exclusive(), self.session() as s:
             lock_across_processes(s)
             yield s
+
+    @contextlib.contextmanager
+    def _row_locked(self) -> Iterator[Session]:
+        """A unit of work that changes held leases or one lab's providers, which a placement
+        pass never writes: on PostgreSQL it locks the rows it changes (``with_for_update``)
+        or the lab (``lock_lab_registrations``) and does not wait for passes; SQLite, one
+        process and one writer, keeps it in the exclusive section (a read transaction that
+        later writes after another wrote would fail there)."""
+        if is_postgresql(self.engine):
+            with self.session() as s:
+                yield s
+        else:
+            with self.exclusive(), self.session() as s:
+                yield s
 
     def _place(self, s: Session) -> set[str]:
         """A placement pass inside the caller's unit of work; the providers to wake."""
@@ -171,7 +214,8 @@ class Broker:
     # ---- providers ------------------------------------------------------------------------
 
     def register_provider(self, principal: Principal, body: ProviderRegister) -> Provider:
-        with self._placing() as s:
+        with self._row_locked() as s:
+            lock_lab_registrations(s, principal.lab_id)
             lab = s.get(Lab, principal.lab_id)
             admission.check_provider_limits(lab, body)
             provider = s.exec(
@@ -190,13 +234,13 @@ class Broker:
             provider.online = True
             provider.last_seen = utcnow()
             s.add(provider)
-            s.flush()
-            placed = self._place(s)
             s.commit()
+            s.refresh(provider)
         logger.info("provider %s (%s) registered for lab %s: %g CPUs, %d bytes, %d GPUs",
                     provider.id, provider.name, principal.lab_name, provider.cpus,
                     provider.memory, len(body.gpus))
-        self.wakeups.bump_all({provider.id, *placed})
+        self.wakeups.bump(provider.id)
+        self.placer.ask()
         return provider
 
     def provider_for(self, principal: Principal, provider_id: str) -> Provider:
@@ -247,7 +291,7 @@ class Broker:
             s.commit()
         if any(changed) or came_back:
             self.wakeups.bump(provider.id)
-            self.place_pending()
+            self.placer.ask()
 
     def provider_leases(self, provider: Provider) -> list[dict]:
         """What the agent should run (starting, running) and stop (releasing)."""
@@ -263,7 +307,7 @@ class Broker:
             return row.scheduler_address.split("://", 1)[-1]
 
     def report_lease_state(self, provider: Provider, lease_id: str,
-                           body: LeaseStateReport) -> Lease:
+                           body: LeaseStateReport, wait: bool = True) -> Lease:
         """What the agent says of a lease's worker: it runs (or runs again after a
         suspension), it is suspended for the machine's owner, it is preempted (releasing,
         target preempted), or it ended."""
@@ -273,8 +317,10 @@ class Broker:
         if body.state == LeaseState.releasing and body.reason != EndReason.preempted:
             raise Invalid("bad-reason", "an agent releases a lease only to preempt it "
                           "(reason 'preempted'); the cluster releases the others")
-        with self._placing() as s:
-            lease = s.get(Lease, lease_id)
+        # A pass never writes a lease that has a provider; the cluster's release of the same
+        # lease waits on the row (or this on the cluster's).
+        with self._row_locked() as s:
+            lease = s.get(Lease, lease_id, with_for_update=True)
             if lease is None or lease.provider_id != provider.id:
                 raise NotFound("unknown-lease",
                                f"no lease {lease_id!r} assigned to provider {provider.id}")
@@ -293,13 +339,16 @@ class Broker:
                               else EndReason.failed)
                 end_by_provider(s, lease, reason, body.message)
                 s.add(lease)
-                s.flush()
-                woken |= self._place(s)
                 s.commit()
                 changed = True
         if changed:
             self.wakeups.bump_all(woken)
-            self.meter(lease_ids={lease.id})
+            if lease.state == LeaseState.ended:
+                self.placer.ask()
+            if wait:
+                self.end_meterer.ask_and_wait(METERING_WAIT, {lease.id})
+            else:  # the route waits on the event loop (end_meterer.wait_async)
+                self.end_meterer.ask({lease.id})
         return lease
 
     @staticmethod
@@ -334,23 +383,23 @@ class Broker:
         held ends now (preempted: no fault of the provider) instead of after the provider
         timeout, so clusters replace those workers at once. Returns how many leases ended."""
         ended: set[str] = set()
-        with self._placing() as s:
+        with self._row_locked() as s:
             row = s.get(Provider, provider.id)
             row.online = False
             s.add(row)
             for lease in s.exec(select(Lease).where(Lease.provider_id == row.id,
-                                                    col(Lease.state).in_(HELD_STATES))):
+                                                    col(Lease.state).in_(HELD_STATES))
+                                .order_by(Lease.id).with_for_update()):
                 end_by_provider(s, lease, EndReason.preempted,
                                 f"provider {row.name} went offline (its agent stopped)")
                 s.add(lease)
                 ended.add(lease.id)
-            s.flush()
-            placed = self._place(s)
             s.commit()
         logger.info("provider %s went offline; %d leases ended", provider.id, len(ended))
-        self.wakeups.bump_all({provider.id, *placed})
+        self.wakeups.bump(provider.id)
+        self.placer.ask()
         if ended:
-            self.meter(lease_ids=ended)
+            self.end_meterer.ask_and_wait(METERING_WAIT, ended)
         return len(ended)
 
     # ---- clusters -------------------------------------------------------------------------
@@ -442,9 +491,10 @@ class Broker:
         self.wakeups.bump_all(started)
         return public
 
-    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[str]:
-        """Admit the asked leases, create them (pending) and place what fits, as one unit of
-        work; returns their ids."""
+    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate,
+                       wait: bool = True) -> list[str]:
+        """Admit the asked leases and create them (pending) as one unit of work, then ask for
+        a placement pass and, with ``wait``, wait for it (bounded); returns their ids."""
         if not cluster.active:
             raise Conflict("cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
@@ -459,16 +509,18 @@ class Broker:
                 Lease(id=lease_id, cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
                       memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
                 for lease_id in ids])
-            s.flush()
-            placed = self._place(s)
             s.commit()
-        self.wakeups.bump_all(placed)
+        if wait:
+            self.placer.ask_and_wait(PLACEMENT_WAIT)
+        else:  # the route waits on the event loop (placer.wait_async)
+            self.placer.ask()
         return ids
 
     def release_leases(self, cluster: ClusterRecord, lease_ids: list[str],
                        reason: EndReason = EndReason.released, message: str = "") -> int:
         with self._placing() as s:
-            rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))).all()
+            rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))
+                          .order_by(Lease.id).with_for_update()).all()
             found = {r.id for r in rows}
             # Another cluster's leases answer exactly like unknown ones.
             missing = [i for i in lease_ids if i not in found] + [
@@ -477,10 +529,9 @@ class Broker:
                 raise NotFound("unknown-lease",
                                f"no such leases in this cluster: {sorted(missing)}")
             touched = release_all(s, rows, reason, message)
-            s.flush()
-            placed = self._place(s)
             s.commit()
-        self.wakeups.bump_all(touched | placed)
+        self.wakeups.bump_all(touched)
+        self.placer.ask()
         return len(touched)
 
     def close_cluster(self, cluster_id: str, reason: str = "closed") -> None:
@@ -493,12 +544,12 @@ class Broker:
                 cluster.closed_at = utcnow()
                 s.add(cluster)
             live = s.exec(select(Lease).where(Lease.cluster_id == cluster_id,
-                                              col(Lease.state).in_(LIVE_STATES))).all()
+                                              col(Lease.state).in_(LIVE_STATES))
+                          .order_by(Lease.id).with_for_update()).all()
             touched = release_all(s, live, lease_reason, f"cluster {reason}")
-            s.flush()
-            placed = self._place(s)
             s.commit()
-        self.wakeups.bump_all(touched | placed)
+        self.wakeups.bump_all(touched)
+        self.placer.ask()
 
     # ---- worker certificates (see admission: the broker relays, never holds a key) -------
 
@@ -574,12 +625,17 @@ class Broker:
             logger.warning("provider %s is lost; its leases ended", pid)
         self.wakeups.bump_all(silent.providers)
         if silent.providers:
-            self.place_pending()
+            self.placer.ask()
         for cid in silent.clusters:
             logger.warning("cluster %s stopped heart-beating; ending its leases", cid)
             self.close_cluster(cid, reason="lost")
         if silent.leases:
-            self.meter(lease_ids=silent.leases)
+            self.end_meterer.ask(silent.leases)
+        if time.monotonic() - self._last_sweep >= SWEEP_INTERVAL:
+            # A pass whose transaction failed leaves its leases pending until the next ask;
+            # this one comes at the latest a sweep interval later.
+            self._last_sweep = time.monotonic()
+            self.placer.ask()
         if time.monotonic() - self._last_metering >= self.settings.metering_interval:
             self.meter()
         if time.monotonic() - self._last_capacity >= self.settings.capacity_interval:

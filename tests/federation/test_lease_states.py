@@ -320,8 +320,9 @@ def test_random_event_sequences_keep_every_lease_legal_and_end_them_all(events):
 
 
 def test_a_lease_request_is_one_unit_of_work(tmp_path):
-    """Admission, the insert and the placement pass of POST /leases commit together: one
-    commit, the leases it answers are already placed, and a refused request writes nothing."""
+    """Admission and the insert of POST /leases commit together and the placement pass that
+    follows in a unit of its own (the placer's): two commits, the leases it answers are
+    already placed, and a refused request writes nothing."""
     from sqlalchemy import event
 
     fed = Federation(tmp_path)
@@ -334,7 +335,7 @@ def test_a_lease_request_is_one_unit_of_work(tmp_path):
             "spec": {"cpus": 1, "memory": "1 GiB"},
             "workers": [{"lease_id": f"ls-{i:016x}"} for i in range(3)]})
         assert answer.status_code == 201, answer.text
-        assert len(commits) == 1
+        assert len(commits) == 2
         assert [le["state"] for le in answer.json()] == ["starting"] * 3
         before = fed.leases()
         commits.clear()

@@ -1,0 +1,174 @@
+"""Coalescers: one thread per kind of background work in a broker process (placement passes,
+metering of leases that just ended), serving every ask that arrives while a batch runs with
+one batch after it.
+
+Before, every request that changed capacity (a lease asked or released, a registration, an
+agent's report) ran a placement pass of its own under the placement lock, and every lease
+that ended was metered in a transaction of its own that locked its labs' balance rows: at
+200 simulated agents that was 1,500 passes a minute, and requests queued behind one
+another's passes and balance rows (issue 14's load benchmark). Now a request commits its
+change in a short unit and asks: for a pass, or for its lease ids to be metered. A caller
+that must answer with the result (a scale request returns its leases' states; an ended
+lease's charge is in the books when the agent's report is answered) waits for a batch that
+started after its change committed, bounded by a timeout; the others only ask.
+
+Without a running thread (a broker used as a library, or before the app starts) a batch runs
+in the caller's thread, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+logger = logging.getLogger("parallex.broker")
+
+
+class Coalescer:
+    """Coalesces asks for a batch of work onto one thread.
+
+    ``run_batch`` is one batch as a unit of work of its own (it takes its locks and
+    commits); it gets the union of the items the asks it serves brought (empty when the
+    work has none, as a placement pass). Tickets count asks: a batch started after ask
+    number N serves it."""
+
+    def __init__(self, run_batch: Callable[[set], object], name: str):
+        self._run_batch = run_batch
+        self._items: set = set()
+        self._name = name
+        self._cond = threading.Condition()
+        self._asked = 0  # tickets handed out
+        self._done = 0  # every ticket up to this one has been served by a finished pass
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # Requests waiting on the event loop: (ticket, loop, future), resolved after a batch.
+        self._async_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        #: Batches run and asks served, for the metrics and the tests.
+        self.passes = 0
+        self.asks = 0
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        """Run batches on a thread of their own from now on."""
+        with self._cond:
+            if self.running:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch under way and stop; later asks run in the caller's thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        self._thread = None
+
+    def ask(self, items: set | frozenset = frozenset()) -> int:
+        """Ask for a batch with ``items`` (after the caller's change committed); returns the
+        ticket to wait for. Without the thread the batch runs here and now."""
+        with self._cond:
+            self.asks += 1
+            self._asked += 1
+            ticket = self._asked
+            if self.running:
+                self._items |= items
+                self._cond.notify_all()
+                return ticket
+        self._run_inline(ticket, set(items))
+        return ticket
+
+    def wait(self, ticket: int, timeout: float) -> bool:
+        """Wait until a batch that started after ``ticket`` was asked has finished; False
+        when ``timeout`` seconds passed first (the batch still comes, the caller just does
+        not wait for it)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._done >= ticket or not self.running,
+                                       timeout) and self._done >= ticket
+
+    @property
+    def last_ticket(self) -> int:
+        """The latest ask's ticket: a route that asked through a service method waits for
+        this one (its own, or a later ask's, whose batch serves it too)."""
+        with self._cond:
+            return self._asked
+
+    async def wait_async(self, ticket: int, timeout: float) -> bool:
+        """``wait`` for a coroutine: the request waits on the event loop, holding no thread
+        of the pool that answers other requests."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        entry = (ticket, loop, future)
+        with self._cond:
+            if self._done >= ticket or not self.running:
+                return self._done >= ticket
+            self._async_waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+            with self._cond:
+                return self._done >= ticket  # False when released by stop()
+        except TimeoutError:
+            return False
+        finally:
+            with self._cond:
+                if entry in self._async_waiters:
+                    self._async_waiters.remove(entry)
+
+    def _release_async_waiters(self) -> None:
+        """Resolve the coroutines whose ticket a finished batch served (caller holds the
+        condition); all of them when stopping."""
+        keep = []
+        for ticket, loop, future in self._async_waiters:
+            if ticket <= self._done or self._stopping:
+                loop.call_soon_threadsafe(_resolve, future)
+            else:
+                keep.append((ticket, loop, future))
+        self._async_waiters = keep
+
+    def ask_and_wait(self, timeout: float, items: set | frozenset = frozenset()) -> bool:
+        """Ask for a batch and wait for it (see ``wait``)."""
+        return self.wait(self.ask(items), timeout)
+
+    def _run_inline(self, ticket: int, items: set) -> None:
+        self._run_batch(items)
+        with self._cond:
+            self.passes += 1
+            self._done = max(self._done, ticket)
+            self._release_async_waiters()
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._asked > self._done or self._stopping)
+                if self._stopping:
+                    self._release_async_waiters()
+                    self._cond.notify_all()
+                    return
+                serving = self._asked  # every ask so far is served by this batch
+                items, self._items = self._items, set()
+            try:
+                self._run_batch(items)
+            except Exception:
+                # A transient database error must not leave askers waiting for ever: they
+                # are released, and the reaper's periodic passes pick up what was missed.
+                logger.exception("%s: batch failed", self._name)
+            with self._cond:
+                self.passes += 1
+                self._done = max(self._done, serving)
+                self._release_async_waiters()
+                self._cond.notify_all()
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
