@@ -27,7 +27,8 @@ data_dir.mkdir(parents=True, exist_ok=True)
 # ---- where the hub listens ----------------------------------------------------------------
 # bind_url is the public proxy's address; the hub process itself listens on hub_bind_url,
 # reachable only from the proxy and the single-user servers.
-c.JupyterHub.bind_url = settings.public_url
+# Behind a TLS-terminating proxy (deploy/site) the hub listens elsewhere than its public URL.
+c.JupyterHub.bind_url = os.environ.get("PARALLEX_HUB_BIND_URL") or settings.public_url
 c.JupyterHub.hub_bind_url = os.environ.get("PARALLEX_HUB_INTERNAL_URL", "http://127.0.0.1:8081")
 c.JupyterHub.db_url = settings.hub_db_url
 c.JupyterHub.cookie_secret_file = str(data_dir / "jupyterhub_cookie_secret")

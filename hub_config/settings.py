@@ -27,7 +27,9 @@ Example::
           - {claim: eduperson_entitlement, value: "urn:mace:north:parallex:admin", role: admin}
 
 Environment variables override: PARALLEX_HUB_PUBLIC_URL, PARALLEX_HUB_DB_URL,
-PARALLEX_BROKER_URL, PARALLEX_DB_URL (the broker's database).
+PARALLEX_BROKER_URL, PARALLEX_DB_URL (the broker's database), PARALLEX_BROKER_LISTEN,
+PARALLEX_GATEWAY and PARALLEX_GATEWAY_PUBLIC (deploy/site/compose.yaml sets them from its
+environment file, so the file holds only the institutions).
 """
 
 from __future__ import annotations
@@ -169,6 +171,10 @@ def _host_port(raw: dict, key: str) -> str | None:
     return value
 
 
+def _from_env(env: dict[str, str], variable: str, key: str) -> dict[str, str]:
+    return {key: env[variable]} if env.get(variable) else {}
+
+
 def load_settings(path: str | Path | None = None,
                   env: dict[str, str] | None = None) -> HubSettings:
     """Read the settings file (PARALLEX_HUB_SETTINGS when ``path`` is None) and environment."""
@@ -198,8 +204,11 @@ def load_settings(path: str | Path | None = None,
         broker_url=(env.get("PARALLEX_BROKER_URL") or raw.get("broker_url")
                     or HubSettings.broker_url).rstrip("/"),
         broker_db_url=env.get("PARALLEX_DB_URL") or raw.get("broker_db_url"),
-        broker_listen=_text(raw, "broker_listen"),
-        gateway=_host_port(raw, "gateway"),
-        gateway_public=_host_port(raw, "gateway_public"),
+        broker_listen=env.get("PARALLEX_BROKER_LISTEN") or _text(raw, "broker_listen"),
+        gateway=_host_port({**raw, **_from_env(env, "PARALLEX_GATEWAY", "gateway")},
+                           "gateway"),
+        gateway_public=_host_port(
+            {**raw, **_from_env(env, "PARALLEX_GATEWAY_PUBLIC", "gateway_public")},
+            "gateway_public"),
         data_dir=str(raw.get("data_dir") or Path(path).parent if path else "."),
         institutions=tuple(_institution(str(n), r or {}, env) for n, r in institutions.items()))
