@@ -1,6 +1,6 @@
 """The whole API fuzzed from its own OpenAPI document (schemathesis) with a member's, a PI's, an
-administrator's and a provider's token: no request is a server error, and every refusal leaves
-the database exactly as it was."""
+administrator's and a provider's token: no request is a server error, every answer conforms to
+the schema it documents, and every refusal leaves the database exactly as it was."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
+from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from federation.tls import ClusterAuthority
 from tests.utils.federation import make_federation
@@ -92,6 +94,10 @@ def test_no_request_is_a_server_error_and_refusals_write_nothing(populated):
                     problems.append(f"{where} changed {changed}")
                 if not response.json().get("message"):
                     problems.append(f"{where} has no message: {response.text[:200]}")
+            try:
+                case.validate_response(response, checks=[response_schema_conformance])
+            except FailureGroup as exc:  # schemathesis's failures, one group per answer
+                problems.append(f"{where}: the answer violates the schema: {str(exc)[:300]}")
 
         try:
             check()
