@@ -33,7 +33,11 @@ ProviderIdPath = Annotated[str, PathParam(pattern=OBJECT_ID,
 TokenIdPath = Annotated[str, PathParam(pattern=OBJECT_ID, description="A token id (tok_…).")]
 LabPath = Annotated[str, PathParam(pattern=LAB_NAME, description="A lab's name.")]
 UserPath = Annotated[str, PathParam(pattern=USER_NAME, description="A user's name.")]
-RowIdPath = Annotated[int, PathParam(ge=1, le=2**62, description="A row id (a positive integer).")]
+#: Largest row id: PostgreSQL's `integer` (the ids' column type there); a larger one in a path
+#: made the database refuse the query, a 500 (found by fuzzing on PostgreSQL).
+MAX_ROW_ID = 2**31 - 1
+RowIdPath = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID,
+                                     description="A row id (a positive integer).")]
 
 
 class UnsafeIdentifier(ValueError):

@@ -8,6 +8,7 @@ import contextlib
 import sqlite3
 
 import httpx
+import psycopg
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -26,12 +27,14 @@ QUIET = ("--rate-limit", "1000000", "--rate-burst", "1000000", "--max-concurrent
          "--capacity-interval", "100000")
 
 
-@pytest.fixture
-def populated(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def populated(request, tmp_path):
     """Two labs with a member, a PI and an administrator, a registered provider, a cluster
-    with a placed lease (so real ids exist), and the four tokens."""
+    with a placed lease (so real ids exist), and the four tokens; on SQLite and on
+    PostgreSQL (production's database, whose errors and types differ)."""
+    db_url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
     fed = make_federation(tmp_path, provider_timeout=100_000, cluster_timeout=100_000,
-                          broker_args=QUIET)
+                          broker_args=QUIET, db_url=db_url)
     try:
         fed.add_lab("lab-a", user="alice")
         fed.add_user("lab-a", "pia", role="pi")
@@ -54,6 +57,14 @@ def populated(tmp_path):
 
 
 def snapshot(fed) -> dict[str, list[tuple]]:
+    if fed.db_url:
+        with psycopg.connect(fed.db_url) as con:
+            tables = [r[0] for r in con.execute(
+                "SELECT table_name FROM information_schema.tables "
+                # The leader lease is renewed every reaper tick, whatever the requests do.
+                "WHERE table_schema = 'public' AND table_name <> 'broker_leader'")]
+            return {t: sorted(con.execute(f'SELECT * FROM "{t}"').fetchall(),  # noqa: S608
+                              key=repr) for t in tables}
     with contextlib.closing(sqlite3.connect(f"file:{fed.tmp / 'broker.db'}?mode=ro",
                                             uri=True)) as con:
         tables = [r[0] for r in con.execute(
