@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +19,9 @@ from .models import (
 from .service import METERING_WAIT
 
 router = APIRouter(prefix="/agent")
+
+#: Fraction by which a long poll may end early, at random (spreads agents' polls apart).
+POLL_JITTER = 0.25
 
 
 @router.post("/register", status_code=201)
@@ -61,6 +66,10 @@ async def leases(provider_id: ProviderIdPath, request: Request,
     # every other request (issue 14's load benchmark: registrations took seconds).
     provider = await run_in_threadpool(broker.provider_for, principal, provider_id)
     if wait:
+        # Up to a quarter shorter at random: agents that started together (a rack after a
+        # power cut, a broker restart) would otherwise all come back at the same instant
+        # every poll, and each wave queued heartbeats for seconds (issue 14's load test).
+        wait *= 1 - POLL_JITTER * random.random()
         await broker.wakeups.wait_for_change(provider.id, since, wait)
     version = broker.wakeups.version(provider.id)
     return {"version": version,
