@@ -117,11 +117,16 @@ def cmd_broker(args: argparse.Namespace) -> int:
     # Accepted connections inherit this: without it, a response written as headers then body
     # waits for the client's delayed ACK (~40 ms per request on a kept-alive connection).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.listen(128)
+    # A federation's agents reconnect together after a restart: with a backlog of 128, a
+    # thousand of them overflowed it and waited for TCP's one-second SYN retries.
+    sock.listen(2048)
     sock.setblocking(False)
     host, port = sock.getsockname()[:2]
+    # Keep-alive longer than any client's pause between requests (heartbeats every 5 s by
+    # default): at uvicorn's 5 s the broker closed connections just as agents reused them,
+    # and those requests failed with "server disconnected" (issue 14's load benchmark).
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=False,
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, timeout_keep_alive=75)
     server = uvicorn.Server(config)
 
     async def serve() -> None:
