@@ -10,6 +10,7 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from sqlmodel import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -141,6 +142,19 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         status, code, message = _validation_message(exc)
         return JSONResponse({"error": code, "message": message}, status_code=status)
+
+    @app.exception_handler(DataError)
+    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request carried (a NUL character in text, a
+        # number past a column's range): PostgreSQL checks what SQLite lets through, so the
+        # fuzzer found these on PostgreSQL only. The transaction was rolled back.
+        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "bad value"
+        logger.info("request %s %s carried a value the database refused: %s",
+                    request.method, request.url.path, reason)
+        return JSONResponse({"error": "unstorable-value",
+                             "message": f"a value in this request cannot be used ({reason}); "
+                                        "remove control characters from text and keep numbers "
+                                        "in range"}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dask.array as da
+import httpx
 import numpy as np
 import pytest
 
@@ -47,3 +48,25 @@ def test_two_labs_on_postgresql(pg_two_labs):
     finally:
         admin.close()
     assert {(le["state"], le["end_reason"]) for le in leases} == {("ended", "released")}
+
+
+def test_a_value_postgresql_cannot_store_is_a_422_not_a_500(tmp_path, postgres_url):
+    """PostgreSQL refuses NUL characters in text (SQLite stores them): the request is
+    answered 422 with a message, and nothing is written."""
+    fed = make_federation(tmp_path, db_url=postgres_url)
+    try:
+        check_unstorable_values(fed)
+    finally:
+        fed.stop()
+
+
+def check_unstorable_values(fed) -> None:
+    admin = {"Authorization": f"Bearer {fed.admin_token}"}
+    answer = httpx.get(f"{fed.url}/api/v1/usage", params={"lab": "lab-a\x00"}, headers=admin)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "unstorable-value"
+    assert "NUL" in answer.json()["message"]
+    before = httpx.get(f"{fed.url}/api/v1/labs", headers=admin).json()
+    refused = httpx.post(f"{fed.url}/api/v1/labs", json={"name": "bad\x00lab"}, headers=admin)
+    assert 400 <= refused.status_code < 500, refused.text
+    assert httpx.get(f"{fed.url}/api/v1/labs", headers=admin).json() == before
