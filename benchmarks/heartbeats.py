@@ -21,23 +21,16 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import write
-from benchmarks.load import SHARED_TLS, server_quantiles
+from benchmarks.load import LABS, SHARED_TLS, server_quantiles, setup
 from tests.utils.postgres import fresh_database, postgres_server
 from tests.utils.procs import start_broker
 
-LABS = 20
 HEARTBEAT = 5.0
 POLL = 20
 
 
 async def run(url: str, admin: str, agents: int, polls: bool, seconds: float) -> list[float]:
-    async with httpx.AsyncClient(base_url=f"{url}/api/v1", timeout=60,
-                                 headers={"Authorization": f"Bearer {admin}"}) as a:
-        tokens = []
-        for i in range(LABS):
-            (await a.post("/labs", json={"name": f"lab-{i}"})).raise_for_status()
-            tokens.append((await a.post("/tokens", json={"kind": "provider",
-                                                         "lab": f"lab-{i}"})).json()["token"])
+    tokens, _users = await setup(url, admin, users=0)
     clients = [httpx.AsyncClient(base_url=f"{url}/api/v1", timeout=60, verify=SHARED_TLS,
                                  headers={"Authorization": f"Bearer {tokens[i % LABS]}"})
                for i in range(agents)]

@@ -140,9 +140,13 @@ class Coalescer:
 
     def _run_inline(self, ticket: int, items: set) -> None:
         self._run_batch(items)
+        self._finished(ticket)
+
+    def _finished(self, served: int) -> None:
+        """A batch served every ask up to ``served``: release its waiters."""
         with self._cond:
             self.passes += 1
-            self._done = max(self._done, ticket)
+            self._done = max(self._done, served)
             self._release_async_waiters()
             self._cond.notify_all()
 
@@ -162,11 +166,7 @@ class Coalescer:
                 # A transient database error must not leave askers waiting for ever: they
                 # are released, and the reaper's periodic passes pick up what was missed.
                 logger.exception("%s: batch failed", self._name)
-            with self._cond:
-                self.passes += 1
-                self._done = max(self._done, serving)
-                self._release_async_waiters()
-                self._cond.notify_all()
+            self._finished(serving)
 
 
 def _resolve(future: asyncio.Future) -> None:
