@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ import psutil
 
 from . import errors
 from .client import AsyncBrokerClient
+from .environment import EnvironmentProblem, EnvironmentSpec, Package
+from .environment_cache import EnvironmentCache
 from .ids import UnsafeIdentifier, check_lease_id, url_segment
 from .inventory import Capacity
 from .launchers import ProcessLauncher, WorkerLauncher
@@ -56,7 +59,7 @@ class ProviderAgent:
                  monitor_interval: float = 0.25, launcher: WorkerLauncher | None = None,
                  warm_workers: int = 4, policy: OwnerPolicy | None = None,
                  owner_meter: OwnerMeter | None = None, owner_interval: float = 0.25,
-                 accepts_peers: bool = True):
+                 accepts_peers: bool = True, environments: EnvironmentCache | None = None):
         self.client = AsyncBrokerClient(broker_url, token)
         self.capacity = capacity
         self.workdir = Path(workdir)
@@ -101,6 +104,14 @@ class ProviderAgent:
         self.on_decision: Callable[[Decision], None] | None = None
         #: Prometheus metrics (federation.agent_metrics.AgentMetrics) when served.
         self.metrics: Any = None
+        #: Clusters' software environments: built here with uv, or (fixed) checked.
+        self.environments = environments or EnvironmentCache(
+            self.workdir / "environments", where=self.name)
+        self._pythons: dict[str, str] = {}  # lease id -> interpreter its environment has
+        self._env_of: dict[str, str] = {}  # lease id -> environment hash, while it runs
+        self._preparing: set[str] = set()
+        self._latest: dict[str, dict] = {}  # lease id -> the broker's latest word on it
+        self._specs: dict[str, EnvironmentSpec] = {}
 
     # ---- state file -------------------------------------------------------------------------
 
@@ -191,7 +202,8 @@ class ProviderAgent:
                 answer = await self.client.request("POST", "/agent/register", json={
                     "name": self.name, "site": self.site, "cpus": self.capacity.cpus,
                     "memory": self.capacity.memory, "gpus": self.capacity.gpus,
-                    "accepts_peers": self.accepts_peers})
+                    "accepts_peers": self.accepts_peers,
+                    "environment": self.environments.describe()})
                 break
             except errors.BrokerUnreachable as exc:
                 logger.warning("%s; retrying in %.1f s", exc, delay)
@@ -200,6 +212,7 @@ class ProviderAgent:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
         self.provider_id = answer["provider_id"]
+        self.environments.where = f"{self.name} (lab {answer['lab']})"
         self.heartbeat_interval = float(answer["heartbeat_interval"])
         self.poll_timeout = float(answer["poll_timeout"])
         logger.info("registered as provider %s of lab %s offering %s", self.provider_id,
@@ -255,7 +268,8 @@ class ProviderAgent:
                     with timer:
                         await self.client.request("POST", f"{self._base}/heartbeat", json={
                             "running": running, "offering": self.offering,
-                            "offer_note": self.offer_note[:300]})
+                            "offer_note": self.offer_note[:300],
+                            "environments": self.environments.warm()[:1000]})
             except errors.ParallexError as exc:
                 logger.warning("heartbeat failed: %s", exc)
             # The owner policy wakes it early when the offer changes.
@@ -388,6 +402,7 @@ class ProviderAgent:
         leases = safe
         listed = {lease["id"] for lease in leases}
         self._states = {lease["id"]: lease["state"] for lease in leases}
+        self._latest = {lease["id"]: lease for lease in leases}
         for lease in leases:
             lid, state = lease["id"], lease["state"]
             if lid in self._stopping:
@@ -405,15 +420,25 @@ class ProviderAgent:
         starting = {lease["id"] for lease in leases if lease["state"] == LeaseState.starting}
         for lid in set(self._keys) - starting:
             del self._keys[lid]  # ended or started: the key is on disk or no longer needed
+        for lid in set(self._pythons) - listed - set(self.workers):
+            del self._pythons[lid]  # ended before its worker started
 
     def _start_when_certified(self, lease: dict) -> None:
         """Start the worker once the cluster has certified the key made here; until then
         make the key and send its signing request (once)."""
         lid = lease["id"]
+        python = self._pythons.get(lid)
+        if python is None and not lease.get("environment"):
+            python = self._pythons[lid] = sys.executable
+        if python is None and lid not in self._preparing:
+            # Built (or found ready) while the cluster certifies the worker's key.
+            self._preparing.add(lid)
+            self._spawn(self._prepare_environment(lid, lease["environment"]))
         key = self._keys.get(lid)
         cert = lease.get("cert") or ""
         if key is not None and cert and key_matches(cert, key):
-            self._start({**lease, "key": key})
+            if python is not None:
+                self._start({**lease, "key": key, "python": python})
             return
         if lid in self._requesting or (key is not None and lease.get("csr_sent")):
             return  # the request is on its way or waits for the cluster's signature
@@ -421,6 +446,44 @@ class ProviderAgent:
         self._keys[lid] = key
         self._requesting.add(lid)
         self._spawn(self._send_signing_request(lid, csr))
+
+    async def _prepare_environment(self, lease_id: str, digest: str) -> None:
+        """Find or build the lease's environment, telling the user how the build goes; a
+        build that cannot succeed ends the lease (failed, never billed) with the reason."""
+        async def progress(done: int, total: int) -> None:
+            with contextlib.suppress(errors.ParallexError):
+                await self._report(lease_id, LeaseState.starting, message=(
+                    f"building the environment on {self.name} ({done} of {total} "
+                    "packages)"), attempts=1)
+
+        async def fetch(package: Package) -> bytes:
+            return await self.client.request_bytes(
+                "GET", f"{self._base}/environments/{digest}/wheels/{package.sha256}",
+                timeout=300)
+
+        try:
+            spec = self._specs.get(digest)
+            if spec is None:
+                spec = EnvironmentSpec.from_json(await self.client.request(
+                    "GET", f"{self._base}/environments/{digest}"))
+                self._specs[digest] = spec
+            python = await self.environments.prepare(spec, fetch, progress)
+        except EnvironmentProblem as exc:
+            logger.warning("lease %s: environment %s: %s", lease_id, digest, exc)
+            self._spawn(self._report(lease_id, LeaseState.ended, EndReason.failed, str(exc),
+                                     environment_error=True))
+            return
+        except errors.ParallexError as exc:
+            # The lease ended meanwhile, or the broker is away: the next lease list retries.
+            logger.warning("lease %s: environment %s not prepared: %s", lease_id, digest, exc)
+            return
+        finally:
+            self._preparing.discard(lease_id)
+        self._pythons[lease_id] = python
+        lease = self._latest.get(lease_id)
+        if (lease is not None and self._states.get(lease_id) == LeaseState.starting
+                and lease_id not in self.workers and lease_id not in self._stopping):
+            self._start_when_certified(lease)
 
     async def _send_signing_request(self, lease_id: str, csr: str) -> None:
         try:
@@ -445,6 +508,9 @@ class ProviderAgent:
             return
         self.workers[lease["id"]] = worker
         self._sizes[lease["id"]] = float(lease.get("cpus") or 0)
+        if lease.get("environment"):
+            self._env_of[lease["id"]] = lease["environment"]
+            self.environments.in_use.setdefault(lease["environment"], set()).add(lease["id"])
         self._keys.pop(lease["id"], None)
         self._save_state()
 
@@ -473,8 +539,10 @@ class ProviderAgent:
             self._stopping.discard(lease_id)
 
     async def _report(self, lease_id: str, state: LeaseState, reason: EndReason | None = None,
-                      message: str = "", attempts: int = 20) -> None:
-        body = {"state": state, "reason": reason, "message": message[-2000:]}
+                      message: str = "", attempts: int = 20,
+                      environment_error: bool = False) -> None:
+        body = {"state": state, "reason": reason, "message": message[-2000:],
+                "environment_error": environment_error}
         delay = 0.2
         for _attempt in range(attempts):
             try:
@@ -497,6 +565,10 @@ class ProviderAgent:
         (key and scratch included) so nothing of it outlives the lease."""
         self.launcher.forget(lease_id)
         self._suspended.discard(lease_id)
+        self._pythons.pop(lease_id, None)
+        digest = self._env_of.pop(lease_id, None)
+        if digest is not None:
+            self.environments.in_use.get(digest, set()).discard(lease_id)
         self.accounts.release(lease_id)
         self._sizes.pop(lease_id, None)
         try:

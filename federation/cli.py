@@ -250,11 +250,17 @@ def cmd_provide(args: argparse.Namespace) -> int:
                                limits=enforcement, lease_pids=args.lease_pids)
     meter = cli_provide.owner_meter(policy, accounts.uids,
                                     [g["index"] for g in capacity.gpus])
+    try:
+        environments = cli_provide.environments_from_args(
+            args, workdir, args.name or socket.gethostname())
+    except ValueError as exc:
+        return cli_provide.print_error(str(exc))
     agent = ProviderAgent(args.broker, token, capacity, workdir=workdir, name=args.name,
                           site=args.site, worker_host=args.worker_host,
                           accounts=accounts, release_grace=args.release_grace,
                           launcher=launcher, policy=policy, owner_meter=meter,
-                          accepts_peers=not args.no_peer_connections)
+                          accepts_peers=not args.no_peer_connections,
+                          environments=environments)
     try:
         agent.prepare()
     except (WorkerAccountError, OSError) as exc:

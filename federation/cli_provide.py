@@ -8,6 +8,7 @@ import datetime as dt
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from .owner_activity import OwnerMeter, parse_accounts
 from .owner_policy import OwnerPolicy, OwnerWatch, PolicyError, load_policy
@@ -66,6 +67,21 @@ def add_options(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--lease-pids", type=int, default=1024, metavar="N",
                      help="Most processes plus threads one lease's worker may run; a fork "
                           "bomb stops there (default 1024).")
+    env = p.add_argument_group("software environments")
+    env.add_argument("--environment", choices=["build", "fixed"], default="build",
+                     help="build: give each cluster its notebook's packages, installed with "
+                          "uv from the package index into a cache on this machine (only what "
+                          "differs from this agent's own environment); fixed: build nothing "
+                          "and serve only clusters whose Python, dask and distributed match "
+                          "this agent's (default build).")
+    env.add_argument("--package-index", action="append", metavar="URL",
+                     help="A package index builds may use; repeat for more, the first is the "
+                          "main one (default: https://pypi.org/simple). Packages found on no "
+                          "allowed index are refused, naming the package.")
+    env.add_argument("--environment-cache", type=float, default=20.0, metavar="GIB",
+                     help="Most disk the built environments may take, in GiB; the least "
+                          "recently used go first, and an environment larger than this is "
+                          "refused (default 20).")
     p.add_argument("--no-peer-connections", action="store_true",
                    help="This machine's workers accept no connections from other sites (a "
                         "lab behind NAT or a firewall): the broker keeps a cluster that uses "
@@ -73,6 +89,17 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-systemd-unit", action="store_true",
                    help="Print a systemd unit that runs this agent as root with a delegated "
                         "cgroup subtree, with the options given here, and exit.")
+
+
+def environments_from_args(args: argparse.Namespace, workdir: Path, name: str):
+    """The agent's EnvironmentCache from the --environment options."""
+    from .environment_cache import EnvironmentCache
+
+    if args.environment_cache <= 0:
+        raise ValueError("--environment-cache must be more than 0 GiB")
+    return EnvironmentCache(workdir / "environments", mode=args.environment,
+                            indexes=tuple(args.package_index or ()),
+                            max_bytes=int(args.environment_cache * 2**30), where=name)
 
 
 def policy_from_args(args: argparse.Namespace) -> OwnerPolicy:

@@ -36,6 +36,8 @@ def raise_for_answer(response: httpx.Response) -> Any:
         raise errors.NotFound(message)
     if code == "no-provider-fits":
         raise errors.NoProviderFits(message, status, code)
+    if code == "environment-refused":
+        raise errors.EnvironmentRefused(message, status, code)
     if 400 <= status < 500:
         raise errors.RequestRejected(message, status, code)
     raise errors.BrokerError(f"the broker failed with HTTP {status}: {message}")
@@ -96,6 +98,22 @@ class AsyncBrokerClient:
                 raise _unreachable(self.url, exc) from exc
             if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
                 return raise_for_answer(response)
+            await asyncio.sleep(retry_after(response))
+        raise AssertionError("unreachable")
+
+    async def request_bytes(self, method: str, path: str, *, timeout: float | None = None,
+                            **kwargs: Any) -> bytes:
+        """Like ``request``, for an answer that is bytes (a shipped wheel), not JSON."""
+        extra = {"timeout": timeout} if timeout is not None else {}
+        for attempt in range(RATE_LIMIT_RETRIES + 1):
+            try:
+                response = await self._http.request(method, path, **kwargs, **extra)
+            except httpx.TransportError as exc:
+                raise _unreachable(self.url, exc) from exc
+            if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
+                if response.is_success:
+                    return response.content
+                raise_for_answer(response)
             await asyncio.sleep(retry_after(response))
         raise AssertionError("unreachable")
 

@@ -40,7 +40,7 @@ from tornado.ioloop import PeriodicCallback
 from . import config, errors
 from .client import AsyncBrokerClient
 from .estimate import Estimate
-from .lease_keeper import ENDED, LIVE, KeeperSettings, lease_of, pending_reasons
+from .lease_keeper import ENDED, LIVE, KeeperSettings, lease_of, pending_reasons, starting_news
 from .lease_states import LeaseState
 from .sizes import parse_memory
 from .tls import ROLE_CLIENT, ClusterAuthority
@@ -53,6 +53,8 @@ __all__ = ["FederatedCluster", "FederatedAdaptive", "ENDED", "LIVE", "lease_of"]
 START_TIMEOUT = 90.0
 #: Milliseconds between refreshes of the copy of the keeper's state that displays read.
 STATE_REFRESH_MS = 1000
+#: Seconds between the progress lines wait_for_workers prints (an environment's build).
+PROGRESS_INTERVAL = 2.0
 #: Seconds close() waits for the scheduler process to end the leases and exit.
 CLOSE_TIMEOUT = 45.0
 
@@ -141,6 +143,11 @@ class FederatedCluster(Cluster):
     idle_timeout:
         Seconds without work after which the cluster gives its workers back
         (``parallex.idle-timeout``, 20 minutes; 0 never). Adaptive clusters scale themselves.
+    environment:
+        ``"notebook"`` (the default, config ``parallex.environment``): the workers get this
+        interpreter's packages, built by each lab's agent and cached (local and editable
+        packages are shipped as wheels); ``"agent"``: the workers run the labs' own
+        environments.
     scheduler_log:
         File the scheduler process's log is appended to; None (the default) leaves it on this
         process's stderr, as Dask's own LocalCluster does.
@@ -159,7 +166,8 @@ class FederatedCluster(Cluster):
                  heartbeat_interval: float | None = None,
                  lease_start_timeout: float | None = None,
                  idle_timeout: float | None = None, labs: list[str] | None = None,
-                 sites: list[str] | None = None, scheduler_log: str | os.PathLike | None = None,
+                 sites: list[str] | None = None, environment: str | None = None,
+                 scheduler_log: str | os.PathLike | None = None,
                  asynchronous: bool = False, loop: Any = None, quiet: bool = False):
         self._broker_url = config.broker_url(broker_url)
         self._token = config.token(token)
@@ -182,6 +190,11 @@ class FederatedCluster(Cluster):
                                          config.get("lease-start-timeout"))
         self._request_timeout = float(config.get("request-timeout"))
         self.scheduler_log = Path(scheduler_log) if scheduler_log else None
+        self.environment_mode = environment or config.get("environment") or "notebook"
+        if self.environment_mode not in ("notebook", "agent"):
+            raise ValueError("environment must be 'notebook' (workers get this Python's "
+                             "packages) or 'agent' (the labs' own); got "
+                             f"{self.environment_mode!r}")
         #: Where the broker serves this cluster's Dask dashboard (None: no dashboard).
         self.broker_dashboard_link: str | None = None
         self._state: dict[str, Any] = {"leases": [], "live": [], "groups": {}, "workers": [],
@@ -255,7 +268,8 @@ class FederatedCluster(Cluster):
             dashboard=bool(self._dashboard), heartbeat_interval=self._heartbeat_interval,
             request_timeout=self._request_timeout,
             lease_start_timeout=self.lease_start_timeout, idle_timeout=self.idle_timeout,
-            labs=tuple(self.labs), sites=tuple(self.sites))
+            labs=tuple(self.labs), sites=tuple(self.sites),
+            environment=self.environment_mode)
         env = dict(os.environ)
         # The scheduler process imports this very package, installed or not.
         here = str(Path(__file__).resolve().parent.parent)
@@ -521,12 +535,26 @@ class FederatedCluster(Cluster):
 
     async def _wait_for_workers(self, n_workers: int = 0, timeout: float | None = None) -> None:
         timeout = self.lease_start_timeout if timeout is None else float(timeout)
-        try:
-            self._state = await self._call("parallex_wait_for_workers", n=n_workers,
-                                           timeout=timeout)
-        except errors.LeaseStartTimeout:
-            await self._refresh_state()
-            raise
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        told: set[str] = set()
+        while True:
+            left = max(0.0, deadline - loop.time())
+            try:
+                # In slices, so what the workers wait for (an environment's build) is shown.
+                self._state = await self._call(
+                    "parallex_wait_for_workers", n=n_workers,
+                    timeout=min(left, PROGRESS_INTERVAL), total=timeout)
+                return
+            except errors.LeaseStartTimeout:
+                # A heartbeat, so the leases' words (a build's progress) are the broker's now.
+                self._state = await self._call("parallex_refresh")
+                if left <= PROGRESS_INTERVAL:
+                    raise
+            for line in self._progress_lines():
+                if line not in told and not self.quiet:
+                    told.add(line)
+                    print(f"Parallex: {line}", file=sys.stderr, flush=True)
 
     # ---- cost -------------------------------------------------------------------------------
 
@@ -578,6 +606,19 @@ class FederatedCluster(Cluster):
         return dict(Counter(leases[lid].get("lab") or "?" for lid in connected
                             if lid in leases))
 
+    def refresh_environment(self) -> dict:
+        """Give the workers this Python's packages again, after installing some (``pip
+        install`` in the notebook): new workers get them, and the current workers are
+        replaced (what they held in memory is lost; compute it again). Returns
+        ``{"changed": bool, "replaced": workers replaced, "environment": its hash}``."""
+        return self.sync(self._call, "parallex_environment")
+
+    def progress(self) -> list[str]:
+        """What starting workers wait for now, e.g. "building the environment on
+        lab-x-server (37 of 112 packages)" (with how many leases, when several)."""
+        self._fresh()
+        return self._progress_lines()
+
     def pending(self) -> dict[str, int]:
         """Pending leases by the reason they wait (as the broker words it)."""
         self._fresh()
@@ -596,8 +637,13 @@ class FederatedCluster(Cluster):
     def _scaling_status(self) -> str:
         rows = "".join(f"<tr><td>{html.escape(lab)}</td><td>{n}</td></tr>"
                        for lab, n in sorted(self._workers_by_lab().items()))
+        news = "".join(f"<p>{html.escape(line)}</p>" for line in self._progress_lines())
         return (f"<table><tr><th>Lab</th><th>Workers</th></tr>{rows}"
-                f"<tr><td>pending</td><td>{self._pending()}</td></tr></table>")
+                f"<tr><td>pending</td><td>{self._pending()}</td></tr></table>{news}")
+
+    def _progress_lines(self) -> list[str]:
+        return [line if n == 1 else f"{line} ({n} workers)"
+                for line, n in sorted(starting_news(self._state["leases"]).items())]
 
     @property
     def dashboard_link(self) -> str:

@@ -8,7 +8,8 @@
     ├── NotFound                404: the cluster, lease or lab does not exist
     ├── RequestRejected         4xx: the request was malformed; the message says what to fix
     │   ├── NoProviderFits      no provider in the federation could ever host the asked worker
-    │   └── CreditLimitExceeded 402: the lab's balance is below minus its credit limit
+    │   ├── CreditLimitExceeded 402: the lab's balance is below minus its credit limit
+    │   └── EnvironmentRefused  no provider can build or run the cluster's software environment
     ├── LeaseStartTimeout       leases were granted but their workers did not start in time
     └── BrokerError             5xx or an unexpected answer from the broker
 """
@@ -59,6 +60,12 @@ class NoProviderFits(RequestRejected):
 
 class CreditLimitExceeded(RequestRejected):
     """The lab's balance is below minus its credit limit; running workers keep running."""
+
+
+class EnvironmentRefused(RequestRejected):
+    """No provider the cluster may use can build or run its software environment (a package
+    missing from a lab's index, another Python version, a fixed agent's other Dask); the
+    message names the package or versions and the lab. Nothing was billed."""
 
 
 class LeaseStartTimeout(ParallexError, TimeoutError):

@@ -33,6 +33,12 @@ ProviderIdPath = Annotated[str, PathParam(pattern=OBJECT_ID,
 TokenIdPath = Annotated[str, PathParam(pattern=OBJECT_ID, description="A token id (tok_…).")]
 LabPath = Annotated[str, PathParam(pattern=LAB_NAME, description="A lab's name.")]
 UserPath = Annotated[str, PathParam(pattern=USER_NAME, description="A user's name.")]
+#: An environment's hash and a wheel's SHA-256 (federation.environment), in paths.
+ENVIRONMENT_HASH = r"^[0-9a-f]{32}$"
+SHA256 = r"^[0-9a-f]{64}$"
+EnvironmentHashPath = Annotated[str, PathParam(pattern=ENVIRONMENT_HASH,
+                                               description="An environment's hash.")]
+Sha256Path = Annotated[str, PathParam(pattern=SHA256, description="A wheel's SHA-256 (hex).")]
 #: Largest row id: PostgreSQL's `integer` (the ids' column type there); a larger one in a path
 #: made the database refuse the query, a 500 (found by fuzzing on PostgreSQL).
 MAX_ROW_ID = 2**31 - 1

@@ -143,6 +143,8 @@ class WarmInterpreter:
     popen: subprocess.Popen
     create_time: float
     ready: bool = False
+    #: The interpreter: the agent's, or a cluster's environment's (federation.environment_cache).
+    python: str = sys.executable
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -190,6 +192,8 @@ class ProcessLauncher(WorkerLauncher):
         self._pool: list[WarmInterpreter] = []
         self._claimed: dict[str, WarmInterpreter] = {}
         self._serial = 0
+        #: The interpreter the last lease started with: the pool keeps that one warm.
+        self._demand = sys.executable
 
     # ---- the warm pool ------------------------------------------------------------------
 
@@ -200,20 +204,26 @@ class ProcessLauncher(WorkerLauncher):
             self._pool.remove(interp)
             accounts.release(interp.holder)
         target = min(self.warm, max(0, int(free_cpus)))
+        stale = [i for i in self._pool if i.python != self._demand]
+        if stale and len(self._pool) >= target:
+            # Leases now come in another environment: one interpreter a tick moves over.
+            self._pool.remove(stale[0])
+            stale[0].retire()
+            accounts.release(stale[0].holder)
         while len(self._pool) > target:
             interp = self._pool.pop()
             interp.retire()
             accounts.release(interp.holder)
         while len(self._pool) < target:
             try:
-                self._pool.append(self._start_warm(accounts))
+                self._pool.append(self._start_warm(accounts, self._demand))
             except (OSError, WorkerAccountError) as exc:
                 logger.warning("cannot start a warm interpreter (%s); leases start cold", exc)
                 return
         for interp in self._pool:
             interp.check_ready()
 
-    def _start_warm(self, accounts: WorkerAccounts) -> WarmInterpreter:
+    def _start_warm(self, accounts: WorkerAccounts, python: str) -> WarmInterpreter:
         self._serial += 1
         holder = f"~warm-{self._serial}"  # never a lease id (those start with a letter)
         account = accounts.acquire(holder)
@@ -222,21 +232,24 @@ class ProcessLauncher(WorkerLauncher):
             env["TMPDIR"] = "/tmp"  # noqa: S108 - the lease's own folder replaces it
             popen = subprocess.Popen(
                 [*self.limits.spawn_prefix(account.isolated, self.lease_pids),
-                 sys.executable, "-m", "federation.warm_worker"], cwd="/", env=env,
+                 python, "-m", "federation.warm_worker"], cwd="/", env=env,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True, **account_kwargs(account))
         except OSError:
             accounts.release(holder)
             raise
         os.set_blocking(popen.stdout.fileno(), False)
-        return WarmInterpreter(holder, popen, psutil.Process(popen.pid).create_time())
+        return WarmInterpreter(holder, popen, psutil.Process(popen.pid).create_time(),
+                               python=python)
 
     def ready_count(self) -> int:
         return sum(1 for i in self._pool if i.ready and i.alive())
 
     def account_for(self, lease: dict, accounts: WorkerAccounts) -> WorkerAccount:
+        python = lease.get("python") or sys.executable
+        self._demand = python
         if int(lease.get("gpus") or 0) == 0:
-            live = [i for i in self._pool if i.alive()]
+            live = [i for i in self._pool if i.alive() and i.python == python]
             if live:
                 # A ready one first; one still importing is still ahead of a cold start.
                 interp = next((i for i in live if i.check_ready()), live[0])

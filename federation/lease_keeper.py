@@ -101,6 +101,9 @@ class KeeperSettings:
     idle_timeout: float = 1200.0
     labs: tuple[str, ...] = ()
     sites: tuple[str, ...] = ()
+    #: "notebook": workers get this interpreter's packages (agents build them);
+    #: "agent": workers run whatever the agents have (nothing is described or shipped).
+    environment: str = "notebook"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -110,7 +113,7 @@ class LeaseKeeper:
     """The scheduler and the leases of one FederatedCluster, in the scheduler's process."""
 
     HANDLERS = ("state", "scale", "scale_down", "hold", "release", "wait_for_workers",
-                "refresh", "end", "round_trips")
+                "refresh", "end", "round_trips", "environment")
 
     def __init__(self, settings: KeeperSettings):
         self.settings = settings
@@ -134,6 +137,10 @@ class LeaseKeeper:
         self.dashboard_path: str | None = None
         #: Seconds of the last measured round trip to each worker, by address.
         self.round_trips: dict[str, float] = {}
+        #: The hash of the environment the workers get (None: the agents' own).
+        self.environment: str | None = None
+        #: Why no provider can run that environment, once the broker said so.
+        self.environment_error: str | None = None
 
     # ---- start and stop ---------------------------------------------------------------------
 
@@ -162,12 +169,14 @@ class LeaseKeeper:
             self.guard.add_client_handler(f"parallex_{name}", getattr(self, f"_handle_{name}"))
         self.scheduler.add_plugin(_WorkerJoined(self._joined), name="parallex-joined")
         await self.scheduler
+        if s.environment == "notebook":
+            self.environment = await self._ship_environment()
         dashboard_port = (self.scheduler.http_server.port
                           if s.dashboard and self.scheduler.http_server else None)
         record = await self._broker.request("POST", "/clusters", json={
             "name": s.name, "scheduler_address": self.scheduler.address,
             "labs": list(s.labs), "sites": list(s.sites), "ca_cert": self.authority.ca_pem,
-            "dashboard_port": dashboard_port})
+            "dashboard_port": dashboard_port, "environment": self.environment})
         self.cluster_id = record["id"]
         self.dashboard_path = record.get("dashboard_path")
         if record.get("gateway_internal"):
@@ -178,6 +187,46 @@ class LeaseKeeper:
                        asyncio.create_task(self._round_trip_loop())]
         logger.info("cluster %s started; scheduler at %s", self.cluster_id,
                     self.scheduler.address)
+
+    async def _ship_environment(self) -> str:
+        """Describe this interpreter's packages to the broker and ship the wheels of local
+        ones it does not have yet; returns the environment's hash."""
+        from .environment import EnvironmentProblem, describe
+
+        try:
+            spec, wheels = await asyncio.to_thread(describe)
+        except EnvironmentProblem as exc:
+            raise errors.RequestRejected(
+                f"{exc}. Or start the cluster with environment='agent' to run the workers "
+                "in the labs' own environments", 400, "environment-unshippable") from None
+        body = spec.to_json()
+        del body["hash"]
+        answer = await self._broker.request("POST", "/environments", json=body)
+        for sha in answer["missing_wheels"]:
+            filename, data = wheels[sha]
+            await self._broker.request("PUT", f"/environments/wheels/{sha}",
+                                       params={"filename": filename}, content=data,
+                                       timeout=max(60.0, self.settings.request_timeout))
+        logger.info("environment %s: Python %s, %d packages (%d shipped as wheels)",
+                    answer["hash"], spec.python, len(spec.packages), len(wheels))
+        return answer["hash"]
+
+    async def _handle_environment(self) -> dict:
+        """Describe the packages again (the user installed some); when they changed, new
+        leases get the new environment and the workers of the old one are replaced."""
+        if self.settings.environment != "notebook":
+            return {"changed": False, "replaced": 0, "environment": None}
+        digest = await self._ship_environment()
+        if digest == self.environment:
+            return {"changed": False, "replaced": 0, "environment": digest}
+        await self._broker.request("POST", f"/clusters/{self.cluster_id}/environment",
+                                   json={"environment": digest})
+        self.environment, self.environment_error = digest, None
+        async with self._lock:
+            old = sorted(self.live)
+            await self._retire(old)
+        await self._correct_state()
+        return {"changed": True, "replaced": len(old), "environment": digest}
 
     async def end(self) -> None:
         """End every lease at the broker, remove the workers and wait (bounded) until the
@@ -237,6 +286,8 @@ class LeaseKeeper:
                    for address, ws in (self.scheduler.workers.items() if self.scheduler
                                        else [])]
         return {"cluster_id": self.cluster_id, "leases": list(self.leases.values()),
+                "environment": self.environment,
+                "environment_error": self.environment_error,
                 "live": sorted(self.live),
                 "groups": {name: asdict(g) for name, g in self.groups.items()},
                 "workers": workers,
@@ -325,13 +376,21 @@ class LeaseKeeper:
             await self._correct_state()
         return self.state()
 
-    async def _handle_wait_for_workers(self, n: int, timeout: float | None = None) -> dict:
+    async def _handle_wait_for_workers(self, n: int, timeout: float | None = None,
+                                       total: float | None = None) -> dict:
+        """Wait up to ``timeout`` seconds for ``n`` workers; ``total``: the whole wait the
+        user asked for, which a timeout's message names (the user's side waits in slices to
+        show progress)."""
         loop = asyncio.get_running_loop()
         timeout = self.settings.lease_start_timeout if timeout is None else float(timeout)
         deadline = loop.time() + timeout
         while self._running_workers() < n:
+            if self.environment_error:
+                raise errors.EnvironmentRefused(self.environment_error, 409,
+                                                "environment-refused")
             if loop.time() > deadline:
-                raise errors.LeaseStartTimeout(self._start_timeout_message(n, timeout))
+                raise errors.LeaseStartTimeout(self._start_timeout_message(
+                    n, timeout if total is None else float(total)))
             await asyncio.sleep(0.05)
         # Confirm the connected workers at once, so the broker runs (and meters) their leases
         # and the user's side shows them running with their provider's lab.
@@ -534,6 +593,13 @@ class LeaseKeeper:
             created = await self._broker.request(
                 "POST", f"/clusters/{self.cluster_id}/leases",
                 json={"spec": group.spec(), "group": group.name, "workers": workers})
+            self.environment_error = None
+        except errors.EnvironmentRefused as exc:
+            self.environment_error = str(exc)
+            self.live.difference_update(ids)
+            for lease_id in ids:
+                self.leases.pop(lease_id, None)
+            raise
         except BaseException:
             self.live.difference_update(ids)
             for lease_id in ids:
@@ -617,6 +683,13 @@ def worker_news(leases: list[dict]) -> list[str]:
             for (what, message), n in sorted(groups.items())]
 
 
+def starting_news(leases: list[dict]) -> Counter[str]:
+    """What starting leases do before their workers can start ("building the environment on
+    lab-x-server (37 of 112 packages)"), with how many leases each."""
+    return Counter(lease["message"] for lease in leases
+                   if lease.get("state") == LeaseState.starting and lease.get("message"))
+
+
 def pending_reasons(leases: list[dict]) -> Counter[str]:
     """How many pending leases wait for each reason the broker gave."""
     return Counter(lease.get("message") or "waiting for a provider with free capacity"
@@ -624,4 +697,4 @@ def pending_reasons(leases: list[dict]) -> Counter[str]:
 
 
 __all__ = ["KeeperSettings", "LeaseKeeper", "WorkerGroup", "group_name", "lease_of",
-                      "pending_reasons", "worker_news", "ENDED", "LIVE"]
+                      "pending_reasons", "starting_news", "worker_news", "ENDED", "LIVE"]

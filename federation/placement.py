@@ -39,6 +39,9 @@ class ProviderCapacity:
     #: Whether its workers accept connections from other sites (False behind NAT or a
     #: firewall): a cluster with a worker here keeps all its workers within this site.
     accepts_peers: bool = True
+    #: Hashes of the software environments built and ready there (placement prefers them:
+    #: a worker there starts without a build).
+    environments: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -74,11 +77,18 @@ class LeaseRequest:
     #: The labs and sites the cluster's owner allows (empty: any), e.g. for sensitive data.
     allowed_labs: frozenset[str] = frozenset()
     allowed_sites: frozenset[str] = frozenset()
+    #: The hash of the cluster's software environment ("" none), the providers that cannot
+    #: run it, and why (federation.broker.environments).
+    environment: str = ""
+    excluded: frozenset[str] = frozenset()
+    environment_note: str = ""
 
     def allows(self, cap: ProviderCapacity) -> bool:
-        """True when the owner allows a worker on ``cap``'s lab and site."""
+        """True when the owner allows a worker on ``cap``'s lab and site and ``cap`` can run
+        the cluster's environment."""
         return ((not self.allowed_labs or cap.lab in self.allowed_labs)
-                and (not self.allowed_sites or cap.site in self.allowed_sites))
+                and (not self.allowed_sites or cap.site in self.allowed_sites)
+                and cap.provider_id not in self.excluded)
 
 
 @dataclass(frozen=True)
@@ -147,9 +157,16 @@ def place(
         site_counts = sites.setdefault(req.cluster_id, Counter())
         # Near the cluster's other workers first; then a machine whose owner takes it back
         # less often (in steps of 10 %, so small differences leave the choice random).
-        best = index.best(_labs_allowed(req, where, index.labs_at), lab_counts, site_counts,
-                          req.gpus > 0,
-                          lambda p, r=req, w=where: fits(p, r) and w.admits(p), rng)
+        labs_allowed = _labs_allowed(req, where, index.labs_at)
+        best = None
+        if req.environment:
+            # A machine with the environment built starts the worker in seconds, not minutes.
+            best = index.best(labs_allowed, lab_counts, site_counts, req.gpus > 0,
+                              lambda p, r=req, w=where: (r.environment in p.environments
+                                                         and fits(p, r) and w.admits(p)), rng)
+        if best is None:
+            best = index.best(labs_allowed, lab_counts, site_counts, req.gpus > 0,
+                              lambda p, r=req, w=where: fits(p, r) and w.admits(p), rng)
         if best is None:
             continue
         gpu_slots = sorted(matching_gpus(best.free_gpus, req.gpu_model), key=lambda g: g.index)
@@ -223,6 +240,9 @@ def why_waiting(req: LeaseRequest, providers: list[ProviderCapacity],
     if req.gpus:
         size += f" and {req.gpus} {req.gpu_model + ' ' if req.gpu_model else ''}GPUs"
     allowed = [p for p in providers if req.allows(p)]
+    if not allowed and req.excluded and any(p.provider_id in req.excluded for p in providers):
+        return ("no online provider can run this cluster's software environment: "
+                + (req.environment_note or "see the refusal when scaling"))
     if not allowed:
         where = ", ".join(f"{kind} {', '.join(sorted(names))}" for kind, names in
                           (("labs", req.allowed_labs), ("sites", req.allowed_sites)) if names)

@@ -113,14 +113,17 @@ def worker_command(lease: dict, folder: Path, host: str | None,
                    death_timeout: float) -> list[str]:
     """The command line of a lease's worker: `dask worker`, or `dask cuda worker` for GPUs."""
     gpus = int(lease.get("gpus") or 0)
+    # The interpreter of the cluster's software environment (federation.environment_cache);
+    # the agent's own when nothing had to be built.
+    python = lease.get("python") or sys.executable
     use_cuda = gpus > 0 and importlib.util.find_spec("dask_cuda") is not None
     if use_cuda:
         # GPU machines only: dask-cuda starts one worker process per visible GPU and names them
         # <lease>-<i> when there are several; the scheduler guard accepts those names.
-        cmd = [sys.executable, "-m", "dask", "cuda", "worker", lease["scheduler_address"],
+        cmd = [python, "-m", "dask", "cuda", "worker", lease["scheduler_address"],
                "--resources", f"GPU={1 if gpus > 1 else gpus}"]
     else:
-        cmd = [sys.executable, "-m", "distributed.cli.dask_worker", lease["scheduler_address"],
+        cmd = [python, "-m", "distributed.cli.dask_worker", lease["scheduler_address"],
                "--no-nanny"]
         if gpus:
             cmd += ["--resources", f"GPU={gpus}"]

@@ -28,6 +28,7 @@ class ParallexKernel(IPythonKernel):
         self.shell.register_magics(ParallexMagics(self.shell, self.pool))
         self.shell.user_ns["parallex_pool"] = self.pool
         self.shell.events.register("pre_run_cell", self._tell_pool_news)
+        self.shell.events.register("pre_run_cell", self._sync_packages)
         self._told: set[str] = set()
         # The pool starts connecting in the background START_DELAY seconds after the kernel
         # starts, so importing distributed and building the scheduler do not compete with the
@@ -43,6 +44,16 @@ class ParallexKernel(IPythonKernel):
         if "dask" in sys.modules or "dask" in (getattr(info, "raw_cell", "") or ""):
             self.pool.route_dask_here()
 
+    def _sync_packages(self, info=None) -> None:
+        """After a `%pip install`, the pool's workers get the new packages too."""
+        try:
+            news = self.pool.sync_packages()
+        except Exception:  # a cell must run whatever the pool does
+            self.log.exception("could not give the workers the new packages")
+            return
+        if news:
+            print(news, file=sys.stderr)
+
     def _tell_pool_news(self, info=None) -> None:
         """Say once, before a cell runs, why dask runs locally or why scaling was refused."""
         if self.pool.state == "local":
@@ -54,6 +65,7 @@ class ParallexKernel(IPythonKernel):
         if cluster is not None:
             with contextlib.suppress(Exception):  # news must never stop a cell from running
                 news += [f"Parallex: {line}" for line in cluster.worker_news()]
+                news += [f"Parallex: {line}" for line in cluster.progress()]
         for line in news:
             if line not in self._told:
                 self._told.add(line)

@@ -85,6 +85,8 @@ class ParallexMagics(Magics):
         print(f"  holding: {st['cpus']:g} CPUs, {st['gpus']} GPUs")
         for reason, n in sorted(st.get("waiting", {}).items()):
             print(f"  {n} pending: {reason}")
+        for line in st.get("starting", []):
+            print(f"  starting: {line}")
         cluster = self.pool.cluster
         where = [f"{kind} {', '.join(names)}" for kind, names in
                  (("labs", cluster.labs), ("sites", cluster.sites)) if names]

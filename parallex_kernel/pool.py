@@ -20,6 +20,7 @@ from typing import Any
 from federation import errors
 
 from .logs import send_logging_to_file
+from .packages import site_fingerprint
 
 logger = logging.getLogger("parallex.kernel")
 
@@ -53,6 +54,8 @@ class Pool:
         self._start_lock = threading.Lock()
         self._routed = False
         self._explained = False
+        #: The package folders as they were when the cluster described its environment.
+        self.packages_seen: tuple = ()
 
     # ---- start and stop -----------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Pool:
             broker.close()
         # The scheduler runs in a process of its own (a cell holding the GIL cannot stall
         # it); its log joins this kernel's, which %parallex log shows.
+        self.packages_seen = site_fingerprint()
         cluster = FederatedCluster(self.broker_url, self.token, quiet=True,
                                    name=f"kernel-{os.getpid()}", scheduler_log=self.log_file)
         try:
@@ -194,6 +198,26 @@ class Pool:
 
             dask.config.set(scheduler="threads")
 
+    def sync_packages(self) -> str | None:
+        """When the user's packages changed since the cluster described them, give the
+        workers the new ones; returns what to tell the user, or None."""
+        if self.state != "ready" or self.cluster is None:
+            return None
+        seen = site_fingerprint()
+        if seen == self.packages_seen:
+            return None
+        self.packages_seen = seen
+        try:
+            result = self.cluster.refresh_environment()
+        except errors.ParallexError as exc:
+            return f"Parallex: the workers could not get your new packages: {exc}"
+        if not result["changed"]:
+            return None
+        replaced = result["replaced"]
+        return ("Parallex: your packages changed; the pool's workers get them now"
+                + (f" ({replaced} worker{'s' if replaced != 1 else ''} replaced: what they "
+                   "held in memory is computed again when needed)" if replaced else ""))
+
     # ---- what the magics show -----------------------------------------------------------
 
     def status(self) -> dict:
@@ -211,6 +235,7 @@ class Pool:
                    cpus=sum(le["cpus"] for le in held), gpus=sum(le["gpus"] for le in held),
                    pending=sum(1 for le in leases if le["state"] == LeaseState.pending),
                    waiting=dict(pending_reasons(leases)),
+                   starting=self.cluster.progress(),
                    adapt=self.adapt_range,
                    scale_error=str(self.cluster.scale_error) if self.cluster.scale_error
                    else None,

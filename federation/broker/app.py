@@ -29,6 +29,7 @@ from .routes_admin import router as admin_router
 from .routes_agent import router as agent_router
 from .routes_clusters import router as clusters_router
 from .routes_dashboards import router as dashboards_router
+from .routes_environments import router as environments_router
 from .routes_labs import router as labs_router
 from .routes_records import router as records_router
 from .service import Broker
@@ -180,6 +181,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.include_router(agent_router, prefix=API_PREFIX)
     app.include_router(clusters_router, prefix=API_PREFIX)
     app.include_router(dashboards_router, prefix=API_PREFIX)
+    app.include_router(environments_router, prefix=API_PREFIX)
     app.include_router(accounting_router, prefix=API_PREFIX)
     app.include_router(records_router, prefix=API_PREFIX)
     app.include_router(labs_router, prefix=API_PREFIX)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import field_validator
-from sqlalchemy import BigInteger
+from pydantic import StringConstraints, field_validator, model_validator
+from sqlalchemy import BigInteger, LargeBinary
 from sqlmodel import Field, SQLModel
 
 from accounting.identifiers import (
@@ -61,8 +61,21 @@ class Provider(SQLModel, table=True):
     accepts_peers: bool = Field(default=True, description="Whether its workers accept "
                                 "connections from other sites (False behind NAT or a "
                                 "firewall: a cluster using it stays within its site).")
+    environment_json: str = Field(default="{}", description="How the agent provides "
+                                  "clusters' environments: mode (build or fixed) and its "
+                                  "python, dask and distributed versions.")
+    environments_json: str = Field(default="[]", description="Hashes of the environments "
+                                   "built and ready on the machine (placement prefers them).")
     registered_at: dt.datetime = Field(default_factory=utcnow)
     last_seen: dt.datetime = Field(default_factory=utcnow)
+
+    @property
+    def environment(self) -> dict[str, str]:
+        return json.loads(self.environment_json)
+
+    @property
+    def environments(self) -> list[str]:
+        return json.loads(self.environments_json)
 
     @property
     def gpus(self) -> list[dict[str, Any]]:
@@ -88,6 +101,39 @@ class ClusterRecord(SQLModel, table=True):
                                        "Dask dashboard, on the scheduler's host; None: none.")
     dashboard_key_hash: str | None = Field(default=None, description="SHA-256 (hex) of the "
                                            "secret in the cluster's dashboard link.")
+    environment: str | None = Field(default=None, description="The hash of the software "
+                                    "environment its workers need; None: the agents' own.")
+
+
+class Environment(SQLModel, table=True):
+    """A software environment a cluster described (federation.environment)."""
+
+    hash: str = Field(primary_key=True, max_length=32)
+    python: str
+    packages_json: str = Field(description="[{name, version, source, sha256, filename}]")
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class EnvironmentWheel(SQLModel, table=True):
+    """A wheel a user shipped for a local or editable package, by its SHA-256."""
+
+    __tablename__ = "environment_wheel"
+    sha256: str = Field(primary_key=True, max_length=64)
+    filename: str
+    size: int = Field(sa_type=BigInteger)
+    data: bytes = Field(sa_type=LargeBinary)
+    user_id: int = Field(foreign_key="user.id")
+    created_at: dt.datetime = Field(default_factory=utcnow)
+
+
+class EnvironmentFailure(SQLModel, table=True):
+    """An environment a provider could not build (placement sends it elsewhere)."""
+
+    __tablename__ = "environment_failure"
+    environment: str = Field(primary_key=True, foreign_key="environment.hash")
+    provider_id: str = Field(primary_key=True, foreign_key="provider.id")
+    message: str = ""
+    created_at: dt.datetime = Field(default_factory=utcnow)
 
 
 class BrokerLeader(SQLModel, table=True):
@@ -177,6 +223,69 @@ class GpuInfo(SQLModel):
     memory: int = Field(ge=0, le=4 * TiB, description="GPU memory in bytes.")
 
 
+#: An environment's hash (federation.environment.environment_hash).
+EnvironmentHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+#: What a wheel's file name may be (PEP 427 characters only).
+WHEEL_NAME = r"^[A-Za-z0-9_.+!-]{1,200}\.whl$"
+
+
+DistName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$",
+                                            max_length=200)]
+Version = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+!_-]+$", max_length=128)]
+OptionalVersion = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.+!_-]*$",
+                                                   max_length=64)]
+OptionalSha256 = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{64})?$")]
+OptionalWheelName = Annotated[str, StringConstraints(pattern=r"^([A-Za-z0-9_.+!-]+\.whl)?$",
+                                                     max_length=204)]
+PythonVersion = Annotated[str, StringConstraints(pattern=r"^3\.[0-9]{1,2}$")]
+OptionalPythonVersion = Annotated[str, StringConstraints(pattern=r"^(3\.[0-9]{1,2})?$")]
+
+
+class PackageSpec(SQLModel):
+    """One distribution of a cluster's environment."""
+
+    name: DistName = Field(description="Normalised distribution name (PEP 503).")
+    version: Version
+    source: Literal["index", "local", "editable"] = "index"
+    sha256: OptionalSha256 = Field(default="", description="The shipped wheel's SHA-256 "
+                                   "(local and editable packages only).")
+    filename: OptionalWheelName = Field(default="", description="The shipped wheel's name.")
+
+    @model_validator(mode="after")
+    def _shipped_has_wheel(self) -> PackageSpec:
+        if self.source in ("local", "editable") and not (self.filename and self.sha256):
+            raise ValueError(f"a {self.source} package needs the sha256 and filename of its "
+                             "wheel")
+        if self.source == "index" and (self.filename or self.sha256):
+            raise ValueError("a package from the index ships no wheel (no sha256, filename)")
+        return self
+
+
+class EnvironmentCreate(SQLModel):
+    """A cluster's software environment (federation.environment.describe)."""
+
+    python: PythonVersion = Field(description="Python major.minor, e.g. 3.11.")
+    packages: list[PackageSpec] = Field(max_length=5000)
+
+    @field_validator("packages")
+    @classmethod
+    def _distinct(cls, value: list[PackageSpec]) -> list[PackageSpec]:
+        if len({p.name for p in value}) != len(value):
+            raise ValueError("each package may be listed once")
+        return value
+
+
+class ProviderEnvironment(SQLModel):
+    """How an agent provides environments (``parallex provide --environment``)."""
+
+    mode: Literal["build", "fixed"] = Field(
+        default="build", description="build: builds each cluster's environment with uv; "
+                                     "fixed: serves only clusters that match its own.")
+    python: OptionalPythonVersion = ""
+    dask: OptionalVersion = ""
+    distributed: OptionalVersion = ""
+
+
 class ProviderRegister(SQLModel):
     name: ProviderName = Field(min_length=1, max_length=128)
     site: SiteName | None = Field(default=None, max_length=64)
@@ -187,6 +296,9 @@ class ProviderRegister(SQLModel):
     gpus: list[GpuInfo] = Field(default_factory=list, max_length=MAX_PROVIDER_GPUS)
     accepts_peers: bool = Field(default=True, description="Whether this machine's workers "
                                 "accept connections from other sites.")
+    environment: ProviderEnvironment | None = Field(
+        default=None, description="How it provides clusters' environments; None: an agent "
+                                  "that predates environments (serves any cluster as is).")
 
     @field_validator("gpus")
     @classmethod
@@ -210,12 +322,18 @@ class ProviderHeartbeat(SQLModel):
                            "the machine for its owner (nothing new is placed there).")
     offer_note: str = Field(default="", max_length=300,
                             description="Why, as the agent's owner policy says.")
+    environments: list[EnvironmentHash] | None = Field(
+        default=None, max_length=1000, description="Hashes of the environments ready on the "
+                                                   "machine; None leaves the last list.")
 
 
 class LeaseStateReport(SQLModel):
     state: LeaseState
     reason: EndReason | None = None
     message: str = Field(default="", max_length=2000)
+    environment_error: bool = Field(
+        default=False, description="With state 'ended': the lease failed because the "
+                                   "cluster's environment cannot be built on this provider.")
 
 
 class ClusterCreate(SQLModel):
@@ -231,6 +349,9 @@ class ClusterCreate(SQLModel):
                                        description="The port of the scheduler's Dask dashboard "
                                                    "(on the scheduler's host), which the broker "
                                                    "then serves at the cluster's dashboard link.")
+    environment: EnvironmentHash | None = Field(
+        default=None, description="The environment its workers need (POST /environments "
+                                  "first); None: whatever the agents run.")
 
     @field_validator("scheduler_address")
     @classmethod
@@ -238,6 +359,11 @@ class ClusterCreate(SQLModel):
         if not value.startswith("tls://"):
             raise ValueError("scheduler_address must be a tls:// address; workers only use TLS")
         return value
+
+
+class ClusterEnvironment(SQLModel):
+    environment: EnvironmentHash = Field(description="The hash of the cluster's new "
+                                         "environment (POST /environments first).")
 
 
 class ClusterHeartbeat(SQLModel):

@@ -8,6 +8,7 @@ section, and ``lock_across_processes`` makes other broker processes on one Postg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -20,6 +21,7 @@ from accounting.models import Lab, utcnow
 
 from .. import placement
 from ..lease_states import move
+from . import environments
 from .models import HELD_STATES, ClusterRecord, Lease, LeaseState, Provider
 from .preemption import preemption_rates
 
@@ -60,6 +62,7 @@ def capacity_of(provider: Provider, held: list[Lease],
         free_gpus=[placement.GpuSlot(g["index"], g["model"], g["memory"])
                    for g in provider.gpus if g["index"] not in used_gpus],
         accepts_peers=provider.accepts_peers,
+        environments=frozenset(provider.environments),
     )
 
 
@@ -90,6 +93,22 @@ def fair_requests(s: Session, pending: list[Lease], lab_names: dict[int, str],
     return [request_of(by_id[c.request_id], clusters[by_id[c.request_id].cluster_id],
                        lab_names.get(c.lab, ""))
             for c in fairshare.fair_order(claims, shares, lab_usage, user_usage)]
+
+
+def with_environments(s: Session, requests: list[placement.LeaseRequest],
+                      providers: list[Provider]) -> list[placement.LeaseRequest]:
+    """``requests`` with their clusters' environments and the providers that cannot run
+    them (federation.broker.environments)."""
+    clusters = {c.id: c for c in s.exec(select(ClusterRecord).where(
+        col(ClusterRecord.id).in_({r.cluster_id for r in requests}),
+        col(ClusterRecord.environment).is_not(None)))}
+    refused = {cid: environments.refusals(s, c, providers) for cid, c in clusters.items()}
+    return [dataclasses.replace(
+        r, environment=clusters[r.cluster_id].environment,
+        excluded=frozenset(refused[r.cluster_id]),
+        environment_note=environments.refusal_message(refused[r.cluster_id]).split(": ", 1)[1]
+        if refused[r.cluster_id] else "")
+        if r.cluster_id in clusters else r for r in requests]
 
 
 def place_pending(s: Session, rng: random.Random, half_life: float,
@@ -133,7 +152,8 @@ def place_pending(s: Session, rng: random.Random, half_life: float,
     for lease in held:
         if lease.state != LeaseState.releasing and lease.provider_id in caps:
             reach.setdefault(lease.cluster_id, placement.Reach()).add(caps[lease.provider_id])
-    requests = fair_requests(s, pending, lab_names, half_life)
+    requests = with_environments(s, fair_requests(s, pending, lab_names, half_life),
+                                 providers)
     placed = placement.place_with_owner_priority(requests, snapshot, cluster_labs, rng, reach)
     by_id = {lease.id: lease for lease in pending}
     now = utcnow()

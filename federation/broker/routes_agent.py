@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import random
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..ids import LeaseIdPath, ProviderIdPath
+from ..ids import EnvironmentHashPath, LeaseIdPath, ProviderIdPath, Sha256Path
 from .auth import Principal, require_provider
 from .models import (
     LeaseState,
@@ -41,7 +41,8 @@ def heartbeat(provider_id: ProviderIdPath, body: ProviderHeartbeat, request: Req
     broker = request.app.state.broker
     provider = broker.provider_for(principal, provider_id)
     broker.check_heartbeat_rate(provider.id)
-    broker.provider_heartbeat(provider, body.running, body.offering, body.offer_note)
+    broker.provider_heartbeat(provider, body.running, body.offering, body.offer_note,
+                             body.environments)
     return {"ok": True}
 
 
@@ -100,3 +101,25 @@ def signing_request(provider_id: ProviderIdPath, lease_id: LeaseIdPath, body: Si
     provider = broker.provider_for(principal, provider_id)
     broker.submit_signing_request(provider, lease_id, body.csr)
     return {"id": lease_id, "waiting_for": "the cluster's signature"}
+
+
+@router.get("/{provider_id}/environments/{digest}")
+def environment(provider_id: ProviderIdPath, digest: EnvironmentHashPath, request: Request,
+                principal: Principal = Depends(require_provider)) -> dict:
+    """The software environment a lease of this provider needs (what its agent builds)."""
+    broker = request.app.state.broker
+    provider = broker.provider_for(principal, provider_id)
+    return broker.environment_for_agent(provider, digest)
+
+
+@router.get("/{provider_id}/environments/{digest}/wheels/{sha256}",
+            response_class=Response, responses={200: {"content": {
+                "application/octet-stream": {}}}})
+def wheel(provider_id: ProviderIdPath, digest: EnvironmentHashPath, sha256: Sha256Path,
+          request: Request, principal: Principal = Depends(require_provider)) -> Response:
+    """A wheel the environment ships (a user's local or editable package)."""
+    broker = request.app.state.broker
+    provider = broker.provider_for(principal, provider_id)
+    row = broker.wheel_for_agent(provider, digest, sha256)
+    return Response(row.data, media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{row.filename}"'})

@@ -13,6 +13,7 @@ from .auth import Principal, require_user
 from .costs import cluster_cost
 from .models import (
     ClusterCreate,
+    ClusterEnvironment,
     ClusterHeartbeat,
     ClusterPublic,
     LeaseCreate,
@@ -128,3 +129,14 @@ def certificates(cluster_id: ClusterIdPath, body: WorkerCertificates, request: R
     broker = request.app.state.broker
     cluster = broker.cluster_for(principal, cluster_id)
     return {"accepted": broker.submit_certificates(cluster, body.certificates)}
+
+
+@router.post("/{cluster_id}/environment")
+def set_environment(cluster_id: ClusterIdPath, body: ClusterEnvironment, request: Request,
+                    principal: Principal = Depends(require_user)) -> dict:
+    """The cluster's software environment changed (POST /environments first): leases placed
+    from now on get the new one."""
+    broker = request.app.state.broker
+    cluster = broker.cluster_for(principal, cluster_id)
+    broker.set_cluster_environment(cluster, body.environment)
+    return {"id": cluster.id, "environment": body.environment}

@@ -50,11 +50,11 @@ from accounting.models import Lab, utcnow
 from accounting.pricing import ensure_default_price
 
 from ..lease_states import move
-from . import admission, db
+from . import admission, db, environments
 from .auth import Principal
 from .capacity import record_capacity
 from .coalescer import Coalescer
-from .errors import Conflict, Invalid, NotFound, TooSoon
+from .errors import Conflict, Invalid, NotAllowed, NotFound, TooSoon
 from .lease_ends import end_by_provider, release_all
 from .metering_runs import meter_leases
 from .metrics import BrokerMetrics
@@ -65,6 +65,9 @@ from .models import (
     ClusterPublic,
     ClusterRecord,
     EndReason,
+    Environment,
+    EnvironmentCreate,
+    EnvironmentWheel,
     Lease,
     LeaseCreate,
     LeaseState,
@@ -231,6 +234,8 @@ class Broker:
             provider.memory = body.memory
             provider.gpus_json = json.dumps([g.model_dump() for g in body.gpus])
             provider.accepts_peers = body.accepts_peers
+            provider.environment_json = (json.dumps(body.environment.model_dump())
+                                         if body.environment else "{}")
             provider.online = True
             provider.last_seen = utcnow()
             s.add(provider)
@@ -271,7 +276,8 @@ class Broker:
         self._last_heartbeat[provider_id] = now
 
     def provider_heartbeat(self, provider: Provider, running: list[str],
-                           offering: bool = True, offer_note: str = "") -> None:
+                           offering: bool = True, offer_note: str = "",
+                           environments: list[str] | None = None) -> None:
         """The provider lives and runs ``running``, and offers its capacity or keeps it for
         its owner (``offering``, why in ``offer_note``); overdue leases end. Most heartbeats
         change nothing else, so a placement pass (its own unit) follows only a change."""
@@ -284,6 +290,8 @@ class Broker:
             row.online = True
             row.offering = offering
             row.offer_note = offer_note
+            if environments is not None:
+                row.environments_json = json.dumps(environments)
             s.add(row)
             held = s.exec(select(Lease).where(Lease.provider_id == provider.id,
                                               col(Lease.state).in_(HELD_STATES))).all()
@@ -311,9 +319,11 @@ class Broker:
         """What the agent says of a lease's worker: it runs (or runs again after a
         suspension), it is suspended for the machine's owner, it is preempted (releasing,
         target preempted), or it ended."""
-        if body.state in (LeaseState.pending, LeaseState.starting):
-            raise Invalid("bad-state", "an agent can report 'running', 'suspended', "
-                          f"'releasing' (preempted) or 'ended', not {body.state.value!r}")
+        if body.state == LeaseState.pending:
+            raise Invalid("bad-state", "an agent can report 'starting' (progress), 'running', "
+                          "'suspended', 'releasing' (preempted) or 'ended', not 'pending'")
+        if body.state == LeaseState.starting:
+            return self._starting_progress(provider, lease_id, body.message)
         if body.state == LeaseState.releasing and body.reason != EndReason.preempted:
             raise Invalid("bad-reason", "an agent releases a lease only to preempt it "
                           "(reason 'preempted'); the cluster releases the others")
@@ -339,6 +349,8 @@ class Broker:
                               else EndReason.failed)
                 end_by_provider(s, lease, reason, body.message)
                 s.add(lease)
+                if body.environment_error:
+                    environments.record_failure(s, lease, provider, body.message)
                 s.commit()
                 changed = True
         if changed:
@@ -349,6 +361,20 @@ class Broker:
                 self.end_meterer.ask_and_wait(METERING_WAIT, {lease.id})
             else:  # the route waits on the event loop (end_meterer.wait_async)
                 self.end_meterer.ask({lease.id})
+        return lease
+
+    def _starting_progress(self, provider: Provider, lease_id: str, message: str) -> Lease:
+        """A starting lease's progress (its environment's build), shown to its user."""
+        with self.session() as s:
+            lease = s.get(Lease, lease_id)
+            if lease is None or lease.provider_id != provider.id:
+                raise NotFound("unknown-lease",
+                               f"no lease {lease_id!r} assigned to provider {provider.id}")
+            if lease.state == LeaseState.starting and lease.message != message:
+                lease.message = message
+                s.add(lease)
+                s.commit()
+                s.refresh(lease)
         return lease
 
     @staticmethod
@@ -411,6 +437,8 @@ class Broker:
         key = secrets.token_urlsafe(32) if body.dashboard_port else None
         with self.session() as s:
             admission.check_new_cluster(s, principal, body, self.scheduler_networks)
+            if body.environment:
+                environments.check_usable(s, body.environment)
             cluster = ClusterRecord(id="cl_" + uuid.uuid4().hex[:12], name=body.name,
                                     user_id=principal.user_id, lab_id=principal.lab_id,
                                     scheduler_address=body.scheduler_address,
@@ -418,6 +446,7 @@ class Broker:
                                     allowed_labs_json=json.dumps(sorted(set(body.labs))),
                                     allowed_sites_json=json.dumps(sorted(set(body.sites))),
                                     dashboard_port=body.dashboard_port,
+                                    environment=body.environment,
                                     dashboard_key_hash=key and dashboard_key_hash(key))
             s.add(cluster)
             s.commit()
@@ -503,6 +532,7 @@ class Broker:
             probe = Lease(id="?", cluster_id=cluster.id, cpus=spec.cpus, memory=spec.memory,
                           gpus=spec.gpus, gpu_model=spec.gpu_model)
             admission.check_fits_somewhere(s, request_of(probe, cluster))
+            environments.check_servable(s, cluster)
             admission.check_credit_and_quotas(s, cluster, spec.cpus, spec.gpus, len(ids))
             admission.check_new_lease_ids(s, ids)
             s.add_all([
@@ -550,6 +580,67 @@ class Broker:
             s.commit()
         self.wakeups.bump_all(touched)
         self.placer.ask()
+
+    # ---- software environments ------------------------------------------------------------
+
+    def store_environment(self, principal: Principal,
+                          body: EnvironmentCreate) -> tuple[str, list[str]]:
+        """Keep a cluster's environment description; its hash and the wheels still missing."""
+        with self.session() as s:
+            digest, missing = environments.store(s, body)
+            try:
+                s.commit()
+            except IntegrityError:  # the same environment, stored at the same moment
+                s.rollback()
+        return digest, missing
+
+    def store_wheel(self, principal: Principal, sha256: str, filename: str,
+                    data: bytes) -> bool:
+        """Keep a wheel a user ships; False when the broker had it already."""
+        if principal.user_id is None:
+            raise NotAllowed("not-a-user", "wheels are shipped with a user's token")
+        with self.session() as s:
+            stored = environments.store_wheel(s, principal.user_id, sha256, filename, data)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                stored = False
+        return stored
+
+    def set_cluster_environment(self, cluster: ClusterRecord, digest: str) -> None:
+        """The cluster's packages changed (the user installed one): leases placed from now on
+        get environment ``digest``."""
+        if not cluster.active:
+            raise Conflict("cluster-ended", f"cluster {cluster.id} has ended")
+        with self.session() as s:
+            environments.check_usable(s, digest)
+            row = s.get(ClusterRecord, cluster.id)
+            row.environment = digest
+            s.add(row)
+            s.commit()
+        logger.info("cluster %s now needs environment %s", cluster.id, digest)
+
+    def environment_for_agent(self, provider: Provider, digest: str) -> dict:
+        """The environment a lease of this provider needs (none other is disclosed)."""
+        with self.session() as s:
+            row = s.get(Environment, digest)
+            if row is None or not environments.provider_may_read(s, provider.id, digest):
+                raise NotFound("unknown-environment",
+                               f"no environment {digest} for a lease of provider {provider.id}")
+            return environments.spec_of(row).to_json()
+
+    def wheel_for_agent(self, provider: Provider, digest: str, sha256: str) -> EnvironmentWheel:
+        """A wheel of an environment a lease of this provider needs."""
+        with self.session() as s:
+            row = s.get(Environment, digest)
+            wheel = s.get(EnvironmentWheel, sha256)
+            if (row is None or wheel is None
+                    or sha256 not in {p.sha256 for p in environments.spec_of(row).packages}
+                    or not environments.provider_may_read(s, provider.id, digest)):
+                raise NotFound("unknown-wheel", f"no wheel {sha256} of environment {digest} "
+                               f"for a lease of provider {provider.id}")
+            return wheel
 
     # ---- worker certificates (see admission: the broker relays, never holds a key) -------
 

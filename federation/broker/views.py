@@ -67,6 +67,7 @@ def agent_leases(s: Session, provider_id: str, gateway: str | None = None) -> li
             "memory": lease.memory,
             "gpus": lease.gpus,
             "gpu_indices": lease.gpu_indices,
+            "environment": cluster.environment or "",
         }
         for lease, cluster in rows
     ]

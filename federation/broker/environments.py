@@ -1,0 +1,178 @@
+"""Clusters' software environments in the broker: stored descriptions and shipped wheels,
+which providers can run which environment, and the refusal a user reads when none can.
+
+A provider runs an environment when its agent builds environments with the cluster's Python
+version and has not failed to build this one, or when its agent is ``fixed`` and its Python,
+dask and distributed match (federation.environment_cache). An agent that predates
+environments says nothing and serves every cluster as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from sqlmodel import Session, col, select
+
+from accounting.models import Lab
+
+from ..environment import EnvironmentSpec, Package, environment_hash, fixed_mismatch
+from .errors import Conflict, Invalid, NotFound
+from .models import (
+    HELD_STATES,
+    ClusterRecord,
+    Environment,
+    EnvironmentCreate,
+    EnvironmentFailure,
+    EnvironmentWheel,
+    Lease,
+    Provider,
+)
+
+#: The most bytes of wheels one user may keep stored (1 GiB).
+MAX_WHEEL_BYTES_PER_USER = 2**30
+
+
+def spec_of(row: Environment) -> EnvironmentSpec:
+    return EnvironmentSpec(row.python, [Package(**p) for p in json.loads(row.packages_json)])
+
+
+def store(s: Session, body: EnvironmentCreate) -> tuple[str, list[str]]:
+    """Store the environment (idempotent: its hash is its id); returns the hash and the
+    SHA-256 of the shipped wheels the broker does not have yet. The caller commits."""
+    packages = sorted(Package(**p.model_dump()) for p in body.packages)
+    digest = environment_hash(body.python, packages)
+    if s.get(Environment, digest) is None:
+        s.add(Environment(hash=digest, python=body.python,
+                          packages_json=json.dumps([p.__dict__ for p in packages])))
+    return digest, missing_wheels(s, packages)
+
+
+def missing_wheels(s: Session, packages: list[Package]) -> list[str]:
+    wanted = {p.sha256 for p in packages if p.shipped}
+    if not wanted:
+        return []
+    have = set(s.exec(select(EnvironmentWheel.sha256).where(
+        col(EnvironmentWheel.sha256).in_(wanted))))
+    return sorted(wanted - have)
+
+
+def store_wheel(s: Session, user_id: int, sha256: str, filename: str, data: bytes) -> bool:
+    """Keep a shipped wheel; False when it was already there. The caller commits."""
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise Invalid("wheel-damaged", "the wheel's SHA-256 differs from the one in its URL; "
+                      "upload it again")
+    if s.get(EnvironmentWheel, sha256) is not None:
+        return False
+    used = sum(s.exec(select(EnvironmentWheel.size).where(
+        EnvironmentWheel.user_id == user_id)))
+    if used + len(data) > MAX_WHEEL_BYTES_PER_USER:
+        raise Conflict("wheel-quota", f"your shipped wheels would take "
+                       f"{(used + len(data)) / 2**20:.0f} MiB of the broker's storage; the "
+                       f"most is {MAX_WHEEL_BYTES_PER_USER // 2**20} MiB per user. Publish "
+                       "large packages on your lab's package index")
+    s.add(EnvironmentWheel(sha256=sha256, filename=filename, size=len(data), data=data,
+                           user_id=user_id))
+    return True
+
+
+def check_usable(s: Session, digest: str) -> None:
+    """A cluster may name ``digest`` once it is stored with every wheel it ships."""
+    row = s.get(Environment, digest)
+    if row is None:
+        raise NotFound("unknown-environment", f"no environment {digest}; describe it first "
+                       "with POST /api/v1/environments")
+    missing = missing_wheels(s, spec_of(row).packages)
+    if missing:
+        raise Conflict("wheels-missing", f"environment {digest} ships {len(missing)} wheels "
+                       "the broker does not have yet; upload them with PUT "
+                       "/api/v1/environments/wheels/<sha256>")
+
+
+def where(provider: Provider, lab: str) -> str:
+    return f"{provider.name} (lab {lab})"
+
+
+def refusal(provider: Provider, lab: str, spec: EnvironmentSpec,
+            failures: dict[str, str]) -> str | None:
+    """Why ``provider`` cannot run ``spec``, or None when it can."""
+    info = provider.environment
+    if not info:
+        return None
+    if provider.id in failures:
+        return failures[provider.id]
+    if info.get("mode") == "fixed":
+        return fixed_mismatch(spec, info, where(provider, lab))
+    if info.get("python") and info["python"] != spec.python:
+        return (f"{where(provider, lab)} has Python {info['python']}; this cluster's "
+                f"environment needs Python {spec.python}")
+    return None
+
+
+def failures_of(s: Session, digest: str) -> dict[str, str]:
+    return {f.provider_id: f.message for f in s.exec(select(EnvironmentFailure).where(
+        EnvironmentFailure.environment == digest))}
+
+
+def refusals(s: Session, cluster: ClusterRecord,
+             providers: list[Provider]) -> dict[str, str]:
+    """Provider id -> why it cannot run the cluster's environment (only those that cannot)."""
+    if not cluster.environment:
+        return {}
+    row = s.get(Environment, cluster.environment)
+    spec = spec_of(row)
+    failures = failures_of(s, row.hash)
+    labs = {lab.id: lab.name for lab in s.exec(select(Lab))}
+    out = {}
+    for p in providers:
+        why = refusal(p, labs.get(p.lab_id, "?"), spec, failures)
+        if why:
+            out[p.id] = why
+    return out
+
+
+def allowed_providers(s: Session, cluster: ClusterRecord) -> list[Provider]:
+    """The online providers the cluster's lab and site restrictions allow."""
+    labs_allowed = set(json.loads(cluster.allowed_labs_json))
+    sites_allowed = set(json.loads(cluster.allowed_sites_json))
+    names = {lab.id: lab.name for lab in s.exec(select(Lab))}
+    return [p for p in s.exec(select(Provider).where(Provider.online == True))  # noqa: E712
+            if (not labs_allowed or names.get(p.lab_id) in labs_allowed)
+            and (not sites_allowed or p.site in sites_allowed)]
+
+
+def refusal_message(reasons: dict[str, str]) -> str:
+    distinct = list(dict.fromkeys(reasons.values()))
+    shown = "; ".join(distinct[:4]) + (f"; and {len(distinct) - 4} more" if len(distinct) > 4
+                                       else "")
+    return f"no online provider can run this cluster's software environment: {shown}"
+
+
+def check_servable(s: Session, cluster: ClusterRecord) -> None:
+    """Refuse new leases (before anything is billed) when every online provider the cluster
+    may use refuses its environment; with none online, leases wait as before."""
+    if not cluster.environment:
+        return
+    providers = allowed_providers(s, cluster)
+    reasons = refusals(s, cluster, providers)
+    if providers and len(reasons) == len(providers):
+        raise Conflict("environment-refused", refusal_message(reasons))
+
+
+def record_failure(s: Session, lease: Lease, provider: Provider, message: str) -> None:
+    """The provider could not build the lease's cluster's environment: placement avoids it
+    for that environment from now on. The caller commits."""
+    cluster = s.get(ClusterRecord, lease.cluster_id)
+    if cluster is None or not cluster.environment:
+        return
+    row = s.get(EnvironmentFailure, (cluster.environment, provider.id))
+    if row is None:
+        s.add(EnvironmentFailure(environment=cluster.environment, provider_id=provider.id,
+                                 message=message[:2000]))
+
+
+def provider_may_read(s: Session, provider_id: str, digest: str) -> bool:
+    """True when the provider holds a lease of a cluster that needs ``digest``."""
+    return s.exec(select(Lease.id).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+                  .where(Lease.provider_id == provider_id, col(Lease.state).in_(HELD_STATES),
+                         ClusterRecord.environment == digest).limit(1)).first() is not None

@@ -1,0 +1,64 @@
+"""Python environments for the software-environment tests: a notebook's own interpreter that
+has what the agents' has plus packages installed in it alone, and small wheels made here
+(no package index needed)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from federation.environment import uv_binary
+
+
+def make_wheel(folder: Path, name: str, version: str, module_source: str) -> Path:
+    """A pure-Python wheel of distribution ``name`` holding module ``name`` (underscored)."""
+    module = name.replace("-", "_")
+    info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}/__init__.py": module_source.encode(),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: parallex-tests\nRoot-Is-Purelib: "
+                         b"true\nTag: py3-none-any\n",
+    }
+    record = ""
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record += f"{path},sha256={digest},{len(data)}\n"
+    record += f"{info}/RECORD,,\n"
+    files[f"{info}/RECORD"] = record.encode()
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    return wheel
+
+
+def notebook_environment(folder: Path) -> Path:
+    """A virtual environment that sees this interpreter's packages after its own (as the
+    agents' environments do); returns its python. Packages installed into it are the
+    notebook's alone."""
+    subprocess.run([uv_binary(), "venv", "--quiet", "--python", sys.executable, str(folder)],
+                   check=True)
+    site = next(folder.glob("lib/python*/site-packages"))
+    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "zzz_parallex_tests.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in ours))
+    return folder / "bin" / "python"
+
+
+def fake_distribution(python: Path, name: str, version: str) -> None:
+    """Metadata saying ``name`` ``version`` is installed in ``python``'s environment (found
+    before the real one), without code: how a notebook with other versions looks to
+    Parallex."""
+    site = next(python.parent.parent.glob("lib/python*/site-packages"))
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    (info / "INSTALLER").write_text("pip\n")
+    (info / "RECORD").write_text(f"{info.name}/METADATA,,\n{info.name}/INSTALLER,,\n"
+                                 f"{info.name}/RECORD,,\n")
