@@ -55,6 +55,8 @@ START_TIMEOUT = 90.0
 STATE_REFRESH_MS = 1000
 #: Seconds between the progress lines wait_for_workers prints (an environment's build).
 PROGRESS_INTERVAL = 2.0
+#: How an agent's words on a starting lease begin while it builds the lease's environment.
+BUILDING = "building the environment on "
 #: Seconds close() waits for the scheduler process to end the leases and exit.
 CLOSE_TIMEOUT = 45.0
 
@@ -549,12 +551,18 @@ class FederatedCluster(Cluster):
             except errors.LeaseStartTimeout:
                 # A heartbeat, so the leases' words (a build's progress) are the broker's now.
                 self._state = await self._call("parallex_refresh")
-                if left <= PROGRESS_INTERVAL:
+                lines = self._progress_lines()
+                if any(line.startswith(BUILDING) and line not in told for line in lines):
+                    # Each step of a build restarts the start timeout: a cold environment may
+                    # take minutes, a build that stops moving still times out.
+                    deadline = max(deadline, loop.time() + timeout)
+                elif left <= PROGRESS_INTERVAL:
                     raise
-            for line in self._progress_lines():
-                if line not in told and not self.quiet:
+            for line in lines:
+                if line not in told:
                     told.add(line)
-                    print(f"Parallex: {line}", file=sys.stderr, flush=True)
+                    if not self.quiet:
+                        print(f"Parallex: {line}", file=sys.stderr, flush=True)
 
     # ---- cost -------------------------------------------------------------------------------
 

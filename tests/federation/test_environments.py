@@ -22,7 +22,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 
 from federation import errors
 from federation.cluster import FederatedCluster
-from federation.environment import core_versions, describe
+from federation.environment import core_versions, describe, uv_binary
 from tests.utils.environments import fake_distribution, make_wheel, notebook_environment
 from tests.utils.federation import api_client, make_federation
 from tests.utils.kernels import run
@@ -325,3 +325,43 @@ def test_a_cluster_can_run_in_the_agents_own_environment(two_labs):
     assert fed.db_value("SELECT count(*) FROM environment") == 0
     with pytest.raises(ValueError, match="'notebook'"):
         FederatedCluster(fed.url, fed.user_tokens["alice"], environment="conda")
+
+
+def test_an_editable_package_ships_as_a_wheel_built_from_its_project(tmp_path):
+    """`pip install -e` leaves the files in the project: the cluster builds a wheel of it
+    (uv build; its build backend comes from the package index), the same bytes each time
+    while nothing changes, and a new wheel (a new environment) once the code is edited."""
+    project = tmp_path / "proj"
+    (project / "src" / "pxedit").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = '
+        '"setuptools.build_meta"\n[project]\nname = "pxedit"\nversion = "0.2"\n')
+    module = project / "src" / "pxedit" / "__init__.py"
+    module.write_text("VALUE = 7\n")
+    python = notebook_environment(tmp_path / "nb-env")
+    subprocess.run([uv_binary(), "pip", "install", "--quiet", "--python", str(python), "-e",
+                    str(project)], check=True)
+    code = ("import json\n"
+            "from federation.environment import describe\n"
+            "a, wheels = describe()\n"
+            "b, _ = describe()\n"
+            "p = [p for p in a.packages if p.name == 'pxedit'][0]\n"
+            "open('pxedit-0.2-py3-none-any.whl', 'wb').write(wheels[p.sha256][1])\n"
+            "print(json.dumps([p.source, p.sha256, a.hash == b.hash]))")
+
+    def described() -> list:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True,
+                             cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    source, sha, stable = described()
+    assert source == "editable" and stable
+    other = notebook_environment(tmp_path / "other-env")
+    subprocess.run([str(other), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    str(tmp_path / "pxedit-0.2-py3-none-any.whl")], check=True)
+    works = subprocess.run([str(other), "-c", "import pxedit; print(pxedit.VALUE)"],
+                           capture_output=True, text=True)
+    assert works.stdout.strip() == "7", works.stderr
+    module.write_text("VALUE = 8\n")
+    assert described()[1] != sha

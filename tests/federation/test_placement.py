@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -253,3 +254,27 @@ def test_the_indexed_pass_picks_a_best_fitting_provider_every_time():
             lc[chosen.lab] += 1
             sc[chosen.site] += 1
             where.add(chosen)
+
+
+def test_a_provider_with_the_environment_built_comes_first_and_one_that_cannot_run_it_never():
+    """Placement prefers a machine that has the cluster's environment built (its worker
+    starts with no build), falls back to others, and never uses one that cannot run it."""
+    env = "0" * 32
+    for seed in range(20):
+        providers = [cap("cold-1", "a"), cap("cold-2", "b"),
+                     dataclasses.replace(cap("warm", "c"), environments=frozenset({env}))]
+        wanted = dataclasses.replace(req("l1"), environment=env)
+        placed = place([wanted], providers, {}, random.Random(seed))
+        assert [p.provider_id for p in placed] == ["warm"]
+    full = [cap("cold", "a"), dataclasses.replace(cap("warm", "c", cpus=0),
+                                                  environments=frozenset({env}))]
+    placed = place([dataclasses.replace(req("l1"), environment=env)], full, {},
+                   random.Random(0))
+    assert [p.provider_id for p in placed] == ["cold"]  # a build beats waiting
+    refused = dataclasses.replace(req("l1"), environment=env, excluded=frozenset({"fixed"}),
+                                  environment_note="fixed (lab a) runs dask 1; needs dask 2")
+    only = [cap("fixed", "a")]
+    assert place([refused], only, {}, random.Random(0)) == []
+    assert why_waiting(refused, only) == ("no online provider can run this cluster's software "
+                                          "environment: fixed (lab a) runs dask 1; needs "
+                                          "dask 2")
