@@ -35,7 +35,7 @@ import psutil
 from . import errors
 from .client import AsyncBrokerClient
 from .environment import EnvironmentProblem, EnvironmentSpec, Package
-from .environment_cache import EnvironmentCache
+from .environment_cache import EnvironmentCache, Prepared
 from .ids import UnsafeIdentifier, check_lease_id, url_segment
 from .inventory import Capacity
 from .launchers import ProcessLauncher, WorkerLauncher
@@ -102,12 +102,14 @@ class ProviderAgent:
         self._beat_now = asyncio.Event()
         # Called with each owner-policy decision that changes what the agent does.
         self.on_decision: Callable[[Decision], None] | None = None
+        #: True once one of its loops failed (a bug): the agent stopped, and exits non-zero.
+        self.failed = False
         #: Prometheus metrics (federation.agent_metrics.AgentMetrics) when served.
         self.metrics: Any = None
         #: Clusters' software environments: built here with uv, or (fixed) checked.
         self.environments = environments or EnvironmentCache(
             self.workdir / "environments", where=self.name)
-        self._pythons: dict[str, str] = {}  # lease id -> interpreter its environment has
+        self._runs_with: dict[str, Prepared] = {}  # lease id -> what its worker runs with
         self._env_of: dict[str, str] = {}  # lease id -> environment hash, while it runs
         self._preparing: set[str] = set()
         self._latest: dict[str, dict] = {}  # lease id -> the broker's latest word on it
@@ -123,7 +125,10 @@ class ProviderAgent:
         tmp = self._state_file.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({lid: self.launcher.save(w) for lid, w in self.workers.items()}))
+            # With its environment's key, so a restarted agent never evicts what runs.
+            f.write(json.dumps({lid: {**self.launcher.save(w),
+                                      "environment": self._env_of.get(lid)}
+                                for lid, w in self.workers.items()}))
         os.replace(tmp, self._state_file)
 
     def _adopt(self) -> None:
@@ -137,6 +142,10 @@ class ProviderAgent:
                 logger.info("adopted the running worker of lease %s", lease_id)
                 self.workers[lease_id] = worker
                 self.accounts.adopt(lease_id, worker.uid)
+                if state.get("environment"):
+                    self._env_of[lease_id] = state["environment"]
+                    self.environments.in_use.setdefault(state["environment"], set()).add(
+                        lease_id)
                 self.launcher.resume(worker)  # suspended when the last agent stopped
         self._save_state()
 
@@ -176,13 +185,16 @@ class ProviderAgent:
         if self.policy is not None:
             coros.append(self._owner_loop())
         loops = [asyncio.create_task(coro) for coro in coros]
+        for task in loops:
+            task.add_done_callback(self._loop_ended)
         try:
             await self._stop.wait()
         finally:
             for task in loops:
                 task.cancel()
             for task in loops:
-                with contextlib.suppress(asyncio.CancelledError):
+                # A loop that failed was logged (and stopped the agent); shut down cleanly.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await self._shutdown_workers()
             # Said last, after the workers' own reports: until the next registration the broker
@@ -381,7 +393,23 @@ class ProviderAgent:
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """A loop ends only when the agent stops; one that fails stops the agent, loudly
+        (an agent that no longer polls or watches its workers must not look alive)."""
+        if not task.cancelled() and task.exception() is not None:
+            logger.critical("agent loop %s failed; stopping", task.get_coro().__qualname__,
+                            exc_info=task.exception())
+            self.failed = True
+            self.stop()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug must show in the agent's log, not vanish with its task.
+            logger.error("agent task %s failed", task.get_coro().__qualname__,
+                         exc_info=task.exception())
 
     @property
     def _base(self) -> str:
@@ -420,25 +448,26 @@ class ProviderAgent:
         starting = {lease["id"] for lease in leases if lease["state"] == LeaseState.starting}
         for lid in set(self._keys) - starting:
             del self._keys[lid]  # ended or started: the key is on disk or no longer needed
-        for lid in set(self._pythons) - listed - set(self.workers):
-            del self._pythons[lid]  # ended before its worker started
+        for lid in set(self._runs_with) - listed - set(self.workers):
+            del self._runs_with[lid]  # ended before its worker started
 
     def _start_when_certified(self, lease: dict) -> None:
         """Start the worker once the cluster has certified the key made here; until then
         make the key and send its signing request (once)."""
         lid = lease["id"]
-        python = self._pythons.get(lid)
-        if python is None and not lease.get("environment"):
-            python = self._pythons[lid] = sys.executable
-        if python is None and lid not in self._preparing:
+        prepared = self._runs_with.get(lid)
+        if prepared is None and not lease.get("environment"):
+            prepared = self._runs_with[lid] = Prepared(sys.executable)
+        if prepared is None and lid not in self._preparing:
             # Built (or found ready) while the cluster certifies the worker's key.
             self._preparing.add(lid)
             self._spawn(self._prepare_environment(lid, lease["environment"]))
         key = self._keys.get(lid)
         cert = lease.get("cert") or ""
         if key is not None and cert and key_matches(cert, key):
-            if python is not None:
-                self._start({**lease, "key": key, "python": python})
+            if prepared is not None:
+                self._start({**lease, "key": key, "python": prepared.python,
+                             "private_wheels": list(prepared.private_wheels)}, prepared.key)
             return
         if lid in self._requesting or (key is not None and lease.get("csr_sent")):
             return  # the request is on its way or waits for the cluster's signature
@@ -467,7 +496,7 @@ class ProviderAgent:
                 spec = EnvironmentSpec.from_json(await self.client.request(
                     "GET", f"{self._base}/environments/{digest}"))
                 self._specs[digest] = spec
-            python = await self.environments.prepare(spec, fetch, progress)
+            prepared = await self.environments.prepare(spec, fetch, progress)
         except EnvironmentProblem as exc:
             logger.warning("lease %s: environment %s: %s", lease_id, digest, exc)
             self._spawn(self._report(lease_id, LeaseState.ended, EndReason.failed, str(exc),
@@ -479,7 +508,7 @@ class ProviderAgent:
             return
         finally:
             self._preparing.discard(lease_id)
-        self._pythons[lease_id] = python
+        self._runs_with[lease_id] = prepared
         lease = self._latest.get(lease_id)
         if (lease is not None and self._states.get(lease_id) == LeaseState.starting
                 and lease_id not in self.workers and lease_id not in self._stopping):
@@ -496,10 +525,17 @@ class ProviderAgent:
         finally:
             self._requesting.discard(lease_id)
 
-    def _start(self, lease: dict) -> None:
+    def _start(self, lease: dict, environment: str | None = None) -> None:
         try:
             account = self.launcher.account_for(lease, self.accounts)
             worker = self.launcher.start(lease, account)
+        except EnvironmentProblem as exc:
+            logger.error("lease %s: cannot start worker: %s", lease["id"], exc)
+            self._clean_up(lease["id"])
+            self._spawn(self._report(lease["id"], LeaseState.ended, EndReason.failed,
+                                     f"{exc} on {self.environments.where}",
+                                     environment_error=True))
+            return
         except (OSError, KeyError, ValueError, WorkerAccountError, psutil.Error) as exc:
             logger.error("lease %s: cannot start worker: %s", lease["id"], exc)
             self._clean_up(lease["id"])
@@ -508,9 +544,9 @@ class ProviderAgent:
             return
         self.workers[lease["id"]] = worker
         self._sizes[lease["id"]] = float(lease.get("cpus") or 0)
-        if lease.get("environment"):
-            self._env_of[lease["id"]] = lease["environment"]
-            self.environments.in_use.setdefault(lease["environment"], set()).add(lease["id"])
+        if environment:
+            self._env_of[lease["id"]] = environment
+            self.environments.in_use.setdefault(environment, set()).add(lease["id"])
         self._keys.pop(lease["id"], None)
         self._save_state()
 
@@ -565,7 +601,7 @@ class ProviderAgent:
         (key and scratch included) so nothing of it outlives the lease."""
         self.launcher.forget(lease_id)
         self._suspended.discard(lease_id)
-        self._pythons.pop(lease_id, None)
+        self._runs_with.pop(lease_id, None)
         digest = self._env_of.pop(lease_id, None)
         if digest is not None:
             self.environments.in_use.get(digest, set()).discard(lease_id)

@@ -301,7 +301,7 @@ def cmd_provide(args: argparse.Namespace) -> int:
     except errors.TokenRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return 1 if agent.failed else 0
 
 
 # ---- admin ------------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ workers keep the agent's Dask comm plugins and a 50-package environment that mos
 costs seconds and little disk. A cluster whose packages all match the agent's runs in the
 agent's own environment (nothing is built).
 
+What the user shipped (local and editable packages: their own code) never enters the shared
+cache: the agent keeps those wheels in a folder only it can read and installs them per lease
+into the lease's own folder (mode 0700, the lease's account), which the worker's Python path
+puts first. Other leases on the machine, under other accounts, cannot read them; the shared
+environments hold only what any index serves to anyone.
+
 ``fixed`` mode builds nothing: it serves only clusters whose Python, dask and distributed
 match its own, and refuses the others with the versions named.
 """
@@ -16,14 +22,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import math
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .environment import (
@@ -31,6 +40,7 @@ from .environment import (
     EnvironmentSpec,
     Package,
     core_versions,
+    environment_hash,
     fixed_mismatch,
     installed,
     python_version,
@@ -67,8 +77,31 @@ def disk_usage(path: Path) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What a lease's worker runs with: the interpreter (the agent's, or a shared environment's
+    under ``key``), and the user's own wheels to install in the lease's folder."""
+
+    python: str
+    key: str | None = None
+    private_wheels: tuple[str, ...] = ()
+
+
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def install_private(python: str, wheels: list[str], target: Path) -> None:
+    """Install the user's own wheels into ``target`` (in the lease's folder) for ``python``;
+    raises EnvironmentProblem with uv's words."""
+    done = subprocess.run([uv_binary(), "pip", "install", "--quiet", "--no-deps", "--no-cache",
+                           "--no-index", "--python", python, "--target", str(target), *wheels],
+                          capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items()
+                               if not k.startswith(("PARALLEX_", "UV_"))})
+    if done.returncode != 0:
+        raise EnvironmentProblem("installing the cluster's own packages failed: "
+                                 + _ANSI.sub("", done.stderr).strip()[-800:])
 
 
 class EnvironmentCache:
@@ -101,12 +134,34 @@ class EnvironmentCache:
         return {"mode": self.mode, **self.versions}
 
     def warm(self) -> list[str]:
-        """Hashes of the environments built and ready here, most recently used first."""
+        """Hashes of the clusters' environments this machine starts workers in without a
+        build, most recently served first (what the broker's placement prefers)."""
+        served = self._served()
+        ready = set(self._ready_dirs())
+        return [full for full, key in reversed(served.items()) if not key or key in ready]
+
+    def _ready_dirs(self) -> list[str]:
+        """Keys of the shared environments built and ready here, most recently used first."""
         if not self.root.is_dir():
             return []
         ready = [p for p in self.root.iterdir() if (p / ".ready").exists()]
         ready.sort(key=lambda p: (p / ".ready").stat().st_mtime, reverse=True)
         return [p.name for p in ready]
+
+    def _served(self) -> dict[str, str]:
+        try:
+            return json.loads((self.root / "served.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _note_served(self, full: str, key: str | None) -> None:
+        served = self._served()
+        served.pop(full, None)
+        served[full] = key or ""
+        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        tmp = self.root / "served.json.tmp"
+        tmp.write_text(json.dumps(dict(list(served.items())[-1000:])))
+        os.replace(tmp, self.root / "served.json")
 
     def _matches_own(self, package: Package) -> bool:
         dist = self._own.get(package.name)
@@ -125,6 +180,12 @@ class EnvironmentCache:
         """The packages an environment for ``spec`` must add to the agent's own."""
         return [p for p in spec.packages if not self._matches_own(p)]
 
+    def shared_key(self, spec: EnvironmentSpec) -> str | None:
+        """The shared environment ``spec`` needs (its index packages the agent lacks), by
+        key; None when the agent's own environment has them all."""
+        shared = [p for p in self.missing(spec) if not p.shipped]
+        return environment_hash(spec.python, shared) if shared else None
+
     def refusal(self, spec: EnvironmentSpec) -> str | None:
         """Why this agent can never run ``spec``, or None."""
         if self.mode == "fixed":
@@ -135,68 +196,75 @@ class EnvironmentCache:
                     f"{python_version()}, or labs that have Python {spec.python}")
         return None
 
-    def python_if_ready(self, spec: EnvironmentSpec) -> str | None:
-        """The interpreter for ``spec`` when nothing needs building, else None."""
-        if self.mode == "fixed" or not self.missing(spec):
-            return sys.executable
-        folder = self.root / spec.hash
-        if (folder / ".ready").exists():
-            return str(folder / "bin" / "python")
-        return None
 
     # ---- building -------------------------------------------------------------------------
 
     async def prepare(self, spec: EnvironmentSpec,
                       fetch_wheel: Callable[[Package], Awaitable[bytes]],
-                      progress: Callable[[int, int], Awaitable[None]]) -> str:
-        """The interpreter for ``spec``, building its environment first when needed (one
-        build per hash however many leases wait). Raises EnvironmentProblem saying what could
-        not be built, where."""
+                      progress: Callable[[int, int], Awaitable[None]]) -> Prepared:
+        """What a worker of ``spec`` runs with, building the shared environment first when
+        needed (one build per key however many leases wait) and fetching the user's wheels.
+        Raises EnvironmentProblem saying what could not be built, where."""
         refusal = self.refusal(spec)
         if refusal:
             raise EnvironmentProblem(refusal)
-        python = self.python_if_ready(spec)
-        if python is not None:
-            if python != sys.executable:
-                os.utime(self.root / spec.hash / ".ready")  # most recently used
-            return python
-        task = self._builds.get(spec.hash)
-        if task is None:
-            task = asyncio.create_task(self._build(spec, fetch_wheel, progress))
-            self._builds[spec.hash] = task
-            task.add_done_callback(lambda _t, h=spec.hash: self._builds.pop(h, None))
-        return await asyncio.shield(task)
+        if self.mode == "fixed":
+            return Prepared(sys.executable)
+        key = self.shared_key(spec)
+        python = sys.executable
+        if key is not None:
+            folder = self.root / key
+            if (folder / ".ready").exists():
+                os.utime(folder / ".ready")  # most recently used
+            else:
+                task = self._builds.get(key)
+                if task is None:
+                    shared = [p for p in self.missing(spec) if not p.shipped]
+                    task = asyncio.create_task(self._build(key, shared, progress))
+                    self._builds[key] = task
+                    task.add_done_callback(lambda _t, k=key: self._builds.pop(k, None))
+                await asyncio.shield(task)
+            python = str(folder / "bin" / "python")
+        wheels = [await self._private_wheel(p, fetch_wheel)
+                  for p in self.missing(spec) if p.shipped]
+        self._note_served(spec.hash, key)
+        return Prepared(python, key, tuple(wheels))
 
-    async def _build(self, spec: EnvironmentSpec,
-                     fetch_wheel: Callable[[Package], Awaitable[bytes]],
+    async def _private_wheel(self, package: Package,
+                             fetch_wheel: Callable[[Package], Awaitable[bytes]]) -> str:
+        """The user's wheel, kept where only the agent reads it (fetched once per SHA-256)."""
+        folder = self.root / ".private" / package.sha256
+        path = folder / Path(package.filename).name
+        if path.exists():
+            return str(path)
+        data = await fetch_wheel(package)
+        if hashlib.sha256(data).hexdigest() != package.sha256:
+            raise EnvironmentProblem(
+                f"the wheel of {package.name} {package.version} arrived damaged (its SHA-256 "
+                "differs); start the cluster again")
+        (self.root / ".private").mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        tmp = folder / f".{path.name}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return str(path)
+
+    async def _build(self, key: str, need: list[Package],
                      progress: Callable[[int, int], Awaitable[None]]) -> str:
-        need = self.missing(spec)
         started = time.monotonic()
         self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
         # Built in place (scripts' first lines name their environment's path); only the
         # ".ready" file written last makes it usable.
-        folder = self.root / spec.hash
+        folder = self.root / key
         shutil.rmtree(folder, ignore_errors=True)
         try:
             await progress(0, len(need))
             await self._uv("venv", "--quiet", "--python", sys.executable, str(folder))
             self._read_agent_packages(folder)
             python = str(folder / "bin" / "python")
-            shipped = [p for p in need if p.shipped]
-            wheels = []
-            if shipped:
-                wheel_dir = folder / ".wheels"
-                wheel_dir.mkdir()
-                for package in shipped:
-                    data = await fetch_wheel(package)
-                    if hashlib.sha256(data).hexdigest() != package.sha256:
-                        raise EnvironmentProblem(
-                            f"the wheel of {package.name} {package.version} arrived damaged "
-                            "(its SHA-256 differs); start the cluster again")
-                    path = wheel_dir / Path(package.filename).name
-                    path.write_bytes(data)
-                    wheels.append(str(path))
-            items = [p.requirement() for p in need if not p.shipped] + wheels
+            items = [p.requirement() for p in need]
             step = max(1, math.ceil(len(items) / PROGRESS_STEPS))
             done = 0
             for i in range(0, len(items), step):
@@ -204,7 +272,6 @@ class EnvironmentCache:
                 await self._install(python, batch)
                 done += len(batch)
                 await progress(done, len(items))
-            shutil.rmtree(folder / ".wheels", ignore_errors=True)
             size = disk_usage(folder)
             if size > self.max_bytes:
                 raise EnvironmentProblem(
@@ -216,9 +283,9 @@ class EnvironmentCache:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         took = time.monotonic() - started
-        logger.info("environment %s built in %.1f s: %d packages added, %s", spec.hash, took,
+        logger.info("environment %s built in %.1f s: %d packages added, %s", key, took,
                     len(need), _size(size))
-        self._log_build(f"{spec.hash} {took:.1f}s {len(need)} packages {size} bytes")
+        self._log_build(f"{key} {took:.1f}s {len(need)} packages {size} bytes")
         return python
 
     def _log_build(self, line: str) -> None:
@@ -266,7 +333,7 @@ class EnvironmentCache:
     def _make_room(self, needed: int) -> None:
         """Evict least recently used environments no lease uses until ``needed`` fits."""
         entries = []
-        for name in self.warm():
+        for name in self._ready_dirs():
             ready = self.root / name / ".ready"
             try:
                 size = int(ready.read_text().strip() or 0)

@@ -33,6 +33,10 @@ def _take_order(line: str) -> list[str]:
     order = json.loads(line)
     os.chdir(order["cwd"])
     os.environ.update(order["env"])
+    if order["env"].get("PYTHONPATH"):
+        # The lease's own packages (federation.environment_cache) come first, as they do for
+        # a cold-started worker; this interpreter read PYTHONPATH before the lease existed.
+        sys.path[:0] = order["env"]["PYTHONPATH"].split(os.pathsep)
     tempfile.tempdir = None  # TMPDIR changed: forget the folder chosen at import
     log = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     os.dup2(log, 1)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from .environment_cache import install_private
 from .ids import check_lease_id, path_inside
 from .worker_accounts import SHARED, WorkerAccount
 
@@ -96,8 +97,9 @@ def _still_running(pid: int, create_time: float) -> bool:
 def worker_environment(gpu_indices: list[int], folder: Path,
                        lease_id: str = "") -> dict[str, str]:
     """The worker's environment: the agent's minus every Parallex secret, GPUs pinned, home
-    and temporary files in the lease's own folder, and the lease's id (not a secret: the
-    gateway listener parks connections under it)."""
+    and temporary files in the lease's own folder, the lease's id (not a secret: the
+    gateway listener parks connections under it) and, first on its Python path, the user's
+    own packages installed in its folder (federation.environment_cache)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(SECRET_ENV_PREFIXES) and "TOKEN" not in k.upper()}
     env["HOME"] = str(folder)
@@ -106,6 +108,7 @@ def worker_environment(gpu_indices: list[int], folder: Path,
     env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
     env["PYTHONUNBUFFERED"] = "1"
     env["WORKER_LEASE_ID"] = lease_id
+    env["PYTHONPATH"] = str(folder / "packages") if (folder / "packages").is_dir() else ""
     return env
 
 
@@ -182,9 +185,16 @@ def prepare_lease_folder(lease: dict, workdir: Path, account: WorkerAccount) -> 
         fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
+    if lease.get("private_wheels"):
+        # The user's own code: in this lease's folder only, never in a shared environment.
+        install_private(lease.get("python") or sys.executable, list(lease["private_wheels"]),
+                        folder / "packages")
     if account.isolated:
-        for path in (folder, folder / "scratch", *folder.iterdir()):
-            os.chown(path, account.uid, account.gid, follow_symlinks=False)
+        for root, dirs, files in os.walk(folder):
+            os.chown(root, account.uid, account.gid, follow_symlinks=False)
+            for name in dirs + files:
+                os.chown(os.path.join(root, name), account.uid, account.gid,
+                         follow_symlinks=False)
     return folder
 
 

@@ -23,7 +23,12 @@ from jupyter_client.kernelspec import KernelSpecManager
 from federation import errors
 from federation.cluster import FederatedCluster
 from federation.environment import core_versions, describe, uv_binary
-from tests.utils.environments import fake_distribution, make_wheel, notebook_environment
+from tests.utils.environments import (
+    fake_distribution,
+    make_index,
+    make_wheel,
+    notebook_environment,
+)
 from tests.utils.federation import api_client, make_federation
 from tests.utils.kernels import run
 from tests.utils.procs import wait_until
@@ -77,8 +82,8 @@ COMPUTE = textwrap.dedent("""\
     from distributed import get_worker
 
     def probe(i):
-        import parallex_probe
-        return parallex_probe.answer() + i, get_worker().name
+        import parallex_probe, px_shared
+        return parallex_probe.answer() + px_shared.X + i, get_worker().name
 
     print(dask.compute(*[dask.delayed(probe)(i) for i in range(3)]))
 """)
@@ -87,30 +92,36 @@ COMPUTE = textwrap.dedent("""\
 def test_a_package_installed_in_the_notebook_reaches_the_workers_and_is_built_once(
         two_labs, tmp_path):
     fed = two_labs
-    fed.add_agent("lab-b", "agent-b", cpus=2)
+    # lab-b's package index (a folder here) has px-shared, which its agent lacks.
+    index = tmp_path / "lab-b-index"
+    make_index(index, [("px-shared", "1.0", "X = 100\n")])
+    fed.add_agent("lab-b", "agent-b", cpus=2, extra=("--package-index", index.as_uri()))
     wheel = make_wheel(tmp_path / "dist", "parallex-probe", "0.1", PROBE)
     python = notebook_environment(tmp_path / "nb-env")
 
     # The journey: the kernel starts (and its pool with it), the student installs a package
-    # in a cell, then uses it inside tasks.
+    # from the index and one of their own (a local wheel) in a cell, then uses them in tasks.
     ready, install, compute = _run_kernel(tmp_path / "k1", python, fed, [
         "parallex_pool.ready.wait(60)\nprint(parallex_pool.state)",
-        f"%pip install --quiet --no-deps --no-index {wheel}",
+        f"%pip install --quiet --no-deps --no-index --find-links {index / 'px-shared'} "
+        f"px-shared==1.0 {wheel}",
         COMPUTE])
     assert ready.stdout.strip() == "ready", ready.stdout + ready.stderr  # described before
     assert install.status == "ok", install.error + install.stderr
     assert compute.status == "ok", compute.error + compute.stderr
     results = eval(compute.stdout.strip())  # noqa: S307 - our own cell's printed tuple
-    assert [r[0] for r in results] == [42, 43, 44]
+    assert [r[0] for r in results] == [142, 143, 144]
     assert all(r[1].startswith("ls-") for r in results), results  # ran on pool workers
     assert "your packages changed" in compute.stderr, compute.stderr
 
-    # Built once on lab-b's machine, with only the shipped wheel added to the agent's own.
+    # Built once on lab-b's machine with only what the agent lacks from the index; the
+    # student's own package is in no shared environment (it goes to each lease's folder).
     cache = fed.workdirs["agent-b"] / "environments"
     builds = (cache / "builds.log").read_text().splitlines()
     assert len(builds) == 1 and " 1 packages " in builds[0], builds
-    digest = builds[0].split()[1]
-    assert (cache / digest / ".ready").exists()
+    assert (cache / builds[0].split()[1] / ".ready").exists()
+    assert not [p for p in cache.rglob("parallex_probe*") if ".private" not in p.parts]
+    digest = fed.db_value("SELECT environment FROM cluster ORDER BY created_at DESC LIMIT 1")
     # The agent tells the broker which environments it holds (placement prefers them).
     wait_until(lambda: digest in json.loads(fed.db_value(
         "SELECT environments_json FROM provider WHERE name = 'agent-b'")), 30,
@@ -122,9 +133,9 @@ def test_a_package_installed_in_the_notebook_reaches_the_workers_and_is_built_on
 
     # Next day: a new kernel with the same packages starts its workers with no build.
     (compute_again,) = _run_kernel(tmp_path / "k2", python, fed, [
-        "import parallex_probe\n" + COMPUTE])
+        "import parallex_probe, px_shared\n" + COMPUTE])
     assert compute_again.status == "ok", compute_again.error + compute_again.stderr
-    assert [r[0] for r in eval(compute_again.stdout.strip())] == [42, 43, 44]  # noqa: S307
+    assert [r[0] for r in eval(compute_again.stdout.strip())] == [142, 143, 144]  # noqa: S307
     assert len((cache / "builds.log").read_text().splitlines()) == 1
 
 

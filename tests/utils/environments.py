@@ -62,3 +62,15 @@ def fake_distribution(python: Path, name: str, version: str) -> None:
     (info / "INSTALLER").write_text("pip\n")
     (info / "RECORD").write_text(f"{info.name}/METADATA,,\n{info.name}/INSTALLER,,\n"
                                  f"{info.name}/RECORD,,\n")
+
+
+def make_index(folder: Path, packages: list[tuple[str, str, str]]) -> str:
+    """A package index in ``folder`` (PEP 503 layout, file:// URL returned) serving each
+    (name, version, module source) as a wheel."""
+    for name, version, source in packages:
+        project = folder / name
+        wheel = make_wheel(project, name, version, source)
+        (project / "index.html").write_text(
+            f'<html><body><a href="{wheel.name}">{wheel.name}</a></body></html>')
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.as_uri()
