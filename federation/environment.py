@@ -14,6 +14,9 @@ every installed distribution with its version and source:
     ``pip install -e``: the files live in the user's project, so a wheel is built from the
     project on the fly.
 
+Distributions the operating system installed (no INSTALLER record, e.g. Debian's python3-*
+packages) are left out: they come from the labs' own systems.
+
 Shipped wheels are identified by their SHA-256 and the environment's hash covers them, so an
 edited local package is a new environment. The Parallex package itself is left out: workers
 speak the agent's Parallex, as the broker's protocol requires.
@@ -150,6 +153,11 @@ def describe(build_editable: bool = True) -> tuple[EnvironmentSpec, dict[str, tu
         if name in PROVIDED_BY_AGENT:
             continue
         source = _source_of(dist)
+        if source == "index" and dist.read_text("INSTALLER") is None:
+            # Installed by the operating system (Debian's python3-* packages record no
+            # installer): the labs' machines get such packages from their own systems, and
+            # an index may not have them at all (python-apt).
+            continue
         if source == "index":
             packages.append(Package(name, dist.version))
             continue

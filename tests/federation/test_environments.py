@@ -270,6 +270,13 @@ def test_local_packages_ship_as_reproducible_wheels(tmp_path):
     works = subprocess.run([str(other), "-c", "import parallex_probe; "
                             "print(parallex_probe.answer())"], capture_output=True, text=True)
     assert works.stdout.strip() == "42", works.stderr
+    # What the operating system installed (no INSTALLER record) comes from the labs' own
+    # systems, not from an index: it is not described.
+    fake_distribution(python, "python-apt", "2.6.0", installer=None)
+    listed = subprocess.run([str(python), "-c", "from federation.environment import describe; "
+                             "print(sorted(describe(False)[0].versions()))"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "'parallex-probe'" in listed and "python-apt" not in listed
     # This interpreter (the agents') does not have it: its description lists no such package.
     spec, _ = describe(build_editable=False)
     assert "parallex-probe" not in spec.versions()

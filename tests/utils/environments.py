@@ -51,7 +51,8 @@ def notebook_environment(folder: Path) -> Path:
     return folder / "bin" / "python"
 
 
-def fake_distribution(python: Path, name: str, version: str) -> None:
+def fake_distribution(python: Path, name: str, version: str,
+                      installer: str | None = "pip") -> None:
     """Metadata saying ``name`` ``version`` is installed in ``python``'s environment (found
     before the real one), without code: how a notebook with other versions looks to
     Parallex."""
@@ -59,7 +60,8 @@ def fake_distribution(python: Path, name: str, version: str) -> None:
     info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-    (info / "INSTALLER").write_text("pip\n")
+    if installer is not None:  # None: as the operating system's packages are (no record)
+        (info / "INSTALLER").write_text(f"{installer}\n")
     (info / "RECORD").write_text(f"{info.name}/METADATA,,\n{info.name}/INSTALLER,,\n"
                                  f"{info.name}/RECORD,,\n")
 
