@@ -90,20 +90,21 @@ class AsyncBrokerClient:
 
     async def request(self, method: str, path: str, *, timeout: float | None = None,
                       **kwargs: Any) -> Any:
-        extra = {"timeout": timeout} if timeout is not None else {}
-        for attempt in range(RATE_LIMIT_RETRIES + 1):
-            try:
-                response = await self._http.request(method, path, **kwargs, **extra)
-            except httpx.TransportError as exc:
-                raise _unreachable(self.url, exc) from exc
-            if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
-                return raise_for_answer(response)
-            await asyncio.sleep(retry_after(response))
-        raise AssertionError("unreachable")
+        """The JSON answer of a 2xx, or the matching ParallexError (429s waited out)."""
+        return raise_for_answer(await self._send(method, path, timeout, kwargs))
 
     async def request_bytes(self, method: str, path: str, *, timeout: float | None = None,
                             **kwargs: Any) -> bytes:
         """Like ``request``, for an answer that is bytes (a shipped wheel), not JSON."""
+        response = await self._send(method, path, timeout, kwargs)
+        if response.is_success:
+            return response.content
+        raise_for_answer(response)
+        raise AssertionError("unreachable")
+
+    async def _send(self, method: str, path: str, timeout: float | None,
+                    kwargs: dict[str, Any]) -> httpx.Response:
+        """The answer, after waiting out 429s (rate limits) up to RATE_LIMIT_RETRIES times."""
         extra = {"timeout": timeout} if timeout is not None else {}
         for attempt in range(RATE_LIMIT_RETRIES + 1):
             try:
@@ -111,9 +112,7 @@ class AsyncBrokerClient:
             except httpx.TransportError as exc:
                 raise _unreachable(self.url, exc) from exc
             if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
-                if response.is_success:
-                    return response.content
-                raise_for_answer(response)
+                return response
             await asyncio.sleep(retry_after(response))
         raise AssertionError("unreachable")
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
 
-from accounting.models import Lab
+from accounting.models import Lab, utcnow
 
 from ..environment import EnvironmentSpec, Package, environment_hash, fixed_mismatch
 from .errors import Conflict, Invalid, NotFound
@@ -114,15 +116,16 @@ def failures_of(s: Session, digest: str) -> dict[str, str]:
         EnvironmentFailure.environment == digest))}
 
 
-def refusals(s: Session, cluster: ClusterRecord,
-             providers: list[Provider]) -> dict[str, str]:
+def refusals(s: Session, cluster: ClusterRecord, providers: list[Provider],
+             lab_names: dict[int, str] | None = None) -> dict[str, str]:
     """Provider id -> why it cannot run the cluster's environment (only those that cannot)."""
     if not cluster.environment:
         return {}
     row = s.get(Environment, cluster.environment)
     spec = spec_of(row)
     failures = failures_of(s, row.hash)
-    labs = {lab.id: lab.name for lab in s.exec(select(Lab))}
+    labs = lab_names if lab_names is not None else {
+        lab.id: lab.name for lab in s.exec(select(Lab))}
     out = {}
     for p in providers:
         why = refusal(p, labs.get(p.lab_id, "?"), spec, failures)
@@ -165,10 +168,11 @@ def record_failure(s: Session, lease: Lease, provider: Provider, message: str) -
     cluster = s.get(ClusterRecord, lease.cluster_id)
     if cluster is None or not cluster.environment:
         return
-    row = s.get(EnvironmentFailure, (cluster.environment, provider.id))
-    if row is None:
-        s.add(EnvironmentFailure(environment=cluster.environment, provider_id=provider.id,
-                                 message=message[:2000]))
+    # Two leases of one environment may fail on one machine at once: the first row stands.
+    insert = (pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert)
+    s.exec(insert(EnvironmentFailure).values(
+        environment=cluster.environment, provider_id=provider.id, message=message[:2000],
+        created_at=utcnow()).on_conflict_do_nothing())
 
 
 def provider_may_read(s: Session, provider_id: str, digest: str) -> bool:

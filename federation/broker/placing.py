@@ -96,13 +96,15 @@ def fair_requests(s: Session, pending: list[Lease], lab_names: dict[int, str],
 
 
 def with_environments(s: Session, requests: list[placement.LeaseRequest],
-                      providers: list[Provider]) -> list[placement.LeaseRequest]:
+                      providers: list[Provider],
+                      lab_names: dict[int, str]) -> list[placement.LeaseRequest]:
     """``requests`` with their clusters' environments and the providers that cannot run
     them (federation.broker.environments)."""
     clusters = {c.id: c for c in s.exec(select(ClusterRecord).where(
         col(ClusterRecord.id).in_({r.cluster_id for r in requests}),
         col(ClusterRecord.environment).is_not(None)))}
-    refused = {cid: environments.refusals(s, c, providers) for cid, c in clusters.items()}
+    refused = {cid: environments.refusals(s, c, providers, lab_names)
+               for cid, c in clusters.items()}
     return [dataclasses.replace(
         r, environment=clusters[r.cluster_id].environment,
         excluded=frozenset(refused[r.cluster_id]),
@@ -153,7 +155,7 @@ def place_pending(s: Session, rng: random.Random, half_life: float,
         if lease.state != LeaseState.releasing and lease.provider_id in caps:
             reach.setdefault(lease.cluster_id, placement.Reach()).add(caps[lease.provider_id])
     requests = with_environments(s, fair_requests(s, pending, lab_names, half_life),
-                                 providers)
+                                 providers, lab_names)
     placed = placement.place_with_owner_priority(requests, snapshot, cluster_labs, rng, reach)
     by_id = {lease.id: lease for lease in pending}
     now = utcnow()
