@@ -121,6 +121,8 @@ def test_a_package_installed_in_the_notebook_reaches_the_workers_and_is_built_on
     assert len(builds) == 1 and " 1 packages " in builds[0], builds
     assert (cache / builds[0].split()[1] / ".ready").exists()
     assert not [p for p in cache.rglob("parallex_probe*") if ".private" not in p.parts]
+    (kept,) = (cache / ".private").glob("*/parallex_probe-0.1-*.whl")  # fetched once, kept
+    fetched = kept.stat().st_mtime_ns
     digest = fed.db_value("SELECT environment FROM cluster ORDER BY created_at DESC LIMIT 1")
     # The agent tells the broker which environments it holds (placement prefers them).
     wait_until(lambda: digest in json.loads(fed.db_value(
@@ -137,6 +139,7 @@ def test_a_package_installed_in_the_notebook_reaches_the_workers_and_is_built_on
     assert compute_again.status == "ok", compute_again.error + compute_again.stderr
     assert [r[0] for r in eval(compute_again.stdout.strip())] == [142, 143, 144]  # noqa: S307
     assert len((cache / "builds.log").read_text().splitlines()) == 1
+    assert kept.stat().st_mtime_ns == fetched  # the student's wheel was not fetched again
 
 
 def _cluster_script(fed, code: str) -> str:
