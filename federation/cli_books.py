@@ -198,6 +198,18 @@ def cmd_records(args: argparse.Namespace) -> int:
     return 0
 
 
+def _environments(machine: dict) -> str:
+    """How a machine provides clusters' software: "build, 3 ready" or "fixed: Python 3.11,
+    dask 2026.8.0, distributed 2026.8.0"."""
+    env = machine.get("environment") or {}
+    if not env:
+        return "its own (agent predates environments)"
+    if env.get("mode") == "fixed":
+        return (f"fixed: Python {env.get('python') or '?'}, dask {env.get('dask') or '?'}, "
+                f"distributed {env.get('distributed') or '?'}")
+    return f"build, {machine.get('environments_ready', 0)} ready"
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     """`parallex lab members|machines`: a PI's view of their lab."""
     params = {"since": args.since} if getattr(args, "since", None) else None
@@ -216,10 +228,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         print(f"Members of {answer['lab']}")
     else:
         rows = [["machine", "online", "CPUs", "GPUs", "reliability", "lost", "failed",
-                 "earned PCU"]] + [
+                 "earned PCU", "environments"]] + [
             [m["name"], "yes" if m["online"] else "no", f"{m['cpus']:g}", str(len(m["gpus"])),
              f"{m['reliability']:.3f}", str(m["lost_leases"]), str(m["failed_leases"]),
-             _pcu(m["earned_pcu"])] for m in answer["machines"]]
+             _pcu(m["earned_pcu"]), _environments(m)] for m in answer["machines"]]
         print(f"Machines of {answer['lab']}")
     print(_table(rows, right=set(range(2, 9))) if len(rows) > 1 else "none")
     return 0

@@ -90,4 +90,5 @@ def lab_machines(lab: LabPath, request: Request,
              "offering": p.offering, "offer_note": p.offer_note,
              "site": p.site, "accepts_peers": p.accepts_peers,
              "preemption_rate": round(rates.get(p.id, 0.0), 4),
+             "environment": p.environment, "environments_ready": len(p.environments),
              "earned_pcu": str(to_pcu(int(earned.get(p.id) or 0)))} for p in providers]}

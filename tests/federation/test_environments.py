@@ -207,6 +207,12 @@ def test_a_fixed_agent_refuses_a_cluster_with_another_dask_naming_the_versions(
     assert f"dask {ours}" in refused and "dask 2023.1.0" in refused, refused
     assert "agent-b (lab lab-b)" in refused and "fixed" in refused, refused
     assert fed.db_value("SELECT count(*) FROM lease") == 0  # refused before any lease
+    # The lab's PI sees how each machine provides environments.
+    done = subprocess.run([sys.executable, "-m", "federation.cli", "lab", "machines",
+                           "--broker", fed.url, "--token", fed.admin_token, "--lab", "lab-b"],
+                          capture_output=True, text=True, timeout=60)
+    assert f"fixed: Python {core_versions()['python']}, dask {ours}" in done.stdout, (
+        done.stdout + done.stderr)
 
     # The same agent serves a cluster whose versions match (this interpreter's).
     with FederatedCluster(fed.url, fed.user_tokens["alice"], lease_start_timeout=90) as c:
