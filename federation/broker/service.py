@@ -510,7 +510,8 @@ class Broker:
                 for lease in s.exec(select(Lease).where(
                         Lease.cluster_id == cluster.id, Lease.state == LeaseState.starting,
                         col(Lease.id).in_(connected))):
-                    move(lease, LeaseState.running, at=now)
+                    # What it waited for (an environment's build) is over.
+                    move(lease, LeaseState.running, at=now, message="")
                     s.add(lease)
                     started.add(lease.provider_id)
             s.commit()
