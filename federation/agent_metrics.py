@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
     from .agent import ProviderAgent
@@ -50,6 +50,20 @@ class AgentCollector:
                                 value=float(agent.capacity.memory))
         yield GaugeMetricFamily("parallex_agent_warm_workers", "Worker interpreters started "
                                 "and waiting for a lease.", value=float(agent._ready))
+        envs = agent.environments
+        yield GaugeMetricFamily("parallex_agent_environments_ready", "Clusters' software "
+                                "environments built and cached here.",
+                                value=float(envs.ready_count()))
+        yield GaugeMetricFamily("parallex_agent_environments_bytes", "Disk the cached "
+                                "environments take, in bytes.", value=float(envs.disk_bytes()))
+        yield GaugeMetricFamily("parallex_agent_environment_builds_running", "Environment "
+                                "builds running now.", value=float(envs.building()))
+        builds = CounterMetricFamily("parallex_agent_environment_builds", "Environment builds "
+                                     "since the agent started, by outcome (built, failed).",
+                                     labels=["outcome"])
+        for outcome in ("built", "failed"):
+            builds.add_metric([outcome], float(envs.builds[outcome]))
+        yield builds
 
 
 class AgentMetrics:

@@ -21,6 +21,7 @@ match its own, and refuses the others with the versions named.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +128,8 @@ class EnvironmentCache:
         self._builds: dict[str, asyncio.Task] = {}
         #: Environments in use by a lease (hash -> lease ids): never evicted.
         self.in_use: dict[str, set[str]] = {}
+        #: Builds so far by outcome ("built", "failed"), for the agent's metrics.
+        self.builds: Counter[str] = Counter()
 
     # ---- what is here ---------------------------------------------------------------------
 
@@ -139,6 +143,22 @@ class EnvironmentCache:
         served = self._served()
         ready = set(self._ready_dirs())
         return [full for full, key in reversed(served.items()) if not key or key in ready]
+
+    def disk_bytes(self) -> int:
+        """Bytes the ready shared environments take (as measured when each was built)."""
+        total = 0
+        for name in self._ready_dirs():
+            with contextlib.suppress(OSError, ValueError):
+                total += int((self.root / name / ".ready").read_text().strip() or 0)
+        return total
+
+    def building(self) -> int:
+        """Builds running now."""
+        return len(self._builds)
+
+    def ready_count(self) -> int:
+        """Shared environments built and ready."""
+        return len(self._ready_dirs())
 
     def _ready_dirs(self) -> list[str]:
         """Keys of the shared environments built and ready here, most recently used first."""
@@ -279,9 +299,12 @@ class EnvironmentCache:
                     f"than the lab's cap for its environment cache ({_size(self.max_bytes)})")
             self._make_room(size)
             (folder / ".ready").write_text(f"{size}\n")
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(folder, ignore_errors=True)
+            if isinstance(exc, Exception):
+                self.builds["failed"] += 1
             raise
+        self.builds["built"] += 1
         took = time.monotonic() - started
         logger.info("environment %s built in %.1f s: %d packages added, %s", key, took,
                     len(need), _size(size))

@@ -16,13 +16,16 @@ import sys
 import textwrap
 from pathlib import Path
 
+import httpx
 import pytest
 from jupyter_client import KernelManager
 from jupyter_client.kernelspec import KernelSpecManager
+from prometheus_client.parser import text_string_to_metric_families
 
 from federation import errors
 from federation.cluster import FederatedCluster
 from federation.environment import core_versions, describe, uv_binary
+from hub_config.local import free_port
 from tests.utils.environments import (
     fake_distribution,
     make_index,
@@ -95,7 +98,9 @@ def test_a_package_installed_in_the_notebook_reaches_the_workers_and_is_built_on
     # lab-b's package index (a folder here) has px-shared, which its agent lacks.
     index = tmp_path / "lab-b-index"
     make_index(index, [("px-shared", "1.0", "X = 100\n")])
-    fed.add_agent("lab-b", "agent-b", cpus=2, extra=("--package-index", index.as_uri()))
+    metrics_port = free_port()
+    fed.add_agent("lab-b", "agent-b", cpus=2, extra=("--package-index", index.as_uri(),
+                                                     "--metrics-port", str(metrics_port)))
     wheel = make_wheel(tmp_path / "dist", "parallex-probe", "0.1", PROBE)
     python = notebook_environment(tmp_path / "nb-env")
 
@@ -123,6 +128,14 @@ def test_a_package_installed_in_the_notebook_reaches_the_workers_and_is_built_on
     assert not [p for p in cache.rglob("parallex_probe*") if ".private" not in p.parts]
     (kept,) = (cache / ".private").glob("*/parallex_probe-0.1-*.whl")  # fetched once, kept
     fetched = kept.stat().st_mtime_ns
+    # What the lab's administrators scrape from the agent.
+    metrics = {(m.name, tuple(sorted(m.labels.items()))): m.value
+               for family in text_string_to_metric_families(httpx.get(
+                   f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text)
+               for m in family.samples}
+    assert metrics[("parallex_agent_environment_builds_total", (("outcome", "built"),))] == 1
+    assert metrics[("parallex_agent_environments_ready", ())] == 1
+    assert metrics[("parallex_agent_environments_bytes", ())] > 0
     digest = fed.db_value("SELECT environment FROM cluster ORDER BY created_at DESC LIMIT 1")
     # The agent tells the broker which environments it holds (placement prefers them).
     wait_until(lambda: digest in json.loads(fed.db_value(

@@ -99,6 +99,7 @@ def test_the_grafana_dashboard_plots_only_metrics_that_exist(tmp_path):
 
     from federation.agent_metrics import AgentMetrics
     from federation.broker.app import create_app
+    from federation.environment_cache import EnvironmentCache
 
     app = create_app(f"sqlite:///{tmp_path / 'b.db'}", admin_token="t" * 40)
     exposed = generate_latest(app.state.broker.metrics.registry).decode()
@@ -111,6 +112,7 @@ def test_the_grafana_dashboard_plots_only_metrics_that_exist(tmp_path):
         offering = True
         capacity = type("C", (), {"cpus": 1.0, "memory": 1})()
         registered = type("R", (), {"is_set": lambda self: True})()
+        environments = EnvironmentCache(tmp_path / "envs")
 
     exposed += generate_latest(AgentMetrics(Idle()).registry).decode()
     names = set(re.findall(r"^# TYPE (\w+) ", exposed, re.MULTILINE))
