@@ -9,12 +9,13 @@ environments says nothing and serves every cluster as before.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, delete, select
 
 from accounting.models import Lab, utcnow
 
@@ -31,6 +32,9 @@ from .models import (
     Provider,
 )
 
+#: Seconds a failed build keeps a provider from an environment: the lab may add the package to
+#: its index meanwhile (an agent that registers again is tried again at once).
+FAILURE_TTL = 3600.0
 #: The most bytes of wheels one user may keep stored (1 GiB).
 MAX_WHEEL_BYTES_PER_USER = 2**30
 
@@ -112,8 +116,16 @@ def refusal(provider: Provider, lab: str, spec: EnvironmentSpec,
 
 
 def failures_of(s: Session, digest: str) -> dict[str, str]:
+    """Provider id -> why it could not build ``digest`` (failures within FAILURE_TTL)."""
+    since = utcnow() - dt.timedelta(seconds=FAILURE_TTL)
     return {f.provider_id: f.message for f in s.exec(select(EnvironmentFailure).where(
-        EnvironmentFailure.environment == digest))}
+        EnvironmentFailure.environment == digest, EnvironmentFailure.created_at >= since))}
+
+
+def forget_failures(s: Session, provider_id: str) -> None:
+    """The provider's agent registered again (its index or mode may have changed): its
+    failed builds are tried again. The caller commits."""
+    s.exec(delete(EnvironmentFailure).where(EnvironmentFailure.provider_id == provider_id))
 
 
 def refusals(s: Session, cluster: ClusterRecord, providers: list[Provider],
@@ -168,11 +180,13 @@ def record_failure(s: Session, lease: Lease, provider: Provider, message: str) -
     cluster = s.get(ClusterRecord, lease.cluster_id)
     if cluster is None or not cluster.environment:
         return
-    # Two leases of one environment may fail on one machine at once: the first row stands.
+    # Two leases of one environment may fail on one machine at once: one row stands, the
+    # latest failure's.
     insert = (pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert)
+    values = {"message": message[:2000], "created_at": utcnow()}
     s.exec(insert(EnvironmentFailure).values(
-        environment=cluster.environment, provider_id=provider.id, message=message[:2000],
-        created_at=utcnow()).on_conflict_do_nothing())
+        environment=cluster.environment, provider_id=provider.id, **values)
+        .on_conflict_do_update(index_elements=["environment", "provider_id"], set_=values))
 
 
 def provider_may_read(s: Session, provider_id: str, digest: str) -> bool:

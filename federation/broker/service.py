@@ -239,6 +239,8 @@ class Broker:
             provider.online = True
             provider.last_seen = utcnow()
             s.add(provider)
+            s.flush()
+            environments.forget_failures(s, provider.id)
             s.commit()
             s.refresh(provider)
         logger.info("provider %s (%s) registered for lab %s: %g CPUs, %d bytes, %d GPUs",

@@ -199,6 +199,13 @@ def test_an_impossible_environment_is_refused_naming_the_package_and_nothing_is_
     assert fed.db_value("SELECT count(*) FROM usagerecord") == 0
     assert fed.balance("lab-a") == before
     assert fed.db_value("SELECT count(*) FROM environment_failure") == 1
+    # Its agent registering again (the lab changed its index, say) makes it try again.
+    with api_client(fed, fed.provider_tokens["lab-b"]) as agent:
+        again = agent.post("/agent/register", json={
+            "name": "agent-b", "cpus": 2, "memory": 4 * 2**30,
+            "environment": {"mode": "build", **core_versions()}})
+        assert again.status_code == 201, again.text
+    assert fed.db_value("SELECT count(*) FROM environment_failure") == 0
 
 
 def test_a_fixed_agent_refuses_a_cluster_with_another_dask_naming_the_versions(

@@ -70,3 +70,52 @@ def check_unstorable_values(fed) -> None:
     refused = httpx.post(f"{fed.url}/api/v1/labs", json={"name": "bad\x00lab"}, headers=admin)
     assert 400 <= refused.status_code < 500, refused.text
     assert httpx.get(f"{fed.url}/api/v1/labs", headers=admin).json() == before
+
+
+def test_environment_failures_on_postgresql(postgres_url):
+    """A failed build recorded twice at once keeps one row (the latest words), is read back
+    within its time to live, and is forgotten when the provider registers again — with
+    PostgreSQL's INSERT … ON CONFLICT, which SQLite's tests do not run."""
+    from sqlmodel import Session
+
+    from accounting.models import Lab, User
+    from federation.broker import db, environments
+    from federation.broker.models import (
+        ApiToken,
+        ClusterRecord,
+        EnvironmentCreate,
+        Lease,
+        Provider,
+        TokenKind,
+    )
+
+    engine = db.make_engine(postgres_url)
+    try:
+        with Session(engine) as s:
+            digest, _ = environments.store(s, EnvironmentCreate(python="3.11", packages=[
+                {"name": "missing-pkg", "version": "1.0"}]))
+            lab = Lab(name="a")
+            s.add(lab)
+            s.flush()
+            user = User(name="u", lab_id=lab.id)
+            s.add_all([user, ApiToken(id="tk1", kind=TokenKind.provider, token_hash="h",
+                                      lab_id=lab.id)])
+            s.flush()
+            s.add_all([Provider(id="p1", lab_id=lab.id, token_id="tk1", name="box", cpus=8,
+                                memory=2**30),
+                       ClusterRecord(id="c1", user_id=user.id, lab_id=lab.id,
+                                     scheduler_address="tls://x:1", ca_cert="x",
+                                     environment=digest)])
+            s.commit()
+        lease = Lease(id="ls-0123456789abcdef", cluster_id="c1", cpus=1, memory=2**30)
+        for words in ("first failure", "second failure"):
+            with Session(engine) as s:
+                environments.record_failure(s, lease, s.get(Provider, "p1"), words)
+                s.commit()
+        with Session(engine) as s:
+            assert environments.failures_of(s, digest) == {"p1": "second failure"}
+            environments.forget_failures(s, "p1")
+            s.commit()
+            assert environments.failures_of(s, digest) == {}
+    finally:
+        engine.dispose()
