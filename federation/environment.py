@@ -7,9 +7,10 @@ every installed distribution with its version and source:
 ``index``
     installed from a package index; the agent installs the same version from the index its
     lab allows.
-``local``
-    installed from a local wheel, a folder, a git checkout: the lab's index does not have it,
-    so the user's side ships it as a wheel packed from the installed files (their RECORD).
+``local``, ``git``
+    installed from a local wheel or folder, or from a git repository: the lab's index does not
+    have it (nor, maybe, the lab's network the repository), so the user's side ships it as a
+    wheel packed from the installed files (their RECORD).
 ``editable``
     ``pip install -e``: the files live in the user's project, so a wheel is built from the
     project on the fly.
@@ -46,7 +47,7 @@ CORE = ("dask", "distributed")
 #: Largest wheel a cluster may ship, in bytes (64 MiB).
 MAX_WHEEL_BYTES = 64 * 1024 * 1024
 
-SOURCES = ("index", "local", "editable")
+SOURCES = ("index", "local", "git", "editable")
 
 
 class EnvironmentProblem(Exception):
@@ -123,6 +124,8 @@ def _source_of(dist: importlib.metadata.Distribution) -> str:
         return "local"
     if (info.get("dir_info") or {}).get("editable"):
         return "editable"
+    if info.get("vcs_info"):
+        return "git" if info["vcs_info"].get("vcs") == "git" else "local"
     return "local"
 
 

@@ -246,14 +246,14 @@ class PackageSpec(SQLModel):
 
     name: DistName = Field(description="Normalised distribution name (PEP 503).")
     version: Version
-    source: Literal["index", "local", "editable"] = "index"
+    source: Literal["index", "local", "git", "editable"] = "index"
     sha256: OptionalSha256 = Field(default="", description="The shipped wheel's SHA-256 "
                                    "(local and editable packages only).")
     filename: OptionalWheelName = Field(default="", description="The shipped wheel's name.")
 
     @model_validator(mode="after")
     def _shipped_has_wheel(self) -> PackageSpec:
-        if self.source in ("local", "editable") and not (self.filename and self.sha256):
+        if self.source != "index" and not (self.filename and self.sha256):
             raise ValueError(f"a {self.source} package needs the sha256 and filename of its "
                              "wheel")
         if self.source == "index" and (self.filename or self.sha256):

@@ -302,10 +302,15 @@ def test_local_packages_ship_as_reproducible_wheels(tmp_path):
     # What the operating system installed (no INSTALLER record) comes from the labs' own
     # systems, not from an index: it is not described.
     fake_distribution(python, "python-apt", "2.6.0", installer=None)
+    # A package installed from git is shipped like a local one (the lab may not reach it).
+    fake_distribution(python, "from-git", "0.3", direct_url={
+        "url": "https://git.example.edu/lab/from-git.git",
+        "vcs_info": {"vcs": "git", "commit_id": "0" * 40}})
     listed = subprocess.run([str(python), "-c", "from federation.environment import describe; "
-                             "print(sorted(describe(False)[0].versions()))"],
+                             "print({p.name: p.source for p in describe(False)[0].packages})"],
                             capture_output=True, text=True, check=True).stdout
-    assert "'parallex-probe'" in listed and "python-apt" not in listed
+    assert "'parallex-probe': 'local'" in listed and "'from-git': 'git'" in listed, listed
+    assert "python-apt" not in listed
     # This interpreter (the agents') does not have it: its description lists no such package.
     spec, _ = describe(build_editable=False)
     assert "parallex-probe" not in spec.versions()

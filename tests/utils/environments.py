@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import subprocess
 import sys
 import zipfile
@@ -52,7 +53,7 @@ def notebook_environment(folder: Path) -> Path:
 
 
 def fake_distribution(python: Path, name: str, version: str,
-                      installer: str | None = "pip") -> None:
+                      installer: str | None = "pip", direct_url: dict | None = None) -> None:
     """Metadata saying ``name`` ``version`` is installed in ``python``'s environment (found
     before the real one), without code: how a notebook with other versions looks to
     Parallex."""
@@ -62,8 +63,13 @@ def fake_distribution(python: Path, name: str, version: str,
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     if installer is not None:  # None: as the operating system's packages are (no record)
         (info / "INSTALLER").write_text(f"{installer}\n")
-    (info / "RECORD").write_text(f"{info.name}/METADATA,,\n{info.name}/INSTALLER,,\n"
-                                 f"{info.name}/RECORD,,\n")
+    record = f"{info.name}/METADATA,,\n{info.name}/INSTALLER,,\n{info.name}/RECORD,,\n"
+    if direct_url is not None:  # installed from somewhere else than an index
+        (info / "direct_url.json").write_text(json.dumps(direct_url))
+        (info / "WHEEL").write_text("Wheel-Version: 1.0\nRoot-Is-Purelib: true\n"
+                                    "Tag: py3-none-any\n")
+        record += f"{info.name}/direct_url.json,,\n{info.name}/WHEEL,,\n"
+    (info / "RECORD").write_text(record)
 
 
 def make_index(folder: Path, packages: list[tuple[str, str, str]]) -> str:
