@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("provide", help="Offer this machine's CPUs/GPUs to a broker.")
     p.add_argument("--broker", default=os.environ.get("PARALLEX_BROKER_URL"),
-                   help="Broker URL (default PARALLEX_BROKER_URL).")
+                   help="Broker URL; several broker replicas comma-separated, the agent "
+                        "moving to the next when the one in use does not answer (default "
+                        "PARALLEX_BROKER_URL).")
     p.add_argument("--token", help="Provider token. Visible to local users in the process list; "
                    "prefer --token-file or PARALLEX_PROVIDER_TOKEN.")
     p.add_argument("--token-file", help="File holding the provider token (mode 0600).")

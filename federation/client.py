@@ -68,7 +68,11 @@ def _unreachable(url: str, exc: Exception) -> errors.BrokerUnreachable:
 
 
 class AsyncBrokerClient:
-    """Async client for the broker API (used by FederatedCluster and the provider agent)."""
+    """Async client for the broker API (used by FederatedCluster and the provider agent).
+
+    ``url`` may list several broker replicas, comma-separated: when the one in use does not
+    answer, the request fails (BrokerUnreachable, which callers retry) and the next one is
+    used from then on."""
 
     def __init__(self, url: str, token: str, timeout: float = 30.0):
         if not url:
@@ -81,12 +85,25 @@ class AsyncBrokerClient:
                 "no API token: pass token=, set PARALLEX_TOKEN or the dask config key "
                 "parallex.token"
             )
-        self.url = _base(url)
-        self._http = httpx.AsyncClient(
-            base_url=self.url + API,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout,
-        )
+        self.urls = [_base(u.strip()) for u in url.split(",") if u.strip()]
+        self.url = self.urls[0]
+        self._token, self._timeout = token, timeout
+        self._http = self._client(self.url)
+        self._retired: list[httpx.AsyncClient] = []
+
+    def _client(self, url: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=url + API,
+                                 headers={"Authorization": f"Bearer {self._token}"},
+                                 timeout=self._timeout)
+
+    def _fail_over(self, failed: httpx.AsyncClient) -> None:
+        """Use the next replica, once per failure of the one in use (requests in flight on
+        the failed one fail together and must not move on twice)."""
+        if len(self.urls) < 2 or failed is not self._http:
+            return
+        self.url = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)]
+        self._retired.append(self._http)  # closed in close(): requests may still use it
+        self._http = self._client(self.url)
 
     async def request(self, method: str, path: str, *, timeout: float | None = None,
                       **kwargs: Any) -> Any:
@@ -107,17 +124,20 @@ class AsyncBrokerClient:
         """The answer, after waiting out 429s (rate limits) up to RATE_LIMIT_RETRIES times."""
         extra = {"timeout": timeout} if timeout is not None else {}
         for attempt in range(RATE_LIMIT_RETRIES + 1):
+            http, url = self._http, self.url
             try:
-                response = await self._http.request(method, path, **kwargs, **extra)
+                response = await http.request(method, path, **kwargs, **extra)
             except httpx.TransportError as exc:
-                raise _unreachable(self.url, exc) from exc
+                self._fail_over(http)
+                raise _unreachable(url, exc) from exc
             if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
                 return response
             await asyncio.sleep(retry_after(response))
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
-        await self._http.aclose()
+        for http in [*self._retired, self._http]:
+            await http.aclose()
 
 
 class BrokerClient:

@@ -1,10 +1,11 @@
 """Two broker replicas on one PostgreSQL: a scale request on one wakes agents long-polling
 either (LISTEN/NOTIFY), one replica runs the periodic passes (the leader lease), and when it
 is killed with SIGKILL the other takes them over within the lease's time, charging no period
-twice."""
+twice; an agent given both replicas' URLs moves to the other when its own is killed."""
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 
 import httpx
@@ -55,7 +56,9 @@ def test_two_replicas_share_wakeups_and_hand_over_the_periodic_passes(tmp_path, 
         fed.add_lab("lab-a", user="alice")
         token = fed.provider_tokens["lab-a"]
         # One agent long-polls each replica; the user's cluster talks to the second.
-        running.append(start_agent(a, token, agents / "on-a", name="on-a", cpus=2,
+        # The agent on the first replica knows the second: it moves there when the first
+        # stops answering.
+        running.append(start_agent(f"{a},{b}", token, agents / "on-a", name="on-a", cpus=2,
                                    memory="4 GiB"))
         running.append(start_agent(b, token, agents / "on-b", name="on-b", cpus=2,
                                    memory="4 GiB"))
@@ -66,13 +69,24 @@ def test_two_replicas_share_wakeups_and_hand_over_the_periodic_passes(tmp_path, 
             assert cluster.get_client().submit(sum, range(100)).result() == 4950
             passes = metric(b, fed.admin_token, "parallex_metering_pass_seconds_count")
 
+            engine = plain_engine(postgres_url)
+
+            def last_heard_of_on_a():
+                with engine.connect() as c:
+                    return c.execute(text(
+                        "SELECT last_seen FROM provider WHERE name = 'on-a'")).scalar()
+
             fed.broker.kill9()  # the leader
+            killed_at = last_heard_of_on_a()
+            # Its agent's heartbeats now reach the second replica (it failed over), long
+            # before the provider timeout would have ended its leases.
+            wait_until(lambda: last_heard_of_on_a() > killed_at + dt.timedelta(seconds=2),
+                       15, "the agent of the killed replica to heartbeat the other")
             wait_until(lambda: metric(b, fed.admin_token, "parallex_broker_leader") == 1,
                        PROVIDER_TIMEOUT / 3 + 10, "the second replica to take over")
             wait_until(lambda: metric(b, fed.admin_token,
                                       "parallex_metering_pass_seconds_count") >= passes + 2,
                        30, "the second replica to meter")
-            engine = plain_engine(postgres_url)
             with engine.connect() as c:
                 states = dict(c.execute(text(
                     "SELECT state, count(*) FROM lease GROUP BY state")).all())
