@@ -39,6 +39,7 @@ from tornado.ioloop import PeriodicCallback
 
 from . import config, errors
 from .client import AsyncBrokerClient
+from .environment import site_fingerprint
 from .estimate import Estimate
 from .lease_keeper import ENDED, LIVE, KeeperSettings, lease_of, pending_reasons, starting_news
 from .lease_states import LeaseState
@@ -193,6 +194,10 @@ class FederatedCluster(Cluster):
         self._request_timeout = float(config.get("request-timeout"))
         self.scheduler_log = Path(scheduler_log) if scheduler_log else None
         self.environment_mode = environment or config.get("environment") or "notebook"
+        #: With the "notebook" environment: notice packages installed after the start (every
+        #: second) and give them to the workers (refresh_environment).
+        self.watch_packages = True
+        self._packages_seen = site_fingerprint()
         if self.environment_mode not in ("notebook", "agent"):
             raise ValueError("environment must be 'notebook' (workers get this Python's "
                              "packages) or 'agent' (the labs' own); got "
@@ -390,7 +395,24 @@ class FederatedCluster(Cluster):
     async def _refresh_quietly(self, **kwargs: Any) -> None:
         if self.status == Status.running:
             with contextlib.suppress(errors.ParallexError):
+                await self._follow_packages()
                 await self._refresh_state(**kwargs)
+
+    async def _follow_packages(self) -> None:
+        """After a `pip install` in this process's environment, the workers get it too."""
+        if not self.watch_packages or self.environment_mode != "notebook":
+            return
+        seen = site_fingerprint()
+        if seen == self._packages_seen:
+            return
+        self._packages_seen = seen
+        result = await self._call("parallex_environment")
+        if result["changed"]:
+            line = ("your packages changed; new workers of cluster "
+                    f"{self.cluster_id} get them ({result['replaced']} replaced)")
+            logger.warning(line)
+            if not self.quiet:
+                print(f"Parallex: {line}", file=sys.stderr, flush=True)
 
     def _fresh(self) -> None:
         """Fetch the keeper's state first when called from the user's (synchronous) code."""
@@ -614,10 +636,17 @@ class FederatedCluster(Cluster):
         return dict(Counter(leases[lid].get("lab") or "?" for lid in connected
                             if lid in leases))
 
+    @property
+    def environment(self) -> str | None:
+        """The hash of the software environment new workers get (None: the agents' own)."""
+        self._fresh()
+        return self._state.get("environment")
+
     def refresh_environment(self) -> dict:
         """Give the workers this Python's packages again, after installing some (``pip
         install`` in the notebook): new workers get them, and the current workers are
-        replaced (what they held in memory is lost; compute it again). Returns
+        replaced (what they held in memory is lost; compute it again). The cluster does this
+        by itself within a second of an install (``watch_packages``). Returns
         ``{"changed": bool, "replaced": workers replaced, "environment": its hash}``."""
         return self.sync(self._call, "parallex_environment")
 

@@ -140,6 +140,20 @@ def installed() -> dict[str, importlib.metadata.Distribution]:
     return found
 
 
+def site_fingerprint() -> tuple[tuple[str, int], ...]:
+    """The modification times of this interpreter's package folders: an install or removal
+    adds or deletes entries there, which changes them. Cheap enough to take every second or
+    before every cell (a few stat calls, not a scan of the installed distributions)."""
+    marks = []
+    for path in sys.path:
+        if path.endswith(("site-packages", "dist-packages")):
+            try:
+                marks.append((path, os.stat(path).st_mtime_ns))
+            except OSError:
+                continue
+    return tuple(marks)
+
+
 def core_versions() -> dict[str, str]:
     """Python, dask and distributed versions here (what a `fixed` agent serves)."""
     found = installed()

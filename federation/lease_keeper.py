@@ -141,6 +141,7 @@ class LeaseKeeper:
         self.environment: str | None = None
         #: Why no provider can run that environment, once the broker said so.
         self.environment_error: str | None = None
+        self._environment_lock = asyncio.Lock()
 
     # ---- start and stop ---------------------------------------------------------------------
 
@@ -216,17 +217,18 @@ class LeaseKeeper:
         leases get the new environment and the workers of the old one are replaced."""
         if self.settings.environment != "notebook":
             return {"changed": False, "replaced": 0, "environment": None}
-        digest = await self._ship_environment()
-        if digest == self.environment:
-            return {"changed": False, "replaced": 0, "environment": digest}
-        await self._broker.request("POST", f"/clusters/{self.cluster_id}/environment",
-                                   json={"environment": digest})
-        self.environment, self.environment_error = digest, None
-        async with self._lock:
-            old = sorted(self.live)
-            await self._retire(old)
-        await self._correct_state()
-        return {"changed": True, "replaced": len(old), "environment": digest}
+        async with self._environment_lock:  # one change at a time, however many ask
+            digest = await self._ship_environment()
+            if digest == self.environment:
+                return {"changed": False, "replaced": 0, "environment": digest}
+            await self._broker.request("POST", f"/clusters/{self.cluster_id}/environment",
+                                       json={"environment": digest})
+            self.environment, self.environment_error = digest, None
+            async with self._lock:
+                old = sorted(self.live)
+                await self._retire(old)
+            await self._correct_state()
+            return {"changed": True, "replaced": len(old), "environment": digest}
 
     async def end(self) -> None:
         """End every lease at the broker, remove the workers and wait (bounded) until the

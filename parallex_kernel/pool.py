@@ -18,9 +18,9 @@ from decimal import Decimal
 from typing import Any
 
 from federation import errors
+from federation.environment import site_fingerprint
 
 from .logs import send_logging_to_file
-from .packages import site_fingerprint
 
 logger = logging.getLogger("parallex.kernel")
 
@@ -134,6 +134,8 @@ class Pool:
         except BaseException:
             cluster.close()
             raise
+        # This kernel checks before each cell (sync_packages) and tells the user there.
+        cluster.watch_packages = False
         self.cluster, self.client = cluster, client
         self.adapt_range = (0, maximum)
         self.state = "ready"

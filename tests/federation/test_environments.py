@@ -417,3 +417,30 @@ def test_an_editable_package_ships_as_a_wheel_built_from_its_project(tmp_path):
     assert works.stdout.strip() == "7", works.stderr
     module.write_text("VALUE = 8\n")
     assert described()[1] != sha
+
+
+def test_a_federated_cluster_follows_a_package_installed_after_it_started(two_labs, tmp_path):
+    """Outside the Parallex kernel too: a script's cluster notices the install within a
+    second, new workers get the package, and a task that imports it runs."""
+    fed = two_labs
+    fed.add_agent("lab-b", "agent-b", cpus=2)
+    wheel = make_wheel(tmp_path / "dist", "parallex-probe", "0.1", PROBE)
+    python = notebook_environment(tmp_path / "nb-env")
+    done = subprocess.run([str(python), "-c", _cluster_script(fed, textwrap.dedent(f"""\
+        import subprocess, sys, time
+        cluster.scale(1)
+        cluster.wait_for_workers(1)
+        before = cluster.environment
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                        "--no-index", {str(wheel)!r}], check=True)
+        deadline = time.monotonic() + 30
+        while cluster.environment == before and time.monotonic() < deadline:
+            cluster.sync(cluster._refresh_state)
+        assert cluster.environment != before, "the install was not noticed"
+        cluster.wait_for_workers(1)
+        client = cluster.get_client()
+        print("RESULT", client.submit(lambda: __import__("parallex_probe").answer()).result())
+    """))], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "RESULT 42" in done.stdout, done.stdout
+    assert "your packages changed" in done.stderr
