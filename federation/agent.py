@@ -143,9 +143,7 @@ class ProviderAgent:
                 self.workers[lease_id] = worker
                 self.accounts.adopt(lease_id, worker.uid)
                 if state.get("environment"):
-                    self._env_of[lease_id] = state["environment"]
-                    self.environments.in_use.setdefault(state["environment"], set()).add(
-                        lease_id)
+                    self._hold_environment(lease_id, state["environment"])
                 self.launcher.resume(worker)  # suspended when the last agent stopped
         self._save_state()
 
@@ -450,6 +448,7 @@ class ProviderAgent:
             del self._keys[lid]  # ended or started: the key is on disk or no longer needed
         for lid in set(self._runs_with) - listed - set(self.workers):
             del self._runs_with[lid]  # ended before its worker started
+            self._let_go_of_environment(lid)
 
     def _start_when_certified(self, lease: dict) -> None:
         """Start the worker once the cluster has certified the key made here; until then
@@ -509,6 +508,9 @@ class ProviderAgent:
         finally:
             self._preparing.discard(lease_id)
         self._runs_with[lease_id] = prepared
+        if prepared.key:
+            # In use from now: no other build may evict it while the key is being certified.
+            self._hold_environment(lease_id, prepared.key)
         lease = self._latest.get(lease_id)
         if (lease is not None and self._states.get(lease_id) == LeaseState.starting
                 and lease_id not in self.workers and lease_id not in self._stopping):
@@ -545,8 +547,7 @@ class ProviderAgent:
         self.workers[lease["id"]] = worker
         self._sizes[lease["id"]] = float(lease.get("cpus") or 0)
         if environment:
-            self._env_of[lease["id"]] = environment
-            self.environments.in_use.setdefault(environment, set()).add(lease["id"])
+            self._hold_environment(lease["id"], environment)
         self._keys.pop(lease["id"], None)
         self._save_state()
 
@@ -596,15 +597,22 @@ class ProviderAgent:
                                state, exc)
                 return
 
+    def _hold_environment(self, lease_id: str, key: str) -> None:
+        self._env_of[lease_id] = key
+        self.environments.in_use.setdefault(key, set()).add(lease_id)
+
+    def _let_go_of_environment(self, lease_id: str) -> None:
+        key = self._env_of.pop(lease_id, None)
+        if key is not None:
+            self.environments.in_use.get(key, set()).discard(lease_id)
+
     def _clean_up(self, lease_id: str) -> None:
         """The lease's worker is gone: kill what its account still runs, delete its folder
         (key and scratch included) so nothing of it outlives the lease."""
         self.launcher.forget(lease_id)
         self._suspended.discard(lease_id)
         self._runs_with.pop(lease_id, None)
-        digest = self._env_of.pop(lease_id, None)
-        if digest is not None:
-            self.environments.in_use.get(digest, set()).discard(lease_id)
+        self._let_go_of_environment(lease_id)
         self.accounts.release(lease_id)
         self._sizes.pop(lease_id, None)
         try:

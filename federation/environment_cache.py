@@ -216,7 +216,6 @@ class EnvironmentCache:
                     f"{python_version()}, or labs that have Python {spec.python}")
         return None
 
-
     # ---- building -------------------------------------------------------------------------
 
     async def prepare(self, spec: EnvironmentSpec,
