@@ -114,6 +114,7 @@ class ProviderAgent:
         self._preparing: set[str] = set()
         self._latest: dict[str, dict] = {}  # lease id -> the broker's latest word on it
         self._specs: dict[str, EnvironmentSpec] = {}
+        self._told_environments: list[str] | None = None  # last list the broker accepted
 
     # ---- state file -------------------------------------------------------------------------
 
@@ -222,6 +223,7 @@ class ProviderAgent:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10)
         self.provider_id = answer["provider_id"]
+        self._told_environments = None  # the next heartbeat tells the list again
         self.environments.where = f"{self.name} (lab {answer['lab']})"
         self.heartbeat_interval = float(answer["heartbeat_interval"])
         self.poll_timeout = float(answer["poll_timeout"])
@@ -275,11 +277,15 @@ class ProviderAgent:
                     running = [lid for lid in self.workers if lid not in self._stopping]
                     timer = (self.metrics.heartbeat.time() if self.metrics is not None
                              else contextlib.nullcontext())
+                    warm = self.environments.warm()[:1000]
                     with timer:
                         await self.client.request("POST", f"{self._base}/heartbeat", json={
                             "running": running, "offering": self.offering,
                             "offer_note": self.offer_note[:300],
-                            "environments": self.environments.warm()[:1000]})
+                            # The list only when it changed: None leaves the broker's.
+                            "environments": warm if warm != self._told_environments
+                            else None})
+                    self._told_environments = warm
             except errors.ParallexError as exc:
                 logger.warning("heartbeat failed: %s", exc)
             # The owner policy wakes it early when the offer changes.

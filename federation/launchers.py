@@ -301,7 +301,7 @@ class ProcessLauncher(WorkerLauncher):
             env = worker_environment(lease.get("gpu_indices") or [], folder, lease["id"])
             order = {"cwd": str(folder / "scratch"), "log": str(folder / "worker.log"),
                      "env": {k: env[k] for k in ("HOME", "TMPDIR", "CUDA_VISIBLE_DEVICES",
-                                                 "WORKER_LEASE_ID", "PYTHONPATH")},
+                                                 "WORKER_LEASE_ID", "PYTHONPATH") if k in env},
                      "args": cmd[3:]}  # after "python -m distributed.cli.dask_worker"
             interp.popen.stdin.write(json.dumps(order).encode() + b"\n")
             interp.popen.stdin.close()

@@ -108,7 +108,9 @@ def worker_environment(gpu_indices: list[int], folder: Path,
     env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] = "True"
     env["PYTHONUNBUFFERED"] = "1"
     env["WORKER_LEASE_ID"] = lease_id
-    env["PYTHONPATH"] = str(folder / "packages") if (folder / "packages").is_dir() else ""
+    if (folder / "packages").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(folder / "packages"), env.get("PYTHONPATH")) if p)
     return env
 
 

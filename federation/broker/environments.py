@@ -156,11 +156,16 @@ def allowed_providers(s: Session, cluster: ClusterRecord) -> list[Provider]:
             and (not sites_allowed or p.site in sites_allowed)]
 
 
-def refusal_message(reasons: dict[str, str]) -> str:
+def refusal_reasons(reasons: dict[str, str]) -> str:
+    """The distinct reasons, the first four in full."""
     distinct = list(dict.fromkeys(reasons.values()))
-    shown = "; ".join(distinct[:4]) + (f"; and {len(distinct) - 4} more" if len(distinct) > 4
-                                       else "")
-    return f"no online provider can run this cluster's software environment: {shown}"
+    return "; ".join(distinct[:4]) + (f"; and {len(distinct) - 4} more" if len(distinct) > 4
+                                      else "")
+
+
+def refusal_message(reasons: dict[str, str]) -> str:
+    return ("no online provider can run this cluster's software environment: "
+            + refusal_reasons(reasons))
 
 
 def check_servable(s: Session, cluster: ClusterRecord) -> None:

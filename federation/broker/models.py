@@ -21,7 +21,7 @@ from accounting.identifiers import (
 )
 from accounting.models import utcnow
 
-from ..ids import LeaseId
+from ..ids import ENVIRONMENT_HASH, LeaseId
 
 # The lease state machine lives in federation.lease_states; its names are re-exported here.
 from ..lease_states import HELD_STATES, LIVE_STATES, EndReason, LeaseState  # noqa: F401
@@ -224,7 +224,7 @@ class GpuInfo(SQLModel):
 
 
 #: An environment's hash (federation.environment.environment_hash).
-EnvironmentHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+EnvironmentHash = Annotated[str, StringConstraints(pattern=ENVIRONMENT_HASH)]
 #: What a wheel's file name may be (PEP 427 characters only).
 WHEEL_NAME = r"^[A-Za-z0-9_.+!-]{1,200}\.whl$"
 

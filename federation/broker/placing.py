@@ -108,8 +108,7 @@ def with_environments(s: Session, requests: list[placement.LeaseRequest],
     return [dataclasses.replace(
         r, environment=clusters[r.cluster_id].environment,
         excluded=frozenset(refused[r.cluster_id]),
-        environment_note=environments.refusal_message(refused[r.cluster_id]).split(": ", 1)[1]
-        if refused[r.cluster_id] else "")
+        environment_note=environments.refusal_reasons(refused[r.cluster_id]))
         if r.cluster_id in clusters else r for r in requests]
 
 
