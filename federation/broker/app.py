@@ -36,6 +36,8 @@ from .service import Broker
 from .settings import BrokerSettings
 
 logger = logging.getLogger("parallex.broker")
+#: Seconds between two samples of the event loop's lag (parallex_event_loop_lag_seconds).
+LAG_SAMPLE = 0.1
 
 
 
@@ -95,20 +97,33 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                 except Exception:  # keep reaping after a transient database error
                     logger.exception("reaper pass failed")
 
+        async def loop_lag() -> None:
+            while True:
+                due = loop.time() + LAG_SAMPLE
+                await asyncio.sleep(LAG_SAMPLE)
+                broker.metrics.loop_lag.observe(max(0.0, loop.time() - due))
+
+        loop = asyncio.get_running_loop()
         if broker.relay is not None:
             broker.relay.start()
         broker.placer.start()
         broker.end_meterer.start()
+        broker.heartbeats.start()
+        broker.lease_lists.start()
         task = asyncio.create_task(reaper())
+        lag_task = asyncio.create_task(loop_lag())
         logger.info("broker %s ready (started %s UTC)", broker.boot_id, utcnow())
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for background in (task, lag_task):
+                background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await background
             await asyncio.to_thread(broker.placer.stop)
             await asyncio.to_thread(broker.end_meterer.stop)
+            await asyncio.to_thread(broker.heartbeats.stop)
+            await asyncio.to_thread(broker.lease_lists.stop)
             if broker.relay is not None:
                 broker.relay.stop()
             if broker.is_leader:
@@ -127,6 +142,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
         rate=settings.rate_limit, burst=settings.rate_burst,
         max_concurrent=settings.max_concurrent_requests))
     app.state.session = broker.session
+    app.state.principals = broker.principals
     app.state.hub_tokens = (HubTokenChecker(settings.hub_api_url, settings.hub_service_name,
                                             settings.hub_token_cache)
                             if settings.hub_api_url else None)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, Request
 from sqlmodel import Session, select
+from starlette.concurrency import run_in_threadpool
 
 from accounting.models import Lab, Membership, Role, User, utcnow
 
@@ -81,16 +82,34 @@ def _bearer(request: Request) -> str:
     return value.strip()
 
 
-def authenticate(request: Request) -> Principal:
-    """Resolve the request's bearer token to a Principal or answer 401."""
+async def authenticate(request: Request) -> Principal:
+    """Resolve the request's bearer token to a Principal or answer 401. A token seen in the
+    last seconds is answered from this replica's memory (token_cache.py); otherwise the
+    database is read in the thread pool, never on the event loop."""
     secret = _bearer(request)
+    digest = hash_token(secret)
+    cache = getattr(request.app.state, "principals", None)
+    if cache is not None:
+        known = cache.get(digest)
+        if known is not None:
+            return known
+        generation = cache.generation
+    principal, remember = await run_in_threadpool(_read_principal, request, secret, digest)
+    if cache is not None and remember:
+        # Not if a token or membership changed while it was read: it may be the old answer.
+        cache.put(digest, principal, generation)
+    return principal
+
+
+def _read_principal(request: Request, secret: str, digest: str) -> tuple[Principal, bool]:
+    """The token's Principal from the database; and whether it is an API token's (kept in
+    the cache) rather than a hub token's (the hub's own cache keeps those)."""
     with request.app.state.session() as session:
-        row = session.exec(
-            select(ApiToken).where(ApiToken.token_hash == hash_token(secret))).first()
+        row = session.exec(select(ApiToken).where(ApiToken.token_hash == digest)).first()
         if row is None:
             hub = getattr(request.app.state, "hub_tokens", None)
             if hub is not None and not secret.startswith(TOKEN_PREFIX):
-                return _hub_principal(session, hub.identify(secret))
+                return _hub_principal(session, hub.identify(secret)), False
             raise NotAuthenticated("bad-token", "this token is not known to the broker; ask your "
                            "administrator for a new one")
         if row.revoked_at is not None:
@@ -109,7 +128,7 @@ def authenticate(request: Request) -> Principal:
             user_id=user.id if user else None,
             user_name=user.name if user else None,
             role=member.role if member else None,
-        )
+        ), True
 
 
 def user_principal(session: Session, name: str, token_id: str) -> Principal | None:
@@ -138,7 +157,7 @@ def _hub_principal(session: Session, identity: HubIdentity) -> Principal:
 def _require(*kinds: TokenKind):
     allowed = ", ".join(k.value for k in kinds)
 
-    def dependency(principal: Principal = Depends(authenticate)) -> Principal:
+    async def dependency(principal: Principal = Depends(authenticate)) -> Principal:
         if kinds == (TokenKind.admin,) and principal.is_admin:
             return principal  # a user with the admin role acts as an administrator
         if principal.kind not in kinds:

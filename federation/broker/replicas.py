@@ -7,6 +7,8 @@
 - **Wake-ups across replicas.** An agent long-polls one replica while a user's scale request
   may land on another. Every local wake-up is also sent as ``NOTIFY parallex_wakeup``, and a
   listener thread on each replica wakes its own long polls for the others' notifications.
+  The same channel says when identities changed (``IDENTITY_CHANGED``: a token revoked, a
+  role changed), so every replica forgets the tokens it remembers (token_cache.py).
 
 On SQLite there is one broker process: it is always the leader and nothing is sent.
 """
@@ -22,6 +24,9 @@ from sqlalchemy.engine import Engine
 logger = logging.getLogger("parallex.broker.replicas")
 
 CHANNEL = "parallex_wakeup"
+#: The key a replica sends when a token, membership, user or lab changed (no provider id or
+#: cluster key starts with "!"): the others forget the tokens they remember.
+IDENTITY_CHANGED = "!identities"
 LEADER_ROW = "periodic"
 
 

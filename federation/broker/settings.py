@@ -85,6 +85,10 @@ class BrokerSettings:
         "access:services!service=NAME", unit="", env="JUPYTERHUB_SERVICE_NAME")
     hub_token_cache: float = setting(
         60.0, "a hub token's owner is remembered before the hub is asked again")
+    token_cache: float = setting(
+        10.0, "an API token's owner (lab, user, role) is remembered by a broker replica "
+        "before the database is asked again; a revocation or a membership change clears it "
+        "at once on every replica (0: ask every time)")
     scheduler_networks: str = setting(
         "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
         "networks where users' schedulers may listen, comma-separated: a cluster whose "
