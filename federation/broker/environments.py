@@ -179,7 +179,7 @@ def check_servable(s: Session, cluster: ClusterRecord) -> None:
         raise Conflict("environment-refused", refusal_message(reasons))
 
 
-def record_failure(s: Session, lease: Lease, provider: Provider, message: str) -> None:
+def record_failure(s: Session, lease: Lease, provider_id: str, message: str) -> None:
     """The provider could not build the lease's cluster's environment: placement avoids it
     for that environment from now on. The caller commits."""
     cluster = s.get(ClusterRecord, lease.cluster_id)
@@ -190,7 +190,7 @@ def record_failure(s: Session, lease: Lease, provider: Provider, message: str) -
     insert = (pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert)
     values = {"message": message[:2000], "created_at": utcnow()}
     s.exec(insert(EnvironmentFailure).values(
-        environment=cluster.environment, provider_id=provider.id, **values)
+        environment=cluster.environment, provider_id=provider_id, **values)
         .on_conflict_do_update(index_elements=["environment", "provider_id"], set_=values))
 
 

@@ -27,6 +27,8 @@ from .models import ClusterRecord, Lease, LeaseState, Provider
 
 #: Seconds buckets for passes (placement, metering): from a few ms to a minute.
 PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+#: Buckets for how many requests one batch served.
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 #: Seconds buckets for HTTP requests (long polls are excluded: they wait on purpose).
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -98,6 +100,19 @@ class BrokerMetrics:
         self.metering = Histogram("parallex_metering_pass_seconds",
                                   "Seconds of one periodic metering pass (this replica).",
                                   buckets=PASS_BUCKETS, registry=self.registry)
+        self.heartbeat_batch = Histogram("parallex_heartbeat_batch_seconds",
+                                         "Seconds to record one batch of agents' heartbeats "
+                                         "(this replica).", buckets=PASS_BUCKETS,
+                                         registry=self.registry)
+        self.heartbeat_batch_size = Histogram("parallex_heartbeat_batch_size",
+                                              "Heartbeats recorded by one batch (this "
+                                              "replica).", buckets=BATCH_SIZE_BUCKETS,
+                                              registry=self.registry)
+        self.loop_lag = Histogram("parallex_event_loop_lag_seconds",
+                                  "How late this replica's event loop ran a timer due now "
+                                  "(sampled 10 times a second): above a few ms, requests "
+                                  "queue before they are read (this replica).",
+                                  buckets=HTTP_BUCKETS, registry=self.registry)
         self.leader = Gauge("parallex_broker_leader", "1 on the replica that runs the "
                             "periodic passes (reaping, metering, capacity samples), else 0.",
                             registry=self.registry)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..ids import EnvironmentHashPath, LeaseIdPath, ProviderIdPath, Sha256Path
+from .agent_batches import Heartbeat
 from .auth import Principal, require_provider
 from .models import (
     LeaseState,
@@ -36,14 +37,25 @@ def register(body: ProviderRegister, request: Request,
 
 
 @router.post("/{provider_id}/heartbeat")
-def heartbeat(provider_id: ProviderIdPath, body: ProviderHeartbeat, request: Request,
-              principal: Principal = Depends(require_provider)) -> dict:
+async def heartbeat(provider_id: ProviderIdPath, body: ProviderHeartbeat, request: Request,
+                    principal: Principal = Depends(require_provider)) -> dict:
+    """The machine lives, runs ``running`` and offers (or keeps for its owner); answered
+    once recorded (in a batch with other agents' heartbeats, see heartbeats.py)."""
     broker = request.app.state.broker
-    provider = broker.provider_for(principal, provider_id)
-    broker.check_heartbeat_rate(provider.id)
-    broker.provider_heartbeat(provider, body.running, body.offering, body.offer_note,
-                             body.environments)
+    pid = await _provider(broker, principal, provider_id)
+    broker.check_heartbeat_rate(pid)
+    await broker.provider_heartbeat(Heartbeat(pid, body.running, body.offering,
+                                              body.offer_note, body.environments))
     return {"ok": True}
+
+
+async def _provider(broker, principal: Principal, provider_id: str) -> str:
+    """The provider's id once it is known to be the caller's lab's; from memory when seen
+    before, else read in the thread pool (never on the event loop)."""
+    known = broker.known_provider(principal, provider_id)
+    if known is not None:
+        return known
+    return await run_in_threadpool(broker.check_provider, principal, provider_id)
 
 
 @router.post("/{provider_id}/offline")
@@ -65,24 +77,23 @@ async def leases(provider_id: ProviderIdPath, request: Request,
     broker = request.app.state.broker
     # The database calls in the thread pool: on the event loop every agent's poll held up
     # every other request (issue 14's load benchmark: registrations took seconds).
-    provider = await run_in_threadpool(broker.provider_for, principal, provider_id)
+    pid = await _provider(broker, principal, provider_id)
     if wait:
         # Up to a quarter shorter at random: agents that started together (a rack after a
         # power cut, a broker restart) would otherwise all come back at the same instant
         # every poll, and each wave queued heartbeats for seconds (issue 14's load test).
         wait *= 1 - POLL_JITTER * random.random()
-        await broker.wakeups.wait_for_change(provider.id, since, wait)
-    version = broker.wakeups.version(provider.id)
-    return {"version": version,
-            "leases": await run_in_threadpool(broker.provider_leases, provider)}
+        await broker.wakeups.wait_for_change(pid, since, wait)
+    version = broker.wakeups.version(pid)
+    return {"version": version, "leases": await broker.read_provider_leases(pid)}
 
 
 @router.post("/{provider_id}/leases/{lease_id}/state")
 async def report(provider_id: ProviderIdPath, lease_id: LeaseIdPath, body: LeaseStateReport,
                  request: Request, principal: Principal = Depends(require_provider)) -> dict:
     broker = request.app.state.broker
-    provider = await run_in_threadpool(broker.provider_for, principal, provider_id)
-    lease = await run_in_threadpool(broker.report_lease_state, provider, lease_id, body, False)
+    pid = await _provider(broker, principal, provider_id)
+    lease = await run_in_threadpool(broker.report_lease_state, pid, lease_id, body, False)
     if lease.state == LeaseState.ended:
         # The lease's charge, booked in a batch with others that ended: waited for on the
         # event loop, holding no pool thread.

@@ -29,6 +29,7 @@ capacity and both fill it (tests/federation/test_concurrency.py double-booked a 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import hashlib
@@ -51,11 +52,13 @@ from accounting.pricing import ensure_default_price
 
 from ..lease_states import move
 from . import admission, db, environments
+from .agent_batches import Heartbeat, LeaseListRead, read_lease_lists, record_heartbeats
 from .auth import Principal
 from .capacity import record_capacity
 from .coalescer import Coalescer
-from .errors import Conflict, Invalid, NotAllowed, NotFound, TooSoon
+from .errors import Conflict, Invalid, NotAllowed, NotFound, TooSoon, Unavailable
 from .lease_ends import end_by_provider, release_all
+from .memo import BoundedMap
 from .metering_runs import meter_leases
 from .metrics import BrokerMetrics
 from .models import (
@@ -70,6 +73,7 @@ from .models import (
     EnvironmentWheel,
     Lease,
     LeaseCreate,
+    LeasePublic,
     LeaseState,
     LeaseStateReport,
     Provider,
@@ -82,10 +86,11 @@ from .placing import (
     place_pending,
     request_of,
 )
-from .replicas import WakeupRelay, hold_leadership, is_postgresql
+from .replicas import IDENTITY_CHANGED, WakeupRelay, hold_leadership, is_postgresql
 from .settings import BrokerSettings
-from .timeouts import end_overdue, end_silent_providers
-from .views import agent_leases, clusters_public
+from .timeouts import end_silent_providers
+from .token_cache import PrincipalCache, on_identity_change
+from .views import agent_leases, clusters_public, leases_public
 from .wakeups import Wakeups
 
 logger = logging.getLogger("parallex.broker")
@@ -98,6 +103,16 @@ PLACEMENT_WAIT = 5.0
 #: (a batch with the other leases that ended meanwhile); past it the answer goes, and the
 #: charge follows (or the next periodic metering pass makes it).
 METERING_WAIT = 5.0
+#: Seconds a heartbeat waits for its batch before it is answered 503 (the agent sends the
+#: next one as usual).
+HEARTBEAT_WAIT = 10.0
+#: Seconds an ended lease stays in a cluster heartbeat's answer (at least three cluster
+#: timeouts).
+ENDED_SHOWN = 600.0
+#: Seconds a long poll's answer waits for its lease-list batch before reading it alone.
+LEASE_LIST_WAIT = 10.0
+#: Providers whose lab is remembered (a few bytes each; the least recently added go first).
+PROVIDER_LABS_KEPT = 200_000
 #: Seconds between the leader's placement passes when nothing asked for one.
 SWEEP_INTERVAL = 10.0
 
@@ -136,9 +151,11 @@ class Broker:
         self.is_leader = False
         self.metrics.leader.set_function(lambda: float(self.is_leader))
         # Several replicas on PostgreSQL: wake-ups cross them (started with the app).
-        self.relay = (WakeupRelay(engine, self.boot_id,
-                                  lambda key: self.wakeups.bump(key, forward=False))
+        self.relay = (WakeupRelay(engine, self.boot_id, self._woken_by_replica)
                       if is_postgresql(engine) else None)
+        #: Principals of API tokens seen in the last seconds (cleared on identity changes).
+        self.principals = PrincipalCache(settings.token_cache)
+        on_identity_change(engine, self._identity_changed)
         self.wakeups.relay = self.relay.send if self.relay is not None else None
         #: Runs placement passes for every change that frees or asks for capacity, one pass
         #: for all the asks that arrive while another runs (started with the app).
@@ -146,9 +163,29 @@ class Broker:
         #: Meters leases that just ended, many to a transaction (started with the app).
         self.end_meterer = Coalescer(lambda ids: self.meter(lease_ids=ids),
                                      "parallex-end-meterer")
+        #: Records agents' heartbeats, many to a transaction (started with the app).
+        self.heartbeats = Coalescer(self.record_heartbeats, "parallex-heartbeats")
+        #: Reads agents' lease lists for long polls, many to a query (started with the app).
+        self.lease_lists = Coalescer(self._read_lease_lists, "parallex-lease-lists")
+        #: Which lab each provider seen so far belongs to (providers never change lab).
+        self._provider_labs = BoundedMap(PROVIDER_LABS_KEPT)
 
     def session(self) -> Session:
         return db.session(self.engine)
+
+    def _identity_changed(self) -> None:
+        """A token, membership, user or lab changed: what this replica remembers of tokens
+        may be wrong, and the other replicas' too."""
+        self.principals.clear()
+        if self.relay is not None:
+            self.relay.send({IDENTITY_CHANGED})
+
+    def _woken_by_replica(self, key: str) -> None:
+        """Another replica's notification: a lease list changed, or identities did."""
+        if key == IDENTITY_CHANGED:
+            self.principals.clear()
+        else:
+            self.wakeups.bump(key, forward=False)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -251,14 +288,39 @@ class Broker:
         return provider
 
     def provider_for(self, principal: Principal, provider_id: str) -> Provider:
+        """The caller's lab's provider ``provider_id`` (its row), else NotFound."""
         with self.session() as s:
             provider = s.get(Provider, provider_id)
+        if provider is not None:
+            self._provider_labs.put(provider.id, provider.lab_id)
         # Another lab's provider answers exactly like an unknown one: ids are not disclosed.
         if provider is None or provider.lab_id != principal.lab_id:
-            raise NotFound("unknown-provider",
-                           f"no provider {provider_id!r} of your lab; register again with POST "
-                           "/api/v1/agent/register")
+            raise self._unknown_provider(provider_id)
         return provider
+
+    def known_provider(self, principal: Principal, provider_id: str) -> str | None:
+        """``provider_id`` when this replica knows it is the caller's lab's provider, None
+        when it does not know the provider yet (``check_provider`` reads it); NotFound when
+        it is another lab's. Never touches the database: safe on the event loop."""
+        lab = self._provider_labs.get(provider_id)
+        if lab is None:
+            return None
+        if lab != principal.lab_id:
+            raise self._unknown_provider(provider_id)
+        return provider_id
+
+    def check_provider(self, principal: Principal, provider_id: str) -> str:
+        """``provider_id`` when it is one of the caller's lab's providers, else NotFound;
+        from memory after the first time (a provider never changes lab, so what a request
+        path needs is known without the database)."""
+        known = self.known_provider(principal, provider_id)
+        return known if known is not None else self.provider_for(principal, provider_id).id
+
+    @staticmethod
+    def _unknown_provider(provider_id: str) -> NotFound:
+        return NotFound("unknown-provider",
+                        f"no provider {provider_id!r} of your lab; register again with POST "
+                        "/api/v1/agent/register")
 
     @property
     def agent_heartbeat_interval(self) -> float:
@@ -277,36 +339,52 @@ class Broker:
                           f"retry in {wait:.2f} s", retry_after=1)
         self._last_heartbeat[provider_id] = now
 
-    def provider_heartbeat(self, provider: Provider, running: list[str],
-                           offering: bool = True, offer_note: str = "",
-                           environments: list[str] | None = None) -> None:
-        """The provider lives and runs ``running``, and offers its capacity or keeps it for
-        its owner (``offering``, why in ``offer_note``); overdue leases end. Most heartbeats
-        change nothing else, so a placement pass (its own unit) follows only a change."""
-        now = utcnow()
-        alive = set(running)
-        with self.session() as s:
-            row = s.get(Provider, provider.id)
-            came_back = not row.online or (offering and not row.offering)
-            row.last_seen = now
-            row.online = True
-            row.offering = offering
-            row.offer_note = offer_note
-            if environments is not None:
-                row.environments_json = json.dumps(environments)
-            s.add(row)
-            held = s.exec(select(Lease).where(Lease.provider_id == provider.id,
-                                              col(Lease.state).in_(HELD_STATES))).all()
-            changed = [end_overdue(s, lease, alive, now, self.settings) for lease in held]
+    def record_heartbeats(self, beats: set[Heartbeat]) -> None:
+        """A batch of agents' heartbeats as one unit of work (the heartbeat batcher's): each
+        provider lives and offers as its latest heartbeat says, overdue leases end. Most
+        heartbeats change nothing else, so a placement pass follows only a change."""
+        batch = list(beats)
+        self.metrics.heartbeat_batch_size.observe(len(batch))
+        with self.metrics.heartbeat_batch.time(), self.session() as s:
+            out = record_heartbeats(s, batch, utcnow(), self.settings)
             s.commit()
-        if any(changed) or came_back:
-            self.wakeups.bump(provider.id)
+        for beat in batch:
+            beat.recorded = True
+        if out.woken:
+            self.wakeups.bump_all(out.woken)
+        if out.capacity_changed:
             self.placer.ask()
 
-    def provider_leases(self, provider: Provider) -> list[dict]:
+    async def provider_heartbeat(self, beat: Heartbeat) -> None:
+        """Record one heartbeat (in the next batch; waits on the event loop, no thread).
+        Raises Unavailable when its batch failed or did not finish in time (the agent
+        heartbeats again), NotFound when the provider has no row."""
+        ticket = self.heartbeats.ask({beat})
+        await self.heartbeats.wait_async(ticket, HEARTBEAT_WAIT)
+        if not beat.recorded:
+            raise Unavailable("heartbeat-not-recorded",
+                              "the broker could not record this heartbeat now (its database "
+                              "is busy or unreachable); the agent sends the next one as usual")
+        if beat.unknown:
+            raise self._unknown_provider(beat.provider_id)
+
+    def provider_leases(self, provider_id: str) -> list[dict]:
         """What the agent should run (starting, running) and stop (releasing)."""
         with self.session() as s:
-            return agent_leases(s, provider.id, gateway=self.gateway_address)
+            return agent_leases(s, provider_id, gateway=self.gateway_address)
+
+    def _read_lease_lists(self, reads: set[LeaseListRead]) -> None:
+        with self.session() as s:
+            read_lease_lists(s, list(reads), self.gateway_address)
+
+    async def read_provider_leases(self, provider_id: str) -> list[dict]:
+        """``provider_leases`` for a long poll: read in the next batch with the other polls
+        that end meanwhile (waits on the event loop, no thread)."""
+        read = LeaseListRead(provider_id)
+        await self.lease_lists.wait_async(self.lease_lists.ask({read}), LEASE_LIST_WAIT)
+        if read.leases is None:  # its batch failed or is late: read it alone
+            return await asyncio.to_thread(self.provider_leases, provider_id)
+        return read.leases
 
     def scheduler_of(self, cluster_id: str) -> str | None:
         """The gateway's route: an active cluster's scheduler as host:port, else None."""
@@ -316,7 +394,7 @@ class Broker:
                 return None
             return row.scheduler_address.split("://", 1)[-1]
 
-    def report_lease_state(self, provider: Provider, lease_id: str,
+    def report_lease_state(self, provider_id: str, lease_id: str,
                            body: LeaseStateReport, wait: bool = True) -> Lease:
         """What the agent says of a lease's worker: it runs (or runs again after a
         suspension), it is suspended for the machine's owner, it is preempted (releasing,
@@ -325,7 +403,7 @@ class Broker:
             raise Invalid("bad-state", "an agent can report 'starting' (progress), 'running', "
                           "'suspended', 'releasing' (preempted) or 'ended', not 'pending'")
         if body.state == LeaseState.starting:
-            return self._starting_progress(provider, lease_id, body.message)
+            return self._starting_progress(provider_id, lease_id, body.message)
         if body.state == LeaseState.releasing and body.reason != EndReason.preempted:
             raise Invalid("bad-reason", "an agent releases a lease only to preempt it "
                           "(reason 'preempted'); the cluster releases the others")
@@ -333,12 +411,12 @@ class Broker:
         # lease waits on the row (or this on the cluster's).
         with self._row_locked() as s:
             lease = s.get(Lease, lease_id, with_for_update=True)
-            if lease is None or lease.provider_id != provider.id:
+            if lease is None or lease.provider_id != provider_id:
                 raise NotFound("unknown-lease",
-                               f"no lease {lease_id!r} assigned to provider {provider.id}")
+                               f"no lease {lease_id!r} assigned to provider {provider_id}")
             if lease.state == LeaseState.ended:
                 return lease  # idempotent: a repeated or late report changes nothing
-            woken = {provider.id}
+            woken = {provider_id}
             if body.state != LeaseState.ended:
                 changed = self._owner_move(lease, body)
                 if changed:
@@ -352,7 +430,7 @@ class Broker:
                 end_by_provider(s, lease, reason, body.message)
                 s.add(lease)
                 if body.environment_error:
-                    environments.record_failure(s, lease, provider, body.message)
+                    environments.record_failure(s, lease, provider_id, body.message)
                 s.commit()
                 changed = True
         if changed:
@@ -365,13 +443,13 @@ class Broker:
                 self.end_meterer.ask({lease.id})
         return lease
 
-    def _starting_progress(self, provider: Provider, lease_id: str, message: str) -> Lease:
+    def _starting_progress(self, provider_id: str, lease_id: str, message: str) -> Lease:
         """A starting lease's progress (its environment's build), shown to its user."""
         with self.session() as s:
             lease = s.get(Lease, lease_id)
-            if lease is None or lease.provider_id != provider.id:
+            if lease is None or lease.provider_id != provider_id:
                 raise NotFound("unknown-lease",
-                               f"no lease {lease_id!r} assigned to provider {provider.id}")
+                               f"no lease {lease_id!r} assigned to provider {provider_id}")
             if lease.state == LeaseState.starting and lease.message != message:
                 lease.message = message
                 s.add(lease)
@@ -488,6 +566,14 @@ class Broker:
                 q = q.where(ClusterRecord.user_id == principal.user_id)
             return clusters_public(s, list(s.exec(q)))
 
+    def new_leases_public(self, lease_ids: list[str]) -> list[LeasePublic]:
+        """The public view of leases just asked for (their states after the placement pass),
+        in the order asked."""
+        with self.session() as s:
+            rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))).all()
+            public = leases_public(s, list(rows))
+        return [public[i] for i in lease_ids if i in public]
+
     def cluster_public(self, cluster_id: str) -> ClusterPublic:
         with self.session() as s:
             public = clusters_public(s, [s.get(ClusterRecord, cluster_id)])[0]
@@ -517,7 +603,11 @@ class Broker:
                     s.add(lease)
                     started.add(lease.provider_id)
             s.commit()
-            public = clusters_public(s, [row])[0]
+            # Live leases and those that ended lately, not every lease the cluster ever had
+            # (an adaptive cluster running for days ends thousands): a keeper whose cluster
+            # is still active heartbeated within the cluster timeout, so it sees each end.
+            shown = max(ENDED_SHOWN, 3 * self.settings.cluster_timeout)
+            public = clusters_public(s, [row], now - dt.timedelta(seconds=shown))[0]
         # The agents hear it: a running lease is suspended for the owner, a starting one
         # (no results yet) simply makes way.
         self.wakeups.bump_all(started)

@@ -110,7 +110,7 @@ def test_environment_failures_on_postgresql(postgres_url):
         lease = Lease(id="ls-0123456789abcdef", cluster_id="c1", cpus=1, memory=2**30)
         for words in ("first failure", "second failure"):
             with Session(engine) as s:
-                environments.record_failure(s, lease, s.get(Provider, "p1"), words)
+                environments.record_failure(s, lease, "p1", words)
                 s.commit()
         with Session(engine) as s:
             assert environments.failures_of(s, digest) == {"p1": "second failure"}
