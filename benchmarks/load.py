@@ -4,8 +4,9 @@ Two broker replicas on one PostgreSQL. Simulated provider agents (lightweight co
 real workers: --agents, default 1,000, 16 CPUs each, in 20 labs, spread over both replicas)
 register, long-poll, heartbeat every 5 s and report the leases they are asked to stop.
 Simulated users (--users, default 100) each make a cluster, ask for --workers leases (default
-100: 10,000 in all), confirm them as their workers "join" (cluster heartbeats every 2 s, which
-turns them running and metered), and churn: every 20 s they release a tenth and ask again.
+100: 10,000 in all), confirm them as their workers "join" (cluster heartbeats every 5 s, as the
+lease keeper does, whose answers are their view of the cluster; the heartbeat turns joined
+leases running and metered), and churn: every 20 s they release a tenth and ask again.
 Metering runs every 30 s over everything running.
 
 Reports, per endpoint, p50 and p99 latency (long polls excluded: they wait on purpose),
@@ -20,14 +21,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import itertools
+import json
+import multiprocessing
 import random
+import resource
 import secrets
 import ssl
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -40,7 +46,8 @@ from tests.utils.procs import start_broker
 
 LABS = 20
 HEARTBEAT = 5.0
-CLUSTER_HEARTBEAT = 2.0
+#: As parallex.yaml's cluster heartbeat-interval.
+CLUSTER_HEARTBEAT = 5.0
 CHURN_EVERY = 20.0
 METERING_INTERVAL = "30"
 #: One TLS context for every simulated client: httpx builds one per client otherwise (tens of
@@ -60,6 +67,22 @@ class Recorder:
         self.retried: dict[str, int] = defaultdict(int)  # 429s a real agent retries
         self.cpu: dict[str, float] = {}  # cores used on average, by process group
         self.loop_lag: list[float] = []  # how late the generator's event loop ran a timer
+        self.timeline: list[tuple[float, float]] = []  # (sent at, latency), every endpoint
+        self.lone: list[tuple[float, float]] = []  # the lone probe agent's heartbeats
+
+    def merge(self, other: Recorder) -> None:
+        """Add another generator process's recordings to these."""
+        for name, samples in other.latency.items():
+            self.latency[name].extend(samples)
+        for name, n in other.errors.items():
+            self.errors[name] += n
+        for name, n in other.retried.items():
+            self.retried[name] += n
+        for name, example in other.examples.items():
+            self.examples.setdefault(name, example)
+        self.placed.extend(other.placed)
+        self.loop_lag.extend(other.loop_lag)
+        self.timeline.extend(other.timeline)
 
     async def call(self, client: httpx.AsyncClient, name: str, method: str, url: str,
                    timed: bool = True, retry_on_429: bool = False,
@@ -76,6 +99,7 @@ class Recorder:
             return answer
         if timed:
             self.latency[name].append(time.perf_counter() - start)
+            self.timeline.append((start, time.perf_counter() - start))
         if answer.status_code >= 300:
             self.errors[name] += 1
             self.examples.setdefault(name, f"{answer.status_code} {answer.text[:200]}")
@@ -153,18 +177,20 @@ async def user(rec: Recorder, url: str, token: str, ca_pem: str, workers: int,
 
         await ask(workers)
         last_churn = time.monotonic()
+        connected: list[str] = []
         while not stop.is_set():
-            answer = await rec.call(client, "cluster read", "GET", f"/clusters/{cid}")
+            # As the lease keeper does: the heartbeat says which workers joined, and its
+            # answer is the cluster's view (the keeper reads the cluster only at close).
+            answer = await rec.call(client, "cluster heartbeat", "POST",
+                                    f"/clusters/{cid}/heartbeat", json={"connected": connected})
             if answer is not None:
                 leases = answer.json()["leases"]
-                starting = [le["id"] for le in leases if le["state"] == "starting"]
+                connected = [le["id"] for le in leases if le["state"] == "starting"]
                 now = time.monotonic()
                 for le in leases:
                     if le["state"] != "pending" and le["id"] not in seen_placed:
                         seen_placed.add(le["id"])
                         rec.placed.append(now)
-                await rec.call(client, "cluster heartbeat", "POST",
-                               f"/clusters/{cid}/heartbeat", json={"connected": starting})
                 running = [le["id"] for le in leases if le["state"] == "running"]
                 if now - last_churn > CHURN_EVERY and len(running) >= 10:
                     last_churn = now
@@ -197,22 +223,60 @@ async def setup(url: str, admin_token: str, users: int) -> tuple[list[str], list
     return providers, tokens
 
 
-async def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder:
-    providers, tokens = await setup(urls[0], admin_token, args.users)
+async def probe_token(url: str, admin_token: str) -> str:
+    """A provider token of a lab of its own for the lone probe (the simulated labs' tokens
+    are busy with their own machines' registrations, rate-limited per token)."""
+    async with httpx.AsyncClient(base_url=f"{url}/api/v1", timeout=60, headers={
+            "Authorization": f"Bearer {admin_token}"}) as admin:
+        (await admin.post("/labs", json={"name": "lab-probe"})).raise_for_status()
+        answer = await admin.post("/tokens", json={"kind": "provider", "lab": "lab-probe"})
+        return answer.raise_for_status().json()["token"]
+
+
+def shard(urls: list[str], providers: list[str], tokens: list[str], ca: str,
+          agents: list[int], users: list[int], workers: int, seconds: float) -> Recorder:
+    """One generator process's share of the simulated agents and users (run in a process
+    pool: on one event loop, 1,100 clients measured mostly that loop — a lone agent in a
+    process of its own saw heartbeats 60 times faster than the simulated ones)."""
+    return asyncio.run(run_shard(urls, providers, tokens, ca, agents, users, workers, seconds))
+
+
+async def run_shard(urls: list[str], providers: list[str], tokens: list[str], ca: str,
+                    agents: list[int], users: list[int], workers: int,
+                    seconds: float) -> Recorder:
     rec = Recorder()
     stop = asyncio.Event()
-    ca = ClusterAuthority().ca_pem
-    replica = itertools.cycle(urls)
-    tasks = [asyncio.create_task(agent(rec, next(replica), providers[i % LABS], f"sim-{i}",
-                                       stop)) for i in range(args.agents)]
+    tasks = [asyncio.create_task(agent(rec, urls[i % len(urls)], providers[i % LABS],
+                                       f"sim-{i}", stop)) for i in agents]
     await asyncio.sleep(5)  # registrations first, as agents are up before users come
-    tasks += [asyncio.create_task(user(rec, next(replica), tokens[u], ca, args.workers, stop))
-              for u in range(args.users)]
+    tasks += [asyncio.create_task(user(rec, urls[(u + 1) % len(urls)], tokens[u], ca, workers,
+                                       stop)) for u in users]
     probe = asyncio.create_task(lag_probe(rec, stop))
-    await asyncio.sleep(args.seconds)
+    await asyncio.sleep(seconds)
     stop.set()
     await probe
     await asyncio.wait(tasks, timeout=90)
+    return rec
+
+
+def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder:
+    """Every shard's recordings in one Recorder, and the lone probe's."""
+    providers, tokens = asyncio.run(setup(urls[0], admin_token, args.users))
+    lone = subprocess.Popen([sys.executable, "-m", "benchmarks.load_probe", urls[0],
+                             asyncio.run(probe_token(urls[0], admin_token)),
+                             str(args.seconds + 5)], stdout=subprocess.PIPE)
+    ca = ClusterAuthority().ca_pem
+    n = max(1, args.processes)
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(shard, urls, providers, tokens, ca,
+                               list(range(k, args.agents, n)), list(range(k, args.users, n)),
+                               args.workers, args.seconds) for k in range(n)]
+        parts = [f.result() for f in futures]
+    out, _ = lone.communicate(timeout=120)
+    rec = Recorder()
+    for part in parts:
+        rec.merge(part)
+    rec.lone = json.loads(out) if lone.returncode == 0 and out.strip() else []
     return rec
 
 
@@ -232,6 +296,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100, help="Simulated users (100).")
     parser.add_argument("--workers", type=int, default=100, help="Leases per user (100).")
     parser.add_argument("--seconds", type=float, default=120, help="Run time (120).")
+    parser.add_argument("--processes", type=int, default=4,
+                        help="Generator processes the simulated clients are spread over (4).")
     args = parser.parse_args()
     admin_token = secrets.token_hex(24)
     with tempfile.TemporaryDirectory() as tmp, postgres_server() as server:
@@ -244,27 +310,38 @@ def main() -> None:
                                                 "--rate-burst", "1000"))
                 brokers.append((proc, url))
             start = time.perf_counter()
-            watched = {"broker replicas": [psutil.Process(p.pid) for p, _u in brokers],
-                       "load generator": [psutil.Process()]}
+            watched = {"broker replicas": [psutil.Process(p.pid) for p, _u in brokers]}
             before = {k: sum(cpu(p) for p in ps) for k, ps in watched.items()}
+            generator = generator_cpu()
             machine = psutil.cpu_times()
-            rec = asyncio.run(run(args, [url for _p, url in brokers], admin_token))
+            rec = run(args, [url for _p, url in brokers], admin_token)
             elapsed = time.perf_counter() - start
             rec.cpu = {k: (sum(cpu(p) for p in ps) - before[k]) / elapsed
                        for k, ps in watched.items()}
+            rec.cpu["load generator"] = (generator_cpu() - generator) / elapsed
             after = psutil.cpu_times()
             # Everything else busy on the machine: PostgreSQL's backends above all.
             rec.cpu["whole machine"] = (
                 (sum(after) - after.idle - after.iowait)
                 - (sum(machine) - machine.idle - machine.iowait)) / elapsed
             urls = [url for _p, url in brokers]
-            passes = {kind: pass_stats(urls, admin_token, kind)
-                      for kind in ("metering", "placement")}
+            passes = {kind: pass_stats(urls, admin_token, metric) for kind, metric in (
+                ("metering", "metering_pass"), ("placement", "placement_pass"),
+                ("heartbeat batch", "heartbeat_batch"))}
             inside = server_quantiles(urls, admin_token)
+            lag = server_quantiles(urls, admin_token, "parallex_event_loop_lag_seconds_bucket")
         finally:
             for proc, _url in brokers:
                 proc.stop()
-    report(rec, elapsed, passes, inside, args)
+    report(rec, elapsed, passes, inside, args, lag.get("", (0, 0.0, 0.0)))
+
+
+def generator_cpu() -> float:
+    """CPU seconds of this process and the children it waited for (the generator's shards
+    and the lone probe; the brokers and PostgreSQL are still running, so not counted)."""
+    me, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def cpu(process: psutil.Process) -> float:
@@ -273,7 +350,9 @@ def cpu(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def server_quantiles(urls: list[str], admin_token: str) -> dict[str, tuple[int, float, float]]:
+def server_quantiles(urls: list[str], admin_token: str,
+                     metric: str = "parallex_http_request_seconds_bucket",
+                     ) -> dict[str, tuple[int, float, float]]:
     """Per route, from both replicas' request histograms (time inside the broker, from the
     request's arrival to its answer): requests, and the bucket bounds holding p50 and p99
     (an upper bound on each, in seconds; inf past the last bucket)."""
@@ -285,8 +364,9 @@ def server_quantiles(urls: list[str], admin_token: str) -> dict[str, tuple[int, 
                          headers={"Authorization": f"Bearer {admin_token}"}).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name == "parallex_http_request_seconds_bucket":
-                    route = f"{s.labels['method']} {s.labels['route']}"
+                if s.name == metric:
+                    route = (f"{s.labels['method']} {s.labels['route']}"
+                             if "route" in s.labels else "")
                     buckets[route][float(s.labels["le"])] += s.value
     out = {}
     for route, counts in buckets.items():
@@ -299,9 +379,9 @@ def server_quantiles(urls: list[str], admin_token: str) -> dict[str, tuple[int, 
     return out
 
 
-def pass_stats(urls: list[str], admin_token: str, kind: str) -> tuple[int, float]:
-    """How many ``kind`` (metering, placement) passes all replicas ran, and their mean
-    seconds."""
+def pass_stats(urls: list[str], admin_token: str, metric: str) -> tuple[int, float]:
+    """How many passes (``metric``: metering_pass, placement_pass, heartbeat_batch) all
+    replicas ran, and their mean seconds."""
     from prometheus_client.parser import text_string_to_metric_families
 
     count = total = 0.0
@@ -310,15 +390,33 @@ def pass_stats(urls: list[str], admin_token: str, kind: str) -> tuple[int, float
                          headers={"Authorization": f"Bearer {admin_token}"}).text
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name == f"parallex_{kind}_pass_seconds_count":
+                if s.name == f"parallex_{metric}_seconds_count":
                     count += s.value
-                elif s.name == f"parallex_{kind}_pass_seconds_sum":
+                elif s.name == f"parallex_{metric}_seconds_sum":
                     total += s.value
     return int(count), (total / count if count else 0.0)
 
 
+def by_window(timeline: list[tuple[float, float]], width: float = 20.0
+              ) -> list[tuple[str, float, float]]:
+    """p50 and p99 (ms) of the requests sent in each ``width``-second window."""
+    if not timeline:
+        return []
+    first = min(t for t, _ in timeline)
+    buckets: dict[int, list[float]] = defaultdict(list)
+    for sent, latency in timeline:
+        buckets[int((sent - first) // width)].append(latency)
+    out = []
+    for k in sorted(buckets):
+        samples = sorted(buckets[k])
+        out.append((f"{k * width:.0f}-{(k + 1) * width:.0f} s", statistics.median(samples) * 1000,
+                    samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000))
+    return out
+
+
 def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float]],
-           inside: dict[str, tuple[int, float, float]], args: argparse.Namespace) -> None:
+           inside: dict[str, tuple[int, float, float]], args: argparse.Namespace,
+           broker_lag: tuple[int, float, float]) -> None:
     rows = [("endpoint", "requests", "p50 ms", "p99 ms", "errors")]
     worst = 0.0
     for name in sorted(set(rec.latency) | set(rec.errors)):
@@ -331,6 +429,16 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float]],
         rows.append((name, str(len(samples)), f"{p50:.1f}", f"{p99:.1f}",
                      str(rec.errors.get(name, 0))))
     print(table(rows))
+    lone = sorted(latency for _t, latency in rec.lone)
+    if lone:
+        print(f"a lone agent in its own process (benchmarks/load_probe.py), {len(lone)} "
+              f"heartbeats: p50 {statistics.median(lone) * 1000:.1f} ms, p99 "
+              f"{lone[min(len(lone) - 1, int(len(lone) * 0.99))] * 1000:.1f} ms; by window: "
+              + "; ".join(f"{w}: p50 {a:.0f}, p99 {b:.0f} ms" for w, a, b in by_window(
+                  [(t, x) for t, x in rec.lone])))
+    windows = by_window(rec.timeline)
+    print("all endpoints by 20 s window since the first request (start-up, then steady): "
+          + "; ".join(f"{w}: p50 {p50:.0f} ms, p99 {p99:.0f} ms" for w, p50, p99 in windows))
     errors = sum(rec.errors.values())
     for name, example in rec.examples.items():
         print(f"  first error of {name}: {example}")
@@ -353,6 +461,8 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float]],
     lag_p99 = lag[min(len(lag) - 1, int(len(lag) * 0.99))]
     print(f"the generator's event loop ran timers late by p50 {statistics.median(lag) * 1000:.0f}"
           f" ms, p99 {lag_p99 * 1000:.0f} ms (included in the client-side latencies above)")
+    print(f"the brokers' event loops ran timers late by p50 ≤ {broker_lag[1] * 1000:g} ms, "
+          f"p99 ≤ {broker_lag[2] * 1000:g} ms (requests wait that long before they are read)")
     print(f"{len(placed)} leases placed, {rate:.0f} placements/s while placing; "
           f"{errors} errors; worst endpoint p99 {worst:.1f} ms (target < 100 ms, 0 errors)")
     result = {"args": vars(args), "seconds": elapsed, "errors": errors,
@@ -363,6 +473,14 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float]],
               "inside_broker": {route: {"requests": n, "p50_ms_at_most": p50 * 1000,
                                         "p99_ms_at_most": p99 * 1000}
                                 for route, (n, p50, p99) in inside.items()},
+              "lone_agent_heartbeat_ms": {
+                  "p50": statistics.median(lone) * 1000 if lone else None,
+                  "p99": lone[min(len(lone) - 1, int(len(lone) * 0.99))] * 1000 if lone
+                  else None},
+              "by_window": [{"window": w, "p50_ms": a, "p99_ms": b}
+                            for w, a, b in by_window(rec.timeline)],
+              "broker_loop_lag_ms_at_most": {"p50": broker_lag[1] * 1000,
+                                             "p99": broker_lag[2] * 1000},
               "generator_loop_lag_ms": {"p50": statistics.median(lag) * 1000,
                                         "p99": lag_p99 * 1000},
               "endpoints": {r[0]: {"requests": int(r[1]), "p50_ms": float(r[2]),

@@ -1,0 +1,148 @@
+"""The broker's hot request path (issue 14's load): remembered tokens are forgotten when they
+change, on every replica; heartbeats are recorded in batches whose answer still means
+"recorded"; a provider remembered as one lab's stays refused to another lab."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.utils.federation import make_federation
+from tests.utils.procs import start_broker, wait_until
+
+#: Seconds a replica may remember a token in these tests: far longer than any wait below, so
+#: only the change notification can explain a replica forgetting it in time.
+LONG_CACHE = ("--token-cache", "600")
+
+
+def whoami(url: str, token: str) -> httpx.Response:
+    return httpx.get(f"{url}/api/v1/whoami", headers={"Authorization": f"Bearer {token}"},
+                     timeout=30)
+
+
+def test_a_revoked_token_or_changed_role_is_seen_at_once_on_every_replica(tmp_path,
+                                                                           postgres_url):
+    fed = make_federation(tmp_path, db_url=postgres_url, broker_args=LONG_CACHE)
+    replica_b, b = start_broker(tmp_path, fed.admin_token, db_url=postgres_url,
+                                name="broker-b", extra=LONG_CACHE)
+    try:
+        fed.add_lab("lab-a")
+        fed.add_user("lab-a", "alice", role="member")
+        token = fed.user_tokens["alice"]
+        # Both replicas now remember alice's token (a member).
+        for url in (fed.url, b):
+            assert whoami(url, token).json()["role"] == "member"
+
+        admin = fed.admin()  # talks to the first replica
+        try:
+            admin.request("PUT", "/labs/lab-a/members/alice", json={"role": "pi"})
+            assert whoami(fed.url, token).json()["role"] == "pi"  # the same replica: at once
+            wait_until(lambda: whoami(b, token).json()["role"] == "pi", 10,
+                       "the second replica to see alice's new role")
+
+            token_id = whoami(fed.url, token).json()["token_id"]
+            admin.request("DELETE", f"/tokens/{token_id}")
+        finally:
+            admin.close()
+        answer = whoami(fed.url, token)
+        assert answer.status_code == 401 and answer.json()["error"] == "revoked-token"
+        wait_until(lambda: whoami(b, token).status_code == 401, 10,
+                   "the second replica to refuse the revoked token")
+        assert whoami(b, token).json()["error"] == "revoked-token"
+    finally:
+        replica_b.stop()
+        fed.stop()
+
+
+def test_heartbeats_in_batches_are_each_recorded_before_their_answer(federation):
+    federation.add_lab("lab-a")
+    federation.add_lab("lab-b")
+    url = federation.url
+    machines = 30
+
+    async def run() -> list[str]:
+        headers = {"Authorization": f"Bearer {federation.provider_tokens['lab-a']}"}
+        async with httpx.AsyncClient(base_url=f"{url}/api/v1", headers=headers,
+                                     timeout=30) as client:
+            ids = []
+            for i in range(machines):
+                answer = await client.post("/agent/register", json={
+                    "name": f"m{i}", "cpus": 2, "memory": 2**32, "gpus": []})
+                ids.append(answer.raise_for_status().json()["provider_id"])
+            # All at once: they share batches, and each answer comes after its own was
+            # written (the note is what the provider list shows right after).
+            answers = await asyncio.gather(*(client.post(
+                f"/agent/{pid}/heartbeat", json={"running": [], "offering": False,
+                                                 "offer_note": f"owner of m{i} is typing"})
+                for i, pid in enumerate(ids)))
+            assert [a.status_code for a in answers] == [200] * machines
+            return ids
+
+    ids = asyncio.run(run())
+    admin = federation.admin()
+    try:
+        listed = {p["id"]: p
+                  for p in admin.request("GET", "/labs/lab-a/machines")["machines"]}
+    finally:
+        admin.close()
+    for i, pid in enumerate(ids):
+        assert listed[pid]["online"] and not listed[pid]["offering"], listed[pid]
+        assert listed[pid]["offer_note"] == f"owner of m{i} is typing"
+    recorded, batches = heartbeat_batches(url, federation.admin_token)
+    assert recorded == machines
+    assert 1 <= batches <= machines
+
+    # lab-b's token with lab-a's machine, which this replica now knows from memory: refused
+    # exactly like an unknown machine, on the heartbeat and on the long poll.
+    other = {"Authorization": f"Bearer {federation.provider_tokens['lab-b']}"}
+    for method, path, body in (("POST", f"/agent/{ids[0]}/heartbeat", {"running": []}),
+                               ("GET", f"/agent/{ids[0]}/leases", None)):
+        answer = httpx.request(method, f"{url}/api/v1{path}", json=body, headers=other,
+                               timeout=30)
+        assert answer.status_code == 404, answer.text
+        assert answer.json()["error"] == "unknown-provider"
+    # An unknown machine id: 404 too, and nothing was recorded for it.
+    answer = httpx.post(f"{url}/api/v1/agent/prv_000000000000/heartbeat",
+                        json={"running": []}, headers=other, timeout=30)
+    assert answer.status_code == 404
+    assert heartbeat_batches(url, federation.admin_token)[0] == machines
+
+
+def heartbeat_batches(url: str, admin_token: str) -> tuple[int, int]:
+    """(heartbeats recorded, batches that recorded them) from the broker's metrics."""
+    text = httpx.get(f"{url}/api/v1/metrics", timeout=30,
+                     headers={"Authorization": f"Bearer {admin_token}"}).text
+    values = {s.name: s.value for family in text_string_to_metric_families(text)
+              for s in family.samples}
+    return (int(values["parallex_heartbeat_batch_size_sum"]),
+            int(values["parallex_heartbeat_batch_size_count"]))
+
+
+def test_a_scale_answer_holds_only_the_new_leases(federation):
+    """The answer to a lease request reads the new leases, not the cluster's history."""
+    from federation.tls import ClusterAuthority
+
+    federation.add_lab("lab-a", user="alice")
+    headers = {"Authorization": f"Bearer {federation.user_tokens['alice']}"}
+    with httpx.Client(base_url=f"{federation.url}/api/v1", headers=headers,
+                      timeout=30) as client:
+        provider = httpx.post(f"{federation.url}/api/v1/agent/register", timeout=30, json={
+            "name": "m", "cpus": 8, "memory": 2**34, "gpus": []}, headers={
+            "Authorization": f"Bearer {federation.provider_tokens['lab-a']}"})
+        provider.raise_for_status()
+        cid = client.post("/clusters", json={
+            "scheduler_address": "tls://127.0.0.1:40000",
+            "ca_cert": ClusterAuthority().ca_pem}).raise_for_status().json()["id"]
+        first = client.post(f"/clusters/{cid}/leases", json={
+            "spec": {"cpus": 1, "memory": 2**30},
+            "workers": [{"lease_id": f"ls-first{i}"} for i in range(3)]}).raise_for_status()
+        assert sorted(le["id"] for le in first.json()) == [f"ls-first{i}" for i in range(3)]
+        second = client.post(f"/clusters/{cid}/leases", json={
+            "spec": {"cpus": 1, "memory": 2**30},
+            "workers": [{"lease_id": "ls-second0"}]}).raise_for_status().json()
+        assert [le["id"] for le in second] == ["ls-second0"]
+        # Placed by the pass the request waited for (the machine has room).
+        assert second[0]["state"] == "starting", second
+        assert second[0]["lab"] == "lab-a"
