@@ -12,8 +12,15 @@ Metering runs every 30 s over everything running.
 Reports, per endpoint, p50 and p99 latency (long polls excluded: they wait on purpose),
 errors (any non-2xx or transport failure), placements per second while leases were being
 placed, and metering passes. Targets: 0 errors, p99 < 100 ms, including during metering.
+The simulated clients run in --processes generator processes (default 4). Beside them a lone
+agent in a process of its own (benchmarks/load_probe.py) heartbeats every 2.5 s: on a machine
+where the generator shares the cores with the brokers and PostgreSQL, its latencies are the
+broker's as one more agent sees them, the simulated clients' include their own queueing.
+Latencies are also given per 20 s window (start-up, then steady state), with how late the
+brokers' and the generator's event loops ran.
 
 Run: python -m benchmarks.load [--agents 1000] [--users 100] [--workers 100] [--seconds 120]
+     [--processes 4]
 """
 
 from __future__ import annotations
