@@ -77,11 +77,11 @@ async def request_leases(cluster_id: ClusterIdPath, body: LeaseCreate, request: 
                          principal: Principal = Depends(require_user)) -> list[LeasePublic]:
     broker = request.app.state.broker
     cluster = await run_in_threadpool(broker.cluster_for, principal, cluster_id)
-    created = set(await run_in_threadpool(broker.request_leases, cluster, body, False))
+    created = await run_in_threadpool(broker.request_leases, cluster, body, False)
     # The placement pass after the insert, waited for on the event loop (no pool thread).
     await broker.placer.wait_async(broker.placer.last_ticket, PLACEMENT_WAIT)
-    public = await run_in_threadpool(broker.cluster_public, cluster.id)
-    return [lease for lease in public.leases if lease.id in created]
+    # Only the new leases (the cluster's others, ended ones included, may be thousands).
+    return await run_in_threadpool(broker.new_leases_public, created)
 
 
 @router.post("/{cluster_id}/leases/release")

@@ -345,7 +345,9 @@ class Broker:
         heartbeats change nothing else, so a placement pass follows only a change."""
         batch = list(beats)
         self.metrics.heartbeat_batch_size.observe(len(batch))
-        with self.metrics.heartbeat_batch.time(), self.session() as s:
+        # Row-locked like agent reports: on SQLite that is the exclusive section (a read
+        # transaction that writes after another thread wrote would fail there).
+        with self.metrics.heartbeat_batch.time(), self._row_locked() as s:
             out = record_heartbeats(s, batch, utcnow(), self.settings)
             s.commit()
         for beat in batch:
