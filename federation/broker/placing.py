@@ -71,14 +71,6 @@ def usage_by_provider(s: Session) -> dict[str, Usage]:
     return out
 
 
-def capacity_of(provider: Provider, held: list[Lease],
-                lab_names: dict[int, str] | None = None) -> placement.ProviderCapacity:
-    """What ``provider`` has free beside the leases it ``held``."""
-    return capacity_left(provider, Usage(
-        sum(lease.cpus for lease in held), sum(lease.memory for lease in held),
-        {i for lease in held for i in lease.gpu_indices}), lab_names)
-
-
 def capacity_left(provider: Provider, used: Usage | None,
                   lab_names: dict[int, str] | None = None) -> placement.ProviderCapacity:
     """What ``provider`` has free beside ``used``."""

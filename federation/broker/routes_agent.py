@@ -55,7 +55,7 @@ async def _provider(broker, principal: Principal, provider_id: str) -> str:
     known = broker.known_provider(principal, provider_id)
     if known is not None:
         return known
-    return await run_in_threadpool(broker.check_provider, principal, provider_id)
+    return (await run_in_threadpool(broker.provider_for, principal, provider_id)).id
 
 
 @router.post("/{provider_id}/offline")

@@ -300,7 +300,7 @@ class Broker:
 
     def known_provider(self, principal: Principal, provider_id: str) -> str | None:
         """``provider_id`` when this replica knows it is the caller's lab's provider, None
-        when it does not know the provider yet (``check_provider`` reads it); NotFound when
+        when it does not know the provider yet (``provider_for`` reads it); NotFound when
         it is another lab's. Never touches the database: safe on the event loop."""
         lab = self._provider_labs.get(provider_id)
         if lab is None:
@@ -308,13 +308,6 @@ class Broker:
         if lab != principal.lab_id:
             raise self._unknown_provider(provider_id)
         return provider_id
-
-    def check_provider(self, principal: Principal, provider_id: str) -> str:
-        """``provider_id`` when it is one of the caller's lab's providers, else NotFound;
-        from memory after the first time (a provider never changes lab, so what a request
-        path needs is known without the database)."""
-        known = self.known_provider(principal, provider_id)
-        return known if known is not None else self.provider_for(principal, provider_id).id
 
     @staticmethod
     def _unknown_provider(provider_id: str) -> NotFound:
