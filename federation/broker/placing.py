@@ -4,6 +4,11 @@ writes the result. What still waits gets the reason (``placement.why_waiting``).
 
 A pass must not overlap another on the same data: the service runs it inside its exclusive
 section, and ``lock_across_processes`` makes other broker processes on one PostgreSQL wait.
+Releases, closes and admissions do not take that lock (they would queue behind every pass):
+the pass locks the pending leases it reads (``FOR UPDATE SKIP LOCKED``), so a release that
+holds a lease's row makes the pass leave that lease alone, and one that comes later waits
+for the pass and finds the lease placed; admissions of one lab wait on each other
+(``lock_lab_admissions``), since placing consumes capacity but no quota or credit.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ def lock_across_processes(s: Session) -> None:
     has one writer at a time anyway)."""
     if s.get_bind().dialect.name == "postgresql":
         s.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=PLACEMENT_LOCK))
+
+
+#: First key of the PostgreSQL advisory locks that serialise one lab's admissions (the second
+#: is the lab's id): two scale requests of a lab checked at once would both fit a quota.
+ADMISSION_LOCK = 0x7061646D  # "padm"
+
+
+def lock_lab_admissions(s: Session, lab_id: int) -> None:
+    """On PostgreSQL, hold the lab's admission lock for the rest of ``s``'s transaction."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.exec(text("SELECT pg_advisory_xact_lock(:key, :lab)").bindparams(
+            key=ADMISSION_LOCK, lab=lab_id))
 
 
 #: First key of the PostgreSQL advisory locks that serialise one lab's registrations (the
@@ -158,6 +175,10 @@ def place_pending(s: Session, rng: random.Random, half_life: float,
         select(Lease).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
         .where(Lease.state == LeaseState.pending, ClusterRecord.active == True)  # noqa: E712
         .order_by(Lease.created_at, Lease.id)
+        # A lease a release or close holds is left for the next pass (which it asks for);
+        # the rows read here stay locked until the pass commits (PostgreSQL; SQLite has one
+        # writer, the exclusive section).
+        .with_for_update(of=Lease, skip_locked=True)
     ).all()
     if not pending:
         return set()

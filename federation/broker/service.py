@@ -19,12 +19,15 @@ concern each:
 - ``errors``: the domain errors all of them raise (HTTP statuses are mapped in app.py).
 
 Routes run in FastAPI's thread pool, the reaper and the placer on threads of their own, so
-calls overlap. What consumes capacity or quota — admission with its insert, every placement
-pass, and the changes a pass must not overwrite (releases, ends) — runs in ``_placing()``:
-this process's exclusive section and, on PostgreSQL, an advisory transaction lock other
-broker processes on the same database respect. Without it two passes read the same free
-capacity and both fill it (tests/federation/test_concurrency.py double-booked a provider by
-3 CPUs of 8 before).
+calls overlap. Every placement pass runs in ``_placing()``: this process's exclusive section
+and, on PostgreSQL, an advisory transaction lock other broker processes on the same database
+respect. Without it two passes read the same free capacity and both fill it
+(tests/federation/test_concurrency.py double-booked a provider by 3 CPUs of 8 before).
+On PostgreSQL the other changes do not wait for passes: releases, closes and reports lock the
+lease rows they change (a pass skips rows locked so, ``_row_locked``), admissions of one lab
+wait on each other (``_admitting``). Under issue 14's load the releases and scale requests of
+100 users queued behind back-to-back passes on the one placement lock for seconds. SQLite
+(one process, one writer) keeps all of them in the exclusive section.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ from .models import (
 )
 from .placing import (
     lock_across_processes,
+    lock_lab_admissions,
     lock_lab_registrations,
     place_pending,
     request_of,
@@ -200,6 +204,20 @@ class Broker:
         with self.exclusive(), self.session() as s:
             lock_across_processes(s)
             yield s
+
+    @contextlib.contextmanager
+    def _admitting(self, lab_id: int) -> Iterator[Session]:
+        """A unit of work that consumes a lab's quota or credit (admission with its insert):
+        on PostgreSQL the lab's admission lock, so two of the lab's scale requests are not
+        both checked against the same quota; a placement pass (which consumes neither) goes
+        on meanwhile. SQLite keeps it in the exclusive section."""
+        if is_postgresql(self.engine):
+            with self.session() as s:
+                lock_lab_admissions(s, lab_id)
+                yield s
+        else:
+            with self.exclusive(), self.session() as s:
+                yield s
 
     @contextlib.contextmanager
     def _row_locked(self) -> Iterator[Session]:
@@ -590,9 +608,11 @@ class Broker:
             s.add(row)
             started: set[str] = set()
             if connected:
+                # Locked, so a release at the same moment is not overwritten (PostgreSQL
+                # reads the row again after it and leaves it out, no longer starting).
                 for lease in s.exec(select(Lease).where(
                         Lease.cluster_id == cluster.id, Lease.state == LeaseState.starting,
-                        col(Lease.id).in_(connected))):
+                        col(Lease.id).in_(connected)).order_by(Lease.id).with_for_update()):
                     # What it waited for (an environment's build) is over.
                     move(lease, LeaseState.running, at=now, message="")
                     s.add(lease)
@@ -616,7 +636,7 @@ class Broker:
             raise Conflict("cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
         ids = [w.lease_id for w in body.workers]
-        with self._placing() as s:
+        with self._admitting(cluster.lab_id) as s:
             probe = Lease(id="?", cluster_id=cluster.id, cpus=spec.cpus, memory=spec.memory,
                           gpus=spec.gpus, gpu_model=spec.gpu_model)
             admission.check_fits_somewhere(s, request_of(probe, cluster))
@@ -627,7 +647,15 @@ class Broker:
                 Lease(id=lease_id, cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
                       memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
                 for lease_id in ids])
-            s.commit()
+            try:
+                s.commit()
+            except IntegrityError:
+                # Another lab's request took one of these ids at the same moment (labs'
+                # admissions no longer wait on each other): nothing of this one was stored.
+                s.rollback()
+                raise Conflict("lease-id-taken", "one of these lease ids was taken by "
+                               "another request at the same moment; ask again with new ids"
+                               ) from None
         if wait:
             self.placer.ask_and_wait(PLACEMENT_WAIT)
         else:  # the route waits on the event loop (placer.wait_async)
@@ -636,7 +664,7 @@ class Broker:
 
     def release_leases(self, cluster: ClusterRecord, lease_ids: list[str],
                        reason: EndReason = EndReason.released, message: str = "") -> int:
-        with self._placing() as s:
+        with self._row_locked() as s:
             rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))
                           .order_by(Lease.id).with_for_update()).all()
             found = {r.id for r in rows}
@@ -654,7 +682,7 @@ class Broker:
 
     def close_cluster(self, cluster_id: str, reason: str = "closed") -> None:
         lease_reason = EndReason.lost if reason == "lost" else EndReason.released
-        with self._placing() as s:
+        with self._row_locked() as s:
             cluster = s.get(ClusterRecord, cluster_id)
             if cluster.active:
                 cluster.active = False

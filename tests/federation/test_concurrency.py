@@ -98,10 +98,11 @@ def test_concurrent_scale_requests_never_double_book_a_provider(any_database):
             client.close()
 
 
-def test_concurrent_requests_never_exceed_a_users_cpu_quota(federation):
+def test_concurrent_requests_never_exceed_a_users_cpu_quota(any_database):
     """The quota check and the insert are one step: twelve racing 1-CPU requests against a
-    4-CPU quota admit exactly four."""
-    fed = federation
+    4-CPU quota admit exactly four (on PostgreSQL, under the lab's admission lock, which
+    placement passes do not take)."""
+    fed = any_database
     fed.add_lab("lab-a", user="alice")
     admin = fed.admin()
     try:
@@ -126,5 +127,63 @@ def test_concurrent_requests_never_exceed_a_users_cpu_quota(federation):
         with ThreadPoolExecutor(REQUESTS_PER_USER) as pool:
             codes = sorted(pool.map(scale, range(REQUESTS_PER_USER), timeout=120))
         assert codes == [201] * 4 + [403] * (REQUESTS_PER_USER - 4), codes
-        live = fed.db_dicts("SELECT COUNT(*) AS n FROM lease WHERE state != 'ended'")
-        assert live[0]["n"] == 4
+        leases = user.get(f"/clusters/{cluster}").json()["leases"]
+        assert len([le for le in leases if le["state"] != "ended"]) == 4
+
+
+def test_releases_racing_placement_passes_are_never_overwritten(any_database):
+    """A release and a placement pass at the same moment: the pass either leaves the lease
+    alone or places it before the release, which then asks its agent to stop it. No
+    released lease ends up placed and running, and each one an agent must stop carries
+    its provider (releases take row locks on PostgreSQL, not the placement lock)."""
+    fed = any_database
+    fed.add_lab("lab-a", user="alice")
+    placed_first = CPUS_PER_PROVIDER
+    waiting = REQUESTS_PER_USER  # under the 16 requests in flight per token
+    with api(fed, fed.user_tokens["alice"]) as user, \
+            api(fed, fed.provider_tokens["lab-a"]) as agent:
+        answer = agent.post("/agent/register", json={"name": "box", "cpus": CPUS_PER_PROVIDER,
+                                                     "memory": "64 GiB"})
+        assert answer.status_code == 201, answer.text
+        provider = answer.json()["provider_id"]
+        made = user.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
+                                            "ca_cert": ClusterAuthority().ca_pem})
+        cluster = made.json()["id"]
+        ids = [f"ls-{n:04d}{'0' * 12}" for n in range(placed_first + waiting)]
+        asked = user.post(f"/clusters/{cluster}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"}, "workers": [{"lease_id": i} for i in ids]})
+        assert asked.status_code == 201, asked.text
+        states = {le["id"]: le for le in user.get(f"/clusters/{cluster}").json()["leases"]}
+        first = [i for i in ids if states[i]["state"] == "starting"]
+        pending = [i for i in ids if states[i]["state"] == "pending"]
+        assert len(first) == placed_first and len(pending) == waiting
+        # The placed ones are released and end (freeing capacity: each end asks for a
+        # pass), while the waiting ones are released one request each.
+        assert user.post(f"/clusters/{cluster}/leases/release",
+                         json={"lease_ids": first}).status_code == 200
+        start = threading.Barrier(placed_first + waiting)
+
+        def end(lease_id: str) -> int:
+            start.wait()
+            return agent.post(f"/agent/{provider}/leases/{lease_id}/state",
+                              json={"state": "ended", "reason": "released"}).status_code
+
+        def release(lease_id: str) -> int:
+            start.wait()
+            return user.post(f"/clusters/{cluster}/leases/release",
+                             json={"lease_ids": [lease_id]}).status_code
+
+        with ThreadPoolExecutor(placed_first + waiting) as pool:
+            ended = [pool.submit(end, i) for i in first]
+            released = [pool.submit(release, i) for i in pending]
+            assert [f.result(timeout=120) for f in ended] == [200] * placed_first
+            assert [f.result(timeout=120) for f in released] == [200] * waiting
+        after = {le["id"]: le for le in user.get(f"/clusters/{cluster}").json()["leases"]}
+        states = Counter(after[i]["state"] for i in pending)
+        assert set(states) <= {"ended", "releasing"}, states
+        for i in pending:
+            if after[i]["state"] == "releasing":  # placed just before its release
+                assert after[i]["provider_id"] == provider
+        stop = {le["id"] for le in agent.get(f"/agent/{provider}/leases").json()["leases"]
+                if le["state"] == "releasing"}
+        assert stop == {i for i in pending if after[i]["state"] == "releasing"}
