@@ -8,9 +8,11 @@ that ended was metered in a transaction of its own that locked its labs' balance
 200 simulated agents that was 1,500 passes a minute, and requests queued behind one
 another's passes and balance rows (issue 14's load benchmark). Now a request commits its
 change in a short unit and asks: for a pass, or for its lease ids to be metered. A caller
-that must answer with the result (a scale request returns its leases' states; an ended
-lease's charge is in the books when the agent's report is answered) waits for a batch that
-started after its change committed, bounded by a timeout; the others only ask.
+that must answer with the result (a scale request returns its leases' states) waits for a
+batch that started after its change committed, bounded by a timeout; the others only ask
+(an agent's report of an ended lease is answered before its charge is booked: the charge
+follows in the next batch, or the leader's periodic pass, which charges every ended lease
+not yet charged).
 
 Without a running thread (a broker used as a library, or before the app starts) a batch runs
 in the caller's thread, as before.

@@ -4,7 +4,8 @@ ingestion, a GRACC-style feed) reads. docs/job-records.md documents each field.
 A lease is a job here: it held a size (CPUs, memory, GPUs) on one machine from its start to its
 end, for one user of one lab, and was charged what its usage records say. Records come in the
 order leases ended (then by id), so a collector reads everything once by passing back the
-cursor it was given.
+cursor it was given. A record appears once its lease's charge is booked (a moment after the
+lease ended), and never before a record of a lease that ended earlier.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from accounting.models import Lab, User, as_utc, names_by_id
 from accounting.units import to_pcu
 
 from .errors import Invalid
+from .metering_runs import end_not_charged
 from .models import ClusterRecord, Lease, LeaseState, Provider
 
 #: The fields of a record, in CSV column order.
@@ -59,13 +61,23 @@ def job_records(s: Session, *, lab_id: int | None, user_id: int | None,
                 after: tuple[dt.datetime, str] | None, limit: int) -> tuple[list[dict], str | None]:
     """Records of leases that ended in [since, until), after the cursor, at most ``limit``;
     and the cursor of the next page (None at the end)."""
+    whose = []
+    if lab_id is not None:
+        whose.append(ClusterRecord.lab_id == lab_id)
+    if user_id is not None:
+        whose.append(ClusterRecord.user_id == user_id)
     q = (select(Lease, ClusterRecord.user_id, ClusterRecord.lab_id)
          .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
-         .where(Lease.state == LeaseState.ended, col(Lease.ended_at).is_not(None)))
-    if lab_id is not None:
-        q = q.where(ClusterRecord.lab_id == lab_id)
-    if user_id is not None:
-        q = q.where(ClusterRecord.user_id == user_id)
+         .where(Lease.state == LeaseState.ended, col(Lease.ended_at).is_not(None), *whose))
+    # A lease whose end is not charged yet (a moment after it ended: its charge is booked
+    # in a batch, or by the next metering pass) holds back itself and every later record:
+    # a collector's cursor must not pass it, or the collector would keep its record
+    # without its charge for good.
+    first_uncharged = s.exec(
+        select(func.min(Lease.ended_at)).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+        .where(end_not_charged(), *whose)).one()
+    if first_uncharged is not None:
+        q = q.where(Lease.ended_at < first_uncharged)
     if since is not None:
         q = q.where(Lease.ended_at >= as_utc(since))
     if until is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import and_, or_
+from sqlalchemy import ColumnElement, and_, or_
 from sqlmodel import Session, col, select
 
 from accounting import metering, reliability
@@ -17,6 +17,14 @@ from .models import ClusterRecord, Lease, Provider
 from .settings import BrokerSettings
 
 
+def end_not_charged() -> ColumnElement[bool]:
+    """Leases that ended after they started and whose last part is not charged yet (the
+    end meterer's next batch, or the periodic pass, charges it)."""
+    return and_(Lease.state == LeaseState.ended, Lease.started_at != None,  # noqa: E711
+                or_(Lease.metered_until == None,  # noqa: E711
+                    Lease.metered_until < Lease.ended_at))
+
+
 def meter_leases(s: Session, settings: BrokerSettings, now: dt.datetime,
                  lease_ids: set[str] | None = None) -> int:
     """Charge running leases' whole periods and ended leases' remainders: all of them, or
@@ -26,12 +34,10 @@ def meter_leases(s: Session, settings: BrokerSettings, now: dt.datetime,
         select(Lease, ClusterRecord, Provider)
         .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
         .join(Provider, Provider.id == Lease.provider_id)
-        .where(Lease.started_at != None,  # noqa: E711
-               or_(col(Lease.state).in_([LeaseState.running, LeaseState.suspended,
-                                         LeaseState.releasing]),
-                   and_(Lease.state == LeaseState.ended,
-                        or_(Lease.metered_until == None,  # noqa: E711
-                            Lease.metered_until < Lease.ended_at)))))
+        .where(or_(and_(Lease.started_at != None,  # noqa: E711
+                        col(Lease.state).in_([LeaseState.running, LeaseState.suspended,
+                                              LeaseState.releasing])),
+                   end_not_charged())))
     if lease_ids is not None:
         query = query.where(col(Lease.id).in_(lease_ids))
     rows = s.exec(query).all()

@@ -452,7 +452,7 @@ class Broker:
                 self.placer.ask()
             if wait:
                 self.end_meterer.ask_and_wait(METERING_WAIT, {lease.id})
-            else:  # the route waits on the event loop (end_meterer.wait_async)
+            else:  # the agent's route answers without waiting for the charge
                 self.end_meterer.ask({lease.id})
         return lease
 

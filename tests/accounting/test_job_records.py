@@ -78,3 +78,54 @@ def test_job_records_describe_each_ended_lease_to_whom_may_read_it(federation):
     by_day = list(csv.DictReader(io.StringIO(daily.stdout)))
     assert [(r["period_start"], r["lab"]) for r in by_day] == [(today.isoformat(), "lab-a")]
     assert Decimal(by_day[0]["pcu"]) == sum(Decimal(r["pcu"]) for r in records)
+
+
+def test_a_record_waits_for_its_charge_and_holds_back_later_ones(tmp_path):
+    """An ended lease's charge is booked a moment after its agent's report is answered: until
+    then neither its record nor any of a lease that ended later is given, so a collector's
+    cursor never passes a record whose charge is still to come."""
+    import datetime as dt
+
+    from accounting.models import create_lab, create_user
+    from federation.broker import db
+    from federation.broker.job_records import job_records
+    from federation.broker.metering_runs import meter_leases
+    from federation.broker.models import (
+        ApiToken,
+        ClusterRecord,
+        Lease,
+        LeaseState,
+        Provider,
+        TokenKind,
+    )
+    from federation.broker.settings import BrokerSettings
+
+    t0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'records.db'}")
+    with db.session(engine) as s:
+        lab, owner = create_lab(s, name="lab-a"), create_lab(s, name="lab-b")
+        user = create_user(s, name="alice", lab=lab)
+        s.add(ApiToken(id="tok_b", kind=TokenKind.provider, token_hash="-", lab_id=owner.id))
+        s.add(Provider(id="prv_1", lab_id=owner.id, token_id="tok_b", name="box", cpus=8,
+                       memory=2**34))
+        s.add(ClusterRecord(id="cl_1", lab_id=lab.id, user_id=user.id,
+                            scheduler_address="tls://127.0.0.1:1", ca_cert="-"))
+        s.flush()  # no ORM relationships order these inserts before the leases'
+        for n, minutes in ((1, 30), (2, 60)):
+            s.add(Lease(id=f"ls-{n}", cluster_id="cl_1", provider_id="prv_1", cpus=1,
+                        memory=2**30, state=LeaseState.ended, created_at=t0, started_at=t0,
+                        ended_at=t0 + dt.timedelta(minutes=minutes)))
+        s.commit()
+        # ls-1 ended first and is not charged yet; ls-2 is charged alone (as a batch of
+        # lease ends would): still nothing is given, ls-1 holds it back.
+        assert meter_leases(s, BrokerSettings(), t0 + dt.timedelta(hours=2), {"ls-2"}) > 0
+        s.commit()
+        page, _ = job_records(s, lab_id=None, user_id=None, since=None, until=None,
+                              after=None, limit=10)
+        assert page == []
+        assert meter_leases(s, BrokerSettings(), t0 + dt.timedelta(hours=2)) > 0
+        s.commit()
+        page, _ = job_records(s, lab_id=lab.id, user_id=None, since=None, until=None,
+                              after=None, limit=10)
+        assert [r["record_id"] for r in page] == ["ls-1", "ls-2"]
+        assert all(float(r["pcu"]) > 0 for r in page)
