@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import multiprocessing
+import os
 import random
 import resource
 import secrets
@@ -259,11 +260,14 @@ async def probe_token(url: str, admin_token: str) -> str:
 
 
 def shard(urls: list[str], providers: list[str], tokens: list[str], ca: str,
-          agents: list[int], users: list[int], workers: int, seconds: float) -> Recorder:
+          agents: list[int], users: list[int], workers: int, seconds: float,
+          nice: int = 0) -> Recorder:
     """One generator process's share of the simulated agents and users (run in a process
     pool: on one event loop, 1,100 clients measured mostly that loop — a lone agent in a
     process of its own saw heartbeats 60 times faster than the simulated ones)."""
-    # uvloop, as the broker runs on: the generator's own CPU is CPU the brokers lack here.
+    if nice:
+        os.nice(nice)
+    # uvloop: the generator's own CPU is CPU the brokers lack on this machine.
     return uvloop.run(run_shard(urls, providers, tokens, ca, agents, users, workers, seconds))
 
 
@@ -296,7 +300,8 @@ def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(shard, urls, providers, tokens, ca,
                                list(range(k, args.agents, n)), list(range(k, args.users, n)),
-                               args.workers, args.seconds) for k in range(n)]
+                               args.workers, args.seconds, args.generator_nice)
+                   for k in range(n)]
         parts = [f.result() for f in futures]
     out, _ = lone.communicate(timeout=120)
     rec = Recorder()
@@ -324,6 +329,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120, help="Run time (120).")
     parser.add_argument("--processes", type=int, default=4,
                         help="Generator processes the simulated clients are spread over (4).")
+    parser.add_argument("--generator-nice", type=int, default=0,
+                        help="Niceness of the generator processes (0: as the brokers). On a "
+                             "machine too small for the clients to run elsewhere, 10 lets the "
+                             "brokers and PostgreSQL have the cores first, as when the "
+                             "clients are other machines; the lone probe is not niced.")
     args = parser.parse_args()
     admin_token = secrets.token_hex(24)
     with tempfile.TemporaryDirectory() as tmp, postgres_server() as server:
