@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, select
 
-from .models import HELD_STATES, Lease, Provider
+from .models import HELD_STATES, Lease, LeaseState, Provider
 from .settings import BrokerSettings
-from .timeouts import end_overdue
+from .timeouts import end_overdue, overdue
 from .views import agent_leases_of
 
 
@@ -108,14 +108,24 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
         if pid in environments:
             row.environments_json = json.dumps(environments[pid])
         s.add(row)
-    held = s.exec(select(Lease).where(col(Lease.provider_id).in_(list(rows)),
-                                      col(Lease.state).in_(HELD_STATES))
-                  .order_by(Lease.id)).all()
-    for lease in held:
-        alive = set(latest[lease.provider_id].running)
-        if end_overdue(s, lease, alive, now, settings):
-            out.woken.add(lease.provider_id)
-            out.capacity_changed = True
+    # The held leases as columns, then as rows only the few that are overdue: a Lease built
+    # for each of the batch's ~100 held leases was half the batch's time (issue 14).
+    alive = {pid: set(beat.running) for pid, beat in latest.items()}
+    held = s.exec(select(Lease.id, Lease.provider_id, Lease.state, Lease.releasing_at,
+                         Lease.assigned_at)
+                  .where(col(Lease.provider_id).in_(list(rows)),
+                         col(Lease.state).in_(HELD_STATES))).all()
+    late = sorted(lease_id for lease_id, pid, state, releasing_at, assigned_at in held
+                  if overdue(LeaseState(state), lease_id, releasing_at, assigned_at,
+                             alive[pid], now, settings))
+    if late:
+        # Read again under a row lock: a report may have ended one meanwhile.
+        for lease in s.exec(select(Lease).where(col(Lease.id).in_(late))
+                            .order_by(Lease.id).with_for_update()).all():
+            if (lease.provider_id in alive
+                    and end_overdue(s, lease, alive[lease.provider_id], now, settings)):
+                out.woken.add(lease.provider_id)
+                out.capacity_changed = True
     for beat in beats:
         beat.unknown = beat.provider_id not in rows
     return out

@@ -17,23 +17,40 @@ from .models import HELD_STATES, ClusterRecord, Lease, Provider
 from .settings import BrokerSettings
 
 
+def overdue(state: LeaseState, lease_id: str, releasing_at: dt.datetime | None,
+            assigned_at: dt.datetime | None, alive: set[str], now: dt.datetime,
+            settings: BrokerSettings) -> str | None:
+    """Why a held lease is overdue on its provider's heartbeat ("release", "gone",
+    "start"), or None. From columns, so a heartbeat batch need not build a Lease per
+    held lease to find the few that are."""
+    if (state == LeaseState.releasing and releasing_at is not None
+            and (now - as_utc(releasing_at)).total_seconds() > settings.release_timeout):
+        return "release"
+    if state in (LeaseState.running, LeaseState.suspended) and lease_id not in alive:
+        return "gone"
+    if (state == LeaseState.starting and assigned_at is not None
+            and (now - as_utc(assigned_at)).total_seconds() > settings.start_timeout):
+        return "start"
+    return None
+
+
 def end_overdue(s: Session, lease: Lease, alive: set[str], now: dt.datetime,
                 settings: BrokerSettings) -> bool:
     """On a provider's heartbeat: end its lease if it is overdue — a release the agent never
     confirmed, a running lease whose worker the agent no longer has, a start that never
     joined its scheduler. True when the lease ended."""
-    if (lease.state == LeaseState.releasing and lease.releasing_at is not None
-            and (now - as_utc(lease.releasing_at)).total_seconds() > settings.release_timeout):
+    why = overdue(lease.state, lease.id, lease.releasing_at, lease.assigned_at, alive, now,
+                  settings)
+    if why == "release":
         # The agent could not report the end (or would not): the capacity it holds comes
         # back, and billing stops. Lost, whatever the release aimed at.
         lease.release_reason = None
         end(lease, EndReason.lost, f"the provider did not report the worker stopped within "
                                    f"{settings.release_timeout:g} s of its release")
-    elif lease.state in (LeaseState.running, LeaseState.suspended) and lease.id not in alive:
+    elif why == "gone":
         end_by_provider(s, lease, EndReason.failed, "the provider reports no worker process "
                                                     "for this lease")
-    elif (lease.state == LeaseState.starting and lease.assigned_at is not None
-          and (now - as_utc(lease.assigned_at)).total_seconds() > settings.start_timeout):
+    elif why == "start":
         end_by_provider(s, lease, EndReason.failed,
                         f"the worker did not connect to its scheduler within "
                         f"{settings.start_timeout:g} s of being placed")

@@ -33,30 +33,44 @@ def clusters_public(s: Session, clusters: list[ClusterRecord],
     ids = [c.id for c in clusters]
     users = names_by_id(s, User, {c.user_id for c in clusters})
     labs = names_by_id(s, Lab, {c.lab_id for c in clusters})
-    leases: dict[str, list[Lease]] = {cid: [] for cid in ids}
-    query = select(Lease).where(col(Lease.cluster_id).in_(ids))
+    # Only the columns shown, not Lease objects: a cluster heartbeat (every 5 s per cluster)
+    # reads every live lease of the cluster, and building each as a Lease, then dumping it
+    # whole (certificates included) into its view, was most of the request (issue 14).
+    query = select(*PUBLIC_LEASE_COLUMNS).where(col(Lease.cluster_id).in_(ids))
     if ended_after is not None:
         query = query.where(or_(Lease.state != LeaseState.ended, Lease.ended_at >= ended_after))
-    for lease in s.exec(query.order_by(Lease.created_at, Lease.id)):
-        leases[lease.cluster_id].append(lease)
-    public = leases_public(s, [le for group in leases.values() for le in group])
+    rows = [dict(row._mapping) for row in s.exec(query.order_by(Lease.created_at, Lease.id))]
+    public = _published(s, rows)
+    leases: dict[str, list[LeasePublic]] = {cid: [] for cid in ids}
+    for row in rows:
+        leases[row["cluster_id"]].append(public[row["id"]])
     return [ClusterPublic(
         id=c.id, name=c.name, user=users[c.user_id], lab=labs[c.lab_id],
         scheduler_address=c.scheduler_address, labs=json.loads(c.allowed_labs_json),
         sites=json.loads(c.allowed_sites_json), active=c.active, end_reason=c.end_reason,
         created_at=c.created_at,
-        leases=[public[lease.id] for lease in leases[c.id]])
+        leases=leases[c.id])
         for c in clusters]
+
+
+#: The lease columns its public view shows (every field of LeasePublic but its provider's lab).
+PUBLIC_LEASE_COLUMNS = tuple(getattr(Lease, name) for name in LeasePublic.model_fields
+                             if name != "lab")
 
 
 def leases_public(s: Session, leases: list[Lease]) -> dict[str, LeasePublic]:
     """The public view of ``leases`` (with their providers' labs, one query), by id."""
+    return _published(s, [{c.key: getattr(lease, c.key) for c in PUBLIC_LEASE_COLUMNS}
+                          for lease in leases])
+
+
+def _published(s: Session, rows: list[dict]) -> dict[str, LeasePublic]:
+    """LeasePublic of each row of PUBLIC_LEASE_COLUMNS, with its provider's lab, by id."""
     provider_labs = dict(s.exec(
         select(Provider.id, Lab.name).join(Lab, Lab.id == Provider.lab_id)
-        .where(col(Provider.id).in_({le.provider_id for le in leases if le.provider_id}))
+        .where(col(Provider.id).in_({r["provider_id"] for r in rows if r["provider_id"]}))
     ).all())
-    return {lease.id: LeasePublic(**lease.model_dump(), lab=provider_labs.get(lease.provider_id))
-            for lease in leases}
+    return {r["id"]: LeasePublic(**r, lab=provider_labs.get(r["provider_id"])) for r in rows}
 
 
 def agent_leases(s: Session, provider_id: str, gateway: str | None = None) -> list[dict]:
@@ -69,25 +83,31 @@ def agent_leases_of(s: Session, provider_ids: list[str],
                     gateway: str | None = None) -> dict[str, list[dict]]:
     """``agent_leases`` of several providers in one query, by provider id (a provider that
     holds nothing is absent)."""
+    # Columns, not ORM objects: long polls read these for many agents at once, and building
+    # a Lease and a ClusterRecord per row was most of the batch's time (issue 14's profile).
     rows = s.exec(
-        select(Lease, ClusterRecord)
+        select(Lease.id, Lease.provider_id, Lease.state, Lease.worker_cert, Lease.worker_csr,
+               Lease.cpus, Lease.memory, Lease.gpus, Lease.gpu_indices_json,
+               ClusterRecord.id, ClusterRecord.scheduler_address, ClusterRecord.ca_cert,
+               ClusterRecord.environment)
         .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
         .where(col(Lease.provider_id).in_(provider_ids), col(Lease.state).in_(HELD_STATES))
     ).all()
     out: dict[str, list[dict]] = {}
-    for lease, cluster in rows:
-        out.setdefault(lease.provider_id, []).append({
-            "id": lease.id,
-            "state": lease.state.value,
-            "scheduler_address": (gateway_address(gateway, cluster.id) if gateway
-                                  else cluster.scheduler_address),
-            "ca_cert": cluster.ca_cert,
-            "cert": lease.worker_cert,
-            "csr_sent": bool(lease.worker_csr),
-            "cpus": lease.cpus,
-            "memory": lease.memory,
-            "gpus": lease.gpus,
-            "gpu_indices": lease.gpu_indices,
-            "environment": cluster.environment or "",
+    for (lease_id, provider_id, state, cert, csr, cpus, memory, gpus, gpu_indices,
+         cluster_id, scheduler, ca_cert, environment) in rows:
+        out.setdefault(provider_id, []).append({
+            "id": lease_id,
+            "state": LeaseState(state).value,
+            "scheduler_address": (gateway_address(gateway, cluster_id) if gateway
+                                  else scheduler),
+            "ca_cert": ca_cert,
+            "cert": cert,
+            "csr_sent": bool(csr),
+            "cpus": cpus,
+            "memory": memory,
+            "gpus": gpus,
+            "gpu_indices": json.loads(gpu_indices),
+            "environment": environment or "",
         })
     return out
