@@ -146,3 +146,41 @@ def test_a_scale_answer_holds_only_the_new_leases(federation):
         # Placed by the pass the request waited for (the machine has room).
         assert second[0]["state"] == "starting", second
         assert second[0]["lab"] == "lab-a"
+
+
+def test_a_heartbeat_without_a_running_lease_ends_it_and_only_its_own(federation):
+    """Heartbeat batches find overdue leases from columns: the machine's agent no longer
+    lists a running lease, so it ends failed; the same batch leaves the machine's other
+    running lease (listed) and another machine's running lease alone."""
+    from federation.tls import ClusterAuthority
+
+    federation.add_lab("lab-a", user="alice")
+    agent = {"Authorization": f"Bearer {federation.provider_tokens['lab-a']}"}
+    api = f"{federation.url}/api/v1"
+    machines = [httpx.post(f"{api}/agent/register", headers=agent, timeout=30, json={
+        "name": f"m{i}", "cpus": 2, "memory": 2**33, "gpus": []}).raise_for_status()
+        .json()["provider_id"] for i in range(2)]
+    with httpx.Client(base_url=api, timeout=30, headers={
+            "Authorization": f"Bearer {federation.user_tokens['alice']}"}) as user:
+        cid = user.post("/clusters", json={
+            "scheduler_address": "tls://127.0.0.1:40000",
+            "ca_cert": ClusterAuthority().ca_pem}).raise_for_status().json()["id"]
+        leases = user.post(f"/clusters/{cid}/leases", json={
+            "spec": {"cpus": 1, "memory": 2**30},
+            "workers": [{"lease_id": f"ls-beat{i}"} for i in range(4)]}).raise_for_status().json()
+        on = {le["id"]: le["provider_id"] for le in leases}
+        assert sorted(on.values()) == sorted(machines * 2), on  # 2 CPUs each: full
+        # Their workers joined: running (and metered) from now.
+        user.post(f"/clusters/{cid}/heartbeat", json={"connected": list(on)}).raise_for_status()
+        first = machines[0]
+        mine = sorted(lid for lid, pid in on.items() if pid == first)
+        # The first machine lists one of its two leases, and the other machine's leases too
+        # (as if to keep them alive); the other machine sends nothing.
+        listed = [mine[0]] + [lid for lid, pid in on.items() if pid != first]
+        httpx.post(f"{api}/agent/{first}/heartbeat", headers=agent, timeout=30,
+                   json={"running": listed}).raise_for_status()
+        states = {le["id"]: le for le in user.get(f"/clusters/{cid}").json()["leases"]}
+    assert states[mine[1]]["state"] == "ended"
+    assert states[mine[1]]["end_reason"] == "failed"
+    assert "reports no worker process" in states[mine[1]]["message"]
+    assert all(states[lid]["state"] == "running" for lid in on if lid != mine[1]), states
