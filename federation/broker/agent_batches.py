@@ -122,8 +122,7 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
         # Read again under a row lock: a report may have ended one meanwhile.
         for lease in s.exec(select(Lease).where(col(Lease.id).in_(late))
                             .order_by(Lease.id).with_for_update()).all():
-            if (lease.provider_id in alive
-                    and end_overdue(s, lease, alive[lease.provider_id], now, settings)):
+            if end_overdue(s, lease, alive[lease.provider_id], now, settings):
                 out.woken.add(lease.provider_id)
                 out.capacity_changed = True
     for beat in beats:

@@ -24,10 +24,10 @@ and, on PostgreSQL, an advisory transaction lock other broker processes on the s
 respect. Without it two passes read the same free capacity and both fill it
 (tests/federation/test_concurrency.py double-booked a provider by 3 CPUs of 8 before).
 On PostgreSQL the other changes do not wait for passes: releases, closes and reports lock the
-lease rows they change (a pass skips rows locked so, ``_row_locked``), admissions of one lab
-wait on each other (``_admitting``). Under issue 14's load the releases and scale requests of
-100 users queued behind back-to-back passes on the one placement lock for seconds. SQLite
-(one process, one writer) keeps all of them in the exclusive section.
+lease rows they change (a pass skips rows locked so, ``_row_locked``), admissions of one
+lab wait on each other (``lock_lab_admissions``). Under issue 14's load the releases and
+scale requests of 100 users queued behind back-to-back passes on the one placement lock for
+seconds. SQLite (one process, one writer) keeps all of them in the exclusive section.
 """
 
 from __future__ import annotations
@@ -204,20 +204,6 @@ class Broker:
         with self.exclusive(), self.session() as s:
             lock_across_processes(s)
             yield s
-
-    @contextlib.contextmanager
-    def _admitting(self, lab_id: int) -> Iterator[Session]:
-        """A unit of work that consumes a lab's quota or credit (admission with its insert):
-        on PostgreSQL the lab's admission lock, so two of the lab's scale requests are not
-        both checked against the same quota; a placement pass (which consumes neither) goes
-        on meanwhile. SQLite keeps it in the exclusive section."""
-        if is_postgresql(self.engine):
-            with self.session() as s:
-                lock_lab_admissions(s, lab_id)
-                yield s
-        else:
-            with self.exclusive(), self.session() as s:
-                yield s
 
     @contextlib.contextmanager
     def _row_locked(self) -> Iterator[Session]:
@@ -636,7 +622,10 @@ class Broker:
             raise Conflict("cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
         ids = [w.lease_id for w in body.workers]
-        with self._admitting(cluster.lab_id) as s:
+        # Not the placement lock: the lab's admission lock, so two of its scale requests are
+        # not both checked against one quota (a pass consumes no quota or credit).
+        with self._row_locked() as s:
+            lock_lab_admissions(s, cluster.lab_id)
             probe = Lease(id="?", cluster_id=cluster.id, cpus=spec.cpus, memory=spec.memory,
                           gpus=spec.gpus, gpu_model=spec.gpu_model)
             admission.check_fits_somewhere(s, request_of(probe, cluster))
