@@ -562,9 +562,18 @@ class ProviderAgent:
         # (moving its results away); give it that long to leave before signalling it.
         worker = self.workers.get(lease_id)
         if worker is not None:
+            self._thaw(lease_id, worker)
             await self.launcher.wait(worker, self.release_grace if grace is None else grace)
         await self._stop_worker(lease_id)
         await self._report(lease_id, LeaseState.ended)
+
+    def _thaw(self, lease_id: str, worker: Any) -> None:
+        """A suspended worker that is released runs again for its grace: frozen, it could
+        not leave its scheduler (its results move) before the stop kills it."""
+        if lease_id in self._suspended:
+            self.launcher.resume(worker)
+            self._suspended.discard(lease_id)
+            logger.info("lease %s: resumed to stop", lease_id)
 
     async def _stop_worker(self, lease_id: str) -> None:
         """Stop gracefully (SIGTERM), then kill the process group after the stop timeout."""

@@ -34,7 +34,8 @@ def release(lease: Lease, reason: EndReason, message: str) -> bool:
     if lease.state == LeaseState.pending:
         end(lease, reason, message)
         return True
-    if lease.state in (LeaseState.starting, LeaseState.running):
+    if lease.state in (LeaseState.starting, LeaseState.running, LeaseState.suspended):
+        # A suspended one too (its span closes here): its agent thaws the worker to stop it.
         move(lease, LeaseState.releasing, at=utcnow(), reason=reason, message=message)
         return True
     return False

@@ -319,6 +319,39 @@ def test_random_event_sequences_keep_every_lease_legal_and_end_them_all(events):
             fed.close()
 
 
+def test_a_suspended_lease_is_released_by_its_user_and_by_its_clusters_close(tmp_path):
+    """The owner froze the worker, then the user lets go of it (or the cluster closes): the
+    lease moves to releasing with its suspended span closed, so its agent stops the worker
+    (release() left a suspended lease as it was: it kept its provider's capacity forever)."""
+    fed = Federation(tmp_path)
+    try:
+        for event in (("scale", 2), ("joined", 0), ("joined", 1), ("suspend", 0),
+                      ("suspend", 1)):
+            fed.apply(event)
+        first, second = fed.leases()
+        assert (first["state"], second["state"]) == ("suspended", "suspended")
+        user = fed.as_(fed.user_token)
+        answer = user.post(f"/clusters/{fed.cluster}/leases/release",
+                           json={"lease_ids": [first["id"]]})
+        assert answer.status_code == 200, answer.text
+        fed.apply(("close",))
+        for lease, reason in zip(fed.leases(), ("released", "released"), strict=True):
+            assert lease["state"] == "releasing" and lease["release_reason"] == reason, lease
+            ((_start, end),) = json.loads(lease["suspensions_json"])
+            releasing_at = dt.datetime.fromisoformat(lease["releasing_at"])
+            assert end is not None and dt.datetime.fromisoformat(end) == releasing_at.replace(
+                tzinfo=dt.UTC), lease
+        assert "cluster closed" in fed.leases()[1]["message"]
+        fed.check()
+        # The agent's list tells it to stop both.
+        agent = fed.as_(fed.agent_token)
+        listed = {le["id"]: le["state"] for p in fed.providers
+                  for le in agent.get(f"/agent/{p}/leases").json()["leases"]}
+        assert listed == {first["id"]: "releasing", second["id"]: "releasing"}
+    finally:
+        fed.close()
+
+
 def test_a_lease_request_is_one_unit_of_work(tmp_path):
     """Admission and the insert of POST /leases commit together and the placement pass that
     follows in a unit of its own (the placer's): two commits, the leases it answers are

@@ -151,3 +151,40 @@ def test_the_owner_comes_back_suspend_resume_preempt(federation, tmp_path, cgrou
         admin.close()
     assert machines["owner-box"]["preemption_rate"] == 1.0
     assert machines["owner-box"]["reliability"] == 1.0
+
+
+@needs_root
+def test_a_cluster_closed_while_its_worker_is_frozen_ends_the_lease(federation, tmp_path):
+    """The owner is busy and the worker frozen when the user closes the notebook's cluster:
+    the lease is released like a running one (it stayed suspended for ever, holding the
+    machine), the agent thaws the worker so it can leave, and it is gone."""
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    fed.add_lab("lab-b")
+    owner = fed.add_agent("lab-b", "owner-box", cpus=1, memory="2 GiB", extra=(
+        "--offer", "idle", "--idle-for", "0", "--suspend-after", "0",
+        "--resume-after", "3600", "--preempt-after", "3600",
+        "--owner-accounts", str(unprivileged_uid())))
+    owner.wait_for_line("PARALLEX_OWNER=offer")
+    with contextlib.ExitStack() as owner_busy:
+        with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                              heartbeat_interval=0.5) as cluster:
+            cluster.scale(1, cpus=1, memory="1 GiB")
+            cluster.wait_for_workers(1)
+            (worker,) = cluster.connected_workers()
+            lease_id, pid = worker["lease"], worker["pid"]
+            # The owner comes back and stays while the user closes the cluster.
+            owner_busy.enter_context(owner_load(tmp_path))
+            owner.wait_for_line("PARALLEX_OWNER=suspend", timeout=10)
+            wait_until(lambda: frozen(pid), 15, "the owner-box worker to be frozen")
+            wait_until(lambda: _lease(cluster, lease_id)["state"] == LeaseState.suspended, 10,
+                       "the lease to be suspended at the broker")
+        ended = wait_until(lambda: (rows := fed.db_dicts(
+            f"SELECT state, end_reason FROM lease WHERE id = '{lease_id}'"))[0]["state"]
+            == "ended" and rows[0], 40, "the suspended lease to end after the close")
+        assert ended["end_reason"] == EndReason.released
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10, "the worker to be gone")
+        # Thawed at the release, it left by itself within the grace (frozen through the grace
+        # it was still there for the stop and had to be killed).
+        log = owner.log_text()
+        assert f"lease {lease_id}: resumed to stop" in log and "killing it" not in log, log
