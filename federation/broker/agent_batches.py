@@ -14,6 +14,11 @@ agent's later lease report never overtakes the heartbeat before it.
 
 Long polls that end together (a wake-up for many machines, agents started together) read
 their lease lists the same way: one query for every list asked while the previous batch ran.
+Agents' reports of their leases' states (running, suspended, preempted, ended; ~2 a second
+for each placement a second under churn) are recorded the same way too: their leases locked
+in one statement, each report applied in turn, one commit. A report that cannot be applied
+(another provider's lease, a move the lease cannot make) is refused on its own, having
+written nothing; the others in its batch still count.
 A batch starts as soon as the one before it ends, so a lone request waits for nothing.
 """
 
@@ -26,7 +31,13 @@ from dataclasses import dataclass, field
 
 from sqlmodel import Session, col, select
 
-from .models import HELD_STATES, Lease, LeaseState, Provider
+from accounting.models import utcnow
+
+from ..lease_states import EndReason, IllegalTransition, move
+from . import environments
+from .errors import BrokerError, Conflict, NotFound
+from .lease_ends import end_by_provider
+from .models import HELD_STATES, Lease, LeaseState, LeaseStateReport, Provider
 from .settings import BrokerSettings
 from .timeouts import end_overdue, overdue
 from .views import agent_leases_of
@@ -128,3 +139,109 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
     for beat in beats:
         beat.unknown = beat.provider_id not in rows
     return out
+
+
+@dataclass(eq=False)
+class Report:
+    """One agent's report of one lease's state, waiting for its batch."""
+
+    provider_id: str
+    lease_id: str
+    body: LeaseStateReport
+    #: When it arrived (monotonic): reports of one lease apply in this order.
+    arrived: float = field(default_factory=time.monotonic)
+    #: Set by the batch that recorded it: the lease's state and end reason after it.
+    state: LeaseState | None = None
+    end_reason: EndReason | None = None
+    #: Set by the batch when the report was refused (it wrote nothing).
+    refused: BrokerError | None = None
+
+
+@dataclass
+class Reported:
+    """What a batch of reports changed."""
+
+    #: Providers whose lease lists changed (their agents' polls must wake).
+    woken: set[str] = field(default_factory=set)
+    #: Leases that ended (to be charged; capacity came back).
+    ended: set[str] = field(default_factory=set)
+
+
+def record_reports(s: Session, reports: list[Report]) -> Reported:
+    """Apply ``reports`` in the caller's unit of work (the caller commits, then the reports
+    not refused count as recorded). Their leases are locked first, in id order as every unit
+    of work that locks several leases takes them; a pass never writes a lease that has a
+    provider, and a cluster's release of the same lease waits on the row (or this on it)."""
+    out = Reported()
+    ids = sorted({r.lease_id for r in reports})
+    leases = {lease.id: lease for lease in s.exec(
+        select(Lease).where(col(Lease.id).in_(ids)).order_by(Lease.id).with_for_update())}
+    # By provider, so the reliability rows that ends count against are taken in one order.
+    for report in sorted(reports, key=lambda r: (r.provider_id, r.lease_id, r.arrived)):
+        lease = leases.get(report.lease_id)
+        if lease is None or lease.provider_id != report.provider_id:
+            report.refused = NotFound("unknown-lease", f"no lease {report.lease_id!r} "
+                                      f"assigned to provider {report.provider_id}")
+            continue
+        try:
+            changed = apply_report(s, lease, report.body)
+        except IllegalTransition as exc:  # checked before anything is written
+            report.refused = Conflict("illegal-move", str(exc))
+            continue
+        except BrokerError as exc:
+            report.refused = exc
+            continue
+        report.state, report.end_reason = lease.state, lease.end_reason
+        if changed:
+            out.woken.add(report.provider_id)
+            if lease.state == LeaseState.ended:
+                out.ended.add(lease.id)
+    return out
+
+
+def apply_report(s: Session, lease: Lease, body: LeaseStateReport) -> bool:
+    """One report on its (locked) lease; True when the lease changed. Raises before writing
+    anything when the move makes no sense."""
+    if lease.state == LeaseState.ended:
+        return False  # idempotent: a repeated or late report changes nothing
+    if body.state != LeaseState.ended:
+        changed = owner_move(lease, body)
+    else:
+        reason = body.reason
+        if reason is None:
+            reason = (EndReason.released if lease.state == LeaseState.releasing
+                      else EndReason.failed)
+        end_by_provider(s, lease, reason, body.message)
+        if body.environment_error:
+            environments.record_failure(s, lease, lease.provider_id, body.message)
+        changed = True
+    if changed:
+        s.add(lease)
+    return changed
+
+
+def owner_move(lease: Lease, body: LeaseStateReport) -> bool:
+    """Suspend, resume or preempt ``lease`` as its agent reports; True when it moved."""
+    now = utcnow()
+    if body.state == LeaseState.running:
+        # From starting it means only that the process started: the lease runs (and is
+        # metered) once the cluster confirms that its worker joined the scheduler.
+        if lease.state != LeaseState.suspended:
+            return False
+        move(lease, LeaseState.running, at=now, message=body.message or "resumed")
+        return True
+    if body.state == LeaseState.suspended:
+        if lease.state == LeaseState.suspended:
+            return False
+        if lease.state != LeaseState.running:
+            raise Conflict("cannot-suspend", f"lease {lease.id} is {lease.state.value}; "
+                           "only a running lease can be suspended")
+        move(lease, LeaseState.suspended, at=now,
+             message=body.message or "suspended for the machine's owner")
+        return True
+    # Preempted: the cluster retires the worker (its data moves) and asks for another.
+    if lease.state == LeaseState.releasing:
+        return False
+    move(lease, LeaseState.releasing, at=now, reason=EndReason.preempted,
+         message=body.message or "preempted for the machine's owner")
+    return True

@@ -109,6 +109,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
         broker.placer.start()
         broker.end_meterer.start()
         broker.heartbeats.start()
+        broker.reports.start()
         broker.lease_lists.start()
         task = asyncio.create_task(reaper())
         lag_task = asyncio.create_task(loop_lag())
@@ -123,6 +124,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
             await asyncio.to_thread(broker.placer.stop)
             await asyncio.to_thread(broker.end_meterer.stop)
             await asyncio.to_thread(broker.heartbeats.stop)
+            await asyncio.to_thread(broker.reports.stop)
             await asyncio.to_thread(broker.lease_lists.stop)
             if broker.relay is not None:
                 broker.relay.stop()

@@ -108,6 +108,14 @@ class BrokerMetrics:
                                               "Heartbeats recorded by one batch (this "
                                               "replica).", buckets=BATCH_SIZE_BUCKETS,
                                               registry=self.registry)
+        self.report_batch = Histogram("parallex_report_batch_seconds",
+                                      "Seconds to record one batch of agents' lease reports "
+                                      "(this replica).", buckets=PASS_BUCKETS,
+                                      registry=self.registry)
+        self.report_batch_size = Histogram("parallex_report_batch_size",
+                                           "Lease reports recorded by one batch (this "
+                                           "replica).", buckets=BATCH_SIZE_BUCKETS,
+                                           registry=self.registry)
         self.loop_lag = Histogram("parallex_event_loop_lag_seconds",
                                   "How late this replica's event loop ran a timer due now "
                                   "(sampled 10 times a second): above a few ms, requests "

@@ -91,14 +91,14 @@ async def report(provider_id: ProviderIdPath, lease_id: LeaseIdPath, body: Lease
                  request: Request, principal: Principal = Depends(require_provider)) -> dict:
     broker = request.app.state.broker
     pid = await _provider(broker, principal, provider_id)
-    # Answered once the new state is committed, not after the lease's charge: that is booked
-    # in a batch with other ends (or, should this replica stop first, by the leader's next
-    # metering pass, which charges every ended lease not yet charged). Waiting for it made
-    # agents' reports wait for the periodic pass's hold on the labs' balances (seconds under
-    # issue 14's load), and an agent has no use for the charge.
-    lease = await run_in_threadpool(broker.report_lease_state, pid, lease_id, body, False)
-    return {"id": lease.id, "state": lease.state.value,
-            "end_reason": lease.end_reason.value if lease.end_reason else None}
+    # Recorded in a batch with the other reports that arrive meanwhile (agent_batches.py),
+    # answered once committed, not after the lease's charge: that is booked in a batch with
+    # other ends (or by the leader's next metering pass). Waiting for it made agents'
+    # reports wait for the periodic pass's hold on the labs' balances (seconds under issue
+    # 14's load), and an agent has no use for it.
+    done = await broker.report_lease_state(pid, lease_id, body)
+    return {"id": done.lease_id, "state": done.state.value,
+            "end_reason": done.end_reason.value if done.end_reason else None}
 
 
 @router.post("/{provider_id}/leases/{lease_id}/csr", status_code=202)

@@ -55,7 +55,14 @@ from accounting.pricing import ensure_default_price
 
 from ..lease_states import move
 from . import admission, db, environments
-from .agent_batches import Heartbeat, LeaseListRead, read_lease_lists, record_heartbeats
+from .agent_batches import (
+    Heartbeat,
+    LeaseListRead,
+    Report,
+    read_lease_lists,
+    record_heartbeats,
+    record_reports,
+)
 from .auth import Principal
 from .capacity import record_capacity
 from .coalescer import Coalescer
@@ -103,13 +110,16 @@ logger = logging.getLogger("parallex.broker")
 #: says where its leases went or why they wait; past it the answer shows them pending and
 #: the pass still comes (agents and the cluster hear of it through their long polls).
 PLACEMENT_WAIT = 5.0
-#: Seconds an agent's report that ended a lease waits for the lease's charge to be booked
-#: (a batch with the other leases that ended meanwhile); past it the answer goes, and the
+#: Seconds an agent that goes offline waits for its ended leases' charge to be booked (a
+#: batch with the other leases that ended meanwhile); past it the answer goes, and the
 #: charge follows (or the next periodic metering pass makes it).
 METERING_WAIT = 5.0
 #: Seconds a heartbeat waits for its batch before it is answered 503 (the agent sends the
 #: next one as usual).
 HEARTBEAT_WAIT = 10.0
+#: Seconds an agent's report of a lease's state waits for its batch before it is answered
+#: 503 (the agent reports it again).
+REPORT_WAIT = 10.0
 #: Seconds an ended lease stays in a cluster heartbeat's answer (at least three cluster
 #: timeouts).
 ENDED_SHOWN = 600.0
@@ -169,6 +179,9 @@ class Broker:
                                      "parallex-end-meterer")
         #: Records agents' heartbeats, many to a transaction (started with the app).
         self.heartbeats = Coalescer(self.record_heartbeats, "parallex-heartbeats")
+        #: Records agents' reports of their leases, many to a transaction (started with the
+        #: app).
+        self.reports = Coalescer(self.record_reports, "parallex-reports")
         #: Reads agents' lease lists for long polls, many to a query (started with the app).
         self.lease_lists = Coalescer(self._read_lease_lists, "parallex-lease-lists")
         #: Which lab each provider seen so far belongs to (providers never change lab).
@@ -393,54 +406,48 @@ class Broker:
                 return None
             return row.scheduler_address.split("://", 1)[-1]
 
-    def report_lease_state(self, provider_id: str, lease_id: str,
-                           body: LeaseStateReport, wait: bool = True) -> Lease:
+    async def report_lease_state(self, provider_id: str, lease_id: str,
+                                 body: LeaseStateReport) -> Report:
         """What the agent says of a lease's worker: it runs (or runs again after a
         suspension), it is suspended for the machine's owner, it is preempted (releasing,
-        target preempted), or it ended."""
+        target preempted), or it ended. Recorded in the next batch of reports (waits on the
+        event loop, no thread); answered once committed, not after the lease's charge."""
         if body.state == LeaseState.pending:
             raise Invalid("bad-state", "an agent can report 'starting' (progress), 'running', "
                           "'suspended', 'releasing' (preempted) or 'ended', not 'pending'")
-        if body.state == LeaseState.starting:
-            return self._starting_progress(provider_id, lease_id, body.message)
         if body.state == LeaseState.releasing and body.reason != EndReason.preempted:
             raise Invalid("bad-reason", "an agent releases a lease only to preempt it "
                           "(reason 'preempted'); the cluster releases the others")
-        # A pass never writes a lease that has a provider; the cluster's release of the same
-        # lease waits on the row (or this on the cluster's).
-        with self._row_locked() as s:
-            lease = s.get(Lease, lease_id, with_for_update=True)
-            if lease is None or lease.provider_id != provider_id:
-                raise NotFound("unknown-lease",
-                               f"no lease {lease_id!r} assigned to provider {provider_id}")
-            if lease.state == LeaseState.ended:
-                return lease  # idempotent: a repeated or late report changes nothing
-            woken = {provider_id}
-            if body.state != LeaseState.ended:
-                changed = self._owner_move(lease, body)
-                if changed:
-                    s.add(lease)
-                    s.commit()
-            else:
-                reason = body.reason
-                if reason is None:
-                    reason = (EndReason.released if lease.state == LeaseState.releasing
-                              else EndReason.failed)
-                end_by_provider(s, lease, reason, body.message)
-                s.add(lease)
-                if body.environment_error:
-                    environments.record_failure(s, lease, provider_id, body.message)
-                s.commit()
-                changed = True
-        if changed:
-            self.wakeups.bump_all(woken)
-            if lease.state == LeaseState.ended:
-                self.placer.ask()
-            if wait:
-                self.end_meterer.ask_and_wait(METERING_WAIT, {lease.id})
-            else:  # the agent's route answers without waiting for the charge
-                self.end_meterer.ask({lease.id})
-        return lease
+        if body.state == LeaseState.starting:
+            lease = await asyncio.to_thread(self._starting_progress, provider_id, lease_id,
+                                            body.message)
+            return Report(provider_id, lease_id, body, state=lease.state,
+                          end_reason=lease.end_reason)
+        report = Report(provider_id, lease_id, body)
+        await self.reports.wait_async(self.reports.ask({report}), REPORT_WAIT)
+        if report.refused is not None:
+            raise report.refused
+        if report.state is None:
+            raise Unavailable("report-not-recorded",
+                              "the broker could not record this report now (its database is "
+                              "busy or unreachable); report it again")
+        return report
+
+    def record_reports(self, reports: set[Report]) -> None:
+        """A batch of agents' reports as one unit of work (the report batcher's)."""
+        batch = list(reports)
+        self.metrics.report_batch_size.observe(len(batch))
+        with self.metrics.report_batch.time(), self._row_locked() as s:
+            out = record_reports(s, batch)
+            s.commit()
+        if out.woken:
+            self.wakeups.bump_all(out.woken)
+        if out.ended:
+            self.placer.ask()
+            # Charged in a batch of their own: the charge may wait for the periodic metering
+            # pass's hold on the labs' balances (seconds under issue 14's load), and an
+            # agent has no use for it (the next metering pass charges what this misses).
+            self.end_meterer.ask(out.ended)
 
     def _starting_progress(self, provider_id: str, lease_id: str, message: str) -> Lease:
         """A starting lease's progress (its environment's build), shown to its user."""
@@ -455,33 +462,6 @@ class Broker:
                 s.commit()
                 s.refresh(lease)
         return lease
-
-    @staticmethod
-    def _owner_move(lease: Lease, body: LeaseStateReport) -> bool:
-        """Suspend, resume or preempt ``lease`` as its agent reports; True when it moved."""
-        now = utcnow()
-        if body.state == LeaseState.running:
-            # From starting it means only that the process started: the lease runs (and is
-            # metered) once the cluster confirms that its worker joined the scheduler.
-            if lease.state != LeaseState.suspended:
-                return False
-            move(lease, LeaseState.running, at=now, message=body.message or "resumed")
-            return True
-        if body.state == LeaseState.suspended:
-            if lease.state == LeaseState.suspended:
-                return False
-            if lease.state != LeaseState.running:
-                raise Conflict("cannot-suspend", f"lease {lease.id} is {lease.state.value}; "
-                               "only a running lease can be suspended")
-            move(lease, LeaseState.suspended, at=now,
-                 message=body.message or "suspended for the machine's owner")
-            return True
-        # Preempted: the cluster retires the worker (its data moves) and asks for another.
-        if lease.state == LeaseState.releasing:
-            return False
-        move(lease, LeaseState.releasing, at=now, reason=EndReason.preempted,
-             message=body.message or "preempted for the machine's owner")
-        return True
 
     def provider_offline(self, provider: Provider) -> int:
         """An agent that shuts down says so: no new lease goes to its machine, and what it

@@ -184,3 +184,63 @@ def test_a_heartbeat_without_a_running_lease_ends_it_and_only_its_own(federation
     assert states[mine[1]]["end_reason"] == "failed"
     assert "reports no worker process" in states[mine[1]]["message"]
     assert all(states[lid]["state"] == "running" for lid in on if lid != mine[1]), states
+
+
+def test_reports_in_batches_count_on_their_own_and_refusals_write_nothing(federation):
+    """Agents' reports arrive together and share batches: each answer comes after its own
+    change was committed, and a report refused in the batch (another machine's lease, a
+    move its lease cannot make) is refused alone, writing nothing, while the rest count."""
+    from federation.tls import ClusterAuthority
+
+    federation.add_lab("lab-a", user="alice")
+    agent = {"Authorization": f"Bearer {federation.provider_tokens['lab-a']}"}
+    api = f"{federation.url}/api/v1"
+    machines = [httpx.post(f"{api}/agent/register", headers=agent, timeout=30, json={
+        "name": f"m{i}", "cpus": 2, "memory": 2**33, "gpus": []}).raise_for_status()
+        .json()["provider_id"] for i in range(2)]
+    with httpx.Client(base_url=api, timeout=30, headers={
+            "Authorization": f"Bearer {federation.user_tokens['alice']}"}) as user:
+        cid = user.post("/clusters", json={
+            "scheduler_address": "tls://127.0.0.1:40000",
+            "ca_cert": ClusterAuthority().ca_pem}).raise_for_status().json()["id"]
+        leases = user.post(f"/clusters/{cid}/leases", json={
+            "spec": {"cpus": 1, "memory": 2**30},
+            "workers": [{"lease_id": f"ls-report{i}"} for i in range(4)]}).raise_for_status().json()
+        user.post(f"/clusters/{cid}/heartbeat",
+                  json={"connected": [le["id"] for le in leases]}).raise_for_status()
+        on = {le["id"]: le["provider_id"] for le in leases}
+        (a, b), (c, d) = (sorted(lid for lid in on if on[lid] == m) for m in machines)
+        user.post(f"/clusters/{cid}/leases/release",
+                  json={"lease_ids": [d]}).raise_for_status()
+        before = {le["id"]: le for le in user.get(f"/clusters/{cid}").json()["leases"]}
+
+        sent = [(machines[0], a, {"state": "ended"}),                    # the worker left
+                (machines[0], b, {"state": "suspended", "message": "owner back"}),
+                (machines[1], a, {"state": "ended"}),                    # not its lease
+                (machines[1], c, {"state": "releasing", "reason": "preempted"}),
+                (machines[1], d, {"state": "suspended"})]                # releasing already
+
+        async def report_all() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=api, headers=agent, timeout=30) as client:
+                return await asyncio.gather(*(client.post(
+                    f"/agent/{pid}/leases/{lid}/state", json=body) for pid, lid, body in sent))
+
+        answers = asyncio.run(report_all())
+        assert [r.status_code for r in answers] == [200, 200, 404, 200, 409], [
+            r.text for r in answers]
+        assert answers[2].json()["error"] == "unknown-lease"
+        assert "only a running lease can be suspended" in answers[4].json()["message"]
+        assert answers[0].json() == {"id": a, "state": "ended", "end_reason": "failed"}
+        assert answers[1].json()["state"] == "suspended"
+        states = {le["id"]: le for le in user.get(f"/clusters/{cid}").json()["leases"]}
+    assert states[a]["state"] == "ended" and states[a]["end_reason"] == "failed"
+    assert states[b]["state"] == "suspended" and states[b]["message"] == "owner back"
+    assert states[c]["state"] == "releasing" and states[c]["release_reason"] == "preempted"
+    assert states[d] == before[d]  # the refused report wrote nothing
+    text = httpx.get(f"{api}/metrics", timeout=30,
+                     headers={"Authorization": f"Bearer {federation.admin_token}"}).text
+    values = {s.name: s.value for family in text_string_to_metric_families(text)
+              for s in family.samples}
+    # Every report that reached a batch was counted in one (the 404 was refused there).
+    assert values["parallex_report_batch_size_sum"] == len(sent)
+    assert 1 <= values["parallex_report_batch_size_count"] <= len(sent)
