@@ -68,8 +68,7 @@ def heartbeat(cluster_id: ClusterIdPath, request: Request,
     """The cluster lives; ``connected`` lists the leases whose workers joined its scheduler,
     which makes them running (metered) from now."""
     broker = request.app.state.broker
-    return broker.cluster_heartbeat(broker.cluster_for(principal, cluster_id),
-                                    body.connected if body else None)
+    return broker.cluster_heartbeat(principal, cluster_id, body.connected if body else None)
 
 
 @router.post("/{cluster_id}/leases", status_code=201, response_model=list[LeasePublic])

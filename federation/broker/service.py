@@ -528,7 +528,12 @@ class Broker:
     def cluster_for(self, principal: Principal, cluster_id: str) -> ClusterRecord:
         """The cluster, if the caller may act on it: its owner or an administrator."""
         with self.session() as s:
-            cluster = s.get(ClusterRecord, cluster_id)
+            return self._cluster_of(s, principal, cluster_id)
+
+    @staticmethod
+    def _cluster_of(s: Session, principal: Principal, cluster_id: str) -> ClusterRecord:
+        """``cluster_for`` inside the caller's unit of work."""
+        cluster = s.get(ClusterRecord, cluster_id)
         # Another user's cluster answers exactly like an unknown one: ids are not disclosed.
         if cluster is None or (not principal.is_admin and cluster.user_id != principal.user_id):
             raise NotFound("unknown-cluster", f"no cluster {cluster_id!r} of yours")
@@ -559,17 +564,19 @@ class Broker:
         public.gateway_internal = self.gateway_internal
         return public
 
-    def cluster_heartbeat(self, cluster: ClusterRecord,
+    def cluster_heartbeat(self, principal: Principal, cluster_id: str,
                           connected: list[str] | None = None) -> ClusterPublic:
         """Note that the cluster lives; leases whose workers it says joined its scheduler
-        become running (and metered) from now."""
-        if not cluster.active:
-            raise Conflict("cluster-ended",
-                           f"cluster {cluster.id} was ended ({cluster.end_reason}); "
-                           "start a new FederatedCluster")
+        become running (and metered) from now. One transaction, the view read before its
+        commit: under load every round trip waits for a core, and this is the heaviest of
+        the frequent requests (issue 14's profile)."""
         now = utcnow()
         with self.session() as s:
-            row = s.get(ClusterRecord, cluster.id)
+            row = self._cluster_of(s, principal, cluster_id)
+            if not row.active:
+                raise Conflict("cluster-ended",
+                               f"cluster {row.id} was ended ({row.end_reason}); "
+                               "start a new FederatedCluster")
             row.last_seen = now
             s.add(row)
             started: set[str] = set()
@@ -577,18 +584,18 @@ class Broker:
                 # Locked, so a release at the same moment is not overwritten (PostgreSQL
                 # reads the row again after it and leaves it out, no longer starting).
                 for lease in s.exec(select(Lease).where(
-                        Lease.cluster_id == cluster.id, Lease.state == LeaseState.starting,
+                        Lease.cluster_id == row.id, Lease.state == LeaseState.starting,
                         col(Lease.id).in_(connected)).order_by(Lease.id).with_for_update()):
                     # What it waited for (an environment's build) is over.
                     move(lease, LeaseState.running, at=now, message="")
                     s.add(lease)
                     started.add(lease.provider_id)
-            s.commit()
             # Live leases and those that ended lately, not every lease the cluster ever had
             # (an adaptive cluster running for days ends thousands): a keeper whose cluster
             # is still active heartbeated within the cluster timeout, so it sees each end.
             shown = max(ENDED_SHOWN, 3 * self.settings.cluster_timeout)
             public = clusters_public(s, [row], now - dt.timedelta(seconds=shown))[0]
+            s.commit()
         # The agents hear it: a running lease is suspended for the owner, a starting one
         # (no results yet) simply makes way.
         self.wakeups.bump_all(started)

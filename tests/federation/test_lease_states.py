@@ -382,6 +382,43 @@ def test_a_lease_request_is_one_unit_of_work(tmp_path):
         fed.close()
 
 
+def test_a_cluster_heartbeat_is_one_commit_of_few_statements_whatever_its_leases(tmp_path):
+    """The heaviest of the frequent requests (every 5 s per cluster) reads and writes in one
+    transaction, with as many statements for four leases as for one (issue 14: under load
+    every round trip waits for a core)."""
+    from sqlalchemy import event
+
+    fed = Federation(tmp_path)
+    try:
+        engine = fed.client.app.state.broker.engine
+        statements: list[str] = []
+        commits: list[int] = []
+        event.listen(engine, "before_cursor_execute",
+                     lambda _c, _cur, sql, *_a: statements.append(sql))
+        event.listen(engine, "commit", lambda _conn: commits.append(1))
+        user = fed.as_(fed.user_token)
+        counts = []
+        for workers in (1, 3):
+            fed.apply(("scale", workers))
+            ids = [le["id"] for le in fed.leases() if le["state"] == "starting"]
+            statements.clear()
+            commits.clear()
+            answer = user.post(f"/clusters/{fed.cluster}/heartbeat", json={"connected": ids})
+            assert answer.status_code == 200, answer.text
+            shown = {le["id"]: le["state"] for le in answer.json()["leases"]}
+            assert all(shown[i] == "running" for i in ids) and len(shown) == workers + (
+                0 if workers == 1 else 1), shown
+            assert answer.json()["leases"][0]["lab"] == "lab-a"
+            writes = [q for q in statements if not q.lstrip().upper().startswith("SELECT")]
+            counts.append(len(statements))
+            assert len(commits) == 1 and len(writes) == 2, statements  # the cluster, leases
+        # The cluster, its starting leases, names, leases with their labs and the two writes
+        # (the token is remembered); it was 9, in two transactions, and grew with the labs.
+        assert counts[0] == counts[1] <= 6, (counts, statements)
+    finally:
+        fed.close()
+
+
 def test_upgrade_moves_a_releasing_leases_target_out_of_its_end_reason(tmp_path):
     """Migration 0007: a lease releasing during the upgrade keeps its target as
     release_reason and has no end reason until it ends; a downgrade puts it back."""
