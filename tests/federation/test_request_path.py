@@ -148,30 +148,50 @@ def test_a_scale_answer_holds_only_the_new_leases(federation):
         assert second[0]["lab"] == "lab-a"
 
 
-def test_a_heartbeat_without_a_running_lease_ends_it_and_only_its_own(federation):
-    """Heartbeat batches find overdue leases from columns: the machine's agent no longer
-    lists a running lease, so it ends failed; the same batch leaves the machine's other
-    running lease (listed) and another machine's running lease alone."""
-    from federation.tls import ClusterAuthority
-
+def _two_machines(federation) -> tuple[str, dict, list[str]]:
+    """lab-a with alice, and two registered 2-CPU machines: the API's URL, the lab's agent
+    headers and the machines' ids."""
     federation.add_lab("lab-a", user="alice")
     agent = {"Authorization": f"Bearer {federation.provider_tokens['lab-a']}"}
     api = f"{federation.url}/api/v1"
     machines = [httpx.post(f"{api}/agent/register", headers=agent, timeout=30, json={
         "name": f"m{i}", "cpus": 2, "memory": 2**33, "gpus": []}).raise_for_status()
         .json()["provider_id"] for i in range(2)]
-    with httpx.Client(base_url=api, timeout=30, headers={
-            "Authorization": f"Bearer {federation.user_tokens['alice']}"}) as user:
-        cid = user.post("/clusters", json={
-            "scheduler_address": "tls://127.0.0.1:40000",
-            "ca_cert": ClusterAuthority().ca_pem}).raise_for_status().json()["id"]
-        leases = user.post(f"/clusters/{cid}/leases", json={
-            "spec": {"cpus": 1, "memory": 2**30},
-            "workers": [{"lease_id": f"ls-beat{i}"} for i in range(4)]}).raise_for_status().json()
-        on = {le["id"]: le["provider_id"] for le in leases}
-        assert sorted(on.values()) == sorted(machines * 2), on  # 2 CPUs each: full
-        # Their workers joined: running (and metered) from now.
-        user.post(f"/clusters/{cid}/heartbeat", json={"connected": list(on)}).raise_for_status()
+    return api, agent, machines
+
+
+def _user(federation) -> httpx.Client:
+    """alice's client of the API."""
+    return httpx.Client(base_url=f"{federation.url}/api/v1", timeout=30, headers={
+        "Authorization": f"Bearer {federation.user_tokens['alice']}"})
+
+
+def _running_cluster(user: httpx.Client, machines: list[str],
+                     prefix: str) -> tuple[str, dict[str, str]]:
+    """A cluster whose four 1-CPU leases fill both machines and run (their workers joined):
+    its id and each lease's machine."""
+    from federation.tls import ClusterAuthority
+
+    cid = user.post("/clusters", json={
+        "scheduler_address": "tls://127.0.0.1:40000",
+        "ca_cert": ClusterAuthority().ca_pem}).raise_for_status().json()["id"]
+    leases = user.post(f"/clusters/{cid}/leases", json={
+        "spec": {"cpus": 1, "memory": 2**30},
+        "workers": [{"lease_id": f"{prefix}{i}"} for i in range(4)]}).raise_for_status().json()
+    on = {le["id"]: le["provider_id"] for le in leases}
+    assert sorted(on.values()) == sorted(machines * 2), on  # 2 CPUs each: full
+    # Their workers joined: running (and metered) from now.
+    user.post(f"/clusters/{cid}/heartbeat", json={"connected": list(on)}).raise_for_status()
+    return cid, on
+
+
+def test_a_heartbeat_without_a_running_lease_ends_it_and_only_its_own(federation):
+    """Heartbeat batches find overdue leases from columns: the machine's agent no longer
+    lists a running lease, so it ends failed; the same batch leaves the machine's other
+    running lease (listed) and another machine's running lease alone."""
+    api, agent, machines = _two_machines(federation)
+    with _user(federation) as user:
+        cid, on = _running_cluster(user, machines, "ls-beat")
         first = machines[0]
         mine = sorted(lid for lid, pid in on.items() if pid == first)
         # The first machine lists one of its two leases, and the other machine's leases too
@@ -190,25 +210,9 @@ def test_reports_in_batches_count_on_their_own_and_refusals_write_nothing(federa
     """Agents' reports arrive together and share batches: each answer comes after its own
     change was committed, and a report refused in the batch (another machine's lease, a
     move its lease cannot make) is refused alone, writing nothing, while the rest count."""
-    from federation.tls import ClusterAuthority
-
-    federation.add_lab("lab-a", user="alice")
-    agent = {"Authorization": f"Bearer {federation.provider_tokens['lab-a']}"}
-    api = f"{federation.url}/api/v1"
-    machines = [httpx.post(f"{api}/agent/register", headers=agent, timeout=30, json={
-        "name": f"m{i}", "cpus": 2, "memory": 2**33, "gpus": []}).raise_for_status()
-        .json()["provider_id"] for i in range(2)]
-    with httpx.Client(base_url=api, timeout=30, headers={
-            "Authorization": f"Bearer {federation.user_tokens['alice']}"}) as user:
-        cid = user.post("/clusters", json={
-            "scheduler_address": "tls://127.0.0.1:40000",
-            "ca_cert": ClusterAuthority().ca_pem}).raise_for_status().json()["id"]
-        leases = user.post(f"/clusters/{cid}/leases", json={
-            "spec": {"cpus": 1, "memory": 2**30},
-            "workers": [{"lease_id": f"ls-report{i}"} for i in range(4)]}).raise_for_status().json()
-        user.post(f"/clusters/{cid}/heartbeat",
-                  json={"connected": [le["id"] for le in leases]}).raise_for_status()
-        on = {le["id"]: le["provider_id"] for le in leases}
+    api, agent, machines = _two_machines(federation)
+    with _user(federation) as user:
+        cid, on = _running_cluster(user, machines, "ls-report")
         (a, b), (c, d) = (sorted(lid for lid in on if on[lid] == m) for m in machines)
         user.post(f"/clusters/{cid}/leases/release",
                   json={"lease_ids": [d]}).raise_for_status()
