@@ -27,8 +27,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sqlalchemy.exc import DataError
 from sqlmodel import Session, col, select
 
 from accounting.models import utcnow
@@ -58,6 +60,8 @@ class Heartbeat:
     recorded: bool = False
     #: Set by the batch when the provider has no row (it never registered, or was removed).
     unknown: bool = False
+    #: Set when the database refused a value this heartbeat carries (run alone, it failed).
+    failure: Exception | None = None
 
 
 @dataclass(eq=False)
@@ -67,6 +71,26 @@ class LeaseListRead:
     provider_id: str
     #: Set by the batch (``views.agent_leases``); None after a failed batch or a timeout.
     leases: list[dict] | None = None
+
+
+def each_alone_if_refused(batch: list, record: Callable[[list], None]) -> None:
+    """``record(batch)`` as one unit of work; when the database refuses a value one item
+    carries (``DataError``: a NUL character in a message, which PostgreSQL refuses and an
+    agent may relay from a worker's output), each item alone instead, so only the item that
+    carries it fails (``item.failure``, answered 422) and the rest of its batch still
+    counts. Without this, one agent retrying such a report would fail every batch it joined.
+    Other errors fail the whole batch (its requests are answered 503 and retried)."""
+    try:
+        record(batch)
+    except DataError as exc:
+        if len(batch) == 1:
+            batch[0].failure = exc
+            return
+        for item in batch:
+            try:
+                record([item])
+            except DataError as alone:
+                item.failure = alone
 
 
 def read_lease_lists(s: Session, reads: list[LeaseListRead], gateway: str | None) -> None:
@@ -150,11 +174,15 @@ class Report:
     body: LeaseStateReport
     #: When it arrived (monotonic): reports of one lease apply in this order.
     arrived: float = field(default_factory=time.monotonic)
-    #: Set by the batch that recorded it: the lease's state and end reason after it.
+    #: Set by the batch: the lease's state and end reason after it (valid once recorded).
     state: LeaseState | None = None
     end_reason: EndReason | None = None
+    #: Set once the batch that applied it committed.
+    recorded: bool = False
     #: Set by the batch when the report was refused (it wrote nothing).
     refused: BrokerError | None = None
+    #: Set when the database refused a value this report carries (run alone, it failed).
+    failure: Exception | None = None
 
 
 @dataclass

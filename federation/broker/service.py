@@ -59,6 +59,7 @@ from .agent_batches import (
     Heartbeat,
     LeaseListRead,
     Report,
+    each_alone_if_refused,
     read_lease_lists,
     record_heartbeats,
     record_reports,
@@ -355,6 +356,9 @@ class Broker:
         heartbeats change nothing else, so a placement pass follows only a change."""
         batch = list(beats)
         self.metrics.heartbeat_batch_size.observe(len(batch))
+        each_alone_if_refused(batch, self._record_heartbeat_batch)
+
+    def _record_heartbeat_batch(self, batch: list[Heartbeat]) -> None:
         # Row-locked like agent reports: on SQLite that is the exclusive section (a read
         # transaction that writes after another thread wrote would fail there).
         with self.metrics.heartbeat_batch.time(), self._row_locked() as s:
@@ -373,6 +377,8 @@ class Broker:
         heartbeats again), NotFound when the provider has no row."""
         ticket = self.heartbeats.ask({beat})
         await self.heartbeats.wait_async(ticket, HEARTBEAT_WAIT)
+        if beat.failure is not None:
+            raise beat.failure
         if not beat.recorded:
             raise Unavailable("heartbeat-not-recorded",
                               "the broker could not record this heartbeat now (its database "
@@ -422,12 +428,14 @@ class Broker:
             lease = await asyncio.to_thread(self._starting_progress, provider_id, lease_id,
                                             body.message)
             return Report(provider_id, lease_id, body, state=lease.state,
-                          end_reason=lease.end_reason)
+                          end_reason=lease.end_reason, recorded=True)
         report = Report(provider_id, lease_id, body)
         await self.reports.wait_async(self.reports.ask({report}), REPORT_WAIT)
+        if report.failure is not None:
+            raise report.failure
         if report.refused is not None:
             raise report.refused
-        if report.state is None:
+        if not report.recorded:
             raise Unavailable("report-not-recorded",
                               "the broker could not record this report now (its database is "
                               "busy or unreachable); report it again")
@@ -437,9 +445,14 @@ class Broker:
         """A batch of agents' reports as one unit of work (the report batcher's)."""
         batch = list(reports)
         self.metrics.report_batch_size.observe(len(batch))
+        each_alone_if_refused(batch, self._record_report_batch)
+
+    def _record_report_batch(self, batch: list[Report]) -> None:
         with self.metrics.report_batch.time(), self._row_locked() as s:
             out = record_reports(s, batch)
             s.commit()
+        for report in batch:
+            report.recorded = report.refused is None
         if out.woken:
             self.wakeups.bump_all(out.woken)
         if out.ended:

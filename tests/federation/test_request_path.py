@@ -248,3 +248,62 @@ def test_reports_in_batches_count_on_their_own_and_refusals_write_nothing(federa
     # Every report that reached a batch was counted in one (the 404 was refused there).
     assert values["parallex_report_batch_size_sum"] == len(sent)
     assert 1 <= values["parallex_report_batch_size_count"] <= len(sent)
+
+
+def test_a_value_the_database_refuses_fails_only_its_own_report_or_heartbeat(postgres_url):
+    """A NUL character in a report's message (an agent relaying a worker's output) is refused
+    by PostgreSQL. In a batch it must fail only its own report, answered 422, while the
+    reports beside it count: otherwise the agent retrying it failed every batch it joined."""
+    from fastapi.testclient import TestClient
+
+    from federation.broker.agent_batches import Report
+    from federation.broker.app import create_app
+    from federation.broker.models import LeaseStateReport
+    from federation.broker.settings import BrokerSettings
+    from federation.tls import ClusterAuthority
+
+    admin_token = "test-admin-token-0123456789"
+    app = create_app(postgres_url, BrokerSettings(cloud_prices=None, min_heartbeat_interval=0),
+                     admin_token=admin_token)
+    with TestClient(app) as client:
+        def call(token: str, method: str, path: str, **kw) -> httpx.Response:
+            return client.request(method, f"/api/v1{path}", **kw,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+        assert call(admin_token, "POST", "/labs", json={"name": "lab-a"}).status_code == 201
+        user = call(admin_token, "POST", "/tokens", json={
+            "kind": "user", "lab": "lab-a", "user": "alice"}).json()["token"]
+        agent = call(admin_token, "POST", "/tokens", json={
+            "kind": "provider", "lab": "lab-a"}).json()["token"]
+        box = call(agent, "POST", "/agent/register", json={
+            "name": "box", "cpus": 3, "memory": "8 GiB"}).json()["provider_id"]
+        cid = call(user, "POST", "/clusters", json={
+            "scheduler_address": "tls://127.0.0.1:1",
+            "ca_cert": ClusterAuthority().ca_pem}).json()["id"]
+        ids = [f"ls-nulls{i}" for i in range(3)]
+        assert call(user, "POST", f"/clusters/{cid}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"},
+            "workers": [{"lease_id": i} for i in ids]}).status_code == 201
+        call(user, "POST", f"/clusters/{cid}/heartbeat", json={"connected": ids})
+
+        broker = app.state.broker
+        reports = [Report(box, ids[0], LeaseStateReport(state="ended", message="done")),
+                   Report(box, ids[1], LeaseStateReport(state="ended", message="bad\x00out")),
+                   Report(box, ids[2], LeaseStateReport(state="suspended"))]
+        broker.record_reports(set(reports))  # one batch, as the report coalescer runs it
+        good, bad, suspended = reports
+        assert good.recorded and suspended.recorded and not bad.recorded
+        assert bad.failure is not None and "NUL" in str(bad.failure)
+        states = {le["id"]: le["state"] for le in call(user, "GET",
+                                                       f"/clusters/{cid}").json()["leases"]}
+        assert states == {ids[0]: "ended", ids[1]: "running", ids[2]: "suspended"}
+
+        # Through the API: the report and a heartbeat carrying one are answered 422.
+        answer = call(agent, "POST", f"/agent/{box}/leases/{ids[1]}/state",
+                      json={"state": "ended", "message": "bad\x00out"})
+        assert answer.status_code == 422 and answer.json()["error"] == "unstorable-value"
+        beat = call(agent, "POST", f"/agent/{box}/heartbeat",
+                    json={"running": ids[1:], "offer_note": "owner\x00typing"})
+        assert beat.status_code == 422 and beat.json()["error"] == "unstorable-value"
+        assert call(agent, "POST", f"/agent/{box}/heartbeat",
+                    json={"running": ids[1:]}).status_code == 200
