@@ -593,7 +593,9 @@ class ProviderAgent:
     async def _report(self, lease_id: str, state: LeaseState, reason: EndReason | None = None,
                       message: str = "", attempts: int = 20,
                       environment_error: bool = False) -> None:
-        body = {"state": state, "reason": reason, "message": message[-2000:],
+        # A worker's output may hold NUL characters, which the broker's database refuses.
+        body = {"state": state, "reason": reason,
+                "message": message.replace("\x00", "")[-2000:],
                 "environment_error": environment_error}
         delay = 0.2
         for _attempt in range(attempts):
