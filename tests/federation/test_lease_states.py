@@ -419,6 +419,34 @@ def test_a_cluster_heartbeat_is_one_commit_of_few_statements_whatever_its_leases
         fed.close()
 
 
+def test_a_cluster_heartbeat_shows_leases_that_ended_lately_and_the_full_view_all(tmp_path):
+    """A keeper heartbeats within the cluster timeout, so its answer holds live leases and
+    those ended in the last 10 minutes (at least three cluster timeouts), not every lease
+    the cluster ever had; reading the cluster shows them all."""
+    fed = Federation(tmp_path)
+    try:
+        fed.apply(("scale", 3))
+        old, recent, live = (le["id"] for le in fed.leases())
+        user, agent = fed.as_(fed.user_token), fed.as_(fed.agent_token)
+        for lease_id in (old, recent):
+            provider = next(le["provider_id"] for le in fed.leases() if le["id"] == lease_id)
+            assert agent.post(f"/agent/{provider}/leases/{lease_id}/state",
+                              json={"state": "ended"}).status_code == 200
+        # The test's clock: one ended 11 minutes ago, the other 9.
+        with contextlib.closing(sqlite3.connect(fed.db_path)) as c:
+            for lease_id, minutes in ((old, 11), (recent, 9)):
+                c.execute("UPDATE lease SET ended_at = datetime(ended_at, ?) WHERE id = ?",
+                          (f"-{minutes} minutes", lease_id))
+            c.commit()
+        beat = user.post(f"/clusters/{fed.cluster}/heartbeat", json={"connected": []})
+        assert {le["id"] for le in beat.json()["leases"]} == {recent, live}
+        full = user.get(f"/clusters/{fed.cluster}").json()["leases"]
+        assert {le["id"]: le["state"] for le in full} == {old: "ended", recent: "ended",
+                                                          live: "starting"}
+    finally:
+        fed.close()
+
+
 def test_upgrade_moves_a_releasing_leases_target_out_of_its_end_reason(tmp_path):
     """Migration 0007: a lease releasing during the upgrade keeps its target as
     release_reason and has no end reason until it ends; a downgrade puts it back."""

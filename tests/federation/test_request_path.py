@@ -5,6 +5,11 @@ change, on every replica; heartbeats are recorded in batches whose answer still 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -250,60 +255,110 @@ def test_reports_in_batches_count_on_their_own_and_refusals_write_nothing(federa
     assert 1 <= values["parallex_report_batch_size_count"] <= len(sent)
 
 
-def test_a_value_the_database_refuses_fails_only_its_own_report_or_heartbeat(postgres_url):
-    """A NUL character in a report's message (an agent relaying a worker's output) is refused
-    by PostgreSQL. In a batch it must fail only its own report, answered 422, while the
-    reports beside it count: otherwise the agent retrying it failed every batch it joined."""
+@dataclass
+class InProcess:
+    """A broker app in this process (its batches callable directly) with lab-a, alice's
+    cluster and one 3-CPU machine whose ``ids`` leases run."""
+
+    app: Any
+    client: Any
+    user: str
+    agent: str
+    box: str
+    cid: str
+    ids: list[str]
+
+    def call(self, token: str, method: str, path: str, **kw) -> httpx.Response:
+        return self.client.request(method, f"/api/v1{path}", **kw,
+                                   headers={"Authorization": f"Bearer {token}"})
+
+
+@contextlib.contextmanager
+def in_process_broker(db_url: str, leases: int) -> Iterator[InProcess]:
     from fastapi.testclient import TestClient
 
-    from federation.broker.agent_batches import Report
     from federation.broker.app import create_app
-    from federation.broker.models import LeaseStateReport
     from federation.broker.settings import BrokerSettings
     from federation.tls import ClusterAuthority
 
     admin_token = "test-admin-token-0123456789"
-    app = create_app(postgres_url, BrokerSettings(cloud_prices=None, min_heartbeat_interval=0),
+    app = create_app(db_url, BrokerSettings(cloud_prices=None, min_heartbeat_interval=0),
                      admin_token=admin_token)
     with TestClient(app) as client:
-        def call(token: str, method: str, path: str, **kw) -> httpx.Response:
-            return client.request(method, f"/api/v1{path}", **kw,
-                                  headers={"Authorization": f"Bearer {token}"})
-
-        assert call(admin_token, "POST", "/labs", json={"name": "lab-a"}).status_code == 201
-        user = call(admin_token, "POST", "/tokens", json={
+        b = InProcess(app, client, "", "", "", "", [])
+        assert b.call(admin_token, "POST", "/labs", json={"name": "lab-a"}).status_code == 201
+        b.user = b.call(admin_token, "POST", "/tokens", json={
             "kind": "user", "lab": "lab-a", "user": "alice"}).json()["token"]
-        agent = call(admin_token, "POST", "/tokens", json={
+        b.agent = b.call(admin_token, "POST", "/tokens", json={
             "kind": "provider", "lab": "lab-a"}).json()["token"]
-        box = call(agent, "POST", "/agent/register", json={
+        b.box = b.call(b.agent, "POST", "/agent/register", json={
             "name": "box", "cpus": 3, "memory": "8 GiB"}).json()["provider_id"]
-        cid = call(user, "POST", "/clusters", json={
+        b.cid = b.call(b.user, "POST", "/clusters", json={
             "scheduler_address": "tls://127.0.0.1:1",
             "ca_cert": ClusterAuthority().ca_pem}).json()["id"]
-        ids = [f"ls-nulls{i}" for i in range(3)]
-        assert call(user, "POST", f"/clusters/{cid}/leases", json={
+        b.ids = [f"ls-inproc{i}" for i in range(leases)]
+        assert b.call(b.user, "POST", f"/clusters/{b.cid}/leases", json={
             "spec": {"cpus": 1, "memory": "1 GiB"},
-            "workers": [{"lease_id": i} for i in ids]}).status_code == 201
-        call(user, "POST", f"/clusters/{cid}/heartbeat", json={"connected": ids})
+            "workers": [{"lease_id": i} for i in b.ids]}).status_code == 201
+        b.call(b.user, "POST", f"/clusters/{b.cid}/heartbeat", json={"connected": b.ids})
+        yield b
 
-        broker = app.state.broker
+
+def test_a_value_the_database_refuses_fails_only_its_own_report_or_heartbeat(postgres_url):
+    """A NUL character in a report's message (an agent relaying a worker's output) is refused
+    by PostgreSQL. In a batch it must fail only its own report, answered 422, while the
+    reports beside it count: otherwise the agent retrying it failed every batch it joined."""
+    from federation.broker.agent_batches import Report
+    from federation.broker.models import LeaseStateReport
+
+    with in_process_broker(postgres_url, 3) as b:
+        ids, box = b.ids, b.box
         reports = [Report(box, ids[0], LeaseStateReport(state="ended", message="done")),
                    Report(box, ids[1], LeaseStateReport(state="ended", message="bad\x00out")),
                    Report(box, ids[2], LeaseStateReport(state="suspended"))]
-        broker.record_reports(set(reports))  # one batch, as the report coalescer runs it
+        b.app.state.broker.record_reports(set(reports))  # one batch, as its coalescer runs it
         good, bad, suspended = reports
         assert good.recorded and suspended.recorded and not bad.recorded
         assert bad.failure is not None and "NUL" in str(bad.failure)
-        states = {le["id"]: le["state"] for le in call(user, "GET",
-                                                       f"/clusters/{cid}").json()["leases"]}
+        states = {le["id"]: le["state"] for le in b.call(b.user, "GET",
+                                                         f"/clusters/{b.cid}").json()["leases"]}
         assert states == {ids[0]: "ended", ids[1]: "running", ids[2]: "suspended"}
 
         # Through the API: the report and a heartbeat carrying one are answered 422.
-        answer = call(agent, "POST", f"/agent/{box}/leases/{ids[1]}/state",
-                      json={"state": "ended", "message": "bad\x00out"})
+        answer = b.call(b.agent, "POST", f"/agent/{box}/leases/{ids[1]}/state",
+                        json={"state": "ended", "message": "bad\x00out"})
         assert answer.status_code == 422 and answer.json()["error"] == "unstorable-value"
-        beat = call(agent, "POST", f"/agent/{box}/heartbeat",
-                    json={"running": ids[1:], "offer_note": "owner\x00typing"})
+        beat = b.call(b.agent, "POST", f"/agent/{box}/heartbeat",
+                      json={"running": ids[1:], "offer_note": "owner\x00typing"})
         assert beat.status_code == 422 and beat.json()["error"] == "unstorable-value"
-        assert call(agent, "POST", f"/agent/{box}/heartbeat",
-                    json={"running": ids[1:]}).status_code == 200
+        assert b.call(b.agent, "POST", f"/agent/{box}/heartbeat",
+                      json={"running": ids[1:]}).status_code == 200
+
+
+def test_batches_that_cannot_finish_in_time_answer_503_and_the_retry_counts(postgres_url):
+    """The database holds the batches up (another session locks the tables) past the 10 s a
+    heartbeat or report waits: each is answered 503 with what to do, never a silent
+    success; once the lock goes the batches finish, and the agent's retry of the report is
+    answered with the lease's state (idempotent), its next heartbeat recorded."""
+    import psycopg
+
+    with in_process_broker(postgres_url, 1) as b:
+        (lease_id,) = b.ids
+        beat_path, report_path = (f"/agent/{b.box}/heartbeat",
+                                  f"/agent/{b.box}/leases/{lease_id}/state")
+        # Remembered before the lock: the token's principal and the machine's lab.
+        assert b.call(b.agent, "POST", beat_path, json={"running": b.ids}).status_code == 200
+        with psycopg.connect(postgres_url) as locker:
+            locker.execute("LOCK TABLE provider, lease IN ACCESS EXCLUSIVE MODE")
+            with ThreadPoolExecutor(2) as pool:
+                beat = pool.submit(b.call, b.agent, "POST", beat_path, json={"running": b.ids})
+                report = pool.submit(b.call, b.agent, "POST", report_path,
+                                     json={"state": "ended"})
+                beat, report = beat.result(timeout=60), report.result(timeout=60)
+            locker.rollback()
+        assert beat.status_code == 503 and beat.json()["error"] == "heartbeat-not-recorded"
+        assert report.status_code == 503 and report.json()["error"] == "report-not-recorded"
+        assert "report it again" in report.json()["message"]
+        again = b.call(b.agent, "POST", report_path, json={"state": "ended"})
+        assert again.status_code == 200 and again.json()["state"] == "ended", again.text
+        assert b.call(b.agent, "POST", beat_path, json={"running": []}).status_code == 200
