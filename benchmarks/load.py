@@ -327,6 +327,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100, help="Simulated users (100).")
     parser.add_argument("--workers", type=int, default=100, help="Leases per user (100).")
     parser.add_argument("--seconds", type=float, default=120, help="Run time (120).")
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="Broker replicas, each a process of its own (2). The agents and "
+                             "users are spread over them.")
     parser.add_argument("--processes", type=int, default=4,
                         help="Generator processes the simulated clients are spread over (4).")
     parser.add_argument("--generator-nice", type=int, default=0,
@@ -340,7 +343,7 @@ def main() -> None:
         db = fresh_database(server, "load")
         brokers = []
         try:
-            for name in ("replica-1", "replica-2"):
+            for name in (f"replica-{i + 1}" for i in range(args.replicas)):
                 proc, url = start_broker(Path(tmp), admin_token, db_url=db, name=name,
                                          extra=("--metering-interval", METERING_INTERVAL,
                                                 "--rate-burst", "1000"))

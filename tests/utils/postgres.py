@@ -57,7 +57,9 @@ def postgres_server(timeout: float = 60.0) -> Iterator[str]:
     log = open(root / "postgres.log", "wb")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-         "-k", str(sock), "-c", "fsync=off"],
+         "-k", str(sock), "-c", "fsync=off",
+         # Each broker replica keeps up to 40 connections; the load benchmark runs up to 6.
+         "-c", "max_connections=300"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **run_as)
     admin_url = f"postgresql://parallex@127.0.0.1:{port}/postgres"
     try:
