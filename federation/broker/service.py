@@ -94,7 +94,7 @@ from .models import (
 from .placing import (
     lock_across_processes,
     lock_lab_admissions,
-    lock_lab_registrations,
+    lock_machine_registration,
     place_pending,
     request_of,
 )
@@ -223,7 +223,7 @@ class Broker:
     def _row_locked(self) -> Iterator[Session]:
         """A unit of work that changes held leases or one lab's providers, which a placement
         pass never writes: on PostgreSQL it locks the rows it changes (``with_for_update``)
-        or the lab (``lock_lab_registrations``) and does not wait for passes; SQLite, one
+        or the machine (``lock_machine_registration``) and does not wait for passes; SQLite, one
         process and one writer, keeps it in the exclusive section (a read transaction that
         later writes after another wrote would fail there)."""
         if is_postgresql(self.engine):
@@ -273,7 +273,7 @@ class Broker:
 
     def register_provider(self, principal: Principal, body: ProviderRegister) -> Provider:
         with self._row_locked() as s:
-            lock_lab_registrations(s, principal.lab_id)
+            lock_machine_registration(s, principal.lab_id, body.name)
             lab = s.get(Lab, principal.lab_id)
             admission.check_provider_limits(lab, body)
             provider = s.exec(

@@ -187,3 +187,31 @@ def test_releases_racing_placement_passes_are_never_overwritten(any_database):
         stop = {le["id"] for le in agent.get(f"/agent/{provider}/leases").json()["leases"]
                 if le["state"] == "releasing"}
         assert stop == {i for i in pending if after[i]["state"] == "releasing"}
+
+
+def test_a_machine_registering_twice_at_once_is_one_provider(any_database):
+    """Registration locks the machine (its lab and name), not the lab: eight registrations of
+    one name at once make one provider, which every answer names, while eight machines of the
+    same lab registering at once make eight."""
+    fed = any_database
+    fed.add_lab("lab-a")
+    racers = 8
+    start = threading.Barrier(racers)
+
+    with api(fed, fed.provider_tokens["lab-a"]) as agent:
+        def register(name: str) -> str:
+            start.wait()
+            answer = agent.post("/agent/register", json={"name": name, "cpus": 4,
+                                                         "memory": "8 GiB"})
+            assert answer.status_code == 201, answer.text
+            return answer.json()["provider_id"]
+
+        with ThreadPoolExecutor(racers) as pool:
+            same = set(pool.map(register, ["box"] * racers, timeout=120))
+        with ThreadPoolExecutor(racers) as pool:
+            different = set(pool.map(register, [f"node-{i}" for i in range(racers)],
+                                     timeout=120))
+        listed = Counter(p["name"] for p in agent.get("/providers").json())
+    assert len(same) == 1
+    assert len(different) == racers and same.isdisjoint(different)
+    assert listed == Counter({"box": 1, **{f"node-{i}": 1 for i in range(racers)}})
