@@ -147,9 +147,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 def _run_loop(main) -> None:
     """Run the broker's event loop on uvloop where it is installed (uvicorn[standard]
-    brings it), else asyncio's own. The loop answers every agent's heartbeat and report: in
-    issue 14's load benchmark its timers ran up to 1 s late (p99) on asyncio's loop and up
-    to 0.5 s on uvloop, and the lone agent's heartbeat p99 fell from 1.6-2.5 s to 0.9-1.3 s."""
+    brings it), else asyncio's own. The loop answers every agent's heartbeat and report. In
+    issue 14's load benchmark (same day, A/B) its timers ran late by up to 1 s at the p99 on
+    asyncio's loop in both runs and by up to 0.5 s on uvloop in four runs of five, and
+    reports' median fell from ~0.7 s to 0.44-0.68 s; the p99s stayed within the runs' spread."""
     try:
         import uvloop
     except ImportError:
