@@ -65,9 +65,9 @@ def lock_machine_registration(s: Session, lab_id: int, name: str) -> None:
     transaction. Per machine, not per lab: a lab's fifty machines registering together (a
     site's agents started at once) waited on each other for up to 1.8 s in issue 14's load
     benchmark, though only registrations of one name can collide. The key is a 64-bit
-    digest of the lab and the name (one-key advisory locks; the placement lock is the only
-    other one-key lock, and a digest equal to it is a 2^-64 chance that would only
-    serialise two registrations with placement)."""
+    digest of the lab and the name (one-key advisory locks; the placement and migration locks
+    are the other one-key locks, and a digest equal to one of them, a 2^-64 chance, would
+    only make a registration wait for a pass or a migration)."""
     if s.get_bind().dialect.name == "postgresql":
         digest = hashlib.blake2b(f"{lab_id}/{name}".encode(), digest_size=8,
                                  key=REGISTRATION_LOCK).digest()
