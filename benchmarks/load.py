@@ -366,7 +366,10 @@ def main() -> None:
             urls = [url for _p, url in brokers]
             passes = {kind: pass_stats(urls, admin_token, metric) for kind, metric in (
                 ("metering", "metering_pass"), ("placement", "placement_pass"),
-                ("heartbeat batch", "heartbeat_batch"))}
+                ("placement lock wait", "placement_lock_wait"),
+                ("heartbeat batch", "heartbeat_batch"), ("report batch", "report_batch"),
+                ("scale admission", "scale_admission"),
+                ("scale placement wait", "scale_placement_wait"))}
             inside = server_quantiles(urls, admin_token)
             lag = server_quantiles(urls, admin_token, "parallex_event_loop_lag_seconds_bucket")
         finally:
@@ -418,9 +421,11 @@ def server_quantiles(urls: list[str], admin_token: str,
     return out
 
 
-def pass_stats(urls: list[str], admin_token: str, metric: str) -> tuple[int, float]:
-    """How many passes (``metric``: metering_pass, placement_pass, heartbeat_batch) all
-    replicas ran, and their mean seconds."""
+def pass_stats(urls: list[str], admin_token: str, metric: str
+               ) -> tuple[int, float, float, float]:
+    """How many passes or phases (``metric``: metering_pass, placement_pass,
+    heartbeat_batch, scale_admission, ...) all replicas timed, their mean seconds, and the
+    bucket bounds holding their p50 and p99 (upper bounds, seconds)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     count = total = 0.0
@@ -433,7 +438,9 @@ def pass_stats(urls: list[str], admin_token: str, metric: str) -> tuple[int, flo
                     count += s.value
                 elif s.name == f"parallex_{metric}_seconds_sum":
                     total += s.value
-    return int(count), (total / count if count else 0.0)
+    _n, p50, p99 = server_quantiles(urls, admin_token, f"parallex_{metric}_seconds_bucket"
+                                    ).get("", (0, 0.0, 0.0))
+    return int(count), (total / count if count else 0.0), p50, p99
 
 
 def by_window(timeline: list[tuple[float, float]], width: float = 20.0
@@ -453,7 +460,7 @@ def by_window(timeline: list[tuple[float, float]], width: float = 20.0
     return out
 
 
-def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float]],
+def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, float, float]],
            inside: dict[str, tuple[int, float, float]], args: argparse.Namespace,
            broker_lag: tuple[int, float, float]) -> None:
     rows = [("endpoint", "requests", "p50 ms", "p99 ms", "errors")]
@@ -484,8 +491,9 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float]],
     placed = sorted(rec.placed)
     span = (placed[-1] - placed[0]) if len(placed) > 1 else 0.0
     rate = len(placed) / span if span else 0.0
-    for kind, (n, mean) in passes.items():
-        print(f"{kind}: {n} passes, {mean * 1000:.0f} ms each on average")
+    for kind, (n, mean, p50, p99) in passes.items():
+        print(f"{kind}: {n} times, {mean * 1000:.0f} ms each on average, p50 ≤ "
+              f"{p50 * 1000:g} ms, p99 ≤ {p99 * 1000:g} ms")
     print("CPU used (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in rec.cpu.items())
           + f" of {psutil.cpu_count()}; 429s retried as agents do: {dict(rec.retried)}")
     inside_rows = [("route (inside the broker)", "requests", "p50 ≤ ms", "p99 ≤ ms")]
@@ -506,7 +514,8 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float]],
           f"{errors} errors; worst endpoint p99 {worst:.1f} ms (target < 100 ms, 0 errors)")
     result = {"args": vars(args), "seconds": elapsed, "errors": errors,
               "placements_per_s": rate, "placed": len(placed), "worst_p99_ms": worst,
-              "passes": {k: {"count": n, "mean_s": m} for k, (n, m) in passes.items()},
+              "passes": {k: {"count": n, "mean_s": m, "p50_s_at_most": a, "p99_s_at_most": b}
+                         for k, (n, m, a, b) in passes.items()},
               "cpu_cores_used": rec.cpu, "retried_429": dict(rec.retried),
               "worst_p99_inside_broker_ms_at_most": worst_inside * 1000,
               "inside_broker": {route: {"requests": n, "p50_ms_at_most": p50 * 1000,

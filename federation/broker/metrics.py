@@ -97,6 +97,21 @@ class BrokerMetrics:
         self.placement = Histogram("parallex_placement_pass_seconds",
                                    "Seconds of one placement pass (this replica).",
                                    buckets=PASS_BUCKETS, registry=self.registry)
+        self.placement_lock_wait = Histogram(
+            "parallex_placement_lock_wait_seconds",
+            "Seconds a placement pass waited for the placement lock, which another "
+            "replica's pass held (PostgreSQL; this replica).", buckets=PASS_BUCKETS,
+            registry=self.registry)
+        self.scale_admission = Histogram(
+            "parallex_scale_admission_seconds",
+            "Seconds a scale request's admission took, from its transaction's start to its "
+            "commit, its wait for the lab's admission lock included (this replica).",
+            buckets=PASS_BUCKETS, registry=self.registry)
+        self.scale_placement_wait = Histogram(
+            "parallex_scale_placement_wait_seconds",
+            "Seconds a scale request waited, after its commit, for the placement pass that "
+            "placed its leases or said why they wait (this replica).",
+            buckets=PASS_BUCKETS, registry=self.registry)
         self.metering = Histogram("parallex_metering_pass_seconds",
                                   "Seconds of one periodic metering pass (this replica).",
                                   buckets=PASS_BUCKETS, registry=self.registry)

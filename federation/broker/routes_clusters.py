@@ -78,7 +78,8 @@ async def request_leases(cluster_id: ClusterIdPath, body: LeaseCreate, request: 
     cluster = await run_in_threadpool(broker.cluster_for, principal, cluster_id)
     created = await run_in_threadpool(broker.request_leases, cluster, body, False)
     # The placement pass after the insert, waited for on the event loop (no pool thread).
-    await broker.placer.wait_async(broker.placer.last_ticket, PLACEMENT_WAIT)
+    with broker.metrics.scale_placement_wait.time():
+        await broker.placer.wait_async(broker.placer.last_ticket, PLACEMENT_WAIT)
     # Only the new leases (the cluster's others, ended ones included, may be thousands).
     return await run_in_threadpool(broker.new_leases_public, created)
 

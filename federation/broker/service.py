@@ -241,7 +241,9 @@ class Broker:
 
     def place_pending(self) -> int:
         """A placement pass as a unit of its own; returns how many providers got leases."""
-        with self._placing() as s:
+        with self.exclusive(), self.session() as s:
+            with self.metrics.placement_lock_wait.time():
+                lock_across_processes(s)
             placed = self._place(s)
             s.commit()
         self.wakeups.bump_all(placed)
@@ -624,7 +626,7 @@ class Broker:
         ids = [w.lease_id for w in body.workers]
         # Not the placement lock: the lab's admission lock, so two of its scale requests are
         # not both checked against one quota (a pass consumes no quota or credit).
-        with self._row_locked() as s:
+        with self.metrics.scale_admission.time(), self._row_locked() as s:
             lock_lab_admissions(s, cluster.lab_id)
             probe = Lease(id="?", cluster_id=cluster.id, cpus=spec.cpus, memory=spec.memory,
                           gpus=spec.gpus, gpu_model=spec.gpu_model)
@@ -646,7 +648,8 @@ class Broker:
                                "another request at the same moment; ask again with new ids"
                                ) from None
         if wait:
-            self.placer.ask_and_wait(PLACEMENT_WAIT)
+            with self.metrics.scale_placement_wait.time():
+                self.placer.ask_and_wait(PLACEMENT_WAIT)
         else:  # the route waits on the event loop (placer.wait_async)
             self.placer.ask()
         return ids

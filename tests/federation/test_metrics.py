@@ -51,6 +51,11 @@ def test_metrics_say_what_the_federation_holds_and_how_long_the_broker_took(fede
         assert now[("parallex_agents_offering", (("lab", "lab-a"),))] == 1
         assert now[("parallex_pcu_per_hour", (("lab", "lab-a"),))] > 0
         assert now[("parallex_placement_pass_seconds_count", ())] >= 1
+        # Where a scale request's time goes: its admission, then its wait for a pass (the
+        # cluster asked at least once: scale(3)), and the passes' waits for the lock.
+        assert now[("parallex_scale_admission_seconds_count", ())] >= 1
+        assert now[("parallex_scale_placement_wait_seconds_count", ())] >= 1
+        assert now[("parallex_placement_lock_wait_seconds_count", ())] >= 1
         requests = {dict(labels)["route"] for (name, labels) in now
                     if name == "parallex_http_request_seconds_count"}
         # Route templates, never raw paths with ids; long polls are not timed.
