@@ -19,8 +19,12 @@ broker's as one more agent sees them, the simulated clients' include their own q
 Latencies are also given per 20 s window (start-up, then steady state), with how late the
 brokers' and the generator's event loops ran.
 
+Users arrive over the first --user-spread seconds (default 5), each at a random moment, so
+their heartbeats and churn do not all fall in the same instant (runs before 2026-12-01 started
+all of them together: --user-spread 0).
+
 Run: python -m benchmarks.load [--agents 1000] [--users 100] [--workers 100] [--seconds 120]
-     [--processes 4]
+     [--processes 4] [--user-spread 5]
 """
 
 from __future__ import annotations
@@ -183,7 +187,10 @@ async def agent(rec: Recorder, url: str, token: str, name: str, stop: asyncio.Ev
 
 
 async def user(rec: Recorder, url: str, token: str, ca_pem: str, workers: int,
-               stop: asyncio.Event) -> None:
+               stop: asyncio.Event, spread: float = 0.0) -> None:
+    # Notebooks are opened at different moments: each user's first request (and so the
+    # phase of its heartbeats and churn) falls at random within ``spread`` seconds.
+    await asyncio.sleep(random.random() * spread)
     async with client_session(url, token) as client:
         answer = await rec.call(client, "cluster create", "POST", "clusters", json={
             "scheduler_address": f"tls://127.0.0.1:{random.randrange(20000, 60000)}",
@@ -261,26 +268,27 @@ async def probe_token(url: str, admin_token: str) -> str:
 
 def shard(urls: list[str], providers: list[str], tokens: list[str], ca: str,
           agents: list[int], users: list[int], workers: int, seconds: float,
-          nice: int = 0) -> Recorder:
+          nice: int = 0, user_spread: float = 0.0) -> Recorder:
     """One generator process's share of the simulated agents and users (run in a process
     pool: on one event loop, 1,100 clients measured mostly that loop — a lone agent in a
     process of its own saw heartbeats 60 times faster than the simulated ones)."""
     if nice:
         os.nice(nice)
     # uvloop: the generator's own CPU is CPU the brokers lack on this machine.
-    return uvloop.run(run_shard(urls, providers, tokens, ca, agents, users, workers, seconds))
+    return uvloop.run(run_shard(urls, providers, tokens, ca, agents, users, workers, seconds,
+                                user_spread))
 
 
 async def run_shard(urls: list[str], providers: list[str], tokens: list[str], ca: str,
                     agents: list[int], users: list[int], workers: int,
-                    seconds: float) -> Recorder:
+                    seconds: float, user_spread: float = 0.0) -> Recorder:
     rec = Recorder()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(agent(rec, urls[i % len(urls)], providers[i % LABS],
                                        f"sim-{i}", stop)) for i in agents]
     await asyncio.sleep(5)  # registrations first, as agents are up before users come
     tasks += [asyncio.create_task(user(rec, urls[(u + 1) % len(urls)], tokens[u], ca, workers,
-                                       stop)) for u in users]
+                                       stop, user_spread)) for u in users]
     probe = asyncio.create_task(lag_probe(rec, stop))
     await asyncio.sleep(seconds)
     stop.set()
@@ -300,7 +308,8 @@ def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(shard, urls, providers, tokens, ca,
                                list(range(k, args.agents, n)), list(range(k, args.users, n)),
-                               args.workers, args.seconds, args.generator_nice)
+                               args.workers, args.seconds, args.generator_nice,
+                               args.user_spread)
                    for k in range(n)]
         parts = [f.result() for f in futures]
     out, _ = lone.communicate(timeout=120)
@@ -330,6 +339,12 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2,
                         help="Broker replicas, each a process of its own (2). The agents and "
                              "users are spread over them.")
+    parser.add_argument("--user-spread", type=float, default=5.0,
+                        help="Seconds over which the simulated users arrive, each at a "
+                             "random moment (5, as the agents' first heartbeats spread over "
+                             "5 s). Their heartbeats and churn keep that phase; 0 starts all "
+                             "100 together, so they heartbeat and scale in the same instant "
+                             "every time (the runs before this option).")
     parser.add_argument("--processes", type=int, default=4,
                         help="Generator processes the simulated clients are spread over (4).")
     parser.add_argument("--generator-nice", type=int, default=0,

@@ -95,7 +95,9 @@ class BrokerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(FederationCollector(session))
         self.placement = Histogram("parallex_placement_pass_seconds",
-                                   "Seconds of one placement pass (this replica).",
+                                   "Seconds of one placement pass, its commit included "
+                                   "(this replica; its wait for the lock is "
+                                   "parallex_placement_lock_wait_seconds).",
                                    buckets=PASS_BUCKETS, registry=self.registry)
         self.placement_lock_wait = Histogram(
             "parallex_placement_lock_wait_seconds",

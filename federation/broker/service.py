@@ -244,8 +244,12 @@ class Broker:
         with self.exclusive(), self.session() as s:
             with self.metrics.placement_lock_wait.time():
                 lock_across_processes(s)
-            placed = self._place(s)
-            s.commit()
+            # Timed with its commit, which writes the placed leases (the ORM flushes them
+            # there): the pass holds the lock until then.
+            with self.metrics.placement.time():
+                placed = place_pending(s, self.rng, self.settings.fair_share_half_life,
+                                       relayed=self.gateway_address is not None)
+                s.commit()
         self.wakeups.bump_all(placed)
         return len(placed)
 
