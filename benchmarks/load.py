@@ -62,6 +62,8 @@ HEARTBEAT = 5.0
 #: As parallex.yaml's cluster heartbeat-interval.
 CLUSTER_HEARTBEAT = 5.0
 CHURN_EVERY = 20.0
+#: Endpoints whose latencies are also given per 20 s window (start-up, then steady state).
+WINDOWED = ("cluster request leases", "cluster heartbeat", "agent report")
 METERING_INTERVAL = "30"
 
 
@@ -101,6 +103,8 @@ class Recorder:
         self.cpu: dict[str, float] = {}  # cores used on average, by process group
         self.loop_lag: list[float] = []  # how late the generator's event loop ran a timer
         self.timeline: list[tuple[float, float]] = []  # (sent at, latency), every endpoint
+        #: The same, by endpoint.
+        self.timelines: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.lone: list[tuple[float, float]] = []  # the lone probe agent's heartbeats
 
     def merge(self, other: Recorder) -> None:
@@ -116,6 +120,8 @@ class Recorder:
         self.placed.extend(other.placed)
         self.loop_lag.extend(other.loop_lag)
         self.timeline.extend(other.timeline)
+        for name, samples in other.timelines.items():
+            self.timelines[name].extend(samples)
 
     async def call(self, client: aiohttp.ClientSession, name: str, method: str, url: str,
                    timed: bool = True, retry_on_429: bool = False,
@@ -134,6 +140,7 @@ class Recorder:
         if timed:
             self.latency[name].append(time.perf_counter() - start)
             self.timeline.append((start, time.perf_counter() - start))
+            self.timelines[name].append(self.timeline[-1])
         if answer.status_code >= 300:
             self.errors[name] += 1
             self.examples.setdefault(name, f"{answer.status_code} {answer.text[:200]}")
@@ -458,12 +465,14 @@ def pass_stats(urls: list[str], admin_token: str, metric: str
     return int(count), (total / count if count else 0.0), p50, p99
 
 
-def by_window(timeline: list[tuple[float, float]], width: float = 20.0
-              ) -> list[tuple[str, float, float]]:
-    """p50 and p99 (ms) of the requests sent in each ``width``-second window."""
+def by_window(timeline: list[tuple[float, float]], width: float = 20.0,
+              first: float | None = None) -> list[tuple[str, float, float]]:
+    """p50 and p99 (ms) of the requests sent in each ``width``-second window since
+    ``first`` (default: the first request of ``timeline``)."""
     if not timeline:
         return []
-    first = min(t for t, _ in timeline)
+    if first is None:
+        first = min(t for t, _ in timeline)
     buckets: dict[int, list[float]] = defaultdict(list)
     for sent, latency in timeline:
         buckets[int((sent - first) // width)].append(latency)
@@ -500,6 +509,11 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
     windows = by_window(rec.timeline)
     print("all endpoints by 20 s window since the first request (start-up, then steady): "
           + "; ".join(f"{w}: p50 {p50:.0f} ms, p99 {p99:.0f} ms" for w, p50, p99 in windows))
+    first = min((t for t, _ in rec.timeline), default=0.0)
+    for name in WINDOWED:
+        print(f"{name} by the same windows: " + "; ".join(
+            f"{w}: p50 {p50:.0f} ms, p99 {p99:.0f} ms"
+            for w, p50, p99 in by_window(rec.timelines.get(name, []), first=first)))
     errors = sum(rec.errors.values())
     for name, example in rec.examples.items():
         print(f"  first error of {name}: {example}")
@@ -542,6 +556,10 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
                   else None},
               "by_window": [{"window": w, "p50_ms": a, "p99_ms": b}
                             for w, a, b in by_window(rec.timeline)],
+              "by_window_of": {name: [{"window": w, "p50_ms": a, "p99_ms": b}
+                                      for w, a, b in by_window(rec.timelines.get(name, []),
+                                                               first=first)]
+                               for name in WINDOWED},
               "broker_loop_lag_ms_at_most": {"p50": broker_lag[1] * 1000,
                                              "p99": broker_lag[2] * 1000},
               "generator_loop_lag_ms": {"p50": statistics.median(lag) * 1000,
