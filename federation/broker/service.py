@@ -216,7 +216,8 @@ class Broker:
         """A unit of work that may consume capacity or quota: exclusive here, the placement
         lock on PostgreSQL, one session (the caller commits)."""
         with self.exclusive(), self.session() as s:
-            lock_across_processes(s)
+            with self.metrics.placement_lock_wait.time():
+                lock_across_processes(s)
             yield s
 
     @contextlib.contextmanager
@@ -235,21 +236,16 @@ class Broker:
 
     def _place(self, s: Session) -> set[str]:
         """A placement pass inside the caller's unit of work; the providers to wake."""
-        with self.metrics.placement.time():
-            return place_pending(s, self.rng, self.settings.fair_share_half_life,
-                                 relayed=self.gateway_address is not None)
+        return place_pending(s, self.rng, self.settings.fair_share_half_life,
+                             relayed=self.gateway_address is not None)
 
     def place_pending(self) -> int:
         """A placement pass as a unit of its own; returns how many providers got leases."""
-        with self.exclusive(), self.session() as s:
-            with self.metrics.placement_lock_wait.time():
-                lock_across_processes(s)
-            # Timed with its commit, which writes the placed leases (the ORM flushes them
-            # there): the pass holds the lock until then.
-            with self.metrics.placement.time():
-                placed = place_pending(s, self.rng, self.settings.fair_share_half_life,
-                                       relayed=self.gateway_address is not None)
-                s.commit()
+        # Timed with its commit, which writes the placed leases (the ORM flushes them there):
+        # the pass holds the lock until then.
+        with self._placing() as s, self.metrics.placement.time():
+            placed = self._place(s)
+            s.commit()
         self.wakeups.bump_all(placed)
         return len(placed)
 
