@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
+from sqlalchemy import and_
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
@@ -89,37 +90,40 @@ async def authenticate(request: Request) -> Principal:
     secret = _bearer(request)
     digest = hash_token(secret)
     cache = getattr(request.app.state, "principals", None)
-    if cache is not None:
-        known = cache.get(digest)
-        if known is not None:
-            return known
-        generation = cache.generation
-    principal, remember = await run_in_threadpool(_read_principal, request, secret, digest)
-    if cache is not None and remember:
-        # Not if a token or membership changed while it was read: it may be the old answer.
-        cache.put(digest, principal, generation)
-    return principal
+    if cache is None:
+        return (await run_in_threadpool(_read_principal, request, secret, digest))[0]
+    known = cache.get(digest)
+    if known is not None:
+        return known
+    return await cache.read_once(
+        digest, lambda: run_in_threadpool(_read_principal, request, secret, digest))
 
 
 def _read_principal(request: Request, secret: str, digest: str) -> tuple[Principal, bool]:
     """The token's Principal from the database; and whether it is an API token's (kept in
     the cache) rather than a hub token's (the hub's own cache keeps those)."""
     with request.app.state.session() as session:
-        row = session.exec(select(ApiToken).where(ApiToken.token_hash == digest)).first()
-        if row is None:
+        # One statement for the token, its lab, its user and their membership there.
+        found = session.exec(
+            select(ApiToken, Lab, User, Membership)
+            .outerjoin(Lab, Lab.id == ApiToken.lab_id)
+            .outerjoin(User, User.id == ApiToken.user_id)
+            .outerjoin(Membership, and_(Membership.user_id == ApiToken.user_id,
+                                        Membership.lab_id == ApiToken.lab_id))
+            .where(ApiToken.token_hash == digest)).first()
+        if found is None:
             hub = getattr(request.app.state, "hub_tokens", None)
             if hub is not None and not secret.startswith(TOKEN_PREFIX):
                 return _hub_principal(session, hub.identify(secret)), False
             raise NotAuthenticated("bad-token", "this token is not known to the broker; ask your "
                            "administrator for a new one")
+        row, lab, user, member = found
         if row.revoked_at is not None:
             raise NotAuthenticated("revoked-token",
                            f"token {row.id} was revoked on {row.revoked_at:%Y-%m-%d %H:%M} UTC; "
                            "ask your administrator for a new one")
-        lab = session.get(Lab, row.lab_id) if row.lab_id else None
-        user = session.get(User, row.user_id) if row.user_id else None
-        member = (session.get(Membership, (user.id, lab.id))
-                  if row.kind == TokenKind.user and user and lab else None)
+        if row.kind != TokenKind.user or user is None or lab is None:
+            member = None
         return Principal(
             kind=row.kind,
             token_id=row.id,

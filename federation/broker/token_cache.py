@@ -9,12 +9,19 @@ cache once it commits (here at once; the others through the wake-up relay's NOTI
 limit bounds the rest: a replica that missed the notification (its listener reconnecting)
 forgets within the limit anyway. JupyterHub tokens are not kept here (the hub's own cache
 answers for them, as HubAuth does).
+
+A lab's machines share one provider token, so when its Principal expires, every heartbeat of
+the lab's fifty machines that arrives before the database answered would read it again: in
+issue 14's load benchmark a sixth of a replica's threads' time went to such reads. A token
+is read once at a time (``read_once``): requests that arrive meanwhile wait for that read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -47,6 +54,38 @@ class PrincipalCache(ExpiringMap):
 
     def __init__(self, ttl: float):
         super().__init__(ttl, TOKENS_KEPT)
+        #: Token hash -> (generation it was started in, the read under way); touched only
+        #: on the event loop.
+        self._reads: dict[str, tuple[int, asyncio.Future]] = {}
+
+    async def read_once(self, digest: str,
+                        read: Callable[[], Awaitable[tuple[Any, bool]]]) -> Any:
+        """The Principal of the token hashed ``digest``, read by ``read`` (which returns it
+        and whether to keep it) unless a read of it started since the last ``clear`` is
+        under way, whose answer (or refusal) this then is. Call on the event loop."""
+        generation = self.generation
+        under_way = self._reads.get(digest)
+        if under_way is None or under_way[0] != generation:
+            task = asyncio.ensure_future(self._read_and_keep(digest, read, generation))
+            task.add_done_callback(lambda done: self._read_done(digest, done))
+            under_way = self._reads[digest] = (generation, task)
+        # Shielded: a caller that gives up (its client went away) leaves the read to the rest.
+        return await asyncio.shield(under_way[1])
+
+    async def _read_and_keep(self, digest: str,
+                             read: Callable[[], Awaitable[tuple[Any, bool]]],
+                             generation: int) -> Any:
+        principal, remember = await read()
+        if remember:
+            # Not if a token or membership changed while it was read: it may be the old one.
+            self.put(digest, principal, generation)
+        return principal
+
+    def _read_done(self, digest: str, done: asyncio.Future) -> None:
+        if self._reads.get(digest, (0, None))[1] is done:
+            del self._reads[digest]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have gone
 
 
 def _touches_identity(session: Session) -> bool:

@@ -5,16 +5,14 @@ change, on every replica; heartbeats are recorded in batches whose answer still 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.utils.federation import make_federation
+from tests.utils.in_process import in_process_broker
 from tests.utils.procs import start_broker, wait_until
 
 #: Seconds a replica may remember a token in these tests: far longer than any wait below, so
@@ -255,55 +253,6 @@ def test_reports_in_batches_count_on_their_own_and_refusals_write_nothing(federa
     assert 1 <= values["parallex_report_batch_size_count"] <= len(sent)
 
 
-@dataclass
-class InProcess:
-    """A broker app in this process (its batches callable directly) with lab-a, alice's
-    cluster and one 3-CPU machine whose ``ids`` leases run."""
-
-    app: Any
-    client: Any
-    user: str
-    agent: str
-    box: str
-    cid: str
-    ids: list[str]
-
-    def call(self, token: str, method: str, path: str, **kw) -> httpx.Response:
-        return self.client.request(method, f"/api/v1{path}", **kw,
-                                   headers={"Authorization": f"Bearer {token}"})
-
-
-@contextlib.contextmanager
-def in_process_broker(db_url: str, leases: int) -> Iterator[InProcess]:
-    from fastapi.testclient import TestClient
-
-    from federation.broker.app import create_app
-    from federation.broker.settings import BrokerSettings
-    from federation.tls import ClusterAuthority
-
-    admin_token = "test-admin-token-0123456789"
-    app = create_app(db_url, BrokerSettings(cloud_prices=None, min_heartbeat_interval=0),
-                     admin_token=admin_token)
-    with TestClient(app) as client:
-        b = InProcess(app, client, "", "", "", "", [])
-        assert b.call(admin_token, "POST", "/labs", json={"name": "lab-a"}).status_code == 201
-        b.user = b.call(admin_token, "POST", "/tokens", json={
-            "kind": "user", "lab": "lab-a", "user": "alice"}).json()["token"]
-        b.agent = b.call(admin_token, "POST", "/tokens", json={
-            "kind": "provider", "lab": "lab-a"}).json()["token"]
-        b.box = b.call(b.agent, "POST", "/agent/register", json={
-            "name": "box", "cpus": 3, "memory": "8 GiB"}).json()["provider_id"]
-        b.cid = b.call(b.user, "POST", "/clusters", json={
-            "scheduler_address": "tls://127.0.0.1:1",
-            "ca_cert": ClusterAuthority().ca_pem}).json()["id"]
-        b.ids = [f"ls-inproc{i}" for i in range(leases)]
-        assert b.call(b.user, "POST", f"/clusters/{b.cid}/leases", json={
-            "spec": {"cpus": 1, "memory": "1 GiB"},
-            "workers": [{"lease_id": i} for i in b.ids]}).status_code == 201
-        b.call(b.user, "POST", f"/clusters/{b.cid}/heartbeat", json={"connected": b.ids})
-        yield b
-
-
 def test_a_value_the_database_refuses_fails_only_its_own_report_or_heartbeat(postgres_url):
     """A NUL character in a report's message (an agent relaying a worker's output) is refused
     by PostgreSQL. In a batch it must fail only its own report, answered 422, while the
@@ -362,3 +311,53 @@ def test_batches_that_cannot_finish_in_time_answer_503_and_the_retry_counts(post
         again = b.call(b.agent, "POST", report_path, json={"state": "ended"})
         assert again.status_code == 200 and again.json()["state"] == "ended", again.text
         assert b.call(b.agent, "POST", beat_path, json={"running": []}).status_code == 200
+
+
+def test_a_token_that_many_requests_bring_at_once_is_read_once(tmp_path):
+    """A lab's machines share a provider token: when this replica no longer remembers it,
+    the requests that arrive together read it once and all get its answer, the lab's
+    Principal or the same refusal (issue 14's load: every heartbeat that arrived before the
+    first read answered read it again)."""
+    from sqlalchemy import event
+
+    requests = 16
+    with in_process_broker(f"sqlite:///{tmp_path / 'broker.db'}", 1) as b:
+        broker = b.app.state.broker
+        token_reads: list[str] = []
+        second_read = threading.Event()
+
+        def note_token_reads(_conn, _cursor, statement: str, *_args) -> None:
+            if "FROM apitoken" in statement:
+                token_reads.append(statement)
+                if len(token_reads) == 1:
+                    # Hold the first read until a second starts (then the test fails) or the
+                    # other requests have long arrived.
+                    second_read.wait(2)
+                else:
+                    second_read.set()
+
+        def whoami_all(token: str) -> list[httpx.Response]:
+            broker.principals.clear()
+            token_reads.clear()
+            second_read.clear()
+            with ThreadPoolExecutor(requests) as pool:
+                return list(pool.map(lambda _: b.call(token, "GET", "/whoami"),
+                                     range(requests)))
+
+        event.listen(broker.engine, "before_cursor_execute", note_token_reads)
+        try:
+            answers = whoami_all(b.agent)
+            assert [a.status_code for a in answers] == [200] * requests
+            assert {(a.json()["kind"], a.json()["lab"]) for a in answers} == {
+                ("provider", "lab-a")}
+            assert len(token_reads) == 1, token_reads
+            # Remembered now: the next request reads nothing.
+            assert b.call(b.agent, "GET", "/whoami").status_code == 200
+            assert len(token_reads) == 1
+
+            answers = whoami_all("px_not-a-token-of-this-federation")
+            assert [a.status_code for a in answers] == [401] * requests
+            assert {a.json()["error"] for a in answers} == {"bad-token"}
+            assert len(token_reads) == 1, token_reads
+        finally:
+            event.remove(broker.engine, "before_cursor_execute", note_token_reads)
