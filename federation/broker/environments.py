@@ -12,6 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Sequence
+from typing import Protocol
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -95,11 +97,23 @@ def check_usable(s: Session, digest: str) -> None:
                        "/api/v1/environments/wheels/<sha256>")
 
 
-def where(provider: Provider, lab: str) -> str:
+class ProviderLike(Protocol):
+    """What the refusals read of a provider: a ``Provider`` row, or a placement pass's
+    ``OnlineProvider``."""
+
+    id: str
+    name: str
+    lab_id: int
+
+    @property
+    def environment(self) -> dict[str, str]: ...
+
+
+def where(provider: ProviderLike, lab: str) -> str:
     return f"{provider.name} (lab {lab})"
 
 
-def refusal(provider: Provider, lab: str, spec: EnvironmentSpec,
+def refusal(provider: ProviderLike, lab: str, spec: EnvironmentSpec,
             failures: dict[str, str]) -> str | None:
     """Why ``provider`` cannot run ``spec``, or None when it can."""
     info = provider.environment
@@ -128,7 +142,7 @@ def forget_failures(s: Session, provider_id: str) -> None:
     s.exec(delete(EnvironmentFailure).where(EnvironmentFailure.provider_id == provider_id))
 
 
-def refusals(s: Session, cluster: ClusterRecord, providers: list[Provider],
+def refusals(s: Session, cluster: ClusterRecord, providers: Sequence[ProviderLike],
              lab_names: dict[int, str] | None = None) -> dict[str, str]:
     """Provider id -> why it cannot run the cluster's environment (only those that cannot)."""
     if not cluster.environment:

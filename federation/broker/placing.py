@@ -14,10 +14,12 @@ for the pass and finds the lease placed; admissions of one lab wait on each othe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import random
 from collections import Counter
+from typing import Any
 
 from sqlalchemy import func, text
 from sqlmodel import Session, col, select
@@ -29,7 +31,7 @@ from .. import placement
 from ..lease_states import move
 from . import environments
 from .models import HELD_STATES, ClusterRecord, Lease, LeaseState, Provider
-from .preemption import preemption_rates
+from .preemption import RecentPreemptionRates, preemption_rates
 
 #: Key of the PostgreSQL advisory lock that serialises placement and admission across broker
 #: processes (any fixed 64-bit number no other application on the database uses).
@@ -84,23 +86,75 @@ class Usage:
     gpu_indices: set[int] = dataclasses.field(default_factory=set)
 
 
-def usage_by_provider(s: Session) -> dict[str, Usage]:
-    """Every provider's usage, summed by the database: one row per provider, not one per
-    held lease (a pass read 10,000 lease rows in issue 14's load benchmark, half its time)."""
-    held = col(Lease.state).in_(HELD_STATES)
-    out = {pid: Usage(float(cpus or 0), int(memory or 0)) for pid, cpus, memory in s.exec(
-        select(Lease.provider_id, func.sum(Lease.cpus), func.sum(Lease.memory))
-        .where(held).group_by(Lease.provider_id)).all()}
+def _held_gpu_indices(s: Session) -> dict[str, set[int]]:
+    """Per provider, the GPU indices its held leases use (GPU leases only: few rows)."""
+    out: dict[str, set[int]] = {}
     for pid, indices in s.exec(select(Lease.provider_id, Lease.gpu_indices_json)
-                               .where(held, Lease.gpus > 0)).all():
-        out.setdefault(pid, Usage()).gpu_indices.update(json.loads(indices or "[]"))
+                               .where(col(Lease.state).in_(HELD_STATES), Lease.gpus > 0)).all():
+        out.setdefault(pid, set()).update(json.loads(indices or "[]"))
     return out
 
 
-def capacity_left(provider: Provider, used: Usage | None,
+#: Parsed provider JSON columns by their text. A pass reads every online provider, and a
+#: provider's GPUs and environment columns rarely change: parsing 1,000 providers' columns
+#: took ~40 ms of a pass under issue 14's load. The parsed values are shared: read-only.
+_parse_json = functools.lru_cache(maxsize=16_384)(json.loads)
+
+
+@functools.lru_cache(maxsize=16_384)
+def _parse_hashes(text_: str) -> frozenset[str]:
+    return frozenset(json.loads(text_))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineProvider:
+    """What a placement pass knows of an online, offering provider: the columns placement
+    reads, parsed, and what its held leases use (``online_providers``)."""
+
+    id: str
+    name: str
+    lab_id: int
+    site: str
+    cpus: float
+    memory: int
+    gpus: tuple[dict[str, Any], ...]
+    accepts_peers: bool
+    #: The agent's environment mode and versions (read-only: shared between passes).
+    environment: dict[str, str]
+    environments: frozenset[str]
+    used: Usage
+
+
+def online_providers(s: Session) -> list[OnlineProvider]:
+    """The providers a pass may place on (online, and offering: a provider whose owner
+    policy keeps the machine for its owner gets nothing new), with their usage, in one
+    statement. Rows, not ORM objects: hydrating 1,000 ``Provider`` objects and summing
+    usage in a statement of its own took a third of a placing pass under issue 14's load."""
+    held = (select(Lease.provider_id.label("provider_id"),
+                   func.sum(Lease.cpus).label("cpus"), func.sum(Lease.memory).label("memory"))
+            .where(col(Lease.state).in_(HELD_STATES)).group_by(Lease.provider_id).subquery())
+    rows = s.exec(
+        select(Provider.id, Provider.name, Provider.lab_id, Provider.site, Provider.cpus,
+               Provider.memory, Provider.gpus_json, Provider.accepts_peers,
+               Provider.environment_json, Provider.environments_json, held.c.cpus,
+               held.c.memory)
+        .outerjoin(held, held.c.provider_id == Provider.id)
+        .where(Provider.online == True, Provider.offering == True)  # noqa: E712
+    ).all()
+    gpu_indices = _held_gpu_indices(s) if any(_parse_json(r[6]) for r in rows) else {}
+    return [OnlineProvider(
+        id=pid, name=name, lab_id=lab_id, site=site, cpus=cpus, memory=memory,
+        gpus=tuple(_parse_json(gpus)), accepts_peers=accepts_peers,
+        environment=_parse_json(environment), environments=_parse_hashes(hashes),
+        used=Usage(float(used_cpus or 0), int(used_memory or 0), gpu_indices.get(pid, set())))
+        for (pid, name, lab_id, site, cpus, memory, gpus, accepts_peers, environment, hashes,
+             used_cpus, used_memory) in rows]
+
+
+def capacity_left(provider: OnlineProvider,
                   lab_names: dict[int, str] | None = None) -> placement.ProviderCapacity:
-    """What ``provider`` has free beside ``used``."""
-    used = used or Usage()
+    """What ``provider`` has free beside what its held leases use."""
+    used = provider.used
     return placement.ProviderCapacity(
         provider_id=provider.id,
         lab=(lab_names or {}).get(provider.lab_id, str(provider.lab_id)),
@@ -110,7 +164,7 @@ def capacity_left(provider: Provider, used: Usage | None,
         free_gpus=[placement.GpuSlot(g["index"], g["model"], g["memory"])
                    for g in provider.gpus if g["index"] not in used.gpu_indices],
         accepts_peers=provider.accepts_peers,
-        environments=frozenset(provider.environments),
+        environments=provider.environments,
     )
 
 
@@ -135,11 +189,9 @@ def request_of(lease: Lease, cluster: ClusterRecord, lab: str = "") -> placement
         allowed_sites=frozenset(json.loads(cluster.allowed_sites_json)))
 
 
-def fair_requests(s: Session, pending: list[Lease], lab_names: dict[int, str],
-                  half_life: float) -> list[placement.LeaseRequest]:
-    """Pending leases as placement requests, in fair-share order."""
-    clusters = {c.id: c for c in s.exec(select(ClusterRecord).where(
-        col(ClusterRecord.id).in_({lease.cluster_id for lease in pending})))}
+def fair_requests(s: Session, pending: list[Lease], clusters: dict[str, ClusterRecord],
+                  lab_names: dict[int, str], half_life: float) -> list[placement.LeaseRequest]:
+    """Pending leases (of ``clusters``) as placement requests, in fair-share order."""
     now = utcnow()
     lab_ids = {c.lab_id for c in clusters.values()}
     shares = {lab.id: lab.share for lab in s.exec(select(Lab).where(col(Lab.id).in_(lab_ids)))}
@@ -156,30 +208,29 @@ def fair_requests(s: Session, pending: list[Lease], lab_names: dict[int, str],
 
 
 def with_environments(s: Session, requests: list[placement.LeaseRequest],
-                      providers: list[Provider],
+                      clusters: dict[str, ClusterRecord], providers: list[OnlineProvider],
                       lab_names: dict[int, str]) -> list[placement.LeaseRequest]:
-    """``requests`` with their clusters' environments and the providers that cannot run
-    them (federation.broker.environments)."""
-    clusters = {c.id: c for c in s.exec(select(ClusterRecord).where(
-        col(ClusterRecord.id).in_({r.cluster_id for r in requests}),
-        col(ClusterRecord.environment).is_not(None)))}
+    """``requests`` (of ``clusters``) with their clusters' environments and the providers
+    that cannot run them (federation.broker.environments)."""
     refused = {cid: environments.refusals(s, c, providers, lab_names)
-               for cid, c in clusters.items()}
+               for cid, c in clusters.items() if c.environment is not None}
     return [dataclasses.replace(
         r, environment=clusters[r.cluster_id].environment,
         excluded=frozenset(refused[r.cluster_id]),
         environment_note=environments.refusal_reasons(refused[r.cluster_id]))
-        if r.cluster_id in clusters else r for r in requests]
+        if r.cluster_id in refused else r for r in requests]
 
 
 def place_pending(s: Session, rng: random.Random, half_life: float,
-                  relayed: bool = False) -> set[str]:
+                  relayed: bool = False,
+                  recent_rates: RecentPreemptionRates | None = None) -> set[str]:
     """Assign pending leases to providers with room (the caller commits); returns the
     providers that got leases, whose agents must be woken.
 
     ``relayed``: the federation has a gateway, through which every worker is reached (its
     workers listen on parallex:// addresses), so sites that accept no peer connections need
-    not confine a cluster (docs/architecture.md, "Peer traffic across sites")."""
+    not confine a cluster (docs/architecture.md, "Peer traffic across sites").
+    ``recent_rates``: the replica's remembered preemption rates (read afresh without)."""
     pending = s.exec(
         select(Lease).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
         .where(Lease.state == LeaseState.pending, ClusterRecord.active == True)  # noqa: E712
@@ -191,16 +242,15 @@ def place_pending(s: Session, rng: random.Random, half_life: float,
     ).all()
     if not pending:
         return set()
-    # A provider whose owner policy keeps the machine for its owner gets nothing new.
-    providers = s.exec(select(Provider).where(Provider.online == True,  # noqa: E712
-                                              Provider.offering == True)).all()  # noqa: E712
-    usage = usage_by_provider(s)
+    providers = online_providers(s)
     lab_names = {lab.id: lab.name for lab in s.exec(select(Lab))}
-    snapshot = [capacity_left(p, usage.get(p.id), lab_names) for p in providers]
+    snapshot = [capacity_left(p, lab_names) for p in providers]
     if relayed:
         for cap in snapshot:
             cap.accepts_peers = True
-    rates = preemption_rates(s, [p.id for p in providers])
+    provider_ids = [p.id for p in providers]
+    rates = (recent_rates.rates(s, provider_ids) if recent_rates is not None
+             else preemption_rates(s, provider_ids))
     for cap in snapshot:
         cap.preemption_rate = rates.get(cap.provider_id, 0.0)
     provider_lab = {p.id: lab_names.get(p.lab_id, "") for p in providers}
@@ -212,8 +262,10 @@ def place_pending(s: Session, rng: random.Random, half_life: float,
         cluster_labs.setdefault(cluster_id, Counter())[provider_lab.get(provider_id, "")] += n
         if provider_id in caps:
             reach.setdefault(cluster_id, placement.Reach()).add(caps[provider_id])
-    requests = with_environments(s, fair_requests(s, pending, lab_names, half_life),
-                                 providers, lab_names)
+    clusters = {c.id: c for c in s.exec(select(ClusterRecord).where(
+        col(ClusterRecord.id).in_({lease.cluster_id for lease in pending})))}
+    requests = with_environments(s, fair_requests(s, pending, clusters, lab_names, half_life),
+                                 clusters, providers, lab_names)
     placed = placement.place_with_owner_priority(requests, snapshot, cluster_labs, rng, reach)
     by_id = {lease.id: lease for lease in pending}
     now = utcnow()

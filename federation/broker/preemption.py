@@ -13,6 +13,7 @@ from sqlmodel import Session, col, select
 from accounting.models import utcnow
 
 from ..lease_states import EndReason, LeaseState
+from .memo import ExpiringMap
 from .models import Lease
 
 #: How far back the rate looks, in seconds (7 days).
@@ -39,3 +40,36 @@ def preemption_rates(s: Session, provider_ids: Iterable[str], *,
         if reason == EndReason.preempted:
             preempted[provider_id] = n
     return {p: (preempted.get(p, 0) / ended[p] if ended.get(p) else 0.0) for p in ids}
+
+
+#: Seconds a replica's placement passes reuse a provider's preemption rate (1 minute). The
+#: rate covers 7 days and only orders providers that can all take a lease, so a minute-old
+#: rate places as well as a fresh one; reading it took ~14 % of a placing pass under issue
+#: 14's load (a count over every lease ended in 7 days on 1,000 providers).
+PREEMPTION_RATES_TTL = 60.0
+
+#: Most providers whose rates a replica remembers.
+PREEMPTION_RATES_KEPT = 100_000
+
+
+class RecentPreemptionRates:
+    """Preemption rates as placement passes read them: each provider's read at most once a
+    ``ttl`` seconds per replica (``preemption_rates`` for the rest)."""
+
+    def __init__(self, ttl: float = PREEMPTION_RATES_TTL, size: int = PREEMPTION_RATES_KEPT):
+        self._rates: ExpiringMap[str, float] = ExpiringMap(ttl, size)
+
+    def rates(self, s: Session, provider_ids: Iterable[str]) -> dict[str, float]:
+        """Per provider: its preemption rate, at most ``ttl`` seconds old."""
+        out: dict[str, float] = {}
+        missing = []
+        for provider_id in set(provider_ids):
+            rate = self._rates.get(provider_id)
+            if rate is None:
+                missing.append(provider_id)
+            else:
+                out[provider_id] = rate
+        for provider_id, rate in preemption_rates(s, missing).items():
+            self._rates.put(provider_id, rate)
+            out[provider_id] = rate
+        return out

@@ -98,6 +98,7 @@ from .placing import (
     place_pending,
     request_of,
 )
+from .preemption import RecentPreemptionRates
 from .replicas import IDENTITY_CHANGED, WakeupRelay, hold_leadership, is_postgresql
 from .settings import BrokerSettings
 from .timeouts import end_silent_providers
@@ -154,6 +155,8 @@ class Broker:
         self.scheduler_networks = admission.parse_networks(settings.scheduler_networks)
         self.boot_id = uuid.uuid4().hex[:8]
         self.rng = random.Random(seed)
+        #: Providers' preemption rates as this replica's placement passes last read them.
+        self.preemption_rates = RecentPreemptionRates()
         self.wakeups = Wakeups(self.boot_id)
         self._exclusive = threading.RLock()
         self._last_metering = 0.0
@@ -237,7 +240,8 @@ class Broker:
     def _place(self, s: Session) -> set[str]:
         """A placement pass inside the caller's unit of work; the providers to wake."""
         return place_pending(s, self.rng, self.settings.fair_share_half_life,
-                             relayed=self.gateway_address is not None)
+                             relayed=self.gateway_address is not None,
+                             recent_rates=self.preemption_rates)
 
     def place_pending(self) -> int:
         """A placement pass as a unit of its own; returns how many providers got leases."""

@@ -1,0 +1,104 @@
+"""What a placement pass reads: every online, offering provider with what its held leases
+use, in one statement (``online_providers``), and providers' preemption rates, which a
+replica remembers for a minute (``RecentPreemptionRates``). Through the real broker in this
+process, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlmodel import select
+
+from federation.broker.models import HELD_STATES, Lease
+from federation.broker.placing import capacity_left, online_providers
+from federation.broker.preemption import RecentPreemptionRates, preemption_rates
+from tests.utils.in_process import in_process_broker
+
+GiB = 2**30
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'broker.db'}"
+
+
+def held_by_provider(s) -> dict[str, tuple[float, int, set[int]]]:
+    """The same sums, counted here lease by lease."""
+    out: dict[str, tuple[float, int, set[int]]] = {}
+    for lease in s.exec(select(Lease).where(Lease.state.in_(HELD_STATES))):
+        cpus, memory, gpus = out.get(lease.provider_id, (0.0, 0, set()))
+        out[lease.provider_id] = (cpus + lease.cpus, memory + lease.memory,
+                                  gpus | set(json.loads(lease.gpu_indices_json or "[]")))
+    return out
+
+
+def test_a_pass_sees_what_held_leases_use_and_only_providers_that_offer(db_url):
+    with in_process_broker(db_url, 2) as b:  # "box": 3 CPUs, two 1-CPU/1-GiB leases running
+        broker = b.app.state.broker
+        gpu = b.call(b.agent, "POST", "/agent/register", json={
+            "name": "gpu-box", "cpus": 4, "memory": "16 GiB", "gpus": [
+                {"index": 0, "model": "A100", "memory": 40 * GiB},
+                {"index": 1, "model": "A100", "memory": 40 * GiB}]}).json()["provider_id"]
+        kept = b.call(b.agent, "POST", "/agent/register", json={
+            "name": "kept-box", "cpus": 8, "memory": "16 GiB"}).json()["provider_id"]
+        assert b.call(b.agent, "POST", f"/agent/{kept}/heartbeat", json={
+            "running": [], "offering": False, "offer_note": "owner typing"}).status_code == 200
+        answer = b.call(b.user, "POST", f"/clusters/{b.cid}/leases", json={
+            "spec": {"cpus": 1, "memory": "2 GiB", "gpus": 1},
+            "workers": [{"lease_id": "ls-gpu-lease-0"}]})
+        assert answer.status_code == 201, answer.text
+        assert answer.json()[0]["provider_id"] == gpu
+
+        def seen() -> dict:
+            with broker.session() as s:
+                return {p.id: p for p in online_providers(s)}, held_by_provider(s)
+
+        found, held = seen()
+        assert set(found) == {b.box, gpu}  # the owner keeps kept-box: nothing new goes there
+        box = found[b.box]
+        assert (box.used.cpus, box.used.memory, box.used.gpu_indices) == (2.0, 2 * GiB, set())
+        assert (found[gpu].used.cpus, found[gpu].used.memory) == (1.0, 2 * GiB)
+        assert len(found[gpu].used.gpu_indices) == 1
+        for pid, p in found.items():
+            assert (p.used.cpus, p.used.memory, p.used.gpu_indices) == held[pid]
+        free = capacity_left(found[gpu], {})
+        assert (free.free_cpus, free.free_memory) == (3.0, 14 * GiB)
+        assert [g.index for g in free.free_gpus] == sorted({0, 1} - found[gpu].used.gpu_indices)
+
+        # Releasing still holds the machine until the agent says the worker ended.
+        first, second = b.ids
+        b.call(b.user, "POST", f"/clusters/{b.cid}/leases/release",
+               json={"lease_ids": [first]}).raise_for_status()
+        assert seen()[0][b.box].used.cpus == 2.0
+        b.call(b.agent, "POST", f"/agent/{b.box}/leases/{first}/state",
+               json={"state": "ended"}).raise_for_status()
+        found, held = seen()
+        assert (found[b.box].used.cpus, found[b.box].used.memory) == (1.0, GiB)
+        assert held[b.box][:2] == (1.0, GiB)
+
+
+def test_preemption_rates_are_remembered_for_their_time_only(db_url):
+    with in_process_broker(db_url, 2) as b:
+        broker = b.app.state.broker
+        first, second = b.ids
+        remembered = RecentPreemptionRates(ttl=3600)
+        asked_each_time = RecentPreemptionRates(ttl=0)
+        with broker.session() as s:
+            assert remembered.rates(s, [b.box]) == {b.box: 0.0}
+        # One lease released, one preempted by the machine's owner: half of those that ended.
+        b.call(b.user, "POST", f"/clusters/{b.cid}/leases/release",
+               json={"lease_ids": [first]}).raise_for_status()
+        for lease, report in ((first, {"state": "ended"}),
+                              (second, {"state": "releasing", "reason": "preempted"}),
+                              (second, {"state": "ended", "reason": "preempted"})):
+            b.call(b.agent, "POST", f"/agent/{b.box}/leases/{lease}/state",
+                   json=report).raise_for_status()
+        with broker.session() as s:
+            assert preemption_rates(s, [b.box]) == {b.box: 0.5}
+            assert asked_each_time.rates(s, [b.box]) == {b.box: 0.5}
+            assert RecentPreemptionRates(ttl=3600).rates(s, [b.box]) == {b.box: 0.5}
+            # Remembered from before the leases ended, for up to its time (an hour here).
+            assert remembered.rates(s, [b.box]) == {b.box: 0.0}
