@@ -128,6 +128,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
             await asyncio.to_thread(broker.lease_lists.stop)
             if broker.relay is not None:
                 broker.relay.stop()
+            if broker.periodic is not None:
+                await asyncio.to_thread(broker.periodic.stop)
             if broker.is_leader:
                 give_up_leadership(engine, broker.boot_id)
             engine.dispose()

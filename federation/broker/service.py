@@ -91,6 +91,7 @@ from .models import (
     ProviderRegister,
     WorkerCertificate,
 )
+from .periodic_process import PeriodicProcess
 from .placing import (
     lock_across_processes,
     lock_lab_admissions,
@@ -171,6 +172,9 @@ class Broker:
         # Several replicas on PostgreSQL: wake-ups cross them (started with the app).
         self.relay = (WakeupRelay(engine, self.boot_id, self._woken_by_replica)
                       if is_postgresql(engine) else None)
+        #: The leader's periodic passes run in a process of their own (PostgreSQL only:
+        #: periodic_process.py); None runs them on the reaper's thread.
+        self.periodic = PeriodicProcess(engine, settings) if is_postgresql(engine) else None
         #: Principals of API tokens seen in the last seconds (cleared on identity changes).
         self.principals = PrincipalCache(settings.token_cache)
         on_identity_change(engine, self._identity_changed)
@@ -843,9 +847,12 @@ class Broker:
             self.meter()
         if time.monotonic() - self._last_capacity >= self.settings.capacity_interval:
             self._last_capacity = time.monotonic()
-            with self.session() as s:
-                record_capacity(s)
-                s.commit()
+            if self.periodic is not None:
+                self.periodic.sample_capacity()
+            else:
+                with self.session() as s:
+                    record_capacity(s)
+                    s.commit()
 
     # ---- metering -------------------------------------------------------------------------
 
@@ -857,6 +864,13 @@ class Broker:
             self._last_metering = time.monotonic()
         elif not lease_ids:
             return 0
+        if lease_ids is None and self.periodic is not None:
+            with self.metrics.metering.time():
+                recorded = self.periodic.meter(now or utcnow())
+            if recorded is None:
+                logger.warning("metering pass collided with another; will retry")
+                return 0
+            return recorded
         timer = self.metrics.metering.time() if lease_ids is None else contextlib.nullcontext()
         with timer, self.session() as s:
             try:

@@ -1,0 +1,70 @@
+"""On PostgreSQL the leader's periodic passes (metering, capacity samples) run in a process of
+their own, so that their Python work never holds the request process's interpreter lock; the
+process ends with the broker, whether it stops or is killed."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import psutil
+import pytest
+from sqlalchemy import text
+
+from federation.broker.db import plain_engine
+from tests.federation.test_replicas import metric
+from tests.utils.procs import start_broker, wait_until
+
+ADMIN = "test-admin-token-0123456789"
+FAST_PASSES = ("--metering-interval", "1", "--capacity-interval", "1")
+
+
+def broker_children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def ended(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("ending", ["stop", "kill"])
+def test_the_periodic_passes_run_in_a_process_that_ends_with_the_broker(tmp_path, postgres_url,
+                                                                          ending):
+    proc, url = start_broker(tmp_path, ADMIN, db_url=postgres_url, extra=FAST_PASSES)
+    engine = plain_engine(postgres_url)
+    try:
+        # A lab with a machine, so that capacity samples have something to write.
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        httpx.post(f"{url}/api/v1/labs", json={"name": "lab-a"}, headers=admin,
+                   timeout=30).raise_for_status()
+        token = httpx.post(f"{url}/api/v1/tokens", json={"kind": "provider", "lab": "lab-a"},
+                           headers=admin, timeout=30).raise_for_status().json()["token"]
+        httpx.post(f"{url}/api/v1/agent/register", timeout=30,
+                   json={"name": "box", "cpus": 4, "memory": 2**33},
+                   headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+        wait_until(lambda: metric(url, ADMIN, "parallex_metering_pass_seconds_count") >= 2, 60,
+                   "two metering passes")
+        children = broker_children(proc.pid)
+        passes = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert len(passes) == 1, [c.cmdline() for c in children]
+        with engine.connect() as c:
+            wait_until(lambda: c.execute(text("SELECT count(*) FROM capacitysample")).scalar(),
+                       30, "a capacity sample")
+        if ending == "stop":
+            # Shut down cleanly (uvicorn re-raises the SIGTERM it handled, after shutdown).
+            assert proc.stop() in (0, -signal.SIGTERM)
+            assert "Traceback" not in proc.log_text()
+        else:
+            proc.kill9()
+        # The pass process and multiprocessing's helper end with the broker.
+        wait_until(lambda: all(ended(c) for c in children), 30,
+                   f"the broker's child processes to end after a {ending}")
+    finally:
+        proc.stop()
+        engine.dispose()
