@@ -88,6 +88,11 @@ def _sample_capacity() -> int:
     return rows
 
 
+class PeriodicProcessStopped(RuntimeError):
+    """A periodic pass asked for after the broker began to shut down (the reaper's thread
+    may still be in its tick): nothing runs."""
+
+
 class PeriodicProcess:
     """Runs the periodic passes in one child process, started on first use; each call
     blocks its (reaper) thread until the pass is done, as the pass on the thread did."""
@@ -97,9 +102,12 @@ class PeriodicProcess:
         self._settings = settings
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._stopped = False
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
+            if self._stopped:
+                raise PeriodicProcessStopped("the broker is shutting down")
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"),
@@ -129,5 +137,6 @@ class PeriodicProcess:
         """Wait for a pass under way, then end the process."""
         with self._lock:
             pool, self._pool = self._pool, None
+            self._stopped = True
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -91,7 +91,7 @@ from .models import (
     ProviderRegister,
     WorkerCertificate,
 )
-from .periodic_process import PeriodicProcess
+from .periodic_process import PeriodicProcess, PeriodicProcessStopped
 from .placing import (
     lock_across_processes,
     lock_lab_admissions,
@@ -816,6 +816,12 @@ class Broker:
         """End what went silent (providers past the provider timeout, clusters past theirs),
         and run the periodic metering and capacity passes when due — on the leader replica
         only (replicas.hold_leadership)."""
+        try:
+            self._reap()
+        except PeriodicProcessStopped:
+            pass  # the broker is shutting down: the next leader runs the passes
+
+    def _reap(self) -> None:
         was = self.is_leader
         self.is_leader = hold_leadership(self.engine, self.boot_id, self.leader_ttl)
         if self.is_leader != was:

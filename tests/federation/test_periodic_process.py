@@ -4,6 +4,7 @@ process ends with the broker, whether it stops or is killed."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 import httpx
@@ -11,8 +12,11 @@ import psutil
 import pytest
 from sqlalchemy import text
 
+from accounting.models import utcnow
 from federation.broker.db import plain_engine
+from federation.broker.periodic_process import PeriodicProcessStopped
 from tests.federation.test_replicas import metric
+from tests.utils.in_process import in_process_broker
 from tests.utils.procs import start_broker, wait_until
 
 ADMIN = "test-admin-token-0123456789"
@@ -24,6 +28,12 @@ def broker_children(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def pass_processes(pid: int) -> list[psutil.Process]:
+    """The periodic pass processes among ``pid``'s children."""
+    return [c for c in broker_children(pid) if not ended(c)
+            and "spawn_main" in " ".join(c.cmdline())]
 
 
 def ended(process: psutil.Process) -> bool:
@@ -51,8 +61,7 @@ def test_the_periodic_passes_run_in_a_process_that_ends_with_the_broker(tmp_path
         wait_until(lambda: metric(url, ADMIN, "parallex_metering_pass_seconds_count") >= 2, 60,
                    "two metering passes")
         children = broker_children(proc.pid)
-        passes = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
-        assert len(passes) == 1, [c.cmdline() for c in children]
+        assert len(pass_processes(proc.pid)) == 1, [c.cmdline() for c in children]
         with engine.connect() as c:
             wait_until(lambda: c.execute(text("SELECT count(*) FROM capacitysample")).scalar(),
                        30, "a capacity sample")
@@ -68,3 +77,17 @@ def test_the_periodic_passes_run_in_a_process_that_ends_with_the_broker(tmp_path
     finally:
         proc.stop()
         engine.dispose()
+
+
+def test_a_reaper_tick_after_shutdown_starts_no_process(postgres_url):
+    """The reaper's thread may still be in its tick when the broker shuts down: the passes
+    it then asks for run nowhere (the next leader runs them), quietly, and start no new
+    process after the old one ended."""
+    with in_process_broker(postgres_url, 1) as b:
+        broker = b.app.state.broker
+        wait_until(lambda: pass_processes(os.getpid()), 60, "the periodic process")
+    assert not pass_processes(os.getpid())
+    with pytest.raises(PeriodicProcessStopped):
+        broker.periodic.meter(utcnow())
+    broker.reap()  # due metering and capacity passes, refused without a traceback
+    assert not pass_processes(os.getpid())
