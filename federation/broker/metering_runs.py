@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from accounting import metering, reliability
@@ -13,6 +15,7 @@ from accounting.metering import LeaseUsage
 from accounting.pricing import Resources
 
 from ..lease_states import LeaseState, suspensions
+from .db import session
 from .models import ClusterRecord, Lease, Provider
 from .settings import BrokerSettings
 
@@ -63,3 +66,18 @@ def meter_leases(s: Session, settings: BrokerSettings, now: dt.datetime,
             lease.metered_until = until
             s.add(lease)
     return len(records)
+
+
+def meter_unit(engine: Engine, settings: BrokerSettings, now: dt.datetime,
+               lease_ids: set[str] | None = None) -> int | None:
+    """``meter_leases`` as a unit of work of its own on ``engine`` (the broker's thread or
+    the periodic process); None when another meterer recorded a period first (rolled back:
+    the next pass finds it done)."""
+    with session(engine) as s:
+        try:
+            recorded = meter_leases(s, settings, now, lease_ids)
+            s.commit()
+        except IntegrityError:
+            s.rollback()
+            return None
+    return recorded

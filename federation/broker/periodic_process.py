@@ -30,14 +30,11 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 
 from .capacity import record_capacity
 from .db import plain_engine, session
-from .metering_runs import meter_leases
+from .metering_runs import meter_unit
 from .settings import BrokerSettings
-
-logger = logging.getLogger(__name__)
 
 #: Seconds between the child's checks that the broker still runs.
 PARENT_CHECK = 1.0
@@ -69,16 +66,8 @@ def _end_with_the_broker(broker_pid: int) -> None:
 
 
 def _meter(now: dt.datetime) -> int | None:
-    """A periodic metering pass in the child; None when another meterer recorded a period
-    first (the next pass finds it done)."""
-    with session(_child["engine"]) as s:  # type: ignore[arg-type]
-        try:
-            recorded = meter_leases(s, _child["settings"], now)  # type: ignore[arg-type]
-            s.commit()
-        except IntegrityError:
-            s.rollback()
-            return None
-    return recorded
+    """A periodic metering pass in the child (``meter_unit``)."""
+    return meter_unit(_child["engine"], _child["settings"], now)  # type: ignore[arg-type]
 
 
 def _sample_capacity() -> int:

@@ -70,7 +70,7 @@ from .coalescer import Coalescer
 from .errors import Conflict, Invalid, NotAllowed, NotFound, TooSoon, Unavailable
 from .lease_ends import end_by_provider, release_all
 from .memo import BoundedMap
-from .metering_runs import meter_leases
+from .metering_runs import meter_unit
 from .metrics import BrokerMetrics
 from .models import (
     HELD_STATES,
@@ -873,18 +873,12 @@ class Broker:
         if lease_ids is None and self.periodic is not None:
             with self.metrics.metering.time():
                 recorded = self.periodic.meter(now or utcnow())
-            if recorded is None:
-                logger.warning("metering pass collided with another; will retry")
-                return 0
-            return recorded
-        timer = self.metrics.metering.time() if lease_ids is None else contextlib.nullcontext()
-        with timer, self.session() as s:
-            try:
-                recorded = meter_leases(s, self.settings, now or utcnow(), lease_ids)
-                s.commit()
-            except IntegrityError:
-                # Another meterer recorded a period first; the next pass finds it done.
-                s.rollback()
-                logger.warning("metering pass collided with another; will retry")
-                return 0
+        else:
+            timer = (self.metrics.metering.time() if lease_ids is None
+                     else contextlib.nullcontext())
+            with timer:
+                recorded = meter_unit(self.engine, self.settings, now or utcnow(), lease_ids)
+        if recorded is None:
+            logger.warning("metering pass collided with another; will retry")
+            return 0
         return recorded
