@@ -106,7 +106,10 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
         loop = asyncio.get_running_loop()
         if broker.relay is not None:
             broker.relay.start()
-        broker.placer.start()
+        broker.placing_thread.start()
+        # Leading from the start (when no other replica does), not from the first reaper
+        # tick: until a replica leads, no one places for the others.
+        await asyncio.to_thread(broker.renew_leadership)
         broker.end_meterer.start()
         broker.heartbeats.start()
         broker.reports.start()
@@ -121,7 +124,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await background
-            await asyncio.to_thread(broker.placer.stop)
+            broker.placer.stop()
+            await asyncio.to_thread(broker.placing_thread.stop)
             await asyncio.to_thread(broker.end_meterer.stop)
             await asyncio.to_thread(broker.heartbeats.stop)
             await asyncio.to_thread(broker.reports.stop)

@@ -138,6 +138,14 @@ class BrokerMetrics:
                                   "(sampled 10 times a second): above a few ms, requests "
                                   "queue before they are read (this replica).",
                                   buckets=HTTP_BUCKETS, registry=self.registry)
+        self.asks_to_leader = Gauge(
+            "parallex_placement_asks_to_leader", "Asks for a placement pass this replica "
+            "sent to the leader replica since it started (it places only while it leads).",
+            registry=self.registry)
+        self.placement_fallbacks = Gauge(
+            "parallex_placement_fallbacks", "Scale requests this replica placed itself since "
+            "it started because the leader had not answered their ask within 2.5 s (a "
+            "leader that died or is overloaded).", registry=self.registry)
         self.leader = Gauge("parallex_broker_leader", "1 on the replica that runs the "
                             "periodic passes (reaping, metering, capacity samples), else 0.",
                             registry=self.registry)

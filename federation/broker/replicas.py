@@ -45,7 +45,7 @@ def hold_leadership(engine: Engine, me: str, ttl: float) -> bool:
         got = c.execute(text(
             "UPDATE broker_leader SET holder = :me, "
             "expires_at = now() + make_interval(secs => :ttl) "
-            "WHERE name = :name AND (holder = :me OR expires_at < now())"),
+            "WHERE name = :name AND (holder = :me OR expires_at <= now())"),
             {"me": me, "ttl": ttl, "name": LEADER_ROW})
         return got.rowcount == 1
 

@@ -11,6 +11,7 @@ concern each:
 - ``admission``: credit, quotas, sizes, identifiers, certificates (checks that raise);
 - ``placing``: the placement pass and its lock;
 - ``coalescer``: the threads that run placement passes and meter ended leases;
+- ``placement_asks``: with several replicas, only the leader places; the others ask it;
 - ``timeouts``: what went silent or is overdue;
 - ``metering_runs``: which leases a metering pass charges;
 - ``lease_ends``: ending and releasing leases (through ``federation.lease_states.move``);
@@ -92,6 +93,7 @@ from .models import (
     WorkerCertificate,
 )
 from .periodic_process import PeriodicProcess, PeriodicProcessStopped
+from .placement_asks import PlacementAsks
 from .placing import (
     lock_across_processes,
     lock_lab_admissions,
@@ -181,7 +183,13 @@ class Broker:
         self.wakeups.relay = self.relay.send if self.relay is not None else None
         #: Runs placement passes for every change that frees or asks for capacity, one pass
         #: for all the asks that arrive while another runs (started with the app).
-        self.placer = Coalescer(lambda _items: self.place_pending(), "parallex-placer")
+        self.placing_thread = Coalescer(self._placing_batch, "parallex-placer")
+        #: Where asks for passes go: this replica's placing thread while it leads, else
+        #: the leader's (placement_asks.py).
+        self.placer = PlacementAsks(self.placing_thread, self.boot_id, lambda: self.is_leader,
+                                    self.relay.send if self.relay is not None else None)
+        self.metrics.asks_to_leader.set_function(lambda: float(self.placer.sent))
+        self.metrics.placement_fallbacks.set_function(lambda: float(self.placer.fallbacks))
         #: Meters leases that just ended, many to a transaction (started with the app).
         self.end_meterer = Coalescer(lambda ids: self.meter(lease_ids=ids),
                                      "parallex-end-meterer")
@@ -209,7 +217,7 @@ class Broker:
         """Another replica's notification: a lease list changed, or identities did."""
         if key == IDENTITY_CHANGED:
             self.principals.clear()
-        else:
+        elif not self.placer.heard(key):
             self.wakeups.bump(key, forward=False)
 
     @contextlib.contextmanager
@@ -246,6 +254,15 @@ class Broker:
         return place_pending(s, self.rng, self.settings.fair_share_half_life,
                              relayed=self.gateway_address is not None,
                              recent_rates=self.preemption_rates)
+
+    def _placing_batch(self, asks: set) -> None:
+        """The placing thread's batch: a pass, then the answers to the replicas that asked
+        for it (even when it failed: their requests need not wait out their bound; the
+        next pass places what this one missed)."""
+        try:
+            self.place_pending()
+        finally:
+            self.placer.pass_served(asks)
 
     def place_pending(self) -> int:
         """A placement pass as a unit of its own; returns how many providers got leases."""
@@ -821,13 +838,20 @@ class Broker:
         except PeriodicProcessStopped:
             pass  # the broker is shutting down: the next leader runs the passes
 
-    def _reap(self) -> None:
+    def renew_leadership(self) -> bool:
+        """Take or renew the leader lease (replicas.hold_leadership); True while this
+        replica leads. A replica that becomes the leader places at once."""
         was = self.is_leader
         self.is_leader = hold_leadership(self.engine, self.boot_id, self.leader_ttl)
         if self.is_leader != was:
-            logger.info("broker %s %s the periodic passes", self.boot_id,
+            logger.info("broker %s %s the periodic passes and placement", self.boot_id,
                         "now runs" if self.is_leader else "no longer runs")
-        if not self.is_leader:
+            if self.is_leader:
+                self.placer.became_leader()
+        return self.is_leader
+
+    def _reap(self) -> None:
+        if not self.renew_leadership():
             return
         # Runs every second on the event loop: a plain session, no placement lock, unless
         # something went silent (then a placement pass of its own uses what it freed).
