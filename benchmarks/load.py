@@ -106,6 +106,9 @@ class Recorder:
         #: The same, by endpoint.
         self.timelines: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.lone: list[tuple[float, float]] = []  # the lone probe agent's heartbeats
+        #: Asks for placement passes sent to the leader replica, and scale requests placed
+        #: by their own replica because the leader had not answered (all replicas).
+        self.placement_asks: dict[str, float] = {}
 
     def merge(self, other: Recorder) -> None:
         """Add another generator process's recordings to these."""
@@ -400,6 +403,9 @@ def main() -> None:
                 ("scale placement wait", "scale_placement_wait"))}
             inside = server_quantiles(urls, admin_token)
             lag = server_quantiles(urls, admin_token, "parallex_event_loop_lag_seconds_bucket")
+            rec.placement_asks = gauge_sums(urls, admin_token, {
+                "sent to the leader": "parallex_placement_asks_to_leader",
+                "placed by their own replica": "parallex_placement_fallbacks"})
         finally:
             for proc, _url in brokers:
                 proc.stop()
@@ -452,6 +458,22 @@ def server_quantiles(urls: list[str], admin_token: str,
                           next(b for b in bounds if counts[b] >= 0.5 * total),
                           next(b for b in bounds if counts[b] >= 0.99 * total))
     return out
+
+
+def gauge_sums(urls: list[str], admin_token: str, names: dict[str, str]) -> dict[str, float]:
+    """Each gauge of ``names`` (label: metric name) summed over all replicas."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums = dict.fromkeys(names, 0.0)
+    for url in urls:
+        text = httpx.get(f"{url}/api/v1/metrics", timeout=30,
+                         headers={"Authorization": f"Bearer {admin_token}"}).text
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                for label, name in names.items():
+                    if s.name == name:
+                        sums[label] += s.value
+    return sums
 
 
 def pass_stats(urls: list[str], admin_token: str, metric: str
@@ -534,6 +556,9 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
     for kind, (n, mean, p50, p99) in passes.items():
         print(f"{kind}: {n} times, {mean * 1000:.0f} ms each on average, p50 ≤ "
               f"{p50 * 1000:g} ms, p99 ≤ {p99 * 1000:g} ms")
+    if rec.placement_asks:
+        print("asks for a placement pass (only the leader replica places): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in rec.placement_asks.items()))
     print("CPU used (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in rec.cpu.items())
           + f" of {psutil.cpu_count()}; 429s retried as agents do: {dict(rec.retried)}")
     inside_rows = [("route (inside the broker)", "requests", "p50 ≤ ms", "p99 ≤ ms")]
@@ -556,6 +581,7 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
               "placements_per_s": rate, "placed": len(placed), "worst_p99_ms": worst,
               "passes": {k: {"count": n, "mean_s": m, "p50_s_at_most": a, "p99_s_at_most": b}
                          for k, (n, m, a, b) in passes.items()},
+              "placement_asks": rec.placement_asks,
               "cpu_cores_used": rec.cpu, "retried_429": dict(rec.retried),
               "worst_p99_inside_broker_ms_at_most": worst_inside * 1000,
               "inside_broker": {route: {"requests": n, "p50_ms_at_most": p50 * 1000,
