@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from federation.broker.app import create_app
@@ -23,6 +24,13 @@ def scale_one(b: InProcess, client: TestClient, lease_id: str) -> dict:
     assert answer.status_code == 201, answer.text
     [lease] = answer.json()
     return lease
+
+
+def scraped(client: TestClient, name: str) -> float:
+    answer = client.get("/api/v1/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    answer.raise_for_status()
+    return next(s.value for f in text_string_to_metric_families(answer.text)
+                for s in f.samples if s.name == name)
 
 
 def test_the_leader_places_for_a_replica_that_does_not_lead(postgres_url):
@@ -43,6 +51,8 @@ def test_the_leader_places_for_a_replica_that_does_not_lead(postgres_url):
         assert first.placing_thread.passes > passes_before
         assert second.placer.sent >= 1 and first.placer.answers_sent >= 1
         assert second.placer.fallbacks == 0
+        assert scraped(second_client, "parallex_placement_asks_to_leader") == second.placer.sent
+        assert scraped(second_client, "parallex_broker_leader") == 0
 
         # The leader stops (an orderly shutdown gives the lease up): the second leads and
         # places its own asks from then on.
