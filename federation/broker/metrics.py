@@ -11,10 +11,11 @@ global registry would refuse a second set of the same names.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, GCCollector, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import case, func
 from sqlmodel import Session, select
@@ -146,6 +147,14 @@ class BrokerMetrics:
             "parallex_placement_fallbacks", "Scale requests this replica placed itself since "
             "it started because the leader had not answered their ask within 2.5 s (a "
             "leader that died or is overloaded).", registry=self.registry)
+        self.frozen_objects = Gauge(
+            "parallex_gc_frozen_objects", "Objects this replica's start-up made that the "
+            "garbage collector no longer walks (collector.py; 0: a broker inside another "
+            "program, whose collector is left as it is).", registry=self.registry)
+        self.frozen_objects.set_function(lambda: float(gc.get_freeze_count()))
+        # python_gc_collections_total{generation} and the objects collected: full
+        # collections stop every thread of the replica.
+        GCCollector(registry=self.registry)
         self.leader = Gauge("parallex_broker_leader", "1 on the replica that runs the "
                             "periodic passes (reaping, metering, capacity samples), else 0.",
                             registry=self.registry)

@@ -62,6 +62,10 @@ def test_metrics_say_what_the_federation_holds_and_how_long_the_broker_took(fede
         assert "/clusters/{cluster_id}/leases" in requests, requests
         assert not any(re.search(r"cl_|prv_|ls-", r) for r in requests), requests
         assert "/agent/{provider_id}/leases" not in requests
+        # The server process froze what its start-up made (collector.py): a full
+        # collection no longer walks it. Collections are counted by generation.
+        assert now[("parallex_gc_frozen_objects", ())] > 50_000
+        assert now[("python_gc_collections_total", (("generation", "0"),))] >= 0
     assert httpx.get(url, timeout=30).status_code == 401
     user = httpx.get(url, headers={"Authorization": f"Bearer {fed.user_tokens['alice']}"},
                      timeout=30)
