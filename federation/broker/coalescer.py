@@ -45,8 +45,8 @@ class Coalescer:
         self._done = 0  # every ticket up to this one has been served by a finished pass
         self._thread: threading.Thread | None = None
         self._stopping = False
-        # Requests waiting on the event loop: (ticket, loop, future), resolved after a batch.
-        self._async_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        # Requests waiting on the event loop for their ticket, resolved after a batch.
+        self._async_waiters = CountWaiters(self._cond, lambda ticket: self._done >= ticket)
         #: Batches run and asks served, for the metrics and the tests.
         self.passes = 0
         self.asks = 0
@@ -106,35 +106,15 @@ class Coalescer:
     async def wait_async(self, ticket: int, timeout: float) -> bool:
         """``wait`` for a coroutine: the request waits on the event loop, holding no thread
         of the pool that answers other requests."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        entry = (ticket, loop, future)
         with self._cond:
             if self._done >= ticket or not self.running:
                 return self._done >= ticket
-            self._async_waiters.append(entry)
-        try:
-            async with asyncio.timeout(timeout):
-                await future
-            with self._cond:
-                return self._done >= ticket  # False when released by stop()
-        except TimeoutError:
-            return False
-        finally:
-            with self._cond:
-                if entry in self._async_waiters:
-                    self._async_waiters.remove(entry)
+        return await self._async_waiters.wait(ticket, timeout)
 
     def _release_async_waiters(self) -> None:
         """Resolve the coroutines whose ticket a finished batch served (caller holds the
-        condition); all of them when stopping."""
-        keep = []
-        for ticket, loop, future in self._async_waiters:
-            if ticket <= self._done or self._stopping:
-                loop.call_soon_threadsafe(_resolve, future)
-            else:
-                keep.append((ticket, loop, future))
-        self._async_waiters = keep
+        condition); all of them when stopping (their waits return False)."""
+        self._async_waiters.release(everyone=self._stopping)
 
     def ask_and_wait(self, timeout: float, items: set | frozenset = frozenset()) -> bool:
         """Ask for a batch and wait for it (see ``wait``)."""
@@ -169,6 +149,50 @@ class Coalescer:
                 # are released, and the reaper's periodic passes pick up what was missed.
                 logger.exception("%s: batch failed", self._name)
             self._finished(serving)
+
+
+class CountWaiters:
+    """Coroutines waiting, each on its event loop, until a count reaches their number; the
+    count's owner changes it holding ``cond`` and then calls ``release`` (from any thread).
+    """
+
+    def __init__(self, cond: threading.Condition, reached: Callable[[int], bool]):
+        self._cond = cond
+        self._reached = reached
+        self._waiting: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
+
+    async def wait(self, n: int, timeout: float) -> bool:
+        """True once the count reaches ``n``; False after ``timeout`` seconds, or when
+        released without it (the owner stops)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        entry = (n, loop, future)
+        with self._cond:
+            if self._reached(n):
+                return True
+            self._waiting.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+            with self._cond:
+                return self._reached(n)
+        except TimeoutError:
+            return False
+        finally:
+            with self._cond:
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+
+    def release(self, everyone: bool = False) -> None:
+        """Resolve the waiters whose number the count reached, or all of them (the caller
+        holds ``cond``)."""
+        keep = []
+        for n, loop, future in self._waiting:
+            if everyone or self._reached(n):
+                loop.call_soon_threadsafe(_resolve, future)
+            else:
+                keep.append((n, loop, future))
+        self._waiting = keep
 
 
 def _resolve(future: asyncio.Future) -> None:

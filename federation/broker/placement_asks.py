@@ -25,12 +25,11 @@ On SQLite (one process), or before the app starts the placer's thread, every ask
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .coalescer import Coalescer
+from .coalescer import Coalescer, CountWaiters
 
 #: Key prefixes on the wake-up channel ("!" keys are never provider ids or cluster keys).
 PLACE = "!place:"
@@ -62,7 +61,7 @@ class PlacementAsks:
         self._cond = threading.Condition()
         self._sent = 0  # asks sent to the leader
         self._answered = 0  # every ask sent up to this one has been served
-        self._async_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._async_waiters = CountWaiters(self._cond, lambda n: self._answered >= n)
         self._last: Ticket | None = None
         #: Asks sent to the leader, and answers this replica sent as the leader.
         self.sent = 0
@@ -122,7 +121,7 @@ class PlacementAsks:
         if ticket.local:
             return await self.placer.wait_async(ticket.n, timeout)
         first = min(timeout, LEADER_ANSWER_WAIT)
-        if await self._answer(ticket.n, first):
+        if await self._async_waiters.wait(ticket.n, first):
             return True
         if timeout <= first:
             return False
@@ -134,26 +133,6 @@ class PlacementAsks:
         with self._cond:
             self.fallbacks += 1
         return self.placer.ask({self._me_asked()})
-
-    async def _answer(self, n: int, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        entry = (n, loop, future)
-        with self._cond:
-            if self._answered >= n:
-                return True
-            self._async_waiters.append(entry)
-        try:
-            async with asyncio.timeout(timeout):
-                await future
-            with self._cond:
-                return self._answered >= n  # False when released by stop()
-        except TimeoutError:
-            return False
-        finally:
-            with self._cond:
-                if entry in self._async_waiters:
-                    self._async_waiters.remove(entry)
 
     # ---- the channel ------------------------------------------------------------------------
 
@@ -194,24 +173,11 @@ class PlacementAsks:
     def _served(self, n: int) -> None:
         with self._cond:
             self._answered = max(self._answered, n)
-            keep = []
-            for wanted, loop, future in self._async_waiters:
-                if wanted <= self._answered:
-                    loop.call_soon_threadsafe(_resolve, future)
-                else:
-                    keep.append((wanted, loop, future))
-            self._async_waiters = keep
+            self._async_waiters.release()
             self._cond.notify_all()
 
     def stop(self) -> None:
         """Release every waiter (the app stops); their waits return False."""
         with self._cond:
-            for _wanted, loop, future in self._async_waiters:
-                loop.call_soon_threadsafe(_resolve, future)
-            self._async_waiters = []
+            self._async_waiters.release(everyone=True)
             self._cond.notify_all()
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
