@@ -86,7 +86,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     from accounting.cloud import CloudPriceError, load_cloud_prices
 
-    from .broker import collector
+    from .broker import collector, pool_threads
     from .broker import settings as broker_settings
     from .broker.app import create_app
 
@@ -106,6 +106,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     # A long-running server: start-up's objects out of every collection, fewer young ones
     # (federation/broker/collector.py: up to 0.6 s pauses under load before).
     collector.set_for_server()
+    pool_threads.keep_idle_threads()
     if args.base_path.strip("/"):
         from .broker.app import StripPrefix
 

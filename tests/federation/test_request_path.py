@@ -361,3 +361,19 @@ def test_a_token_that_many_requests_bring_at_once_is_read_once(tmp_path):
             assert len(token_reads) == 1, token_reads
         finally:
             event.remove(broker.engine, "before_cursor_execute", note_token_reads)
+
+
+def test_the_server_keeps_its_idle_pool_threads():
+    """The broker server tells AnyIO to keep idle request threads (pool_threads.py): starting
+    one stalls the event loop under load. A newer AnyIO without that setting fails here, not
+    silently in production."""
+    from anyio._backends._asyncio import WorkerThread
+
+    from federation.broker.pool_threads import KEEP_IDLE_THREADS, keep_idle_threads
+
+    before = WorkerThread.MAX_IDLE_TIME
+    try:
+        assert keep_idle_threads()
+        assert WorkerThread.MAX_IDLE_TIME == KEEP_IDLE_THREADS > before
+    finally:
+        WorkerThread.MAX_IDLE_TIME = before
