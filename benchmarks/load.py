@@ -395,15 +395,16 @@ def main() -> None:
                 (sum(after) - after.idle - after.iowait)
                 - (sum(machine) - machine.idle - machine.iowait)) / elapsed
             urls = [url for _p, url in brokers]
-            passes = {kind: pass_stats(urls, admin_token, metric) for kind, metric in (
+            samples = scrape(urls, admin_token)
+            passes = {kind: pass_stats(samples, metric) for kind, metric in (
                 ("metering", "metering_pass"), ("placement", "placement_pass"),
                 ("placement lock wait", "placement_lock_wait"),
                 ("heartbeat batch", "heartbeat_batch"), ("report batch", "report_batch"),
                 ("scale admission", "scale_admission"),
                 ("scale placement wait", "scale_placement_wait"))}
-            inside = server_quantiles(urls, admin_token)
-            lag = server_quantiles(urls, admin_token, "parallex_event_loop_lag_seconds_bucket")
-            rec.placement_asks = gauge_sums(urls, admin_token, {
+            inside = server_quantiles(samples)
+            lag = server_quantiles(samples, "parallex_event_loop_lag_seconds_bucket")
+            rec.placement_asks = gauge_sums(samples, {
                 "sent to the leader": "parallex_placement_asks_to_leader",
                 "placed by their own replica": "parallex_placement_fallbacks"})
         finally:
@@ -431,24 +432,31 @@ def cpu(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def server_quantiles(urls: list[str], admin_token: str,
-                     metric: str = "parallex_http_request_seconds_bucket",
-                     ) -> dict[str, tuple[int, float, float]]:
-    """Per route, from both replicas' request histograms (time inside the broker, from the
-    request's arrival to its answer): requests, and the bucket bounds holding p50 and p99
-    (an upper bound on each, in seconds; inf past the last bucket)."""
+def scrape(urls: list[str], admin_token: str) -> list:
+    """Every sample of every replica's metrics, read once (prometheus_client samples)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
+    samples = []
     for url in urls:
         text = httpx.get(f"{url}/api/v1/metrics", timeout=30,
                          headers={"Authorization": f"Bearer {admin_token}"}).text
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == metric:
-                    route = (f"{s.labels['method']} {s.labels['route']}"
-                             if "route" in s.labels else "")
-                    buckets[route][float(s.labels["le"])] += s.value
+        samples += [s for family in text_string_to_metric_families(text)
+                    for s in family.samples]
+    return samples
+
+
+def server_quantiles(samples: list, metric: str = "parallex_http_request_seconds_bucket",
+                     ) -> dict[str, tuple[int, float, float]]:
+    """Per route, from all replicas' request histograms (time inside the broker, from the
+    request's arrival to its answer) in ``samples`` (``scrape``): requests, and the bucket
+    bounds holding p50 and p99 (an upper bound on each, in seconds; inf past the last
+    bucket)."""
+    buckets: dict[str, dict[float, float]] = defaultdict(lambda: defaultdict(float))
+    for s in samples:
+        if s.name == metric:
+            route = (f"{s.labels['method']} {s.labels['route']}"
+                     if "route" in s.labels else "")
+            buckets[route][float(s.labels["le"])] += s.value
     out = {}
     for route, counts in buckets.items():
         bounds = sorted(counts)
@@ -460,40 +468,19 @@ def server_quantiles(urls: list[str], admin_token: str,
     return out
 
 
-def gauge_sums(urls: list[str], admin_token: str, names: dict[str, str]) -> dict[str, float]:
-    """Each gauge of ``names`` (label: metric name) summed over all replicas."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    sums = dict.fromkeys(names, 0.0)
-    for url in urls:
-        text = httpx.get(f"{url}/api/v1/metrics", timeout=30,
-                         headers={"Authorization": f"Bearer {admin_token}"}).text
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                for label, name in names.items():
-                    if s.name == name:
-                        sums[label] += s.value
-    return sums
+def gauge_sums(samples: list, names: dict[str, str]) -> dict[str, float]:
+    """Each gauge of ``names`` (label: metric name) summed over all replicas' ``samples``."""
+    return {label: sum(s.value for s in samples if s.name == name)
+            for label, name in names.items()}
 
 
-def pass_stats(urls: list[str], admin_token: str, metric: str
-               ) -> tuple[int, float, float, float]:
+def pass_stats(samples: list, metric: str) -> tuple[int, float, float, float]:
     """How many passes or phases (``metric``: metering_pass, placement_pass,
     heartbeat_batch, scale_admission, ...) all replicas timed, their mean seconds, and the
     bucket bounds holding their p50 and p99 (upper bounds, seconds)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    count = total = 0.0
-    for url in urls:
-        text = httpx.get(f"{url}/api/v1/metrics", timeout=30,
-                         headers={"Authorization": f"Bearer {admin_token}"}).text
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == f"parallex_{metric}_seconds_count":
-                    count += s.value
-                elif s.name == f"parallex_{metric}_seconds_sum":
-                    total += s.value
-    _n, p50, p99 = server_quantiles(urls, admin_token, f"parallex_{metric}_seconds_bucket"
+    count, total = gauge_sums(samples, {"count": f"parallex_{metric}_seconds_count",
+                                        "sum": f"parallex_{metric}_seconds_sum"}).values()
+    _n, p50, p99 = server_quantiles(samples, f"parallex_{metric}_seconds_bucket"
                                     ).get("", (0, 0.0, 0.0))
     return int(count), (total / count if count else 0.0), p50, p99
 

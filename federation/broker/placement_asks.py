@@ -25,6 +25,7 @@ On SQLite (one process), or before the app starts the placer's thread, every ask
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,12 +60,11 @@ class PlacementAsks:
         self._leads = leads
         self._send = send  # the wake-up relay's send; None without other replicas
         self._cond = threading.Condition()
-        self._sent = 0  # asks sent to the leader
+        self._sent = 0  # asks sent to the leader (the last ask's number)
         self._answered = 0  # every ask sent up to this one has been served
         self._async_waiters = CountWaiters(self._cond, lambda n: self._answered >= n)
         self._last: Ticket | None = None
-        #: Asks sent to the leader, and answers this replica sent as the leader.
-        self.sent = 0
+        #: Answers this replica sent as the leader.
         self.answers_sent = 0
         #: Requests whose replica placed because the leader had not answered in time.
         self.fallbacks = 0
@@ -80,12 +80,17 @@ class PlacementAsks:
         else:
             with self._cond:
                 self._sent += 1
-                self.sent += 1
                 ticket = Ticket(False, self._sent)
             self._send({f"{PLACE}{self._me}:{ticket.n}"})
         with self._cond:
             self._last = ticket
         return ticket
+
+    @property
+    def sent(self) -> int:
+        """Asks this replica sent to the leader since it started."""
+        with self._cond:
+            return self._sent
 
     def _me_asked(self) -> tuple[str, int]:
         """The item of a local ask: it also serves every ask this replica sent before it
@@ -139,16 +144,16 @@ class PlacementAsks:
     def heard(self, key: str) -> bool:
         """Apply another replica's ``!place``/``!placed`` key; False for any other key."""
         if key.startswith(PLACED):
-            replica, _, n = key[len(PLACED):].rpartition(":")
-            if replica == self._me and n.isdigit():
-                self._served(int(n))
+            ask = _ask_in(key, PLACED)
+            if ask is not None and ask[0] == self._me:
+                self._served(ask[1])
             return True
         if key.startswith(PLACE):
-            replica, _, n = key[len(PLACE):].rpartition(":")
+            ask = _ask_in(key, PLACE)
             # Only the leader places for others; the others drop the ask (a new leader's
             # first pass serves what its predecessor missed).
-            if replica and n.isdigit() and self._leads() and self.placer.running:
-                self.placer.ask({(replica, int(n))})
+            if ask is not None and self._leads() and self.placer.running:
+                self.placer.ask({ask})
             return True
         return False
 
@@ -181,3 +186,13 @@ class PlacementAsks:
         with self._cond:
             self._async_waiters.release(everyone=True)
             self._cond.notify_all()
+
+
+#: ``<replica>:<n>`` after a key's prefix: a replica's boot id and an ask's number.
+_ASK = re.compile(r"([0-9a-f]{1,32}):([0-9]{1,18})")
+
+
+def _ask_in(key: str, prefix: str) -> tuple[str, int] | None:
+    """The (replica, number) a ``!place``/``!placed`` key names; None for a malformed one."""
+    match = _ASK.fullmatch(key, len(prefix))
+    return (match[1], int(match[2])) if match else None
