@@ -12,6 +12,50 @@ from tests.utils.postgres import fresh_database, postgres_server
 
 _database_numbers = itertools.count()
 
+#: Test files that take a minute or more in all (measured with --durations), longest first.
+#: ./dev test hands whole files to two processes in collection order, so these start first
+#: and the run does not end with one process alone in a long file.
+LONGEST_FILES_FIRST = (
+    "tests/federation/test_fuzz_api.py",
+    "tests/kernel/test_kernel.py",
+    "tests/federation/test_up_and_admin.py",
+    "tests/networks/",
+    "tests/federation/test_environments.py",
+    "tests/federation/test_failures.py",
+    "tests/federation/test_dask_workloads.py",
+    "tests/hub/",
+    "tests/federation/test_owner.py",
+    "tests/federation/test_replicas.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move the longest files to the front, keeping every other order as collected."""
+    def rank(item: pytest.Item) -> int:
+        return next((n for n, start in enumerate(LONGEST_FILES_FIRST)
+                     if item.nodeid.startswith(start)), len(LONGEST_FILES_FIRST))
+
+    items.sort(key=rank)
+
+
+#: Folders whose tests share one package-scoped fixture (the hub tests' JupyterHub): their
+#: files go to one test process, so the fixture starts once.
+ONE_PROCESS_FOLDERS = ("tests/hub/",)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """With --dist loadfile, hand out ONE_PROCESS_FOLDERS whole and other tests by file."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileOrFolderScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            folder = next((f for f in ONE_PROCESS_FOLDERS if nodeid.startswith(f)), None)
+            return folder or super()._split_scope(nodeid)
+
+    return FileOrFolderScheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def postgres_server_url():
