@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .pricing import GiB
+GiB = 2**30  # bytes (not imported from pricing, which loads the database models)
 
 DEFAULT_TABLE = Path(__file__).with_name("cloud_prices.yaml")
 

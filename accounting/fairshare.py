@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from .half_lives import DEFAULT_HALF_LIFE
 from .models import as_utc
-
-DEFAULT_HALF_LIFE = 7 * 24 * 3600.0  # seconds
 
 
 class DecayedUsage(SQLModel, table=True):

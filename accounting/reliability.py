@@ -15,9 +15,9 @@ from typing import Literal
 from sqlalchemy import update
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from .half_lives import DEFAULT_RELIABILITY_HALF_LIFE
 from .models import utcnow
 
-DEFAULT_RELIABILITY_HALF_LIFE = 24 * 3600.0
 INCIDENT_WEIGHTS = {"lost": 1.0, "failed": 0.5}
 FLOOR = 0.5
 

@@ -375,7 +375,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
 # ---- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from accounting.fairshare import DEFAULT_HALF_LIFE
+    from accounting.half_lives import DEFAULT_HALF_LIFE
 
     from .broker import settings as broker_settings
 

@@ -9,41 +9,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
 from urllib.parse import quote
-
-from fastapi import Path as PathParam
-from pydantic import StringConstraints
-
-from accounting.identifiers import LAB_NAME, USER_NAME
 
 #: A lease id: a letter or digit, then letters, digits, '_' or '-'; 8 to 64 characters.
 LEASE_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{7,63}$"
 #: Ids the broker makes (cl_…, prv_…, tok_…): letters, digits, '_' or '-'; 1 to 64 characters.
 OBJECT_ID = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
-LeaseId = Annotated[str, StringConstraints(pattern=LEASE_ID)]
-ObjectId = Annotated[str, StringConstraints(pattern=OBJECT_ID)]
-
-#: Path parameters of the API, refused with a 422 when malformed.
-LeaseIdPath = Annotated[str, PathParam(pattern=LEASE_ID, description="A lease id.")]
-ClusterIdPath = Annotated[str, PathParam(pattern=OBJECT_ID, description="A cluster id (cl_…).")]
-ProviderIdPath = Annotated[str, PathParam(pattern=OBJECT_ID,
-                                          description="A provider id (prv_…).")]
-TokenIdPath = Annotated[str, PathParam(pattern=OBJECT_ID, description="A token id (tok_…).")]
-LabPath = Annotated[str, PathParam(pattern=LAB_NAME, description="A lab's name.")]
-UserPath = Annotated[str, PathParam(pattern=USER_NAME, description="A user's name.")]
 #: An environment's hash and a wheel's SHA-256 (federation.environment), in paths.
 ENVIRONMENT_HASH = r"^[0-9a-f]{32}$"
 SHA256 = r"^[0-9a-f]{64}$"
-EnvironmentHashPath = Annotated[str, PathParam(pattern=ENVIRONMENT_HASH,
-                                               description="An environment's hash.")]
-Sha256Path = Annotated[str, PathParam(pattern=SHA256, description="A wheel's SHA-256 (hex).")]
 #: Largest row id: PostgreSQL's `integer` (the ids' column type there); a larger one in a path
 #: made the database refuse the query, a 500 (found by fuzzing on PostgreSQL).
 MAX_ROW_ID = 2**31 - 1
-RowIdPath = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID,
-                                     description="A row id (a positive integer).")]
 
 
 class UnsafeIdentifier(ValueError):

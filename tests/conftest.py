@@ -43,6 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 ONE_PROCESS_FOLDERS = ("tests/hub/",)
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest -p no:xdist still runs
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """With --dist loadfile, hand out ONE_PROCESS_FOLDERS whole and other tests by file."""
     if config.getoption("dist") != "loadfile":

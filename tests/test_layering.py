@@ -34,3 +34,21 @@ def test_the_broker_does_not_import_the_dashboards():
                                             if m.split(".")[0] == "dashboard")
         for path in (ROOT / "federation").rglob("*.py") if path.name != "cli.py"}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_provider_agent_starts_without_the_brokers_server_libraries():
+    """`parallex provide` runs on every lab machine and starts in every agent test: it loads
+    neither the web framework nor the database layer (they took ~0.7 s of its start)."""
+    import subprocess
+    import sys
+
+    # --dry-run imports everything `parallex provide` imports, then prints and exits.
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "federation.cli", "provide",
+                          "--dry-run"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "policy:" in run.stdout
+    loaded = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines()
+              if line.startswith("import time:") and "|" in line}
+    assert "federation.agent" in loaded
+    server_side = {"fastapi", "starlette", "sqlmodel", "sqlalchemy", "alembic", "uvicorn"}
+    assert loaded & server_side == set()

@@ -21,11 +21,12 @@ from accounting.identifiers import (
 )
 from accounting.models import utcnow
 
-from ..ids import ENVIRONMENT_HASH, LeaseId
+from ..ids import ENVIRONMENT_HASH
 
 # The lease state machine lives in federation.lease_states; its names are re-exported here.
 from ..lease_states import HELD_STATES, LIVE_STATES, EndReason, LeaseState  # noqa: F401
 from ..sizes import MiB, TiB, parse_memory
+from .id_params import LeaseId
 
 
 class TokenKind(StrEnum):

@@ -37,10 +37,10 @@ from accounting.reliability import factor, standings
 from accounting.statement import Parties, explain_usage
 from accounting.units import to_nano, to_pcu
 
-from ..ids import LabPath, RowIdPath
 from .access import readable_lab, scope_of, usage_scope
 from .auth import Principal, require_admin, require_user
 from .errors import Invalid, NotFound
+from .id_params import LabPath, RowIdPath
 from .models import Provider, WorkerSpec
 
 router = APIRouter()

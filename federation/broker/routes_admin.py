@@ -26,9 +26,9 @@ from accounting.models import (
 from accounting.reliability import reliabilities
 from accounting.units import to_nano
 
-from ..ids import LabPath, TokenIdPath, UserPath
 from .auth import Principal, authenticate, issue_token, require_admin, require_any, revoke
 from .errors import Conflict, Invalid, NotFound
+from .id_params import LabPath, TokenIdPath, UserPath
 from .models import Provider, TokenCreate, TokenKind
 
 router = APIRouter()

@@ -7,9 +7,9 @@ import random
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from ..ids import EnvironmentHashPath, LeaseIdPath, ProviderIdPath, Sha256Path
 from .agent_batches import Heartbeat
 from .auth import Principal, require_provider
+from .id_params import EnvironmentHashPath, LeaseIdPath, ProviderIdPath, Sha256Path
 from .models import (
     LeaseStateReport,
     ProviderHeartbeat,

@@ -7,10 +7,10 @@ from starlette.concurrency import run_in_threadpool
 
 from accounting.models import utcnow
 
-from ..ids import ClusterIdPath
 from . import API_PREFIX
 from .auth import Principal, require_user
 from .costs import cluster_cost
+from .id_params import ClusterIdPath
 from .models import (
     ClusterCreate,
     ClusterEnvironment,

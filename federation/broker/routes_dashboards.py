@@ -25,8 +25,8 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 
-from ..ids import ClusterIdPath
 from .errors import NotFound, Unavailable
+from .id_params import ClusterIdPath
 
 logger = logging.getLogger("parallex.broker.dashboards")
 router = APIRouter(prefix="/clusters")

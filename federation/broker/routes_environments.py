@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from ..environment import MAX_WHEEL_BYTES
-from ..ids import Sha256Path
 from .auth import Principal, require_user
 from .errors import Invalid
+from .id_params import Sha256Path
 from .models import WHEEL_NAME, EnvironmentCreate
 
 router = APIRouter(prefix="/environments")

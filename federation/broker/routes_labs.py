@@ -16,9 +16,9 @@ from accounting.models import Membership, User, as_utc
 from accounting.reliability import factor, standings
 from accounting.units import to_pcu
 
-from ..ids import LabPath
 from .access import managed_lab, scope_of
 from .auth import Principal, require_user
+from .id_params import LabPath
 from .models import HELD_STATES, ClusterRecord, Lease, Provider
 from .preemption import preemption_rates
 

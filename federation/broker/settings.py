@@ -14,8 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from accounting.cloud import CloudPrices, load_cloud_prices
-from accounting.fairshare import DEFAULT_HALF_LIFE
-from accounting.reliability import DEFAULT_RELIABILITY_HALF_LIFE
+from accounting.half_lives import DEFAULT_HALF_LIFE, DEFAULT_RELIABILITY_HALF_LIFE
 
 HOUR = 3600.0
 
