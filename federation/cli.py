@@ -132,7 +132,15 @@ def cmd_broker(args: argparse.Namespace) -> int:
     # and those requests failed with "server disconnected" (issue 14's load benchmark).
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=False,
                             timeout_graceful_shutdown=2, timeout_keep_alive=75)
-    server = uvicorn.Server(config)
+
+    class BrokerServer(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # Long polls are answered now; they run only after the listening sockets close,
+            # at shutdown's first await, so none of their clients comes back to this replica.
+            broker.wakeups.close()
+            await super().shutdown(sockets)
+
+    server = BrokerServer(config)
 
     async def serve() -> None:
         task = asyncio.create_task(server.serve(sockets=[sock]))

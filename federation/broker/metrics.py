@@ -155,6 +155,9 @@ class BrokerMetrics:
         # python_gc_collections_total{generation} and the objects collected: full
         # collections stop every thread of the replica.
         GCCollector(registry=self.registry)
+        self.long_polls = Gauge(
+            "parallex_long_polls_waiting", "Long polls of agents (their lease lists) and "
+            "clusters (signing requests) this replica holds open now.", registry=self.registry)
         self.leader = Gauge("parallex_broker_leader", "1 on the replica that runs the "
                             "periodic passes (reaping, metering, capacity samples), else 0.",
                             registry=self.registry)

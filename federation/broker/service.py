@@ -189,6 +189,7 @@ class Broker:
         self.placer = PlacementAsks(self.placing_thread, self.boot_id, lambda: self.is_leader,
                                     self.relay.send if self.relay is not None else None)
         self.metrics.asks_to_leader.set_function(lambda: float(self.placer.sent))
+        self.metrics.long_polls.set_function(lambda: float(self.wakeups.waiting))
         self.metrics.placement_fallbacks.set_function(lambda: float(self.placer.fallbacks))
         #: Meters leases that just ended, many to a transaction (started with the app).
         self.end_meterer = Coalescer(lambda ids: self.meter(lease_ids=ids),

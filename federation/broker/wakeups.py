@@ -27,6 +27,9 @@ class Wakeups:
         self.loop: asyncio.AbstractEventLoop | None = None
         #: Tells other broker replicas of changes (replicas.WakeupRelay.send), if any.
         self.relay: Callable[[set[str]], None] | None = None
+        #: Long polls waiting now (the metric parallex_long_polls_waiting).
+        self.waiting = 0
+        self._closing = False
 
     def version(self, key: str) -> str:
         """Opaque version of the key's lease list; it changes on every change to it."""
@@ -68,10 +71,27 @@ class Wakeups:
         # from another thread between them cannot be missed (a lost wake-up would leave the
         # agent waiting the whole poll).
         with self._lock:
-            if since != self.version(key):
+            if self._closing or since != self.version(key):
                 return
             event = self._events.setdefault(key, asyncio.Event())
-        # asyncio.timeout, not wait_for, which on Python 3.11 can lose a cancellation.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await event.wait()
+        self.waiting += 1  # on the loop only
+        try:
+            # asyncio.timeout, not wait_for, which on Python 3.11 can lose a cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await event.wait()
+        finally:
+            self.waiting -= 1
+
+    def close(self) -> None:
+        """The server is stopping: answer every long poll now, and any that comes later at
+        once. Otherwise each poll waited out the server's graceful-shutdown time and was then
+        cancelled, its client cut off and a traceback logged for it (a replica restarting
+        under a thousand agents logged a thousand). Answered, a client polls again and
+        reaches another replica, or this one once it is back."""
+        with self._lock:
+            self._closing = True
+            events = list(self._events.values())
+            self._events.clear()
+        for event in events:
+            self._set(event)

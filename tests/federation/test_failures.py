@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import queue
+import re
 import signal
 import sys
+import threading
 import time
 
 import dask.array as da
+import httpx
 import numpy as np
 import psutil
 
@@ -276,3 +280,46 @@ def test_a_stopped_agent_takes_its_machine_offline_at_once(federation):
         staying.stop()
     finally:
         admin.close()
+
+
+def test_a_stopping_broker_answers_its_long_polls_at_once(federation):
+    """On SIGTERM the broker answers the long polls it holds, so their agents poll again (and
+    reach another replica, or this one once it is back). Before, each poll waited out the
+    graceful-shutdown time, was cut off, and left a traceback in the broker's log."""
+    fed = federation
+    fed.add_lab("lab-a")
+    api = f"{fed.url}/api/v1"
+    provider = {"Authorization": f"Bearer {fed.provider_tokens['lab-a']}"}
+    pid = httpx.post(f"{api}/agent/register", headers=provider, timeout=30, json={
+        "name": "poller", "cpus": 1, "memory": "1 GiB"}).json()["provider_id"]
+    version = httpx.get(f"{api}/agent/{pid}/leases", headers=provider,
+                        timeout=30).json()["version"]
+    answers: queue.Queue = queue.Queue()
+
+    def poll() -> None:
+        try:
+            answers.put(httpx.get(f"{api}/agent/{pid}/leases", headers=provider, timeout=90,
+                                  params={"since": version, "wait": 60}))
+        except httpx.HTTPError as exc:
+            answers.put(exc)
+
+    threading.Thread(target=poll, daemon=True).start()
+
+    def held() -> bool:
+        metrics = httpx.get(f"{api}/metrics", timeout=30,
+                            headers={"Authorization": f"Bearer {fed.admin_token}"}).text
+        found = re.search(r"^parallex_long_polls_waiting (\S+)$", metrics, re.MULTILINE)
+        return found is not None and float(found.group(1)) == 1
+
+    wait_until(held, 30, "the broker to hold the long poll")
+    fed.broker.popen.send_signal(signal.SIGTERM)  # the broker alone, as systemd would
+    answer = answers.get(timeout=30)
+    assert isinstance(answer, httpx.Response), f"the poll was cut off: {answer!r}"
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["version"] == version  # nothing changed: the agent polls again
+    # uvicorn ends by the signal it caught, once its shutdown is complete.
+    assert fed.broker.popen.wait(30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in fed.broker.log_text()
+    log = fed.broker.log_text()
+    assert "graceful shutdown exceeded" not in log, log[-3000:]
+    assert "CancelledError" not in log, log[-3000:]

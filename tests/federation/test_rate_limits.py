@@ -10,6 +10,7 @@ import time
 
 import httpx
 
+from federation.broker.settings import BrokerSettings
 from tests.utils.procs import wait_until
 
 FLOODERS = 50
@@ -20,6 +21,7 @@ def test_a_flood_from_one_token_leaves_whoami_fast_for_others(federation):
     fed.add_lab("lab-a", user="alice")
     fed.add_lab("lab-b", user="bob")
     flood_headers = {"Authorization": f"Bearer {fed.provider_tokens['lab-a']}"}
+    began = time.monotonic()  # before the broker makes the flooding token's bucket
     pid = httpx.post(f"{fed.url}/api/v1/agent/register", headers=flood_headers,
                      json={"name": "flooder", "cpus": 1, "memory": "1 GiB"}).json()["provider_id"]
 
@@ -62,7 +64,14 @@ def test_a_flood_from_one_token_leaves_whoami_fast_for_others(federation):
     finally:
         stop.set()
         flooder.join(60)
-    assert statuses.get(429, 0) > statuses.get(200, 0), statuses
+    finished = time.monotonic()  # after the flood's last answer
+    # The flood was served no more than its bucket gives: the burst, then the rate. (Not
+    # "refused more than served": how many refusals a flood collects in a few seconds depends
+    # on how fast this machine answers it.)
+    limits = BrokerSettings()
+    served_at_most = limits.rate_burst + limits.rate_limit * (finished - began)
+    assert statuses.get(200, 0) <= served_at_most, (statuses, f"{finished - began:.1f} s")
+    assert statuses.get(429, 0) >= 100, statuses
     assert retry_after and all(value.isdigit() for value in retry_after)
     assert statuses.keys() <= {200, 429}, statuses
     median_ms = statistics.median(latencies) * 1000
