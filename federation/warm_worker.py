@@ -48,8 +48,20 @@ def _take_order(line: str) -> list[str]:
     return [str(a) for a in order["args"]]
 
 
+def _say_ready() -> None:
+    """The agent's readiness signal. The agent may have handed this interpreter a lease while
+    it was still importing and closed the pipe (it reads no more once the lease is taken):
+    that is no error. (print() raised BrokenPipeError there and the lease's worker exited
+    with code 1 before it started: after Client.restart, every replacement worker handed a
+    refilled, still-importing interpreter failed so, for up to a minute.)"""
+    try:
+        os.write(1, b"warm\n")  # unbuffered: nothing is left to flush into the lease's log
+    except BrokenPipeError:
+        pass
+
+
 def main() -> int:
-    print("warm", flush=True)  # the agent's readiness signal
+    _say_ready()
     line = sys.stdin.readline()
     if not line.strip():
         return 0

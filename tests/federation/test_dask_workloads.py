@@ -295,4 +295,12 @@ def test_client_restart_gives_fresh_workers(labs):
             assert len(after) == 2 and not after & before, (before, after)
             assert remembered.status == "cancelled"  # restart forgets every result
             assert client.submit(lambda x: x + 1, 1, pure=False).result(timeout=30) == 2
+            # The replacements started at the first try: none failed on the way (each handed
+            # a warm interpreter still importing did, before warm_worker._say_ready).
+            admin = labs.admin()
+            try:
+                leases = admin.request("GET", f"/clusters/{cluster.cluster_id}")["leases"]
+            finally:
+                admin.close()
+            assert [lease["id"] for lease in leases if lease["end_reason"] == "failed"] == []
             print(f"restart took {took:.1f} s")

@@ -176,3 +176,39 @@ def test_a_cold_lease_gets_a_uid_that_waiting_interpreters_held(federation):
         (lease,) = recorded_workers(fed.workdirs["gpu-box"]).values()
         assert lease["uid"] in (low, low + 1)
     assert "cannot start worker" not in agent.log_text()
+
+
+def test_an_interpreter_given_its_lease_while_still_importing_runs_it(tmp_path):
+    """The agent hands a lease to an interpreter that is still importing when none is ready
+    yet, and stops reading its readiness pipe: the interpreter must still run the lease's
+    worker. (It exited with code 1, BrokenPipeError on its "warm" line, so after
+    Client.restart every replacement worker failed until a refilled interpreter happened to be
+    ready first.)"""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "lease"
+    (folder / "scratch").mkdir(parents=True)
+    log = folder / "worker.log"
+    log.touch()
+    interpreter = subprocess.Popen([sys.executable, "-m", "federation.warm_worker"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+    try:
+        # What launchers.ProcessLauncher.start does, at once: importing distributed takes
+        # far longer than this, so the interpreter is not ready yet.
+        order = {"cwd": str(folder / "scratch"), "log": str(log), "env": {},
+                 "args": ["--version"]}  # a worker command that ends by itself
+        interpreter.stdin.write(json.dumps(order).encode() + b"\n")
+        interpreter.stdin.close()
+        interpreter.stdout.close()
+        code = interpreter.wait(60)
+        errors = interpreter.stderr.read().decode()
+    finally:
+        if interpreter.poll() is None:
+            interpreter.kill()
+            interpreter.wait()
+        interpreter.stderr.close()
+    assert code == 0, errors
+    assert "BrokenPipeError" not in errors
+    assert "version" in log.read_text()  # the worker ran, its output in the lease's log
