@@ -18,10 +18,12 @@ Run by the agent only: python -m federation.warm_worker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import tempfile
+import traceback
 
 # The slow part, done before any lease exists.
 import distributed  # noqa: F401
@@ -48,6 +50,16 @@ def _take_order(line: str) -> list[str]:
     return [str(a) for a in order["args"]]
 
 
+def _tell_lease_log(line: str, text: str) -> None:
+    """Append ``text`` to the log the order names, if the order names one that opens."""
+    with contextlib.suppress(Exception):
+        log = os.open(json.loads(line)["log"], os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+        try:
+            os.write(log, text.encode(errors="replace"))
+        finally:
+            os.close(log)
+
+
 def _say_ready() -> None:
     """The agent's readiness signal. The agent may have handed this interpreter a lease while
     it was still importing and closed the pipe (it reads no more once the lease is taken):
@@ -65,7 +77,13 @@ def main() -> int:
     line = sys.stdin.readline()
     if not line.strip():
         return 0
-    args = _take_order(line)
+    try:
+        args = _take_order(line)
+    except Exception:
+        # This interpreter's stderr is still /dev/null: the lease's log is where the agent
+        # reads why a worker ended ("last log lines"), so the reason goes there if it can.
+        _tell_lease_log(line, traceback.format_exc())
+        return 1
     sys.argv = ["distributed.cli.dask_worker", *args]
     dask_worker.main(args=args, prog_name="dask worker")  # exits with the worker's code
     return 0

@@ -178,37 +178,52 @@ def test_a_cold_lease_gets_a_uid_that_waiting_interpreters_held(federation):
     assert "cannot start worker" not in agent.log_text()
 
 
-def test_an_interpreter_given_its_lease_while_still_importing_runs_it(tmp_path):
-    """The agent hands a lease to an interpreter that is still importing when none is ready
-    yet, and stops reading its readiness pipe: the interpreter must still run the lease's
-    worker. (It exited with code 1, BrokenPipeError on its "warm" line, so after
-    Client.restart every replacement worker failed until a refilled interpreter happened to be
-    ready first.)"""
+def hand_at_once(order: dict) -> tuple[int, str]:
+    """Start a warm interpreter and at once do what launchers.ProcessLauncher.start does:
+    write its order, close its input and stop reading its readiness pipe (importing
+    distributed takes far longer, so it is not ready yet). Its exit code and stderr."""
     import subprocess
     import sys
 
-    folder = tmp_path / "lease"
-    (folder / "scratch").mkdir(parents=True)
-    log = folder / "worker.log"
-    log.touch()
     interpreter = subprocess.Popen([sys.executable, "-m", "federation.warm_worker"],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
     try:
-        # What launchers.ProcessLauncher.start does, at once: importing distributed takes
-        # far longer than this, so the interpreter is not ready yet.
-        order = {"cwd": str(folder / "scratch"), "log": str(log), "env": {},
-                 "args": ["--version"]}  # a worker command that ends by itself
         interpreter.stdin.write(json.dumps(order).encode() + b"\n")
         interpreter.stdin.close()
         interpreter.stdout.close()
         code = interpreter.wait(60)
-        errors = interpreter.stderr.read().decode()
+        return code, interpreter.stderr.read().decode()
     finally:
         if interpreter.poll() is None:
             interpreter.kill()
             interpreter.wait()
         interpreter.stderr.close()
+
+
+def test_an_interpreter_given_its_lease_while_still_importing_runs_it(tmp_path):
+    """The agent hands a lease to an interpreter still importing when none is ready yet: it
+    must still run the lease's worker. (It exited with code 1, BrokenPipeError on its "warm"
+    line, so after Client.restart every replacement worker failed until a refilled
+    interpreter happened to be ready first.)"""
+    (tmp_path / "scratch").mkdir()
+    log = tmp_path / "worker.log"
+    log.touch()
+    code, errors = hand_at_once({"cwd": str(tmp_path / "scratch"), "log": str(log), "env": {},
+                                 "args": ["--version"]})  # a worker that ends by itself
     assert code == 0, errors
     assert "BrokenPipeError" not in errors
     assert "version" in log.read_text()  # the worker ran, its output in the lease's log
+
+
+def test_an_order_the_interpreter_cannot_follow_says_why_in_the_lease_log(tmp_path):
+    """Before it takes its lease a warm interpreter's stderr is /dev/null: why it could not
+    (here, a folder that is gone) goes to the lease's log, which the agent sends with the
+    lease's end ("last log lines"), instead of nothing."""
+    log = tmp_path / "worker.log"
+    log.touch()
+    code, _ = hand_at_once({"cwd": str(tmp_path / "gone"), "log": str(log), "env": {},
+                            "args": ["--version"]})
+    assert code == 1
+    said = log.read_text()
+    assert "FileNotFoundError" in said and str(tmp_path / "gone") in said, said
