@@ -51,6 +51,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     from xdist.scheduler import LoadFileScheduling
 
     class FileOrFolderScheduling(LoadFileScheduling):
+        # _split_scope is xdist's own (private) hook for the unit of work: should a release
+        # rename it, the hub folder is split by file again, which only starts a second hub.
         def _split_scope(self, nodeid: str) -> str:
             folder = next((f for f in ONE_PROCESS_FOLDERS if nodeid.startswith(f)), None)
             return folder or super()._split_scope(nodeid)
