@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-GiB = 2**30  # bytes (not imported from pricing, which loads the database models)
+GiB = 2**30  # bytes; pricing takes it from here (this module loads no database code)
 
 DEFAULT_TABLE = Path(__file__).with_name("cloud_prices.yaml")
 

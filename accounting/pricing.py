@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from .cloud import GiB  # defined once, in the module without database imports
 from .gpus import class_of
 from .models import utcnow
 
 logger = logging.getLogger("parallex.accounting")
 
-GiB = 2**30
 
 # GPU classes: a pattern matched against the NVML model name (case-insensitive), in order, and
 # the PCU per hour of one such GPU. Roughly proportional to what the cards do for ML work.
