@@ -45,6 +45,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,6 +65,15 @@ from .worker_process import (
 )
 
 logger = logging.getLogger("parallex.agent")
+
+#: Bytes of a warm interpreter's standard error the agent reads when it died before a lease.
+WARM_ERRORS_SHOWN = 2048
+#: Warm interpreters in a row that may exit before they are ready before the pool pauses.
+WARM_EXITS_TO_PAUSE = 3
+#: Seconds of the first such pause; each next one (without a ready interpreter between
+#: them) lasts twice as long, up to WARM_PAUSE_MAX.
+WARM_PAUSE_FIRST = 30.0
+WARM_PAUSE_MAX = 600.0
 
 
 class WorkerHandle(Protocol):
@@ -145,9 +155,31 @@ class WarmInterpreter:
     ready: bool = False
     #: The interpreter: the agent's, or a cluster's environment's (federation.environment_cache).
     python: str = sys.executable
+    #: Where its standard error goes until it takes a lease (in the agent's folder): why it
+    #: died before that, should it (the agent logs the file's last lines).
+    errors: Path | None = None
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def last_words(self) -> str:
+        """The last lines it wrote on standard error before it took a lease ("" if none)."""
+        if self.errors is None:
+            return ""
+        try:
+            with open(self.errors, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - WARM_ERRORS_SHOWN))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(line for line in text.strip().splitlines()[-4:])
+
+    def forget_errors(self) -> None:
+        """Remove its standard-error file (it took a lease, writing to the lease's log from
+        then on, or it is gone)."""
+        if self.errors is not None:
+            with contextlib.suppress(OSError):
+                self.errors.unlink()
 
     def check_ready(self) -> bool:
         """True once the interpreter has imported Dask (it says "warm" on its pipe)."""
@@ -158,6 +190,7 @@ class WarmInterpreter:
 
     def retire(self) -> None:
         """Close its input (it exits) and, should it not, kill its process group."""
+        self.forget_errors()
         with contextlib.suppress(OSError):
             self.popen.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -192,6 +225,12 @@ class ProcessLauncher(WorkerLauncher):
         self._pool: list[WarmInterpreter] = []
         self._claimed: dict[str, WarmInterpreter] = {}
         self._serial = 0
+        #: Warm interpreters in a row that exited before they were ready.
+        self._early_exits = 0
+        #: Until when (monotonic) no warm interpreter is started, after WARM_EXITS_TO_PAUSE
+        #: early exits in a row, and how long the next pause lasts.
+        self._paused_until = 0.0
+        self._pause = WARM_PAUSE_FIRST
         #: The interpreter the last lease started with: the pool keeps that one warm.
         self._demand = sys.executable
 
@@ -199,10 +238,11 @@ class ProcessLauncher(WorkerLauncher):
 
     def keep_ready(self, accounts: WorkerAccounts, free_cpus: float) -> None:
         for interp in [i for i in self._pool if not i.alive()]:
-            logger.warning("warm interpreter pid %d exited with code %s; replacing it",
-                           interp.popen.pid, interp.popen.returncode)
             self._pool.remove(interp)
             accounts.release(interp.holder)
+            self._lost(interp)
+        if time.monotonic() < self._paused_until:
+            return
         target = min(self.warm, max(0, int(free_cpus)))
         stale = [i for i in self._pool if i.python != self._demand]
         if stale and len(self._pool) >= target:
@@ -221,32 +261,75 @@ class ProcessLauncher(WorkerLauncher):
                 logger.warning("cannot start a warm interpreter (%s); leases start cold", exc)
                 return
         for interp in self._pool:
-            interp.check_ready()
+            if interp.check_ready():
+                self._early_exits = 0
+                self._pause = WARM_PAUSE_FIRST
+
+    def _lost(self, interp: WarmInterpreter) -> None:
+        """A warm interpreter exited without a lease: say why, and stop starting them for a
+        while when they keep failing (an interpreter that cannot import Dask would otherwise
+        be started again every second, and every one would fail)."""
+        said = interp.last_words() or "nothing on its standard error"
+        interp.forget_errors()
+        if interp.check_ready():
+            logger.warning("warm interpreter pid %d exited with code %s (it said: %s); "
+                           "replacing it", interp.popen.pid, interp.popen.returncode, said)
+            return
+        self._early_exits += 1
+        logger.warning("warm interpreter pid %d (%s) exited with code %s before it was ready "
+                       "(it said: %s)", interp.popen.pid, interp.python,
+                       interp.popen.returncode, said)
+        if self._early_exits >= WARM_EXITS_TO_PAUSE:
+            logger.warning("%d warm interpreters in a row exited before they were ready; "
+                           "leases start cold, and the pool tries again in %.0f s. Check that "
+                           "%s can import distributed", self._early_exits, self._pause,
+                           interp.python)
+            self._paused_until = time.monotonic() + self._pause
+            self._pause = min(WARM_PAUSE_MAX, 2 * self._pause)
+            self._early_exits = 0
 
     def _start_warm(self, accounts: WorkerAccounts, python: str) -> WarmInterpreter:
         self._serial += 1
         holder = f"~warm-{self._serial}"  # never a lease id (those start with a letter)
         account = accounts.acquire(holder)
+        # Its standard error until it takes a lease, in the agent's own folder: the agent
+        # opens it and the interpreter only inherits the descriptor, so an isolated account
+        # needs no access to the folder.
+        errors = self.workdir / "warm" / f"{self._serial}.err"
+        try:
+            errors.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            err_fd = os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                             0o600)
+        except OSError:
+            accounts.release(holder)
+            raise
         try:
             env = worker_environment([], Path("/"))
             env["TMPDIR"] = "/tmp"  # noqa: S108 - the lease's own folder replaces it
             popen = subprocess.Popen(
                 [*self.limits.spawn_prefix(account.isolated, self.lease_pids),
                  python, "-m", "federation.warm_worker"], cwd="/", env=env,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err_fd,
                 start_new_session=True, close_fds=True, **account_kwargs(account))
         except OSError:
             accounts.release(holder)
+            with contextlib.suppress(OSError):
+                errors.unlink()
             raise
+        finally:
+            os.close(err_fd)
         os.set_blocking(popen.stdout.fileno(), False)
         return WarmInterpreter(holder, popen, psutil.Process(popen.pid).create_time(),
-                               python=python)
+                               python=python, errors=errors)
 
     def ready_count(self) -> int:
         return sum(1 for i in self._pool if i.ready and i.alive())
 
     def account_for(self, lease: dict, accounts: WorkerAccounts) -> WorkerAccount:
         python = lease.get("python") or sys.executable
+        if python != self._demand:
+            # Another interpreter: whatever made the last one fail may not concern it.
+            self._early_exits, self._paused_until, self._pause = 0, 0.0, WARM_PAUSE_FIRST
         self._demand = python
         if int(lease.get("gpus") or 0) == 0:
             live = [i for i in self._pool if i.alive() and i.python == python]
@@ -306,6 +389,7 @@ class ProcessLauncher(WorkerLauncher):
             interp.popen.stdin.write(json.dumps(order).encode() + b"\n")
             interp.popen.stdin.close()
             interp.popen.stdout.close()  # it wrote "warm" there; its output goes to the log now
+            interp.forget_errors()  # and its errors too (warm_worker._take_order)
         except BaseException:
             interp.retire()  # it never took the lease: no waiting interpreter is left behind
             raise

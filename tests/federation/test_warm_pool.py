@@ -227,3 +227,60 @@ def test_an_order_the_interpreter_cannot_follow_says_why_in_the_lease_log(tmp_pa
     assert code == 1
     said = log.read_text()
     assert "FileNotFoundError" in said and str(tmp_path / "gone") in said, said
+
+
+def test_a_warm_interpreter_that_dies_before_it_is_ready_says_why_and_the_pool_pauses(
+        tmp_path, caplog):
+    """An interpreter that cannot start (here one whose Python cannot import Dask) exits
+    before it is ready: the agent's log says what it wrote on standard error (it was thrown
+    away), and after three such exits in a row the pool stops starting them for a while
+    instead of starting a failing one every second; leases start cold meanwhile."""
+    import logging
+    import stat
+
+    from federation.launchers import WARM_EXITS_TO_PAUSE, ProcessLauncher
+    from federation.worker_accounts import WorkerAccounts
+
+    broken = tmp_path / "bin" / "python"
+    broken.parent.mkdir()
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'distributed'\" >&2"
+                      "\nexit 3\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
+    launcher = ProcessLauncher(tmp_path / "agent", warm=1)
+    accounts = WorkerAccounts(None)
+    # A lease in that environment: the pool keeps its interpreter warm from now on.
+    launcher.account_for({"id": "ls-broken", "python": str(broken), "gpus": 0}, accounts)
+    accounts.release("ls-broken")
+    me = psutil.Process()
+
+    def keep_ready() -> list[psutil.Process]:
+        """A tick of the agent's pool; the processes it started (the interpreters)."""
+        before = {c.pid for c in me.children()}
+        launcher.keep_ready(accounts, free_cpus=4)
+        return [c for c in me.children() if c.pid not in before]
+
+    caplog.set_level(logging.WARNING, logger="parallex.agent")
+    try:
+        for _ in range(WARM_EXITS_TO_PAUSE):
+            [started] = keep_ready()
+            # Exited (not reaped here: the launcher reads its exit code).
+            wait_until(lambda p=started: not _running(p), 30, "the broken interpreter to exit")
+        assert not keep_ready()  # the third exit paused the pool
+        said = [r.getMessage() for r in caplog.records]
+        early = [m for m in said if "before it was ready" in m]
+        assert len(early) == WARM_EXITS_TO_PAUSE, said
+        assert all("No module named 'distributed'" in m and "code 3" in m for m in early), said
+        assert any("leases start cold" in m and str(broken) in m for m in said), said
+        # Still paused at the next tick, and no file of the dead ones is left behind.
+        assert not keep_ready()
+        assert launcher.ready_count() == 0
+        assert not list((tmp_path / "agent" / "warm").iterdir())
+    finally:
+        launcher.close(accounts)
+
+
+def _running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
