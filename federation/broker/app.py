@@ -107,6 +107,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
         if broker.relay is not None:
             broker.relay.start()
         broker.placing_thread.start()
+        if broker.placement_process is not None:
+            broker.placement_process.start()
         # Leading from the start (when no other replica does), not from the first reaper
         # tick: until a replica leads, no one places for the others.
         await asyncio.to_thread(broker.renew_leadership)
@@ -126,6 +128,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                     await background
             broker.placer.stop()
             await asyncio.to_thread(broker.placing_thread.stop)
+            if broker.placement_process is not None:
+                await asyncio.to_thread(broker.placement_process.stop)
             await asyncio.to_thread(broker.end_meterer.stop)
             await asyncio.to_thread(broker.heartbeats.stop)
             await asyncio.to_thread(broker.reports.stop)

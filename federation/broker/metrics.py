@@ -15,7 +15,7 @@ import gc
 import time
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Gauge, GCCollector, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import case, func
 from sqlmodel import Session, select
@@ -100,6 +100,12 @@ class BrokerMetrics:
                                    "(this replica; its wait for the lock is "
                                    "parallex_placement_lock_wait_seconds).",
                                    buckets=PASS_BUCKETS, registry=self.registry)
+        self.placement_passes = Counter(
+            "parallex_placement_passes_total",
+            "Placement passes this replica ran, by the process that ran them: the placement "
+            "process (PostgreSQL, once started) or the broker's own (SQLite; before the "
+            "placement process started, or after it died).", ["process"],
+            registry=self.registry)
         self.placement_lock_wait = Histogram(
             "parallex_placement_lock_wait_seconds",
             "Seconds a placement pass waited for the placement lock, which another "

@@ -15,10 +15,14 @@ shuts it down after the pass under way, and if the broker is killed the process 
 a second and exits (the pass under way is rolled back). SQLite keeps the passes on the
 broker's thread: it has one writer, which the broker's exclusive section serialises within one
 process only.
+
+``BrokerChildProcess`` is that machinery for any such child; the placement passes use it too
+(placement_process.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import multiprocessing
@@ -26,7 +30,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 from sqlalchemy.engine import Engine
@@ -43,13 +47,17 @@ PARENT_CHECK = 1.0
 _child: dict[str, object] = {}
 
 
-def _start(url: str, settings: BrokerSettings, log_level: int) -> None:
+def _start(url: str, settings: BrokerSettings, log_level: int, title: str) -> None:
     # A stop signal to the broker's process group (systemd, ``parallex up``) must not end a
     # pass halfway: the broker's shutdown ends this process after the pass.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s %(name)s [periodic]: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s [{title}]: %(message)s")
+    # The name ps and top show (Linux; 15 characters at most): which child is which.
+    with contextlib.suppress(OSError):
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(f"parallex-{title}"[:15])
     _child["engine"] = plain_engine(url)
     _child["settings"] = settings
     threading.Thread(target=_end_with_the_broker, args=(os.getppid(),), daemon=True,
@@ -82,13 +90,15 @@ class PeriodicProcessStopped(RuntimeError):
     may still be in its tick): nothing runs."""
 
 
-class PeriodicProcess:
-    """Runs the periodic passes in one child process, started on first use; each call
-    blocks its (reaper) thread until the pass is done, as the pass on the thread did."""
+class BrokerChildProcess:
+    """One child process, spawned on first use, whose calls block the calling thread until
+    they are done (the thread waits without the interpreter lock). ``title`` names the child
+    in its log lines and, on Linux, in ps (``parallex-<title>``)."""
 
-    def __init__(self, engine: Engine, settings: BrokerSettings):
+    def __init__(self, engine: Engine, settings: BrokerSettings, title: str):
         self._url = engine.url.render_as_string(hide_password=False)
         self._settings = settings
+        self._title = title
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -101,17 +111,44 @@ class PeriodicProcess:
                 self._pool = ProcessPoolExecutor(
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start,
-                    initargs=(self._url, self._settings, logging.getLogger().level))
+                    initargs=(self._url, self._settings, logging.getLogger().level,
+                              self._title))
             return self._pool
+
+    def _submit(self, fn, *args) -> Future:
+        try:
+            return self._executor().submit(fn, *args)
+        except BrokenProcessPool:
+            self._forget_broken()
+            raise
 
     def _run(self, fn, *args):
         try:
-            return self._executor().submit(fn, *args).result()
+            return self._submit(fn, *args).result()
         except BrokenProcessPool:
-            # The child died (killed, out of memory): the next pass starts a new one.
-            with self._lock:
-                self._pool = None
+            # The child died (killed, out of memory): the next call starts a new one.
+            self._forget_broken()
             raise
+
+    def _forget_broken(self) -> None:
+        with self._lock:
+            self._pool = None
+
+    def stop(self) -> None:
+        """Wait for a pass under way, then end the process."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+            self._stopped = True
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+class PeriodicProcess(BrokerChildProcess):
+    """Runs the periodic passes in one child process, started on first use; each call
+    blocks its (reaper) thread until the pass is done, as the pass on the thread did."""
+
+    def __init__(self, engine: Engine, settings: BrokerSettings):
+        super().__init__(engine, settings, "periodic")
 
     def meter(self, now: dt.datetime) -> int | None:
         """A periodic metering pass up to ``now``; the periods recorded, None on a collision
@@ -121,11 +158,3 @@ class PeriodicProcess:
     def sample_capacity(self) -> int:
         """One capacity sample per lab; the rows written."""
         return self._run(_sample_capacity)
-
-    def stop(self) -> None:
-        """Wait for a pass under way, then end the process."""
-        with self._lock:
-            pool, self._pool = self._pool, None
-            self._stopped = True
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)

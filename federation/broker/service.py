@@ -12,6 +12,7 @@ concern each:
 - ``placing``: the placement pass and its lock;
 - ``coalescer``: the threads that run placement passes and meter ended leases;
 - ``placement_asks``: with several replicas, only the leader places; the others ask it;
+- ``placement_process``: on PostgreSQL the leader's passes run in a child process;
 - ``timeouts``: what went silent or is overdue;
 - ``metering_runs``: which leases a metering pass charges;
 - ``lease_ends``: ending and releasing leases (through ``federation.lease_states.move``);
@@ -94,6 +95,7 @@ from .models import (
 )
 from .periodic_process import PeriodicProcess, PeriodicProcessStopped
 from .placement_asks import PlacementAsks
+from .placement_process import PlacementProcess
 from .placing import (
     lock_across_processes,
     lock_lab_admissions,
@@ -177,6 +179,10 @@ class Broker:
         #: The leader's periodic passes run in a process of their own (PostgreSQL only:
         #: periodic_process.py); None runs them on the reaper's thread.
         self.periodic = PeriodicProcess(engine, settings) if is_postgresql(engine) else None
+        #: Placement passes run in a process of their own once the app started it
+        #: (PostgreSQL only: placement_process.py); None places on the placer thread.
+        self.placement_process = (PlacementProcess(engine, settings)
+                                  if is_postgresql(engine) else None)
         #: Principals of API tokens seen in the last seconds (cleared on identity changes).
         self.principals = PrincipalCache(settings.token_cache)
         on_identity_change(engine, self._identity_changed)
@@ -266,12 +272,22 @@ class Broker:
             self.placer.pass_served(asks)
 
     def place_pending(self) -> int:
-        """A placement pass as a unit of its own; returns how many providers got leases."""
-        # Timed with its commit, which writes the placed leases (the ORM flushes them there):
-        # the pass holds the lock until then.
-        with self._placing() as s, self.metrics.placement.time():
-            placed = self._place(s)
-            s.commit()
+        """A placement pass as a unit of its own; returns how many providers got leases.
+        In the placement process when it runs (placement_process.py), else here."""
+        done = (self.placement_process.place(relayed=self.gateway_address is not None)
+                if self.placement_process is not None else None)
+        if done is not None:
+            self.metrics.placement_lock_wait.observe(done.lock_wait)
+            self.metrics.placement.observe(done.seconds)
+            self.metrics.placement_passes.labels("placement").inc()
+            placed: set[str] | frozenset[str] = done.placed
+        else:
+            self.metrics.placement_passes.labels("broker").inc()
+            # Timed with its commit, which writes the placed leases (the ORM flushes them
+            # there): the pass holds the lock until then.
+            with self._placing() as s, self.metrics.placement.time():
+                placed = self._place(s)
+                s.commit()
         self.wakeups.bump_all(placed)
         return len(placed)
 

@@ -1,6 +1,7 @@
-"""On PostgreSQL the leader's periodic passes (metering, capacity samples) run in a process of
-their own, so that their Python work never holds the request process's interpreter lock; the
-process ends with the broker, whether it stops or is killed."""
+"""On PostgreSQL the leader's periodic passes (metering, capacity samples) and its placement
+passes run in processes of their own, so that their Python work never holds the request
+process's interpreter lock; the processes end with the broker, whether it stops or is
+killed."""
 
 from __future__ import annotations
 
@@ -30,10 +31,18 @@ def broker_children(pid: int) -> list[psutil.Process]:
         return []
 
 
-def pass_processes(pid: int) -> list[psutil.Process]:
-    """The periodic pass processes among ``pid``'s children."""
-    return [c for c in broker_children(pid) if not ended(c)
+def pass_processes(pid: int, name: str = "parallex-period") -> list[psutil.Process]:
+    """The periodic pass processes among ``pid``'s children (by the name the child gives
+    itself; ``parallex-placer`` is the placement process's)."""
+    return [c for c in broker_children(pid) if not ended(c) and child_name(c) == name
             and "spawn_main" in " ".join(c.cmdline())]
+
+
+def child_name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def ended(process: psutil.Process) -> bool:
@@ -65,6 +74,7 @@ def test_the_periodic_passes_run_in_a_process_that_ends_with_the_broker(tmp_path
                    "two metering passes")
         children = broker_children(proc.pid)
         assert len(pass_processes(proc.pid)) == 1, [c.cmdline() for c in children]
+        assert len(pass_processes(proc.pid, "parallex-placer")) == 1, children
         with engine.connect() as c:
             wait_until(lambda: c.execute(text("SELECT count(*) FROM capacitysample")).scalar(),
                        30, "a capacity sample")
@@ -74,7 +84,7 @@ def test_the_periodic_passes_run_in_a_process_that_ends_with_the_broker(tmp_path
             assert "Traceback" not in proc.log_text()
         else:
             proc.kill9()
-        # The pass process and multiprocessing's helper end with the broker.
+        # The pass processes and multiprocessing's helper end with the broker.
         wait_until(lambda: all(ended(c) for c in children), 30,
                    f"the broker's child processes to end after a {ending}")
     finally:
@@ -91,6 +101,7 @@ def test_a_reaper_tick_after_shutdown_starts_no_process(postgres_url):
         broker.reap()  # leads from the start: its metering pass, due, starts the process
         wait_until(lambda: pass_processes(os.getpid()), 60, "the periodic process")
     assert not pass_processes(os.getpid())
+    assert not pass_processes(os.getpid(), "parallex-placer")
     with pytest.raises(PeriodicProcessStopped):
         broker.periodic.meter(utcnow())
     broker.reap()  # due metering and capacity passes, refused without a traceback
