@@ -109,6 +109,8 @@ class Recorder:
         #: Asks for placement passes sent to the leader replica, and scale requests placed
         #: by their own replica because the leader had not answered (all replicas).
         self.placement_asks: dict[str, float] = {}
+        #: Each replica's own figures (``replica_figures``), in the order of the URLs.
+        self.by_replica: list[dict] = []
 
     def merge(self, other: Recorder) -> None:
         """Add another generator process's recordings to these."""
@@ -376,6 +378,7 @@ def main() -> None:
             start = time.perf_counter()
             watched = {"broker replicas": [psutil.Process(p.pid) for p, _u in brokers]}
             before = {k: sum(cpu(p) for p in ps) for k, ps in watched.items()}
+            cpu_at_start = {p.pid: cpu(p) for p in watched["broker replicas"]}
             # The leader's periodic passes run in a child process (PostgreSQL), spawned at
             # its first pass: counted from here, and any spawned later from its start.
             children_before = {c.pid: cpu(c) for c in children_of(watched["broker replicas"])}
@@ -404,6 +407,11 @@ def main() -> None:
                 ("scale placement wait", "scale_placement_wait"))}
             inside = server_quantiles(samples)
             lag = server_quantiles(samples, "parallex_event_loop_lag_seconds_bucket")
+            rec.by_replica = [replica_figures(scrape([url], admin_token),
+                                              cpu_at_start[proc.pid])
+                              for proc, url in brokers]
+            for row, p in zip(rec.by_replica, watched["broker replicas"], strict=True):
+                row["cpu_cores"] = (cpu(p) - row.pop("cpu_at_start")) / elapsed
             rec.placement_asks = gauge_sums(samples, {
                 "sent to the leader": "parallex_placement_asks_to_leader",
                 "placed by their own replica": "parallex_placement_fallbacks"})
@@ -466,6 +474,20 @@ def server_quantiles(samples: list, metric: str = "parallex_http_request_seconds
                           next(b for b in bounds if counts[b] >= 0.5 * total),
                           next(b for b in bounds if counts[b] >= 0.99 * total))
     return out
+
+
+def replica_figures(samples: list, cpu_at_start: float) -> dict:
+    """One replica's own figures (``scrape`` of it alone): whether it leads, how late its
+    event loop ran, and its agents' heartbeats inside it; a leader that places for both
+    and a follower that does not can differ, which the sums over replicas hide."""
+    lag = server_quantiles(samples, "parallex_event_loop_lag_seconds_bucket").get(
+        "", (0, 0.0, 0.0))
+    beats = server_quantiles(samples).get("POST /agent/{provider_id}/heartbeat", (0, 0.0, 0.0))
+    return {"leader": bool(gauge_sums(samples, {"l": "parallex_broker_leader"}).get("l")),
+            "loop_lag_ms_at_most": {"p50": lag[1] * 1000, "p99": lag[2] * 1000},
+            "heartbeats": beats[0],
+            "heartbeat_ms_at_most": {"p50": beats[1] * 1000, "p99": beats[2] * 1000},
+            "cpu_at_start": cpu_at_start}
 
 
 def gauge_sums(samples: list, names: dict[str, str]) -> dict[str, float]:
@@ -562,6 +584,13 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
           f" ms, p99 {lag_p99 * 1000:.0f} ms (included in the client-side latencies above)")
     print(f"the brokers' event loops ran timers late by p50 ≤ {broker_lag[1] * 1000:g} ms, "
           f"p99 ≤ {broker_lag[2] * 1000:g} ms (requests wait that long before they are read)")
+    for i, row in enumerate(rec.by_replica, 1):
+        print(f"replica-{i}{' (leader)' if row['leader'] else ''}: "
+              f"{row['cpu_cores']:.2f} cores, event loop late by p50 ≤ "
+              f"{row['loop_lag_ms_at_most']['p50']:g} ms, p99 ≤ "
+              f"{row['loop_lag_ms_at_most']['p99']:g} ms; {row['heartbeats']} heartbeats, "
+              f"p50 ≤ {row['heartbeat_ms_at_most']['p50']:g} ms, p99 ≤ "
+              f"{row['heartbeat_ms_at_most']['p99']:g} ms inside it")
     print(f"{len(placed)} leases placed, {rate:.0f} placements/s while placing; "
           f"{errors} errors; worst endpoint p99 {worst:.1f} ms (target < 100 ms, 0 errors)")
     result = {"args": vars(args), "seconds": elapsed, "errors": errors,
@@ -584,6 +613,7 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
                                       for w, a, b in by_window(rec.timelines.get(name, []),
                                                                first=first)]
                                for name in WINDOWED},
+              "by_replica": rec.by_replica,
               "broker_loop_lag_ms_at_most": {"p50": broker_lag[1] * 1000,
                                              "p99": broker_lag[2] * 1000},
               "generator_loop_lag_ms": {"p50": statistics.median(lag) * 1000,
