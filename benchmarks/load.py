@@ -12,10 +12,11 @@ Metering runs every 30 s over everything running.
 Reports, per endpoint, p50 and p99 latency (long polls excluded: they wait on purpose),
 errors (any non-2xx or transport failure), placements per second while leases were being
 placed, and metering passes. Targets: 0 errors, p99 < 100 ms, including during metering.
-The simulated clients run in --processes generator processes (default 4). Beside them a lone
-agent in a process of its own (benchmarks/load_probe.py) heartbeats every 2.5 s: on a machine
-where the generator shares the cores with the brokers and PostgreSQL, its latencies are the
-broker's as one more agent sees them, the simulated clients' include their own queueing.
+The simulated clients run in --processes generator processes (default 4). Beside them
+--probes probe agents (default 8) in a process of their own (benchmarks/load_probe.py)
+heartbeat every 2.5 s, spread over the replicas: on a machine where the generator shares the
+cores with the brokers and PostgreSQL, their latencies are the broker's as one more agent
+sees them, the simulated clients' include their own queueing.
 Latencies are also given per 20 s window (start-up, then steady state), with how late the
 brokers' and the generator's event loops ran.
 
@@ -105,7 +106,8 @@ class Recorder:
         self.timeline: list[tuple[float, float]] = []  # (sent at, latency), every endpoint
         #: The same, by endpoint.
         self.timelines: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        self.lone: list[tuple[float, float]] = []  # the lone probe agent's heartbeats
+        #: The probe agents' heartbeats: (seconds since start, latency, replica index).
+        self.probes: list[tuple[float, float, int]] = []
         #: Asks for placement passes sent to the leader replica, and scale requests placed
         #: by their own replica because the leader had not answered (all replicas).
         self.placement_asks: dict[str, float] = {}
@@ -269,7 +271,7 @@ async def setup(url: str, admin_token: str, users: int) -> tuple[list[str], list
 
 
 async def probe_token(url: str, admin_token: str) -> str:
-    """A provider token of a lab of its own for the lone probe (the simulated labs' tokens
+    """A provider token of a lab of its own for the probe agents (the simulated labs' tokens
     are busy with their own machines' registrations, rate-limited per token)."""
     async with httpx.AsyncClient(base_url=f"{url}/api/v1", timeout=60, headers={
             "Authorization": f"Bearer {admin_token}"}) as admin:
@@ -310,11 +312,12 @@ async def run_shard(urls: list[str], providers: list[str], tokens: list[str], ca
 
 
 def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder:
-    """Every shard's recordings in one Recorder, and the lone probe's."""
+    """Every shard's recordings in one Recorder, and the probes'."""
     providers, tokens = asyncio.run(setup(urls[0], admin_token, args.users))
-    lone = subprocess.Popen([sys.executable, "-m", "benchmarks.load_probe", urls[0],
+    probes = subprocess.Popen([sys.executable, "-m", "benchmarks.load_probe",
                              asyncio.run(probe_token(urls[0], admin_token)),
-                             str(args.seconds + 5)], stdout=subprocess.PIPE)
+                             str(args.seconds + 5), str(args.probes), *urls],
+                            stdout=subprocess.PIPE)
     ca = ClusterAuthority().ca_pem
     n = max(1, args.processes)
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -324,11 +327,12 @@ def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder
                                args.user_spread)
                    for k in range(n)]
         parts = [f.result() for f in futures]
-    out, _ = lone.communicate(timeout=120)
+    out, _ = probes.communicate(timeout=120)
     rec = Recorder()
     for part in parts:
         rec.merge(part)
-    rec.lone = json.loads(out) if lone.returncode == 0 and out.strip() else []
+    rec.probes = [tuple(x) for x in json.loads(out)] if probes.returncode == 0 and out.strip() \
+        else []
     return rec
 
 
@@ -359,11 +363,16 @@ def main() -> None:
                              "every time (the runs before this option).")
     parser.add_argument("--processes", type=int, default=4,
                         help="Generator processes the simulated clients are spread over (4).")
+    parser.add_argument("--probes", type=int, default=8,
+                        help="Probe agents in a process of their own, one thread each, "
+                             "heartbeating every 2.5 s and spread over the replicas (8: "
+                             "~450 heartbeats in a run, so their p99 is not just the slowest "
+                             "of ~50).")
     parser.add_argument("--generator-nice", type=int, default=0,
                         help="Niceness of the generator processes (0: as the brokers). On a "
                              "machine too small for the clients to run elsewhere, 10 lets the "
                              "brokers and PostgreSQL have the cores first, as when the "
-                             "clients are other machines; the lone probe is not niced.")
+                             "clients are other machines; the probes are not niced.")
     args = parser.parse_args()
     admin_token = secrets.token_hex(24)
     with tempfile.TemporaryDirectory() as tmp, postgres_server() as server:
@@ -423,7 +432,7 @@ def main() -> None:
 
 def generator_cpu() -> float:
     """CPU seconds of this process and the children it waited for (the generator's shards
-    and the lone probe; the brokers and PostgreSQL are still running, so not counted)."""
+    and the probes; the brokers and PostgreSQL are still running, so not counted)."""
     me, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
                                                          resource.RUSAGE_CHILDREN))
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
@@ -474,6 +483,31 @@ def server_quantiles(samples: list, metric: str = "parallex_http_request_seconds
                           next(b for b in bounds if counts[b] >= 0.5 * total),
                           next(b for b in bounds if counts[b] >= 0.99 * total))
     return out
+
+
+#: Seconds after which the probes' heartbeats count as steady state (the first window holds
+#: a thousand agents registering at once, their 429s and retries).
+STEADY_AFTER = 20.0
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of an ascending list (its nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def probe_by_replica(samples: list[tuple[float, float, int]]) -> dict[int, list[float]]:
+    """The probes' latencies by replica index, each ascending."""
+    out: dict[int, list[float]] = defaultdict(list)
+    for _t, latency, replica in samples:
+        out[replica].append(latency)
+    return {r: sorted(x) for r, x in out.items()}
+
+
+def probe_summary(latencies: list[float]) -> dict:
+    ordered = sorted(latencies)
+    return {"heartbeats": len(ordered),
+            "p50": statistics.median(ordered) * 1000 if ordered else None,
+            "p99": quantile(ordered, 0.99) * 1000 if ordered else None}
 
 
 def replica_figures(samples: list, cpu_at_start: float) -> dict:
@@ -541,13 +575,23 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
         rows.append((name, str(len(samples)), f"{p50:.1f}", f"{p99:.1f}",
                      str(rec.errors.get(name, 0))))
     print(table(rows))
-    lone = sorted(latency for _t, latency in rec.lone)
-    if lone:
-        print(f"a lone agent in its own process (benchmarks/load_probe.py), {len(lone)} "
-              f"heartbeats: p50 {statistics.median(lone) * 1000:.1f} ms, p99 "
-              f"{lone[min(len(lone) - 1, int(len(lone) * 0.99))] * 1000:.1f} ms; by window: "
+    probed = sorted(latency for _t, latency, _r in rec.probes)
+    if probed:
+        print(f"probe agents in their own process (benchmarks/load_probe.py), {len(probed)} "
+              f"heartbeats: p50 {statistics.median(probed) * 1000:.1f} ms, p99 "
+              f"{quantile(probed, 0.99) * 1000:.1f} ms; by replica: "
+              + "; ".join(f"replica-{r + 1}: p50 {statistics.median(x) * 1000:.0f}, p99 "
+                          f"{quantile(x, 0.99) * 1000:.0f} ms"
+                          for r, x in sorted(probe_by_replica(rec.probes).items()))
+              + "; by window: "
               + "; ".join(f"{w}: p50 {a:.0f}, p99 {b:.0f} ms" for w, a, b in by_window(
-                  [(t, x) for t, x in rec.lone])))
+                  [(t, x) for t, x, _r in rec.probes])))
+        steady = sorted(x for t, x, _r in rec.probes if t >= STEADY_AFTER)
+        if steady:
+            print(f"the probes after the first {STEADY_AFTER:.0f} s (start-up: a thousand "
+                  f"registrations): {len(steady)} heartbeats, p50 "
+                  f"{statistics.median(steady) * 1000:.1f} ms, p99 "
+                  f"{quantile(steady, 0.99) * 1000:.1f} ms")
     windows = by_window(rec.timeline)
     print("all endpoints by 20 s window since the first request (start-up, then steady): "
           + "; ".join(f"{w}: p50 {p50:.0f} ms, p99 {p99:.0f} ms" for w, p50, p99 in windows))
@@ -603,10 +647,14 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
               "inside_broker": {route: {"requests": n, "p50_ms_at_most": p50 * 1000,
                                         "p99_ms_at_most": p99 * 1000}
                                 for route, (n, p50, p99) in inside.items()},
-              "lone_agent_heartbeat_ms": {
-                  "p50": statistics.median(lone) * 1000 if lone else None,
-                  "p99": lone[min(len(lone) - 1, int(len(lone) * 0.99))] * 1000 if lone
-                  else None},
+              "probe_heartbeat_ms": {
+                  "heartbeats": len(probed),
+                  "p50": statistics.median(probed) * 1000 if probed else None,
+                  "p99": quantile(probed, 0.99) * 1000 if probed else None,
+                  "after_start_up": probe_summary(
+                      [x for t, x, _r in rec.probes if t >= STEADY_AFTER]),
+                  "by_replica": {f"replica-{r + 1}": probe_summary(x)
+                                 for r, x in sorted(probe_by_replica(rec.probes).items())}},
               "by_window": [{"window": w, "p50_ms": a, "p99_ms": b}
                             for w, a, b in by_window(rec.timeline)],
               "by_window_of": {name: [{"window": w, "p50_ms": a, "p99_ms": b}

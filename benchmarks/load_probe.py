@@ -1,45 +1,63 @@
-"""load_probe: one agent in a process of its own, heartbeating through a load run.
+"""load_probe: probe agents in a process of their own, heartbeating through a load run.
 
-The load generator runs 1,100 clients on one event loop; its latencies include how late that
-loop is. This probe's do not: it is a lone client with its own interpreter, so what it sees
-is the broker's latency as one more agent would see it. It offers nothing (no lease is
-placed on it). Prints a JSON list of (seconds since
-start, latency) on stdout when done.
+The load generator runs 1,100 clients on a few event loops; its latencies include how late
+those loops are. These probes' do not: they are a handful of agents with an interpreter of
+their own, one thread each, so what they see is the broker's latency as one more agent
+would see it. Each offers nothing (no lease is placed on it) and heartbeats every
+``EVERY`` seconds, its own start staggered; probe i talks to replica i modulo the replicas.
+One probe gave ~50 heartbeats in a run, whose "p99" was its slowest one; eight give ~450.
 
-Run by benchmarks/load.py: python -m benchmarks.load_probe URL PROVIDER_TOKEN SECONDS
+Prints a JSON list of [seconds since start, latency, replica index] on stdout when done.
+
+Run by benchmarks/load.py: python -m benchmarks.load_probe PROVIDER_TOKEN SECONDS PROBES URL...
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 
 import httpx
 
-#: Seconds between heartbeats (well above the broker's least interval, 1 s: a heartbeat
-#: the broker reads late and the next read promptly may still come closer than that).
+#: Seconds between one probe's heartbeats (well above the broker's least interval, 1 s: a
+#: heartbeat the broker reads late and the next read promptly may still come closer).
 EVERY = 2.5
 
 
-def main() -> None:
-    url, token, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    samples = []
+def probe(i: int, url: str, replica: int, token: str, seconds: float, start: float,
+          stagger: float, samples: list) -> None:
+    """One probe agent: registers, then heartbeats until ``seconds`` after ``start``."""
     with httpx.Client(base_url=f"{url}/api/v1", timeout=60,
                       headers={"Authorization": f"Bearer {token}"}) as client:
         pid = client.post("/agent/register", json={
-            "name": "load-probe", "cpus": 1, "memory": 2**30, "gpus": []}
+            "name": f"load-probe-{i}", "cpus": 1, "memory": 2**30, "gpus": []}
         ).raise_for_status().json()["provider_id"]
-        start = time.monotonic()
+        time.sleep(max(0.0, start + stagger - time.monotonic()))
         while time.monotonic() - start < seconds:
             sent = time.monotonic()
             answer = client.post(f"/agent/{pid}/heartbeat", json={
                 "running": [], "offering": False, "offer_note": "a probe"})
             if answer.status_code != 429:  # too soon after the last, as the broker read them
                 answer.raise_for_status()
-                samples.append((sent - start, time.monotonic() - sent))
+                samples.append((sent - start, time.monotonic() - sent, replica))
             time.sleep(max(0.0, EVERY + 0.01 - (time.monotonic() - sent)))
-    print(json.dumps(samples))
+
+
+def main() -> None:
+    token, seconds, probes, urls = (sys.argv[1], float(sys.argv[2]), int(sys.argv[3]),
+                                    sys.argv[4:])
+    samples: list[tuple[float, float, int]] = []  # list.append is atomic: shared by threads
+    start = time.monotonic()
+    threads = [threading.Thread(target=probe, args=(
+        i, urls[i % len(urls)], i % len(urls), token, seconds, start, EVERY * i / probes,
+        samples)) for i in range(probes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps(sorted(samples)))
 
 
 if __name__ == "__main__":
