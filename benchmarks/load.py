@@ -25,7 +25,7 @@ their heartbeats and churn do not all fall in the same instant (runs before 2026
 all of them together: --user-spread 0).
 
 Run: python -m benchmarks.load [--agents 1000] [--users 100] [--workers 100] [--seconds 120]
-     [--processes 4] [--user-spread 5]
+     [--processes 4] [--user-spread 5] [--probes 8]
 """
 
 from __future__ import annotations
