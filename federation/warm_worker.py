@@ -80,8 +80,9 @@ def main() -> int:
     try:
         args = _take_order(line)
     except Exception:
-        # This interpreter's stderr is still /dev/null: the lease's log is where the agent
-        # reads why a worker ended ("last log lines"), so the reason goes there if it can.
+        # This interpreter's stderr is still its warm file, which the agent removes once it
+        # handed the order: the lease's log is where the agent reads why a worker ended
+        # ("last log lines"), so the reason goes there if it can.
         _tell_lease_log(line, traceback.format_exc())
         return 1
     sys.argv = ["distributed.cli.dask_worker", *args]

@@ -123,8 +123,9 @@ class BrokerChildProcess:
             raise
 
     def _run(self, fn, *args):
+        future = self._submit(fn, *args)
         try:
-            return self._submit(fn, *args).result()
+            return future.result()
         except BrokenProcessPool:
             # The child died (killed, out of memory): the next call starts a new one.
             self._forget_broken()

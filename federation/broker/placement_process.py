@@ -75,7 +75,7 @@ def _place(relayed: bool) -> PassDone:
         # The database's own exception classes may not come back through the pipe (some do
         # not unpickle); the pass failed, its transaction was rolled back, and the reason is
         # logged here with its traceback. The broker's placer logs it and places next time.
-        logging.getLogger("parallex.broker").exception("placement pass failed")
+        logger.exception("placement pass failed")
         raise RuntimeError(f"placement pass failed in the placement process: {exc}") from None
     return PassDone(frozenset(placed), time.perf_counter() - start, locked - start)
 
@@ -101,10 +101,10 @@ class PlacementProcess(BrokerChildProcess):
         warming.add_done_callback(self._warmed)
 
     def _warmed(self, warming: Future) -> None:
-        if warming.cancelled() or warming.exception() is not None:
+        failure = "cancelled" if warming.cancelled() else warming.exception()
+        if failure is not None:
             logger.warning("the placement process did not start (%s); passes run in the "
-                           "broker's process", warming.exception() if not warming.cancelled()
-                           else "cancelled")
+                           "broker's process", failure)
             return
         self._ready.set()
 

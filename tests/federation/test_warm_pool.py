@@ -217,9 +217,10 @@ def test_an_interpreter_given_its_lease_while_still_importing_runs_it(tmp_path):
 
 
 def test_an_order_the_interpreter_cannot_follow_says_why_in_the_lease_log(tmp_path):
-    """Before it takes its lease a warm interpreter's stderr is /dev/null: why it could not
-    (here, a folder that is gone) goes to the lease's log, which the agent sends with the
-    lease's end ("last log lines"), instead of nothing."""
+    """Before it takes its lease a warm interpreter's stderr is its warm file, which the
+    agent removes once it handed the order: why it could not follow it (here, a folder that
+    is gone) goes to the lease's log, which the agent sends with the lease's end ("last log
+    lines"), instead of nowhere."""
     log = tmp_path / "worker.log"
     log.touch()
     code, _ = hand_at_once({"cwd": str(tmp_path / "gone"), "log": str(log), "env": {},
