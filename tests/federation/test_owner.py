@@ -142,14 +142,21 @@ def test_the_owner_comes_back_suspend_resume_preempt(federation, tmp_path, cgrou
     assert charged == pytest.approx(held - suspended, abs=0.01)
     assert fed.db_value("SELECT coalesce(sum(lost_leases + failed_leases), 0) FROM "
                         "providerreliability") == 0
-    # The lab's PI sees how often the owner took the machine back.
+    # The lab's PI sees how often the owner took the machine back: the share of the leases
+    # ended on owner-box that were preempted. The cluster asks again for the worker it lost;
+    # once the owner has gone, owner-box may take that lease before the cluster closes and
+    # releases it, so one preempted lease of one or two ended there (CI saw both).
+    reasons = sorted(r["end_reason"] for r in fed.db_dicts(
+        "SELECT lease.end_reason FROM lease JOIN provider ON provider.id = lease.provider_id "
+        "WHERE provider.name = 'owner-box' AND lease.state = 'ended'"))
+    assert reasons in (["preempted"], ["preempted", "released"])
     admin = fed.admin()
     try:
         machines = {m["name"]: m for m in admin.request("GET", "/labs/lab-b/machines")[
             "machines"]}
     finally:
         admin.close()
-    assert machines["owner-box"]["preemption_rate"] == 1.0
+    assert machines["owner-box"]["preemption_rate"] == pytest.approx(1 / len(reasons))
     assert machines["owner-box"]["reliability"] == 1.0
 
 
