@@ -406,8 +406,9 @@ def main() -> None:
             rec.cpu["whole machine"] = (
                 (sum(after) - after.idle - after.iowait)
                 - (sum(machine) - machine.idle - machine.iowait)) / elapsed
-            urls = [url for _p, url in brokers]
-            samples = scrape(urls, admin_token)
+            # Each replica's samples, read once: its own figures, and summed over all.
+            per_replica = [scrape([url], admin_token) for _p, url in brokers]
+            samples = [sample for part in per_replica for sample in part]
             passes = {kind: pass_stats(samples, metric) for kind, metric in (
                 ("metering", "metering_pass"), ("placement", "placement_pass"),
                 ("placement lock wait", "placement_lock_wait"),
@@ -416,11 +417,9 @@ def main() -> None:
                 ("scale placement wait", "scale_placement_wait"))}
             inside = server_quantiles(samples)
             lag = server_quantiles(samples, "parallex_event_loop_lag_seconds_bucket")
-            rec.by_replica = [replica_figures(scrape([url], admin_token),
-                                              cpu_at_start[proc.pid])
-                              for proc, url in brokers]
-            for row, p in zip(rec.by_replica, watched["broker replicas"], strict=True):
-                row["cpu_cores"] = (cpu(p) - row.pop("cpu_at_start")) / elapsed
+            rec.by_replica = [replica_figures(part, (cpu(p) - cpu_at_start[p.pid]) / elapsed)
+                              for part, p in zip(per_replica, watched["broker replicas"],
+                                                 strict=True)]
             rec.placement_asks = gauge_sums(samples, {
                 "sent to the leader": "parallex_placement_asks_to_leader",
                 "placed by their own replica": "parallex_placement_fallbacks"})
@@ -495,22 +494,26 @@ def quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
-def probe_by_replica(samples: list[tuple[float, float, int]]) -> dict[int, list[float]]:
-    """The probes' latencies by replica index, each ascending."""
-    out: dict[int, list[float]] = defaultdict(list)
-    for _t, latency, replica in samples:
-        out[replica].append(latency)
-    return {r: sorted(x) for r, x in out.items()}
-
-
 def probe_summary(latencies: list[float]) -> dict:
+    """How many heartbeats, their p50 and p99 in ms (None without any)."""
     ordered = sorted(latencies)
     return {"heartbeats": len(ordered),
             "p50": statistics.median(ordered) * 1000 if ordered else None,
             "p99": quantile(ordered, 0.99) * 1000 if ordered else None}
 
 
-def replica_figures(samples: list, cpu_at_start: float) -> dict:
+def probe_figures(samples: list[tuple[float, float, int]]) -> dict:
+    """The probes' heartbeats over the whole run, after start-up, and by replica."""
+    by_replica: dict[int, list[float]] = defaultdict(list)
+    for _t, latency, replica in samples:
+        by_replica[replica].append(latency)
+    return {**probe_summary([x for _t, x, _r in samples]),
+            "after_start_up": probe_summary([x for t, x, _r in samples if t >= STEADY_AFTER]),
+            "by_replica": {f"replica-{r + 1}": probe_summary(x)
+                           for r, x in sorted(by_replica.items())}}
+
+
+def replica_figures(samples: list, cpu_cores: float) -> dict:
     """One replica's own figures (``scrape`` of it alone): whether it leads, how late its
     event loop ran, and its agents' heartbeats inside it; a leader that places for both
     and a follower that does not can differ, which the sums over replicas hide."""
@@ -521,7 +524,7 @@ def replica_figures(samples: list, cpu_at_start: float) -> dict:
             "loop_lag_ms_at_most": {"p50": lag[1] * 1000, "p99": lag[2] * 1000},
             "heartbeats": beats[0],
             "heartbeat_ms_at_most": {"p50": beats[1] * 1000, "p99": beats[2] * 1000},
-            "cpu_at_start": cpu_at_start}
+            "cpu_cores": cpu_cores}
 
 
 def gauge_sums(samples: list, names: dict[str, str]) -> dict[str, float]:
@@ -556,7 +559,7 @@ def by_window(timeline: list[tuple[float, float]], width: float = 20.0,
     for k in sorted(buckets):
         samples = sorted(buckets[k])
         out.append((f"{k * width:.0f}-{(k + 1) * width:.0f} s", statistics.median(samples) * 1000,
-                    samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000))
+                    quantile(samples, 0.99) * 1000))
     return out
 
 
@@ -568,30 +571,27 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
     for name in sorted(set(rec.latency) | set(rec.errors)):
         samples = sorted(rec.latency.get(name, []))
         p50 = statistics.median(samples) * 1000 if samples else float("nan")
-        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))] * 1000 if samples \
-            else float("nan")
+        p99 = quantile(samples, 0.99) * 1000 if samples else float("nan")
         if samples:
             worst = max(worst, p99)
         rows.append((name, str(len(samples)), f"{p50:.1f}", f"{p99:.1f}",
                      str(rec.errors.get(name, 0))))
     print(table(rows))
-    probed = sorted(latency for _t, latency, _r in rec.probes)
-    if probed:
-        print(f"probe agents in their own process (benchmarks/load_probe.py), {len(probed)} "
-              f"heartbeats: p50 {statistics.median(probed) * 1000:.1f} ms, p99 "
-              f"{quantile(probed, 0.99) * 1000:.1f} ms; by replica: "
-              + "; ".join(f"replica-{r + 1}: p50 {statistics.median(x) * 1000:.0f}, p99 "
-                          f"{quantile(x, 0.99) * 1000:.0f} ms"
-                          for r, x in sorted(probe_by_replica(rec.probes).items()))
+    probes = probe_figures(rec.probes)
+    if probes["heartbeats"]:
+        print(f"probe agents in their own process (benchmarks/load_probe.py), "
+              f"{probes['heartbeats']} heartbeats: p50 {probes['p50']:.1f} ms, p99 "
+              f"{probes['p99']:.1f} ms; by replica: "
+              + "; ".join(f"{name}: p50 {x['p50']:.0f}, p99 {x['p99']:.0f} ms"
+                          for name, x in probes["by_replica"].items())
               + "; by window: "
               + "; ".join(f"{w}: p50 {a:.0f}, p99 {b:.0f} ms" for w, a, b in by_window(
                   [(t, x) for t, x, _r in rec.probes])))
-        steady = sorted(x for t, x, _r in rec.probes if t >= STEADY_AFTER)
-        if steady:
+        steady = probes["after_start_up"]
+        if steady["heartbeats"]:
             print(f"the probes after the first {STEADY_AFTER:.0f} s (start-up: a thousand "
-                  f"registrations): {len(steady)} heartbeats, p50 "
-                  f"{statistics.median(steady) * 1000:.1f} ms, p99 "
-                  f"{quantile(steady, 0.99) * 1000:.1f} ms")
+                  f"registrations): {steady['heartbeats']} heartbeats, p50 "
+                  f"{steady['p50']:.1f} ms, p99 {steady['p99']:.1f} ms")
     windows = by_window(rec.timeline)
     print("all endpoints by 20 s window since the first request (start-up, then steady): "
           + "; ".join(f"{w}: p50 {p50:.0f} ms, p99 {p99:.0f} ms" for w, p50, p99 in windows))
@@ -623,7 +623,7 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
         inside_rows.append((route, str(n), f"{p50 * 1000:g}", f"{p99 * 1000:g}"))
     print(table(inside_rows))
     lag = sorted(rec.loop_lag) or [0.0]
-    lag_p99 = lag[min(len(lag) - 1, int(len(lag) * 0.99))]
+    lag_p99 = quantile(lag, 0.99)
     print(f"the generator's event loop ran timers late by p50 {statistics.median(lag) * 1000:.0f}"
           f" ms, p99 {lag_p99 * 1000:.0f} ms (included in the client-side latencies above)")
     print(f"the brokers' event loops ran timers late by p50 ≤ {broker_lag[1] * 1000:g} ms, "
@@ -647,14 +647,7 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
               "inside_broker": {route: {"requests": n, "p50_ms_at_most": p50 * 1000,
                                         "p99_ms_at_most": p99 * 1000}
                                 for route, (n, p50, p99) in inside.items()},
-              "probe_heartbeat_ms": {
-                  "heartbeats": len(probed),
-                  "p50": statistics.median(probed) * 1000 if probed else None,
-                  "p99": quantile(probed, 0.99) * 1000 if probed else None,
-                  "after_start_up": probe_summary(
-                      [x for t, x, _r in rec.probes if t >= STEADY_AFTER]),
-                  "by_replica": {f"replica-{r + 1}": probe_summary(x)
-                                 for r, x in sorted(probe_by_replica(rec.probes).items())}},
+              "probe_heartbeat_ms": probes,
               "by_window": [{"window": w, "p50_ms": a, "p99_ms": b}
                             for w, a, b in by_window(rec.timeline)],
               "by_window_of": {name: [{"window": w, "p50_ms": a, "p99_ms": b}

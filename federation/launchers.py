@@ -172,7 +172,7 @@ class WarmInterpreter:
                 text = f.read().decode(errors="replace")
         except OSError:
             return ""
-        return " | ".join(line for line in text.strip().splitlines()[-4:])
+        return " | ".join(text.strip().splitlines()[-4:])
 
     def forget_errors(self) -> None:
         """Remove its standard-error file (it took a lease, writing to the lease's log from

@@ -18,7 +18,7 @@ from federation.broker.db import plain_engine
 from federation.broker.periodic_process import PeriodicProcessStopped
 from tests.federation.test_replicas import metric
 from tests.utils.in_process import in_process_broker
-from tests.utils.procs import start_broker, wait_until
+from tests.utils.procs import process_ended, start_broker, wait_until
 
 ADMIN = "test-admin-token-0123456789"
 FAST_PASSES = ("--metering-interval", "1", "--capacity-interval", "1")
@@ -34,7 +34,7 @@ def broker_children(pid: int) -> list[psutil.Process]:
 def pass_processes(pid: int, name: str = "parallex-period") -> list[psutil.Process]:
     """The periodic pass processes among ``pid``'s children (by the name the child gives
     itself; ``parallex-placer`` is the placement process's)."""
-    return [c for c in broker_children(pid) if not ended(c) and child_name(c) == name
+    return [c for c in broker_children(pid) if not process_ended(c) and child_name(c) == name
             and "spawn_main" in " ".join(c.cmdline())]
 
 
@@ -43,13 +43,6 @@ def child_name(process: psutil.Process) -> str:
         return process.name()
     except psutil.NoSuchProcess:
         return ""
-
-
-def ended(process: psutil.Process) -> bool:
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.mark.parametrize("ending", ["stop", "kill"])
@@ -85,7 +78,7 @@ def test_the_periodic_passes_run_in_a_process_that_ends_with_the_broker(tmp_path
         else:
             proc.kill9()
         # The pass processes and multiprocessing's helper end with the broker.
-        wait_until(lambda: all(ended(c) for c in children), 30,
+        wait_until(lambda: all(process_ended(c) for c in children), 30,
                    f"the broker's child processes to end after a {ending}")
     finally:
         proc.stop()

@@ -9,9 +9,9 @@ import os
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.federation.test_periodic_process import ended, pass_processes
+from tests.federation.test_periodic_process import pass_processes
 from tests.utils.in_process import ADMIN_TOKEN, InProcess, in_process_broker
-from tests.utils.procs import wait_until
+from tests.utils.procs import process_ended, wait_until
 
 
 def passes(b: InProcess, process: str) -> float:
@@ -51,7 +51,7 @@ def test_placement_passes_run_in_their_own_process_and_outlive_its_death(postgre
 
         child.kill()
         # Not reaped here: the broker's process pool is the one to find it dead.
-        wait_until(lambda: ended(child), 30, "the placement process to die")
+        wait_until(lambda: process_ended(child), 30, "the placement process to die")
         before = passes(b, "broker")
         lease = scale_one(b, "ls-whiledead")
         # Placed all the same, in the broker's process; no request failed.

@@ -14,6 +14,7 @@ import pytest
 from federation import FederatedCluster
 from tests.utils.procs import (
     parallex,
+    process_ended,
     recorded_workers,
     wait_until,
     wait_warm,
@@ -265,7 +266,7 @@ def test_a_warm_interpreter_that_dies_before_it_is_ready_says_why_and_the_pool_p
         for _ in range(WARM_EXITS_TO_PAUSE):
             [started] = keep_ready()
             # Exited (not reaped here: the launcher reads its exit code).
-            wait_until(lambda p=started: not _running(p), 30, "the broken interpreter to exit")
+            wait_until(lambda p=started: process_ended(p), 30, "the broken interpreter to exit")
         assert not keep_ready()  # the third exit paused the pool
         said = [r.getMessage() for r in caplog.records]
         early = [m for m in said if "before it was ready" in m]
@@ -278,10 +279,3 @@ def test_a_warm_interpreter_that_dies_before_it_is_ready_says_why_and_the_pool_p
         assert not list((tmp_path / "agent" / "warm").iterdir())
     finally:
         launcher.close(accounts)
-
-
-def _running(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

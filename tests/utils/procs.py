@@ -208,6 +208,14 @@ def worker_processes_of(workdirs: list[Path]) -> list[psutil.Process]:
     return found
 
 
+def process_ended(process: psutil.Process) -> bool:
+    """True once ``process`` has exited (a zombie not yet reaped by its parent, or gone)."""
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def kill_workers_under(workdirs: list[Path]) -> None:
     """Clean-up: SIGKILL the process groups of workers the test's agents started."""
     for proc in worker_processes_of(workdirs):
