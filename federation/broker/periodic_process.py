@@ -47,7 +47,8 @@ PARENT_CHECK = 1.0
 _child: dict[str, object] = {}
 
 
-def _start(url: str, settings: BrokerSettings, log_level: int, title: str) -> None:
+def _start(url: str, settings: BrokerSettings, log_level: int, title: str,
+           broker_pid: int) -> None:
     # A stop signal to the broker's process group (systemd, ``parallex up``) must not end a
     # pass halfway: the broker's shutdown ends this process after the pass.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -60,7 +61,10 @@ def _start(url: str, settings: BrokerSettings, log_level: int, title: str) -> No
             comm.write(f"parallex-{title}"[:15])
     _child["engine"] = plain_engine(url)
     _child["settings"] = settings
-    threading.Thread(target=_end_with_the_broker, args=(os.getppid(),), daemon=True,
+    # The broker's pid as the broker gave it, not os.getppid() read here: a broker killed
+    # while this process was still importing has left it to init already, and watching init
+    # kept it alive for ever.
+    threading.Thread(target=_end_with_the_broker, args=(broker_pid,), daemon=True,
                      name="parallex-periodic-watchdog").start()
 
 
@@ -112,7 +116,7 @@ class BrokerChildProcess:
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start,
                     initargs=(self._url, self._settings, logging.getLogger().level,
-                              self._title))
+                              self._title, os.getpid()))
             return self._pool
 
     def _submit(self, fn, *args) -> Future:

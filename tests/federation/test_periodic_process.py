@@ -99,3 +99,44 @@ def test_a_reaper_tick_after_shutdown_starts_no_process(postgres_url):
         broker.periodic.meter(utcnow())
     broker.reap()  # due metering and capacity passes, refused without a traceback
     assert not pass_processes(os.getpid())
+
+
+#: A broker (here a bare process) that starts its child process and is killed at once, while
+#: the child is still importing: it prints the child's pid, then SIGKILLs itself.
+_DIES_WHILE_ITS_CHILD_STARTS = """
+import os, signal, sys
+from federation.broker.db import plain_engine
+from federation.broker.periodic_process import BrokerChildProcess
+from federation.broker.placement_process import _warm
+from federation.broker.settings import BrokerSettings
+
+child = BrokerChildProcess(plain_engine(sys.argv[1]), BrokerSettings(), "periodic")
+pool = child._executor()
+pool.submit(_warm)
+print(*pool._processes, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_child_whose_broker_dies_while_it_starts_ends_too(tmp_path):
+    """The broker killed while its child process is still starting (a replica killed in
+    the second after it led or placed): the child, orphaned before it knew its parent, still
+    ends. It watched whichever process was its parent once started, so it watched init and
+    stayed for ever (found after a full suite run)."""
+    import subprocess
+    import sys
+
+    # Its output to a file: the child inherits it, so a pipe would stay open while it lives.
+    out = tmp_path / "broker.out"
+    with open(out, "w") as sink:
+        broker = subprocess.run([sys.executable, "-c", _DIES_WHILE_ITS_CHILD_STARTS,
+                                 f"sqlite:///{tmp_path / 'db.sqlite'}"],
+                                stdout=sink, stderr=subprocess.STDOUT, timeout=60)
+    assert broker.returncode == -signal.SIGKILL, out.read_text()
+    child = psutil.Process(int(out.read_text().split()[0]))
+    try:
+        wait_until(lambda: process_ended(child), 30,
+                   "the orphaned child process to end by itself")
+    finally:
+        if not process_ended(child):
+            child.kill()
