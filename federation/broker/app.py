@@ -17,8 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from accounting.models import utcnow
 
 from . import API_PREFIX, db
+from .agent_fast_path import AgentFastPath
 from .auth import hash_token
-from .errors import BrokerError, http_status
+from .error_responses import broker_error_response, unstorable_value_response
+from .errors import BrokerError
 from .hub_tokens import HubTokenChecker
 from .metrics import HttpTimer
 from .models import ApiToken, TokenKind
@@ -149,6 +151,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                   # message, not a redirect to another path.
                   redirect_slashes=False)
     app.state.broker = broker
+    # Innermost, so the rate limit and the HTTP metrics see its requests as they see others.
+    app.add_middleware(AgentFastPath, prefix=API_PREFIX, metrics=broker.metrics)
     app.add_middleware(HttpTimer, metrics=broker.metrics)
     app.add_middleware(RateLimitMiddleware, prefix=API_PREFIX, limiter=RateLimiter(
         rate=settings.rate_limit, burst=settings.rate_burst,
@@ -161,11 +165,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
 
     @app.exception_handler(BrokerError)
     async def _broker_error(_request: Request, exc: BrokerError) -> JSONResponse:
-        # The one place the broker's errors become HTTP (federation/broker/errors.py).
-        headers = ({"Retry-After": str(max(1, round(exc.retry_after)))}
-                   if exc.retry_after is not None else None)
-        return JSONResponse({"error": exc.code, "message": exc.message},
-                            status_code=http_status(exc), headers=headers)
+        return broker_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -174,16 +174,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
 
     @app.exception_handler(DataError)
     async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
-        # The database refused a value the request carried (a NUL character in text, a
-        # number past a column's range): PostgreSQL checks what SQLite lets through, so the
-        # fuzzer found these on PostgreSQL only. The transaction was rolled back.
-        reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "bad value"
-        logger.info("request %s %s carried a value the database refused: %s",
-                    request.method, request.url.path, reason)
-        return JSONResponse({"error": "unstorable-value",
-                             "message": f"a value in this request cannot be used ({reason}); "
-                                        "remove control characters from text and keep numbers "
-                                        "in range"}, status_code=422)
+        return unstorable_value_response(request.method, request.url.path, exc)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

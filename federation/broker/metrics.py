@@ -167,6 +167,12 @@ class BrokerMetrics:
         self.leader = Gauge("parallex_broker_leader", "1 on the replica that runs the "
                             "periodic passes (reaping, metering, capacity samples), else 0.",
                             registry=self.registry)
+        self.agent_fast_path = Counter(
+            "parallex_agent_fast_path_total",
+            "Agents' heartbeats, lease reports and lease-list polls by how this replica took "
+            "them: answered on the fast path (agent_fast_path.py) or handed on to the API's "
+            "full routing (a malformed request, an unusual query or a body over 64 KiB; "
+            "the answer is the same, it costs more).", ["outcome"], registry=self.registry)
         self.http = Histogram("parallex_http_request_seconds",
                               "Seconds to answer a request, by method and route template "
                               "under /api/v1 (this replica; long polls excluded).",
