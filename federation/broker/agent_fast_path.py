@@ -67,7 +67,6 @@ class AgentFastPath:
 
     def __init__(self, app, prefix: str, metrics: BrokerMetrics):
         self.app = app
-        self.prefix = prefix
         self._answered = metrics.agent_fast_path.labels("answered")
         self._handed_on = metrics.agent_fast_path.labels("handed on")
         self._path = re.compile(re.escape(prefix)
@@ -132,22 +131,31 @@ class AgentFastPath:
                        partial: bool) -> Callable[[], Awaitable[dict]] | None:
         """The route's call, once everything it needs is known to be valid; None where
         FastAPI must answer (nothing was changed). Raises BrokerError when authentication
-        refuses the caller (as the route's dependency would, before the body is read)."""
+        refuses the caller. The checks come in FastAPI's order, so a request wrong in two
+        ways gets the answer FastAPI gives: the body is decoded first (400 if it is not
+        JSON), then the caller authenticated (401, 403), then ids, query and body validated
+        (422)."""
         provider_id, lease_id = params
+        data = None
         if route is _LEASES:
             query = _leases_query(request.scope["query_string"])
-            if query is None:
-                return None
         elif partial or not _json_content(request):
             return None
+        else:
+            try:
+                data = json.loads(body)
+            except ValueError:
+                return None
         principal = await require_provider(await authenticate(request))
         if route is _LEASES:
+            if query is None:
+                return None
             since, wait = query
             return lambda: routes_agent.leases(provider_id, request, since, wait, principal)
         model = ProviderHeartbeat if route is _HEARTBEAT else LeaseStateReport
         try:
-            parsed = model.model_validate(json.loads(body))
-        except (ValueError, ValidationError):  # ValueError: not JSON
+            parsed = model.model_validate(data)
+        except ValidationError:
             return None
         if route is _HEARTBEAT:
             return lambda: routes_agent.heartbeat(provider_id, parsed, request, principal)

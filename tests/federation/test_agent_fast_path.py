@@ -104,6 +104,9 @@ def test_refusals_on_the_fast_path_are_the_apis_own(fed):
     cases = [
         (httpx.post(f"{fed.url}/api/v1/agent/{box}/heartbeat", json=body), 401,
          "missing-token"),
+        # Wrong twice (no token, a body that does not validate): the token is checked first.
+        (httpx.post(f"{fed.url}/api/v1/agent/{box}/heartbeat", json={"running": "x"}), 401,
+         "missing-token"),
         (httpx.post(f"{fed.url}/api/v1/agent/{box}/heartbeat", json=body,
                     headers={"Authorization": "Bearer px_not-a-token"}), 401, "bad-token"),
         (httpx.post(f"{fed.url}/api/v1/agent/{box}/heartbeat", json=body, headers=user),
@@ -119,7 +122,7 @@ def test_refusals_on_the_fast_path_are_the_apis_own(fed):
     for answer, status, code in cases:
         assert (answer.status_code, answer.json()["error"]) == (status, code), answer.text
         assert answer.json()["message"]
-    assert took(fed, before) == {"answered": len(cases), HEARTBEAT: 5}
+    assert took(fed, before) == {"answered": len(cases), HEARTBEAT: 6}
     assert offering(fed, other) == 1
 
 
@@ -136,6 +139,10 @@ def test_what_the_fast_path_cannot_take_reaches_the_api_intact(fed):
                     json={"running": ["bad id"], "offering": False}),
          422, "invalid-request", "running.0: String should match pattern"),
         (httpx.post(f"{api}/heartbeat", headers={**agent, "Content-Type": "application/json"},
+                    content=b'{"running": [], "offering": fal'),
+         400, "malformed-json", "the request body is not valid JSON"),
+        # Wrong twice (no token, not JSON): FastAPI reads the body before the token.
+        (httpx.post(f"{api}/heartbeat", headers={"Content-Type": "application/json"},
                     content=b'{"running": [], "offering": fal'),
          400, "malformed-json", "the request body is not valid JSON"),
         (httpx.post(f"{api}/leases/ls-notalease01/state", headers=agent,
@@ -171,5 +178,5 @@ def test_what_the_fast_path_cannot_take_reaches_the_api_intact(fed):
     for answer in served:
         assert answer.status_code == 200, answer.text
     assert offering(fed, box) == 0  # the large heartbeat was recorded
-    assert took(fed, before) == {"handed on": len(refused) + len(served), HEARTBEAT: 4,
+    assert took(fed, before) == {"handed on": len(refused) + len(served), HEARTBEAT: 5,
                                  "POST /agent/{provider_id}/leases/{lease_id}/state": 2}
