@@ -101,9 +101,8 @@ def test_an_agent_serves_its_own_metrics_on_loopback(federation):
     assert [c.laddr.ip for c in listening] == ["127.0.0.1"], listening
 
 
-def test_the_grafana_dashboard_plots_only_metrics_that_exist(tmp_path):
-    """deploy/grafana/parallex.json against what the broker and an agent register: a renamed
-    metric must not leave an empty panel behind."""
+def exported_metric_names(tmp_path: Path) -> set[str]:
+    """Every metric family the broker and an agent register (what Prometheus can scrape)."""
     from prometheus_client import generate_latest
 
     from federation.agent_metrics import AgentMetrics
@@ -124,11 +123,47 @@ def test_the_grafana_dashboard_plots_only_metrics_that_exist(tmp_path):
         environments = EnvironmentCache(tmp_path / "envs")
 
     exposed += generate_latest(AgentMetrics(Idle()).registry).decode()
-    names = set(re.findall(r"^# TYPE (\w+) ", exposed, re.MULTILINE))
+    return set(re.findall(r"^# TYPE (\w+) ", exposed, re.MULTILINE))
+
+
+def unknown_metrics(expressions: list[str], names: set[str]) -> set[str]:
+    """The parallex_* metrics ``expressions`` use that nothing exports; each expression must
+    also parse as PromQL (promql_parser raises ValueError with the reason)."""
+    import promql_parser
+
+    used = set()
+    for expr in expressions:
+        promql_parser.parse(expr)
+        used |= set(re.findall(r"parallex_\w+", expr))
+    assert used, "the expressions use no Parallex metric"
+    return {m for m in used
+            if m not in names and re.sub(r"_(bucket|count|sum|total)$", "", m) not in names}
+
+
+def test_the_grafana_dashboard_plots_only_metrics_that_exist(tmp_path):
+    """deploy/grafana/parallex.json against what the broker and an agent register: a renamed
+    metric must not leave an empty panel behind, nor a typo a panel that fails to load."""
     dashboard = json.loads((REPO / "deploy" / "grafana" / "parallex.json").read_text())
-    used = {m for panel in dashboard["panels"] for target in panel["targets"]
-            for m in re.findall(r"parallex_\w+", target["expr"])}
-    assert used, "the dashboard plots nothing"
-    unknown = {m for m in used
-               if m not in names and re.sub(r"_(bucket|count|sum|total)$", "", m) not in names}
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    unknown = unknown_metrics(exprs, exported_metric_names(tmp_path))
+    assert not unknown, unknown
+
+
+def test_the_alerting_rules_are_well_formed_and_watch_metrics_that_exist(tmp_path):
+    """deploy/prometheus-alerts.yml, which deploy/prometheus.yml loads: each rule parses, names
+    a severity the file explains, says what to do, and watches only exported metrics."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["prometheus-alerts.yml"]
+    rules = [rule for group in yaml.safe_load(
+        (REPO / "deploy" / "prometheus-alerts.yml").read_text())["groups"]
+        for rule in group["rules"]]
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names)) >= 8, names
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("page", "ticket"), rule["alert"]
+        assert rule["annotations"]["summary"] and len(rule["annotations"]["description"]) > 80
+        assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), rule["alert"]
+    unknown = unknown_metrics([rule["expr"] for rule in rules], exported_metric_names(tmp_path))
     assert not unknown, unknown
