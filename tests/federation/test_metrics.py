@@ -66,6 +66,9 @@ def test_metrics_say_what_the_federation_holds_and_how_long_the_broker_took(fede
         # collection no longer walks it. Collections are counted by generation.
         assert now[("parallex_gc_frozen_objects", ())] > 50_000
         assert now[("python_gc_collections_total", (("generation", "0"),))] >= 0
+        # A real agent's heartbeats, lease reports and polls all take the fast path.
+        assert now[("parallex_agent_fast_path_total", (("outcome", "answered"),))] >= 3
+        assert now[("parallex_agent_fast_path_total", (("outcome", "handed on"),))] == 0
     assert httpx.get(url, timeout=30).status_code == 401
     user = httpx.get(url, headers={"Authorization": f"Bearer {fed.user_tokens['alice']}"},
                      timeout=30)
