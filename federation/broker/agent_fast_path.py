@@ -1,10 +1,11 @@
 """Agents' three frequent requests (heartbeats, lease reports, lease-list long polls) served
 without FastAPI's per-request machinery.
 
-A thousand agents make ~350 of these a second, and each spent ~0.85 ms of its replica's
-interpreter in routing, dependency solving and serialising before and after the route's own
-work (issue 14's load benchmark; a direct call of the same route costs a few µs of that).
-On two saturated cores that interpreter time is what the tail waits for. This middleware
+A thousand agents make ~350 of these a second, and through FastAPI each took 0.64–0.72 ms
+of its replica's event loop, of which the route's own work was 0.13–0.17 ms: the rest was
+routing (a scan of every route), dependency solving, validation and serialising
+(benchmarks/agent_requests.py; 0.31–0.38 ms here). On two saturated cores that interpreter
+time is what the tail waits for. This middleware
 matches the three paths with one regular expression, authenticates with the same function
 the routes' dependency uses, validates the body with the same models, calls the same route
 functions, and answers with the same JSON.

@@ -32,7 +32,9 @@ class InProcess:
 
 
 @contextlib.contextmanager
-def in_process_broker(db_url: str, leases: int) -> Iterator[InProcess]:
+def in_process_broker(db_url: str, leases: int, **settings: Any) -> Iterator[InProcess]:
+    """``settings``: BrokerSettings fields beyond the defaults here (no cloud prices, no
+    minimum between heartbeats)."""
     from fastapi.testclient import TestClient
 
     from federation.broker.app import create_app
@@ -40,7 +42,8 @@ def in_process_broker(db_url: str, leases: int) -> Iterator[InProcess]:
     from federation.tls import ClusterAuthority
 
     admin_token = ADMIN_TOKEN
-    app = create_app(db_url, BrokerSettings(cloud_prices=None, min_heartbeat_interval=0),
+    app = create_app(db_url, BrokerSettings(**{"cloud_prices": None,
+                                               "min_heartbeat_interval": 0, **settings}),
                      admin_token=admin_token)
     with TestClient(app) as client:
         b = InProcess(app, client, "", "", "", "", [])
