@@ -21,6 +21,10 @@ router = APIRouter(prefix="/agent")
 
 #: Fraction by which a long poll may end early, at random (spreads agents' polls apart).
 POLL_JITTER = 0.25
+#: Longest ``since`` (a lease-list version) a poll may send, in characters.
+SINCE_MAX_LENGTH = 64
+#: Longest a poll may ask to wait for a change, in seconds.
+WAIT_MAX = 60
 
 
 @router.post("/register", status_code=201)
@@ -67,9 +71,10 @@ def offline(provider_id: ProviderIdPath, request: Request,
 
 @router.get("/{provider_id}/leases")
 async def leases(provider_id: ProviderIdPath, request: Request,
-                 since: str | None = Query(None, max_length=64,
+                 since: str | None = Query(None, max_length=SINCE_MAX_LENGTH,
                                            description="Version last seen; wait for a change."),
-                 wait: float = Query(0, ge=0, le=60, description="Seconds to wait for a change."),
+                 wait: float = Query(0, ge=0, le=WAIT_MAX,
+                                     description="Seconds to wait for a change."),
                  principal: Principal = Depends(require_provider)) -> dict:
     """The leases this provider must run or stop; long-polls up to ``wait`` seconds."""
     broker = request.app.state.broker
