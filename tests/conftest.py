@@ -73,6 +73,19 @@ def postgres_url(postgres_server_url: str) -> str:
     return fresh_database(postgres_server_url, f"test_{next(_database_numbers)}")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_database(request, tmp_path: Path):
+    """A broker with no labs yet, on SQLite or on PostgreSQL (where locks are also row or
+    advisory locks other broker processes respect, and the agents' batches run each
+    statement as a transaction of its own)."""
+    db_url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    fed = make_federation(tmp_path, db_url=db_url)
+    try:
+        yield fed
+    finally:
+        fed.stop()
+
+
 @pytest.fixture
 def federation(tmp_path: Path):
     """A broker with no labs yet (tests add what they need)."""

@@ -6,14 +6,17 @@ trips each (authentication, the provider's row, the update, the held leases, the
 each on a thread of the request pool, and a wave of long polls returning together queued
 heartbeats behind it for seconds (issue 14's load benchmark: heartbeat p99 1.3 s at 200
 agents). Now a heartbeat request waits on the event loop while the heartbeat batcher (a
-``Coalescer``) records every heartbeat that arrived during the previous batch in one
-transaction: one read of the providers, one of their held leases, one commit.
+``Coalescer``) records every heartbeat that arrived during the previous batch at once: one
+read of the providers and their held leases, one update of their rows, each statement a
+transaction of its own (``db.autocommit``: on a loaded broker each round trip to PostgreSQL
+costs ~5 ms, and a transaction's BEGIN and COMMIT are two more).
 
 The answer still means "recorded": the request is answered once its batch committed, so an
 agent's later lease report never overtakes the heartbeat before it.
 
 Long polls that end together (a wake-up for many machines, agents started together) read
-their lease lists the same way: one query for every list asked while the previous batch ran.
+their lease lists the same way: one query, in autocommit, for every list asked while the
+previous batch ran.
 Agents' reports of their leases' states (running, suspended, preempted, ended; ~2 a second
 for each placement a second under churn) are recorded the same way too: their leases locked
 in one statement, each report applied in turn, one commit. A report that cannot be applied
@@ -30,6 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sqlalchemy import and_, update
 from sqlalchemy.exc import DataError
 from sqlmodel import Session, col, select
 
@@ -109,60 +113,76 @@ class Recorded:
     #: Whether capacity came back (a provider returned or offers again, a lease ended):
     #: a placement pass should follow.
     capacity_changed: bool = False
+    #: Held leases the heartbeats show overdue (``timeouts.overdue``), for ``end_late``;
+    #: with the running leases each provider's latest heartbeat listed.
+    late: list[str] = field(default_factory=list)
+    alive: dict[str, set[str]] = field(default_factory=dict)
 
 
 def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
                       settings: BrokerSettings) -> Recorded:
-    """Record ``beats`` in the caller's unit of work (the caller commits, then marks them
-    recorded): each provider lives and offers (or not) as its latest heartbeat says, and its
-    leases that are overdue end (``timeouts.end_overdue``)."""
+    """Record ``beats``: each provider lives and offers (or not) as its latest heartbeat
+    says. Two statements, neither needing the other's transaction, so the caller may run
+    them in autocommit (``db.autocommit``): one read of the providers and their held leases,
+    one update of the providers' rows by primary key. Leases the heartbeats show overdue are
+    returned in ``late``, for ``end_late`` in a unit of work of its own (they are rare)."""
     latest: dict[str, Heartbeat] = {}
     environments: dict[str, list[str]] = {}
     for beat in sorted(beats, key=lambda b: b.arrived):
         latest[beat.provider_id] = beat
         if beat.environments is not None:  # None keeps the list an earlier one sent
             environments[beat.provider_id] = beat.environments
-    ids = sorted(latest)
     out = Recorded()
-    if not ids:
+    if not latest:
         return out
+    # The providers with their held leases, as columns: a Lease built for each of a batch's
+    # ~100 held leases was half the batch's time (issue 14).
+    rows = s.exec(select(Provider.id, Provider.online, Provider.offering, Lease.id,
+                         Lease.state, Lease.releasing_at, Lease.assigned_at)
+                  .outerjoin(Lease, and_(Lease.provider_id == Provider.id,
+                                         col(Lease.state).in_(HELD_STATES)))
+                  .where(col(Provider.id).in_(sorted(latest)))).all()
+    known: dict[str, tuple[bool, bool]] = {}
+    held = []
+    for pid, online, offering, lease_id, state, releasing_at, assigned_at in rows:
+        known[pid] = (online, offering)
+        if lease_id is not None:
+            held.append((lease_id, pid, state, releasing_at, assigned_at))
     # Rows in id order, as every unit of work that locks several providers takes them.
-    rows = {p.id: p for p in s.exec(select(Provider).where(col(Provider.id).in_(ids))
-                                    .order_by(Provider.id)).all()}
-    for pid in ids:
-        row, beat = rows.get(pid), latest[pid]
-        if row is None:
-            continue
-        if not row.online or (beat.offering and not row.offering):
+    changes: dict[bool, list[dict]] = {True: [], False: []}  # with environments or not
+    for pid in sorted(known):
+        beat, (online, offering) = latest[pid], known[pid]
+        if not online or (beat.offering and not offering):
             out.woken.add(pid)
             out.capacity_changed = True
-        row.last_seen = now
-        row.online = True
-        row.offering = beat.offering
-        row.offer_note = beat.offer_note
+        change = {"id": pid, "last_seen": now, "online": True, "offering": beat.offering,
+                  "offer_note": beat.offer_note}
         if pid in environments:
-            row.environments_json = json.dumps(environments[pid])
-        s.add(row)
-    # The held leases as columns, then as rows only the few that are overdue: a Lease built
-    # for each of the batch's ~100 held leases was half the batch's time (issue 14).
-    alive = {pid: set(beat.running) for pid, beat in latest.items()}
-    held = s.exec(select(Lease.id, Lease.provider_id, Lease.state, Lease.releasing_at,
-                         Lease.assigned_at)
-                  .where(col(Lease.provider_id).in_(list(rows)),
-                         col(Lease.state).in_(HELD_STATES))).all()
-    late = sorted(lease_id for lease_id, pid, state, releasing_at, assigned_at in held
-                  if overdue(LeaseState(state), lease_id, releasing_at, assigned_at,
-                             alive[pid], now, settings))
-    if late:
-        # Read again under a row lock: a report may have ended one meanwhile.
-        for lease in s.exec(select(Lease).where(col(Lease.id).in_(late))
-                            .order_by(Lease.id).with_for_update()).all():
-            if end_overdue(s, lease, alive[lease.provider_id], now, settings):
-                out.woken.add(lease.provider_id)
-                out.capacity_changed = True
+            change["environments_json"] = json.dumps(environments[pid])
+        changes[pid in environments].append(change)
+    for group in changes.values():
+        if group:
+            s.execute(update(Provider), group)
+    out.alive = {pid: set(latest[pid].running) for pid in known}
+    out.late = sorted(lease_id for lease_id, pid, state, releasing_at, assigned_at in held
+                      if overdue(LeaseState(state), lease_id, releasing_at, assigned_at,
+                                 out.alive[pid], now, settings))
     for beat in beats:
-        beat.unknown = beat.provider_id not in rows
+        beat.unknown = beat.provider_id not in known
     return out
+
+
+def end_late(s: Session, recorded: Recorded, now: dt.datetime,
+             settings: BrokerSettings) -> None:
+    """End ``recorded.late`` leases that are still overdue, read again under a row lock (a
+    report may have ended one meanwhile), in the caller's unit of work (the caller commits);
+    adds to ``recorded`` what changed."""
+    for lease in s.exec(select(Lease).where(col(Lease.id).in_(recorded.late))
+                        .order_by(Lease.id).with_for_update()).all():
+        if end_overdue(s, lease, recorded.alive.get(lease.provider_id, set()), now,
+                       settings):
+            recorded.woken.add(lease.provider_id)
+            recorded.capacity_changed = True
 
 
 @dataclass(eq=False)

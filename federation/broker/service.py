@@ -62,6 +62,7 @@ from .agent_batches import (
     LeaseListRead,
     Report,
     each_alone_if_refused,
+    end_late,
     read_lease_lists,
     record_heartbeats,
     record_reports,
@@ -155,6 +156,8 @@ class Broker:
 
     def __init__(self, engine: Engine, settings: BrokerSettings, seed: int | None = None):
         self.engine = engine
+        #: The same pool, each statement a transaction of its own: for the agents' batches.
+        self.autocommit_engine = db.autocommit(engine)
         self.settings = settings
         #: Where users' schedulers may listen (BrokerSettings.scheduler_networks).
         self.scheduler_networks = admission.parse_networks(settings.scheduler_networks)
@@ -243,17 +246,19 @@ class Broker:
             yield s
 
     @contextlib.contextmanager
-    def _row_locked(self) -> Iterator[Session]:
+    def _row_locked(self, autocommit: bool = False) -> Iterator[Session]:
         """A unit of work that changes held leases or one lab's providers, which a placement
         pass never writes: on PostgreSQL it locks the rows it changes (``with_for_update``)
         or the machine (``lock_machine_registration``) and does not wait for passes; SQLite, one
         process and one writer, keeps it in the exclusive section (a read transaction that
-        later writes after another wrote would fail there)."""
+        later writes after another wrote would fail there). With ``autocommit`` each of its
+        statements is a transaction of its own (``db.autocommit``)."""
+        engine = self.autocommit_engine if autocommit else self.engine
         if is_postgresql(self.engine):
-            with self.session() as s:
+            with db.session(engine) as s:
                 yield s
         else:
-            with self.exclusive(), self.session() as s:
+            with self.exclusive(), db.session(engine) as s:
                 yield s
 
     def _place(self, s: Session) -> set[str]:
@@ -405,9 +410,15 @@ class Broker:
     def _record_heartbeat_batch(self, batch: list[Heartbeat]) -> None:
         # Row-locked like agent reports: on SQLite that is the exclusive section (a read
         # transaction that writes after another thread wrote would fail there).
-        with self.metrics.heartbeat_batch.time(), self._row_locked() as s:
-            out = record_heartbeats(s, batch, utcnow(), self.settings)
-            s.commit()
+        now = utcnow()
+        with self.metrics.heartbeat_batch.time():
+            with self._row_locked(autocommit=True) as s:
+                out = record_heartbeats(s, batch, now, self.settings)
+                s.commit()
+            if out.late:
+                with self._row_locked() as s:
+                    end_late(s, out, now, self.settings)
+                    s.commit()
         for beat in batch:
             beat.recorded = True
         if out.woken:
@@ -436,7 +447,7 @@ class Broker:
             return agent_leases(s, provider_id, gateway=self.gateway_address)
 
     def _read_lease_lists(self, reads: set[LeaseListRead]) -> None:
-        with self.session() as s:
+        with db.session(self.autocommit_engine) as s:
             read_lease_lists(s, list(reads), self.gateway_address)
 
     async def read_provider_leases(self, provider_id: str) -> list[dict]:

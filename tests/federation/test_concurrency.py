@@ -9,10 +9,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
 from federation.tls import ClusterAuthority
-from tests.utils.federation import api_client, make_federation
+from tests.utils.federation import api_client
 
 USERS = 4
 REQUESTS_PER_USER = 12  # under the broker's 16 requests in flight per token
@@ -22,18 +21,6 @@ CPUS_PER_PROVIDER = 8
 
 def api(fed, token: str) -> httpx.Client:
     return api_client(fed, token, timeout=60, limits=httpx.Limits(max_connections=32))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def any_database(request, tmp_path):
-    """A broker on SQLite, or on PostgreSQL (where the lock is also an advisory lock that
-    other broker processes would respect)."""
-    db_url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    fed = make_federation(tmp_path, db_url=db_url)
-    try:
-        yield fed
-    finally:
-        fed.stop()
 
 
 def test_concurrent_scale_requests_never_double_book_a_provider(any_database):

@@ -59,7 +59,8 @@ def test_a_revoked_token_or_changed_role_is_seen_at_once_on_every_replica(tmp_pa
         fed.stop()
 
 
-def test_heartbeats_in_batches_are_each_recorded_before_their_answer(federation):
+def test_heartbeats_in_batches_are_each_recorded_before_their_answer(any_database):
+    federation = any_database
     federation.add_lab("lab-a")
     federation.add_lab("lab-b")
     url = federation.url
@@ -188,10 +189,12 @@ def _running_cluster(user: httpx.Client, machines: list[str],
     return cid, on
 
 
-def test_a_heartbeat_without_a_running_lease_ends_it_and_only_its_own(federation):
+def test_a_heartbeat_without_a_running_lease_ends_it_and_only_its_own(any_database):
     """Heartbeat batches find overdue leases from columns: the machine's agent no longer
-    lists a running lease, so it ends failed; the same batch leaves the machine's other
-    running lease (listed) and another machine's running lease alone."""
+    lists a running lease, so it ends failed (before the heartbeat is answered); the same
+    batch leaves the machine's other running lease (listed) and another machine's running
+    lease alone."""
+    federation = any_database
     api, agent, machines = _two_machines(federation)
     with _user(federation) as user:
         cid, on = _running_cluster(user, machines, "ls-beat")
