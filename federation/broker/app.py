@@ -10,7 +10,7 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlmodel import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -19,7 +19,11 @@ from accounting.models import utcnow
 from . import API_PREFIX, db
 from .agent_fast_path import AgentFastPath
 from .auth import hash_token
-from .error_responses import broker_error_response, unstorable_value_response
+from .error_responses import (
+    broker_error_response,
+    database_unavailable_response,
+    unstorable_value_response,
+)
 from .errors import BrokerError
 from .hub_tokens import HubTokenChecker
 from .metrics import HttpTimer
@@ -77,7 +81,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                admin_token: str | None = None) -> FastAPI:
     """Build the broker app over the database at ``db_url``."""
     settings = settings or BrokerSettings()
-    engine = db.make_engine(db_url)
+    engine = db.make_engine(db_url, settings.db_ping_after_idle)
     broker = Broker(engine, settings)
     ensure_admin_token(broker, admin_token if admin_token is not None
                        else os.environ.get("PARALLEX_ADMIN_TOKEN"))
@@ -176,8 +180,15 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
         return unstorable_value_response(request.method, request.url.path, exc)
 
+    @app.exception_handler(OperationalError)
+    async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+        return database_unavailable_response(request.method, request.url.path, exc)
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # The agents' fast path is a middleware: its errors reach only this handler.
+        if isinstance(exc, OperationalError):
+            return database_unavailable_response(request.method, request.url.path, exc)
         logger.exception("request %s %s failed", request.method, request.url.path)
         return JSONResponse({"error": "internal",
                              "message": "the broker failed on this request; nothing was "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from alembic import command
@@ -17,6 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session, create_engine
 
 import accounting.fairshare  # noqa: F401  (registers the decayed-usage table)
@@ -50,7 +52,12 @@ def default_url() -> str:
     return os.environ.get("PARALLEX_DB_URL") or f"sqlite:///{home / 'broker.db'}"
 
 
-def plain_engine(url: str) -> Engine:
+#: Seconds a pooled PostgreSQL connection may sit unused before it is checked (one round
+#: trip) as it is next handed out; ``BrokerSettings.db_ping_after_idle``.
+PING_AFTER_IDLE = 5.0
+
+
+def plain_engine(url: str, ping_after_idle: float = PING_AFTER_IDLE) -> Engine:
     """An engine with our connection settings, without touching the schema."""
     url = normalise_url(url)
     if not url.startswith("sqlite"):
@@ -58,7 +65,9 @@ def plain_engine(url: str) -> Engine:
         # and closed again) requests under load queued for a connection, and each extra one
         # costs PostgreSQL a new backend process. Two replicas stay under PostgreSQL's
         # default max_connections (100); more replicas need it raised (README).
-        return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
+        engine = create_engine(url, pool_size=20, max_overflow=20)
+        ping_when_idle(engine, ping_after_idle)
+        return engine
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")
@@ -71,6 +80,32 @@ def plain_engine(url: str) -> Engine:
         cur.close()
 
     return engine
+
+
+def ping_when_idle(engine: Engine, after: float) -> None:
+    """Check a pooled connection with a round trip before handing it out, if it was unused
+    for ``after`` seconds or more (0: every time); one that fails is replaced by a new one.
+
+    SQLAlchemy's ``pool_pre_ping`` checks every checkout: on a busy broker that was a round
+    trip in front of every unit of work (~5 ms each under issue 14's load), for connections
+    used milliseconds before. A connection that breaks while in use (the database restarted
+    under load) fails its unit of work, answered 503 (``error_responses``); SQLAlchemy then
+    discards the pool's other connections, so the next unit of work gets a new one."""
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_conn, record) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_conn, record, _proxy) -> None:
+        returned = record.info.get("returned_at")  # None: a new connection
+        if returned is None or time.monotonic() - returned < after:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:
+            # The pool drops this connection and hands out another (up to three tries).
+            raise DisconnectionError(f"pooled connection is gone: {exc}") from exc
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -119,9 +154,9 @@ def migrate(engine: Engine, revision: str = "head", *, downgrade: bool = False) 
             log.info("database schema migrated from %s to %s", before or "empty", after)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, ping_after_idle: float = PING_AFTER_IDLE) -> Engine:
     """An engine over ``url`` whose schema is at the newest revision."""
-    engine = plain_engine(url)
+    engine = plain_engine(url, ping_after_idle)
     if current_revision(engine) != head_revision():
         migrate(engine)
     return engine
@@ -163,7 +198,7 @@ def autocommit(engine: Engine) -> Engine:
     For work whose statements need no transaction around them, on the hot path: on
     PostgreSQL a transaction costs two round trips of its own (psycopg sends BEGIN before
     the first statement, then COMMIT or ROLLBACK), and on a loaded broker a round trip costs
-    ~5 ms, mostly waiting to take the interpreter back (issue 14's load benchmark: a
-    heartbeat batch made six round trips and took 33 ms on average, of which its own
-    processing was 5 ms)."""
+    ~5 ms, waiting for a core and for the interpreter on the way back (issue 14's load
+    benchmark: a heartbeat batch made six round trips and took 33 ms on average, of which
+    its own processing was 5 ms and PostgreSQL's execution under 1 ms)."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, OperationalError
 
 from .errors import BrokerError, http_status
 
@@ -31,3 +31,17 @@ def unstorable_value_response(method: str, path: str, exc: DataError) -> JSONRes
                          "message": f"a value in this request cannot be used ({reason}); "
                                     "remove control characters from text and keep numbers "
                                     "in range"}, status_code=422)
+
+
+def database_unavailable_response(method: str, path: str, exc: OperationalError) -> JSONResponse:
+    """A 503 for a database that could not answer (down, restarting, its connection broke,
+    a lock or deadlock it gave up on): the unit of work was rolled back, and a retry is
+    the remedy, not a bug report."""
+    reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
+    logger.warning("request %s %s: the database could not answer: %s", method, path, reason)
+    return JSONResponse({"error": "database-unavailable",
+                         "message": "the broker's database could not answer this request "
+                                    f"({reason}); nothing was changed. Retry in a few "
+                                    "seconds; if it persists, the administrator should check "
+                                    "the database server"},
+                        status_code=503, headers={"Retry-After": "2"})

@@ -88,6 +88,12 @@ class BrokerSettings:
         10.0, "an API token's owner (lab, user, role) is remembered by a broker replica "
         "before the database is asked again; a revocation or a membership change clears it "
         "at once on every replica (0: ask every time)")
+    db_ping_after_idle: float = setting(
+        5.0, "a pooled PostgreSQL connection may sit unused before it is checked with a "
+        "round trip as it is next used (and replaced if it broke); connections in steady use "
+        "are not checked: one that broke fails its request, answered 503, and the pool is "
+        "renewed (0: check every time; lower it where a firewall or pooler drops idle "
+        "connections sooner)")
     scheduler_networks: str = setting(
         "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7",
         "networks where users' schedulers may listen, comma-separated: a cluster whose "

@@ -1,0 +1,115 @@
+"""The broker's PostgreSQL connections: a pooled connection is checked before use only after
+it sat idle (a check before every use was a round trip in front of every unit of work under
+load), and a database that goes away is answered 503 with what to do, never 500, until it
+comes back, when the broker carries on by itself."""
+
+from __future__ import annotations
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from federation.broker import db
+from tests.utils.federation import make_federation
+from tests.utils.procs import wait_until
+
+
+def end_backend(url: str, pid: int) -> None:
+    """End one server process of PostgreSQL, as a restart or a dropped link would."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                         (pid,)).fetchone()[0] == 0,
+                   10, "the ended backend to go")
+
+
+def backend_pid(engine) -> int:
+    with engine.connect() as c:
+        return c.execute(text("SELECT pg_backend_pid()")).scalar_one()
+
+
+def test_a_pooled_connection_is_checked_only_after_it_sat_idle(postgres_url):
+    # Checked every time (0): a connection that broke while pooled is replaced unnoticed.
+    checked = db.plain_engine(postgres_url, ping_after_idle=0)
+    try:
+        first = backend_pid(checked)
+        end_backend(postgres_url, first)
+        assert backend_pid(checked) != first
+    finally:
+        checked.dispose()
+
+    # Used moments ago (the busy broker's case): not checked, so the unit of work that finds
+    # it broken fails, and the pool's next connection is a new one.
+    busy = db.plain_engine(postgres_url, ping_after_idle=600)
+    try:
+        first = backend_pid(busy)
+        end_backend(postgres_url, first)
+        with pytest.raises(OperationalError):
+            backend_pid(busy)
+        assert backend_pid(busy) != first
+    finally:
+        busy.dispose()
+
+
+def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_path,
+                                                                           postgres_url):
+    # Heartbeats as often as the test sends them (the default asks for 1 s between them).
+    fed = make_federation(tmp_path, db_url=postgres_url,
+                          broker_args=("--min-heartbeat-interval", "0"))
+    name = postgres_url.rsplit("/", 1)[1]
+    server = postgres_url.rsplit("/", 1)[0] + "/postgres"
+    try:
+        fed.add_lab("lab-a", user="alice")
+        api = f"{fed.url}/api/v1"
+        user = {"Authorization": f"Bearer {fed.user_tokens['alice']}"}
+        agent = {"Authorization": f"Bearer {fed.provider_tokens['lab-a']}"}
+        admin = {"Authorization": f"Bearer {fed.admin_token}"}
+        pid = httpx.post(f"{api}/agent/register", headers=agent, timeout=30, json={
+            "name": "box", "cpus": 2, "memory": "4 GiB"}).raise_for_status().json()[
+                "provider_id"]
+        beat = (f"{api}/agent/{pid}/heartbeat", {"running": []})
+        assert httpx.post(beat[0], json=beat[1], headers=agent, timeout=30).status_code == 200
+        assert httpx.get(f"{api}/clusters", headers=user, timeout=30).status_code == 200
+
+        with psycopg.connect(server, autocommit=True) as pg:
+            pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            try:
+                pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+                answers = {
+                    "user's list": httpx.get(f"{api}/clusters", headers=user, timeout=30),
+                    "admin's new lab": httpx.post(f"{api}/labs", headers=admin, timeout=30,
+                                                  json={"name": "lab-new"}),
+                    "agent's poll": httpx.get(f"{api}/agent/{pid}/leases?wait=0",
+                                              headers=agent, timeout=30),
+                    "agent's heartbeat": httpx.post(beat[0], json=beat[1], headers=agent,
+                                                    timeout=30),
+                }
+            finally:
+                pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        for what, answer in answers.items():
+            assert answer.status_code == 503, (what, answer.status_code, answer.text)
+        # A heartbeat's batch failed: it says so (the agent sends the next as usual); the
+        # others say the database could not answer, and when to try again.
+        assert answers.pop("agent's heartbeat").json()["error"] == "heartbeat-not-recorded"
+        for what, answer in answers.items():
+            body = answer.json()
+            assert body["error"] == "database-unavailable", (what, body)
+            assert answer.headers.get("Retry-After") == "2", what
+            assert "nothing was changed" in body["message"] and "Retry" in body["message"]
+
+        # Back: the broker opens new connections by itself, and the refused lab never came.
+        wait_until(lambda: httpx.get(f"{api}/clusters", headers=user,
+                                     timeout=30).status_code == 200,
+                   30, "the broker to answer again once the database is back")
+        assert httpx.post(beat[0], json=beat[1], headers=agent, timeout=30).status_code == 200
+        poll = httpx.get(f"{api}/agent/{pid}/leases?wait=0", headers=agent, timeout=30)
+        assert poll.status_code == 200 and poll.json()["leases"] == []
+        with psycopg.connect(postgres_url) as pg:
+            assert pg.execute("SELECT count(*) FROM lab WHERE name = 'lab-new'").fetchone() == (0,)
+        assert httpx.post(f"{api}/labs", headers=admin, timeout=30,
+                          json={"name": "lab-new"}).status_code == 201
+    finally:
+        fed.stop()
