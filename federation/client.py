@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -40,15 +41,41 @@ def raise_for_answer(response: httpx.Response) -> Any:
         raise errors.EnvironmentRefused(message, status, code)
     if 400 <= status < 500:
         raise errors.RequestRejected(message, status, code)
+    if status == 503:
+        raise errors.BrokerError(f"the broker cannot answer for now (HTTP 503): {message}")
     raise errors.BrokerError(f"the broker failed with HTTP {status}: {message}")
 
 
-#: How often a request answered 429 (rate limited) is retried after its Retry-After.
+#: How often a request answered 429 (rate limited), or 503 with a Retry-After (the broker
+#: or its database cannot answer for now, and changed nothing), is retried after waiting.
 RATE_LIMIT_RETRIES = 5
+
+logger = logging.getLogger("parallex.client")
+
+
+def worth_retrying(response: httpx.Response) -> bool:
+    """Whether the answer asks to come back later: 429, or 503 with Retry-After (a 503
+    without one, a heartbeat the broker could not record, is left to the caller's next)."""
+    return response.status_code == 429 or (response.status_code == 503
+                                           and "retry-after" in response.headers)
+
+
+def _waiting(response: httpx.Response, attempt: int) -> float:
+    """Seconds to wait before the retry of ``response``'s request, said in the log."""
+    wait = retry_after(response)
+    try:
+        why = response.json().get("message", "")
+    except ValueError:
+        why = ""
+    logger.warning("the broker answered HTTP %d to %s %s%s; trying again in %.1f s "
+                   "(%d of %d)", response.status_code, response.request.method,
+                   response.request.url.path, f" ({why})" if why else "", wait, attempt + 1,
+                   RATE_LIMIT_RETRIES)
+    return wait
 
 
 def retry_after(response: httpx.Response) -> float:
-    """Seconds a 429 answer asks to wait (Retry-After), between 0.1 and 10."""
+    """Seconds a 429 or 503 answer asks to wait (Retry-After), between 0.1 and 10."""
     try:
         return min(10.0, max(0.1, float(response.headers.get("retry-after", "1"))))
     except ValueError:
@@ -121,7 +148,8 @@ class AsyncBrokerClient:
 
     async def _send(self, method: str, path: str, timeout: float | None,
                     kwargs: dict[str, Any]) -> httpx.Response:
-        """The answer, after waiting out 429s (rate limits) up to RATE_LIMIT_RETRIES times."""
+        """The answer, after waiting out 429s (rate limits) and 503s with a Retry-After up to
+        RATE_LIMIT_RETRIES times."""
         extra = {"timeout": timeout} if timeout is not None else {}
         for attempt in range(RATE_LIMIT_RETRIES + 1):
             http, url = self._http, self.url
@@ -130,9 +158,9 @@ class AsyncBrokerClient:
             except httpx.TransportError as exc:
                 self._fail_over(http)
                 raise _unreachable(url, exc) from exc
-            if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
+            if not worth_retrying(response) or attempt == RATE_LIMIT_RETRIES:
                 return response
-            await asyncio.sleep(retry_after(response))
+            await asyncio.sleep(_waiting(response, attempt))
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
@@ -159,9 +187,9 @@ class BrokerClient:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 raise _unreachable(self.url, exc) from exc
-            if response.status_code != 429 or attempt == RATE_LIMIT_RETRIES:
+            if not worth_retrying(response) or attempt == RATE_LIMIT_RETRIES:
                 return raise_for_answer(response)
-            time.sleep(retry_after(response))
+            time.sleep(_waiting(response, attempt))
         raise AssertionError("unreachable")
 
     def close(self) -> None:

@@ -5,6 +5,9 @@ comes back, when the broker carries on by itself."""
 
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import psycopg
 import pytest
@@ -111,5 +114,39 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
             assert pg.execute("SELECT count(*) FROM lab WHERE name = 'lab-new'").fetchone() == (0,)
         assert httpx.post(f"{api}/labs", headers=admin, timeout=30,
                           json={"name": "lab-new"}).status_code == 201
+    finally:
+        fed.stop()
+
+
+def test_the_client_waits_out_a_database_restart(tmp_path, postgres_url, caplog):
+    """A notebook's or the CLI's request that meets the database down is retried after the
+    Retry-After the broker sends (and says so in the log), and returns once the database is
+    back, instead of failing the user's call."""
+    from federation.client import BrokerClient
+
+    fed = make_federation(tmp_path, db_url=postgres_url)
+    name = postgres_url.rsplit("/", 1)[1]
+    server = postgres_url.rsplit("/", 1)[0] + "/postgres"
+    try:
+        fed.add_lab("lab-a", user="alice")
+        client = BrokerClient(fed.url, fed.user_tokens["alice"])
+        assert client.request("GET", "/clusters") == []
+        with psycopg.connect(server, autocommit=True) as pg, \
+                ThreadPoolExecutor(1) as pool, caplog.at_level(logging.WARNING,
+                                                               "parallex.client"):
+            pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            try:
+                pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+                listed = pool.submit(client.request, "GET", "/clusters")
+                wait_until(lambda: any("HTTP 503" in r.getMessage() for r in caplog.records),
+                           30, "the client to meet the database down and wait")
+            finally:
+                pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            assert listed.result(timeout=60) == []
+        said = next(r.getMessage() for r in caplog.records if "HTTP 503" in r.getMessage())
+        assert "GET /api/v1/clusters" in said and "trying again in 2.0 s" in said, said
+        assert "database could not answer" in said, said
+        client.close()
     finally:
         fed.stop()
