@@ -100,6 +100,11 @@ class ProviderAgent:
         self._states: dict[str, str] = {}  # lease id -> its state at the broker, last heard
         self._suspended: set[str] = set()
         self._beat_now = asyncio.Event()
+        # Set once the broker recorded the current offer (a heartbeat carrying it answered):
+        # lease reports wait for it, so the broker hears "withholding" before "suspended" and
+        # places nothing new on the machine in between.
+        self._offer_told = asyncio.Event()
+        self._offer_told.set()
         # Called with each owner-policy decision that changes what the agent does.
         self.on_decision: Callable[[Decision], None] | None = None
         #: True once one of its loops failed (a bug): the agent stopped, and exits non-zero.
@@ -278,14 +283,17 @@ class ProviderAgent:
                     timer = (self.metrics.heartbeat.time() if self.metrics is not None
                              else contextlib.nullcontext())
                     warm = self.environments.warm()[:1000]
+                    offering = self.offering
                     with timer:
                         await self.client.request("POST", f"{self._base}/heartbeat", json={
-                            "running": running, "offering": self.offering,
+                            "running": running, "offering": offering,
                             "offer_note": self.offer_note[:300],
                             # The list only when it changed: None leaves the broker's.
                             "environments": warm if warm != self._told_environments
                             else None})
                     self._told_environments = warm
+                    if offering == self.offering:  # not changed again meanwhile
+                        self._offer_told.set()
             except errors.ParallexError as exc:
                 logger.warning("heartbeat failed: %s", exc)
             # The owner policy wakes it early when the offer changes.
@@ -358,6 +366,7 @@ class ProviderAgent:
             changed = decision.offer != self.offering
             self.offering, self.offer_note = decision.offer, decision.why
             if changed:
+                self._offer_told.clear()
                 self._beat_now.set()
         why = f"owner activity on {self.name}"
         for lid, worker in list(self.workers.items()):
@@ -598,6 +607,11 @@ class ProviderAgent:
                 "message": message.replace("\x00", "")[-2000:],
                 "environment_error": environment_error}
         delay = 0.2
+        # After the heartbeat that tells a new offer, within a heartbeat's interval (a broker
+        # that does not answer it must not hold the report up for longer).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.heartbeat_interval):
+                await self._offer_told.wait()
         for _attempt in range(attempts):
             try:
                 async with self._report_lock:
