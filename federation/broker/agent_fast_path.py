@@ -14,7 +14,8 @@ It only takes the happy path. A request it cannot take whole (a malformed id or 
 body that is not valid JSON of the model, another content type, a large body) goes on to
 FastAPI with its body replayed, having changed nothing, so every refusal is FastAPI's own,
 word for word. Errors the route raises are answered as the app's exception handlers answer
-them (error_responses.py); any other exception reaches the app's 500 handler as before.
+them (error_responses.py: a broker error, a value or a database the database refused or could
+not answer); any other exception reaches the app's 500 handler as before.
 The OpenAPI schema still describes these routes: they stay declared in routes_agent.py.
 """
 
@@ -27,14 +28,18 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ..ids import LEASE_ID, OBJECT_ID
 from . import routes_agent
 from .auth import authenticate, require_provider
-from .error_responses import broker_error_response, unstorable_value_response
+from .error_responses import (
+    broker_error_response,
+    database_unavailable_response,
+    unstorable_value_response,
+)
 from .errors import BrokerError
 from .metrics import BrokerMetrics
 from .models import LeaseStateReport, ProviderHeartbeat
@@ -90,6 +95,11 @@ class AgentFastPath:
             self._answered.inc()
             await broker_error_response(exc)(scope, receive, send)
             return
+        except OperationalError as exc:  # the token's read found no database
+            self._answered.inc()
+            await database_unavailable_response(scope["method"], scope["path"], exc)(
+                scope, receive, send)
+            return
         if call is None:
             self._handed_on.inc()
             await self.app(scope, receive, send)
@@ -101,6 +111,8 @@ class AgentFastPath:
             response = broker_error_response(exc)
         except DataError as exc:
             response = unstorable_value_response(scope["method"], scope["path"], exc)
+        except OperationalError as exc:
+            response = database_unavailable_response(scope["method"], scope["path"], exc)
         await response(scope, receive, send)
 
     def _match(self, scope) -> tuple[FastRoute | None, tuple]:

@@ -186,9 +186,6 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        # The agents' fast path is a middleware: its errors reach only this handler.
-        if isinstance(exc, OperationalError):
-            return database_unavailable_response(request.method, request.url.path, exc)
         logger.exception("request %s %s failed", request.method, request.url.path)
         return JSONResponse({"error": "internal",
                              "message": "the broker failed on this request; nothing was "

@@ -37,11 +37,13 @@ def database_unavailable_response(method: str, path: str, exc: OperationalError)
     """A 503 for a database that could not answer (down, restarting, its connection broke,
     a lock or deadlock it gave up on): the unit of work was rolled back, and a retry is
     the remedy, not a bug report."""
+    # The database's own words stay in the log: they name its host and port, which are no
+    # business of whoever sent the request (maybe before its token could be checked).
     reason = str(exc.orig).splitlines()[0] if exc.orig is not None else str(exc)
     logger.warning("request %s %s: the database could not answer: %s", method, path, reason)
     return JSONResponse({"error": "database-unavailable",
                          "message": "the broker's database could not answer this request "
-                                    f"({reason}); nothing was changed. Retry in a few "
-                                    "seconds; if it persists, the administrator should check "
-                                    "the database server"},
+                                    "for now; nothing was changed. Retry in a few seconds; "
+                                    "if it persists, the administrator should check the "
+                                    "database server (the broker's log says what failed)"},
                         status_code=503, headers={"Retry-After": "2"})

@@ -63,6 +63,7 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
                           broker_args=("--min-heartbeat-interval", "0"))
     name = postgres_url.rsplit("/", 1)[1]
     server = postgres_url.rsplit("/", 1)[0] + "/postgres"
+    db_port = postgres_url.rsplit(":", 1)[1].split("/")[0]
     try:
         fed.add_lab("lab-a", user="alice")
         api = f"{fed.url}/api/v1"
@@ -72,6 +73,12 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
         pid = httpx.post(f"{api}/agent/register", headers=agent, timeout=30, json={
             "name": "box", "cpus": 2, "memory": "4 GiB"}).raise_for_status().json()[
                 "provider_id"]
+        # A second token of the lab, never used: its first request must read it.
+        unseen = {"Authorization": "Bearer " + httpx.post(
+            f"{api}/tokens", headers=admin, timeout=30,
+            json={"kind": "provider", "lab": "lab-a"}).raise_for_status().json()["token"]}
+        # The other tokens used since the new one was written (which cleared what the broker
+        # remembered of tokens): remembered now, so their requests reach the database work.
         beat = (f"{api}/agent/{pid}/heartbeat", {"running": []})
         assert httpx.post(beat[0], json=beat[1], headers=agent, timeout=30).status_code == 200
         assert httpx.get(f"{api}/clusters", headers=user, timeout=30).status_code == 200
@@ -87,6 +94,8 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
                                                   json={"name": "lab-new"}),
                     "agent's poll": httpx.get(f"{api}/agent/{pid}/leases?wait=0",
                                               headers=agent, timeout=30),
+                    "agent's new token": httpx.get(f"{api}/agent/{pid}/leases?wait=0",
+                                                   headers=unseen, timeout=30),
                     "agent's heartbeat": httpx.post(beat[0], json=beat[1], headers=agent,
                                                     timeout=30),
                 }
@@ -102,6 +111,8 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
             assert body["error"] == "database-unavailable", (what, body)
             assert answer.headers.get("Retry-After") == "2", what
             assert "nothing was changed" in body["message"] and "Retry" in body["message"]
+            # What the database said (its host and port) stays in the broker's log.
+            assert db_port not in body["message"] and "accepting" not in body["message"]
 
         # Back: the broker opens new connections by itself, and the refused lab never came.
         wait_until(lambda: httpx.get(f"{api}/clusters", headers=user,
