@@ -157,10 +157,11 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.state.broker = broker
     # Innermost, so the rate limit and the HTTP metrics see its requests as they see others.
     app.add_middleware(AgentFastPath, prefix=API_PREFIX, metrics=broker.metrics)
-    app.add_middleware(HttpTimer, metrics=broker.metrics)
     app.add_middleware(RateLimitMiddleware, prefix=API_PREFIX, limiter=RateLimiter(
         rate=settings.rate_limit, burst=settings.rate_burst,
         max_concurrent=settings.max_concurrent_requests))
+    # Outermost, so the rate limiter's 429s are counted too (under no route: none matched yet).
+    app.add_middleware(HttpTimer, metrics=broker.metrics)
     app.state.session = broker.session
     app.state.principals = broker.principals
     app.state.hub_tokens = (HubTokenChecker(settings.hub_api_url, settings.hub_service_name,

@@ -178,11 +178,22 @@ class BrokerMetrics:
                               "under /api/v1 (this replica; long polls excluded).",
                               labelnames=["method", "route"], buckets=HTTP_BUCKETS,
                               registry=self.registry)
+        self.http_responses = Counter(
+            "parallex_http_responses_total",
+            "Answers by method, route template under /api/v1 ('' where none matched, or "
+            "none was matched yet: the rate limiter's 429s) and HTTP status (this replica; "
+            "long polls included): 503s are the database or a batch that could not answer, "
+            "500s the broker's own failures.",
+            ["method", "route", "status"], registry=self.registry)
+
+
+#: Methods counted by name in ``parallex_http_responses_total`` (others count as "other").
+KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 class HttpTimer:
-    """ASGI middleware timing each HTTP request by its route template (bounded labels:
-    never the raw path, which holds ids)."""
+    """ASGI middleware timing and counting each HTTP request by its route template (bounded
+    labels: never the raw path, which holds ids), and counting its answers by status."""
 
     #: Routes that wait on purpose (long polls of agents and clusters).
     UNTIMED = ("/agent/{provider_id}/leases", "/clusters/{cluster_id}/signing-requests")
@@ -196,8 +207,17 @@ class HttpTimer:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        # An exception that leaves the app before it answered is answered 500 outside.
+        status = 500
+
+        async def send_noting_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_noting_status)
         finally:
             route = scope.get("route")
             template = getattr(route, "path_format", None) or getattr(route, "path", None)
@@ -205,3 +225,6 @@ class HttpTimer:
             if template and template not in self.UNTIMED:
                 self.metrics.http.labels(scope["method"], template).observe(
                     time.perf_counter() - start)
+            # Only known methods: any other word a client sends would be a new series.
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            self.metrics.http_responses.labels(method, template or "", str(status)).inc()

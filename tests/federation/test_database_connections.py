@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from federation.broker import db
 from tests.utils.federation import make_federation
 from tests.utils.procs import wait_until
+from tests.utils.scrape import responses_by_status
 
 
 def end_backend(url: str, pid: int) -> None:
@@ -123,6 +124,14 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
         assert poll.status_code == 200 and poll.json()["leases"] == []
         with psycopg.connect(postgres_url) as pg:
             assert pg.execute("SELECT count(*) FROM lab WHERE name = 'lab-new'").fetchone() == (0,)
+        # What a site's monitoring sees: the answers by route and status.
+        answered = responses_by_status(api, admin)
+        assert answered[("GET", "/clusters", "503")] == 1
+        assert answered[("POST", "/labs", "503")] == 1
+        assert answered[("GET", "/agent/{provider_id}/leases", "503")] == 2
+        assert answered[("POST", "/agent/{provider_id}/heartbeat", "503")] == 1
+        assert answered[("POST", "/agent/{provider_id}/heartbeat", "200")] >= 2
+        assert not [key for key in answered if key[2] == "500"], answered
         assert httpx.post(f"{api}/labs", headers=admin, timeout=30,
                           json={"name": "lab-new"}).status_code == 201
     finally:
