@@ -48,6 +48,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -635,39 +636,57 @@ class Broker:
     def cluster_heartbeat(self, principal: Principal, cluster_id: str,
                           connected: list[str] | None = None) -> ClusterPublic:
         """Note that the cluster lives; leases whose workers it says joined its scheduler
-        become running (and metered) from now. One transaction, the view read before its
-        commit: under load every round trip waits for a core, and this is the heaviest of
-        the frequent requests (issue 14's profile)."""
+        become running (and metered) from now. Answered with the cluster's view.
+
+        Most heartbeats confirm nothing new (the keeper lists every connected worker each
+        time): those read the cluster and its view and write its last_seen, each statement
+        a transaction of its own (``db.autocommit``), four round trips instead of seven
+        (under load every round trip waits for a core, and this is the heaviest of the
+        frequent requests; issue 14). One that confirms a starting lease does so in one
+        transaction, the leases locked."""
         now = utcnow()
+        # Live leases and those that ended lately, not every lease the cluster ever had (an
+        # adaptive cluster running for days ends thousands): a keeper whose cluster is still
+        # active heartbeated within the cluster timeout, so it sees each end.
+        ended_after = now - dt.timedelta(
+            seconds=max(ENDED_SHOWN, 3 * self.settings.cluster_timeout))
+        with db.session(self.autocommit_engine) as s:
+            row = self._active_cluster_of(s, principal, cluster_id)
+            public = clusters_public(s, [row], ended_after)[0]
+            starting = {le.id for le in public.leases if le.state == LeaseState.starting}
+            if not starting.intersection(connected or ()):
+                s.execute(update(ClusterRecord).where(ClusterRecord.id == row.id)
+                          .values(last_seen=now))
+                return public
         with self.session() as s:
-            row = self._cluster_of(s, principal, cluster_id)
-            if not row.active:
-                raise Conflict("cluster-ended",
-                               f"cluster {row.id} was ended ({row.end_reason}); "
-                               "start a new FederatedCluster")
+            row = self._active_cluster_of(s, principal, cluster_id)
             row.last_seen = now
             s.add(row)
             started: set[str] = set()
-            if connected:
-                # Locked, so a release at the same moment is not overwritten (PostgreSQL
-                # reads the row again after it and leaves it out, no longer starting).
-                for lease in s.exec(select(Lease).where(
-                        Lease.cluster_id == row.id, Lease.state == LeaseState.starting,
-                        col(Lease.id).in_(connected)).order_by(Lease.id).with_for_update()):
-                    # What it waited for (an environment's build) is over.
-                    move(lease, LeaseState.running, at=now, message="")
-                    s.add(lease)
-                    started.add(lease.provider_id)
-            # Live leases and those that ended lately, not every lease the cluster ever had
-            # (an adaptive cluster running for days ends thousands): a keeper whose cluster
-            # is still active heartbeated within the cluster timeout, so it sees each end.
-            shown = max(ENDED_SHOWN, 3 * self.settings.cluster_timeout)
-            public = clusters_public(s, [row], now - dt.timedelta(seconds=shown))[0]
+            # Locked, so a release at the same moment is not overwritten (PostgreSQL reads
+            # the row again after it and leaves it out, no longer starting).
+            for lease in s.exec(select(Lease).where(
+                    Lease.cluster_id == row.id, Lease.state == LeaseState.starting,
+                    col(Lease.id).in_(connected or [])).order_by(Lease.id).with_for_update()):
+                # What it waited for (an environment's build) is over.
+                move(lease, LeaseState.running, at=now, message="")
+                s.add(lease)
+                started.add(lease.provider_id)
+            public = clusters_public(s, [row], ended_after)[0]
             s.commit()
         # The agents hear it: a running lease is suspended for the owner, a starting one
         # (no results yet) simply makes way.
         self.wakeups.bump_all(started)
         return public
+
+    def _active_cluster_of(self, s: Session, principal: Principal,
+                           cluster_id: str) -> ClusterRecord:
+        """``_cluster_of``, refused when the cluster has ended."""
+        row = self._cluster_of(s, principal, cluster_id)
+        if not row.active:
+            raise Conflict("cluster-ended", f"cluster {row.id} was ended ({row.end_reason}); "
+                           "start a new FederatedCluster")
+        return row
 
     def request_leases(self, cluster: ClusterRecord, body: LeaseCreate,
                        wait: bool = True) -> list[str]:
