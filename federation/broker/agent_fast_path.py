@@ -28,19 +28,13 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
-from sqlalchemy.exc import DataError, OperationalError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from ..ids import LEASE_ID, OBJECT_ID
 from . import routes_agent
 from .auth import authenticate, require_provider
-from .error_responses import (
-    broker_error_response,
-    database_unavailable_response,
-    unstorable_value_response,
-)
-from .errors import BrokerError
+from .error_responses import known_error_response
 from .metrics import BrokerMetrics
 from .models import LeaseStateReport, ProviderHeartbeat
 
@@ -91,14 +85,12 @@ class AgentFastPath:
         request = Request(scope, receive)
         try:
             call = await self._prepare(route, params, request, body, partial)
-        except BrokerError as exc:  # authentication refused: as the dependency answers
+        except Exception as exc:  # authentication refused, or its read found no database
+            refusal = known_error_response(scope["method"], scope["path"], exc)
+            if refusal is None:
+                raise
             self._answered.inc()
-            await broker_error_response(exc)(scope, receive, send)
-            return
-        except OperationalError as exc:  # the token's read found no database
-            self._answered.inc()
-            await database_unavailable_response(scope["method"], scope["path"], exc)(
-                scope, receive, send)
+            await refusal(scope, receive, send)
             return
         if call is None:
             self._handed_on.inc()
@@ -107,12 +99,10 @@ class AgentFastPath:
         self._answered.inc()
         try:
             response = JSONResponse(await call())
-        except BrokerError as exc:
-            response = broker_error_response(exc)
-        except DataError as exc:
-            response = unstorable_value_response(scope["method"], scope["path"], exc)
-        except OperationalError as exc:
-            response = database_unavailable_response(scope["method"], scope["path"], exc)
+        except Exception as exc:
+            response = known_error_response(scope["method"], scope["path"], exc)
+            if response is None:
+                raise
         await response(scope, receive, send)
 
     def _match(self, scope) -> tuple[FastRoute | None, tuple]:

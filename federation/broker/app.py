@@ -19,11 +19,7 @@ from accounting.models import utcnow
 from . import API_PREFIX, db
 from .agent_fast_path import AgentFastPath
 from .auth import hash_token
-from .error_responses import (
-    broker_error_response,
-    database_unavailable_response,
-    unstorable_value_response,
-)
+from .error_responses import known_error_response
 from .errors import BrokerError
 from .hub_tokens import HubTokenChecker
 from .metrics import HttpTimer
@@ -168,22 +164,17 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                                             settings.hub_token_cache)
                             if settings.hub_api_url else None)
 
-    @app.exception_handler(BrokerError)
-    async def _broker_error(_request: Request, exc: BrokerError) -> JSONResponse:
-        return broker_error_response(exc)
-
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         status, code, message = _validation_message(exc)
         return JSONResponse({"error": code, "message": message}, status_code=status)
 
-    @app.exception_handler(DataError)
-    async def _unstorable(request: Request, exc: DataError) -> JSONResponse:
-        return unstorable_value_response(request.method, request.url.path, exc)
+    async def _known_error(request: Request, exc: Exception) -> JSONResponse:
+        return known_error_response(request.method, request.url.path, exc)
 
-    @app.exception_handler(OperationalError)
-    async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
-        return database_unavailable_response(request.method, request.url.path, exc)
+    # The agents' fast path answers these through the same function.
+    for kind in (BrokerError, DataError, OperationalError):
+        app.add_exception_handler(kind, _known_error)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:

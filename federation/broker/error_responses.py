@@ -47,3 +47,15 @@ def database_unavailable_response(method: str, path: str, exc: OperationalError)
                                     "if it persists, the administrator should check the "
                                     "database server (the broker's log says what failed)"},
                         status_code=503, headers={"Retry-After": "2"})
+
+
+def known_error_response(method: str, path: str, exc: Exception) -> JSONResponse | None:
+    """The answer to an error the broker answers on purpose (a broker error, a value the
+    database refused, a database that could not answer), or None for any other (a 500)."""
+    if isinstance(exc, BrokerError):
+        return broker_error_response(exc)
+    if isinstance(exc, DataError):
+        return unstorable_value_response(method, path, exc)
+    if isinstance(exc, OperationalError):
+        return database_unavailable_response(method, path, exc)
+    return None

@@ -5,7 +5,9 @@ comes back, when the broker carries on by itself."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -27,6 +29,21 @@ def end_backend(url: str, pid: int) -> None:
         wait_until(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
                                          (pid,)).fetchone()[0] == 0,
                    10, "the ended backend to go")
+
+
+@contextlib.contextmanager
+def database_down(url: str) -> Iterator[None]:
+    """The database of ``url`` refuses connections and has dropped those it had, as while
+    PostgreSQL restarts; it is back after the block, whatever happened in it."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as pg:
+        pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        try:
+            pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+            yield
+        finally:
+            pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
 def backend_pid(engine) -> int:
@@ -62,8 +79,6 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
     # Heartbeats as often as the test sends them (the default asks for 1 s between them).
     fed = make_federation(tmp_path, db_url=postgres_url,
                           broker_args=("--min-heartbeat-interval", "0"))
-    name = postgres_url.rsplit("/", 1)[1]
-    server = postgres_url.rsplit("/", 1)[0] + "/postgres"
     db_port = postgres_url.rsplit(":", 1)[1].split("/")[0]
     try:
         fed.add_lab("lab-a", user="alice")
@@ -84,24 +99,18 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
         assert httpx.post(beat[0], json=beat[1], headers=agent, timeout=30).status_code == 200
         assert httpx.get(f"{api}/clusters", headers=user, timeout=30).status_code == 200
 
-        with psycopg.connect(server, autocommit=True) as pg:
-            pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            try:
-                pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
-                answers = {
-                    "user's list": httpx.get(f"{api}/clusters", headers=user, timeout=30),
-                    "admin's new lab": httpx.post(f"{api}/labs", headers=admin, timeout=30,
-                                                  json={"name": "lab-new"}),
-                    "agent's poll": httpx.get(f"{api}/agent/{pid}/leases?wait=0",
-                                              headers=agent, timeout=30),
-                    "agent's new token": httpx.get(f"{api}/agent/{pid}/leases?wait=0",
-                                                   headers=unseen, timeout=30),
-                    "agent's heartbeat": httpx.post(beat[0], json=beat[1], headers=agent,
-                                                    timeout=30),
-                }
-            finally:
-                pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        with database_down(postgres_url):
+            answers = {
+                "user's list": httpx.get(f"{api}/clusters", headers=user, timeout=30),
+                "admin's new lab": httpx.post(f"{api}/labs", headers=admin, timeout=30,
+                                              json={"name": "lab-new"}),
+                "agent's poll": httpx.get(f"{api}/agent/{pid}/leases?wait=0",
+                                          headers=agent, timeout=30),
+                "agent's new token": httpx.get(f"{api}/agent/{pid}/leases?wait=0",
+                                               headers=unseen, timeout=30),
+                "agent's heartbeat": httpx.post(beat[0], json=beat[1], headers=agent,
+                                                timeout=30),
+            }
         for what, answer in answers.items():
             assert answer.status_code == 503, (what, answer.status_code, answer.text)
         # A heartbeat's batch failed: it says so (the agent sends the next as usual); the
@@ -145,24 +154,16 @@ def test_the_client_waits_out_a_database_restart(tmp_path, postgres_url, caplog)
     from federation.client import BrokerClient
 
     fed = make_federation(tmp_path, db_url=postgres_url)
-    name = postgres_url.rsplit("/", 1)[1]
-    server = postgres_url.rsplit("/", 1)[0] + "/postgres"
     try:
         fed.add_lab("lab-a", user="alice")
         client = BrokerClient(fed.url, fed.user_tokens["alice"])
         assert client.request("GET", "/clusters") == []
-        with psycopg.connect(server, autocommit=True) as pg, \
-                ThreadPoolExecutor(1) as pool, caplog.at_level(logging.WARNING,
-                                                               "parallex.client"):
-            pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            try:
-                pg.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        with ThreadPoolExecutor(1) as pool, caplog.at_level(logging.WARNING,
+                                                            "parallex.client"):
+            with database_down(postgres_url):
                 listed = pool.submit(client.request, "GET", "/clusters")
                 wait_until(lambda: any("HTTP 503" in r.getMessage() for r in caplog.records),
                            30, "the client to meet the database down and wait")
-            finally:
-                pg.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             assert listed.result(timeout=60) == []
         said = next(r.getMessage() for r in caplog.records if "HTTP 503" in r.getMessage())
         assert "GET /api/v1/clusters" in said and "trying again in 2.0 s" in said, said
