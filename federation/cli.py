@@ -48,10 +48,15 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     """Serve the dashboards until stopped."""
     from dashboard.server import serve
 
+    from .broker import db_open
+
+    db_url = _db_url(args)
     try:
-        serve(_db_url(args), port=args.port, address=args.address, prefix=args.prefix,
-              dev_user=args.dev_user, fair_share_half_life=args.fair_share_half_life * 3600,
-              schema_wait=args.schema_wait)
+        with db_open.opening(db_url):
+            serve(db_url, port=args.port, address=args.address, prefix=args.prefix,
+                  dev_user=args.dev_user,
+                  fair_share_half_life=args.fair_share_half_life * 3600,
+                  schema_wait=args.schema_wait)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -60,12 +65,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_db(args: argparse.Namespace) -> int:
     """Show or apply schema migrations (the broker also applies them when it starts)."""
-    from sqlalchemy.exc import SQLAlchemyError
+    from .broker import db, db_open
 
-    from .broker import db
-
-    try:
-        engine = db.plain_engine(_db_url(args))
+    db_url = _db_url(args)
+    with db_open.opening(db_url):
+        engine = db.plain_engine(db_url)
         before = db.current_revision(engine)
         if args.db_command == "upgrade":
             db.migrate(engine)
@@ -74,10 +78,6 @@ def cmd_db(args: argparse.Namespace) -> int:
             state = "current" if before == db.head_revision() else "needs `parallex db upgrade`"
             print(f"database at revision {before or 'empty'}; newest is {db.head_revision()} "
                   f"({state})")
-    except SQLAlchemyError as exc:
-        print(f"error: cannot open the database: {exc.__class__.__name__}: {exc.orig or exc}",
-              file=sys.stderr)
-        return 1
     return 0
 
 
@@ -86,7 +86,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     from accounting.cloud import CloudPriceError, load_cloud_prices
 
-    from .broker import collector, pool_threads
+    from .broker import collector, db_open, pool_threads
     from .broker import settings as broker_settings
     from .broker.app import create_app
 
@@ -98,7 +98,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         return 1
     settings = broker_settings.from_arguments(args, cloud_prices=cloud_prices)
     try:
-        app = create_app(db_url, settings)
+        with db_open.opening(db_url):
+            app = create_app(db_url, settings)
     except ValueError as exc:  # a setting the broker cannot work with, e.g. a bad network
         print(f"error: {exc}", file=sys.stderr)
         return 2

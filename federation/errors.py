@@ -11,7 +11,9 @@
     │   ├── CreditLimitExceeded 402: the lab's balance is below minus its credit limit
     │   └── EnvironmentRefused  no provider can build or run the cluster's software environment
     ├── LeaseStartTimeout       leases were granted but their workers did not start in time
-    └── BrokerError             5xx or an unexpected answer from the broker
+    ├── BrokerError             5xx or an unexpected answer from the broker
+    └── DatabaseUnavailable     a server command could not open its database (bad URL, server
+                                down, login refused)
 """
 
 from __future__ import annotations
@@ -75,3 +77,7 @@ class LeaseStartTimeout(ParallexError, TimeoutError):
 
 class BrokerError(ParallexError):
     """The broker failed (HTTP 5xx) or answered something this client does not understand."""
+
+
+class DatabaseUnavailable(ParallexError):
+    """The broker, the dashboards or `parallex db` could not open the database they were given."""

@@ -20,12 +20,15 @@ HOUR = 3600.0
 
 
 def setting(default: Any, help: str, *, unit: str = "s", cli_scale: float = 1.0,
-            env: str | None = None, cli: bool = True) -> Any:
+            env: str | None = None, cli: bool = True, least: float = 0.0,
+            above: bool = False) -> Any:
     """A BrokerSettings field. ``unit``: the unit the command line shows (``cli_scale`` setting
     units per command-line unit); ``env``: an environment variable that overrides the default
-    on the command line; ``cli=False``: not a flag (derived or set in code)."""
+    on the command line; ``cli=False``: not a flag (derived or set in code). A number must be
+    at least ``least`` (more than it, with ``above``), in setting units."""
     return field(default=default, metadata={"help": help, "unit": unit, "cli_scale": cli_scale,
-                                            "env": env, "cli": cli})
+                                            "env": env, "cli": cli, "least": least,
+                                            "above": above})
 
 
 @dataclass
@@ -33,49 +36,49 @@ class BrokerSettings:
     """The broker's tunables; times are in seconds."""
 
     provider_timeout: float = setting(
-        30.0, "without a provider heartbeat, after which its leases end as lost")
+        30.0, "without a provider heartbeat, after which its leases end as lost", above=True)
     cluster_timeout: float = setting(
-        60.0, "without a cluster heartbeat, after which its leases end")
+        60.0, "without a cluster heartbeat, after which its leases end", above=True)
     start_timeout: float = setting(
         300.0, "from a lease's placement until its worker must have joined the cluster's "
         "scheduler (confirmed by the cluster); after that it ends 'failed' and its provider "
-        "earns nothing")
+        "earns nothing", above=True)
     release_timeout: float = setting(
         60.0, "a released lease may wait for its agent to report the worker stopped before it "
         "ends 'lost' and its capacity is free again; keep it above the agents' --release-grace "
-        "plus their stop timeout (10 s)")
+        "plus their stop timeout (10 s)", above=True)
     min_heartbeat_interval: float = setting(
         1.0, "that must pass between two heartbeats of one provider; a sooner one is answered "
         "429 (never more than half the interval agents are told, provider timeout / 5)")
     rate_limit: float = setting(
         20.0, "one token may make to the agent and cluster endpoints, per provider machine for "
-        "agents; more are answered 429 with Retry-After", unit="requests/s")
+        "agents; more are answered 429 with Retry-After", unit="requests/s", above=True)
     rate_burst: float = setting(
         100.0, "one token may make at once above --rate-limit before it applies",
-        unit="requests")
+        unit="requests", least=1.0)
     max_concurrent_requests: int = setting(
         16, "one token (per provider machine) may have in flight at once, long polls included",
-        unit="requests")
+        unit="requests", least=1)
     poll_timeout: float = setting(
         20.0, "an agent's long poll waits at most (derived: provider timeout / 2, 1 to 20)",
-        cli=False)
+        cli=False, above=True)
     metering_interval: float = setting(
         60.0, "per metered period of a running lease; keep it fixed for a database: periods "
-        "continue from where the last one ended")
+        "continue from where the last one ended", above=True)
     initial_grant: float = setting(
         1000.0, "granted to each new lab from the grants account (0 grants nothing)",
         unit="PCU")
     fair_share_half_life: float = setting(
         DEFAULT_HALF_LIFE, "after which past usage counts half for fair share", unit="hours",
-        cli_scale=HOUR)
+        cli_scale=HOUR, above=True)
     reliability_half_life: float = setting(
         DEFAULT_RELIABILITY_HALF_LIFE, "of clean lease time served that halve a provider's "
-        "reliability penalty from lost and failed leases", unit="hours", cli_scale=HOUR)
+        "reliability penalty from lost and failed leases", unit="hours", cli_scale=HOUR, above=True)
     cloud_prices: CloudPrices = field(default_factory=load_cloud_prices,
                                       metadata={"cli": False})
     capacity_interval: float = setting(
         60.0, "between capacity samples (CPUs and GPUs online and leased per lab) for the "
-        "dashboards' capacity history")
+        "dashboards' capacity history", above=True)
     hub_api_url: str | None = setting(
         None, "JupyterHub API URL whose user tokens the broker accepts (set when the hub runs "
         "the broker as a service; empty: Parallex tokens only)", unit="", env="JUPYTERHUB_API_URL")
@@ -102,6 +105,16 @@ class BrokerSettings:
         "public hosts and link-local metadata services; narrow it to the hub's user-server "
         "network", unit="")
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "least" in f.metadata and _is_number(value):
+                unit = f.metadata["unit"]  # in code, times are seconds whatever the flag shows
+                word = "s" if unit in ("s", "hours") else UNIT_WORDS.get(unit, unit)
+                wrong = _out_of_range(value, f.metadata, 1.0, word)
+                if wrong:
+                    raise ValueError(f"{f.name} {wrong}")
+
 
 #: How a help text starts for each unit (the help itself continues the sentence).
 LEADS = {"s": "Seconds ", "hours": "Hours ", "requests/s": "Requests per second ",
@@ -110,6 +123,42 @@ LEADS = {"s": "Seconds ", "hours": "Hours ", "requests/s": "Requests per second 
 
 METAVARS = {"s": "SECONDS", "hours": "HOURS", "requests/s": "N", "requests": "N",
             "PCU": "PCU"}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, float | int) and not isinstance(value, bool)
+
+
+def _out_of_range(value: float, meta: Any, scale: float, unit_word: str) -> str | None:
+    """Why ``value`` (in units of ``scale`` setting units) is refused, or None."""
+    least = meta["least"] / scale
+    if meta["above"] and not value > least:
+        return f"must be more than {least:g} {unit_word}, not {value:g}"
+    if not meta["above"] and not value >= least:
+        return f"must be at least {least:g} {unit_word}, not {value:g}"
+    return None
+
+
+#: The unit's word in an error message.
+UNIT_WORDS = {"s": "seconds", "hours": "hours", "requests/s": "requests per second",
+              "requests": "requests", "PCU": "PCU"}
+
+
+def _checked(kind: type, meta: Any) -> Any:
+    """An argparse type that reads a number of ``kind`` and refuses one out of its range."""
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, "
+                f"not {text!r}") from None
+        wrong = _out_of_range(value, meta, meta["cli_scale"],
+                              UNIT_WORDS.get(meta["unit"], meta["unit"]))
+        if wrong:
+            raise argparse.ArgumentTypeError(wrong)
+        return value
+    return parse
 
 
 def _flag(name: str) -> str:
@@ -136,6 +185,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             text += f" (default {shown:g}" if isinstance(shown, float) else f" (default {shown}"
         text += f"; the environment's {env} when set)" if env else ")"
+        if kind in (int, float):
+            kind = _checked(kind, meta)
         parser.add_argument(_flag(f.name), type=kind, default=shown, help=text,
                             dest=f.name, metavar=METAVARS.get(unit, "TEXT"))
 
@@ -148,7 +199,7 @@ def from_arguments(args: argparse.Namespace, **extra: Any) -> BrokerSettings:
         if not meta.get("cli", True):
             continue
         value = getattr(args, f.name)
-        if isinstance(value, float | int) and not isinstance(value, bool):
+        if _is_number(value):
             value = value * meta["cli_scale"] if meta["cli_scale"] != 1.0 else value
         if value == "":
             value = None

@@ -1,0 +1,83 @@
+"""Server commands given a database they cannot open, or a setting out of range, say so in one
+line and exit non-zero: no traceback, and never the URL's password."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation.broker.settings import BrokerSettings
+
+PASSWORD = "hunter2-not-shown"
+
+
+def parallex(*args: str) -> subprocess.CompletedProcess:
+    """`parallex ARGS` as an administrator runs it, in a process of its own (each of these
+    exits within seconds; one still running after a minute has started serving, a failure)."""
+    return subprocess.run([sys.executable, "-m", "federation.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bad_urls(tmp_path: Path, postgres_server_url: str) -> dict[str, tuple[str, str]]:
+    """Each kind of unusable database URL, with what its error must say."""
+    server = postgres_server_url.rsplit("/", 1)[0]
+    return {
+        "not a URL": ("no-scheme-here", "is not a database URL"),
+        "unsupported": (f"mysql://root:{PASSWORD}@127.0.0.1/books", "not 'mysql'"),
+        "nothing listening": (f"postgresql://parallex:{PASSWORD}@127.0.0.1:{closed_port()}/x",
+                              "Connection refused"),
+        "no such database": (f"{server}/no_such_database", "does not exist"),
+        "missing folder": (f"sqlite:///{tmp_path}/missing/broker.db",
+                           "unable to open database file"),
+    }
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["broker", "--port", "0"],
+                                     ["dashboard", "--port", "0", "--dev-user", "alice",
+                                      "--schema-wait", "1"]],
+                         ids=["db", "broker", "dashboard"])
+def test_a_database_that_cannot_be_opened_is_one_line_naming_it(command, tmp_path,
+                                                               postgres_server_url):
+    for kind, (url, says) in bad_urls(tmp_path, postgres_server_url).items():
+        done = parallex(*command, "--db-url", url)
+        assert done.returncode == 1, (kind, done.stdout, done.stderr)
+        error = done.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: ") and says in error, (kind, done.stderr)
+        assert "Traceback" not in done.stderr, (kind, done.stderr)
+        assert PASSWORD not in done.stderr + done.stdout, kind
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--provider-timeout", "-5", "must be more than 0 seconds, not -5"),
+    ("--metering-interval", "0", "must be more than 0 seconds, not 0"),
+    ("--token-cache", "-1", "must be at least 0 seconds, not -1"),
+    ("--fair-share-half-life", "0", "must be more than 0 hours, not 0"),
+    ("--rate-burst", "0.5", "must be at least 1 requests, not 0.5"),
+    ("--max-concurrent-requests", "2.5", "expected a whole number, not '2.5'"),
+    ("--rate-limit", "fast", "expected a number, not 'fast'"),
+])
+def test_a_broker_setting_out_of_range_is_refused_before_it_starts(flag, value, says):
+    done = parallex("broker", "--port", "0", "--db-url", "sqlite:///:memory:", flag, value)
+    assert done.returncode == 2, done.stderr
+    assert f"argument {flag}: {says}" in done.stderr
+
+
+def test_settings_made_in_code_are_checked_too():
+    with pytest.raises(ValueError, match="provider_timeout must be more than 0 s, not -1"):
+        BrokerSettings(cloud_prices=None, provider_timeout=-1)
+    with pytest.raises(ValueError,
+                       match="max_concurrent_requests must be at least 1 requests, not 0"):
+        BrokerSettings(cloud_prices=None, max_concurrent_requests=0)
+    assert BrokerSettings(cloud_prices=None, token_cache=0).token_cache == 0
