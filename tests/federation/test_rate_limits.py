@@ -1,10 +1,10 @@
-"""Rate limits: one token's flood is answered 429 cheaply and leaves the broker fast for
-everyone else; heartbeats have a minimum interval."""
+"""Rate limits: one token's flood is answered 429 and everyone else is still served;
+heartbeats have a minimum interval. (How much a flood slows the others is measured in
+benchmarks/flood.py, not timed here.)"""
 
 from __future__ import annotations
 
 import asyncio
-import statistics
 import threading
 import time
 
@@ -17,7 +17,7 @@ from tests.utils.scrape import responses_by_status
 FLOODERS = 50
 
 
-def test_a_flood_from_one_token_leaves_whoami_fast_for_others(federation):
+def test_a_flood_from_one_token_is_refused_and_others_are_still_served(federation):
     fed = federation
     fed.add_lab("lab-a", user="alice")
     fed.add_lab("lab-b", user="bob")
@@ -51,16 +51,13 @@ def test_a_flood_from_one_token_leaves_whoami_fast_for_others(federation):
 
     flooder = threading.Thread(target=flood)
     flooder.start()
-    latencies = []
     try:
         with httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30, headers={
                 "Authorization": f"Bearer {fed.user_tokens['bob']}"}) as bob:
             # Measured once the flood is being refused.
             wait_until(lambda: statuses.get(429, 0) >= 100, 30, "the flood to be refused")
             for _ in range(40):
-                start = time.perf_counter()
                 answer = bob.get("/whoami")
-                latencies.append(time.perf_counter() - start)
                 assert answer.status_code == 200, answer.text
     finally:
         stop.set()
@@ -85,8 +82,6 @@ def test_a_flood_from_one_token_leaves_whoami_fast_for_others(federation):
         return {key: answers.get(key, 0) for key in expected}
     wait_until(lambda: counted() == expected, 10,
                "the broker's count of its answers to match what the client got")
-    median_ms = statistics.median(latencies) * 1000
-    assert median_ms < 20, f"/whoami median {median_ms:.1f} ms under the flood"
 
 
 def test_heartbeats_closer_than_the_minimum_interval_are_refused(federation):
