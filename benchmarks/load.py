@@ -18,11 +18,14 @@ heartbeat every 2.5 s, spread over the replicas: on a machine where the generato
 cores with the brokers and PostgreSQL, their latencies are the broker's as one more agent
 sees them, the simulated clients' include their own queueing.
 Latencies are also given per 20 s window (start-up, then steady state), with how late the
-brokers' and the generator's event loops ran.
+brokers' and the generator's event loops ran, and how busy the machine was while the probes'
+slow heartbeats (over 100 ms) waited, against the others (benchmarks/busy_timeline.py).
 
 Users arrive over the first --user-spread seconds (default 5), each at a random moment, so
 their heartbeats and churn do not all fall in the same instant (runs before 2026-12-01 started
-all of them together: --user-spread 0).
+all of them together: --user-spread 0). Each churns every 20 s from its arrival, so at 5 s all
+100 churn within the same 5 s of every 20, which saturates a 2-core machine for seconds;
+--user-spread 20 spreads the churn over its period, as independent notebooks' would be.
 
 Run: python -m benchmarks.load [--agents 1000] [--users 100] [--workers 100] [--seconds 120]
      [--processes 4] [--user-spread 5] [--probes 8]
@@ -53,6 +56,7 @@ import httpx
 import psutil
 import uvloop
 
+from benchmarks.busy_timeline import BusyTimeline
 from benchmarks.common import table, write
 from federation.tls import ClusterAuthority
 from tests.utils.postgres import fresh_database, postgres_server
@@ -108,6 +112,9 @@ class Recorder:
         self.timelines: dict[str, list[tuple[float, float]]] = defaultdict(list)
         #: The probe agents' heartbeats: (seconds since start, latency, replica index).
         self.probes: list[tuple[float, float, int]] = []
+        #: The monotonic clock at the probes' start, and the machine's busy cores meanwhile.
+        self.probe_start = 0.0
+        self.busy: BusyTimeline | None = None
         #: Asks for placement passes sent to the leader replica, and scale requests placed
         #: by their own replica because the leader had not answered (all replicas).
         self.placement_asks: dict[str, float] = {}
@@ -331,8 +338,9 @@ def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder
     rec = Recorder()
     for part in parts:
         rec.merge(part)
-    rec.probes = [tuple(x) for x in json.loads(out)] if probes.returncode == 0 and out.strip() \
-        else []
+    if probes.returncode == 0 and out.strip():
+        told = json.loads(out)
+        rec.probes, rec.probe_start = [tuple(x) for x in told["samples"]], told["start"]
     return rec
 
 
@@ -393,7 +401,12 @@ def main() -> None:
             children_before = {c.pid: cpu(c) for c in children_of(watched["broker replicas"])}
             generator = generator_cpu()
             machine = psutil.cpu_times()
-            rec = run(args, [url for _p, url in brokers], admin_token)
+            busy = BusyTimeline().start()
+            try:
+                rec = run(args, [url for _p, url in brokers], admin_token)
+            finally:
+                busy.stop()
+            rec.busy = busy
             elapsed = time.perf_counter() - start
             rec.cpu = {k: (sum(cpu(p) for p in ps) - before[k]) / elapsed
                        for k, ps in watched.items()}
@@ -563,6 +576,34 @@ def by_window(timeline: list[tuple[float, float]], width: float = 20.0,
     return out
 
 
+#: A probe heartbeat slower than this (seconds, the target's p99) counts as slow.
+SLOW = 0.1
+#: Busy cores counted as the machine saturated (of 2 on the development machine).
+SATURATED = 1.9
+
+
+def while_slow(rec: Recorder) -> dict:
+    """How busy the machine was while the slow probe heartbeats waited, against the others
+    (after start-up); empty without a timeline."""
+    if rec.busy is None or not rec.busy.times or not rec.probes:
+        return {}
+    slow, other = [], []
+    for t, latency, _replica in rec.probes:
+        if t < STEADY_AFTER:
+            continue
+        sent = rec.probe_start + t
+        cores = rec.busy.between(sent, sent + latency)
+        if cores is not None:
+            (slow if latency > SLOW else other).append(cores)
+    if not other:
+        return {}
+    return {"slow": len(slow), "others": len(other),
+            "busy_when_slow": statistics.mean(slow) if slow else None,
+            "busy_otherwise": statistics.mean(other),
+            "saturated_share": rec.busy.saturated_share(rec.probe_start + STEADY_AFTER,
+                                                        rec.busy.times[-1], SATURATED)}
+
+
 def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, float, float]],
            inside: dict[str, tuple[int, float, float]], args: argparse.Namespace,
            broker_lag: tuple[int, float, float]) -> None:
@@ -592,6 +633,16 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
             print(f"the probes after the first {STEADY_AFTER:.0f} s (start-up: a thousand "
                   f"registrations): {steady['heartbeats']} heartbeats, p50 "
                   f"{steady['p50']:.1f} ms, p99 {steady['p99']:.1f} ms")
+        probes["while_slow"] = while_slow(rec)
+        if probes["while_slow"]:
+            w = probes["while_slow"]
+            slow = (f"{w['busy_when_slow']:.2f} busy cores on average while they waited"
+                    if w["slow"] else "none")
+            print(f"the machine while the probes waited (after start-up): "
+                  f"{w['slow']} heartbeats over {SLOW * 1000:.0f} ms, {slow}; "
+                  f"{w['busy_otherwise']:.2f} while the others did; "
+                  f"{w['saturated_share'] * 100:.0f} % of the run with ≥ {SATURATED:g} of "
+                  f"{psutil.cpu_count()} cores busy")
     windows = by_window(rec.timeline)
     print("all endpoints by 20 s window since the first request (start-up, then steady): "
           + "; ".join(f"{w}: p50 {p50:.0f} ms, p99 {p99:.0f} ms" for w, p50, p99 in windows))

@@ -7,7 +7,9 @@ would see it. Each offers nothing (no lease is placed on it) and heartbeats ever
 ``EVERY`` seconds, its own start staggered; probe i talks to replica i modulo the replicas.
 One probe gave ~50 heartbeats in a run, whose "p99" was its slowest one; eight give ~450.
 
-Prints a JSON list of [seconds since start, latency, replica index] on stdout when done.
+Prints JSON on stdout when done: ``start``, the monotonic clock's reading at the probes'
+start (to set the samples against other records of the run), and ``samples``, a list of
+[seconds since start, latency, replica index].
 
 Run by benchmarks/load.py: python -m benchmarks.load_probe PROVIDER_TOKEN SECONDS PROBES URL...
 """
@@ -57,7 +59,7 @@ def main() -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    print(json.dumps(sorted(samples)))
+    print(json.dumps({"start": start, "samples": sorted(samples)}))
 
 
 if __name__ == "__main__":
