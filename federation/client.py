@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any
 
@@ -14,17 +15,41 @@ from . import errors
 API = "/api/v1"
 
 
+def _not_json(response: httpx.Response) -> str:
+    """What an answer that is not the broker's JSON says, for a message: an HTML page's
+    title (a proxy's error page), else its text, shortened."""
+    text = response.text.strip()
+    if "html" in response.headers.get("content-type", "") or text.startswith("<"):
+        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.S | re.I)
+        return " ".join(title.group(1).split()) if title else response.reason_phrase
+    return text[:300] or response.reason_phrase
+
+
+#: Statuses a proxy in front of the broker answers when the broker behind it does not.
+PROXY_FAILURES = (502, 503, 504)
+
+
 def raise_for_answer(response: httpx.Response) -> Any:
     """Return the JSON body of a 2xx answer, or raise the matching ParallexError."""
     if response.is_success:
         return response.json() if response.content else None
+    status = response.status_code
     try:
         body = response.json()
         message = body.get("message") or body.get("detail") or response.text
         code = body.get("error", "")
     except (ValueError, AttributeError):
-        message, code = response.text or response.reason_phrase, ""
-    status = response.status_code
+        message, code = _not_json(response), ""
+        if status in PROXY_FAILURES:
+            # Not the broker's answer: JupyterHub's proxy (or another in front of it) could
+            # not reach it, as while it restarts. Callers retry this as they retry a broker
+            # they cannot connect to.
+            where = f"{response.url.scheme}://{response.url.netloc.decode()}"
+            raise errors.BrokerUnreachable(
+                f"the Parallex broker did not answer: {where} answered HTTP {status} "
+                f"({message}) in its place, so the broker behind it is not running or is "
+                "restarting; try again in a minute, and tell the hub's administrator if it "
+                "lasts") from None
     if status == 401:
         raise errors.TokenRefused(f"the broker refused the token: {message}")
     if status == 403:

@@ -170,3 +170,47 @@ def test_a_hub_token_when_the_hub_cannot_answer_is_a_503_saying_so():
             checker.identify("a-hub-token")
         assert http_status(refused.value) == 503
         assert "cannot be reached" in refused.value.message
+
+
+def test_a_broker_the_hubs_proxy_cannot_reach_is_unreachable_not_an_html_page(tmp_path):
+    """Behind JupyterHub, a broker that is down or restarting is answered by
+    configurable-http-proxy's own 503 page. The notebook and the CLI say the broker did not
+    answer, as for a broker they cannot connect to (which their callers retry), in one line
+    without the page's HTML."""
+    import asyncio
+    from pathlib import Path
+
+    from federation import BrokerUnreachable
+    from federation.client import AsyncBrokerClient, BrokerClient
+    from hub_config.local import free_port
+    from tests.utils.procs import Proc, wait_until
+
+    chp = Path(__file__).parents[2] / "node" / "node_modules" / ".bin" / "configurable-http-proxy"
+    port, api_port = free_port(), free_port()
+    proxy = Proc([str(chp), "--ip", "127.0.0.1", "--port", str(port), "--api-ip", "127.0.0.1",
+                  "--api-port", str(api_port), "--default-target",
+                  f"http://127.0.0.1:{free_port()}"], tmp_path / "chp.log")
+    try:
+        def listening() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/").status_code == 503
+            except httpx.TransportError:
+                return False
+        wait_until(listening, 30, "configurable-http-proxy to listen")
+        url = f"http://127.0.0.1:{port}/services/parallex"
+        says = (f"the Parallex broker did not answer: http://127.0.0.1:{port} answered HTTP 503 "
+                r"\(503: Proxy Target Missing\) in its place")
+        with pytest.raises(BrokerUnreachable, match=says) as blocking:
+            BrokerClient(url, "px_token").request("GET", "/whoami")
+        assert "<" not in str(blocking.value)
+
+        async def from_a_notebook() -> None:
+            client = AsyncBrokerClient(url, "px_token")
+            try:
+                await client.request("GET", "/whoami")
+            finally:
+                await client.close()
+        with pytest.raises(BrokerUnreachable, match=says):
+            asyncio.run(from_a_notebook())
+    finally:
+        proxy.stop()
