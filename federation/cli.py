@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import cli_books, errors
+from . import cli_books, cli_numbers, errors
 from .cli_provide import add_options as cli_provide_options
 from .worker_accounts import WorkerAccountError, WorkerAccounts, parse_uid_range
 
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--db-url", help="SQLAlchemy database URL; default: PARALLEX_DB_URL, else an "
                    "SQLite file in ~/.local/share/parallex/broker.db. postgresql:// accepted.")
     b.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1).")
-    b.add_argument("--port", type=int, default=DEFAULT_PORT,
+    b.add_argument("--port", type=cli_numbers.port, default=DEFAULT_PORT,
                    help=f"TCP port; 0 picks a free one (default {DEFAULT_PORT}).")
     broker_settings.add_arguments(b)
     b.add_argument("--base-path", default=os.environ.get("JUPYTERHUB_SERVICE_PREFIX", ""),
@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Development only: run every worker as this agent's own account, "
                         "where workers can read the provider token and each other's keys "
                         "(default off; `parallex up` uses it only when not run as root).")
-    p.add_argument("--release-grace", type=float, default=10.0,
+    p.add_argument("--release-grace", type=cli_numbers.number(), default=10.0,
                    help="Seconds a released lease's worker gets to hand its data back and exit "
                         "before it is sent SIGTERM (default 10).")
     p.add_argument("--warm-workers", type=int, default=4, metavar="N",
@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "more than the CPUs no lease holds. Each costs about 100 MB of memory "
                         "while it waits. 0 turns it off, at most 64 (default 4: one per free "
                         "CPU up to 4).")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
+    p.add_argument("--metrics-port", type=cli_numbers.port, metavar="PORT",
                    help="Serve Prometheus metrics (workers by state, offering, CPUs leased, "
                         "heartbeat round trip) on this port; 0 picks a free one (default: "
                         "off).")
@@ -475,9 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default ./parallex-data).")
     u.add_argument("--providers", type=int, default=2,
                    help="Number of demo labs, one provider agent each (default 2).")
-    u.add_argument("--port", type=int, default=0, help="Broker port; 0 picks a free one "
-                   "(default 0).")
-    u.add_argument("--hub-port", type=int, default=8000,
+    u.add_argument("--port", type=cli_numbers.port, default=0,
+                   help="Broker port; 0 picks a free one (default 0).")
+    u.add_argument("--hub-port", type=cli_numbers.port, default=8000,
                    help="JupyterHub's public port; 0 picks a free one (default 8000).")
     u.add_argument("--no-hub", action="store_true",
                    help="Start only the broker and the agents, without JupyterHub and the "
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     dash.add_argument("--db-url", help="The broker's database URL (default PARALLEX_DB_URL, "
                       "else ~/.local/share/parallex/broker.db).")
     service_url = urlsplit(os.environ.get("JUPYTERHUB_SERVICE_URL", ""))
-    dash.add_argument("--port", type=int, default=service_url.port or 8471,
+    dash.add_argument("--port", type=cli_numbers.port, default=service_url.port or 8471,
                       help="TCP port (default: the port of JUPYTERHUB_SERVICE_URL, else 8471).")
     dash.add_argument("--address", default=service_url.hostname or "127.0.0.1",
                       help="Address to listen on (default 127.0.0.1).")
@@ -506,11 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "JUPYTERHUB_SERVICE_PREFIX; empty: the root).")
     dash.add_argument("--dev-user", help="Development only: show the dashboard as this "
                       "Parallex user (or 'admin') to everyone, without login.")
-    dash.add_argument("--schema-wait", type=float, default=60.0,
+    dash.add_argument("--schema-wait", type=cli_numbers.number(), default=60.0,
                       help="Seconds to wait for the broker to migrate its database to the "
                            "schema this dashboard reads before giving up with a message "
                            "(default 60); the dashboard never migrates it itself.")
-    dash.add_argument("--fair-share-half-life", type=float,
+    dash.add_argument("--fair-share-half-life",
+                      type=cli_numbers.number(above=True, unit="hours"),
                       default=DEFAULT_HALF_LIFE / broker_settings.HOUR,
                       help="Hours after which past usage counts half for fair share, as given "
                            f"to the broker (default {DEFAULT_HALF_LIFE / broker_settings.HOUR:g}).")

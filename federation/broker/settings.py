@@ -16,6 +16,8 @@ from typing import Any
 from accounting.cloud import CloudPrices, load_cloud_prices
 from accounting.half_lives import DEFAULT_HALF_LIFE, DEFAULT_RELIABILITY_HALF_LIFE
 
+from ..cli_numbers import number, out_of_range
+
 HOUR = 3600.0
 
 
@@ -111,7 +113,7 @@ class BrokerSettings:
             if "least" in f.metadata and _is_number(value):
                 unit = f.metadata["unit"]  # in code, times are seconds whatever the flag shows
                 word = "s" if unit in ("s", "hours") else UNIT_WORDS.get(unit, unit)
-                wrong = _out_of_range(value, f.metadata, 1.0, word)
+                wrong = _out_of_range(value, f.metadata, word)
                 if wrong:
                     raise ValueError(f"{f.name} {wrong}")
 
@@ -129,36 +131,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, float | int) and not isinstance(value, bool)
 
 
-def _out_of_range(value: float, meta: Any, scale: float, unit_word: str) -> str | None:
-    """Why ``value`` (in units of ``scale`` setting units) is refused, or None."""
-    least = meta["least"] / scale
-    if meta["above"] and not value > least:
-        return f"must be more than {least:g} {unit_word}, not {value:g}"
-    if not meta["above"] and not value >= least:
-        return f"must be at least {least:g} {unit_word}, not {value:g}"
-    return None
-
-
 #: The unit's word in an error message.
 UNIT_WORDS = {"s": "seconds", "hours": "hours", "requests/s": "requests per second",
               "requests": "requests", "PCU": "PCU"}
 
 
+def _out_of_range(value: float, meta: Any, unit_word: str) -> str | None:
+    """Why ``value`` (in setting units) is refused, or None."""
+    return out_of_range(value, meta["least"], meta["above"], unit_word)
+
+
 def _checked(kind: type, meta: Any) -> Any:
-    """An argparse type that reads a number of ``kind`` and refuses one out of its range."""
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'}, "
-                f"not {text!r}") from None
-        wrong = _out_of_range(value, meta, meta["cli_scale"],
-                              UNIT_WORDS.get(meta["unit"], meta["unit"]))
-        if wrong:
-            raise argparse.ArgumentTypeError(wrong)
-        return value
-    return parse
+    """An argparse type that reads a number of ``kind`` and refuses one out of its range
+    (in the command line's unit)."""
+    return number(kind, least=meta["least"] / meta["cli_scale"], above=meta["above"],
+                  unit=UNIT_WORDS.get(meta["unit"], meta["unit"]))
 
 
 def _flag(name: str) -> str:

@@ -1,5 +1,5 @@
-"""Server commands given a database they cannot open, or a setting out of range, say so in one
-line and exit non-zero: no traceback, and never the URL's password."""
+"""Commands given a database they cannot open, or a number out of range, say so in one line
+and exit non-zero: no traceback, and never a database URL's password."""
 
 from __future__ import annotations
 
@@ -72,6 +72,22 @@ def test_a_broker_setting_out_of_range_is_refused_before_it_starts(flag, value, 
     done = parallex("broker", "--port", "0", "--db-url", "sqlite:///:memory:", flag, value)
     assert done.returncode == 2, done.stderr
     assert f"argument {flag}: {says}" in done.stderr
+
+
+@pytest.mark.parametrize("command, flag, value, says", [
+    ("broker", "--port", "70000", "must be a TCP port, 0 to 65535 (0 picks a free one), not 70000"),
+    ("up", "--hub-port", "-1", "must be a TCP port, 0 to 65535 (0 picks a free one), not -1"),
+    ("dashboard", "--port", "http", "expected a TCP port number, not 'http'"),
+    ("dashboard", "--schema-wait", "-1", "must be at least 0 seconds, not -1"),
+    ("provide", "--metrics-port", "65536", "must be a TCP port, 0 to 65535"),
+    ("provide", "--release-grace", "-1", "must be at least 0 seconds, not -1"),
+    ("provide", "--release-grace", "inf", "expected a finite number, not 'inf'"),
+])
+def test_other_commands_refuse_numbers_out_of_range(command, flag, value, says):
+    # Before, a port over 65535 was a traceback from bind() and a negative grace was taken.
+    done = parallex(command, flag, value)
+    assert done.returncode == 2, done.stderr
+    assert f"parallex {command}: error: argument {flag}: {says}" in done.stderr
 
 
 def test_settings_made_in_code_are_checked_too():
