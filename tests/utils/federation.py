@@ -137,7 +137,21 @@ class Federation:
         kill_workers_under(list(self.workdirs.values()))
         self.broker.stop()
         if self.agents_root is not None:
+            self._keep_logs()
             shutil.rmtree(self.agents_root, ignore_errors=True)
+
+    def _keep_logs(self) -> None:
+        """The agents' and their workers' logs, copied into the test's own folder (pytest keeps
+        it for the last few runs) before the agents' folder goes: a test that failed in CI
+        can then be read from its agents' side too."""
+        kept = self.tmp / "agent-logs"
+        for log in self.agents_root.rglob("*.log"):
+            target = kept / log.relative_to(self.agents_root)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(log, target)
+            except OSError:  # a worker's folder being removed as we read it
+                continue
 
 
 def api_client(fed: Federation, token: str, **options) -> httpx.Client:
