@@ -483,8 +483,15 @@ class ProviderAgent:
                 self._start({**lease, "key": key, "python": prepared.python,
                              "private_wheels": list(prepared.private_wheels)}, prepared.key)
             return
-        if lid in self._requesting or (key is not None and lease.get("csr_sent")):
-            return  # the request is on its way or waits for the cluster's signature
+        if lid in self._requesting or (key is not None and not cert):
+            # The request is on its way or waits for the cluster's signature. (A key is kept
+            # only while its request was sent or is being sent: a failed one is dropped. The
+            # broker's csr_sent was read here before, and a lease list older than the
+            # request, handed back when the lease's environment was ready, made a second key
+            # and request: the cluster's certificate for the first could then be refused.)
+            return
+        # No key yet (first time, or this agent restarted), or a certificate for another key
+        # than this agent's (a request it replaced): ask for one for a new key.
         key, csr = worker_key_and_request(lid)
         self._keys[lid] = key
         self._requesting.add(lid)

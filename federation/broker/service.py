@@ -833,12 +833,14 @@ class Broker:
                 raise NotFound("unknown-lease",
                                f"no lease {lease_id!r} assigned to provider {provider.id}")
             admission.check_signable(lease)
-            # A new request (the agent restarted and lost its key) replaces the old one.
-            lease.worker_csr = csr_pem
-            lease.worker_cert = ""
-            s.add(lease)
-            s.commit()
             cluster_id = lease.cluster_id
+            # A new request (the agent restarted, or lost its key) replaces the old one and
+            # any certificate for it, both in one statement: through the ORM, a certificate
+            # the cluster stored after this read stayed (the certificate was "" when read,
+            # so only the request was written) over the new request.
+            s.execute(update(Lease).where(col(Lease.id) == lease_id)
+                      .values(worker_csr=csr_pem, worker_cert=""))
+            s.commit()
         self.wakeups.bump(f"cluster:{cluster_id}")
 
     def signing_requests(self, cluster: ClusterRecord) -> list[dict]:
@@ -851,21 +853,34 @@ class Broker:
 
     def submit_certificates(self, cluster: ClusterRecord,
                             certificates: list[WorkerCertificate]) -> int:
-        """Store the cluster's certificates for its leases' signing requests (all or none)."""
+        """Store the cluster's certificates for its leases' signing requests (all or none
+        of those refused; one whose request an agent replaced meanwhile is skipped: the
+        cluster signs the new request next). Returns how many were stored."""
         touched: set[str | None] = set()
+        stored = 0
         with self.session() as s:
+            checked = []
             for item in certificates:
                 lease = s.get(Lease, item.lease_id)
                 if lease is None or lease.cluster_id != cluster.id:
                     raise NotFound("unknown-lease",
                                    f"no lease {item.lease_id!r} in this cluster")
                 admission.check_worker_certificate(lease, item.cert, cluster)
-                lease.worker_cert = item.cert
-                s.add(lease)
-                touched.add(lease.provider_id)
+                checked.append((lease.id, lease.worker_csr, item.cert, lease.provider_id))
+            for lease_id, csr, cert, provider_id in checked:
+                # Only for the request that was checked: an agent may replace its request
+                # between the read above and this write, and a certificate written over the
+                # new request's (not for the agent's key) left the lease starting until its
+                # start timeout, the cluster seeing no request left to sign.
+                written = s.execute(update(Lease).where(
+                    col(Lease.id) == lease_id, col(Lease.worker_csr) == csr,
+                    col(Lease.state) == LeaseState.starting).values(worker_cert=cert))
+                if written.rowcount:
+                    stored += 1
+                    touched.add(provider_id)
             s.commit()
         self.wakeups.bump_all(touched)
-        return len(certificates)
+        return stored
 
     # ---- timeouts -------------------------------------------------------------------------
 

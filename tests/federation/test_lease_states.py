@@ -484,3 +484,87 @@ def test_upgrade_moves_a_releasing_leases_target_out_of_its_end_reason(tmp_path)
     with engine.connect() as c:
         assert dict(c.execute(text("SELECT id, end_reason FROM lease")).all()) == {
             "ls-going": "lost", "ls-gone": "released"}
+
+
+@pytest.mark.parametrize("interrupted", ["certificate", "request"])
+def test_a_certificate_and_a_new_signing_request_racing_leave_the_new_request(tmp_path,
+                                                                            interrupted):
+    """The cluster's certificate is checked against the lease's signing request, then
+    written; an agent may replace its request (a new key) at any moment. Whichever write
+    lands between the other's read and write, the new request must be left waiting, without
+    the old request's certificate: stored over the new request, that certificate (not for
+    the agent's key) left the lease starting until its start timeout, the cluster seeing no
+    request left to sign (a fresh-clone run's GPU test)."""
+    import threading
+
+    from sqlalchemy import event
+    from sqlmodel import Session
+
+    from federation.broker.models import ClusterRecord, Provider, WorkerCertificate
+    from federation.tls import key_matches, worker_key_and_request
+
+    fed = Federation(tmp_path)
+    try:
+        broker = fed.client.app.state.broker
+        authority = ClusterAuthority()
+        user, agent = fed.as_(fed.user_token), fed.as_(fed.agent_token)
+        cluster = user.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
+                                               "ca_cert": authority.ca_pem}).json()["id"]
+        (lease,) = user.post(f"/clusters/{cluster}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"},
+            "workers": [{"lease_id": "ls-00000000000000c5"}]}).json()
+        lid, pid = lease["id"], lease["provider_id"]
+        assert lease["state"] == "starting" and pid
+        _first_key, first = worker_key_and_request(lid)
+        assert agent.post(f"/agent/{pid}/leases/{lid}/csr", json={"csr": first}).status_code \
+            == 202
+        (asked,) = user.get(f"/clusters/{cluster}/signing-requests").json()["requests"]
+        certificate = authority.sign_worker_request(lid, asked["csr"])
+        second_key, second = worker_key_and_request(lid)
+        with Session(broker.engine) as s:
+            provider, record = s.get(Provider, pid), s.get(ClusterRecord, cluster)
+
+        def store_certificate() -> None:
+            broker.submit_certificates(record, [WorkerCertificate(lease_id=lid,
+                                                                  cert=certificate)])
+
+        def replace_request() -> None:
+            broker.submit_signing_request(provider, lid, second)
+
+        first_write, second_write = ((store_certificate, replace_request)
+                                     if interrupted == "certificate"
+                                     else (replace_request, store_certificate))
+        # The other write lands right after the first one read the lease, before it writes.
+        landed = threading.Event()
+
+        def after_the_read(_conn, _cursor, statement, *_args) -> None:
+            if landed.is_set() or not statement.lstrip().upper().startswith("SELECT") \
+                    or "FROM lease" not in statement:
+                return
+            landed.set()
+            other = threading.Thread(target=second_write)
+            other.start()
+            other.join(30)
+
+        event.listen(broker.engine, "after_cursor_execute", after_the_read)
+        try:
+            first_write()
+        finally:
+            event.remove(broker.engine, "after_cursor_execute", after_the_read)
+        assert landed.is_set()
+        # Stored then replaced, or skipped as no longer for the waiting request: either way
+        # the new request waits, with no certificate.
+        (row,) = fed.table(f"SELECT worker_csr, worker_cert FROM lease WHERE id = '{lid}'")
+        assert row == {"worker_csr": second, "worker_cert": ""}
+        # The cluster is asked for the new request; its certificate is stored and is for
+        # the agent's new key.
+        (asked,) = user.get(f"/clusters/{cluster}/signing-requests").json()["requests"]
+        assert asked["csr"] == second
+        renewed = authority.sign_worker_request(lid, second)
+        assert user.post(f"/clusters/{cluster}/certificates", json={
+            "certificates": [{"lease_id": lid, "cert": renewed}]}).json() == {"accepted": 1}
+        (listed,) = [le for le in agent.get(f"/agent/{pid}/leases").json()["leases"]
+                     if le["id"] == lid]
+        assert key_matches(listed["cert"], second_key)
+    finally:
+        fed.close()
