@@ -14,17 +14,16 @@ Run: python -m benchmarks.flood [--requests 1000] [--flooders 50]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import secrets
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
 from benchmarks.common import table, write
+from tests.utils.flood import Flood
 from tests.utils.procs import start_broker, wait_until
 
 TARGET = 2.0
@@ -41,24 +40,6 @@ def whoami_latencies(url: str, token: str, requests: int) -> list[float]:
             client.get("/whoami").raise_for_status()
             latencies.append(time.perf_counter() - start)
     return latencies
-
-
-def flood(url: str, token: str, provider_id: str, flooders: int, stop: threading.Event,
-          statuses: dict[int, int]) -> None:
-    """``flooders`` connections polling with a stale version until ``stop``."""
-    async def one(client: httpx.AsyncClient) -> None:
-        while not stop.is_set():
-            answer = await client.get(f"/agent/{provider_id}/leases",
-                                      params={"since": "stale", "wait": 0})
-            statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
-
-    async def main() -> None:
-        async with httpx.AsyncClient(base_url=f"{url}/api/v1", timeout=30,
-                                     headers={"Authorization": f"Bearer {token}"},
-                                     limits=httpx.Limits(max_connections=flooders)) as client:
-            await asyncio.gather(*(one(client) for _ in range(flooders)))
-
-    asyncio.run(main())
 
 
 def tokens(url: str, admin: str) -> tuple[str, str, str]:
@@ -91,16 +72,10 @@ def main() -> None:
         try:
             flooder_token, provider_id, user_token = tokens(url, admin)
             quiet = whoami_latencies(url, user_token, args.requests)
-            stop, statuses = threading.Event(), {}
-            thread = threading.Thread(target=flood, args=(url, flooder_token, provider_id,
-                                                          args.flooders, stop, statuses))
-            thread.start()
-            try:
+            with Flood(url, flooder_token, provider_id, args.flooders) as flood:
+                statuses = flood.statuses
                 wait_until(lambda: statuses.get(429, 0) >= 100, 30, "the flood to be refused")
                 flooded = whoami_latencies(url, user_token, args.requests)
-            finally:
-                stop.set()
-                thread.join(60)
         finally:
             broker.stop()
 

@@ -859,25 +859,23 @@ class Broker:
         touched: set[str | None] = set()
         stored = 0
         with self.session() as s:
-            checked = []
             for item in certificates:
                 lease = s.get(Lease, item.lease_id)
                 if lease is None or lease.cluster_id != cluster.id:
                     raise NotFound("unknown-lease",
                                    f"no lease {item.lease_id!r} in this cluster")
                 admission.check_worker_certificate(lease, item.cert, cluster)
-                checked.append((lease.id, lease.worker_csr, item.cert, lease.provider_id))
-            for lease_id, csr, cert, provider_id in checked:
-                # Only for the request that was checked: an agent may replace its request
-                # between the read above and this write, and a certificate written over the
-                # new request's (not for the agent's key) left the lease starting until its
-                # start timeout, the cluster seeing no request left to sign.
+                # Only for the request that was checked (a refusal of a later one rolls
+                # this back): an agent may replace its request between the read and this
+                # write, and a certificate written over the new request's (not for the
+                # agent's key) left the lease starting until its start timeout, the cluster
+                # seeing no request left to sign.
                 written = s.execute(update(Lease).where(
-                    col(Lease.id) == lease_id, col(Lease.worker_csr) == csr,
-                    col(Lease.state) == LeaseState.starting).values(worker_cert=cert))
+                    col(Lease.id) == lease.id, col(Lease.worker_csr) == lease.worker_csr,
+                    col(Lease.state) == LeaseState.starting).values(worker_cert=item.cert))
                 if written.rowcount:
                     stored += 1
-                    touched.add(provider_id)
+                    touched.add(lease.provider_id)
             s.commit()
         self.wakeups.bump_all(touched)
         return stored

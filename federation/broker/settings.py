@@ -113,7 +113,7 @@ class BrokerSettings:
             if "least" in f.metadata and _is_number(value):
                 unit = f.metadata["unit"]  # in code, times are seconds whatever the flag shows
                 word = "s" if unit in ("s", "hours") else UNIT_WORDS.get(unit, unit)
-                wrong = _out_of_range(value, f.metadata, word)
+                wrong = out_of_range(value, f.metadata["least"], f.metadata["above"], word)
                 if wrong:
                     raise ValueError(f"{f.name} {wrong}")
 
@@ -134,11 +134,6 @@ def _is_number(value: Any) -> bool:
 #: The unit's word in an error message.
 UNIT_WORDS = {"s": "seconds", "hours": "hours", "requests/s": "requests per second",
               "requests": "requests", "PCU": "PCU"}
-
-
-def _out_of_range(value: float, meta: Any, unit_word: str) -> str | None:
-    """Why ``value`` (in setting units) is refused, or None."""
-    return out_of_range(value, meta["least"], meta["above"], unit_word)
 
 
 def _checked(kind: type, meta: Any) -> Any:

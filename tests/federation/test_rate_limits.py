@@ -4,13 +4,12 @@ benchmarks/flood.py, not timed here.)"""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 import httpx
 
 from federation.broker.settings import BrokerSettings
+from tests.utils.flood import Flood
 from tests.utils.procs import wait_until
 from tests.utils.scrape import responses_by_status
 
@@ -26,42 +25,18 @@ def test_a_flood_from_one_token_is_refused_and_others_are_still_served(federatio
     pid = httpx.post(f"{fed.url}/api/v1/agent/register", headers=flood_headers,
                      json={"name": "flooder", "cpus": 1, "memory": "1 GiB"}).json()["provider_id"]
 
-    stop = threading.Event()
-    statuses: dict[int, int] = {}
-    retry_after: set[str] = set()
-
-    def flood() -> None:
-        """50 clients polling with a stale version as fast as the broker answers them (an
-        attacker of its own, on a thread: the measurement below is another client)."""
-        async def one(client: httpx.AsyncClient) -> None:
-            while not stop.is_set():
-                answer = await client.get(f"/agent/{pid}/leases",
-                                          params={"since": "stale", "wait": 0})
-                statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
-                if answer.status_code == 429:
-                    retry_after.add(answer.headers.get("retry-after", ""))
-
-        async def main() -> None:
-            async with httpx.AsyncClient(base_url=f"{fed.url}/api/v1", headers=flood_headers,
-                                         limits=httpx.Limits(max_connections=FLOODERS),
-                                         timeout=30) as client:
-                await asyncio.gather(*(one(client) for _ in range(FLOODERS)))
-
-        asyncio.run(main())
-
-    flooder = threading.Thread(target=flood)
-    flooder.start()
-    try:
-        with httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30, headers={
+    # 50 connections polling as fast as the broker answers them (an attacker of its own, on
+    # a thread: bob's calls below are another client).
+    with Flood(fed.url, fed.provider_tokens["lab-a"], pid, FLOODERS) as flood, \
+            httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30, headers={
                 "Authorization": f"Bearer {fed.user_tokens['bob']}"}) as bob:
-            # Measured once the flood is being refused.
-            wait_until(lambda: statuses.get(429, 0) >= 100, 30, "the flood to be refused")
-            for _ in range(40):
-                answer = bob.get("/whoami")
-                assert answer.status_code == 200, answer.text
-    finally:
-        stop.set()
-        flooder.join(60)
+        statuses = flood.statuses
+        # Served once the flood is being refused.
+        wait_until(lambda: statuses.get(429, 0) >= 100, 30, "the flood to be refused")
+        for _ in range(40):
+            answer = bob.get("/whoami")
+            assert answer.status_code == 200, answer.text
+    retry_after = flood.retry_after
     finished = time.monotonic()  # after the flood's last answer
     # The flood was served no more than its bucket gives: the burst, then the rate. (Not
     # "refused more than served": how many refusals a flood collects in a few seconds depends

@@ -141,17 +141,15 @@ class Federation:
             shutil.rmtree(self.agents_root, ignore_errors=True)
 
     def _keep_logs(self) -> None:
-        """The agents' and their workers' logs, copied into the test's own folder (pytest keeps
-        it for the last few runs) before the agents' folder goes: a test that failed in CI
-        can then be read from its agents' side too."""
+        """The agents' logs (``start_agent`` writes ``<name>.log`` beside their folders),
+        copied into the test's own folder (pytest keeps it for the last few runs) before
+        they go: a test that failed in CI can then be read from its agents' side too. Only
+        those: walking the agents' folders (environments, leases) at every test's end would
+        cost more than it tells; workers' logs go with their leases anyway."""
         kept = self.tmp / "agent-logs"
-        for log in self.agents_root.rglob("*.log"):
-            target = kept / log.relative_to(self.agents_root)
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(log, target)
-            except OSError:  # a worker's folder being removed as we read it
-                continue
+        kept.mkdir(exist_ok=True)
+        for log in self.agents_root.glob("*.log"):
+            shutil.copyfile(log, kept / log.name)
 
 
 def api_client(fed: Federation, token: str, **options) -> httpx.Client:
