@@ -9,6 +9,7 @@ command line (hours for half-lives).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
@@ -113,6 +114,8 @@ class BrokerSettings:
             if "least" in f.metadata and _is_number(value):
                 unit = f.metadata["unit"]  # in code, times are seconds whatever the flag shows
                 word = "s" if unit in ("s", "hours") else UNIT_WORDS.get(unit, unit)
+                if not math.isfinite(value):  # as the flags refuse it: inf is no timeout
+                    raise ValueError(f"{f.name} must be a finite number, not {value}")
                 wrong = out_of_range(value, f.metadata["least"], f.metadata["above"], word)
                 if wrong:
                     raise ValueError(f"{f.name} {wrong}")

@@ -3,6 +3,7 @@ and exit non-zero: no traceback, and never a database URL's password."""
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import sys
@@ -97,3 +98,7 @@ def test_settings_made_in_code_are_checked_too():
                        match="max_concurrent_requests must be at least 1 requests, not 0"):
         BrokerSettings(cloud_prices=None, max_concurrent_requests=0)
     assert BrokerSettings(cloud_prices=None, token_cache=0).token_cache == 0
+    for value in (math.inf, -math.inf, math.nan):
+        with pytest.raises(ValueError, match=f"metering_interval must be a finite number, "
+                                             f"not {value}"):
+            BrokerSettings(cloud_prices=None, metering_interval=value)
