@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from accounting.models import utcnow
@@ -64,11 +64,15 @@ def cost(cluster_id: ClusterIdPath, request: Request,
 @router.post("/{cluster_id}/heartbeat", response_model=ClusterPublic)
 def heartbeat(cluster_id: ClusterIdPath, request: Request,
               body: ClusterHeartbeat | None = None,
-              principal: Principal = Depends(require_user)) -> ClusterPublic:
+              principal: Principal = Depends(require_user)) -> Response:
     """The cluster lives; ``connected`` lists the leases whose workers joined its scheduler,
     which makes them running (metered) from now."""
     broker = request.app.state.broker
-    return broker.cluster_heartbeat(principal, cluster_id, body.connected if body else None)
+    public = broker.cluster_heartbeat(principal, cluster_id, body.connected if body else None)
+    # Serialised once, here: through response_model FastAPI dumps the view, validates the
+    # dump and dumps it again, 1.4 against 0.16 ms for a cluster of 100 leases, every 5 s
+    # for every cluster (issue 14). The schema still says ClusterPublic.
+    return Response(public.model_dump_json(), media_type="application/json")
 
 
 @router.post("/{cluster_id}/leases", status_code=201, response_model=list[LeasePublic])

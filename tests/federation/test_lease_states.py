@@ -386,7 +386,7 @@ def test_a_cluster_heartbeat_is_few_statements_whatever_its_leases(tmp_path):
     """The heaviest of the frequent requests (every 5 s per cluster), with as many
     statements for three leases as for one (issue 14: under load every round trip waits
     for a core). One that confirms nothing new (most: the keeper lists every connected
-    worker each time) reads and writes the cluster's last_seen in four statements and no
+    worker each time) reads and writes the cluster's last_seen in three statements and no
     transaction around them; one that confirms starting leases moves them in one."""
     from sqlalchemy import event
 
@@ -418,8 +418,9 @@ def test_a_cluster_heartbeat_is_few_statements_whatever_its_leases(tmp_path):
                 counts.append((len(statements), len(writes)))
                 if counts is confirming:  # the cluster and the leases, in one transaction
                     assert len(writes) == 2 and len(commits) == 1, statements
-        # Nothing new: the cluster, names, leases with their labs, the cluster's last_seen.
-        assert steady == [(4, 1), (4, 1)], (steady, statements)
+        # Nothing new: the cluster with its owner's and lab's names, the leases with their
+        # labs, the cluster's last_seen.
+        assert steady == [(3, 1), (3, 1)], (steady, statements)
         # Confirming: those reads, then in one transaction the cluster, its starting leases
         # (locked), names, leases and the two writes (the token is remembered).
         assert confirming[0] == confirming[1] and confirming[0][0] <= 9, confirming

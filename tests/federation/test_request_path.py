@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.utils.federation import make_federation
@@ -380,3 +381,57 @@ def test_the_server_keeps_its_idle_pool_threads():
         assert WorkerThread.MAX_IDLE_TIME == KEEP_IDLE_THREADS > before
     finally:
         WorkerThread.MAX_IDLE_TIME = before
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'broker.db'}"
+
+
+def test_a_cluster_heartbeat_answers_the_view_it_leaves_and_only_to_its_owner(db_url):
+    """The heartbeat's answer is the cluster's view as the heartbeat left it (the one that
+    confirms a worker shows its lease running), the same view the cluster's own page gives,
+    and a valid ClusterPublic; it notes the cluster alive; another user's cluster answers as
+    an unknown one, an ended cluster is refused."""
+    from federation.broker.models import ClusterPublic, ClusterRecord
+    from tests.utils.in_process import ADMIN_TOKEN
+
+    with in_process_broker(db_url, 2) as b:  # "box": 3 CPUs, two leases running
+        broker = b.app.state.broker
+        base = f"/clusters/{b.cid}"
+        new = b.call(b.user, "POST", f"{base}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"}, "workers": [{"lease_id": "ls-third"}]})
+        assert [le["state"] for le in new.json()] == ["starting"], new.text
+
+        def last_seen():
+            with broker.session() as s:
+                return s.get(ClusterRecord, b.cid).last_seen
+
+        seen = last_seen()
+        beat = b.call(b.user, "POST", f"{base}/heartbeat", json={"connected": []})
+        assert beat.status_code == 200, beat.text
+        view = ClusterPublic.model_validate(beat.json())
+        assert {le.id: le.state.value for le in view.leases} == {
+            **{i: "running" for i in b.ids}, "ls-third": "starting"}
+        assert beat.json()["leases"] == b.call(b.user, "GET", base).json()["leases"]
+        assert (view.user, view.lab, view.active) == ("alice", "lab-a", True)
+        assert last_seen() > seen
+
+        beat = b.call(b.user, "POST", f"{base}/heartbeat", json={"connected": ["ls-third"]})
+        assert {le["id"]: le["state"] for le in beat.json()["leases"]} == {
+            **{i: "running" for i in b.ids}, "ls-third": "running"}
+        assert beat.json()["leases"] == b.call(b.user, "GET", base).json()["leases"]
+
+        bob = b.call(ADMIN_TOKEN, "POST", "/tokens", json={
+            "kind": "user", "lab": "lab-a", "user": "bob"}).json()["token"]
+        others = b.call(bob, "POST", f"{base}/heartbeat", json={"connected": []})
+        unknown = b.call(bob, "POST", "/clusters/cl_000000000000/heartbeat", json={})
+        assert others.status_code == unknown.status_code == 404
+        assert others.json()["error"] == unknown.json()["error"] == "unknown-cluster"
+        assert b.call(ADMIN_TOKEN, "POST", f"{base}/heartbeat", json={}).status_code == 200
+
+        assert b.call(b.user, "DELETE", base).status_code == 200
+        ended = b.call(b.user, "POST", f"{base}/heartbeat", json={"connected": []})
+        assert ended.status_code == 409 and ended.json()["error"] == "cluster-ended"
