@@ -14,6 +14,12 @@ batch that started after its change committed, bounded by a timeout; the others 
 follows in the next batch, or the leader's periodic pass, which charges every ended lease
 not yet charged).
 
+A coalescer may space its batches: one starts at least ``spacing`` seconds after the one
+before, and the asks in between are gathered into it (the end meterer: lease ends come in
+bursts, and their charges can wait for the burst to pass). A lone ask after a quiet spell is
+served at once; an urgent ask ends the wait; a spaced coalescer runs what it gathered before
+it stops.
+
 Without a running thread (a broker used as a library, or before the app starts) a batch runs
 in the caller's thread, as before.
 """
@@ -22,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections.abc import Callable
 
 logger = logging.getLogger("parallex.broker")
@@ -36,10 +44,14 @@ class Coalescer:
     work has none, as a placement pass). Tickets count asks: a batch started after ask
     number N serves it."""
 
-    def __init__(self, run_batch: Callable[[set], object], name: str):
+    def __init__(self, run_batch: Callable[[set], object], name: str, spacing: float = 0.0):
         self._run_batch = run_batch
         self._items: set = set()
         self._name = name
+        #: Seconds at least from one batch's start to the next one's (0: none).
+        self._spacing = spacing
+        self._last_start = -math.inf  # monotonic
+        self._urgent = False  # an ask that must not wait for the spacing
         self._cond = threading.Condition()
         self._asked = 0  # tickets handed out
         self._done = 0  # every ticket up to this one has been served by a finished pass
@@ -65,7 +77,8 @@ class Coalescer:
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the batch under way and stop; later asks run in the caller's thread."""
+        """Finish the batch under way (and, spaced, one with what it gathered) and stop;
+        later asks run in the caller's thread."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -74,15 +87,17 @@ class Coalescer:
             thread.join(timeout)
         self._thread = None
 
-    def ask(self, items: set | frozenset = frozenset()) -> int:
+    def ask(self, items: set | frozenset = frozenset(), urgent: bool = False) -> int:
         """Ask for a batch with ``items`` (after the caller's change committed); returns the
-        ticket to wait for. Without the thread the batch runs here and now."""
+        ticket to wait for. ``urgent``: the batch does not wait for its spacing. Without the
+        thread the batch runs here and now."""
         with self._cond:
             self.asks += 1
             self._asked += 1
             ticket = self._asked
             if self.running:
                 self._items |= items
+                self._urgent = self._urgent or urgent
                 self._cond.notify_all()
                 return ticket
         self._run_inline(ticket, set(items))
@@ -116,9 +131,10 @@ class Coalescer:
         condition); all of them when stopping (their waits return False)."""
         self._async_waiters.release(everyone=self._stopping)
 
-    def ask_and_wait(self, timeout: float, items: set | frozenset = frozenset()) -> bool:
+    def ask_and_wait(self, timeout: float, items: set | frozenset = frozenset(),
+                     urgent: bool = False) -> bool:
         """Ask for a batch and wait for it (see ``wait``)."""
-        return self.wait(self.ask(items), timeout)
+        return self.wait(self.ask(items, urgent), timeout)
 
     def _run_inline(self, ticket: int, items: set) -> None:
         self._run_batch(items)
@@ -136,12 +152,19 @@ class Coalescer:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._asked > self._done or self._stopping)
-                if self._stopping:
+                wait = self._last_start + self._spacing - time.monotonic()
+                if wait > 0 and not self._stopping:
+                    self._cond.wait_for(lambda: self._urgent or self._stopping, wait)
+                # What a spaced coalescer gathered is run before it stops (the others'
+                # askers are released unserved, as before).
+                if self._stopping and not (self._spacing and self._asked > self._done):
                     self._release_async_waiters()
                     self._cond.notify_all()
                     return
                 serving = self._asked  # every ask so far is served by this batch
                 items, self._items = self._items, set()
+                self._urgent = False
+                self._last_start = time.monotonic()
             try:
                 self._run_batch(items)
             except Exception:

@@ -228,7 +228,8 @@ class Broker:
         self.metrics.placement_fallbacks.set_function(lambda: float(self.placer.fallbacks))
         #: Meters leases that just ended, many to a transaction (started with the app).
         self.end_meterer = Coalescer(lambda ids: self.meter(lease_ids=ids),
-                                     "parallex-end-meterer")
+                                     "parallex-end-meterer",
+                                     spacing=self.settings.end_metering_spacing)
         #: Records agents' heartbeats, many to a transaction (started with the app).
         self.heartbeats = Coalescer(self.record_heartbeats, "parallex-heartbeats")
         #: Records agents' reports of their leases, many to a transaction (started with the
@@ -578,7 +579,7 @@ class Broker:
         self.wakeups.bump(provider.id)
         self.placer.ask()
         if ended:
-            self.end_meterer.ask_and_wait(METERING_WAIT, ended)
+            self.end_meterer.ask_and_wait(METERING_WAIT, ended, urgent=True)
         return len(ended)
 
     # ---- clusters -------------------------------------------------------------------------

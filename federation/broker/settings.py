@@ -68,6 +68,12 @@ class BrokerSettings:
     metering_interval: float = setting(
         60.0, "per metered period of a running lease; keep it fixed for a database: periods "
         "continue from where the last one ended", above=True)
+    end_metering_spacing: float = setting(
+        10.0, "at least between two batches that charge the last part of leases that ended; "
+        "the ends in between are gathered into the next batch, a lone end after a quiet "
+        "spell is charged at once. Ends come in bursts (clusters closing or scaling down "
+        "together), whose charges then wait for the burst to pass instead of competing with "
+        "the requests that made it (0: a batch as soon as the last one ends)")
     initial_grant: float = setting(
         1000.0, "granted to each new lab from the grants account (0 grants nothing)",
         unit="PCU")

@@ -14,7 +14,7 @@ import httpx
 
 from federation import FederatedCluster
 from federation.broker.job_records import FIELDS
-from tests.utils.procs import parallex
+from tests.utils.procs import parallex, wait_until
 
 
 def test_job_records_describe_each_ended_lease_to_whom_may_read_it(federation):
@@ -31,9 +31,15 @@ def test_job_records_describe_each_ended_lease_to_whom_may_read_it(federation):
         cluster_id = cluster.cluster_id
     api = f"{fed.url}/api/v1/usage/records"
     alice = {"Authorization": f"Bearer {fed.user_tokens['alice']}"}
-    page = httpx.get(api, headers=alice, timeout=30).json()
+    # A record appears once its end is charged: the second end of the close may wait for the
+    # broker's --end-metering-spacing (10 s) after the first's batch.
+    def both_records() -> dict | None:
+        page = httpx.get(api, headers=alice, timeout=30).json()
+        return page if len(page["records"]) == 2 else None
+
+    page = wait_until(both_records, 30, "both leases' records")
     records = page["records"]
-    assert len(records) == 2 and page["next"] is None
+    assert page["next"] is None
     for r in records:
         assert set(r) == set(FIELDS)
         assert (r["user"], r["lab"], r["provider"], r["provider_lab"], r["cluster_id"]) == (

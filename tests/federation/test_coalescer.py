@@ -162,3 +162,44 @@ def test_stopping_releases_coroutines_that_wait():
     served, waited = asyncio.run(scenario())
     # Released by the stop, not served, and not by its own timeout (30 s): well before it.
     assert served is False and waited < 15, waited
+
+
+def test_spaced_batches_gather_the_asks_in_between_and_an_urgent_one_ends_the_wait():
+    """The end meterer's batches are spaced: a lone ask is served at once, the asks that
+    follow within ``spacing`` seconds of that batch's start are one batch after it, and an
+    urgent ask (an agent going offline waits for its leases' charges) runs it at once."""
+    batches: list[set] = []
+    ran = threading.Semaphore(0)
+
+    def run(items: set) -> None:
+        batches.append(set(items))
+        ran.release()
+
+    coalescer = Coalescer(run, "test", spacing=30)
+    coalescer.start()
+    try:
+        assert coalescer.ask_and_wait(5, {"ls-first"})  # after a quiet spell: at once
+        assert ran.acquire(timeout=0)
+        tickets = [coalescer.ask({f"ls-{i}"}) for i in range(5)]
+        # Within 30 s of the first batch: nothing runs within a bound far shorter.
+        assert not ran.acquire(timeout=0.3)
+        started = time.monotonic()
+        assert coalescer.ask_and_wait(10, {"ls-urgent"}, urgent=True)
+        assert time.monotonic() - started < 10
+        assert all(coalescer.wait(t, 0) for t in tickets)
+        assert batches == [{"ls-first"}, {f"ls-{i}" for i in range(5)} | {"ls-urgent"}]
+    finally:
+        coalescer.stop()
+
+
+def test_a_spaced_coalescer_runs_what_it_gathered_before_it_stops():
+    batches: list[set] = []
+    coalescer = Coalescer(lambda items: batches.append(set(items)), "test", spacing=30)
+    coalescer.start()
+    assert coalescer.ask_and_wait(5, {"ls-0"})
+    ticket = coalescer.ask({"ls-1", "ls-2"})
+    started = time.monotonic()
+    coalescer.stop()
+    assert time.monotonic() - started < 10  # not the 30 s of its spacing
+    assert batches == [{"ls-0"}, {"ls-1", "ls-2"}]
+    assert coalescer.wait(ticket, 0)
