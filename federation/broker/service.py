@@ -930,11 +930,21 @@ class Broker:
     def _reap(self) -> None:
         if not self.renew_leadership():
             return
-        # Runs every second on the event loop: a plain session, no placement lock, unless
-        # something went silent (then a placement pass of its own uses what it freed).
+        # Runs every second: a plain session, no placement lock, unless a provider went
+        # silent. Then its leases end in the placement section: a pass that read it online
+        # just before would otherwise place leases on it after this commit, to wait on a dead
+        # machine until their start timeout (found by test_lease_states' random sequences).
+        now = utcnow()
         with self.session() as s:
-            silent = end_silent_providers(s, utcnow(), self.settings)
-            s.commit()
+            silent = end_silent_providers(s, now, self.settings)
+            if silent.providers:
+                s.rollback()
+            else:
+                s.commit()
+        if silent.providers:
+            with self._placing() as s:
+                silent = end_silent_providers(s, now, self.settings)
+                s.commit()
         for pid in silent.providers:
             logger.warning("provider %s is lost; its leases ended", pid)
         self.wakeups.bump_all(silent.providers)

@@ -10,7 +10,7 @@ import json
 import pytest
 from sqlmodel import select
 
-from federation.broker.models import HELD_STATES, Lease
+from federation.broker.models import HELD_STATES, Lease, LeaseState, Provider
 from federation.broker.placing import capacity_left, online_providers
 from federation.broker.preemption import RecentPreemptionRates, preemption_rates
 from tests.utils.in_process import in_process_broker
@@ -102,3 +102,67 @@ def test_preemption_rates_are_remembered_for_their_time_only(db_url):
             assert RecentPreemptionRates(ttl=3600).rates(s, [b.box]) == {b.box: 0.5}
             # Remembered from before the leases ended, for up to its time (an hour here).
             assert remembered.rates(s, [b.box]) == {b.box: 0.0}
+
+
+def test_a_provider_that_goes_silent_during_a_pass_gets_nothing_from_it(tmp_path):
+    """The reaper ends a silent provider's leases in the placement section: a pass that read
+    the provider online just before must not then place a lease on it (the lease would wait
+    on a dead machine until its start timeout; found by the random event sequences of
+    test_lease_states). On SQLite, where the pass runs in the broker's process, so the
+    reaper can be made to strike between the pass's read and its write; on PostgreSQL the
+    pass and the reaper take the same advisory lock."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy import event
+
+    db_path = tmp_path / "broker.db"
+    with in_process_broker(f"sqlite:///{db_path}", 2) as b:  # "box": 3 CPUs, 2 leases run
+        broker = b.app.state.broker
+        big = b.call(b.user, "POST", f"/clusters/{b.cid}/leases", json={
+            "spec": {"cpus": 2, "memory": "1 GiB"}, "workers": [{"lease_id": "ls-bigone"}]})
+        assert [le["state"] for le in big.json()] == ["pending"], big.text  # 1 CPU free
+        struck = threading.Event()
+        reaper: list[threading.Thread] = []
+        read_providers = threading.Event()
+
+        def strike(_conn, _cursor, statement, *_args) -> None:
+            # The pass read the providers (fetched, as it goes on to its next statement): now
+            # the new one goes silent.
+            if threading.current_thread().name != "parallex-placer" or reaper:
+                return
+            if not read_providers.is_set():
+                if (statement.lstrip().upper().startswith("SELECT")
+                        and "provider.offering" in statement):
+                    with sqlite3.connect(db_path) as c:  # a pass from after the registration
+                        if c.execute("SELECT 1 FROM provider WHERE name = 'spare'").fetchone():
+                            read_providers.set()
+                return
+            with sqlite3.connect(db_path) as c:
+                c.execute("UPDATE provider SET last_seen = datetime(last_seen, '-1 hour') "
+                          "WHERE name = 'spare'")
+            reaper.append(threading.Thread(target=broker.reap))
+            reaper[0].start()
+            reaper[0].join(1.0)  # it waits for the pass (or, unfixed, ends the provider now)
+            struck.set()
+
+        event.listen(broker.engine, "before_cursor_execute", strike)
+        try:
+            spare = b.call(b.agent, "POST", "/agent/register", json={
+                "name": "spare", "cpus": 4, "memory": "8 GiB"})
+            assert spare.status_code == 201, spare.text
+            assert struck.wait(30), "no placement pass read the providers"
+            # Passes run one after another: once a pass asked now has run, the struck one
+            # has finished.
+            assert broker.placing_thread.ask_and_wait(30)
+            reaper[0].join(30)
+            assert not reaper[0].is_alive()
+        finally:
+            event.remove(broker.engine, "before_cursor_execute", strike)
+        with broker.session() as s:
+            lease = s.get(Lease, "ls-bigone")
+            provider = s.get(Provider, spare.json()["provider_id"])
+            assert not provider.online
+            # Placed by the pass, then ended lost by the reaper after it; never left held
+            # on the offline machine.
+            assert lease.state in (LeaseState.pending, LeaseState.ended), lease
