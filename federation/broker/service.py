@@ -563,7 +563,9 @@ class Broker:
         held ends now (preempted: no fault of the provider) instead of after the provider
         timeout, so clusters replace those workers at once. Returns how many leases ended."""
         ended: set[str] = set()
-        with self._row_locked() as s:
+        # In the placement section, as the reaper's end of a silent provider: a pass that
+        # read the machine online must not place on it after this commit.
+        with self._placing() as s:
             row = s.get(Provider, provider.id)
             row.online = False
             s.add(row)

@@ -166,3 +166,52 @@ def test_a_provider_that_goes_silent_during_a_pass_gets_nothing_from_it(tmp_path
             # Placed by the pass, then ended lost by the reaper after it; never left held
             # on the offline machine.
             assert lease.state in (LeaseState.pending, LeaseState.ended), lease
+
+
+def test_on_postgresql_a_provider_goes_offline_only_under_the_placement_lock(postgres_url):
+    """On PostgreSQL the pass runs in the placement process, which takes the placement
+    advisory lock for its whole read and write: ending a provider that timed out (the
+    reaper) or said it goes offline (its agent) waits for that lock, so no pass can place on
+    it from a read made just before."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from federation.broker.placing import PLACEMENT_LOCK
+
+    with in_process_broker(postgres_url, 1) as b:  # "box": 3 CPUs, one lease running
+        broker = b.app.state.broker
+        spare = b.call(b.agent, "POST", "/agent/register", json={
+            "name": "spare", "cpus": 4, "memory": "8 GiB"}).json()["provider_id"]
+
+        def online(provider_id: str) -> bool:
+            with broker.session() as s:
+                return s.get(Provider, provider_id).online
+
+        def while_a_pass_holds_the_lock(change) -> None:
+            """``change`` waits while a pass holds the lock, and is done once it is free."""
+            with broker.engine.connect() as holder:
+                holder.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": PLACEMENT_LOCK})
+                worker = threading.Thread(target=change)
+                worker.start()
+                worker.join(0.5)
+                assert worker.is_alive(), "it did not wait for the placement lock"
+                holder.rollback()  # the pass ends
+            worker.join(30)
+            assert not worker.is_alive()
+
+        # Its agent stops: the machine goes offline and its lease ends.
+        while_a_pass_holds_the_lock(lambda: b.call(b.agent, "POST", f"/agent/{b.box}/offline"))
+        assert not online(b.box)
+        # The other goes silent past the provider timeout: the reaper finds it lost.
+        with broker.session() as s:
+            s.exec(text("UPDATE provider SET last_seen = last_seen - interval '1 hour' "
+                        "WHERE id = :id").bindparams(id=spare))
+            s.commit()
+        assert online(spare)
+        # Its first pass starts the periodic process and meters (seconds): done before.
+        broker._last_metering = broker._last_capacity = time.monotonic()
+        while_a_pass_holds_the_lock(broker.reap)
+        assert not online(spare)
