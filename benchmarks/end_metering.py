@@ -26,6 +26,7 @@ from federation.broker.metering_runs import end_not_charged
 from federation.broker.models import Lease
 from tests.utils.in_process import in_process_broker
 from tests.utils.postgres import fresh_database, postgres_server
+from tests.utils.procs import wait_until
 
 #: The end meterer's thread (service.py names it so).
 METERER = "parallex-end-meterer"
@@ -56,10 +57,7 @@ def burst(db_url: str, spacing: float, leases: int, groups: int) -> dict:
 
         # The reaper's first metering pass comes a few seconds after start: it must come
         # before the burst, not charge its ends in the end meterer's place.
-        deadline = time.monotonic() + 60
-        while not broker._last_metering:
-            assert time.monotonic() < deadline, "no periodic metering pass within 60 s"
-            time.sleep(0.1)
+        wait_until(lambda: broker._last_metering, 60, "the first periodic metering pass")
         statements = 0
 
         def count(*_args) -> None:
@@ -78,16 +76,13 @@ def burst(db_url: str, spacing: float, leases: int, groups: int) -> dict:
                                 json={"state": "ended", "reason": "released"})
                 assert answer.status_code == 200, answer.text
             time.sleep(0.2)
-        deadline = time.monotonic() + 60
-        while True:
+        def all_charged() -> bool:
             with broker.session() as s:
-                left = s.exec(select(func.count()).select_from(Lease)
-                              .where(end_not_charged())).one()
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+                return not s.exec(select(func.count()).select_from(Lease)
+                                  .where(end_not_charged())).one()
+
+        wait_until(all_charged, 60, "every end charged")
         charged_after = time.monotonic() - started
-        assert left == 0, f"{left} ends still not charged after 60 s"
         return {"spacing_s": spacing, "batches": broker.end_meterer.passes - batches,
                 "statements": statements, "all_charged_after_s": charged_after}
 

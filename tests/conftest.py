@@ -74,6 +74,15 @@ def postgres_url(postgres_server_url: str) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path: Path) -> str:
+    """The URL of a fresh broker database, SQLite or PostgreSQL, for a broker app in the
+    test's own process (``tests.utils.in_process``)."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'broker.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
 def any_database(request, tmp_path: Path):
     """A broker with no labs yet, on SQLite or on PostgreSQL (where locks are also row or
     advisory locks other broker processes respect, and the agents' batches run each

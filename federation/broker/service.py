@@ -939,9 +939,7 @@ class Broker:
         now = utcnow()
         with self.session() as s:
             silent = end_silent_providers(s, now, self.settings)
-            if silent.providers:
-                s.rollback()
-            else:
+            if not silent.providers:  # else left uncommitted, and done again below
                 s.commit()
         if silent.providers:
             with self._placing() as s:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from sqlmodel import select
 
 from federation.broker.models import HELD_STATES, Lease, LeaseState, Provider
@@ -16,13 +15,6 @@ from federation.broker.preemption import RecentPreemptionRates, preemption_rates
 from tests.utils.in_process import in_process_broker
 
 GiB = 2**30
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite:///{tmp_path / 'broker.db'}"
 
 
 def held_by_provider(s) -> dict[str, tuple[float, int, set[int]]]:

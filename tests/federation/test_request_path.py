@@ -9,7 +9,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.utils.federation import make_federation
@@ -381,13 +380,6 @@ def test_the_server_keeps_its_idle_pool_threads():
         assert WorkerThread.MAX_IDLE_TIME == KEEP_IDLE_THREADS > before
     finally:
         WorkerThread.MAX_IDLE_TIME = before
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path) -> str:
-    if request.param == "postgresql":
-        return request.getfixturevalue("postgres_url")
-    return f"sqlite:///{tmp_path / 'broker.db'}"
 
 
 def test_a_cluster_heartbeat_answers_the_view_it_leaves_and_only_to_its_owner(db_url):
