@@ -105,6 +105,8 @@ class Recorder:
         self.examples: dict[str, str] = {}
         self.placed: list[float] = []  # when each lease was first seen placed
         self.retried: dict[str, int] = defaultdict(int)  # 429s a real agent retries
+        #: Successful answers by endpoint, untimed ones (long polls) included.
+        self.answered: dict[str, int] = defaultdict(int)
         self.cpu: dict[str, float] = {}  # cores used on average, by process group
         self.loop_lag: list[float] = []  # how late the generator's event loop ran a timer
         self.timeline: list[tuple[float, float]] = []  # (sent at, latency), every endpoint
@@ -129,6 +131,8 @@ class Recorder:
             self.errors[name] += n
         for name, n in other.retried.items():
             self.retried[name] += n
+        for name, n in other.answered.items():
+            self.answered[name] += n
         for name, example in other.examples.items():
             self.examples.setdefault(name, example)
         self.placed.extend(other.placed)
@@ -159,6 +163,7 @@ class Recorder:
             self.errors[name] += 1
             self.examples.setdefault(name, f"{answer.status_code} {answer.text[:200]}")
             return None
+        self.answered[name] += 1
         return answer
 
 
@@ -686,13 +691,16 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
               f"{row['loop_lag_ms_at_most']['p99']:g} ms; {row['heartbeats']} heartbeats, "
               f"p50 ≤ {row['heartbeat_ms_at_most']['p50']:g} ms, p99 ≤ "
               f"{row['heartbeat_ms_at_most']['p99']:g} ms inside it")
+    polls = rec.answered.get("agent poll", 0)
+    print(f"agents' long polls answered: {polls} ({polls / max(len(placed), 1):.2f} per lease "
+          f"placed); agents' reports answered: {rec.answered.get('agent report', 0)}")
     print(f"{len(placed)} leases placed, {rate:.0f} placements/s while placing; "
           f"{errors} errors; worst endpoint p99 {worst:.1f} ms (target < 100 ms, 0 errors)")
     result = {"args": vars(args), "seconds": elapsed, "errors": errors,
               "placements_per_s": rate, "placed": len(placed), "worst_p99_ms": worst,
               "passes": {k: {"count": n, "mean_s": m, "p50_s_at_most": a, "p99_s_at_most": b}
                          for k, (n, m, a, b) in passes.items()},
-              "placement_asks": rec.placement_asks,
+              "placement_asks": rec.placement_asks, "answered": dict(rec.answered),
               "cpu_cores_used": rec.cpu, "retried_429": dict(rec.retried),
               "worst_p99_inside_broker_ms_at_most": worst_inside * 1000,
               "inside_broker": {route: {"requests": n, "p50_ms_at_most": p50 * 1000,

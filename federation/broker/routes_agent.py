@@ -76,7 +76,8 @@ async def leases(provider_id: ProviderIdPath, request: Request,
                  wait: float = Query(0, ge=0, le=WAIT_MAX,
                                      description="Seconds to wait for a change."),
                  principal: Principal = Depends(require_provider)) -> dict:
-    """The leases this provider must run or stop; long-polls up to ``wait`` seconds."""
+    """The leases this provider must run or stop; long-polls up to ``wait`` seconds for a
+    change the agent did not make itself (its own reports do not end the wait)."""
     broker = request.app.state.broker
     # The database calls in the thread pool: on the event loop every agent's poll held up
     # every other request (issue 14's load benchmark: registrations took seconds).

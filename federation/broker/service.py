@@ -535,8 +535,6 @@ class Broker:
             s.commit()
         for report in batch:
             report.recorded = report.refused is None
-        if out.woken:
-            self.wakeups.bump_all(out.woken)
         if out.ended:
             self.placer.ask()
             # Charged in a batch of their own: the charge may wait for the periodic metering

@@ -1,7 +1,9 @@
 """Wake-ups: agents and clusters long-poll for a change of what concerns them.
 
 Each key (a provider id, or ``cluster:<id>``) has a version that changes on every change to
-its lease list; a long poll returns as soon as the version differs from the one it saw.
+its lease list that its poller did not make itself (an agent's own reports of its leases do
+not wake it: agent_batches.Reported); a long poll returns as soon as the version differs
+from the one it saw, and then reads the whole list as it is.
 Changes happen in FastAPI's thread pool and polls wait on the event loop, so versions and
 events change under a lock and events are set on the loop that waits on them
 (``asyncio.Event`` is not thread-safe).

@@ -256,6 +256,36 @@ def test_reports_in_batches_count_on_their_own_and_refusals_write_nothing(federa
     assert 1 <= values["parallex_report_batch_size_count"] <= len(sent)
 
 
+def test_an_agents_own_report_does_not_wake_its_poll_but_a_release_does(federation):
+    """A lease-list version changes with what the agent did not do itself: its own report
+    (here, a suspension) leaves the version as it was, so the poll waits on, and answers
+    the list as it is; the cluster's release of another lease wakes a poll at once."""
+    api, agent, machines = _two_machines(federation)
+    with _user(federation) as user, httpx.Client(base_url=api, headers=agent,
+                                                 timeout=60) as client:
+        cid, on = _running_cluster(user, machines, "ls-wake")
+        a, b = sorted(lid for lid in on if on[lid] == machines[0])
+        polls = f"/agent/{machines[0]}/leases"
+        version = client.get(polls).raise_for_status().json()["version"]
+        client.post(f"/agent/{machines[0]}/leases/{b}/state",
+                    json={"state": "suspended"}).raise_for_status()
+        waited = client.get(polls, params={"since": version, "wait": 0.5}).json()
+        assert waited["version"] == version  # it waited out its time: nothing woke it
+        assert {le["id"]: le["state"] for le in waited["leases"]} == {
+            a: "running", b: "suspended"}
+
+        def poll() -> dict:
+            return client.get(polls, params={"since": version, "wait": 30}).json()
+
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(poll)
+            user.post(f"/clusters/{cid}/leases/release",
+                      json={"lease_ids": [a]}).raise_for_status()
+            woken = waiting.result(timeout=30)  # well before the poll's 30 s
+    assert woken["version"] != version
+    assert {le["id"]: le["state"] for le in woken["leases"]}[a] == "releasing"
+
+
 def test_a_value_the_database_refuses_fails_only_its_own_report_or_heartbeat(postgres_url):
     """A NUL character in a report's message (an agent relaying a worker's output) is refused
     by PostgreSQL. In a batch it must fail only its own report, answered 422, while the
