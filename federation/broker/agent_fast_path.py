@@ -8,7 +8,9 @@ routing (a scan of every route), dependency solving, validation and serialising
 time is what the tail waits for. This middleware
 matches the three paths with one regular expression, authenticates with the same function
 the routes' dependency uses, validates the body with the same models, calls the same route
-functions, and answers with the same JSON.
+functions, and answers with the same JSON, byte for byte, serialised by orjson: a lease list
+of ten leases, each with its cluster's CA certificate, took 0.2 ms of the loop through the
+standard library's encoder, against 0.01 ms.
 
 It only takes the happy path. A request it cannot take whole (a malformed id or query, a
 body that is not valid JSON of the model, another content type, a large body) goes on to
@@ -27,9 +29,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
+import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from ..ids import LEASE_ID, OBJECT_ID
 from . import routes_agent
@@ -98,7 +101,7 @@ class AgentFastPath:
             return
         self._answered.inc()
         try:
-            response = JSONResponse(await call())
+            response = Response(orjson.dumps(await call()), media_type="application/json")
         except Exception as exc:
             response = known_error_response(scope["method"], scope["path"], exc)
             if response is None:

@@ -180,3 +180,28 @@ def test_what_the_fast_path_cannot_take_reaches_the_api_intact(fed):
     assert offering(fed, box) == 0  # the large heartbeat was recorded
     assert took(fed, before) == {"handed on": len(refused) + len(served), HEARTBEAT: 5,
                                  "POST /agent/{provider_id}/leases/{lease_id}/state": 2}
+
+
+def test_a_lease_list_on_the_fast_path_is_byte_for_byte_the_apis(fed):
+    """The fast path serialises its answers itself (orjson): a lease list with a lease in it
+    reads exactly as FastAPI's route answers it, key order and separators included."""
+    from federation.tls import ClusterAuthority
+
+    box = register(fed, "lab-a", "box")
+    user = {"Authorization": f"Bearer {fed.user_tokens['alice']}"}
+    cid = httpx.post(f"{fed.url}/api/v1/clusters", headers=user, timeout=30, json={
+        "scheduler_address": "tls://127.0.0.1:40000",
+        "ca_cert": ClusterAuthority().ca_pem}).raise_for_status().json()["id"]
+    httpx.post(f"{fed.url}/api/v1/clusters/{cid}/leases", headers=user, timeout=30, json={
+        "spec": {"cpus": 1, "memory": 2**30},
+        "workers": [{"lease_id": "ls-bytes00001"}]}).raise_for_status()
+    api = f"{fed.url}/api/v1/agent/{box}"
+    agent = {"Authorization": f"Bearer {fed.provider_tokens['lab-a']}"}
+    before = counts(fed)
+    fast = httpx.get(f"{api}/leases", params={"wait": "0"}, headers=agent)
+    full = httpx.get(f"{api}/leases", params={"wait": "0", "extra": "1"}, headers=agent)
+    assert (fast.status_code, full.status_code) == (200, 200), (fast.text, full.text)
+    assert [le["id"] for le in fast.json()["leases"]] == ["ls-bytes00001"]
+    assert fast.content == full.content
+    assert fast.headers["content-type"] == full.headers["content-type"]
+    assert took(fed, before)["answered"] == 1 and took(fed, before)["handed on"] == 1
