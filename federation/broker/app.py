@@ -159,6 +159,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     # Outermost, so the rate limiter's 429s are counted too (under no route: none matched yet).
     app.add_middleware(HttpTimer, metrics=broker.metrics)
     app.state.session = broker.session
+    app.state.reading = broker.reading
     app.state.principals = broker.principals
     app.state.hub_tokens = (HubTokenChecker(settings.hub_api_url, settings.hub_service_name,
                                             settings.hub_token_cache)

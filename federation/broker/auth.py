@@ -102,7 +102,9 @@ async def authenticate(request: Request) -> Principal:
 def _read_principal(request: Request, secret: str, digest: str) -> tuple[Principal, bool]:
     """The token's Principal from the database; and whether it is an API token's (kept in
     the cache) rather than a hub token's (the hub's own cache keeps those)."""
-    with request.app.state.session() as session:
+    # Only reads: outside a transaction (one round trip, not three; a replica reads each
+    # token it serves again every --token-cache seconds).
+    with request.app.state.reading() as session:
         # One statement for the token, its lab, its user and their membership there.
         found = session.exec(
             select(ApiToken, Lab, User, Membership)

@@ -243,6 +243,13 @@ class Broker:
     def session(self) -> Session:
         return db.session(self.engine)
 
+    def reading(self) -> Session:
+        """A session for work that only reads: each statement a transaction of its own
+        (``db.autocommit``), so a read is one round trip instead of three (psycopg's BEGIN,
+        the statement, the pool's ROLLBACK on return). Not for reads that must agree with
+        each other or with a write that follows: use ``session`` for those."""
+        return db.session(self.autocommit_engine)
+
     def _identity_changed(self) -> None:
         """A token, membership, user or lab changed: what this replica remembers of tokens
         may be wrong, and the other replicas' too."""
@@ -383,7 +390,7 @@ class Broker:
 
     def provider_for(self, principal: Principal, provider_id: str) -> Provider:
         """The caller's lab's provider ``provider_id`` (its row), else NotFound."""
-        with self.session() as s:
+        with self.reading() as s:
             provider = s.get(Provider, provider_id)
         if provider is not None:
             self._provider_labs.put(provider.id, provider.lab_id)
@@ -470,7 +477,7 @@ class Broker:
 
     def provider_leases(self, provider_id: str) -> list[dict]:
         """What the agent should run (starting, running) and stop (releasing)."""
-        with self.session() as s:
+        with self.reading() as s:
             return agent_leases(s, provider_id, gateway=self.gateway_address)
 
     def _read_lease_lists(self, reads: set[LeaseListRead]) -> None:
@@ -488,7 +495,7 @@ class Broker:
 
     def scheduler_of(self, cluster_id: str) -> str | None:
         """The gateway's route: an active cluster's scheduler as host:port, else None."""
-        with self.session() as s:
+        with self.reading() as s:
             row = s.get(ClusterRecord, cluster_id)
             if row is None or not row.active:
                 return None
@@ -610,7 +617,7 @@ class Broker:
     def dashboard_target(self, cluster_id: str, key: str) -> str:
         """host:port of an active cluster's Dask dashboard, if ``key`` is its link's secret;
         otherwise NotFound, the same for every reason (ids and keys are not disclosed)."""
-        with self.session() as s:
+        with self.reading() as s:
             cluster = s.get(ClusterRecord, cluster_id)
         if (cluster is None or not cluster.active or not cluster.dashboard_port
                 or not cluster.dashboard_key_hash
@@ -622,7 +629,7 @@ class Broker:
 
     def cluster_for(self, principal: Principal, cluster_id: str) -> ClusterRecord:
         """The cluster, if the caller may act on it: its owner or an administrator."""
-        with self.session() as s:
+        with self.reading() as s:
             return self._cluster_of(s, principal, cluster_id)
 
     @staticmethod
@@ -638,19 +645,19 @@ class Broker:
             where.append(ClusterRecord.active == True)  # noqa: E712
         if not principal.is_admin:
             where.append(ClusterRecord.user_id == principal.user_id)
-        with self.session() as s:
+        with self.reading() as s:
             return clusters_public(s, cluster_heads(s, *where))
 
     def new_leases_public(self, lease_ids: list[str]) -> list[LeasePublic]:
         """The public view of leases just asked for (their states after the placement pass),
         in the order asked."""
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))).all()
             public = leases_public(s, list(rows))
         return [public[i] for i in lease_ids if i in public]
 
     def cluster_public(self, cluster_id: str) -> ClusterPublic:
-        with self.session() as s:
+        with self.reading() as s:
             public = clusters_public(s, [cluster_head(s, cluster_id)])[0]
         public.gateway_internal = self.gateway_internal
         return public
@@ -862,7 +869,7 @@ class Broker:
 
     def signing_requests(self, cluster: ClusterRecord) -> list[dict]:
         """The cluster's starting leases whose agents wait for a certificate."""
-        with self.session() as s:
+        with self.reading() as s:
             rows = s.exec(select(Lease.id, Lease.worker_csr).where(
                 Lease.cluster_id == cluster.id, Lease.state == LeaseState.starting,
                 Lease.worker_csr != "", Lease.worker_cert == "")).all()

@@ -457,3 +457,45 @@ def test_a_cluster_heartbeat_answers_the_view_it_leaves_and_only_to_its_owner(db
         assert b.call(b.user, "DELETE", base).status_code == 200
         ended = b.call(b.user, "POST", f"{base}/heartbeat", json={"connected": []})
         assert ended.status_code == 409 and ended.json()["error"] == "cluster-ended"
+
+
+def test_on_postgresql_reads_run_outside_a_transaction_and_writes_inside(postgres_url):
+    """A request that only reads (a token, a cluster, its view) sends its statements outside
+    a transaction, each a round trip of its own with no BEGIN before and no ROLLBACK after;
+    a unit of work that writes (a release) still locks and writes inside one."""
+    from psycopg.pq import TransactionStatus
+    from sqlalchemy import event
+
+    # Every request reads its token (none remembered), so each request shows that read too.
+    with in_process_broker(postgres_url, 2, token_cache=0) as b:
+        seen: list[tuple[str, TransactionStatus]] = []
+
+        def note(conn, _cursor, statement, *_args) -> None:
+            # The requests' own statements: their threads are AnyIO's (the broker's
+            # placer, relay and reaper run statements of their own meanwhile).
+            if threading.current_thread().name.startswith("AnyIO worker"):
+                status = conn.connection.dbapi_connection.info.transaction_status
+                seen.append((" ".join(statement.split()), status))
+
+        engine = b.app.state.broker.engine
+        event.listen(engine, "after_cursor_execute", note)
+        try:
+            read = b.call(b.user, "GET", f"/clusters/{b.cid}")
+            assert read.status_code == 200, read.text
+            reads, seen[:] = list(seen), []
+            released = b.call(b.user, "POST", f"/clusters/{b.cid}/leases/release",
+                              json={"lease_ids": b.ids[:1]})
+            assert released.status_code == 200, released.text
+            release = list(seen)
+        finally:
+            event.remove(engine, "after_cursor_execute", note)
+    assert len(reads) >= 3, reads  # the token, the cluster, its view
+    assert [s for s, status in reads if status != TransactionStatus.IDLE] == [], reads
+    assert any("FROM apitoken" in s for s, _status in reads), reads
+    # The release: its token and its cluster read outside, its leases locked and written in.
+    outside = [s for s, status in release if status == TransactionStatus.IDLE]
+    inside = [s for s, status in release if status == TransactionStatus.INTRANS]
+    assert any("FROM apitoken" in s for s in outside), release
+    assert any(s.startswith("SELECT cluster.") for s in outside), release
+    assert any("FOR UPDATE" in s for s in inside), release
+    assert any(s.startswith("UPDATE lease") for s in inside), release
