@@ -21,6 +21,8 @@ import threading
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from . import db
+
 logger = logging.getLogger("parallex.broker.replicas")
 
 CHANNEL = "parallex_wakeup"
@@ -129,10 +131,13 @@ class WakeupRelay:
             current += " " + key
         payloads.append(current)
         try:
-            with self.engine.begin() as c:
-                for payload in payloads:
-                    c.execute(text("SELECT pg_notify(:channel, :payload)"),
-                              {"channel": CHANNEL, "payload": payload})
+            # One statement outside a transaction: one round trip, where BEGIN, a statement
+            # per payload and COMMIT were three or more (a batch is sent every few
+            # milliseconds under churn).
+            with db.autocommit(self.engine).connect() as c:
+                c.execute(text("SELECT pg_notify(:channel, payload) "
+                               "FROM unnest(CAST(:payloads AS text[])) AS payload"),
+                          {"channel": CHANNEL, "payloads": payloads})
         except Exception:  # a lost wake-up costs the other replica's poll its timeout, no more
             logger.exception("could not tell the other broker replicas of %d changes",
                              len(keys))
