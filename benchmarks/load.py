@@ -20,6 +20,9 @@ sees them, the simulated clients' include their own queueing.
 Latencies are also given per 20 s window (start-up, then steady state), with how late the
 brokers' and the generator's event loops ran, and how busy the machine was while the probes'
 slow heartbeats (over 100 ms) waited, against the others (benchmarks/busy_timeline.py).
+It also counts the agents' long polls answered (per lease placed) and PostgreSQL's
+transactions during the run (its own statistics): work done rather than time taken, so they
+compare across hosts and hours where latencies do not.
 
 Users arrive over the first --user-spread seconds (default 5), each at a random moment, so
 their heartbeats and churn do not all fall in the same instant (runs before 2026-12-01 started
@@ -122,6 +125,8 @@ class Recorder:
         self.placement_asks: dict[str, float] = {}
         #: Each replica's own figures (``replica_figures``), in the order of the URLs.
         self.by_replica: list[dict] = []
+        #: PostgreSQL's transactions during the run, committed and rolled back.
+        self.transactions: dict[str, int] = {}
 
     def merge(self, other: Recorder) -> None:
         """Add another generator process's recordings to these."""
@@ -397,6 +402,7 @@ def main() -> None:
                                          extra=("--metering-interval", METERING_INTERVAL,
                                                 "--rate-burst", "1000"))
                 brokers.append((proc, url))
+            transactions_at_start = database_transactions(db)
             start = time.perf_counter()
             watched = {"broker replicas": [psutil.Process(p.pid) for p, _u in brokers]}
             before = {k: sum(cpu(p) for p in ps) for k, ps in watched.items()}
@@ -444,7 +450,23 @@ def main() -> None:
         finally:
             for proc, _url in brokers:
                 proc.stop()
+        # Counted by PostgreSQL as its backends end (they flush their statistics then), so
+        # read once the brokers have stopped; set against the count read before the run.
+        after_run = database_transactions(db)
+        rec.transactions = {k: (after_run[k] - transactions_at_start[k]) for k in after_run}
     report(rec, elapsed, passes, inside, args, lag.get("", (0, 0.0, 0.0)))
+
+
+def database_transactions(url: str) -> dict[str, int]:
+    """PostgreSQL's count of the database's transactions so far, committed and rolled back
+    (each statement in autocommit is one committed transaction)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        committed, rolled_back = conn.execute(
+            "SELECT xact_commit, xact_rollback FROM pg_stat_database "
+            "WHERE datname = current_database()").fetchone()
+    return {"committed": committed, "rolled back": rolled_back}
 
 
 def generator_cpu() -> float:
@@ -694,6 +716,9 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
     polls = rec.answered.get("agent poll", 0)
     print(f"agents' long polls answered: {polls} ({polls / max(len(placed), 1):.2f} per lease "
           f"placed); agents' reports answered: {rec.answered.get('agent report', 0)}")
+    if rec.transactions:
+        print("PostgreSQL transactions (its statistics, start-up and the final closes "
+              "included): " + ", ".join(f"{k} {v}" for k, v in rec.transactions.items()))
     print(f"{len(placed)} leases placed, {rate:.0f} placements/s while placing; "
           f"{errors} errors; worst endpoint p99 {worst:.1f} ms (target < 100 ms, 0 errors)")
     result = {"args": vars(args), "seconds": elapsed, "errors": errors,
@@ -701,6 +726,7 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
               "passes": {k: {"count": n, "mean_s": m, "p50_s_at_most": a, "p99_s_at_most": b}
                          for k, (n, m, a, b) in passes.items()},
               "placement_asks": rec.placement_asks, "answered": dict(rec.answered),
+              "database_transactions": rec.transactions,
               "cpu_cores_used": rec.cpu, "retried_429": dict(rec.retried),
               "worst_p99_inside_broker_ms_at_most": worst_inside * 1000,
               "inside_broker": {route: {"requests": n, "p50_ms_at_most": p50 * 1000,
