@@ -57,12 +57,13 @@ from pathlib import Path
 import aiohttp
 import httpx
 import psutil
+import psycopg
 import uvloop
 
 from benchmarks.busy_timeline import BusyTimeline
 from benchmarks.common import table, write
 from federation.tls import ClusterAuthority
-from tests.utils.postgres import fresh_database, postgres_server
+from tests.utils.postgres import fresh_database, pg_bin, postgres_server
 from tests.utils.procs import start_broker
 
 LABS = 20
@@ -127,6 +128,9 @@ class Recorder:
         self.by_replica: list[dict] = []
         #: PostgreSQL's transactions during the run, committed and rolled back.
         self.transactions: dict[str, int] = {}
+        #: Statements PostgreSQL ran during the run (``database_statements``), up to the
+        #: brokers' stop.
+        self.statements: dict[str, int] = {}
 
     def merge(self, other: Recorder) -> None:
         """Add another generator process's recordings to these."""
@@ -393,8 +397,19 @@ def main() -> None:
                              "clients are other machines; the probes are not niced.")
     args = parser.parse_args()
     admin_token = secrets.token_hex(24)
-    with tempfile.TemporaryDirectory() as tmp, postgres_server() as server:
+    # PostgreSQL counts every statement, BEGIN and COMMIT included, where its distribution
+    # ships pg_stat_statements (Debian's does).
+    counting = (pg_bin().parent / "lib" / "pg_stat_statements.so").exists()
+    # Room for every statement's text (an IN list of each length is a text of its own), so
+    # none is evicted with its count (``dealloc`` says if one was).
+    settings = ("shared_preload_libraries=pg_stat_statements",
+                "pg_stat_statements.max=20000") if counting else ()
+    with (tempfile.TemporaryDirectory() as tmp,
+          postgres_server(settings=settings) as server):
         db = fresh_database(server, "load")
+        if counting:
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
         brokers = []
         try:
             for name in (f"replica-{i + 1}" for i in range(args.replicas)):
@@ -403,6 +418,7 @@ def main() -> None:
                                                 "--rate-burst", "1000"))
                 brokers.append((proc, url))
             transactions_at_start = database_transactions(db)
+            statements_at_start = database_statements(db) if counting else {}
             start = time.perf_counter()
             watched = {"broker replicas": [psutil.Process(p.pid) for p, _u in brokers]}
             before = {k: sum(cpu(p) for p in ps) for k, ps in watched.items()}
@@ -447,6 +463,9 @@ def main() -> None:
             rec.placement_asks = gauge_sums(samples, {
                 "sent to the leader": "parallex_placement_asks_to_leader",
                 "placed by their own replica": "parallex_placement_fallbacks"})
+            if counting:
+                now = database_statements(db)
+                rec.statements = {k: now[k] - statements_at_start.get(k, 0) for k in now}
         finally:
             for proc, _url in brokers:
                 proc.stop()
@@ -457,11 +476,26 @@ def main() -> None:
     report(rec, elapsed, passes, inside, args, lag.get("", (0, 0.0, 0.0)))
 
 
+def database_statements(url: str) -> dict[str, int]:
+    """Statements PostgreSQL has run on the database so far (pg_stat_statements): all of
+    them, and of those the transactions' own BEGIN, COMMIT and ROLLBACK. Each is a round
+    trip from a broker (an executemany's rows are pipelined, and counted one each)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT upper(split_part(ltrim(query), ' ', 1)), sum(calls)::bigint "
+            "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database()) GROUP BY 1").fetchall()
+        evicted = conn.execute("SELECT dealloc FROM pg_stat_statements_info").fetchone()[0]
+    counts = {word: int(calls) for word, calls in rows}
+    out = {"all": sum(counts.values())}
+    out.update({word.lower(): counts.get(word, 0) for word in ("BEGIN", "COMMIT", "ROLLBACK")})
+    out["evictions"] = int(evicted)  # nonzero: the counts are short by what was evicted
+    return out
+
+
 def database_transactions(url: str) -> dict[str, int]:
     """PostgreSQL's count of the database's transactions so far, committed and rolled back
     (each statement in autocommit is one committed transaction)."""
-    import psycopg
-
     with psycopg.connect(url, autocommit=True) as conn:
         committed, rolled_back = conn.execute(
             "SELECT xact_commit, xact_rollback FROM pg_stat_database "
@@ -716,6 +750,12 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
     polls = rec.answered.get("agent poll", 0)
     print(f"agents' long polls answered: {polls} ({polls / max(len(placed), 1):.2f} per lease "
           f"placed); agents' reports answered: {rec.answered.get('agent report', 0)}")
+    if rec.statements:
+        st = rec.statements
+        print(f"PostgreSQL statements during the run: {st['all']} "
+              f"({st['all'] / max(len(placed), 1):.1f} per lease placed), of which BEGIN "
+              f"{st['begin']}, COMMIT {st['commit']}, ROLLBACK {st['rollback']}"
+              + (f" (undercounted: {st['evictions']} evictions)" if st["evictions"] else ""))
     if rec.transactions:
         print("PostgreSQL transactions (its statistics, start-up and the final closes "
               "included): " + ", ".join(f"{k} {v}" for k, v in rec.transactions.items()))
@@ -727,6 +767,7 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
                          for k, (n, m, a, b) in passes.items()},
               "placement_asks": rec.placement_asks, "answered": dict(rec.answered),
               "database_transactions": rec.transactions,
+              "database_statements": rec.statements,
               "cpu_cores_used": rec.cpu, "retried_429": dict(rec.retried),
               "worst_p99_inside_broker_ms_at_most": worst_inside * 1000,
               "inside_broker": {route: {"requests": n, "p50_ms_at_most": p50 * 1000,

@@ -36,8 +36,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def postgres_server(timeout: float = 60.0) -> Iterator[str]:
-    """Yield ``postgresql://...`` of a fresh server; initdb refuses root, so run as postgres."""
+def postgres_server(timeout: float = 60.0, settings: tuple[str, ...] = ()) -> Iterator[str]:
+    """Yield ``postgresql://...`` of a fresh server; initdb refuses root, so run as postgres.
+    ``settings``: more ``name=value`` server settings (each passed as ``-c``)."""
     import psycopg
 
     bindir = pg_bin()
@@ -59,7 +60,7 @@ def postgres_server(timeout: float = 60.0) -> Iterator[str]:
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
          "-k", str(sock), "-c", "fsync=off",
          # Each broker replica keeps up to 40 connections; the load benchmark runs up to 6.
-         "-c", "max_connections=300"],
+         "-c", "max_connections=300", *(arg for kv in settings for arg in ("-c", kv))],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **run_as)
     admin_url = f"postgresql://parallex@127.0.0.1:{port}/postgres"
     try:
