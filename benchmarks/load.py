@@ -465,7 +465,9 @@ def main() -> None:
                 "placed by their own replica": "parallex_placement_fallbacks"})
             if counting:
                 now = database_statements(db)
-                rec.statements = {k: now[k] - statements_at_start.get(k, 0) for k in now}
+                rec.statements = {k: now[k] - statements_at_start.get(k, 0)
+                                  for k in now if k != "most frequent"}
+                rec.statements["most frequent"] = now["most frequent"]  # start-up included
         finally:
             for proc, _url in brokers:
                 proc.stop()
@@ -486,10 +488,17 @@ def database_statements(url: str) -> dict[str, int]:
             "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
             "WHERE datname = current_database()) GROUP BY 1").fetchall()
         evicted = conn.execute("SELECT dealloc FROM pg_stat_statements_info").fetchone()[0]
+        # The most frequent, with an IN list of any length as one (its texts differ).
+        top = conn.execute(
+            "SELECT left(regexp_replace(query, '\\$[0-9]+(, *\\$[0-9]+)*', '$n', 'g'), 140), "
+            "sum(calls)::bigint FROM pg_stat_statements WHERE dbid = (SELECT oid FROM "
+            "pg_database WHERE datname = current_database()) GROUP BY 1 ORDER BY 2 DESC "
+            "LIMIT 15").fetchall()
     counts = {word: int(calls) for word, calls in rows}
     out = {"all": sum(counts.values())}
     out.update({word.lower(): counts.get(word, 0) for word in ("BEGIN", "COMMIT", "ROLLBACK")})
     out["evictions"] = int(evicted)  # nonzero: the counts are short by what was evicted
+    out["most frequent"] = {text: int(calls) for text, calls in top}
     return out
 
 
@@ -756,6 +765,8 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
               f"({st['all'] / max(len(placed), 1):.1f} per lease placed), of which BEGIN "
               f"{st['begin']}, COMMIT {st['commit']}, ROLLBACK {st['rollback']}"
               + (f" (undercounted: {st['evictions']} evictions)" if st["evictions"] else ""))
+        print("  most frequent (set-up included): " + "; ".join(
+            f"{calls} × {text}" for text, calls in st["most frequent"].items()))
     if rec.transactions:
         print("PostgreSQL transactions (its statistics, start-up and the final closes "
               "included): " + ", ".join(f"{k} {v}" for k, v in rec.transactions.items()))
