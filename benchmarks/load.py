@@ -45,6 +45,7 @@ import os
 import random
 import resource
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -395,6 +396,9 @@ def main() -> None:
                              "machine too small for the clients to run elsewhere, 10 lets the "
                              "brokers and PostgreSQL have the cores first, as when the "
                              "clients are other machines; the probes are not niced.")
+    parser.add_argument("--keep-logs", metavar="FOLDER", default=None,
+                        help="Copy the replicas' logs into FOLDER at the end (default: none "
+                             "kept; they are written to a temporary folder).")
     args = parser.parse_args()
     admin_token = secrets.token_hex(24)
     # PostgreSQL counts every statement, BEGIN and COMMIT included, where its distribution
@@ -471,6 +475,10 @@ def main() -> None:
         finally:
             for proc, _url in brokers:
                 proc.stop()
+            if args.keep_logs:
+                Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+                for log in Path(tmp).glob("replica-*.log"):
+                    shutil.copy(log, args.keep_logs)
         # Counted by PostgreSQL as its backends end (they flush their statistics then), so
         # read once the brokers have stopped; set against the count read before the run.
         after_run = database_transactions(db)
