@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -92,11 +93,13 @@ async def authenticate(request: Request) -> Principal:
     cache = getattr(request.app.state, "principals", None)
     if cache is None:
         return (await run_in_threadpool(_read_principal, request, secret, digest))[0]
-    known = cache.get(digest)
+    def read() -> Awaitable[tuple[Principal, bool]]:
+        return run_in_threadpool(_read_principal, request, secret, digest)
+
+    known = cache.get_renewing(digest, read)
     if known is not None:
         return known
-    return await cache.read_once(
-        digest, lambda: run_in_threadpool(_read_principal, request, secret, digest))
+    return await cache.read_once(digest, read)
 
 
 def _read_principal(request: Request, secret: str, digest: str) -> tuple[Principal, bool]:

@@ -54,14 +54,20 @@ class ExpiringMap(Generic[K, V]):
         self.generation = 0
 
     def get(self, key: K) -> V | None:
+        found = self.get_aged(key)
+        return None if found is None else found[0]
+
+    def get_aged(self, key: K) -> tuple[V, float] | None:
+        """The value and its age in seconds, or None when there is none (or it expired)."""
         with self._lock:
             entry = self._items.get(key)
             if entry is None:
                 return None
-            if time.monotonic() - entry[0] > self.ttl:
+            age = time.monotonic() - entry[0]
+            if age > self.ttl:
                 del self._items[key]
                 return None
-            return entry[1]
+            return entry[1], age
 
     def put(self, key: K, value: V, generation: int | None = None) -> None:
         """Remember ``value``; with ``generation`` (read before the value was), only when no

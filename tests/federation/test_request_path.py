@@ -396,6 +396,54 @@ def test_a_token_that_many_requests_bring_at_once_is_read_once(tmp_path):
             event.remove(broker.engine, "before_cursor_execute", note_token_reads)
 
 
+def test_a_token_in_use_is_read_again_before_it_expires_without_a_request_waiting(tmp_path):
+    """Past half its age limit, a remembered token is answered from memory while the next
+    request starts a read of it in the background; the read renews it. Before, every
+    request that arrived while an expired token was read again waited for that read."""
+    from sqlalchemy import event
+
+    from federation.broker.auth import hash_token
+
+    ttl = 600.0  # far longer than the test: only the renewal can read the token again
+    with in_process_broker(f"sqlite:///{tmp_path / 'broker.db'}", 1, token_cache=ttl) as b:
+        broker = b.app.state.broker
+        digest = hash_token(b.agent)
+        reading, release, finished = (threading.Event() for _ in range(3))
+
+        def hold_token_reads(_conn, _cursor, statement: str, *_args) -> None:
+            if "FROM apitoken" in statement:
+                reading.set()
+                release.wait(30)
+
+        def read_done(*_args) -> None:
+            if reading.is_set():
+                finished.set()
+
+        assert b.call(b.agent, "GET", "/whoami").status_code == 200  # read and remembered
+        event.listen(broker.engine, "before_cursor_execute", hold_token_reads)
+        event.listen(broker.engine, "after_cursor_execute", read_done)
+        try:
+            # Fresh: answered from memory, nothing read.
+            assert b.call(b.agent, "GET", "/whoami").status_code == 200
+            assert not reading.is_set()
+            # Past half its age (as if 0.6 of the limit had gone by).
+            with broker.principals._lock:
+                put_at, principal = broker.principals._items[digest]
+                broker.principals._items[digest] = (put_at - 0.6 * ttl, principal)
+            answer = b.call(b.agent, "GET", "/whoami")
+            # Answered while its token's read is held: nobody waited for it.
+            assert answer.status_code == 200 and answer.json()["lab"] == "lab-a"
+            assert reading.wait(30), "no read of the token started"
+            assert not finished.is_set()
+            release.set()
+            wait_until(lambda: broker.principals.get_aged(digest)[1] < 0.5 * ttl, 30,
+                       "the background read to renew the token")
+        finally:
+            release.set()
+            event.remove(broker.engine, "before_cursor_execute", hold_token_reads)
+            event.remove(broker.engine, "after_cursor_execute", read_done)
+
+
 def test_the_server_keeps_its_idle_pool_threads():
     """The broker server tells AnyIO to keep idle request threads (pool_threads.py): starting
     one stalls the event loop under load. A newer AnyIO without that setting fails here, not
