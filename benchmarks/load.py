@@ -20,9 +20,10 @@ sees them, the simulated clients' include their own queueing.
 Latencies are also given per 20 s window (start-up, then steady state), with how late the
 brokers' and the generator's event loops ran, and how busy the machine was while the probes'
 slow heartbeats (over 100 ms) waited, against the others (benchmarks/busy_timeline.py).
-It also counts the agents' long polls answered (per lease placed) and PostgreSQL's
-transactions during the run (its own statistics): work done rather than time taken, so they
-compare across hosts and hours where latencies do not.
+It also counts the agents' long polls answered (per lease placed), and PostgreSQL's
+transactions and statements during the run (its own statistics; statements where the server
+ships pg_stat_statements): work done rather than time taken, so they compare across hosts
+and hours where latencies do not.
 
 Users arrive over the first --user-spread seconds (default 5), each at a random moment, so
 their heartbeats and churn do not all fall in the same instant (runs before 2026-12-01 started
@@ -491,22 +492,20 @@ def database_statements(url: str) -> dict[str, int]:
     them, and of those the transactions' own BEGIN, COMMIT and ROLLBACK. Each is a round
     trip from a broker (an executemany's rows are pipelined, and counted one each)."""
     with psycopg.connect(url, autocommit=True) as conn:
+        # By text, an IN list of any length as one (each length is a text of its own).
         rows = conn.execute(
-            "SELECT upper(split_part(ltrim(query), ' ', 1)), sum(calls)::bigint "
-            "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
-            "WHERE datname = current_database()) GROUP BY 1").fetchall()
-        evicted = conn.execute("SELECT dealloc FROM pg_stat_statements_info").fetchone()[0]
-        # The most frequent, with an IN list of any length as one (its texts differ).
-        top = conn.execute(
-            "SELECT left(regexp_replace(query, '\\$[0-9]+(, *\\$[0-9]+)*', '$n', 'g'), 140), "
+            "SELECT regexp_replace(ltrim(query), '\\$[0-9]+(, *\\$[0-9]+)*', '$n', 'g'), "
             "sum(calls)::bigint FROM pg_stat_statements WHERE dbid = (SELECT oid FROM "
-            "pg_database WHERE datname = current_database()) GROUP BY 1 ORDER BY 2 DESC "
-            "LIMIT 15").fetchall()
-    counts = {word: int(calls) for word, calls in rows}
-    out = {"all": sum(counts.values())}
-    out.update({word.lower(): counts.get(word, 0) for word in ("BEGIN", "COMMIT", "ROLLBACK")})
+            "pg_database WHERE datname = current_database()) GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+        evicted = conn.execute("SELECT dealloc FROM pg_stat_statements_info").fetchone()[0]
+    first_words: dict[str, int] = defaultdict(int)
+    for text, calls in rows:
+        first_words[text.split(" ", 1)[0].upper()] += calls
+    out = {"all": sum(first_words.values())}
+    out.update({word.lower(): first_words[word] for word in ("BEGIN", "COMMIT", "ROLLBACK")})
     out["evictions"] = int(evicted)  # nonzero: the counts are short by what was evicted
-    out["most frequent"] = {text: int(calls) for text, calls in top}
+    out["most frequent"] = {text[:140]: int(calls) for text, calls in rows[:15]}
     return out
 
 

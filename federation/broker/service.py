@@ -182,7 +182,8 @@ class Broker:
 
     def __init__(self, engine: Engine, settings: BrokerSettings, seed: int | None = None):
         self.engine = engine
-        #: The same pool, each statement a transaction of its own: for the agents' batches.
+        #: The same pool, each statement a transaction of its own: for the agents' batches
+        #: and units of work that only read (``reading``).
         self.autocommit_engine = db.autocommit(engine)
         self.settings = settings
         #: Where users' schedulers may listen (BrokerSettings.scheduler_networks).
