@@ -142,6 +142,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                 await asyncio.to_thread(broker.periodic.stop)
             if broker.is_leader:
                 give_up_leadership(engine, broker.boot_id)
+            if broker.batch_engine is not engine:
+                broker.batch_engine.dispose()
             engine.dispose()
 
     app = FastAPI(title="Parallex broker", version="1", lifespan=lifespan,

@@ -57,15 +57,28 @@ def default_url() -> str:
 PING_AFTER_IDLE = 5.0
 
 
-def plain_engine(url: str, ping_after_idle: float = PING_AFTER_IDLE) -> Engine:
-    """An engine with our connection settings, without touching the schema."""
+#: Connections a broker process keeps open for its requests and passes, and how many more
+#: it opens in bursts. With SQLAlchemy's default (5 kept, 10 more opened and closed again)
+#: requests under load queued for a connection, and each extra one costs PostgreSQL a new
+#: backend process.
+REQUEST_POOL = (20, 16)
+#: The same for the agents' batchers (heartbeats, reports, lease lists), which run one batch
+#: at a time each: a pool of their own, so a batch never waits behind requests that hold every
+#: connection of the other (issue 14's load: at start-up the request pool was 40 of 40
+#: checked out for seconds, and every heartbeat over 0.5 s waited there). A replica keeps 40
+#: connections at most in all: two fit PostgreSQL's default max_connections (100); more
+#: replicas need it raised (README).
+BATCH_POOL = (3, 1)
+
+
+def plain_engine(url: str, ping_after_idle: float = PING_AFTER_IDLE,
+                 pool: tuple[int, int] = REQUEST_POOL) -> Engine:
+    """An engine with our connection settings, without touching the schema; ``pool``:
+    connections kept open and opened in bursts (PostgreSQL; SQLite ignores it)."""
     url = normalise_url(url)
     if not url.startswith("sqlite"):
-        # 20 kept open, 20 more in bursts: with SQLAlchemy's default (5 kept, 10 more opened
-        # and closed again) requests under load queued for a connection, and each extra one
-        # costs PostgreSQL a new backend process. Two replicas stay under PostgreSQL's
-        # default max_connections (100); more replicas need it raised (README).
-        engine = create_engine(url, pool_size=20, max_overflow=20)
+        kept, bursts = pool
+        engine = create_engine(url, pool_size=kept, max_overflow=bursts)
         ping_when_idle(engine, ping_after_idle)
         return engine
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -185,6 +198,16 @@ def reader_engine(url: str, wait: float = 60.0) -> Engine:
             told = True
         time.sleep(0.5)
     return engine
+
+
+def batch_engine(engine: Engine, ping_after_idle: float = PING_AFTER_IDLE) -> Engine:
+    """An engine over ``engine``'s database with a pool of its own for the agents' batchers
+    (``BATCH_POOL``); on SQLite ``engine`` itself, whose one writer gains nothing from a
+    second pool. The caller disposes of it with ``engine``."""
+    if engine.dialect.name == "sqlite":
+        return engine
+    return plain_engine(engine.url.render_as_string(hide_password=False), ping_after_idle,
+                        pool=BATCH_POOL)
 
 
 def session(engine: Engine) -> Session:

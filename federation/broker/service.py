@@ -185,6 +185,10 @@ class Broker:
         #: The same pool, each statement a transaction of its own: for the agents' batches
         #: and units of work that only read (``reading``).
         self.autocommit_engine = db.autocommit(engine)
+        #: The agents' batchers' own pool (``db.batch_engine``; ``engine`` on SQLite), and
+        #: the same with each statement a transaction of its own.
+        self.batch_engine = db.batch_engine(engine, settings.db_ping_after_idle)
+        self.batch_autocommit = db.autocommit(self.batch_engine)
         self.settings = settings
         #: Where users' schedulers may listen (BrokerSettings.scheduler_networks).
         self.scheduler_networks = admission.parse_networks(settings.scheduler_networks)
@@ -281,14 +285,19 @@ class Broker:
             yield s
 
     @contextlib.contextmanager
-    def _row_locked(self, autocommit: bool = False) -> Iterator[Session]:
+    def _row_locked(self, autocommit: bool = False, batch: bool = False
+                    ) -> Iterator[Session]:
         """A unit of work that changes held leases or one lab's providers, which a placement
         pass never writes: on PostgreSQL it locks the rows it changes (``with_for_update``)
         or the machine (``lock_machine_registration``) and does not wait for passes; SQLite, one
         process and one writer, keeps it in the exclusive section (a read transaction that
         later writes after another wrote would fail there). With ``autocommit`` each of its
-        statements is a transaction of its own (``db.autocommit``)."""
-        engine = self.autocommit_engine if autocommit else self.engine
+        statements is a transaction of its own (``db.autocommit``); with ``batch`` it takes
+        its connection from the agents' batchers' pool (``db.batch_engine``)."""
+        if batch:
+            engine = self.batch_autocommit if autocommit else self.batch_engine
+        else:
+            engine = self.autocommit_engine if autocommit else self.engine
         if is_postgresql(self.engine):
             with db.session(engine) as s:
                 yield s
@@ -447,11 +456,11 @@ class Broker:
         # transaction that writes after another thread wrote would fail there).
         now = utcnow()
         with self.metrics.heartbeat_batch.time():
-            with self._row_locked(autocommit=True) as s:
+            with self._row_locked(autocommit=True, batch=True) as s:
                 out = record_heartbeats(s, batch, now, self.settings)
                 s.commit()
             if out.late:
-                with self._row_locked() as s:
+                with self._row_locked(batch=True) as s:
                     end_late(s, out, now, self.settings)
                     s.commit()
         for beat in batch:
@@ -482,7 +491,7 @@ class Broker:
             return agent_leases(s, provider_id, gateway=self.gateway_address)
 
     def _read_lease_lists(self, reads: set[LeaseListRead]) -> None:
-        with db.session(self.autocommit_engine) as s:
+        with db.session(self.batch_autocommit) as s:
             read_lease_lists(s, list(reads), self.gateway_address)
 
     async def read_provider_leases(self, provider_id: str) -> list[dict]:
@@ -538,7 +547,7 @@ class Broker:
         each_alone_if_refused(batch, self._record_report_batch)
 
     def _record_report_batch(self, batch: list[Report]) -> None:
-        with self.metrics.report_batch.time(), self._row_locked() as s:
+        with self.metrics.report_batch.time(), self._row_locked(batch=True) as s:
             out = record_reports(s, batch)
             s.commit()
         for report in batch:

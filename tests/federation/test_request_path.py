@@ -547,3 +547,41 @@ def test_on_postgresql_reads_run_outside_a_transaction_and_writes_inside(postgre
     assert any(s.startswith("SELECT cluster.") for s in outside), release
     assert any("FOR UPDATE" in s for s in inside), release
     assert any(s.startswith("UPDATE lease") for s in inside), release
+
+
+def test_agents_batches_are_served_while_requests_hold_every_other_connection(postgres_url):
+    """Under load at start-up every connection of the requests' pool was checked out for
+    seconds, and agents' heartbeats waited behind them. The batchers have a pool of their
+    own: with every request connection held, a heartbeat, a report and a lease list are
+    still recorded and answered (they waited for the pool's 30 s timeout, past the 10 s a
+    heartbeat waits, and were answered 503 before)."""
+    from federation.broker import db
+
+    with in_process_broker(postgres_url, 2) as b:
+        broker = b.app.state.broker
+        beat = f"/agent/{b.box}/heartbeat"
+        # Remembered first (the token's principal and the machine's lab are reads of the
+        # requests' pool, as they would be for any request).
+        assert b.call(b.agent, "POST", beat, json={"running": b.ids}).status_code == 200
+        kept, bursts = db.REQUEST_POOL
+        held = [broker.engine.connect() for _ in range(kept + bursts)]
+        try:
+            assert broker.engine.pool.checkedout() == kept + bursts
+            answer = b.call(b.agent, "POST", beat, json={"running": b.ids})
+            assert answer.status_code == 200, answer.text
+            report = b.call(b.agent, "POST", f"/agent/{b.box}/leases/{b.ids[0]}/state",
+                            json={"state": "suspended"})
+            assert report.status_code == 200 and report.json()["state"] == "suspended"
+            listed = b.call(b.agent, "GET", f"/agent/{b.box}/leases")
+            assert listed.status_code == 200, listed.text
+            assert {le["id"] for le in listed.json()["leases"]} >= set(b.ids)
+            # Nothing above took a request connection: they are all still held here.
+            assert broker.engine.pool.checkedout() == kept + bursts
+        finally:
+            for connection in held:
+                connection.close()
+        with held[0].engine.connect() as check:
+            states = dict(check.exec_driver_sql(
+                "SELECT id, state FROM lease WHERE id = ANY(%(ids)s)",
+                {"ids": b.ids}).all())
+        assert states == {b.ids[0]: "suspended", b.ids[1]: "running"}
