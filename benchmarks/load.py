@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import resource
 import secrets
 import shutil
@@ -53,6 +54,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -64,6 +66,7 @@ import uvloop
 
 from benchmarks.busy_timeline import BusyTimeline
 from benchmarks.common import table, write
+from federation.broker.service import METERING_PASS_LOGGED
 from federation.tls import ClusterAuthority
 from tests.utils.postgres import fresh_database, pg_bin, postgres_server
 from tests.utils.procs import start_broker
@@ -123,6 +126,8 @@ class Recorder:
         #: The monotonic clock at the probes' start, and the machine's busy cores meanwhile.
         self.probe_start = 0.0
         self.busy: BusyTimeline | None = None
+        #: The leader's periodic metering passes, (start, end) on the monotonic clock.
+        self.metering: list[tuple[float, float]] = []
         #: Asks for placement passes sent to the leader replica, and scale requests placed
         #: by their own replica because the leader had not answered (all replicas).
         self.placement_asks: dict[str, float] = {}
@@ -416,6 +421,7 @@ def main() -> None:
             with psycopg.connect(db, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION pg_stat_statements")
         brokers = []
+        rec: Recorder | None = None
         try:
             for name in (f"replica-{i + 1}" for i in range(args.replicas)):
                 proc, url = start_broker(Path(tmp), admin_token, db_url=db, name=name,
@@ -476,6 +482,8 @@ def main() -> None:
         finally:
             for proc, _url in brokers:
                 proc.stop()
+            if rec is not None:
+                rec.metering = metering_passes(Path(tmp).glob("replica-*.log"))
             if args.keep_logs:
                 Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
                 for log in Path(tmp).glob("replica-*.log"):
@@ -653,6 +661,47 @@ def by_window(timeline: list[tuple[float, float]], width: float = 20.0,
     return out
 
 
+#: A replica's log line of a periodic metering pass: when it ended, and how long it took.
+_METERING_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*"
+                            + re.escape(METERING_PASS_LOGGED) + r" ([0-9.]+) s")
+
+
+def metering_passes(logs: Iterable[Path]) -> list[tuple[float, float]]:
+    """The periodic metering passes the replicas' ``logs`` name, as (start, end) on this
+    machine's monotonic clock (the probes' clock): logging stamps wall-clock local time to
+    the millisecond, set against the monotonic clock here."""
+    wall_minus_monotonic = time.time() - time.monotonic()
+    passes = []
+    for log in logs:
+        for line in log.read_text(errors="replace").splitlines():
+            if (found := _METERING_LINE.match(line)) is None:
+                continue
+            ended = time.mktime(time.strptime(found[1][:19], "%Y-%m-%d %H:%M:%S")) + int(
+                found[1][20:]) / 1000 - wall_minus_monotonic
+            passes.append((ended - float(found[2]), ended))
+    return sorted(passes)
+
+
+def during_metering(rec: Recorder) -> dict:
+    """The probes' heartbeats after start-up that overlapped a periodic metering pass, and
+    the others (the issue's target holds "including during metering"); empty without
+    passes."""
+    if not rec.metering or not rec.probes:
+        return {}
+    during, outside = [], []
+    for t, latency, _replica in rec.probes:
+        if t < STEADY_AFTER:
+            continue
+        sent = rec.probe_start + t
+        overlaps = any(start < sent + latency and sent < end for start, end in rec.metering)
+        (during if overlaps else outside).append(latency)
+    return {"passes": len(rec.metering),
+            "pass_seconds": sum(end - start for start, end in rec.metering),
+            "since_probes_start": [(start - rec.probe_start, end - rec.probe_start)
+                                   for start, end in rec.metering],
+            "during": probe_summary(during), "outside": probe_summary(outside)}
+
+
 #: A probe heartbeat slower than this (seconds, the target's p99) counts as slow.
 SLOW = 0.1
 #: Busy cores counted as the machine saturated (of 2 on the development machine).
@@ -720,6 +769,19 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
                   f"{w['busy_otherwise']:.2f} while the others did; "
                   f"{w['saturated_share'] * 100:.0f} % of the run with ≥ {SATURATED:g} of "
                   f"{psutil.cpu_count()} cores busy")
+    probes["during_metering"] = during_metering(rec)
+    if probes["during_metering"]:
+        m = probes["during_metering"]
+
+        def told(x: dict) -> str:
+            return (f"{x['heartbeats']} heartbeats, p50 {x['p50']:.1f} ms, p99 {x['p99']:.1f} ms"
+                    if x["heartbeats"] else "no heartbeats")
+
+        print(f"the probes after start-up during the leader's {m['passes']} metering passes "
+              f"({m['pass_seconds']:.1f} s in all, at " + ", ".join(
+                  f"{a:.1f}–{b:.1f}" for a, b in m["since_probes_start"])
+              + f" s of the probes' run): {told(m['during'])}; outside them: "
+              f"{told(m['outside'])}")
     windows = by_window(rec.timeline)
     print("all endpoints by 20 s window since the first request (start-up, then steady): "
           + "; ".join(f"{w}: p50 {p50:.0f} ms, p99 {p99:.0f} ms" for w, p50, p99 in windows))
