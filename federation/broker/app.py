@@ -105,6 +105,15 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
                 await asyncio.sleep(LAG_SAMPLE)
                 broker.metrics.loop_lag.observe(max(0.0, loop.time() - due))
 
+        async def leadership() -> None:
+            # Apart from the reaper, whose tick waits for the metering pass (seconds).
+            while True:
+                await asyncio.sleep(broker.leader_ttl / 3)
+                try:
+                    await asyncio.to_thread(broker.keep_leadership)
+                except Exception:  # the database is away: the lease runs out, as it should
+                    logger.exception("renewing the leadership failed")
+
         loop = asyncio.get_running_loop()
         if broker.relay is not None:
             broker.relay.start()
@@ -118,13 +127,15 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
         broker.heartbeats.start()
         broker.reports.start()
         broker.lease_lists.start()
+        broker.leadership_kept = True
         task = asyncio.create_task(reaper())
         lag_task = asyncio.create_task(loop_lag())
+        leadership_task = asyncio.create_task(leadership())
         logger.info("broker %s ready (started %s UTC)", broker.boot_id, utcnow())
         try:
             yield
         finally:
-            for background in (task, lag_task):
+            for background in (task, lag_task, leadership_task):
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await background

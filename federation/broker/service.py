@@ -210,6 +210,12 @@ class Broker:
         self.metrics = BrokerMetrics(self.session)
         #: Whether this replica runs the periodic passes now (always, on SQLite).
         self.is_leader = False
+        #: Set while the server's leadership loop renews the leader lease
+        #: (``keep_leadership``); without it (a broker used as a library) each reaper tick
+        #: renews it.
+        self.leadership_kept = False
+        #: When the reaper tick under way began (monotonic), None between ticks.
+        self._reaping_since: float | None = None
         self.metrics.leader.set_function(lambda: float(self.is_leader))
         # Several replicas on PostgreSQL: wake-ups cross them (started with the app).
         self.relay = (WakeupRelay(engine, self.boot_id, self._woken_by_replica)
@@ -931,10 +937,13 @@ class Broker:
         """End what went silent (providers past the provider timeout, clusters past theirs),
         and run the periodic metering and capacity passes when due — on the leader replica
         only (replicas.hold_leadership)."""
+        self._reaping_since = time.monotonic()
         try:
             self._reap()
         except PeriodicProcessStopped:
             pass  # the broker is shutting down: the next leader runs the passes
+        finally:
+            self._reaping_since = None
 
     def renew_leadership(self) -> bool:
         """Take or renew the leader lease (replicas.hold_leadership); True while this
@@ -948,8 +957,24 @@ class Broker:
                 self.placer.became_leader()
         return self.is_leader
 
+    def keep_leadership(self) -> bool:
+        """The server's leadership loop: renew the leader lease apart from the reaper, whose
+        tick waits for a metering pass. Renewed between ticks, the lease (10 s by default)
+        ran out during passes of 4–10 s under issue 14's load: the lead moved at nearly every
+        pass, and each new leader ran a pass of its own at once. Not renewed while a tick has
+        run past ``--reaper-stall``: a replica whose passes hang leaves them to another."""
+        since = self._reaping_since
+        if since is not None and time.monotonic() - since > self.settings.reaper_stall:
+            if self.is_leader:
+                logger.warning("broker %s: its reaper has been in one tick for %.0f s; "
+                               "leaving the periodic passes and placement to another "
+                               "replica", self.boot_id, time.monotonic() - since)
+                self.is_leader = False
+            return False
+        return self.renew_leadership()
+
     def _reap(self) -> None:
-        if not self.renew_leadership():
+        if not (self.is_leader if self.leadership_kept else self.renew_leadership()):
             return
         # Runs every second: a plain session, no placement lock, unless a provider went
         # silent. Then its leases end in the placement section: a pass that read it online

@@ -85,6 +85,11 @@ class BrokerSettings:
         "reliability penalty from lost and failed leases", unit="hours", cli_scale=HOUR, above=True)
     cloud_prices: CloudPrices = field(default_factory=load_cloud_prices,
                                       metadata={"cli": False})
+    reaper_stall: float = setting(
+        120.0, "one reaper tick (ending what went silent, the leader's metering and capacity "
+        "passes) may run before its replica stops renewing the leadership, so another replica "
+        "takes over the periodic passes and placement from one whose tick hangs; a metering "
+        "pass over 10,000 leases takes 1-10 s", above=True)
     capacity_interval: float = setting(
         60.0, "between capacity samples (CPUs and GPUs online and leased per lab) for the "
         "dashboards' capacity history", above=True)
