@@ -1045,8 +1045,10 @@ class Broker:
                            "what it did not")
             return 0
         if lease_ids is None:
-            # A site sees its periodic charging happen; the load benchmark reads these lines
-            # to set agents' heartbeats during a pass against the others.
-            logger.info("%s %.3f s: %d periods charged", METERING_PASS_LOGGED,
-                        time.monotonic() - began, recorded)
+            # A site sees its periodic charging happen (an idle one is not told every minute
+            # that nothing was charged); the load benchmark reads these lines to set agents'
+            # heartbeats during a pass against the others.
+            logger.log(logging.INFO if recorded else logging.DEBUG,
+                       "%s %.3f s: %d periods charged", METERING_PASS_LOGGED,
+                       time.monotonic() - began, recorded)
         return recorded
