@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import ColumnElement, and_, or_, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -68,12 +68,31 @@ def meter_leases(s: Session, settings: BrokerSettings, now: dt.datetime,
     return len(records)
 
 
+#: Key of the PostgreSQL advisory lock that serialises metering units across processes.
+METERING_LOCK = 0x706D6574  # "pmet"
+
+
+def lock_metering(s: Session) -> None:
+    """On PostgreSQL, hold the metering lock for the rest of ``s``'s transaction, before it
+    reads what is charged (SQLite has one writer at a time anyway).
+
+    The leader's periodic pass (seconds over 10,000 leases) and the replicas' lease-end
+    batches charge the same ended leases. Run at once, the one that committed second waited
+    for the other's insert and then failed on the period's unique key: under issue 14's load
+    a replica's batch failed at nearly every pass, and now and then a whole periodic pass did,
+    its thousands of periods left to the next. Taken first, the lock makes the second read
+    what the first charged."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=METERING_LOCK))
+
+
 def meter_unit(engine: Engine, settings: BrokerSettings, now: dt.datetime,
                lease_ids: set[str] | None = None) -> int | None:
     """``meter_leases`` as a unit of work of its own on ``engine`` (the broker's thread or
-    the periodic process); None when another meterer recorded a period first (rolled back:
-    the next pass finds it done)."""
+    the periodic process), the metering lock held; None when a meterer that does not take
+    the lock recorded a period first (rolled back: the next pass finds it done)."""
     with session(engine) as s:
+        lock_metering(s)
         try:
             recorded = meter_leases(s, settings, now, lease_ids)
             s.commit()

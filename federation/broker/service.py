@@ -1034,12 +1034,6 @@ class Broker:
                      else contextlib.nullcontext())
             with timer:
                 recorded = meter_unit(self.engine, self.settings, now or utcnow(), lease_ids)
-            if recorded is None and lease_ids is not None:
-                # The leader's periodic pass was charging some of these leases: their inserts
-                # waited for it to commit and then collided. Read again, what it left (the
-                # rest of each ended lease) is charged now, not 30 s later by the next pass
-                # (issue 14's load: a collision on each replica at every pass, each logged).
-                recorded = meter_unit(self.engine, self.settings, now or utcnow(), lease_ids)
         if recorded is None:
             logger.warning("metering pass collided with another; the next pass charges "
                            "what it did not")

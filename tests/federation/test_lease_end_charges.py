@@ -1,25 +1,28 @@
 """Lease ends are charged in batches (the end meterer) beside the leader's periodic metering
-pass, on PostgreSQL in other processes. When both charge the same ended lease, the unique
-period lets one through; the batch that collided is read again at once, so the other leases
-it held are charged now, each period once."""
+pass, on PostgreSQL in other processes, and both charge ended leases. Each takes the metering
+lock before it reads what is charged, so whichever comes second charges what the first left:
+neither fails on a period the other recorded (under load a replica's batch did at nearly
+every pass, and now and then a whole periodic pass did), and each period is charged once."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import threading
+from collections.abc import Callable
 
 import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from federation.broker import db
-from federation.broker.metering_runs import meter_leases
-from tests.utils.in_process import ADMIN_TOKEN, in_process_broker
+from federation.broker.metering_runs import lock_metering, meter_leases
+from tests.utils.in_process import ADMIN_TOKEN, InProcess, in_process_broker
 from tests.utils.procs import wait_until
 
 
-def metering_passes(b) -> float:
+def metering_passes(b: InProcess) -> float:
     answer = b.call(ADMIN_TOKEN, "GET", "/metrics")
     return sum(s.value for family in text_string_to_metric_families(answer.text)
                for s in family.samples if s.name == "parallex_metering_pass_seconds_count")
@@ -32,8 +35,26 @@ def end_by_hand(engine, lease_id: str, at: dt.datetime) -> None:
                   {"at": at, "id": lease_id})
 
 
-def test_a_lease_end_batch_that_meets_the_periodic_pass_charges_the_rest_at_once(
-        postgres_url, caplog):
+def in_thread(call: Callable[[], int]) -> tuple[threading.Thread, dict]:
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["recorded"] = call()
+        except BaseException as exc:  # reported by the caller's assertion
+            out["failed"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.parametrize("first_unit", ["periodic pass", "lease-end batch"])
+def test_a_metering_unit_that_meets_another_charges_what_it_left(postgres_url, caplog,
+                                                                 first_unit):
+    """One unit charges the first lease's end and has not committed when the second lease
+    ends and the other unit starts: that one waits, then charges the second lease only."""
+    caplog.set_level(logging.INFO, logger="parallex.broker")
     # Periods of an hour: in this test's seconds only an ended lease's remainder is charged.
     with in_process_broker(postgres_url, 2, metering_interval=3600) as b:
         broker = b.app.state.broker
@@ -42,35 +63,29 @@ def test_a_lease_end_batch_that_meets_the_periodic_pass_charges_the_rest_at_once
         wait_until(lambda: metering_passes(b) >= 1, 60, "the first periodic metering pass")
         now = dt.datetime.now(dt.UTC)
         end_by_hand(broker.engine, first, now)
-        # A periodic pass charges the first lease's end and has not committed yet ...
-        periodic = db.session(broker.engine)
+        # The first unit, as the broker runs it (the lock, then its read and inserts), held
+        # before its commit: the whole pass, or a batch of the first lease alone.
+        held = db.session(broker.engine)
         try:
-            assert meter_leases(periodic, broker.settings, now) == 1
-            periodic.flush()
-            # ... when the second lease ends, and a lease-end batch charges both.
+            lock_metering(held)
+            assert meter_leases(held, broker.settings, now, None if first_unit ==
+                                "periodic pass" else {first}) == 1
+            held.flush()
             end_by_hand(broker.engine, second, now)
-            batch: dict[str, object] = {}
-
-            def end_meterer() -> None:
-                try:
-                    batch["recorded"] = broker.meter(lease_ids={first, second})
-                except BaseException as exc:  # reported by the assertion below
-                    batch["failed"] = exc
-
-            caplog.set_level(logging.INFO, logger="parallex.broker")
-            meterer = threading.Thread(target=end_meterer)
-            meterer.start()
+            # The other unit: the broker's own (the periodic one in its child process).
+            other, out = in_thread(
+                (lambda: broker.meter(lease_ids={first, second}))
+                if first_unit == "periodic pass" else broker.meter)
             with psycopg.connect(postgres_url, autocommit=True) as watch:
-                # Its insert of the first lease's period waits for the periodic pass.
                 wait_until(lambda: watch.execute(
                     "SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0] > 0,
-                    30, "the lease-end batch to wait for the periodic pass")
-            periodic.commit()
+                    60, "the other unit to wait for the first")
+            held.commit()
         finally:
-            periodic.close()
-        meterer.join(60)
-        assert not meterer.is_alive()
-        assert batch == {"recorded": 1}, batch  # the second lease's remainder
+            held.close()
+        other.join(60)
+        assert not other.is_alive()
+        assert out == {"recorded": 1}, out  # the second lease's remainder
 
     with psycopg.connect(postgres_url) as check:
         charged = dict(check.execute(
