@@ -585,3 +585,27 @@ def test_agents_batches_are_served_while_requests_hold_every_other_connection(po
                 "SELECT id, state FROM lease WHERE id = ANY(%(ids)s)",
                 {"ids": b.ids}).all())
         assert states == {b.ids[0]: "suspended", b.ids[1]: "running"}
+
+
+def test_a_heartbeat_does_not_wait_for_a_lease_another_unit_holds(postgres_url):
+    """The heartbeat shows a running lease gone, but another unit of work holds that lease
+    locked (the leader's metering pass holds every running lease it charges, for seconds
+    under load): the heartbeat is answered at once and the lease ends with a later one,
+    instead of the batch waiting and every agent's heartbeat in it answered 503."""
+    import psycopg
+
+    with in_process_broker(postgres_url, 2) as b:
+        beat = f"/agent/{b.box}/heartbeat"
+        gone, kept = b.ids
+        with psycopg.connect(postgres_url) as holder:
+            holder.execute("SELECT id FROM lease WHERE id = %s FOR UPDATE", (gone,))
+            answer = b.call(b.agent, "POST", beat, json={"running": [kept]})
+            assert answer.status_code == 200, answer.text
+            state = holder.execute("SELECT state FROM lease WHERE id = %s",
+                                   (gone,)).fetchone()[0]
+            assert state == "running"  # left to a later heartbeat
+            holder.rollback()
+        assert b.call(b.agent, "POST", beat, json={"running": [kept]}).status_code == 200
+        states = {le["id"]: le["state"] for le in b.call(
+            b.user, "GET", f"/clusters/{b.cid}").json()["leases"]}
+        assert states == {gone: "ended", kept: "running"}
