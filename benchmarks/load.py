@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -682,6 +682,14 @@ def metering_passes(logs: Iterable[Path]) -> list[tuple[float, float]]:
     return sorted(passes)
 
 
+def steady_probes(rec: Recorder) -> Iterator[tuple[float, float]]:
+    """The probes' heartbeats after start-up: when each was sent (the monotonic clock) and
+    how long it took, seconds."""
+    for t, latency, _replica in rec.probes:
+        if t >= STEADY_AFTER:
+            yield rec.probe_start + t, latency
+
+
 def during_metering(rec: Recorder) -> dict:
     """The probes' heartbeats after start-up that overlapped a periodic metering pass, and
     the others (the issue's target holds "including during metering"); empty without
@@ -689,10 +697,7 @@ def during_metering(rec: Recorder) -> dict:
     if not rec.metering or not rec.probes:
         return {}
     during, outside = [], []
-    for t, latency, _replica in rec.probes:
-        if t < STEADY_AFTER:
-            continue
-        sent = rec.probe_start + t
+    for sent, latency in steady_probes(rec):
         overlaps = any(start < sent + latency and sent < end for start, end in rec.metering)
         (during if overlaps else outside).append(latency)
     return {"passes": len(rec.metering),
@@ -714,10 +719,7 @@ def while_slow(rec: Recorder) -> dict:
     if rec.busy is None or not rec.busy.times or not rec.probes:
         return {}
     slow, other = [], []
-    for t, latency, _replica in rec.probes:
-        if t < STEADY_AFTER:
-            continue
-        sent = rec.probe_start + t
+    for sent, latency in steady_probes(rec):
         cores = rec.busy.between(sent, sent + latency)
         if cores is not None:
             (slow if latency > SLOW else other).append(cores)

@@ -8,12 +8,11 @@ from __future__ import annotations
 import contextlib
 
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from federation.broker.app import create_app
 from federation.broker.settings import BrokerSettings
-from tests.utils.in_process import ADMIN_TOKEN, InProcess, in_process_broker
+from tests.utils.in_process import ADMIN_TOKEN, InProcess, in_process_broker, scraped
 
 
 def scale_one(b: InProcess, client: TestClient, lease_id: str) -> dict:
@@ -24,13 +23,6 @@ def scale_one(b: InProcess, client: TestClient, lease_id: str) -> dict:
     assert answer.status_code == 201, answer.text
     [lease] = answer.json()
     return lease
-
-
-def scraped(client: TestClient, name: str) -> float:
-    answer = client.get("/api/v1/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    answer.raise_for_status()
-    return next(s.value for f in text_string_to_metric_families(answer.text)
-                for s in f.samples if s.name == name)
 
 
 def test_the_leader_places_for_a_replica_that_does_not_lead(postgres_url):

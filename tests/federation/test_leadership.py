@@ -5,6 +5,9 @@ and each new leader ran a pass of its own at once (issue 14's load benchmark).""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import psycopg
 from sqlalchemy import text
 
@@ -17,6 +20,21 @@ def lock_waits(conn: psycopg.Connection, table: str) -> int:
                         "WHERE NOT l.granted AND c.relname = %s", (table,)).fetchone()[0]
 
 
+@contextlib.contextmanager
+def metering_pass_held(postgres_url: str, broker) -> Iterator[psycopg.Connection]:
+    """The broker's next metering pass waits, as a long one would (it reads the periods
+    charged so far), and its reaper tick with it, until the block ends; yields a connection
+    to watch the database meanwhile."""
+    with (psycopg.connect(postgres_url) as locker,
+          psycopg.connect(postgres_url, autocommit=True) as watch):
+        locker.execute("LOCK TABLE usagerecord IN ACCESS EXCLUSIVE MODE")
+        wait_until(lambda: broker._reaping_since is not None
+                   and lock_waits(watch, "usagerecord") > 0, 30,
+                   "a metering pass to wait for the locked table")
+        yield watch
+        locker.rollback()
+
+
 def test_the_leader_keeps_the_lead_while_its_metering_pass_runs(postgres_url):
     # A lease of 2 s (a third of the shortest timeout), a metering pass due every 2 s.
     with in_process_broker(postgres_url, 1, provider_timeout=6, cluster_timeout=6,
@@ -24,14 +42,7 @@ def test_the_leader_keeps_the_lead_while_its_metering_pass_runs(postgres_url):
         broker = b.app.state.broker
         ttl = broker.leader_ttl
         assert broker.is_leader
-        with (psycopg.connect(postgres_url) as locker,
-              psycopg.connect(postgres_url, autocommit=True) as watch):
-            # The next metering pass waits here as a long one would (it reads the periods
-            # charged so far), and the reaper's tick with it.
-            locker.execute("LOCK TABLE usagerecord IN ACCESS EXCLUSIVE MODE")
-            wait_until(lambda: broker._reaping_since is not None
-                       and lock_waits(watch, "usagerecord") > 0, 30,
-                       "a metering pass to wait for the locked table")
+        with metering_pass_held(postgres_url, broker) as watch:
             held_at = watch.execute("SELECT now()").fetchone()[0]
 
             def renewed_during_the_pass() -> bool:
@@ -44,7 +55,6 @@ def test_the_leader_keeps_the_lead_while_its_metering_pass_runs(postgres_url):
             # could not have done it.
             wait_until(renewed_during_the_pass, 4 * ttl + 10, "the lease to be renewed")
             assert broker._reaping_since is not None and broker.is_leader
-            locker.rollback()
         wait_until(lambda: broker._reaping_since is None, 30, "the reaper's tick to end")
         assert broker.is_leader
         with broker.engine.connect() as c:
@@ -63,19 +73,13 @@ def test_a_leader_whose_reaper_hangs_leaves_the_lead_and_takes_it_back_after(pos
     with in_process_broker(postgres_url, 1, provider_timeout=6, cluster_timeout=6,
                            metering_interval=2, reaper_stall=2) as b:
         broker = b.app.state.broker
-        with (psycopg.connect(postgres_url) as locker,
-              psycopg.connect(postgres_url, autocommit=True) as watch):
-            locker.execute("LOCK TABLE usagerecord IN ACCESS EXCLUSIVE MODE")
-            wait_until(lambda: broker._reaping_since is not None
-                       and lock_waits(watch, "usagerecord") > 0, 30,
-                       "a metering pass to wait for the locked table")
+        with metering_pass_held(postgres_url, broker) as watch:
             wait_until(lambda: not broker.is_leader, 30, "the stalled leader to step down")
             # Not renewed: the lease runs out (a replica that is not stalled takes it then).
             wait_until(lambda: watch.execute(
                 "SELECT expires_at <= now() FROM broker_leader").fetchone()[0], 30,
                 "the leader lease to run out")
             assert broker._reaping_since is not None  # still in the stalled tick
-            locker.rollback()
         wait_until(lambda: broker.is_leader, 30, "the replica to lead again")
     assert any("leaving the periodic passes and placement to another replica"
                in r.getMessage() for r in caplog.records)

@@ -13,19 +13,12 @@ from collections.abc import Callable
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
 from federation.broker import db
 from federation.broker.metering_runs import lock_metering, meter_leases
-from tests.utils.in_process import ADMIN_TOKEN, InProcess, in_process_broker
+from tests.utils.in_process import in_process_broker, scraped
 from tests.utils.procs import wait_until
-
-
-def metering_passes(b: InProcess) -> float:
-    answer = b.call(ADMIN_TOKEN, "GET", "/metrics")
-    return sum(s.value for family in text_string_to_metric_families(answer.text)
-               for s in family.samples if s.name == "parallex_metering_pass_seconds_count")
 
 
 def end_by_hand(engine, lease_id: str, at: dt.datetime) -> None:
@@ -60,7 +53,8 @@ def test_a_metering_unit_that_meets_another_charges_what_it_left(postgres_url, c
         broker = b.app.state.broker
         first, second = b.ids
         # The leader's first periodic pass (at start) is over, so none runs meanwhile.
-        wait_until(lambda: metering_passes(b) >= 1, 60, "the first periodic metering pass")
+        wait_until(lambda: scraped(b.client, "parallex_metering_pass_seconds_count") >= 1,
+                   60, "the first periodic metering pass")
         now = dt.datetime.now(dt.UTC)
         end_by_hand(broker.engine, first, now)
         # The first unit, as the broker runs it (the lock, then its read and inserts), held

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -29,6 +30,15 @@ class InProcess:
     def call(self, token: str, method: str, path: str, **kw) -> httpx.Response:
         return self.client.request(method, f"/api/v1{path}", **kw,
                                    headers={"Authorization": f"Bearer {token}"})
+
+
+def scraped(client: Any, name: str) -> float:
+    """The value of the first sample called ``name`` in the app's /metrics (``client``: its
+    TestClient)."""
+    answer = client.get("/api/v1/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    answer.raise_for_status()
+    return next(s.value for f in text_string_to_metric_families(answer.text)
+                for s in f.samples if s.name == name)
 
 
 @contextlib.contextmanager
