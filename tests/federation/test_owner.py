@@ -143,20 +143,23 @@ def test_the_owner_comes_back_suspend_resume_preempt(federation, tmp_path, cgrou
     assert fed.db_value("SELECT coalesce(sum(lost_leases + failed_leases), 0) FROM "
                         "providerreliability") == 0
     # The lab's PI sees how often the owner took the machine back: the share of the leases
-    # ended on owner-box that were preempted. The cluster asks again for the worker it lost;
-    # once the owner has gone, owner-box may take that lease before the cluster closes and
-    # releases it, so one preempted lease of one or two ended there (CI saw both).
-    reasons = sorted(r["end_reason"] for r in fed.db_dicts(
+    # ended on owner-box that were preempted. The cluster asks again for the worker it lost,
+    # and owner-box may take that lease whenever it reads the owner idle: once the owner has
+    # gone (then the close releases it), or while the owner's program is starved below
+    # idle_cpus by a saturated host (the parallel suite) and then preempted in its turn.
+    # CI has seen each of these; every lease there ended one of those two ways.
+    reasons = [r["end_reason"] for r in fed.db_dicts(
         "SELECT lease.end_reason FROM lease JOIN provider ON provider.id = lease.provider_id "
-        "WHERE provider.name = 'owner-box' AND lease.state = 'ended'"))
-    assert reasons in (["preempted"], ["preempted", "released"])
+        "WHERE provider.name = 'owner-box' AND lease.state = 'ended'")]
+    assert 1 <= len(reasons) <= 3 and set(reasons) <= {"preempted", "released"}, reasons
+    preempted = reasons.count("preempted")
     admin = fed.admin()
     try:
         machines = {m["name"]: m for m in admin.request("GET", "/labs/lab-b/machines")[
             "machines"]}
     finally:
         admin.close()
-    assert machines["owner-box"]["preemption_rate"] == pytest.approx(1 / len(reasons))
+    assert machines["owner-box"]["preemption_rate"] == pytest.approx(preempted / len(reasons))
     assert machines["owner-box"]["reliability"] == 1.0
 
 
