@@ -37,7 +37,7 @@ from sqlalchemy.engine import Engine
 
 from .capacity import record_capacity
 from .db import plain_engine, session
-from .metering_runs import meter_unit
+from .metering_runs import meter_pass
 from .settings import BrokerSettings
 
 #: Seconds between the child's checks that the broker still runs.
@@ -78,8 +78,8 @@ def _end_with_the_broker(broker_pid: int) -> None:
 
 
 def _meter(now: dt.datetime) -> int | None:
-    """A periodic metering pass in the child (``meter_unit``)."""
-    return meter_unit(_child["engine"], _child["settings"], now)  # type: ignore[arg-type]
+    """A periodic metering pass in the child (``meter_pass``)."""
+    return meter_pass(_child["engine"], _child["settings"], now)  # type: ignore[arg-type]
 
 
 def _sample_capacity() -> int:

@@ -75,7 +75,7 @@ from .coalescer import Coalescer
 from .errors import Conflict, Invalid, NotAllowed, NotFound, TooSoon, Unavailable
 from .lease_ends import end_by_provider, release_all
 from .memo import BoundedMap
-from .metering_runs import meter_unit
+from .metering_runs import meter_pass, meter_unit
 from .metrics import BrokerMetrics
 from .models import (
     HELD_STATES,
@@ -1033,7 +1033,9 @@ class Broker:
             timer = (self.metrics.metering.time() if lease_ids is None
                      else contextlib.nullcontext())
             with timer:
-                recorded = meter_unit(self.engine, self.settings, now or utcnow(), lease_ids)
+                recorded = (meter_pass(self.engine, self.settings, now or utcnow())
+                            if lease_ids is None else
+                            meter_unit(self.engine, self.settings, now or utcnow(), lease_ids))
         if recorded is None:
             logger.warning("metering pass collided with another; the next pass charges "
                            "what it did not")

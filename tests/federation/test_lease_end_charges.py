@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text
 
 from federation.broker import db
-from federation.broker.metering_runs import lock_metering, meter_leases
+from federation.broker.metering_runs import lock_metering, meter_leases, meter_pass
 from tests.utils.in_process import in_process_broker, scraped
 from tests.utils.procs import wait_until
 
@@ -91,3 +91,45 @@ def test_a_metering_unit_that_meets_another_charges_what_it_left(postgres_url, c
     assert charged == {first: 1, second: 1}
     assert until == {first: True, second: True}
     assert not [r for r in caplog.records if "collided" in r.getMessage()]
+
+
+def test_a_periodic_pass_commits_unit_by_unit_so_a_lease_waits_for_one_unit_at_most(
+        postgres_url):
+    """The periodic pass charges its leases in units of work committed one by one: while one
+    unit waits (here for a lease row the test holds, as a lease report would), the leases of
+    the units before it are charged and free to lock. In one transaction, every running
+    lease's row stayed locked until the whole pass committed (5-20 s under issue 14's
+    load), and every report and release of any lease waited for it."""
+    with in_process_broker(postgres_url, 3, metering_interval=3600) as b:
+        broker = b.app.state.broker
+        wait_until(lambda: scraped(b.client, "parallex_metering_pass_seconds_count") >= 1,
+                   60, "the first periodic metering pass")
+        first, second, third = sorted(b.ids)
+        # Two hours on: two whole periods of each lease are due.
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+        with psycopg.connect(postgres_url) as held, \
+                psycopg.connect(postgres_url, autocommit=True) as watch:
+            held.execute("SELECT 1 FROM lease WHERE id = %s FOR UPDATE", (third,))
+            passing, out = in_thread(lambda: meter_pass(broker.engine, broker.settings, later,
+                                                        chunk=1))
+            try:
+                wait_until(lambda: watch.execute(
+                    "SELECT count(DISTINCT lease_id) FROM usagerecord WHERE lease_id = ANY(%s)",
+                    ([first, second],)).fetchone()[0] == 2, 30,
+                    "the first two units' charges to be committed")
+                # Free to lock now (NOWAIT fails at once on a held row), with the pass under
+                # way: its last unit waits for the held row.
+                assert len(watch.execute("SELECT id FROM lease WHERE id = ANY(%s) FOR UPDATE "
+                                         "NOWAIT", ([first, second],)).fetchall()) == 2
+                assert passing.is_alive()
+            finally:
+                held.rollback()
+            passing.join(60)
+        assert not passing.is_alive()
+        assert out == {"recorded": 6}, out
+
+    with psycopg.connect(postgres_url) as check:
+        charged = dict(check.execute(
+            "SELECT lease_id, count(*) FROM usagerecord WHERE lease_id = ANY(%s) "
+            "GROUP BY lease_id", ([first, second, third],)).fetchall())
+    assert charged == {first: 2, second: 2, third: 2}
