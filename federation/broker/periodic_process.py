@@ -48,7 +48,7 @@ _child: dict[str, object] = {}
 
 
 def _start(url: str, settings: BrokerSettings, log_level: int, title: str,
-           broker_pid: int) -> None:
+           broker_pid: int, niceness: int) -> None:
     # A stop signal to the broker's process group (systemd, ``parallex up``) must not end a
     # pass halfway: the broker's shutdown ends this process after the pass.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -59,6 +59,10 @@ def _start(url: str, settings: BrokerSettings, log_level: int, title: str,
     with contextlib.suppress(OSError):
         with open("/proc/self/comm", "w") as comm:
             comm.write(f"parallex-{title}"[:15])
+    if niceness:
+        # Work that is due every interval, not answered to anyone: on a saturated machine
+        # the request processes should have the cores first (issue 14's load benchmark).
+        os.nice(niceness)
     _child["engine"] = plain_engine(url)
     _child["settings"] = settings
     # The broker's pid as the broker gave it, not os.getppid() read here: a broker killed
@@ -97,12 +101,15 @@ class PeriodicProcessStopped(RuntimeError):
 class BrokerChildProcess:
     """One child process, spawned on first use, whose calls block the calling thread until
     they are done (the thread waits without the interpreter lock). ``title`` names the child
-    in its log lines and, on Linux, in ps (``parallex-<title>``)."""
+    in its log lines and, on Linux, in ps (``parallex-<title>``); ``niceness`` is added to
+    its niceness."""
 
-    def __init__(self, engine: Engine, settings: BrokerSettings, title: str):
+    def __init__(self, engine: Engine, settings: BrokerSettings, title: str,
+                 niceness: int = 0):
         self._url = engine.url.render_as_string(hide_password=False)
         self._settings = settings
         self._title = title
+        self._niceness = niceness
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._stopped = False
@@ -116,7 +123,7 @@ class BrokerChildProcess:
                     max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                     initializer=_start,
                     initargs=(self._url, self._settings, logging.getLogger().level,
-                              self._title, os.getpid()))
+                              self._title, os.getpid(), self._niceness))
             return self._pool
 
     def _submit(self, fn, *args) -> Future:
@@ -153,7 +160,7 @@ class PeriodicProcess(BrokerChildProcess):
     blocks its (reaper) thread until the pass is done, as the pass on the thread did."""
 
     def __init__(self, engine: Engine, settings: BrokerSettings):
-        super().__init__(engine, settings, "periodic")
+        super().__init__(engine, settings, "periodic", settings.periodic_niceness)
 
     def meter(self, now: dt.datetime) -> int | None:
         """A periodic metering pass up to ``now``; the periods recorded, None on a collision

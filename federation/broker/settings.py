@@ -24,14 +24,14 @@ HOUR = 3600.0
 
 def setting(default: Any, help: str, *, unit: str = "s", cli_scale: float = 1.0,
             env: str | None = None, cli: bool = True, least: float = 0.0,
-            above: bool = False) -> Any:
+            above: bool = False, most: float = math.inf) -> Any:
     """A BrokerSettings field. ``unit``: the unit the command line shows (``cli_scale`` setting
     units per command-line unit); ``env``: an environment variable that overrides the default
     on the command line; ``cli=False``: not a flag (derived or set in code). A number must be
-    at least ``least`` (more than it, with ``above``), in setting units."""
+    at least ``least`` (more than it, with ``above``) and at most ``most``, in setting units."""
     return field(default=default, metadata={"help": help, "unit": unit, "cli_scale": cli_scale,
                                             "env": env, "cli": cli, "least": least,
-                                            "above": above})
+                                            "above": above, "most": most})
 
 
 @dataclass
@@ -90,6 +90,11 @@ class BrokerSettings:
         "passes) may run before its replica stops renewing the leadership, so another replica "
         "takes over the periodic passes and placement from one whose tick hangs; a metering "
         "pass over 10,000 leases takes 1-10 s", above=True)
+    periodic_niceness: int = setting(
+        10, "added to the process that runs the leader's periodic passes (metering, capacity "
+        "samples) on PostgreSQL, so that on a busy machine the replicas answering agents and "
+        "users have the cores first: a pass may take longer, a request should not (0: as "
+        "the broker)", unit="niceness", least=0, most=19)
     capacity_interval: float = setting(
         60.0, "between capacity samples (CPUs and GPUs online and leased per lab) for the "
         "dashboards' capacity history", above=True)
@@ -128,17 +133,19 @@ class BrokerSettings:
                 if not math.isfinite(value):  # as the flags refuse it: inf is no timeout
                     raise ValueError(f"{f.name} must be a finite number, not {value}")
                 wrong = out_of_range(value, f.metadata["least"], f.metadata["above"], word)
+                if wrong is None and value > f.metadata["most"]:
+                    wrong = f"must be at most {f.metadata['most']:g} {word}, not {value:g}"
                 if wrong:
                     raise ValueError(f"{f.name} {wrong}")
 
 
 #: How a help text starts for each unit (the help itself continues the sentence).
 LEADS = {"s": "Seconds ", "hours": "Hours ", "requests/s": "Requests per second ",
-         "requests": "Requests ", "PCU": "PCU "}
+         "requests": "Requests ", "PCU": "PCU ", "niceness": "Niceness "}
 
 
 METAVARS = {"s": "SECONDS", "hours": "HOURS", "requests/s": "N", "requests": "N",
-            "PCU": "PCU"}
+            "PCU": "PCU", "niceness": "N"}
 
 
 def _is_number(value: Any) -> bool:
@@ -147,13 +154,14 @@ def _is_number(value: Any) -> bool:
 
 #: The unit's word in an error message.
 UNIT_WORDS = {"s": "seconds", "hours": "hours", "requests/s": "requests per second",
-              "requests": "requests", "PCU": "PCU"}
+              "requests": "requests", "PCU": "PCU", "niceness": "nice levels"}
 
 
 def _checked(kind: type, meta: Any) -> Any:
     """An argparse type that reads a number of ``kind`` and refuses one out of its range
     (in the command line's unit)."""
     return number(kind, least=meta["least"] / meta["cli_scale"], above=meta["above"],
+                  most=meta["most"] / meta["cli_scale"],
                   unit=UNIT_WORDS.get(meta["unit"], meta["unit"]))
 
 

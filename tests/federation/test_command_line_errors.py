@@ -66,6 +66,8 @@ def test_a_database_that_cannot_be_opened_is_one_line_naming_it(command, tmp_pat
     ("--token-cache", "-1", "must be at least 0 seconds, not -1"),
     ("--fair-share-half-life", "0", "must be more than 0 hours, not 0"),
     ("--rate-burst", "0.5", "must be at least 1 requests, not 0.5"),
+    ("--periodic-niceness", "20", "must be at most 19 nice levels, not 20"),
+    ("--periodic-niceness", "-5", "must be at least 0 nice levels, not -5"),
     ("--max-concurrent-requests", "2.5", "expected a whole number, not '2.5'"),
     ("--rate-limit", "fast", "expected a number, not 'fast'"),
 ])
@@ -98,6 +100,9 @@ def test_settings_made_in_code_are_checked_too():
                        match="max_concurrent_requests must be at least 1 requests, not 0"):
         BrokerSettings(cloud_prices=None, max_concurrent_requests=0)
     assert BrokerSettings(cloud_prices=None, token_cache=0).token_cache == 0
+    with pytest.raises(ValueError,
+                       match="periodic_niceness must be at most 19 nice levels, not 40"):
+        BrokerSettings(cloud_prices=None, periodic_niceness=40)
     for value in (math.inf, -math.inf, math.nan):
         with pytest.raises(ValueError, match=f"metering_interval must be a finite number, "
                                              f"not {value}"):

@@ -68,6 +68,11 @@ def test_the_periodic_passes_run_in_a_process_that_ends_with_the_broker(tmp_path
         children = broker_children(proc.pid)
         assert len(pass_processes(proc.pid)) == 1, [c.cmdline() for c in children]
         assert len(pass_processes(proc.pid, "parallex-placer")) == 1, children
+        # The periodic passes yield the cores to the requests (--periodic-niceness, 10 by
+        # default); placement answers scale requests and keeps the broker's niceness.
+        niceness = psutil.Process(proc.pid).nice()
+        assert pass_processes(proc.pid)[0].nice() == min(19, niceness + 10)
+        assert pass_processes(proc.pid, "parallex-placer")[0].nice() == niceness
         with engine.connect() as c:
             wait_until(lambda: c.execute(text("SELECT count(*) FROM capacitysample")).scalar(),
                        30, "a capacity sample")
