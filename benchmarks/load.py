@@ -402,6 +402,14 @@ def main() -> None:
                              "machine too small for the clients to run elsewhere, 10 lets the "
                              "brokers and PostgreSQL have the cores first, as when the "
                              "clients are other machines; the probes are not niced.")
+    parser.add_argument("--broker-option", action="append", default=[], metavar="FLAG=VALUE",
+                        help="A setting for every replica, as `parallex broker` takes it "
+                             "(e.g. --broker-option=--periodic-niceness=0), for comparing "
+                             "settings in the same conditions; repeatable (default: none).")
+    parser.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="A PostgreSQL server setting for the run, e.g. "
+                             "--pg-setting=log_lock_waits=on (repeatable; default: none); "
+                             "its log is kept with --keep-logs.")
     parser.add_argument("--keep-logs", metavar="FOLDER", default=None,
                         help="Copy the replicas' logs into FOLDER at the end (default: none "
                              "kept; they are written to a temporary folder).")
@@ -414,9 +422,14 @@ def main() -> None:
     # none is evicted with its count (``dealloc`` says if one was).
     settings = ("shared_preload_libraries=pg_stat_statements",
                 "pg_stat_statements.max=20000") if counting else ()
+    settings = (*settings, *args.pg_setting)
     with (tempfile.TemporaryDirectory() as tmp,
           postgres_server(settings=settings) as server):
         db = fresh_database(server, "load")
+        with psycopg.connect(db, autocommit=True) as conn:
+            # postgres_server writes the server's log beside its data folder.
+            pg_log = Path(conn.execute("SHOW data_directory").fetchone()[0]).parent / \
+                "postgres.log"
         if counting:
             with psycopg.connect(db, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION pg_stat_statements")
@@ -426,7 +439,8 @@ def main() -> None:
             for name in (f"replica-{i + 1}" for i in range(args.replicas)):
                 proc, url = start_broker(Path(tmp), admin_token, db_url=db, name=name,
                                          extra=("--metering-interval", METERING_INTERVAL,
-                                                "--rate-burst", "1000"))
+                                                "--rate-burst", "1000",
+                                                *args.broker_option))
                 brokers.append((proc, url))
             transactions_at_start = database_transactions(db)
             statements_at_start = database_statements(db) if counting else {}
@@ -486,7 +500,7 @@ def main() -> None:
                 rec.metering = metering_passes(Path(tmp).glob("replica-*.log"))
             if args.keep_logs:
                 Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
-                for log in Path(tmp).glob("replica-*.log"):
+                for log in [*Path(tmp).glob("replica-*.log"), pg_log]:
                     shutil.copy(log, args.keep_logs)
         # Counted by PostgreSQL as its backends end (they flush their statistics then), so
         # read once the brokers have stopped; set against the count read before the run.
