@@ -89,7 +89,8 @@ class BrokerSettings:
         120.0, "one reaper tick (ending what went silent, the leader's metering and capacity "
         "passes) may run before its replica stops renewing the leadership, so another replica "
         "takes over the periodic passes and placement from one whose tick hangs; a metering "
-        "pass over 10,000 leases takes 1-10 s", above=True)
+        "pass over 10,000 leases takes 1-30 s (the longer on a saturated machine, its process "
+        "niced)", above=True)
     periodic_niceness: int = setting(
         10, "added to the process that runs the leader's periodic passes (metering, capacity "
         "samples) on PostgreSQL, so that on a busy machine the replicas answering agents and "
