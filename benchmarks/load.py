@@ -68,7 +68,7 @@ from benchmarks.busy_timeline import BusyTimeline
 from benchmarks.common import table, write
 from federation.broker.service import METERING_PASS_LOGGED
 from federation.tls import ClusterAuthority
-from tests.utils.postgres import fresh_database, pg_bin, postgres_server
+from tests.utils.postgres import fresh_database, pg_bin, postgres_server, server_log
 from tests.utils.procs import start_broker
 
 LABS = 20
@@ -426,10 +426,7 @@ def main() -> None:
     with (tempfile.TemporaryDirectory() as tmp,
           postgres_server(settings=settings) as server):
         db = fresh_database(server, "load")
-        with psycopg.connect(db, autocommit=True) as conn:
-            # postgres_server writes the server's log beside its data folder.
-            pg_log = Path(conn.execute("SHOW data_directory").fetchone()[0]).parent / \
-                "postgres.log"
+        pg_log = server_log(db)
         if counting:
             with psycopg.connect(db, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION pg_stat_statements")

@@ -9,13 +9,16 @@ import math
 from collections.abc import Callable
 
 
-def out_of_range(value: float, least: float, above: bool, unit: str) -> str | None:
+def out_of_range(value: float, least: float, above: bool, unit: str,
+                 most: float = math.inf) -> str | None:
     """Why ``value`` is refused (it must be at least ``least``, or more than it with
-    ``above``; ``unit`` words the message), or None."""
+    ``above``, and at most ``most``; ``unit`` words the message), or None."""
     if above and not value > least:
         return f"must be more than {least:g} {unit}, not {value:g}"
     if not above and not value >= least:
         return f"must be at least {least:g} {unit}, not {value:g}"
+    if value > most:
+        return f"must be at most {most:g} {unit}, not {value:g}"
     return None
 
 
@@ -32,9 +35,7 @@ def number(kind: type = float, *, least: float = 0.0, above: bool = False,
                 f"not {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected a finite number, not {text!r}")
-        wrong = out_of_range(value, least, above, unit)
-        if wrong is None and value > most:
-            wrong = f"must be at most {most:g} {unit}, not {value:g}"
+        wrong = out_of_range(value, least, above, unit, most)
         if wrong:
             raise argparse.ArgumentTypeError(wrong)
         return value

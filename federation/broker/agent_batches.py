@@ -178,10 +178,11 @@ def end_late(s: Session, recorded: Recorded, now: dt.datetime,
     report may have ended one meanwhile), in the caller's unit of work (the caller commits);
     adds to ``recorded`` what changed.
 
-    A lease another unit of work holds locked is left to the next heartbeat: the leader's
-    metering pass locks every running lease it charges until it commits (10-20 s under
-    issue 14's load), and a heartbeat batch waiting for it held every agent's heartbeat
-    past the 10 s they wait, answered 503, until machines were taken for lost."""
+    A lease another unit of work holds locked is left to the next heartbeat: a metering
+    unit locks the leases it charges until it commits (a whole pass did, 10-20 s under
+    issue 14's load, before passes were cut into units), and a heartbeat batch waiting for
+    it held every agent's heartbeat past the 10 s they wait, answered 503, until machines
+    were taken for lost."""
     for lease in s.exec(select(Lease).where(col(Lease.id).in_(recorded.late))
                         .order_by(Lease.id).with_for_update(skip_locked=True)).all():
         if end_overdue(s, lease, recorded.alive.get(lease.provider_id, set()), now,

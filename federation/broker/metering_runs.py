@@ -127,10 +127,11 @@ def meter_pass(engine: Engine, settings: BrokerSettings, now: dt.datetime,
 
 
 def meter_unit(engine: Engine, settings: BrokerSettings, now: dt.datetime,
-               lease_ids: set[str] | None = None) -> int | None:
-    """``meter_leases`` as a unit of work of its own on ``engine`` (the broker's thread or
-    the periodic process), the metering lock held; None when a meterer that does not take
-    the lock recorded a period first (rolled back: the next pass finds it done)."""
+               lease_ids: set[str]) -> int | None:
+    """``meter_leases`` of ``lease_ids`` as a unit of work of its own on ``engine`` (a
+    lease-end batch, or one unit of ``meter_pass``), the metering lock held; None when a
+    meterer that does not take the lock recorded a period first (rolled back: the next pass
+    finds it done)."""
     with session(engine) as s:
         lock_metering(s)
         try:

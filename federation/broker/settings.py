@@ -133,9 +133,8 @@ class BrokerSettings:
                 word = "s" if unit in ("s", "hours") else UNIT_WORDS.get(unit, unit)
                 if not math.isfinite(value):  # as the flags refuse it: inf is no timeout
                     raise ValueError(f"{f.name} must be a finite number, not {value}")
-                wrong = out_of_range(value, f.metadata["least"], f.metadata["above"], word)
-                if wrong is None and value > f.metadata["most"]:
-                    wrong = f"must be at most {f.metadata['most']:g} {word}, not {value:g}"
+                wrong = out_of_range(value, f.metadata["least"], f.metadata["above"], word,
+                                     f.metadata["most"])
                 if wrong:
                     raise ValueError(f"{f.name} {wrong}")
 

@@ -591,9 +591,9 @@ def test_agents_batches_are_served_while_requests_hold_every_other_connection(po
 
 def test_a_heartbeat_does_not_wait_for_a_lease_another_unit_holds(postgres_url):
     """The heartbeat shows a running lease gone, but another unit of work holds that lease
-    locked (the leader's metering pass holds every running lease it charges, for seconds
-    under load): the heartbeat is answered at once and the lease ends with a later one,
-    instead of the batch waiting and every agent's heartbeat in it answered 503."""
+    locked (a metering unit holds the leases it charges, for seconds under load): the
+    heartbeat is answered at once and the lease ends with a later one, instead of the batch
+    waiting and every agent's heartbeat in it answered 503."""
     import psycopg
 
     with in_process_broker(postgres_url, 2) as b:

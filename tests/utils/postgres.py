@@ -35,6 +35,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_log(url: str) -> Path:
+    """The log of a server ``postgres_server`` started (it writes it beside the data
+    folder)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return Path(conn.execute("SHOW data_directory").fetchone()[0]).parent / "postgres.log"
+
+
 @contextlib.contextmanager
 def postgres_server(timeout: float = 60.0, settings: tuple[str, ...] = ()) -> Iterator[str]:
     """Yield ``postgresql://...`` of a fresh server; initdb refuses root, so run as postgres.
