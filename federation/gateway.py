@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import struct
 from collections.abc import Callable
 
@@ -35,8 +36,14 @@ SCHEME = "parallex"
 SNI_SUFFIX = ".parallex"
 #: The most ClientHello bytes the gateway reads before it gives up on a connection.
 MAX_HELLO = 64 * 1024
-#: Seconds a new connection may take to send its ClientHello.
+#: Seconds a new connection may take to send its ClientHello or its parking request. Only
+#: that first message is timed.
 HELLO_TIMEOUT = 10.0
+#: TCP keepalive on the gateway's connections: seconds idle before the first probe, seconds
+#: between probes, probes unanswered before the connection is dropped.
+KEEPALIVE_IDLE = 30
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_PROBES = 3
 
 
 class NotRoutable(ValueError):
@@ -140,9 +147,10 @@ class Gateway:
         self.refused = 0
         self.routed = 0
         # lease id -> its worker's parked connections, oldest first: (reader, writer, an
-        # event set once the connection has been used, which ends its parking handler)
+        # event set once the connection has been used, which ends its parking handler, the
+        # read that notices its worker closing it while parked)
         self.parked: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter,
-                                          asyncio.Event]]] = {}
+                                          asyncio.Event, asyncio.Future]]] = {}
         self._parked_event: dict[str, asyncio.Event] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -161,14 +169,22 @@ class Gateway:
     async def _handle(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
+        keep_alive(writer)
         try:
             try:
+                # Only what a connection says first is timed: a parked connection then waits
+                # for as long as its worker lives, and a spliced one carries that worker's
+                # comm (a scheduler's pooled connection, a peer's) for as long as Dask keeps it.
                 async with asyncio.timeout(HELLO_TIMEOUT):
                     first = await reader.readexactly(1)
                     if first == b"P":
-                        await self._park(reader, writer)
-                        return
-                    raw, name = await read_client_hello(reader, first=first)
+                        lease = await _parking_request(reader)
+                    else:
+                        lease = None
+                        raw, name = await read_client_hello(reader, first=first)
+                if lease is not None:
+                    await self._park(lease, reader, writer)
+                    return
                 lease = lease_of(name or "")
                 used = None
                 if lease is not None:
@@ -181,6 +197,7 @@ class Gateway:
                     host, _, port = target.rpartition(":")
                     up_reader, up_writer = await asyncio.open_connection(host.strip("[]"),
                                                                          int(port))
+                    keep_alive(up_writer)
             except (NotRoutable, TimeoutError, asyncio.IncompleteReadError, OSError) as exc:
                 self.refused += 1
                 logger.info("gateway: refused a connection from %s: %s", peer, exc)
@@ -196,24 +213,34 @@ class Gateway:
             with contextlib.suppress(OSError):
                 writer.close()
 
-
-    async def _park(self, reader: asyncio.StreamReader,
+    async def _park(self, lease: str, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
-        """A worker parks a connection: ``PXPARK <lease id>\\n``; it waits here until a
-        connection to that worker takes it."""
-        line = await reader.readline()
-        parts = line.decode("ascii", "replace").split()
-        if len(parts) != 2 or parts[0] != "XPARK" or lease_of(parts[1] + SNI_SUFFIX) is None:
-            raise NotRoutable(f"bad parking request {line[:80]!r}")
-        lease = parts[1]
+        """A worker's parked connection waits here until a connection to that worker takes
+        it, or its worker closes it (then it leaves the lease's list at once, so connections
+        that died while parked neither fill the lease's ``MAX_PARKED`` nor delay a dial)."""
         waiting = self.parked.setdefault(lease, [])
         if len(waiting) >= MAX_PARKED:
             raise NotRoutable(f"lease {lease} already has {MAX_PARKED} parked connections")
         used = asyncio.Event()
-        waiting.append((reader, writer, used))
+        # The worker sends nothing until it is told GO, so a byte or an end of stream here
+        # means it went away. _take_parked cancels this read before it says GO.
+        watch = asyncio.ensure_future(reader.read(1))
+        parked = (reader, writer, used, watch)
+        waiting.append(parked)
         self._parked_event.setdefault(lease, asyncio.Event()).set()
-        # Stay here while parked and used: asyncio closes a connection whose handler ends.
-        await used.wait()
+        try:
+            await asyncio.wait({watch})
+            if not watch.cancelled():
+                return  # closed (or talking out of turn) while parked: drop it
+            # Taken: stay while it is in use, since asyncio closes a connection whose handler
+            # ends.
+            await used.wait()
+        finally:
+            watch.cancel()
+            with contextlib.suppress(ValueError):
+                waiting.remove(parked)
+            if not waiting and self.parked.get(lease) is waiting:
+                del self.parked[lease]
 
     async def _take_parked(self, lease: str):
         """One of the lease's parked connections, told to expect a connection; waits up to
@@ -223,7 +250,11 @@ class Gateway:
         while True:
             waiting = self.parked.get(lease) or []
             while waiting:
-                reader, writer, used = waiting.pop(0)
+                reader, writer, used, watch = waiting.pop(0)
+                watch.cancel()
+                await asyncio.wait({watch})  # the reader is free once the watch has ended
+                if not watch.cancelled():
+                    continue  # its worker closed it first; its handler is ending
                 try:
                     writer.write(b"GO\n")
                     await writer.drain()
@@ -242,6 +273,29 @@ class Gateway:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(left):
                     await event.wait()
+
+
+async def _parking_request(reader: asyncio.StreamReader) -> str:
+    """The lease id of a parking request, ``PXPARK <lease id>\\n`` (its ``P`` already read)."""
+    line = await reader.readline()
+    parts = line.decode("ascii", "replace").split()
+    if len(parts) != 2 or parts[0] != "XPARK" or lease_of(parts[1] + SNI_SUFFIX) is None:
+        raise NotRoutable(f"bad parking request {line[:80]!r}")
+    return parts[1]
+
+
+def keep_alive(writer: asyncio.StreamWriter) -> None:
+    """TCP keepalive on a gateway connection: a parked or spliced connection may sit idle for
+    hours, and keepalive both holds its NAT mappings open and lets a peer that vanished without
+    a word (a machine switched off, a mapping dropped) end it after about a minute."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -24,6 +24,7 @@ from distributed.comm.tcp import (
     TLSBackend,
     TLSConnector,
     _expect_tls_context,
+    set_tcp_timeout,
 )
 from tornado.iostream import StreamClosedError
 from tornado.tcpclient import TCPClient
@@ -114,6 +115,9 @@ class ReverseListener(BaseListener):
         while not self._closing:
             try:
                 stream = await TCPClient().connect(host, port, max_buffer_size=MAX_BUFFER_SIZE)
+                # A parked connection idles until dialled: keepalive holds the lab's NAT
+                # mapping open and notices a gateway that vanished, so the worker parks anew.
+                set_tcp_timeout(stream)
                 await stream.write(f"PXPARK {self.lease}\n".encode())
                 if await stream.read_until(b"\n", max_bytes=16) != b"GO\n":
                     stream.close()

@@ -6,6 +6,7 @@ agents reach their schedulers through it and compute."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 
@@ -48,6 +49,36 @@ def hello_of(data: bytes) -> tuple[bytes, str | None]:
         return await read_client_hello(reader)
 
     return asyncio.run(go())
+
+
+def worker_and_scheduler(tmp_path, lease: str):
+    """Dask ``Security`` of a worker holding ``lease`` and of its cluster's scheduler (one
+    cluster CA), the worker's files under ``tmp_path``."""
+    from distributed.security import Security
+
+    from federation.tls import ROLE_SCHEDULER, ClusterAuthority, worker_key_and_request
+
+    ca = ClusterAuthority()
+    key, csr = worker_key_and_request(lease)
+    for name, text in (("ca.pem", ca.ca_pem), ("cert.pem", ca.sign_worker_request(lease, csr)),
+                       ("key.pem", key)):
+        (tmp_path / name).write_text(text)
+    worker = Security(tls_ca_file=str(tmp_path / "ca.pem"),
+                      tls_worker_cert=str(tmp_path / "cert.pem"),
+                      tls_worker_key=str(tmp_path / "key.pem"), require_encryption=True)
+    issued = ca.issue("scheduler", ROLE_SCHEDULER)
+    scheduler = Security(tls_ca_file=ca.ca_pem, tls_scheduler_cert=issued.cert,
+                         tls_scheduler_key=issued.key, require_encryption=True)
+    return worker, scheduler
+
+
+async def eventually(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` on the running loop until it holds; fail with ``what`` on timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def test_the_server_name_is_read_from_a_real_client_hello():
@@ -136,20 +167,10 @@ def test_a_worker_behind_nat_is_dialled_through_connections_it_parked(tmp_path, 
     from distributed.security import Security
 
     from federation.gateway_comm import LEASE_ENV, PARKED
-    from federation.tls import ROLE_SCHEDULER, ClusterAuthority, worker_key_and_request
+    from federation.tls import ROLE_SCHEDULER, ClusterAuthority
 
     lease = "ls-0123456789abcdef"
-    ca = ClusterAuthority()
-    key, csr = worker_key_and_request(lease)
-    for name, text in (("ca.pem", ca.ca_pem), ("cert.pem", ca.sign_worker_request(lease, csr)),
-                       ("key.pem", key)):
-        (tmp_path / name).write_text(text)
-    worker = Security(tls_ca_file=str(tmp_path / "ca.pem"),
-                      tls_worker_cert=str(tmp_path / "cert.pem"),
-                      tls_worker_key=str(tmp_path / "key.pem"), require_encryption=True)
-    issued = ca.issue("scheduler", ROLE_SCHEDULER)
-    scheduler = Security(tls_ca_file=ca.ca_pem, tls_scheduler_cert=issued.cert,
-                         tls_scheduler_key=issued.key, require_encryption=True)
+    worker, scheduler = worker_and_scheduler(tmp_path, lease)
     stranger_ca = ClusterAuthority()
     other = stranger_ca.issue("scheduler", ROLE_SCHEDULER)
     stranger = Security(tls_ca_file=stranger_ca.ca_pem, tls_scheduler_cert=other.cert,
@@ -195,6 +216,102 @@ def test_a_worker_behind_nat_is_dialled_through_connections_it_parked(tmp_path, 
             await gateway.close()
 
     assert asyncio.run(go()) == [{"echo": i} for i in range(5)]
+
+
+def test_a_connection_to_a_worker_outlives_the_gateways_hello_timeout(tmp_path, monkeypatch):
+    """Only what a connection says first is timed. A scheduler's connection to a worker behind
+    NAT, spliced onto one of its parked connections, still carries messages after several hello
+    timeouts, and the worker's other parked connections stay parked. (The gateway once timed
+    a parked connection's whole life, so every connection to a worker died within 10 s of
+    being parked: a notebook's `client.run` failed with "Stream is closed" when the
+    scheduler reused one from its pool.)"""
+    from distributed.comm import connect, listen
+    from distributed.comm.core import CommClosedError
+
+    from federation import gateway as gateway_module
+    from federation.gateway_comm import LEASE_ENV, PARKED
+
+    lease = "ls-0123456789abcdef"
+    worker, scheduler = worker_and_scheduler(tmp_path, lease)
+    monkeypatch.setenv(LEASE_ENV, lease)
+    monkeypatch.setattr(gateway_module, "HELLO_TIMEOUT", 0.3)
+
+    async def go():
+        gateway = Gateway(lambda cluster: None)
+        await gateway.start()
+
+        async def echo(comm):
+            with contextlib.suppress(CommClosedError):
+                while True:
+                    await comm.write(await comm.read())
+
+        listener = await listen(f"parallex://{gateway.address}", echo,
+                                **worker.get_listen_args("worker"))
+        try:
+            await eventually(lambda: len(gateway.parked.get(lease, [])) == PARKED, 10,
+                             "the worker's parked connections")
+            parked_before = list(gateway.parked[lease])
+            comm = await connect(listener.contact_address,
+                                 **scheduler.get_connection_args("scheduler"))
+            answers = []
+            for i in range(4):
+                await comm.write(i)
+                answers.append(await comm.read())
+                # The connection's age is what is under test: each pause is longer than the
+                # hello timeout, so the last message goes four timeouts after parking.
+                await asyncio.sleep(0.4)
+            await comm.close()
+            kept = [conn for conn in parked_before if conn in gateway.parked.get(lease, [])]
+            return answers, len(kept), gateway.refused
+        finally:
+            listener.stop()
+            await gateway.close()
+
+    answers, kept, refused = asyncio.run(go())
+    assert answers == [0, 1, 2, 3]
+    assert kept == PARKED - 1  # one was taken by the connection; the others were never dropped
+    assert refused == 0
+
+
+def test_parked_connections_their_worker_closed_leave_the_gateway_at_once():
+    """A parked connection whose worker closes it leaves the lease's list at once, so dead
+    ones neither fill the lease's MAX_PARKED (which refuses new parking) nor wait for a dial."""
+    from federation.gateway import MAX_PARKED
+
+    lease = "ls-0123456789abcdef"
+
+    async def go():
+        gateway = Gateway(lambda cluster: None)
+        await gateway.start()
+        host, port = gateway.address.split(":")
+
+        async def park():
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"PXPARK {lease}\n".encode())
+            await writer.drain()
+            return reader, writer
+
+        try:
+            first = [await park() for _ in range(MAX_PARKED)]
+            await eventually(lambda: len(gateway.parked.get(lease, [])) == MAX_PARKED, 10,
+                             f"{MAX_PARKED} parked connections")
+            reader, writer = await park()  # one too many: refused, closed without a word
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            for _, writer in first:
+                writer.close()
+            await eventually(lambda: lease not in gateway.parked, 5,
+                             "closed parked connections to leave the gateway")
+            again = [await park() for _ in range(MAX_PARKED)]
+            await eventually(lambda: len(gateway.parked.get(lease, [])) == MAX_PARKED, 10,
+                             "parking again after the worker's connections closed")
+            for _, writer in again:
+                writer.close()
+            return gateway.refused
+        finally:
+            await gateway.close()
+
+    assert asyncio.run(go()) == 1
 
 
 def test_a_certificate_of_one_cluster_fails_against_another_through_the_gateway():
