@@ -178,12 +178,12 @@ class Gateway:
                 async with asyncio.timeout(HELLO_TIMEOUT):
                     first = await reader.readexactly(1)
                     if first == b"P":
-                        lease = await _parking_request(reader)
+                        parking = await _parking_request(reader)
                     else:
-                        lease = None
+                        parking = None
                         raw, name = await read_client_hello(reader, first=first)
-                if lease is not None:
-                    await self._park(lease, reader, writer)
+                if parking is not None:
+                    await self._park(parking, reader, writer)
                     return
                 lease = lease_of(name or "")
                 used = None

@@ -113,6 +113,7 @@ class ReverseListener(BaseListener):
         host, port = parse_host_port(self.target)
         delay = 0.1
         while not self._closing:
+            stream = None
             try:
                 stream = await TCPClient().connect(host, port, max_buffer_size=MAX_BUFFER_SIZE)
                 # A parked connection idles until dialled: keepalive holds the lab's NAT
@@ -123,6 +124,12 @@ class ReverseListener(BaseListener):
                     stream.close()
                     continue
                 await stream.write(b"OK\n")
+            except asyncio.CancelledError:
+                # Stopped while parked: the gateway holds a parked connection until its
+                # worker closes it, and this one would never answer a dial.
+                if stream is not None:
+                    stream.close()
+                raise
             except (StreamClosedError, OSError) as exc:
                 logger.debug("parking at the gateway %s failed: %s", self.target, exc)
                 await asyncio.sleep(delay)

@@ -221,7 +221,8 @@ def test_a_worker_behind_nat_is_dialled_through_connections_it_parked(tmp_path, 
 def test_a_connection_to_a_worker_outlives_the_gateways_hello_timeout(tmp_path, monkeypatch):
     """Only what a connection says first is timed. A scheduler's connection to a worker behind
     NAT, spliced onto one of its parked connections, still carries messages after several hello
-    timeouts, and the worker's other parked connections stay parked. (The gateway once timed
+    timeouts, and the worker's other parked connections stay parked until it stops listening.
+    (The gateway once timed
     a parked connection's whole life, so every connection to a worker died within 10 s of
     being parked: a notebook's `client.run` failed with "Stream is closed" when the
     scheduler reused one from its pool.)"""
@@ -262,6 +263,10 @@ def test_a_connection_to_a_worker_outlives_the_gateways_hello_timeout(tmp_path, 
                 await asyncio.sleep(0.4)
             await comm.close()
             kept = [conn for conn in parked_before if conn in gateway.parked.get(lease, [])]
+            # A worker that stops listening takes its parked connections with it.
+            listener.stop()
+            await eventually(lambda: lease not in gateway.parked, 5,
+                             "a stopped listener's parked connections to leave the gateway")
             return answers, len(kept), gateway.refused
         finally:
             listener.stop()
