@@ -174,6 +174,7 @@ def test_lost_machine_lowers_reliability_and_what_its_lab_earns(labs_with_pis):
 
         assert wait_until(lost, fed.provider_timeout + 15, "the lease to end")["end_reason"] \
             == "lost"
+    fed.wait_until_charged()  # the lost lease's last part is charged after it ends
     admin = fed.admin()
     try:
         (provider,) = admin.request("GET", "/providers")

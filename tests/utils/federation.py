@@ -20,9 +20,14 @@ from tests.utils.procs import (
     kill_workers_under,
     start_agent,
     start_broker,
+    wait_until,
     wait_warm,
     worker_uid_args,
 )
+
+#: Leases not ended yet, or ended with a part not charged (metering_runs.end_not_charged).
+UNSETTLED = ("SELECT COUNT(*) FROM lease WHERE state != 'ended' OR (started_at IS NOT NULL "
+             "AND (metered_until IS NULL OR metered_until < ended_at))")
 
 
 @dataclass
@@ -107,6 +112,13 @@ class Federation:
         """The first column of the first row of a read-only query on the broker's database."""
         with contextlib.closing(self._read_only_db()) as con:
             return con.execute(sql).fetchone()[0]
+
+    def wait_until_charged(self, timeout: float = 60) -> None:
+        """Wait until every lease has ended and been charged to its end. A lease's last part
+        is charged after it ends (by the broker's end meterer), so reads of usage and of
+        balances made before that could straddle the charge."""
+        wait_until(lambda: self.db_value(UNSETTLED) == 0, timeout,
+                   "every lease to end and be charged to its end")
 
     def _read_only_db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.tmp / 'broker.db'}?mode=ro", uri=True)
