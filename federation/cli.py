@@ -153,6 +153,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
                 gateway = await _start_gateway(broker, args.gateway, args.gateway_public,
                                                args.gateway_internal)
                 print(f"PARALLEX_GATEWAY={gateway.address}", flush=True)
+            elif args.gateway_public:
+                # A gateway of its own (`parallex gateway`): every replica hands out its
+                # address, and none of them takes workers' connections down when it stops.
+                broker.gateway_address = args.gateway_public
+                broker.gateway_internal = args.gateway_internal or args.gateway_public
         await task
 
     _run_loop(serve())
@@ -171,6 +176,44 @@ def _run_loop(main) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """Serve the federation gateway until stopped. A process of its own so that a broker
+    replica's restart (an upgrade, a crash) does not close workers' connections: Dask workers
+    end when their scheduler connection drops, so an in-broker gateway's restart ended every
+    lease behind it."""
+    from .broker import db, db_open
+    from .gateway import Gateway
+    from .gateway_routes import DatabaseRoutes
+
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdigit():
+        print(f"error: --listen must be HOST:PORT (e.g. 0.0.0.0:8786); got {args.listen!r}",
+              file=sys.stderr)
+        return 2
+    db_url = _db_url(args)
+    try:
+        with db_open.opening(db_url):
+            # An unreachable database is said now, not at the first worker's connection.
+            engine = db.reader_engine(db_url, wait=args.schema_wait)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    async def serve() -> None:
+        gateway = Gateway(DatabaseRoutes(engine))
+        try:
+            await gateway.start(host or "0.0.0.0", int(port))  # noqa: S104 - the public port
+        except OSError as exc:
+            raise errors.ParallexError(f"cannot listen on {args.listen} ({exc.strerror}); "
+                                       "choose another --listen or stop what uses it") from exc
+        print(f"PARALLEX_GATEWAY={gateway.address}", flush=True)
+        logging.getLogger("parallex.gateway").info("gateway listening on %s", gateway.address)
+        await asyncio.Event().wait()
+
+    _run_loop(serve())
+    return 0
 
 
 async def _start_gateway(broker, listen: str, public: str | None, internal: str | None):
@@ -412,16 +455,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "workers dial schedulers directly).")
     b.add_argument("--gateway-public", metavar="HOST:PORT",
                    help="The gateway address workers dial, when it differs from --gateway "
-                        "(behind NAT or a load balancer; default: the --gateway address).")
+                        "(behind NAT or a load balancer; default: the --gateway address). "
+                        "Without --gateway: the address of a gateway that runs as a process "
+                        "of its own (`parallex gateway`), which every replica must name.")
     b.add_argument("--gateway-internal", metavar="HOST:PORT",
                    help="The gateway address users' schedulers dial to reach their workers: "
                         "they run in the hub's network, where the public address may not "
                         "route back in (no NAT hairpin) or would take a detour (default: the "
-                        "--gateway address, 127.0.0.1 for a wildcard host).")
+                        "--gateway address, 127.0.0.1 for a wildcard host; with a gateway of "
+                        "its own, --gateway-public).")
     b.add_argument("--cloud-prices", metavar="FILE",
                    help="YAML table of reference on-demand cloud prices used for the savings "
                         "figures (default: the shipped accounting/cloud_prices.yaml).")
     b.set_defaults(func=cmd_broker)
+
+    gw = sub.add_parser("gateway", help="Run the federation gateway as a process of its own, "
+                                        "routing by the brokers' database.")
+    gw.add_argument("--listen", metavar="HOST:PORT", default="0.0.0.0:8786",  # noqa: S104
+                    help="Where workers' TLS connections arrive (default 0.0.0.0:8786; port 0 "
+                         "picks a free one). Give every broker replica --gateway-public (what "
+                         "workers dial) and --gateway-internal (what schedulers dial).")
+    gw.add_argument("--db-url", help="The brokers' database URL, read for each cluster's "
+                    "scheduler (default PARALLEX_DB_URL, else ~/.local/share/parallex/"
+                    "broker.db).")
+    gw.add_argument("--schema-wait", type=cli_numbers.number(), default=60.0,
+                    help="Seconds to wait for a broker to migrate the database to the schema "
+                         "this gateway reads before giving up with a message (default 60); "
+                         "the gateway never migrates it itself.")
+    gw.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("provide", help="Offer this machine's CPUs/GPUs to a broker.")
     p.add_argument("--broker", default=os.environ.get("PARALLEX_BROKER_URL"),

@@ -138,8 +138,9 @@ class Gateway:
     """Routes workers' TLS connections to schedulers by server name.
 
     ``route(cluster_id)`` gives the scheduler's ``host:port`` (or None for an unknown or
-    ended cluster); the broker's view of active clusters is the usual source
-    (``BrokerRoutes``)."""
+    ended cluster), called in a thread; the brokers' clusters table is the source
+    (``Broker.scheduler_of`` in a broker's process, ``gateway_routes.DatabaseRoutes`` in
+    ``parallex gateway``'s)."""
 
     def __init__(self, route: Callable[[str], str | None]):
         self.route = route
@@ -191,7 +192,8 @@ class Gateway:
                     up_reader, up_writer, used = await self._take_parked(lease)
                 else:
                     cluster = cluster_of(name or "")
-                    target = self.route(cluster) if cluster else None
+                    # A database read: off the event loop, which carries every splice.
+                    target = await asyncio.to_thread(self.route, cluster) if cluster else None
                     if target is None:
                         raise NotRoutable(f"no active cluster for server name {name!r}")
                     host, _, port = target.rpartition(":")

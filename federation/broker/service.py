@@ -57,6 +57,7 @@ from sqlmodel import Session, col, select
 from accounting.models import Lab, utcnow
 from accounting.pricing import ensure_default_price
 
+from ..gateway_routes import route_of
 from ..lease_states import move
 from . import admission, db, environments
 from .agent_batches import (
@@ -529,10 +530,7 @@ class Broker:
     def scheduler_of(self, cluster_id: str) -> str | None:
         """The gateway's route: an active cluster's scheduler as host:port, else None."""
         with self.reading() as s:
-            row = s.get(ClusterRecord, cluster_id)
-            if row is None or not row.active:
-                return None
-            return row.scheduler_address.split("://", 1)[-1]
+            return route_of(s.get(ClusterRecord, cluster_id))
 
     async def report_lease_state(self, provider_id: str, lease_id: str,
                                  body: LeaseStateReport) -> Report:

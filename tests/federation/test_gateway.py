@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import random
 import ssl
 import time
 
@@ -26,7 +28,7 @@ from federation.gateway import (
 from hub_config.local import free_port
 from tests.utils.delay_relay import Relay
 from tests.utils.federation import make_federation
-from tests.utils.procs import wait_until
+from tests.utils.procs import Proc, parallex, ready, wait_until
 
 
 def client_hello(name: str | None) -> bytes:
@@ -317,6 +319,55 @@ def test_parked_connections_their_worker_closed_leave_the_gateway_at_once():
             await gateway.close()
 
     assert asyncio.run(go()) == 1
+
+
+def test_workers_behind_a_gateway_of_its_own_outlive_their_broker_killed_and_restarted(
+        tmp_path):
+    """`parallex gateway` runs apart from the brokers, which name it (--gateway-public). A
+    broker killed with -9 and restarted leaves workers' connections alone: the cluster keeps
+    its workers and what they hold, and no lease ends. (With the gateway inside the broker,
+    its restart ended every lease behind it "failed": a Dask worker ends when its scheduler
+    connection drops, and the provider's reliability paid for it.)"""
+    port = free_port()
+    fed = make_federation(tmp_path, broker_args=("--gateway-public", f"127.0.0.1:{port}"))
+    db_url = fed.db_url or f"sqlite:///{tmp_path / 'broker.db'}"
+    gateway = Proc(parallex("--log-level", "INFO", "gateway", "--listen", f"127.0.0.1:{port}",
+                            "--db-url", db_url), tmp_path / "gateway.log")
+    try:
+        assert ready(gateway, "PARALLEX_GATEWAY=") == f"127.0.0.1:{port}"
+        fed.add_lab("lab-a", user="alice")
+        fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB",
+                      extra=("--no-peer-connections",))
+        with FederatedCluster(fed.url, fed.user_tokens["alice"], dashboard=False,
+                              heartbeat_interval=0.5) as cluster:
+            cluster.scale(2, memory="1 GiB")
+            cluster.wait_for_workers(2)
+            client = cluster.get_client()
+            workers = sorted(client.run(lambda: 0))
+            assert [w.rsplit("/", 1)[0] for w in workers] == [f"parallex://127.0.0.1:{port}"] * 2
+            held = client.submit(random.random, pure=False)
+            value = held.result()
+            leases = fed.db_dicts("SELECT id, state FROM lease ORDER BY id")
+            assert [le["state"] for le in leases] == ["running", "running"]
+
+            fed.broker.kill9()
+            restarted = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+            fed.restart_broker()
+
+            def seen_again() -> bool:
+                (row,) = fed.db_dicts("SELECT p.last_seen AS agent, c.last_seen AS cluster "
+                                      "FROM provider p, cluster c")
+                return all(dt.datetime.fromisoformat(row[k]).replace(tzinfo=None) > restarted
+                           for k in ("agent", "cluster"))
+
+            wait_until(seen_again, 60, "the agent and the cluster to reach the new broker")
+            assert sorted(client.run(lambda: 0)) == workers
+            assert held.result() == value  # still in a worker's memory, not computed again
+            assert client.submit(lambda x: x + 1, 1).result() == 2
+            assert fed.db_dicts("SELECT id, state FROM lease ORDER BY id") == leases
+    finally:
+        gateway.stop()
+        fed.stop()
 
 
 def test_a_certificate_of_one_cluster_fails_against_another_through_the_gateway():
