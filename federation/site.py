@@ -7,7 +7,7 @@ processes, started in ``depends_on`` order with the file's environment; a servic
 table maps container paths onto the host (``paths``) and names the services that are not
 processes but given by an environment variable (``external``: the database). Named volumes
 become folders under ``--data-dir``. A service's ``x-ready`` URLs (one or a list) are
-polled until each answers 200.
+polled until each answers 200 (``tcp://HOST:PORT``: until a connection is accepted).
 
 Variables are read as compose reads them: the environment wins over ``--env-file``, and
 ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``, ``${VAR:?message}`` and ``$$`` work.
@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -274,9 +275,13 @@ class RunningSite:
                 raise SiteError(f"{service.name} exited with code {popen.returncode} before "
                                 f"it was ready; see {self.log(service.name)}")
             try:
+                if url.startswith("tcp://"):
+                    host, _, port = url.removeprefix("tcp://").rpartition(":")
+                    with socket.create_connection((host, int(port)), timeout=2):
+                        return
                 if httpx.get(url, timeout=2).status_code == 200:
                     return
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError):
                 pass
             time.sleep(0.25)  # polling a readiness URL, bounded by the deadline above
         raise SiteError(f"{service.name} did not answer {url} within "

@@ -61,12 +61,16 @@ if settings.broker_db_url:
     broker_service["command"] = [
         sys.executable, "-m", "federation.cli", "broker", "--host", broker_host or "127.0.0.1",
         "--port", str(broker_port), "--db-url", settings.broker_db_url]
+    # Workers at other sites reach users' schedulers (inside the hub's network) only through
+    # the gateway's one public port: beside this broker (gateway), or a process of its own
+    # (gateway_public alone: `parallex gateway`, which outlives the broker's restarts).
     if settings.gateway:
-        # Workers at other sites reach users' schedulers (inside the hub's network) only
-        # through the gateway's one public port.
         broker_service["command"] += ["--gateway", settings.gateway]
-        if settings.gateway_public:
-            broker_service["command"] += ["--gateway-public", settings.gateway_public]
+    if settings.gateway or settings.gateway_public:
+        for flag, value in (("--gateway-public", settings.gateway_public),
+                            ("--gateway-internal", settings.gateway_internal)):
+            if value:
+                broker_service["command"] += [flag, value]
     broker_service["environment"] = {
         k: os.environ[k] for k in ("PARALLEX_ADMIN_TOKEN", "PATH", "HOME") if k in os.environ}
 # The Panel dashboards: a managed service behind the hub's OAuth (people log in with their hub

@@ -10,7 +10,10 @@ Example::
                                                # broker_url's host); lab agents must reach it
     gateway: 0.0.0.0:8786                      # the federation gateway beside the broker:
                                                # workers reach schedulers through it
-    gateway_public: gw.hub.example.edu:8786    # the address workers dial (default: gateway)
+    gateway_public: gw.hub.example.edu:8786    # the address workers dial (default: gateway);
+                                               # alone: a gateway of its own (parallex gateway)
+    gateway_internal: 10.0.0.5:8786            # the address schedulers dial it at (default:
+                                               # gateway's, else gateway_public)
     institutions:
       north:
         display_name: North University
@@ -28,8 +31,9 @@ Example::
 
 Environment variables override: PARALLEX_HUB_PUBLIC_URL, PARALLEX_HUB_DB_URL,
 PARALLEX_BROKER_URL, PARALLEX_DB_URL (the broker's database), PARALLEX_BROKER_LISTEN,
-PARALLEX_GATEWAY and PARALLEX_GATEWAY_PUBLIC (deploy/site/compose.yaml sets them from its
-environment file, so the file holds only the institutions).
+PARALLEX_GATEWAY, PARALLEX_GATEWAY_PUBLIC and PARALLEX_GATEWAY_INTERNAL
+(deploy/site/compose.yaml sets them from its environment file, so the file holds only the
+institutions).
 """
 
 from __future__ import annotations
@@ -107,8 +111,12 @@ class HubSettings:
     #: must reach users' schedulers directly).
     gateway: str | None = None
     #: HOST:PORT workers dial for the gateway when it differs from ``gateway`` (NAT, load
-    #: balancer); None: ``gateway``.
+    #: balancer); None: ``gateway``. Without ``gateway``: the address of a gateway that runs
+    #: as a process of its own (``parallex gateway``), which the hub-run broker hands out.
     gateway_public: str | None = None
+    #: HOST:PORT users' schedulers (in the hub's network) dial the gateway at; None: the
+    #: broker's default (``gateway``'s bound address, else ``gateway_public``).
+    gateway_internal: str | None = None
     data_dir: str = "."
     institutions: tuple[Institution, ...] = field(default_factory=tuple)
 
@@ -210,5 +218,8 @@ def load_settings(path: str | Path | None = None,
         gateway_public=_host_port(
             {**raw, **_from_env(env, "PARALLEX_GATEWAY_PUBLIC", "gateway_public")},
             "gateway_public"),
+        gateway_internal=_host_port(
+            {**raw, **_from_env(env, "PARALLEX_GATEWAY_INTERNAL", "gateway_internal")},
+            "gateway_internal"),
         data_dir=str(raw.get("data_dir") or Path(path).parent if path else "."),
         institutions=tuple(_institution(str(n), r or {}, env) for n, r in institutions.items()))

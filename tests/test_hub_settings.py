@@ -26,10 +26,16 @@ def test_the_gateway_runs_beside_the_broker_when_named(tmp_path):
                           gateway_public="gw.hub.example.edu:8786", broker_listen="0.0.0.0")
     assert (named.gateway, named.gateway_public, named.broker_listen) == (
         "0.0.0.0:8786", "gw.hub.example.edu:8786", "0.0.0.0")
+    # A gateway of its own (`parallex gateway`): only where workers and schedulers dial it.
+    apart = settings_with(tmp_path, gateway_public="gw.hub.example.edu:8786",
+                          gateway_internal="10.0.0.5:8786")
+    assert (apart.gateway, apart.gateway_public, apart.gateway_internal) == (
+        None, "gw.hub.example.edu:8786", "10.0.0.5:8786")
 
 
 @pytest.mark.parametrize("key, value", [("gateway", "8786"), ("gateway", "host:port"),
-                                        ("gateway_public", "gw:99999"), ("gateway", ":8786")])
+                                        ("gateway_public", "gw:99999"), ("gateway", ":8786"),
+                                        ("gateway_internal", "10.0.0.5")])
 def test_a_bad_gateway_address_is_refused_with_the_form_to_use(tmp_path, key, value):
     with pytest.raises(SettingsError, match=f"{key} must be HOST:PORT"):
         settings_with(tmp_path, **{key: value})

@@ -76,6 +76,7 @@ def site_environment(tmp: Path, db_url: str, hub_port: int) -> tuple[dict[str, s
         "PARALLEX_HUB_PUBLIC_URL": hub_url, "PARALLEX_BIND": "127.0.0.1",
         "PARALLEX_HUB_SETTINGS_FILE": str(tmp / "hub.yaml"),
         "PARALLEX_GATEWAY_PUBLIC": f"127.0.0.1:{gateway_port}",
+        "PARALLEX_GATEWAY_INTERNAL": f"127.0.0.1:{gateway_port}",
         "PARALLEX_HUB_PORT": str(hub_port), "PARALLEX_GATEWAY_PORT": str(gateway_port),
         **{f"PARALLEX_{k}_PORT": str(free_port()) for k in (
             "BROKER", "BROKER_2", "HUB_INTERNAL", "PROXY_API", "DASHBOARD")},
@@ -94,6 +95,8 @@ def as_processes(tmp: Path) -> Iterator[RunningStack]:
             stack.callback(inst.relay.stop)
         site = start_site(COMPOSE, env, tmp / "data", progress=lambda _line: None)
         stack.callback(site.stop)
+        # The gateway is a service of its own: a broker's restart leaves workers connected.
+        assert {"hub", "broker-2", "gateway"} <= set(site.processes), set(site.processes)
         yield RunningStack(f"http://127.0.0.1:{hub_port}",
                            f"http://127.0.0.1:{env['PARALLEX_BROKER_PORT']}",
                            f"http://127.0.0.1:{env['PARALLEX_BROKER_2_PORT']}",
@@ -118,6 +121,7 @@ def as_containers(tmp: Path) -> Iterator[RunningStack]:
     env["PARALLEX_DB_URL"] = (f"postgresql://parallex:{env['PARALLEX_DB_PASSWORD']}"
                               "@db:5432/parallex")
     env["PARALLEX_BIND"] = "0.0.0.0"
+    env["PARALLEX_GATEWAY_INTERNAL"] = f"gateway:{env['PARALLEX_GATEWAY_PORT']}"
     env_file = tmp / "site.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()
                                 if k.startswith(("PARALLEX_", "JUPYTERHUB_", "CONFIGPROXY_",
@@ -185,7 +189,7 @@ def test_the_site_stack_serves_sign_in_both_replicas_dashboards_and_the_gateway(
     # One replica runs the periodic passes.
     wait_until(lambda: leaders(stack) == 1, 30, "one broker replica to lead")
 
-    # The gateway (beside replica 1) accepts lab workers' connections.
+    # The gateway (its own service) accepts lab workers' connections.
     with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=5):
         pass
 
@@ -219,7 +223,15 @@ def test_the_processes_follow_the_compose_file(tmp_path):
     assert hub.environment["PARALLEX_HUB_DATA"] == str(tmp_path / "data" / "hub")
     assert hub.environment["PARALLEX_HUB_DB_URL"] == \
         f"sqlite:///{tmp_path / 'data' / 'hub'}/jupyterhub.sqlite"
-    assert hub.environment["PARALLEX_GATEWAY"] == "0.0.0.0:8786"
+    # The gateway runs apart from the brokers, and both replicas name it.
+    assert "PARALLEX_GATEWAY" not in hub.environment
+    assert hub.environment["PARALLEX_GATEWAY_INTERNAL"] == "gateway:8786"
+    gateway = next(s for s in site.services if s.name == "gateway")
+    assert Path(gateway.command[0]).name == "parallex" and gateway.command[1] == "gateway"
+    assert gateway.command[-1] == "0.0.0.0:8786" and gateway.ready_urls == ["tcp://127.0.0.1:8786"]
+    broker_2 = next(s for s in site.services if s.name == "broker-2")
+    assert broker_2.command[-4:] == ["--gateway-public", "gw.hub.example.edu:8786",
+                                     "--gateway-internal", "gateway:8786"]
 
 
 @pytest.mark.parametrize(("text", "env", "expected"), [

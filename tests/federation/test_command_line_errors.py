@@ -46,8 +46,9 @@ def bad_urls(tmp_path: Path, postgres_server_url: str) -> dict[str, tuple[str, s
 
 @pytest.mark.parametrize("command", [["db", "upgrade"], ["broker", "--port", "0"],
                                      ["dashboard", "--port", "0", "--dev-user", "alice",
-                                      "--schema-wait", "1"]],
-                         ids=["db", "broker", "dashboard"])
+                                      "--schema-wait", "1"],
+                                     ["gateway", "--listen", "127.0.0.1:0", "--schema-wait", "1"]],
+                         ids=["db", "broker", "dashboard", "gateway"])
 def test_a_database_that_cannot_be_opened_is_one_line_naming_it(command, tmp_path,
                                                                postgres_server_url):
     for kind, (url, says) in bad_urls(tmp_path, postgres_server_url).items():
@@ -107,3 +108,18 @@ def test_settings_made_in_code_are_checked_too():
         with pytest.raises(ValueError, match=f"metering_interval must be a finite number, "
                                              f"not {value}"):
             BrokerSettings(cloud_prices=None, metering_interval=value)
+
+
+def test_a_gateway_given_a_bad_address_or_a_busy_port_says_so(tmp_path):
+    db = f"sqlite:///{tmp_path / 'broker.db'}"
+    assert parallex("db", "upgrade", "--db-url", db).returncode == 0
+    done = parallex("gateway", "--listen", "8786", "--db-url", db)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "error: --listen must be HOST:PORT (e.g. 0.0.0.0:8786); got '8786'" in done.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = parallex("gateway", "--listen", f"127.0.0.1:{port}", "--db-url", db)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
