@@ -152,7 +152,11 @@ class Gateway:
         # read that notices its worker closing it while parked)
         self.parked: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter,
                                           asyncio.Event, asyncio.Future]]] = {}
+        # lease id -> an event set when one of its connections parks, and the dials waiting
+        # on it; both are dropped once nothing is parked or waiting, as leases come and go
+        # for months in a gateway's process.
         self._parked_event: dict[str, asyncio.Event] = {}
+        self._dialling: dict[str, int] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.server = await asyncio.start_server(self._handle, host, port)
@@ -243,12 +247,25 @@ class Gateway:
                 waiting.remove(parked)
             if not waiting and self.parked.get(lease) is waiting:
                 del self.parked[lease]
+                if lease not in self._dialling:
+                    self._parked_event.pop(lease, None)
 
     async def _take_parked(self, lease: str):
         """One of the lease's parked connections, told to expect a connection; waits up to
         PARK_WAIT seconds for one."""
+        self._dialling[lease] = self._dialling.get(lease, 0) + 1
+        try:
+            return await self._take_parked_within(lease, PARK_WAIT)
+        finally:
+            self._dialling[lease] -= 1
+            if not self._dialling[lease]:
+                del self._dialling[lease]
+                if lease not in self.parked:
+                    self._parked_event.pop(lease, None)
+
+    async def _take_parked_within(self, lease: str, wait: float):
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + PARK_WAIT
+        deadline = loop.time() + wait
         while True:
             waiting = self.parked.get(lease) or []
             while waiting:
