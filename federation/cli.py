@@ -210,6 +210,17 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                                        "choose another --listen or stop what uses it") from exc
         print(f"PARALLEX_GATEWAY={gateway.address}", flush=True)
         logging.getLogger("parallex.gateway").info("gateway listening on %s", gateway.address)
+        if args.metrics_port is not None:
+            from .gateway_metrics import serve_metrics
+
+            try:
+                port_served = serve_metrics(gateway, args.metrics_port, args.metrics_address)
+            except OSError as exc:
+                raise errors.ParallexError(
+                    f"cannot serve metrics on {args.metrics_address}:{args.metrics_port} "
+                    f"({exc.strerror}); choose another --metrics-port") from exc
+            print(f"PARALLEX_GATEWAY_METRICS=http://{args.metrics_address}:{port_served}"
+                  "/metrics", flush=True)
         await asyncio.Event().wait()
 
     _run_loop(serve())
@@ -482,6 +493,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Seconds to wait for a broker to migrate the database to the schema "
                          "this gateway reads before giving up with a message (default 60); "
                          "the gateway never migrates it itself.")
+    gw.add_argument("--metrics-port", type=cli_numbers.port, default=None,
+                    help="Serve Prometheus metrics (parked and carried connections, routed "
+                         "and refused counts) on this TCP port; 0 picks a free one (default: "
+                         "none).")
+    gw.add_argument("--metrics-address", default="127.0.0.1",
+                    help="Address the metrics listen on (default 127.0.0.1: scrape from the "
+                         "gateway's host).")
     gw.set_defaults(func=cmd_gateway)
 
     p = sub.add_parser("provide", help="Offer this machine's CPUs/GPUs to a broker.")

@@ -147,6 +147,7 @@ class Gateway:
         self.server: asyncio.Server | None = None
         self.refused = 0
         self.routed = 0
+        self.splicing = 0  # connections being carried now
         # lease id -> its worker's parked connections, oldest first: (reader, writer, an
         # event set once the connection has been used, which ends its parking handler, the
         # read that notices its worker closing it while parked)
@@ -209,10 +210,12 @@ class Gateway:
                 logger.info("gateway: refused a connection from %s: %s", peer, exc)
                 return
             self.routed += 1
+            self.splicing += 1
             up_writer.write(raw)
             try:
                 await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
             finally:
+                self.splicing -= 1
                 if used is not None:
                     used.set()
         finally:

@@ -51,6 +51,7 @@ class RunningStack:
     broker_2: str
     gateway_port: int
     admin_token: str
+    gateway_metrics: str
 
 
 def site_environment(tmp: Path, db_url: str, hub_port: int) -> tuple[dict[str, str], list]:
@@ -79,7 +80,8 @@ def site_environment(tmp: Path, db_url: str, hub_port: int) -> tuple[dict[str, s
         "PARALLEX_GATEWAY_INTERNAL": f"127.0.0.1:{gateway_port}",
         "PARALLEX_HUB_PORT": str(hub_port), "PARALLEX_GATEWAY_PORT": str(gateway_port),
         **{f"PARALLEX_{k}_PORT": str(free_port()) for k in (
-            "BROKER", "BROKER_2", "HUB_INTERNAL", "PROXY_API", "DASHBOARD")},
+            "BROKER", "BROKER_2", "HUB_INTERNAL", "PROXY_API", "DASHBOARD",
+            "GATEWAY_METRICS")},
         **{f"{n.upper()}_OIDC_SECRET": i.client_secret for n, i in institutions.items()},
     }
     return read_env_file(EXAMPLE_ENV, overrides), list(institutions.values())
@@ -100,7 +102,8 @@ def as_processes(tmp: Path) -> Iterator[RunningStack]:
         yield RunningStack(f"http://127.0.0.1:{hub_port}",
                            f"http://127.0.0.1:{env['PARALLEX_BROKER_PORT']}",
                            f"http://127.0.0.1:{env['PARALLEX_BROKER_2_PORT']}",
-                           int(env["PARALLEX_GATEWAY_PORT"]), env["PARALLEX_ADMIN_TOKEN"])
+                           int(env["PARALLEX_GATEWAY_PORT"]), env["PARALLEX_ADMIN_TOKEN"],
+                           f"http://127.0.0.1:{env['PARALLEX_GATEWAY_METRICS_PORT']}/metrics")
         processes = list(site.processes.values())
         started = [child for p in processes
                    for child in psutil.Process(p.pid).children(recursive=True)]
@@ -134,7 +137,8 @@ def as_containers(tmp: Path) -> Iterator[RunningStack]:
         yield RunningStack(f"http://127.0.0.1:{hub_port}",
                            f"http://127.0.0.1:{env['PARALLEX_BROKER_PORT']}",
                            f"http://127.0.0.1:{env['PARALLEX_BROKER_2_PORT']}",
-                           int(env["PARALLEX_GATEWAY_PORT"]), env["PARALLEX_ADMIN_TOKEN"])
+                           int(env["PARALLEX_GATEWAY_PORT"]), env["PARALLEX_ADMIN_TOKEN"],
+                           f"http://127.0.0.1:{env['PARALLEX_GATEWAY_METRICS_PORT']}/metrics")
     finally:
         subprocess.run([*compose, "down", "-v"], timeout=300)
         for inst in institutions:
@@ -189,9 +193,11 @@ def test_the_site_stack_serves_sign_in_both_replicas_dashboards_and_the_gateway(
     # One replica runs the periodic passes.
     wait_until(lambda: leaders(stack) == 1, 30, "one broker replica to lead")
 
-    # The gateway (its own service) accepts lab workers' connections.
+    # The gateway (its own service) accepts lab workers' connections, and serves its metrics.
     with socket.create_connection(("127.0.0.1", stack.gateway_port), timeout=5):
         pass
+    scraped = httpx.get(stack.gateway_metrics, timeout=10)
+    assert scraped.status_code == 200 and "parallex_gateway_parked_connections" in scraped.text
 
 
 def test_a_missing_secret_is_named_and_nothing_starts(tmp_path):
@@ -229,6 +235,7 @@ def test_the_processes_follow_the_compose_file(tmp_path):
     gateway = next(s for s in site.services if s.name == "gateway")
     assert Path(gateway.command[0]).name == "parallex" and gateway.command[1] == "gateway"
     assert gateway.command[-1] == "0.0.0.0:8786" and gateway.ready_urls == ["tcp://127.0.0.1:8786"]
+    assert "--metrics-port" in gateway.command
     broker_2 = next(s for s in site.services if s.name == "broker-2")
     assert broker_2.command[-4:] == ["--gateway-public", "gw.hub.example.edu:8786",
                                      "--gateway-internal", "gateway:8786"]

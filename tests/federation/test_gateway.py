@@ -13,7 +13,9 @@ import ssl
 import time
 
 import dask
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from federation import FederatedCluster
 from federation.errors import ParallexError
@@ -335,9 +337,16 @@ def test_workers_behind_a_gateway_of_its_own_outlive_their_broker_killed_and_res
     fed = make_federation(tmp_path, broker_args=("--gateway-public", f"127.0.0.1:{port}"))
     db_url = fed.db_url or f"sqlite:///{tmp_path / 'broker.db'}"
     gateway = Proc(parallex("--log-level", "INFO", "gateway", "--listen", f"127.0.0.1:{port}",
-                            "--db-url", db_url), tmp_path / "gateway.log")
+                            "--db-url", db_url, "--metrics-port", "0"),
+                   tmp_path / "gateway.log")
     try:
         assert ready(gateway, "PARALLEX_GATEWAY=") == f"127.0.0.1:{port}"
+        metrics_url = ready(gateway, "PARALLEX_GATEWAY_METRICS=")
+
+        def metrics() -> dict[str, float]:
+            text = httpx.get(metrics_url, timeout=10).text
+            return {sample.name: sample.value for family in text_string_to_metric_families(text)
+                    for sample in family.samples}
         fed.add_lab("lab-a", user="alice")
         fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB",
                       extra=("--no-peer-connections",))
@@ -352,6 +361,14 @@ def test_workers_behind_a_gateway_of_its_own_outlive_their_broker_killed_and_res
             value = held.result()
             leases = fed.db_dicts("SELECT id, state FROM lease ORDER BY id")
             assert [le["state"] for le in leases] == ["running", "running"]
+            # Its metrics: both workers parked their three connections (a dialled one is
+            # replaced), and it carries at least their two connections to the scheduler.
+            wait_until(lambda: metrics()["parallex_gateway_parked_connections"] == 6, 30,
+                       "both workers' parked connections in the gateway's metrics")
+            seen = metrics()
+            assert seen["parallex_gateway_workers_reachable"] == 2
+            assert seen["parallex_gateway_spliced_connections"] >= 2
+            assert seen["parallex_gateway_routed_total"] >= 4  # to the scheduler, and back
 
             fed.broker.kill9()
             restarted = dt.datetime.now(dt.UTC).replace(tzinfo=None)

@@ -105,12 +105,15 @@ def test_an_agent_serves_its_own_metrics_on_loopback(federation):
 
 
 def exported_metric_names(tmp_path: Path) -> set[str]:
-    """Every metric family the broker and an agent register (what Prometheus can scrape)."""
-    from prometheus_client import generate_latest
+    """Every metric family the broker, an agent and the gateway register (what Prometheus can
+    scrape)."""
+    from prometheus_client import CollectorRegistry, generate_latest
 
     from federation.agent_metrics import AgentMetrics
     from federation.broker.app import create_app
     from federation.environment_cache import EnvironmentCache
+    from federation.gateway import Gateway
+    from federation.gateway_metrics import GatewayCollector
 
     app = create_app(f"sqlite:///{tmp_path / 'b.db'}", admin_token="t" * 40)
     exposed = generate_latest(app.state.broker.metrics.registry).decode()
@@ -126,6 +129,9 @@ def exported_metric_names(tmp_path: Path) -> set[str]:
         environments = EnvironmentCache(tmp_path / "envs")
 
     exposed += generate_latest(AgentMetrics(Idle()).registry).decode()
+    gateway = CollectorRegistry()
+    gateway.register(GatewayCollector(Gateway(lambda cluster: None)))
+    exposed += generate_latest(gateway).decode()
     return set(re.findall(r"^# TYPE (\w+) ", exposed, re.MULTILINE))
 
 
