@@ -90,6 +90,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
     from .broker import settings as broker_settings
     from .broker.app import create_app
 
+    if args.gateway_internal and not (args.gateway or args.gateway_public):
+        print("error: --gateway-internal names where schedulers dial a gateway: give the "
+              "gateway too, --gateway HOST:PORT (in this broker) or --gateway-public HOST:PORT "
+              "(a `parallex gateway` of its own)", file=sys.stderr)
+        return 2
     db_url = _db_url(args)
     try:
         cloud_prices = load_cloud_prices(args.cloud_prices)
@@ -104,6 +109,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     broker = app.state.broker
+    if args.gateway_public and not args.gateway:
+        # A gateway of its own (`parallex gateway`): every replica hands out its address from
+        # its first answer, and none of them takes workers' connections down when it stops.
+        broker.gateway_address = args.gateway_public
+        broker.gateway_internal = args.gateway_internal or args.gateway_public
     # A long-running server: start-up's objects out of every collection, fewer young ones
     # (federation/broker/collector.py: up to 0.6 s pauses under load before).
     collector.set_for_server()
@@ -153,11 +163,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
                 gateway = await _start_gateway(broker, args.gateway, args.gateway_public,
                                                args.gateway_internal)
                 print(f"PARALLEX_GATEWAY={gateway.address}", flush=True)
-            elif args.gateway_public:
-                # A gateway of its own (`parallex gateway`): every replica hands out its
-                # address, and none of them takes workers' connections down when it stops.
-                broker.gateway_address = args.gateway_public
-                broker.gateway_internal = args.gateway_internal or args.gateway_public
         await task
 
     _run_loop(serve())

@@ -123,3 +123,9 @@ def test_a_gateway_given_a_bad_address_or_a_busy_port_says_so(tmp_path):
         done = parallex("gateway", "--listen", f"127.0.0.1:{port}", "--db-url", db)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"error: cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+
+
+def test_a_broker_told_where_schedulers_dial_a_gateway_but_not_the_gateway_says_so():
+    done = parallex("broker", "--port", "0", "--gateway-internal", "10.0.0.5:8786")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "error: --gateway-internal names where schedulers dial a gateway" in done.stderr
