@@ -1,9 +1,10 @@
-"""A federation across separate networks: JupyterHub, the broker, the gateway and the student's
-kernel (with its scheduler) in a ``hub`` network namespace; one lab machine each in ``lab-a``
-and ``lab-b``, which can reach only the hub's public address (the broker and the gateway) and
-not each other. The test proves those refusals first, then runs the student's journey in
-Chromium: scale(4) across both labs, a P2P merge, %%remote, a lab agent killed and restarted,
-adapt, and the Dask dashboard through the hub (the student's server, and the broker)."""
+"""A federation across separate networks: JupyterHub, the broker, the gateway (a process of
+its own, as a site runs it) and the student's kernel (with its scheduler) in a ``hub`` network
+namespace; one lab machine each in ``lab-a`` and ``lab-b``, which can reach only the hub's
+public address (the broker and the gateway) and not each other. The test proves those
+refusals first, then runs the student's journey in Chromium: scale(4) across both labs, a P2P
+merge, %%remote, a lab agent killed and restarted, adapt, and the Dask dashboard through the
+hub (the student's server, and the broker)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def internet():
 
 @pytest.fixture(scope="module")
 def hub(internet, tmp_path_factory):
-    running = start_hub(tmp_path_factory.mktemp("hub"), public_host=HUB_PUBLIC, gateway=True)
+    # The gateway as a site runs it: a process of its own that the hub's broker names.
+    running = start_hub(tmp_path_factory.mktemp("hub"), public_host=HUB_PUBLIC, gateway="own")
     try:
         yield running
     finally:
@@ -64,8 +66,9 @@ def user_server_port(hub: Hub) -> int:
 
 
 def gateway_port(hub: Hub) -> int:
-    """The gateway's port, from the hub's settings file."""
-    return int(yaml.safe_load((hub.tmp / "hub.yaml").read_text())["gateway"].rsplit(":", 1)[1])
+    """The gateway's port, from the hub's settings file (where workers dial it)."""
+    settings = yaml.safe_load((hub.tmp / "hub.yaml").read_text())
+    return int((settings.get("gateway") or settings["gateway_public"]).rsplit(":", 1)[1])
 
 
 @pytest.mark.timeout(900)

@@ -33,7 +33,7 @@ from starlette.routing import Route
 
 from hub_config import dev_oidc
 from hub_config.local import free_port
-from tests.utils.procs import Proc, start_agent, wait_until
+from tests.utils.procs import Proc, parallex, ready, start_agent, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -174,6 +174,8 @@ class Hub:
     hub: Proc
     institutions: dict[str, DevInstitution] = field(default_factory=dict)
     service_token: str = ""
+    #: ``parallex gateway`` when the hub's broker names a gateway of its own.
+    gateway: Proc | None = None
 
     def db(self) -> sqlite3.Connection:
         return sqlite3.connect(f"file:{self.tmp / 'hub' / 'jupyterhub.sqlite'}?mode=ro",
@@ -220,6 +222,8 @@ class Hub:
 
     def stop(self) -> None:
         self.hub.stop(30)
+        if self.gateway is not None:
+            self.gateway.stop()
         for inst in self.institutions.values():
             inst.relay.stop()
             inst.provider.stop()
@@ -260,12 +264,21 @@ INSTITUTION_RULES = {
 }
 
 
-def start_hub(tmp: Path, public_host: str = "127.0.0.1", gateway: bool = False) -> Hub:
+def start_hub(tmp: Path, public_host: str = "127.0.0.1",
+              gateway: bool | str = False) -> Hub:
     """Two institutions' providers, then JupyterHub (+ proxy, + the broker as its service).
 
     ``public_host``: the address the broker (and with ``gateway``, the federation gateway)
-    listens on, where lab agents reach them; everything else stays on 127.0.0.1."""
+    listens on, where lab agents reach them; everything else stays on 127.0.0.1.
+    ``gateway``: True runs it inside the hub's broker (hub setting ``gateway``); "own" runs
+    ``parallex gateway`` as a process of its own, as a site does, and the hub's broker names
+    it (``gateway_public``, ``gateway_internal``)."""
     hub_port, broker_port = free_port(), free_port()
+    gateway_at = f"{public_host}:{free_port()}"
+    if gateway == "own":
+        gateway_settings = {"gateway_public": gateway_at, "gateway_internal": gateway_at}
+    else:
+        gateway_settings = {"gateway": gateway_at} if gateway else {}
     url, broker_url = f"http://127.0.0.1:{hub_port}", f"http://{public_host}:{broker_port}"
     (tmp / "hub").mkdir()
     institutions: dict[str, DevInstitution] = {}
@@ -276,7 +289,7 @@ def start_hub(tmp: Path, public_host: str = "127.0.0.1", gateway: bool = False) 
         settings = {
             "public_url": url, "hub_db_url": f"sqlite:///{tmp / 'hub' / 'jupyterhub.sqlite'}",
             "broker_url": broker_url, "broker_db_url": f"sqlite:///{tmp / 'broker.db'}",
-            **({"gateway": f"{public_host}:{free_port()}"} if gateway else {}),
+            **gateway_settings,
             "institutions": {
                 name: {**INSTITUTION_RULES[name], "issuer": inst.issuer,
                        "client_id": "parallex-hub",
@@ -325,6 +338,12 @@ def start_hub(tmp: Path, public_host: str = "127.0.0.1", gateway: bool = False) 
 
         wait_until(up, 90, "JupyterHub, its proxy and the broker service to answer",
                    interval=0.3)
+        if gateway == "own":
+            running.gateway = Proc(parallex("--log-level", "INFO", "gateway", "--listen",
+                                            gateway_at, "--db-url",
+                                            f"sqlite:///{tmp / 'broker.db'}"),
+                                   tmp / "gateway.log")
+            assert ready(running.gateway, "PARALLEX_GATEWAY=") == gateway_at
     except BaseException:
         running.stop()
         raise
