@@ -192,11 +192,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from .gateway import Gateway
     from .gateway_routes import DatabaseRoutes
 
-    host, sep, port = args.listen.rpartition(":")
-    if not sep or not port.isdigit():
-        print(f"error: --listen must be HOST:PORT (e.g. 0.0.0.0:8786); got {args.listen!r}",
-              file=sys.stderr)
+    if problem := cli_numbers.host_port_problem(args.listen):
+        print(f"error: --listen {problem}", file=sys.stderr)
         return 2
+    host, _, port = args.listen.rpartition(":")
     db_url = _db_url(args)
     try:
         with db_open.opening(db_url):
@@ -209,7 +208,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     async def serve() -> None:
         gateway = Gateway(DatabaseRoutes(engine))
         try:
-            await gateway.start(host or "0.0.0.0", int(port))  # noqa: S104 - the public port
+            await gateway.start(host, int(port))
         except OSError as exc:
             raise errors.ParallexError(f"cannot listen on {args.listen} ({exc.strerror}); "
                                        "choose another --listen or stop what uses it") from exc
@@ -238,7 +237,7 @@ async def _start_gateway(broker, listen: str, public: str | None, internal: str 
 
     host, _, port = listen.rpartition(":")
     gateway = Gateway(broker.scheduler_of)
-    await gateway.start(host or "0.0.0.0", int(port or 0))  # noqa: S104 - the public port
+    await gateway.start(host, int(port))  # --gateway is HOST:PORT (cli_numbers.host_port)
     broker.gateway_address = public or gateway.address
     bound_host, _, bound_port = gateway.address.rpartition(":")
     if bound_host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard is not dialable
@@ -463,18 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also serve the API under this path prefix, e.g. /services/parallex/ "
                         "behind JupyterHub's proxy (default JUPYTERHUB_SERVICE_PREFIX; empty: "
                         "only at the root).")
-    b.add_argument("--gateway", metavar="HOST:PORT",
+    b.add_argument("--gateway", metavar="HOST:PORT", type=cli_numbers.host_port,
                    help="Also listen here for workers' TLS connections and route each to its "
                         "cluster's scheduler by server name (the federation gateway); port 0 "
                         "picks a free one. Workers are then given parallex:// addresses and "
                         "schedulers need to be reachable only from this host (default off: "
                         "workers dial schedulers directly).")
-    b.add_argument("--gateway-public", metavar="HOST:PORT",
+    b.add_argument("--gateway-public", metavar="HOST:PORT", type=cli_numbers.host_port,
                    help="The gateway address workers dial, when it differs from --gateway "
                         "(behind NAT or a load balancer; default: the --gateway address). "
                         "Without --gateway: the address of a gateway that runs as a process "
                         "of its own (`parallex gateway`), which every replica must name.")
-    b.add_argument("--gateway-internal", metavar="HOST:PORT",
+    b.add_argument("--gateway-internal", metavar="HOST:PORT", type=cli_numbers.host_port,
                    help="The gateway address users' schedulers dial to reach their workers: "
                         "they run in the hub's network, where the public address may not "
                         "route back in (no NAT hairpin) or would take a detour (default: the "

@@ -52,3 +52,18 @@ def port(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"must be a TCP port, 0 to 65535 (0 picks a free one), not {value}")
     return value
+
+
+def host_port_problem(text: str) -> str | None:
+    """Why ``text`` is not HOST:PORT (a host, then a TCP port 0-65535), or None."""
+    host, sep, port = text.rpartition(":")
+    if sep and host and port.isdigit() and 0 <= int(port) <= 65535:
+        return None
+    return f"must be HOST:PORT (e.g. 0.0.0.0:8786); got {text!r}"
+
+
+def host_port(text: str) -> str:
+    """An argparse type for a HOST:PORT address."""
+    if problem := host_port_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text

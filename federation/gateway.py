@@ -258,7 +258,7 @@ class Gateway:
         PARK_WAIT seconds for one."""
         self._dialling[lease] = self._dialling.get(lease, 0) + 1
         try:
-            return await self._take_parked_within(lease, PARK_WAIT)
+            return await self._take_parked_in_time(lease)
         finally:
             self._dialling[lease] -= 1
             if not self._dialling[lease]:
@@ -266,9 +266,9 @@ class Gateway:
                 if lease not in self.parked:
                     self._parked_event.pop(lease, None)
 
-    async def _take_parked_within(self, lease: str, wait: float):
+    async def _take_parked_in_time(self, lease: str):
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        deadline = loop.time() + PARK_WAIT
         while True:
             waiting = self.parked.get(lease) or []
             while waiting:

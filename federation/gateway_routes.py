@@ -9,7 +9,7 @@ import logging
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from .broker.models import ClusterRecord
 from .gateway import NotRoutable
@@ -34,8 +34,7 @@ class DatabaseRoutes:
     def __call__(self, cluster_id: str) -> str | None:
         try:
             with Session(self.engine) as s:
-                return route_of(s.exec(select(ClusterRecord)
-                                       .where(ClusterRecord.id == cluster_id)).first())
+                return route_of(s.get(ClusterRecord, cluster_id))
         except SQLAlchemyError as exc:
             # Said once per refused connection; the worker dials again.
             reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

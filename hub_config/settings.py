@@ -45,6 +45,8 @@ from typing import Any
 
 import yaml
 
+from federation.cli_numbers import host_port_problem
+
 ROLES = ("member", "pi", "admin")
 CLAIM_KINDS_HELP = "a claim name (groups, eduperson_entitlement, ...) or email_domain"
 
@@ -173,9 +175,8 @@ def _host_port(raw: dict, key: str) -> str | None:
     value = _text(raw, key)
     if value is None:
         return None
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise SettingsError(f"{key} must be HOST:PORT (e.g. 0.0.0.0:8786); got {value!r}")
+    if problem := host_port_problem(value):
+        raise SettingsError(f"{key} {problem}")
     return value
 
 

@@ -13,9 +13,7 @@ import ssl
 import time
 
 import dask
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from federation import FederatedCluster
 from federation.errors import ParallexError
@@ -31,6 +29,7 @@ from hub_config.local import free_port
 from tests.utils.delay_relay import Relay
 from tests.utils.federation import make_federation
 from tests.utils.procs import Proc, parallex, ready, wait_until
+from tests.utils.scrape import samples
 
 
 def client_hello(name: str | None) -> bytes:
@@ -342,11 +341,6 @@ def test_workers_behind_a_gateway_of_its_own_outlive_their_broker_killed_and_res
     try:
         assert ready(gateway, "PARALLEX_GATEWAY=") == f"127.0.0.1:{port}"
         metrics_url = ready(gateway, "PARALLEX_GATEWAY_METRICS=")
-
-        def metrics() -> dict[str, float]:
-            text = httpx.get(metrics_url, timeout=10).text
-            return {sample.name: sample.value for family in text_string_to_metric_families(text)
-                    for sample in family.samples}
         fed.add_lab("lab-a", user="alice")
         fed.add_agent("lab-a", "agent-a", cpus=2, memory="4 GiB",
                       extra=("--no-peer-connections",))
@@ -363,9 +357,10 @@ def test_workers_behind_a_gateway_of_its_own_outlive_their_broker_killed_and_res
             assert [le["state"] for le in leases] == ["running", "running"]
             # Its metrics: both workers parked their three connections (a dialled one is
             # replaced), and it carries at least their two connections to the scheduler.
-            wait_until(lambda: metrics()["parallex_gateway_parked_connections"] == 6, 30,
+            parked = "parallex_gateway_parked_connections"
+            wait_until(lambda: samples(metrics_url)[parked] == 6, 30,
                        "both workers' parked connections in the gateway's metrics")
-            seen = metrics()
+            seen = samples(metrics_url)
             assert seen["parallex_gateway_workers_reachable"] == 2
             assert seen["parallex_gateway_spliced_connections"] >= 2
             assert seen["parallex_gateway_routed_total"] >= 4  # to the scheduler, and back
