@@ -76,16 +76,26 @@ def end_silent_providers(s: Session, now: dt.datetime, settings: BrokerSettings)
     silent = Silent()
     provider_cutoff = now - dt.timedelta(seconds=settings.provider_timeout)
     cluster_cutoff = now - dt.timedelta(seconds=settings.cluster_timeout)
+    names: dict[str, str] = {}
     for p in s.exec(select(Provider).where(Provider.online == True,  # noqa: E712
-                                           Provider.last_seen < provider_cutoff)):
+                                           Provider.last_seen < provider_cutoff)
+                    .order_by(Provider.id)):
         p.online = False
         s.add(p)
         silent.providers.append(p.id)
-        for lease in s.exec(select(Lease).where(Lease.provider_id == p.id,
-                                                col(Lease.state).in_(HELD_STATES))):
+        names[p.id] = p.name
+    # Their leases locked in one statement, in id order, before any is changed: every other
+    # writer of many leases (reports, releases, cluster heartbeats, metering) takes them in
+    # that order too. Provider by provider, as before, the locks went in no order across
+    # providers, and a metering unit charging the same leases deadlocked with the reaper
+    # (PostgreSQL aborted one of them after a second).
+    if names:
+        for lease in s.exec(select(Lease).where(col(Lease.provider_id).in_(names),
+                                                col(Lease.state).in_(HELD_STATES))
+                            .order_by(Lease.id).with_for_update()):
             end_by_provider(s, lease, EndReason.lost,
-                            f"provider {p.name} stopped heart-beating for more than "
-                            f"{settings.provider_timeout:g} s")
+                            f"provider {names[lease.provider_id]} stopped heart-beating for "
+                            f"more than {settings.provider_timeout:g} s")
             s.add(lease)
             silent.leases.add(lease.id)
     silent.clusters = [c.id for c in s.exec(

@@ -234,3 +234,19 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, dict]:
+    """Run ``call`` on a thread of its own; the dict gets its result as "recorded", or the
+    exception it raised as "failed", once the thread ends."""
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["recorded"] = call()
+        except BaseException as exc:  # reported by the caller's assertion
+            out["failed"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
