@@ -4,6 +4,8 @@ reliability factors; ``accounting.metering`` does the charging itself."""
 from __future__ import annotations
 
 import datetime as dt
+import time
+from collections.abc import Callable
 
 from sqlalchemy import ColumnElement, and_, or_, text
 from sqlalchemy.engine import Engine
@@ -92,11 +94,15 @@ def lock_metering(s: Session) -> None:
         s.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=METERING_LOCK))
 
 
-#: Leases one unit of work of the periodic pass charges. A pass over 10,000 leases in one
-#: transaction held every running lease's row (its ``metered_until``) and the labs' balances
-#: until it committed, 5-20 s under issue 14's load, and lease reports and releases waited that
-#: long; in units of this size each waits for one unit at most.
-METERING_CHUNK = 1000
+#: Why the periodic pass goes in units (``BrokerSettings.metering_unit`` leases each): a pass
+#: over 10,000 leases in one transaction held every running lease's row (its
+#: ``metered_until``) and the labs' balances until it committed, 5-20 s under issue 14's load,
+#: and lease reports and releases waited that long; in units each waits for one unit at most.
+#: The pause after each unit (``metering_pause``) is for the machine rather than the rows: a
+#: unit's database work runs in a PostgreSQL backend at the server's priority, not niced with
+#: the periodic process, and back to back the units kept a 2-core machine saturated for the
+#: whole pass (issue 14's load: heartbeats' p99 210 ms during passes, 105 ms outside them).
+MAX_UNIT_PAUSE = 1.0
 
 
 def due_lease_ids(s: Session) -> list[str]:
@@ -104,21 +110,33 @@ def due_lease_ids(s: Session) -> list[str]:
     return list(s.exec(select(Lease.id).where(due_for_metering()).order_by(Lease.id)).all())
 
 
+def unit_pause(settings: BrokerSettings, unit_took: float) -> float:
+    """Seconds to pause after a unit of the periodic pass that took ``unit_took`` seconds."""
+    return min(settings.metering_pause * max(unit_took, 0.0), MAX_UNIT_PAUSE)
+
+
 def meter_pass(engine: Engine, settings: BrokerSettings, now: dt.datetime,
-               chunk: int = METERING_CHUNK) -> int | None:
+               chunk: int | None = None,
+               pause: Callable[[float], None] = time.sleep) -> int | None:
     """The periodic metering pass: every due lease, ``chunk`` leases to a unit of work
-    (``meter_unit``), each committed by itself; the periods recorded, None when a unit
-    collided with a meterer that does not take the lock (its leases wait for the next pass,
-    the other units' charges stand).
+    (``meter_unit``; default ``settings.metering_unit``), each committed by itself, with
+    ``pause`` called between units for ``unit_pause`` seconds; the periods recorded, None
+    when a unit collided with a meterer that does not take the lock (its leases wait for the
+    next pass, the other units' charges stand).
 
     The due leases are read first, outside the lock: a lease that starts meanwhile has no
     whole period yet, and one that ends meanwhile is charged by its end batch or, since each
     unit reads its leases again under the lock, by this pass, exactly once."""
+    chunk = chunk or settings.metering_unit
     with session(engine) as s:
         ids = due_lease_ids(s)
-    recorded, collided = 0, False
+    recorded, collided, took = 0, False, 0.0
     for start in range(0, len(ids), chunk):
+        if start:
+            pause(unit_pause(settings, took))
+        began = time.monotonic()
         done = meter_unit(engine, settings, now, set(ids[start:start + chunk]))
+        took = time.monotonic() - began
         if done is None:
             collided = True
         else:

@@ -68,6 +68,15 @@ class BrokerSettings:
     metering_interval: float = setting(
         60.0, "per metered period of a running lease; keep it fixed for a database: periods "
         "continue from where the last one ended", above=True)
+    metering_unit: int = setting(
+        1000, "one unit of work of the periodic metering pass charges, each unit committed "
+        "by itself: a lease report or release waits for one unit at most, and a smaller unit "
+        "is a shorter burst of work on a busy machine", unit="leases", least=1)
+    metering_pause: float = setting(
+        1.0, "pause after each unit of the periodic metering pass, as a multiple of the time "
+        "the unit took (at most 1 s a pause), so that requests have the machine between "
+        "units: 1 makes a pass take about twice as long and leaves half of its time to the "
+        "requests (0: no pause)", unit="ratio", most=10.0)
     end_metering_spacing: float = setting(
         10.0, "at least between two batches that charge the last part of leases that ended; "
         "the ends in between are gathered into the next batch, a lone end after a quiet "
@@ -141,11 +150,12 @@ class BrokerSettings:
 
 #: How a help text starts for each unit (the help itself continues the sentence).
 LEADS = {"s": "Seconds ", "hours": "Hours ", "requests/s": "Requests per second ",
-         "requests": "Requests ", "PCU": "PCU ", "niceness": "Niceness "}
+         "requests": "Requests ", "PCU": "PCU ", "niceness": "Niceness ",
+         "leases": "Leases "}
 
 
 METAVARS = {"s": "SECONDS", "hours": "HOURS", "requests/s": "N", "requests": "N",
-            "PCU": "PCU", "niceness": "N"}
+            "PCU": "PCU", "niceness": "N", "leases": "N", "ratio": "RATIO"}
 
 
 def _is_number(value: Any) -> bool:
@@ -154,7 +164,8 @@ def _is_number(value: Any) -> bool:
 
 #: The unit's word in an error message.
 UNIT_WORDS = {"s": "seconds", "hours": "hours", "requests/s": "requests per second",
-              "requests": "requests", "PCU": "PCU", "niceness": "nice levels"}
+              "requests": "requests", "PCU": "PCU", "niceness": "nice levels",
+              "leases": "leases", "ratio": "times the unit's time"}
 
 
 def _checked(kind: type, meta: Any) -> Any:

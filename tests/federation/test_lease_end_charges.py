@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
-from collections.abc import Callable
 
 import psycopg
 import pytest
 from sqlalchemy import text
 
 from federation.broker import db
-from federation.broker.metering_runs import lock_metering, meter_leases, meter_pass
+from federation.broker.metering_runs import (
+    MAX_UNIT_PAUSE,
+    lock_metering,
+    meter_leases,
+    meter_pass,
+    unit_pause,
+)
+from federation.broker.settings import BrokerSettings
 from tests.utils.in_process import in_process_broker, scraped
-from tests.utils.procs import wait_until
+from tests.utils.procs import in_thread, wait_until
 
 
 def end_by_hand(engine, lease_id: str, at: dt.datetime) -> None:
@@ -26,20 +31,6 @@ def end_by_hand(engine, lease_id: str, at: dt.datetime) -> None:
     with engine.begin() as c:
         c.execute(text("UPDATE lease SET state = 'ended', ended_at = :at WHERE id = :id"),
                   {"at": at, "id": lease_id})
-
-
-def in_thread(call: Callable[[], int]) -> tuple[threading.Thread, dict]:
-    out: dict[str, object] = {}
-
-    def run() -> None:
-        try:
-            out["recorded"] = call()
-        except BaseException as exc:  # reported by the caller's assertion
-            out["failed"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, out
 
 
 @pytest.mark.parametrize("first_unit", ["periodic pass", "lease-end batch"])
@@ -133,3 +124,41 @@ def test_a_periodic_pass_commits_unit_by_unit_so_a_lease_waits_for_one_unit_at_m
             "SELECT lease_id, count(*) FROM usagerecord WHERE lease_id = ANY(%s) "
             "GROUP BY lease_id", ([first, second, third],)).fetchall())
     assert charged == {first: 2, second: 2, third: 2}
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.0])
+def test_the_periodic_pass_pauses_between_units_with_each_units_charges_committed(
+        postgres_url, ratio):
+    """Between two units the pass pauses (``metering_pause`` times the unit's time, at most
+    ``MAX_UNIT_PAUSE``) with the last unit committed and the metering lock released, so the
+    requests have the machine and the rows; there is no pause after the last unit."""
+    with in_process_broker(postgres_url, 3, metering_interval=3600,
+                           metering_pause=ratio) as b:
+        broker = b.app.state.broker
+        wait_until(lambda: scraped(b.client, "parallex_metering_pass_seconds_count") >= 1,
+                   60, "the first periodic metering pass")
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+        seen: list[tuple[float, int, int]] = []
+        with psycopg.connect(postgres_url, autocommit=True) as watch:
+            def pause(seconds: float) -> None:
+                charged = watch.execute(
+                    "SELECT count(DISTINCT lease_id) FROM usagerecord WHERE lease_id = ANY(%s)",
+                    (b.ids,)).fetchone()[0]
+                locks = watch.execute("SELECT count(*) FROM pg_locks WHERE locktype = "
+                                      "'advisory'").fetchone()[0]
+                seen.append((seconds, charged, locks))
+
+            assert meter_pass(broker.engine, broker.settings, later, chunk=1,
+                              pause=pause) == 6
+    assert [(charged, locks) for _s, charged, locks in seen] == [(1, 0), (2, 0)]
+    if ratio:
+        assert all(0 < s <= MAX_UNIT_PAUSE for s, _c, _l in seen), seen
+    else:
+        assert [s for s, _c, _l in seen] == [0.0, 0.0]
+
+
+def test_a_units_pause_is_its_time_times_the_setting_and_at_most_a_second():
+    settings = BrokerSettings(cloud_prices=None, metering_pause=2.0)
+    assert unit_pause(settings, 0.2) == pytest.approx(0.4)
+    assert unit_pause(settings, 3.0) == MAX_UNIT_PAUSE
+    assert unit_pause(BrokerSettings(cloud_prices=None, metering_pause=0.0), 3.0) == 0.0
