@@ -6,9 +6,10 @@ from __future__ import annotations
 import datetime as dt
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, insert, update
+from sqlalchemy import BigInteger, update
 from sqlmodel import Field, Session, SQLModel, select
 
+from .bulk import insert_rows
 from .models import Lab, utcnow
 from .units import fmt_pcu
 
@@ -105,7 +106,7 @@ def apply_entries(session: Session, rows: list[tuple[int, int, int, dt.datetime]
     """Insert (transfer id, account id, amount, time) entries and add them to the balances."""
     if not rows:
         return
-    session.connection().execute(insert(LedgerEntry.__table__), [
+    insert_rows(session, LedgerEntry.__table__, [
         {"transfer_id": t, "account_id": a, "amount": amt, "created_at": at}
         for t, a, amt, at in rows])
     totals: dict[int, int] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import BigInteger, UniqueConstraint, func, insert
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from .bulk import insert_rows
 from .cloud import CloudPrices
 from .fairshare import DEFAULT_HALF_LIFE, add_usage
 from .ledger import AccountKind, Transfer, TransferKind, apply_entries, lab_account, system_account
@@ -218,7 +219,7 @@ def meter(session: Session, leases: list[LeaseUsage], *, now: dt.datetime,
                         (transfer_id, account_of(record["provider_lab_id"]), earned, at),
                         (transfer_id, federation, charge - earned, at)]
         apply_entries(session, [e for e in entries if e[2] != 0])
-    session.connection().execute(insert(UsageRecord.__table__), records)
+    insert_rows(session, UsageRecord.__table__, records)
     # Fair share counts all use, own machines included: it orders who is served next.
     add_usage(session, [item for r in records for item in (
         ("lab", r["consumer_lab_id"], r["charge"] / NANO, r["period_end"]),
