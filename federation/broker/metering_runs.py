@@ -7,9 +7,10 @@ import datetime as dt
 import time
 from collections.abc import Callable
 
-from sqlalchemy import ColumnElement, and_, or_, text
+from sqlalchemy import ColumnElement, and_, bindparam, or_, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from accounting import metering, reliability
@@ -68,12 +69,39 @@ def meter_leases(s: Session, settings: BrokerSettings, now: dt.datetime,
     last: dict[str, dt.datetime] = {}
     for r in records:
         last[r.lease_id] = max(last.get(r.lease_id, r.period_end), r.period_end)
+    untils: dict[str, dt.datetime] = {}
     for lease, _c, _p in rows:
         until = lease.ended_at if lease.state == LeaseState.ended else last.get(lease.id)
         if until is not None:
-            lease.metered_until = until
-            s.add(lease)
+            untils[lease.id] = until
+            # As written below, so later reads in this session see it (no second write).
+            set_committed_value(lease, "metered_until", until)
+    set_metered_until(s, untils)
     return len(records)
+
+
+def set_metered_until(s: Session, untils: dict[str, dt.datetime]) -> None:
+    """Write leases' ``metered_until`` (lease id to time) in ``s``'s transaction.
+
+    On PostgreSQL the rows are locked first in id order, as every writer of many leases
+    locks them (``test_lock_order``), then written by one statement: as an ORM flush it was
+    an UPDATE per lease, 45 µs of PostgreSQL's time each (0.45 s of a pass over 10,000)."""
+    if not untils:
+        return
+    if s.get_bind().dialect.name != "postgresql":
+        table = Lease.__table__
+        s.connection().execute(
+            update(table).where(table.c.id == bindparam("lease_id"))
+            .values(metered_until=bindparam("until")),
+            [{"lease_id": k, "until": v} for k, v in sorted(untils.items())])
+        return
+    ids = sorted(untils)
+    s.connection().execute(text(
+        "SELECT 1 FROM lease WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"), {"ids": ids})
+    s.connection().execute(text(
+        "UPDATE lease SET metered_until = v.until FROM unnest(CAST(:ids AS varchar[]), "
+        "CAST(:untils AS timestamptz[])) AS v(id, until) WHERE lease.id = v.id"),
+        {"ids": ids, "untils": [untils[i].astimezone(dt.UTC) for i in ids]})
 
 
 #: Key of the PostgreSQL advisory lock that serialises metering units across processes.
