@@ -99,7 +99,7 @@ class BrokerSettings:
         "passes) may run before its replica stops renewing the leadership, so another replica "
         "takes over the periodic passes and placement from one whose tick hangs; a metering "
         "pass over 10,000 leases takes 1-30 s (the longer on a saturated machine, its process "
-        "niced)", above=True)
+        "niced), and up to twice that with its pauses (--metering-pause)", above=True)
     periodic_niceness: int = setting(
         10, "added to the process that runs the leader's periodic passes (metering, capacity "
         "samples) on PostgreSQL, so that on a busy machine the replicas answering agents and "
