@@ -76,6 +76,9 @@ HEARTBEAT = 5.0
 #: As parallex.yaml's cluster heartbeat-interval.
 CLUSTER_HEARTBEAT = 5.0
 CHURN_EVERY = 20.0
+#: The probe agents' heartbeats, as their errors are counted (their latencies are reported
+#: apart from the endpoints').
+PROBE_HEARTBEAT = "probe heartbeat"
 #: Endpoints whose latencies are also given per 20 s window (start-up, then steady state).
 WINDOWED = ("cluster request leases", "cluster heartbeat", "agent report")
 METERING_INTERVAL = "30"
@@ -362,6 +365,9 @@ def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder
     if probes.returncode == 0 and out.strip():
         told = json.loads(out)
         rec.probes, rec.probe_start = [tuple(x) for x in told["samples"]], told["start"]
+        for _t, _replica, what in told.get("errors", []):
+            rec.errors[PROBE_HEARTBEAT] += 1
+            rec.examples.setdefault(PROBE_HEARTBEAT, what)
     return rec
 
 
