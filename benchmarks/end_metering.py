@@ -43,12 +43,7 @@ def burst(db_url: str, spacing: float, leases: int, groups: int) -> dict:
             assert b.call(b.agent, "POST", "/agent/register", json={
                 "name": f"big-{i}", "cpus": 64, "memory": "256 GiB"}).status_code == 201
         ids = [f"ls-burst{i:05d}" for i in range(leases)]
-        for k in range(0, leases, 100):
-            answer = b.call(b.user, "POST", f"/clusters/{b.cid}/leases", json={
-                "spec": {"cpus": 1, "memory": "1 GiB"},
-                "workers": [{"lease_id": i} for i in ids[k:k + 100]]})
-            assert answer.status_code == 201, answer.text
-        answer = b.call(b.user, "POST", f"/clusters/{b.cid}/heartbeat", json={"connected": ids})
+        answer = b.run_leases(ids)
         on = {le["id"]: le["provider_id"] for le in answer.json()["leases"]
               if le["state"] == "running"}
         assert set(ids) <= set(on), "every lease runs before the burst"

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import psutil
+import psycopg
 
 from benchmarks.common import quiet_logging, table, write
 from federation.broker.metering_runs import meter_pass
@@ -46,8 +47,6 @@ def server_cpu(postmaster: psutil.Process) -> dict[int, float]:
 
 
 def postmaster_of(db_url: str) -> psutil.Process | None:
-    import psycopg
-
     with psycopg.connect(db_url, autocommit=True) as conn:
         backend = psutil.Process(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
         return backend.parent()
@@ -75,14 +74,7 @@ def passes(db_url: str, leases: int, periods: int, repeat: int) -> list[dict]:
             answer = b.call(seller, "POST", "/agent/register", json={
                 "name": f"big-{i}", "cpus": MACHINE_CPUS, "memory": "512 GiB"})
             assert answer.status_code == 201, answer.text
-        ids = [f"ls-meter{i:06d}" for i in range(leases)]
-        for k in range(0, leases, 100):
-            answer = b.call(b.user, "POST", f"/clusters/{b.cid}/leases", json={
-                "spec": {"cpus": 1, "memory": "1 GiB"},
-                "workers": [{"lease_id": i} for i in ids[k:k + 100]]})
-            assert answer.status_code == 201, answer.text
-        answer = b.call(b.user, "POST", f"/clusters/{b.cid}/heartbeat", json={"connected": ids})
-        assert answer.status_code == 200, answer.text
+        b.run_leases([f"ls-meter{i:06d}" for i in range(leases)])
         at = dt.datetime.now(dt.UTC)
         out = []
         for _ in range(repeat):

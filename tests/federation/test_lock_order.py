@@ -44,8 +44,8 @@ def two_machines(postgres_url: str) -> Iterator[tuple]:
         wait_until(lambda: all(where(postgres_url)[i][0] == other for i in later), 30,
                    "the second three leases placed on box-2")
         b.call(b.user, "POST", f"/clusters/{b.cid}/heartbeat", json={"connected": later})
-        leases = sorted(where(postgres_url))
         placed = where(postgres_url)
+        leases = sorted(placed)
         assert [placed[i][0] for i in leases] == [b.box, other] * 3, placed
         assert {placed[i][1] for i in leases} == {LeaseState.running.value}, placed
         yield b, leases

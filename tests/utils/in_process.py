@@ -31,6 +31,19 @@ class InProcess:
         return self.client.request(method, f"/api/v1{path}", **kw,
                                    headers={"Authorization": f"Bearer {token}"})
 
+    def run_leases(self, ids: list[str]) -> httpx.Response:
+        """Ask for ``ids`` (1 CPU, 1 GiB each) on alice's cluster, 100 to a request, then
+        confirm them joined in one cluster heartbeat; its answer (the cluster's view)."""
+        for k in range(0, len(ids), 100):
+            answer = self.call(self.user, "POST", f"/clusters/{self.cid}/leases", json={
+                "spec": {"cpus": 1, "memory": "1 GiB"},
+                "workers": [{"lease_id": i} for i in ids[k:k + 100]]})
+            assert answer.status_code == 201, answer.text
+        answer = self.call(self.user, "POST", f"/clusters/{self.cid}/heartbeat",
+                           json={"connected": ids})
+        assert answer.status_code == 200, answer.text
+        return answer
+
 
 def scraped(client: Any, name: str) -> float:
     """The value of the first sample called ``name`` in the app's /metrics (``client``: its
