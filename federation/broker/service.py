@@ -112,7 +112,14 @@ from .replicas import IDENTITY_CHANGED, WakeupRelay, hold_leadership, is_postgre
 from .settings import BrokerSettings
 from .timeouts import end_silent_providers
 from .token_cache import PrincipalCache, on_identity_change
-from .views import agent_leases, cluster_head, cluster_heads, clusters_public, leases_public
+from .views import (
+    agent_leases,
+    cluster_head,
+    cluster_heads,
+    cluster_public_json,
+    clusters_public,
+    leases_public,
+)
 from .wakeups import Wakeups
 
 logger = logging.getLogger("parallex.broker")
@@ -694,9 +701,10 @@ class Broker:
         return public
 
     def cluster_heartbeat(self, principal: Principal, cluster_id: str,
-                          connected: list[str] | None = None) -> ClusterPublic:
+                          connected: list[str] | None = None) -> bytes:
         """Note that the cluster lives; leases whose workers it says joined its scheduler
-        become running (and metered) from now. Answered with the cluster's view.
+        become running (and metered) from now. Answered with the cluster's view, as its
+        JSON (``cluster_public_json``).
 
         Most heartbeats confirm nothing new (the keeper lists every connected worker each
         time): those read the cluster's row and its leases and write its last_seen, each
@@ -712,11 +720,11 @@ class Broker:
             seconds=max(ENDED_SHOWN, 3 * self.settings.cluster_timeout))
         with db.session(self.autocommit_engine) as s:
             head = _active(_owned(principal, cluster_id, cluster_head(s, cluster_id)))
-            public = clusters_public(s, [head], ended_after)[0]
-            starting = {le.id for le in public.leases if le.state == LeaseState.starting}
+            view, starting = cluster_public_json(s, head, ended_after)
             if not starting.intersection(connected or ()):
-                s.execute(_SEEN, {"cluster_id": head.id, "now": now})
-                return public
+                # On the connection: through the session, an ORM bulk update's setup.
+                s.connection().execute(_SEEN, {"cluster_id": head.id, "now": now})
+                return view
         with self.session() as s:
             row = self._active_cluster_of(s, principal, cluster_id)
             row.last_seen = now
@@ -731,12 +739,13 @@ class Broker:
                 move(lease, LeaseState.running, at=now, message="")
                 s.add(lease)
                 started.add(lease.provider_id)
-            public = clusters_public(s, [cluster_head(s, row.id)], ended_after)[0]
+            s.flush()  # the view is read on the connection, past the session
+            view, _starting = cluster_public_json(s, cluster_head(s, row.id), ended_after)
             s.commit()
         # The agents hear it: a running lease is suspended for the owner, a starting one
         # (no results yet) simply makes way.
         self.wakeups.bump_all(started)
-        return public
+        return view
 
     def _active_cluster_of(self, s: Session, principal: Principal,
                            cluster_id: str) -> ClusterRecord:
