@@ -149,6 +149,16 @@ def _published(s: Session, rows: list[dict]) -> dict[str, LeasePublic]:
     return {r["id"]: LeasePublic(**r, lab=provider_labs.get(r["provider_id"])) for r in rows}
 
 
+_AGENT_LEASES_OF = (
+    select(Lease.id, Lease.provider_id, Lease.state, Lease.worker_cert, Lease.worker_csr,
+           Lease.cpus, Lease.memory, Lease.gpus, Lease.gpu_indices_json,
+           ClusterRecord.id, ClusterRecord.scheduler_address, ClusterRecord.ca_cert,
+           ClusterRecord.environment)
+    .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
+    .where(col(Lease.provider_id).in_(bindparam("provider_ids", expanding=True)),
+           col(Lease.state).in_(HELD_STATES)))
+
+
 def agent_leases(s: Session, provider_id: str, gateway: str | None = None) -> list[dict]:
     """What the agent should run (starting, running) and stop (releasing); with a
     ``gateway``, workers dial their scheduler through it (parallex:// addresses)."""
@@ -161,14 +171,9 @@ def agent_leases_of(s: Session, provider_ids: list[str],
     holds nothing is absent)."""
     # Columns, not ORM objects: long polls read these for many agents at once, and building
     # a Lease and a ClusterRecord per row was most of the batch's time (issue 14's profile).
-    rows = s.exec(
-        select(Lease.id, Lease.provider_id, Lease.state, Lease.worker_cert, Lease.worker_csr,
-               Lease.cpus, Lease.memory, Lease.gpus, Lease.gpu_indices_json,
-               ClusterRecord.id, ClusterRecord.scheduler_address, ClusterRecord.ca_cert,
-               ClusterRecord.environment)
-        .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
-        .where(col(Lease.provider_id).in_(provider_ids), col(Lease.state).in_(HELD_STATES))
-    ).all()
+    # On the session's connection, as the cluster view's rows. Pending changes of the session
+    # are not flushed first.
+    rows = s.connection().execute(_AGENT_LEASES_OF, {"provider_ids": provider_ids}).all()
     out: dict[str, list[dict]] = {}
     for (lease_id, provider_id, state, cert, csr, cpus, memory, gpus, gpu_indices,
          cluster_id, scheduler, ca_cert, environment) in rows:

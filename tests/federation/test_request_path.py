@@ -78,10 +78,13 @@ def test_heartbeats_in_batches_are_each_recorded_before_their_answer(any_databas
                     "name": f"m{i}", "cpus": 2, "memory": 2**32, "gpus": []})
                 ids.append(answer.raise_for_status().json()["provider_id"])
             # All at once: they share batches, and each answer comes after its own was
-            # written (the note is what the provider list shows right after).
+            # written (the note is what the provider list shows right after). Even machines
+            # also say which environments they have ready (a group of the batch's update of
+            # its own); odd ones send none.
             answers = await asyncio.gather(*(client.post(
                 f"/agent/{pid}/heartbeat", json={"running": [], "offering": False,
-                                                 "offer_note": f"owner of m{i} is typing"})
+                                                 "offer_note": f"owner of m{i} is typing",
+                                                 **environments_of(i)})
                 for i, pid in enumerate(ids)))
             assert [a.status_code for a in answers] == [200] * machines
             return ids
@@ -96,6 +99,8 @@ def test_heartbeats_in_batches_are_each_recorded_before_their_answer(any_databas
     for i, pid in enumerate(ids):
         assert listed[pid]["online"] and not listed[pid]["offering"], listed[pid]
         assert listed[pid]["offer_note"] == f"owner of m{i} is typing"
+        assert listed[pid]["environments_ready"] == len(
+            environments_of(i).get("environments", [])), listed[pid]
     recorded, batches = heartbeat_batches(url, federation.admin_token)
     assert recorded == machines
     assert 1 <= batches <= machines
@@ -114,6 +119,12 @@ def test_heartbeats_in_batches_are_each_recorded_before_their_answer(any_databas
                         json={"running": []}, headers=other, timeout=30)
     assert answer.status_code == 404
     assert heartbeat_batches(url, federation.admin_token)[0] == machines
+
+
+def environments_of(i: int) -> dict:
+    """What machine ``i``'s heartbeat says of its ready environments: even machines list
+    ``i % 3`` hashes, odd ones say nothing."""
+    return {} if i % 2 else {"environments": [f"{k:032x}" for k in range(i % 3)]}
 
 
 def heartbeat_batches(url: str, admin_token: str) -> tuple[int, int]:
