@@ -54,6 +54,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from accounting.bulk import insert_rows
 from accounting.models import Lab, utcnow
 from accounting.pricing import ensure_default_price
 
@@ -764,17 +765,20 @@ class Broker:
         # not both checked against one quota (a pass consumes no quota or credit).
         with self.metrics.scale_admission.time(), self._row_locked() as s:
             lock_lab_admissions(s, cluster.lab_id)
-            probe = Lease(id="?", cluster_id=cluster.id, cpus=spec.cpus, memory=spec.memory,
-                          gpus=spec.gpus, gpu_model=spec.gpu_model)
+            probe = Lease(id="?", cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
+                          memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
             admission.check_fits_somewhere(s, request_of(probe, cluster))
             environments.check_servable(s, cluster)
             admission.check_credit_and_quotas(s, cluster, spec.cpus, spec.gpus, len(ids))
             admission.check_new_lease_ids(s, ids)
-            s.add_all([
-                Lease(id=lease_id, cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
-                      memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
-                for lease_id in ids])
+            # Rows, not Lease objects: building a model per lease and the ORM's flush of
+            # them were most of the request's CPU (issue 14; for 100 leases on PostgreSQL,
+            # where rows go by COPY, 12-14 against 43-48 ms). The probe holds the model's
+            # defaults; each row gets its own creation time, as objects did.
+            template = {c.name: getattr(probe, c.key) for c in Lease.__table__.columns}
             try:
+                insert_rows(s, Lease.__table__, [{**template, "id": lease_id,
+                                                  "created_at": utcnow()} for lease_id in ids])
                 s.commit()
             except IntegrityError:
                 # Another lab's request took one of these ids at the same moment (labs'

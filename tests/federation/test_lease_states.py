@@ -29,6 +29,7 @@ from federation.lease_states import (
     suspensions,
 )
 from federation.tls import ClusterAuthority
+from tests.utils.in_process import in_process_broker
 
 ADMIN = "test-admin-token-0123456789"
 
@@ -380,6 +381,46 @@ def test_a_lease_request_is_one_unit_of_work(tmp_path):
         assert commits == [] and fed.leases() == before
     finally:
         fed.close()
+
+
+def test_lease_ids_another_replica_takes_at_the_same_moment_refuse_the_whole_request(
+        postgres_url):
+    """Two labs' scale requests do not wait on each other's admission, so another replica
+    may insert one of a request's ids between its check and its insert (COPY on
+    PostgreSQL): the request is refused 409 with nothing of it stored, the other's lease
+    kept."""
+    from sqlalchemy import event
+    from sqlmodel import Session, select
+
+    from federation.broker.models import Lease
+
+    with in_process_broker(postgres_url, 1) as b:
+        engine = b.app.state.broker.engine
+        ids = ["ls-race-0", "ls-race-1", "ls-race-2"]
+        inserted: list[str] = []
+
+        def another_replica_inserts(_conn, _cursor, statement: str, *_args) -> None:
+            # Right after the request read that its ids are free.
+            if not inserted and "FROM lease" in statement and "WHERE lease.id IN" in statement:
+                inserted.append(ids[1])
+                with Session(engine) as other:
+                    other.add(Lease(id=ids[1], cluster_id=b.cid, cpus=1, memory=2**30))
+                    other.commit()
+
+        event.listen(engine, "after_cursor_execute", another_replica_inserts)
+        try:
+            answer = b.call(b.user, "POST", f"/clusters/{b.cid}/leases", json={
+                "spec": {"cpus": 1, "memory": "1 GiB"},
+                "workers": [{"lease_id": i} for i in ids]})
+        finally:
+            event.remove(engine, "after_cursor_execute", another_replica_inserts)
+        assert inserted == [ids[1]]
+        assert answer.status_code == 409, answer.text
+        assert answer.json()["error"] == "lease-id-taken"
+        assert "at the same moment" in answer.json()["message"]
+        with Session(engine) as s:
+            stored = s.exec(select(Lease.id).where(Lease.id.in_(ids))).all()
+        assert stored == [ids[1]]
 
 
 def test_a_cluster_heartbeat_is_few_statements_whatever_its_leases(tmp_path):
