@@ -494,8 +494,9 @@ def main() -> None:
             if counting:
                 now = database_statements(db)
                 rec.statements = {k: now[k] - statements_at_start.get(k, 0)
-                                  for k in now if k != "most frequent"}
-                rec.statements["most frequent"] = now["most frequent"]  # start-up included
+                                  for k in now if k not in ("most frequent", "most time")}
+                # Start-up included.
+                rec.statements.update({k: now[k] for k in ("most frequent", "most time")})
         finally:
             for proc, _url in brokers:
                 proc.stop()
@@ -520,17 +521,21 @@ def database_statements(url: str) -> dict[str, int]:
         # By text, an IN list of any length as one (each length is a text of its own).
         rows = conn.execute(
             "SELECT regexp_replace(ltrim(query), '\\$[0-9]+(, *\\$[0-9]+)*', '$n', 'g'), "
-            "sum(calls)::bigint FROM pg_stat_statements WHERE dbid = (SELECT oid FROM "
-            "pg_database WHERE datname = current_database()) GROUP BY 1 ORDER BY 2 DESC"
-        ).fetchall()
+            "sum(calls)::bigint, sum(total_exec_time) FROM pg_stat_statements WHERE dbid = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) GROUP BY 1 "
+            "ORDER BY 2 DESC").fetchall()
         evicted = conn.execute("SELECT dealloc FROM pg_stat_statements_info").fetchone()[0]
     first_words: dict[str, int] = defaultdict(int)
-    for text, calls in rows:
+    for text, calls, _ms in rows:
         first_words[text.split(" ", 1)[0].upper()] += calls
     out = {"all": sum(first_words.values())}
     out.update({word.lower(): first_words[word] for word in ("BEGIN", "COMMIT", "ROLLBACK")})
     out["evictions"] = int(evicted)  # nonzero: the counts are short by what was evicted
-    out["most frequent"] = {text[:140]: int(calls) for text, calls in rows[:15]}
+    out["most frequent"] = {text[:140]: int(calls) for text, calls, _ms in rows[:15]}
+    # Where statements spent their time in the executor, set-up included: working, and
+    # waiting for locks (an advisory lock's wait, a row another transaction holds).
+    out["most time"] = {text[:140]: round(ms) for text, _calls, ms in
+                        sorted(rows, key=lambda r: r[2], reverse=True)[:10]}
     return out
 
 
@@ -855,6 +860,8 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
               + (f" (undercounted: {st['evictions']} evictions)" if st["evictions"] else ""))
         print("  most frequent (set-up included): " + "; ".join(
             f"{calls} × {text}" for text, calls in st["most frequent"].items()))
+        print("  most time executing, lock waits included (ms, set-up included): " + "; ".join(
+            f"{ms} ms {text}" for text, ms in st["most time"].items()))
     if rec.transactions:
         print("PostgreSQL transactions (its statistics, start-up and the final closes "
               "included): " + ", ".join(f"{k} {v}" for k, v in rec.transactions.items()))
