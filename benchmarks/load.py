@@ -23,7 +23,8 @@ slow heartbeats (over 100 ms) waited, against the others (benchmarks/busy_timeli
 It also counts the agents' long polls answered (per lease placed), and PostgreSQL's
 transactions and statements during the run (its own statistics; statements where the server
 ships pg_stat_statements): work done rather than time taken, so they compare across hosts
-and hours where latencies do not.
+and hours where latencies do not; and the statements that spent most time executing (lock
+waits included, so a reading of where statements waited as much as where they worked).
 
 Users arrive over the first --user-spread seconds (default 5), each at a random moment, so
 their heartbeats and churn do not all fall in the same instant (runs before 2026-12-01 started
