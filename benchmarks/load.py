@@ -535,7 +535,7 @@ def database_statements(url: str) -> dict[str, int]:
     out["most frequent"] = {text[:140]: int(calls) for text, calls, _ms in rows[:15]}
     # Where statements spent their time in the executor, set-up included: working, and
     # waiting for locks (an advisory lock's wait, a row another transaction holds).
-    out["most time"] = {text[:140]: round(ms) for text, _calls, ms in
+    out["most time"] = {text[:240]: [round(ms), int(calls)] for text, calls, ms in
                         sorted(rows, key=lambda r: r[2], reverse=True)[:10]}
     return out
 
@@ -862,7 +862,7 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
         print("  most frequent (set-up included): " + "; ".join(
             f"{calls} × {text}" for text, calls in st["most frequent"].items()))
         print("  most time executing, lock waits included (ms, set-up included): " + "; ".join(
-            f"{ms} ms {text}" for text, ms in st["most time"].items()))
+            f"{ms} ms in {calls} calls: {text}" for text, (ms, calls) in st["most time"].items()))
     if rec.transactions:
         print("PostgreSQL transactions (its statistics, start-up and the final closes "
               "included): " + ", ".join(f"{k} {v}" for k, v in rec.transactions.items()))
