@@ -135,6 +135,15 @@ def check_new_lease_ids(s: Session, ids: list[str]) -> None:
         raise Conflict("lease-id-taken", f"lease ids already exist: {sorted(taken)}")
 
 
+def quota_applies(s: Session, cluster: ClusterRecord) -> bool:
+    """Whether the cluster's lab or its owner's membership there has a CPU or GPU quota."""
+    lab = s.get(Lab, cluster.lab_id)
+    member = s.get(Membership, (cluster.user_id, lab.id))
+    limits = (lab.max_cpus, lab.max_gpus) + ((member.max_cpus, member.max_gpus) if member
+                                              else ())
+    return any(limit is not None for limit in limits)
+
+
 def check_credit_and_quotas(s: Session, cluster: ClusterRecord, cpus: float, gpus: int,
                             n: int) -> None:
     """Refuse ``n`` new workers for a lab over its credit limit or over a quota."""

@@ -202,3 +202,81 @@ def test_a_machine_registering_twice_at_once_is_one_provider(any_database):
     assert len(same) == 1
     assert len(different) == racers and same.isdisjoint(different)
     assert listed == Counter({"box": 1, **{f"node-{i}": 1 for i in range(racers)}})
+
+
+def admissions_of_one_lab(db_url: str, quota: bool) -> tuple[bool, bool]:
+    """Two scale requests of one lab on PostgreSQL, the first held in its admission (a hook
+    pauses it after its id check) while the second runs: (whether the second finished while
+    the first was held, whether both were admitted in the end)."""
+    from sqlalchemy import event
+
+    from federation.broker.models import ClusterRecord, LeaseCreate
+    from tests.utils.in_process import ADMIN_TOKEN, in_process_broker
+    from tests.utils.procs import in_thread, wait_until
+
+    with in_process_broker(db_url, 1) as b:
+        broker = b.app.state.broker
+        if quota:
+            assert b.call(ADMIN_TOKEN, "PUT", "/labs/lab-a/members/alice",
+                          json={"max_cpus": 100}).status_code == 200
+        with broker.reading() as s:
+            cluster = s.get(ClusterRecord, b.cid)
+        first_checked, let_first_go = threading.Event(), threading.Event()
+
+        def hold_the_first(_conn, _cursor, statement: str, *_args) -> None:
+            if (threading.current_thread().name == "first" and "WHERE lease.id IN" in statement
+                    and not first_checked.is_set()):
+                first_checked.set()
+                let_first_go.wait(60)
+
+        def ask(name: str) -> list[str]:
+            return broker.request_leases(cluster, LeaseCreate(
+                spec={"cpus": 1, "memory": "1 GiB"},
+                workers=[{"lease_id": f"ls-{name}-{i}"} for i in range(3)]), wait=False)
+
+        event.listen(broker.engine, "after_cursor_execute", hold_the_first)
+        try:
+            first, first_out = in_thread(lambda: ask("first"), name="first")
+            assert first_checked.wait(60), "the first request reached its id check"
+            second, second_out = in_thread(lambda: ask("second"), name="second")
+            if quota:
+                # It waits on the lab's admission lock (PostgreSQL shows the waiter).
+                wait_until(lambda: admission_waiters(db_url) == 1, 60,
+                           "the second request waiting on the lab's admission lock")
+            else:
+                second.join(60)
+            second_while_held = not second.is_alive()
+        finally:
+            let_first_go.set()
+            # Removed once no thread runs it (removing mutates what a running event iterates).
+            first.join(60)
+            second.join(60)
+            event.remove(broker.engine, "after_cursor_execute", hold_the_first)
+        assert "failed" not in first_out and "failed" not in second_out, (first_out,
+                                                                          second_out)
+        return second_while_held, len(first_out["recorded"]) == len(second_out["recorded"]) == 3
+
+
+def admission_waiters(url: str) -> int:
+    """Sessions waiting for a lab's admission lock on the database at ``url`` (a two-key
+    advisory lock: its first key is PostgreSQL's ``classid``)."""
+    import psycopg
+
+    from federation.broker.placing import ADMISSION_LOCK
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND classid = %s AND objsubid = 2 AND NOT granted",
+                            (ADMISSION_LOCK,)).fetchone()[0]
+
+
+def test_a_labs_scale_requests_wait_for_each_other_only_under_a_quota(postgres_server_url):
+    """The lab's admission lock serialises its scale requests where a quota counts what each
+    holds; without one (credit is not changed by an insert) they are admitted side by side,
+    each of them no longer waiting for the lab's others (issue 14's lockstep churn)."""
+    from tests.utils.postgres import fresh_database
+
+    without, under = (fresh_database(postgres_server_url, f"admissions_{kind}")
+                      for kind in ("without_quota", "under_quota"))
+    assert admissions_of_one_lab(without, quota=False) == (True, True)
+    assert admissions_of_one_lab(under, quota=True) == (False, True)

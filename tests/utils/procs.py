@@ -236,9 +236,10 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str,
         time.sleep(interval)
 
 
-def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, dict]:
-    """Run ``call`` on a thread of its own; the dict gets its result as "recorded", or the
-    exception it raised as "failed", once the thread ends."""
+def in_thread(call: Callable[[], object], name: str | None = None
+              ) -> tuple[threading.Thread, dict]:
+    """Run ``call`` on a thread of its own (called ``name``, if given); the dict gets its
+    result as "recorded", or the exception it raised as "failed", once the thread ends."""
     out: dict[str, object] = {}
 
     def run() -> None:
@@ -247,6 +248,6 @@ def in_thread(call: Callable[[], object]) -> tuple[threading.Thread, dict]:
         except BaseException as exc:  # reported by the caller's assertion
             out["failed"] = exc
 
-    thread = threading.Thread(target=run)
+    thread = threading.Thread(target=run, name=name)
     thread.start()
     return thread, out
