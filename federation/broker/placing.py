@@ -7,8 +7,9 @@ section, and ``lock_across_processes`` makes other broker processes on one Postg
 Releases, closes and admissions do not take that lock (they would queue behind every pass):
 the pass locks the pending leases it reads (``FOR UPDATE SKIP LOCKED``), so a release that
 holds a lease's row makes the pass leave that lease alone, and one that comes later waits
-for the pass and finds the lease placed; admissions of one lab wait on each other
-(``lock_lab_admissions``), since placing consumes capacity but no quota or credit.
+for the pass and finds the lease placed; admissions of one lab wait on each other where a
+quota applies (``lock_lab_admissions``), since placing consumes capacity but no quota or
+credit.
 """
 
 from __future__ import annotations

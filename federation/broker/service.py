@@ -27,9 +27,10 @@ respect. Without it two passes read the same free capacity and both fill it
 (tests/federation/test_concurrency.py double-booked a provider by 3 CPUs of 8 before).
 On PostgreSQL the other changes do not wait for passes: releases, closes and reports lock the
 lease rows they change (a pass skips rows locked so, ``_row_locked``), admissions of one
-lab wait on each other (``lock_lab_admissions``). Under issue 14's load the releases and
-scale requests of 100 users queued behind back-to-back passes on the one placement lock for
-seconds. SQLite (one process, one writer) keeps all of them in the exclusive section.
+lab wait on each other where a quota applies (``lock_lab_admissions``). Under issue 14's
+load the releases and scale requests of 100 users queued behind back-to-back passes on the
+one placement lock for seconds. SQLite (one process, one writer) keeps all of them in the
+exclusive section.
 """
 
 from __future__ import annotations
