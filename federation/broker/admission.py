@@ -136,7 +136,9 @@ def check_new_lease_ids(s: Session, ids: list[str]) -> None:
 
 
 def quota_applies(s: Session, cluster: ClusterRecord) -> bool:
-    """Whether the cluster's lab or its owner's membership there has a CPU or GPU quota."""
+    """Whether the cluster's lab or its owner's membership there has a CPU or GPU quota
+    (read through the session's identity map, so asking again in one unit of work reads
+    nothing more)."""
     lab = s.get(Lab, cluster.lab_id)
     member = s.get(Membership, (cluster.user_id, lab.id))
     limits = (lab.max_cpus, lab.max_gpus) + ((member.max_cpus, member.max_gpus) if member
@@ -156,11 +158,11 @@ def check_credit_and_quotas(s: Session, cluster: ClusterRecord, cpus: float, gpu
             f"-{lab.credit_limit:,.2f} PCU: new workers are refused (running ones keep "
             "running). Ask your PI or an administrator for a grant, or let your lab's "
             "machines earn credits.")
+    if not quota_applies(s, cluster):
+        return  # nothing to count
     member = s.get(Membership, (cluster.user_id, lab.id))
     member_max_cpus = member.max_cpus if member else None
     member_max_gpus = member.max_gpus if member else None
-    if (lab.max_cpus, lab.max_gpus, member_max_cpus, member_max_gpus) == (None,) * 4:
-        return  # no quota applies: nothing to count
     # Summed by the database per user of the lab (not a row per live lease).
     held = s.exec(select(ClusterRecord.user_id, func.sum(Lease.cpus), func.sum(Lease.gpus))
                   .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
