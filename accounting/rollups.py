@@ -3,6 +3,12 @@
 Metering adds each pass's records into one row per (day, consumer lab, provider lab, provider,
 user, GPU class, self-use) with an upsert that increments, so a month's report over a million
 records reads a few thousand rows, and concurrent meterers add up instead of overwriting.
+
+On PostgreSQL a unit's rows go as one statement over arrays (``unnest``): as an executemany,
+each row was an upsert of its own, and where a federation's leases spread over a thousand
+machines and a hundred users nearly every lease is a row of its own (issue 14's load: ~20,000
+upserts a run). For 10,000 rows in units of 1,000: PostgreSQL's CPU 0.34-0.43 s against
+0.47-0.59 s, the caller's 0.24-0.28 s against 0.35-0.48 s.
 """
 
 from __future__ import annotations
@@ -10,8 +16,8 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 
-from sqlalchemy import BigInteger, Index
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import BigInteger, Index, text
+from sqlalchemy.dialects import sqlite
 from sqlmodel import Field, Session, SQLModel
 
 SUMMED = ("charge", "earned", "cpu_seconds", "gpu_seconds", "seconds", "cloud_cost")
@@ -57,11 +63,37 @@ def add_to_rollups(session: Session, records: Iterable[dict]) -> None:
     if not folded:
         return
     conn = session.connection()
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    table = UsageDaily.__table__
-    stmt = dialect.insert(table)
     # In key order, so concurrent meterers lock rows in the same order.
     rows = [folded[k] for k in sorted(folded, key=repr)]
+    if conn.dialect.name == "postgresql":
+        # unnest keeps the arrays' order, so rows are upserted (and locked) in key order.
+        # Each array of one Python type (a sum still 0 is an int), as its cast expects.
+        conn.execute(_UPSERT_ARRAYS, {c: [convert(row[c]) for row in rows]
+                                      for c, convert in _PG_ARRAYS.items()})
+        return
+    table = UsageDaily.__table__
+    stmt = sqlite.insert(table)
     conn.execute(stmt.on_conflict_do_update(
         index_elements=list(KEY),
         set_={name: table.c[name] + stmt.excluded[name] for name in SUMMED}), rows)
+
+
+def _same(value):
+    return value
+
+
+#: Each column's PostgreSQL type, for its array's cast, and the Python type of its values.
+_PG_TYPES = {"day": ("date", _same), "consumer_lab_id": ("integer", int),
+             "provider_lab_id": ("integer", int), "provider_id": ("varchar", str),
+             "user_id": ("integer", int), "gpu_class": ("varchar", str),
+             "self_use": ("boolean", bool), "charge": ("bigint", int),
+             "earned": ("bigint", int), "cpu_seconds": ("float8", float),
+             "gpu_seconds": ("float8", float), "seconds": ("float8", float),
+             "cloud_cost": ("float8", float)}
+_PG_ARRAYS = {c: convert for c, (_type, convert) in _PG_TYPES.items()}
+#: One statement whatever the number of rows, so the driver prepares it once.
+_UPSERT_ARRAYS = text(
+    f"INSERT INTO usagedaily ({', '.join(_PG_TYPES)}) SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{c} AS {t}[])" for c, (t, _convert) in _PG_TYPES.items())
+    + f") ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET "
+    + ", ".join(f"{c} = usagedaily.{c} + excluded.{c}" for c in SUMMED))
