@@ -41,9 +41,13 @@ class Transfer(SQLModel, table=True):
 
 
 class LedgerEntry(SQLModel, table=True):
+    """One account's side of a transfer. Its transfer and account ids are not foreign keys, as
+    a usage record's are not (metering writes two entries per charged period, in bulk;
+    migration 0013), and nothing deletes a transfer or an account."""
+
     id: int | None = Field(default=None, primary_key=True)
-    transfer_id: int = Field(foreign_key="transfer.id", index=True)
-    account_id: int = Field(foreign_key="account.id", index=True)
+    transfer_id: int = Field(index=True)
+    account_id: int = Field(index=True)
     amount: int = Field(sa_type=BigInteger, description="nano-PCU; negative = debit.")
     created_at: dt.datetime = Field(default_factory=utcnow, index=True)
 

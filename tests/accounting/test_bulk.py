@@ -39,10 +39,10 @@ def test_rows_read_back_as_given_and_a_broken_row_fails_the_insert(db_url):
             assert [db_utc(e.created_at) for e in back] == [
                 r["created_at"].astimezone(dt.UTC) for r in rows]
 
-            # An account that does not exist: the whole insert fails, nothing is written.
+            # A row without an amount: the whole insert fails, nothing is written.
             with pytest.raises(IntegrityError):
                 insert_rows(s, LedgerEntry.__table__, [
-                    dict(rows[0]), dict(rows[0], account_id=10**6)])
+                    dict(rows[0]), dict(rows[0], amount=None)])
                 s.flush()
             s.rollback()
             assert len(s.exec(select(LedgerEntry).where(

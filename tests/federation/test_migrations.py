@@ -141,3 +141,34 @@ def test_0008_adds_suspensions_and_offering_and_downgrades_suspended_leases(tmp_
         assert c.execute(text("SELECT state FROM lease")).scalar() == "running"
         assert "offering" not in {col["name"] for col in inspect(engine).get_columns(
             "provider")}
+
+
+def test_0013_drops_the_accounting_rows_foreign_keys_and_keeps_the_rows(empty_db_url):
+    """Usage records and ledger entries lose their foreign keys (metering writes them in bulk),
+    keep every row, and a downgrade puts the keys back (and an upgrade after it drops them)."""
+    from tests.accounting.test_ledger_properties import SAME_DAY_TWICE, run_history
+
+    run_history(empty_db_url, SAME_DAY_TWICE)  # records, entries and a daily row, at head
+    engine = db.plain_engine(empty_db_url)
+    tables = ("usagerecord", "ledgerentry")
+
+    def rows() -> list[int]:
+        with engine.connect() as c:
+            return [c.execute(text(f"SELECT count(*) FROM {t}")).scalar() for t in tables]
+
+    def keyed() -> dict[str, list[str]]:
+        return {t: sorted(fk["constrained_columns"][0]
+                          for fk in inspect(engine).get_foreign_keys(t)) for t in tables}
+
+    before = rows()
+    assert before[0] > 0 and before[1] > 0
+    assert keyed() == {"usagerecord": [], "ledgerentry": []}
+    db.migrate(engine, "0012", downgrade=True)
+    assert keyed() == {"usagerecord": ["consumer_lab_id", "price_version_id", "provider_lab_id",
+                                       "transfer_id", "user_id"],
+                       "ledgerentry": ["account_id", "transfer_id"]}
+    assert rows() == before
+    db.migrate(engine)
+    assert keyed() == {"usagerecord": [], "ledgerentry": []}
+    assert rows() == before
+    assert schema_differences(engine) == []
