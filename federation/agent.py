@@ -357,7 +357,32 @@ class ProviderAgent:
                             ", preempt leases" if decision.preempt else "", decision.why)
                 if self.on_decision is not None:
                     self.on_decision(decision)
+            if decision.suspend and not decision.preempt and self._unconfirmed():
+                await self._confirm_joined()
             self.apply(decision)
+
+    def _unconfirmed(self) -> list[str]:
+        """Leases whose workers run here but that were starting when last heard: the broker
+        does not wake the lease poll when a cluster confirms a worker joined."""
+        return [lid for lid in self.workers if lid not in self._stopping
+                and lid not in self._suspended
+                and self._states.get(lid) == LeaseState.starting]
+
+    async def _confirm_joined(self) -> None:
+        """Read which starting leases the cluster has since confirmed (running), before the
+        owner policy suspends the joined ones and preempts the others. Only those states are
+        taken from this answer: the poll loop's lists stay the ones reconciled."""
+        try:
+            answer = await self.client.request("GET", f"{self._base}/leases", timeout=10)
+        except errors.ParallexError as exc:
+            # Decided on what was last heard: a joined worker may be preempted, not suspended.
+            logger.warning("could not read which leases joined their clusters: %s", exc)
+            return
+        for lease in answer.get("leases", []):
+            lid = lease.get("id")
+            if (self._states.get(lid) == LeaseState.starting
+                    and lease.get("state") in (LeaseState.running, LeaseState.suspended)):
+                self._states[lid] = lease["state"]
 
     def apply(self, decision: Decision) -> None:
         """Do what the owner policy decided: offer or withhold the capacity, suspend, resume

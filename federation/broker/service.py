@@ -731,7 +731,6 @@ class Broker:
             row = self._active_cluster_of(s, principal, cluster_id)
             row.last_seen = now
             s.add(row)
-            started: set[str] = set()
             # Locked, so a release at the same moment is not overwritten (PostgreSQL reads
             # the row again after it and leaves it out, no longer starting).
             for lease in s.exec(select(Lease).where(
@@ -740,13 +739,13 @@ class Broker:
                 # What it waited for (an environment's build) is over.
                 move(lease, LeaseState.running, at=now, message="")
                 s.add(lease)
-                started.add(lease.provider_id)
             s.flush()  # the view is read on the connection, past the session
             view, _starting = cluster_public_json(s, cluster_head(s, row.id), ended_after)
             s.commit()
-        # The agents hear it: a running lease is suspended for the owner, a starting one
-        # (no results yet) simply makes way.
-        self.wakeups.bump_all(started)
+        # The agents' long polls are not woken: nothing changes for a worker that joined, and
+        # the one decision that depends on it (its owner back: suspend a joined worker,
+        # preempt a starting one) reads the list first (agent.py, ``_confirm_joined``). A
+        # wake here was a third of the polls under churn (issue 14).
         return view
 
     def _active_cluster_of(self, s: Session, principal: Principal,

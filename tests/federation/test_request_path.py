@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from federation.tls import ClusterAuthority
 from tests.utils.federation import make_federation
 from tests.utils.in_process import in_process_broker
 from tests.utils.procs import start_broker, wait_until
@@ -297,6 +298,30 @@ def test_an_agents_own_report_does_not_wake_its_poll_but_a_release_does(federati
             woken = waiting.result(timeout=30)  # well before the poll's 30 s
     assert woken["version"] != version
     assert {le["id"]: le["state"] for le in woken["leases"]}[a] == "releasing"
+
+
+def test_a_clusters_confirmation_does_not_wake_the_agents_poll(federation):
+    """A lease the cluster confirms (its worker joined: starting to running) changes nothing
+    for its agent, so its poll is not woken (under churn that wake was a third of the polls);
+    the list it answers after its wait shows the lease running."""
+    api, agent, machines = _two_machines(federation)
+    with _user(federation) as user, httpx.Client(base_url=api, headers=agent,
+                                                 timeout=60) as client:
+        cid = user.post("/clusters", json={
+            "scheduler_address": "tls://127.0.0.1:40000",
+            "ca_cert": ClusterAuthority().ca_pem}).raise_for_status().json()["id"]
+        leases = user.post(f"/clusters/{cid}/leases", json={
+            "spec": {"cpus": 2, "memory": 2**30},
+            "workers": [{"lease_id": "ls-confirm"}]}).raise_for_status().json()
+        polls = f"/agent/{leases[0]['provider_id']}/leases"
+        before = client.get(polls).raise_for_status().json()
+        assert [(le["id"], le["state"]) for le in before["leases"]] == [
+            ("ls-confirm", "starting")]
+        user.post(f"/clusters/{cid}/heartbeat",
+                  json={"connected": ["ls-confirm"]}).raise_for_status()
+        waited = client.get(polls, params={"since": before["version"], "wait": 0.5}).json()
+    assert waited["version"] == before["version"]  # it waited out its time: nothing woke it
+    assert [(le["id"], le["state"]) for le in waited["leases"]] == [("ls-confirm", "running")]
 
 
 def test_a_value_the_database_refuses_fails_only_its_own_report_or_heartbeat(postgres_url):
