@@ -216,6 +216,9 @@ async def agent(rec: Recorder, url: str, token: str, name: str, stop: asyncio.Ev
 
         beating = asyncio.create_task(heartbeat())
         version = ""
+        # As a real agent's stopping set: a list read while its report was on the way still
+        # shows the lease releasing, and the agent does not report it again.
+        reported: set[str] = set()
         while not stop.is_set():
             answer = await rec.call(client, "agent poll", "GET", f"agent/{pid}/leases",
                                     timed=False, params={"since": version, "wait": poll})
@@ -224,11 +227,14 @@ async def agent(rec: Recorder, url: str, token: str, name: str, stop: asyncio.Ev
                 continue
             version = answer.json()["version"]
             leases = {le["id"]: le["state"] for le in answer.json()["leases"]}
+            reported &= leases.keys()
             for lid, state in leases.items():
-                if state == "releasing":
-                    await rec.call(client, "agent report", "POST",
-                                   f"agent/{pid}/leases/{lid}/state",
-                                   json={"state": "ended", "reason": "released"})
+                if state == "releasing" and lid not in reported:
+                    reported.add(lid)
+                    if await rec.call(client, "agent report", "POST",
+                                      f"agent/{pid}/leases/{lid}/state",
+                                      json={"state": "ended", "reason": "released"}) is None:
+                        reported.discard(lid)  # failed (counted): a later list retries it
         await beating
 
 
