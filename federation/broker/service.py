@@ -745,7 +745,7 @@ class Broker:
         # The agents' long polls are not woken: nothing changes for a worker that joined, and
         # the one decision that depends on it (its owner back: suspend a joined worker,
         # preempt a starting one) reads the list first (agent.py, ``_confirm_joined``). A
-        # wake here was a third of the polls under churn (issue 14).
+        # wake here was about a quarter of the polls under churn (issue 14).
         return view
 
     def _active_cluster_of(self, s: Session, principal: Principal,
