@@ -1,0 +1,85 @@
+"""The agents' batches read only their own machines' leases on PostgreSQL, whatever else the
+federation holds: a plan that reads every held lease (or the whole lease table) costs each
+batch milliseconds of the server's CPU per thousand machines, and under issue 14's load
+there are thousands of batches a minute."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from federation.broker import db
+from federation.broker.agent_batches import Heartbeat, record_heartbeats
+from federation.broker.models import utcnow
+from federation.broker.settings import BrokerSettings
+from federation.broker.views import agent_leases_of
+
+MACHINES = 1000
+HELD = 10_000
+ENDED = 5_000
+
+#: A federation as issue 14's load leaves it: a thousand machines, 10,000 held leases (ten a
+#: machine) and 5,000 ended ones, spread over 100 clusters.
+FEDERATION = f"""
+INSERT INTO lab (id, name, site, share, credit_limit, created_at) VALUES (1, 'a', '', 1, 0, now());
+INSERT INTO "user" (id, name, lab_id, created_at) VALUES (1, 'u', 1, now());
+INSERT INTO apitoken (id, kind, token_hash, lab_id, created_at)
+  VALUES ('tk1', 'provider', 'h', 1, now());
+INSERT INTO provider (id, lab_id, token_id, name, site, cpus, memory, gpus_json, online,
+                      offering, offer_note, last_seen, registered_at, accepts_peers,
+                      environment_json, environments_json)
+  SELECT 'prv_' || g, 1, 'tk1', 'box' || g, '', 16, 1, '[]', true, true, '', now(), now(),
+         true, '{{}}', '[]' FROM generate_series(1, {MACHINES}) g;
+INSERT INTO cluster (id, user_id, lab_id, name, scheduler_address, ca_cert, active,
+                     created_at, last_seen)
+  SELECT 'cl_' || g, 1, 1, 'c', 'x', 'x', true, now(), now() FROM generate_series(1, 100) g;
+INSERT INTO lease (id, cluster_id, provider_id, "group", cpus, memory, gpus, gpu_indices_json,
+                   state, message, worker_cert, worker_csr, created_at, ended_at,
+                   suspensions_json)
+  SELECT 'ls_' || g, 'cl_' || (1 + mod(g, 100)), 'prv_' || (1 + mod(g * 7919, {MACHINES})),
+         'default', 1, 1073741824, 0, '[]',
+         CASE WHEN g <= {ENDED} THEN 'ended'::leasestate ELSE 'running'::leasestate END,
+         '', '', '', now(), CASE WHEN g <= {ENDED} THEN now() END, '[]'
+  FROM generate_series(1, {ENDED + HELD}) g;
+"""
+
+
+def lease_rows_read(s) -> int:
+    """Rows of the lease table this backend has read in its transactions since its counts
+    last reached the statistics (PostgreSQL's own count: a read's is a difference)."""
+    seq, fetched = s.connection().execute(text(
+        "SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables "
+        "WHERE relname = 'lease'")).one()
+    return (seq or 0) + (fetched or 0)
+
+
+def test_a_heartbeat_batch_reads_only_its_machines_leases(postgres_url):
+    engine = db.make_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(FEDERATION)
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("ANALYZE")
+    machines = [f"prv_{i}" for i in range(1, MACHINES + 1, MACHINES // 20)]  # a burst's batch
+    with engine.connect() as conn:
+        held = {pid: [lid for (lid,) in conn.execute(text(
+            "SELECT id FROM lease WHERE provider_id = :p AND state = 'running'"), {"p": pid})]
+            for pid in machines}
+    theirs = sum(len(leases) for leases in held.values())
+    assert 100 <= theirs <= 400  # ~10 a machine
+
+    with db.session(engine) as s:
+        before = lease_rows_read(s)
+        recorded = record_heartbeats(s, [Heartbeat(pid, held[pid]) for pid in machines],
+                                     utcnow(), BrokerSettings())
+        heartbeat_reads = lease_rows_read(s) - before
+        s.rollback()
+    assert recorded.late == []  # every held lease was seen, as listed
+    with db.session(engine) as s:
+        before = lease_rows_read(s)
+        lists = agent_leases_of(s, machines)
+        list_reads = lease_rows_read(s) - before
+    assert {pid: sorted(le["id"] for le in leases) for pid, leases in lists.items()} == {
+        pid: sorted(leases) for pid, leases in held.items()}
+    # Each read touches its batch's leases (and at most as many ended ones beside them), not
+    # the federation's 10,000 held leases.
+    assert heartbeat_reads <= 3 * theirs, (heartbeat_reads, theirs)
+    assert list_reads <= 3 * theirs, (list_reads, theirs)
