@@ -68,8 +68,9 @@ def add_to_rollups(session: Session, records: Iterable[dict]) -> None:
     if conn.dialect.name == "postgresql":
         # unnest keeps the arrays' order, so rows are upserted (and locked) in key order.
         # Each array of one Python type (a sum still 0 is an int), as its cast expects.
-        conn.execute(_UPSERT_ARRAYS, {c: [convert(row[c]) for row in rows]
-                                      for c, convert in _PG_ARRAYS.items()})
+        conn.execute(_UPSERT_ARRAYS, {
+            c: [float(row[c]) for row in rows] if t == "float8" else [row[c] for row in rows]
+            for c, t in _PG_TYPES.items()})
         return
     table = UsageDaily.__table__
     stmt = sqlite.insert(table)
@@ -78,22 +79,15 @@ def add_to_rollups(session: Session, records: Iterable[dict]) -> None:
         set_={name: table.c[name] + stmt.excluded[name] for name in SUMMED}), rows)
 
 
-def _same(value):
-    return value
-
-
-#: Each column's PostgreSQL type, for its array's cast, and the Python type of its values.
-_PG_TYPES = {"day": ("date", _same), "consumer_lab_id": ("integer", int),
-             "provider_lab_id": ("integer", int), "provider_id": ("varchar", str),
-             "user_id": ("integer", int), "gpu_class": ("varchar", str),
-             "self_use": ("boolean", bool), "charge": ("bigint", int),
-             "earned": ("bigint", int), "cpu_seconds": ("float8", float),
-             "gpu_seconds": ("float8", float), "seconds": ("float8", float),
-             "cloud_cost": ("float8", float)}
-_PG_ARRAYS = {c: convert for c, (_type, convert) in _PG_TYPES.items()}
+#: Each column's PostgreSQL type, for its array's cast.
+_PG_TYPES = {"day": "date", "consumer_lab_id": "integer", "provider_lab_id": "integer",
+             "provider_id": "varchar", "user_id": "integer", "gpu_class": "varchar",
+             "self_use": "boolean", "charge": "bigint", "earned": "bigint",
+             "cpu_seconds": "float8", "gpu_seconds": "float8", "seconds": "float8",
+             "cloud_cost": "float8"}
 #: One statement whatever the number of rows, so the driver prepares it once.
 _UPSERT_ARRAYS = text(
     f"INSERT INTO usagedaily ({', '.join(_PG_TYPES)}) SELECT * FROM unnest("
-    + ", ".join(f"CAST(:{c} AS {t}[])" for c, (t, _convert) in _PG_TYPES.items())
+    + ", ".join(f"CAST(:{c} AS {t}[])" for c, t in _PG_TYPES.items())
     + f") ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET "
     + ", ".join(f"{c} = usagedaily.{c} + excluded.{c}" for c in SUMMED))
