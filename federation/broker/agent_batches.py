@@ -43,7 +43,7 @@ from ..lease_states import EndReason, IllegalTransition, move
 from . import environments
 from .errors import BrokerError, Conflict, NotFound
 from .lease_ends import end_by_provider
-from .models import HELD_STATES, Lease, LeaseState, LeaseStateReport, Provider
+from .models import HELD_STATES, NOT_ENDED, Lease, LeaseState, LeaseStateReport, Provider
 from .settings import BrokerSettings
 from .timeouts import end_overdue, overdue
 from .views import agent_leases_of
@@ -130,7 +130,7 @@ _PROVIDERS_AND_HELD = (
            Lease.releasing_at, Lease.assigned_at)
     .outerjoin(Lease, and_(Lease.provider_id == Provider.id,
                            col(Lease.provider_id).in_(bindparam("ids", expanding=True)),
-                           col(Lease.state).in_(HELD_STATES)))
+                           NOT_ENDED, col(Lease.state).in_(HELD_STATES)))
     .where(col(Provider.id).in_(bindparam("ids", expanding=True))))
 #: A heartbeat's update of its provider's row, by primary key (an executemany over the batch).
 _SEEN = (update(Provider).where(Provider.id == bindparam("pid"))

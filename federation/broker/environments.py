@@ -25,6 +25,7 @@ from ..environment import EnvironmentSpec, Package, environment_hash, fixed_mism
 from .errors import Conflict, Invalid, NotFound
 from .models import (
     HELD_STATES,
+    NOT_ENDED,
     ClusterRecord,
     Environment,
     EnvironmentCreate,
@@ -211,5 +212,6 @@ def record_failure(s: Session, lease: Lease, provider_id: str, message: str) -> 
 def provider_may_read(s: Session, provider_id: str, digest: str) -> bool:
     """True when the provider holds a lease of a cluster that needs ``digest``."""
     return s.exec(select(Lease.id).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
-                  .where(Lease.provider_id == provider_id, col(Lease.state).in_(HELD_STATES),
+                  .where(Lease.provider_id == provider_id, NOT_ENDED,
+                         col(Lease.state).in_(HELD_STATES),
                          ClusterRecord.environment == digest).limit(1)).first() is not None

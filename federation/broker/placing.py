@@ -31,7 +31,7 @@ from accounting.models import Lab, utcnow
 from .. import placement
 from ..lease_states import move
 from . import environments
-from .models import HELD_STATES, ClusterRecord, Lease, LeaseState, Provider
+from .models import HELD_STATES, NOT_ENDED, ClusterRecord, Lease, LeaseState, Provider
 from .preemption import RecentPreemptionRates, preemption_rates
 
 #: Key of the PostgreSQL advisory lock that serialises placement and admission across broker
@@ -176,8 +176,8 @@ def workers_where(s: Session, cluster_ids: set[str]) -> list[tuple[str, str, int
         return []
     return list(s.exec(
         select(Lease.cluster_id, Lease.provider_id, func.count())
-        .where(col(Lease.cluster_id).in_(cluster_ids), col(Lease.state).in_(HELD_STATES),
-               Lease.state != LeaseState.releasing)
+        .where(col(Lease.cluster_id).in_(cluster_ids), NOT_ENDED,
+               col(Lease.state).in_(HELD_STATES), Lease.state != LeaseState.releasing)
         .group_by(Lease.cluster_id, Lease.provider_id)).all())
 
 

@@ -83,6 +83,7 @@ from .metrics import BrokerMetrics
 from .models import (
     HELD_STATES,
     LIVE_STATES,
+    NOT_ENDED,
     ClusterCreate,
     ClusterPublic,
     ClusterRecord,
@@ -614,7 +615,7 @@ class Broker:
             row = s.get(Provider, provider.id)
             row.online = False
             s.add(row)
-            for lease in s.exec(select(Lease).where(Lease.provider_id == row.id,
+            for lease in s.exec(select(Lease).where(Lease.provider_id == row.id, NOT_ENDED,
                                                     col(Lease.state).in_(HELD_STATES))
                                 .order_by(Lease.id).with_for_update()):
                 end_by_provider(s, lease, EndReason.preempted,
@@ -826,7 +827,7 @@ class Broker:
                 cluster.end_reason = reason
                 cluster.closed_at = utcnow()
                 s.add(cluster)
-            live = s.exec(select(Lease).where(Lease.cluster_id == cluster_id,
+            live = s.exec(select(Lease).where(Lease.cluster_id == cluster_id, NOT_ENDED,
                                               col(Lease.state).in_(LIVE_STATES))
                           .order_by(Lease.id).with_for_update()).all()
             touched = release_all(s, live, lease_reason, f"cluster {reason}")

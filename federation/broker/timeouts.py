@@ -13,7 +13,7 @@ from accounting.models import as_utc
 
 from ..lease_states import EndReason, LeaseState
 from .lease_ends import end, end_by_provider
-from .models import HELD_STATES, ClusterRecord, Lease, Provider
+from .models import HELD_STATES, NOT_ENDED, ClusterRecord, Lease, Provider
 from .settings import BrokerSettings
 
 
@@ -90,7 +90,7 @@ def end_silent_providers(s: Session, now: dt.datetime, settings: BrokerSettings)
     # providers, and a metering unit charging the same leases deadlocked with the reaper
     # (PostgreSQL aborted one of them after a second).
     if names:
-        for lease in s.exec(select(Lease).where(col(Lease.provider_id).in_(names),
+        for lease in s.exec(select(Lease).where(col(Lease.provider_id).in_(names), NOT_ENDED,
                                                 col(Lease.state).in_(HELD_STATES))
                             .order_by(Lease.id).with_for_update()):
             end_by_provider(s, lease, EndReason.lost,

@@ -16,6 +16,7 @@ from accounting.models import Lab, User
 from ..gateway import gateway_address
 from .models import (
     HELD_STATES,
+    NOT_ENDED,
     ClusterPublic,
     ClusterRecord,
     Lease,
@@ -51,8 +52,8 @@ _LEASES_OF = (select(*PUBLIC_LEASE_COLUMNS, PROVIDER_LAB.name.label("lab"))
               .outerjoin(PROVIDER_LAB, PROVIDER_LAB.id == Provider.lab_id)
               .where(col(Lease.cluster_id).in_(bindparam("cluster_ids", expanding=True)))
               .order_by(Lease.created_at, Lease.id))
-_LIVE_LEASES_OF = _LEASES_OF.where(or_(Lease.state != LeaseState.ended,
-                                       Lease.ended_at >= bindparam("ended_after")))
+# Not ended, or ended since: the end time's two ranges in the (cluster, end) index.
+_LIVE_LEASES_OF = _LEASES_OF.where(or_(NOT_ENDED, Lease.ended_at >= bindparam("ended_after")))
 
 
 def cluster_heads(s: Session, *where) -> list[Row]:
@@ -156,7 +157,7 @@ _AGENT_LEASES_OF = (
            ClusterRecord.environment)
     .join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
     .where(col(Lease.provider_id).in_(bindparam("provider_ids", expanding=True)),
-           col(Lease.state).in_(HELD_STATES)))
+           NOT_ENDED, col(Lease.state).in_(HELD_STATES)))
 
 
 def agent_leases(s: Session, provider_id: str, gateway: str | None = None) -> list[dict]:

@@ -249,6 +249,8 @@ class Federation:
                 assert le["end_reason"] and le["ended_at"], le
             else:  # status and target apart: no end reason before the end
                 assert le["end_reason"] is None, le
+                # Nor an end time: the reads of live leases go by it (models.NOT_ENDED).
+                assert le["ended_at"] is None, le
             if state == LeaseState.releasing:
                 assert le["release_reason"] and le["releasing_at"], le
             if state in (LeaseState.running, LeaseState.suspended):
