@@ -19,16 +19,15 @@ from accounting.pricing import Resources
 
 from ..lease_states import LeaseState, suspensions
 from .db import session
-from .models import ClusterRecord, Lease, Provider
+from .models import END_NOT_CHARGED, ClusterRecord, Lease, Provider
 from .settings import BrokerSettings
 
 
 def end_not_charged() -> ColumnElement[bool]:
     """Leases that ended after they started and whose last part is not charged yet (the
-    end meterer's next batch, or the periodic pass, charges it)."""
-    return and_(Lease.state == LeaseState.ended, Lease.started_at != None,  # noqa: E711
-                or_(Lease.metered_until == None,  # noqa: E711
-                    Lease.metered_until < Lease.ended_at))
+    end meterer's next batch, or the periodic pass, charges it): ``END_NOT_CHARGED``, the
+    predicate of its partial index."""
+    return END_NOT_CHARGED
 
 
 def due_for_metering() -> ColumnElement[bool]:
