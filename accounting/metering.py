@@ -33,9 +33,12 @@ class UsageRecord(SQLModel, table=True):
     thousands of these a pass, in bulk, and PostgreSQL's row-by-row key checks were over a
     quarter of a pass's server CPU (migration 0013; nothing deletes the rows they name)."""
 
+    # Every index is written with every record (one a running lease and period): none by
+    # lease (this key's serves), none by machine (no read looks records up by it), since
+    # migration 0015.
     __table_args__ = (UniqueConstraint("lease_id", "period_start", name="uq_usage_period"),)
     id: int | None = Field(default=None, primary_key=True)
-    lease_id: str = Field(index=True)
+    lease_id: str
     period_start: dt.datetime
     period_end: dt.datetime = Field(index=True)
     seconds: float
@@ -52,7 +55,7 @@ class UsageRecord(SQLModel, table=True):
                               "cost, in the reference table's currency.")
     consumer_lab_id: int = Field(index=True)
     provider_lab_id: int = Field(index=True)
-    provider_id: str = Field(index=True)
+    provider_id: str
     user_id: int = Field(index=True)
     self_use: bool = False
     reliability: float = 1.0
