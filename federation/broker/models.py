@@ -106,6 +106,15 @@ class ClusterRecord(SQLModel, table=True):
                                     "environment its workers need; None: the agents' own.")
 
 
+#: The clusters still open, a few hundred among every notebook's cluster the federation ever
+#: had: the reaper looks for silent ones every second, and by ``active`` alone that was a
+#: scan of the cluster table, certificates and all (0.19 s beside 200,000 closed clusters).
+#: Keyed by id, not by ``last_seen``, so a cluster heartbeat's update stays in place (HOT).
+ACTIVE_CLUSTER = ClusterRecord.active == True  # noqa: E712
+Index("ix_cluster_active", ClusterRecord.id,
+      postgresql_where=ACTIVE_CLUSTER, sqlite_where=ACTIVE_CLUSTER)
+
+
 class Environment(SQLModel, table=True):
     """A software environment a cluster described (federation.environment)."""
 

@@ -21,15 +21,18 @@ from federation.broker.metering_runs import due_lease_ids
 from federation.broker.metrics import FederationCollector
 from federation.broker.models import utcnow
 from federation.broker.settings import BrokerSettings
+from federation.broker.timeouts import end_silent_providers
 from federation.broker.views import agent_leases_of, cluster_head, cluster_public_json
 
 MACHINES = 1000
 HELD = 10_000
 ENDED = 50_000
+CLOSED = 10_000
 
 #: A federation as issue 14's load leaves it, with some history: a thousand machines, 10,000
 #: running leases (ten a machine) and 50,000 that ended a day or more ago, charged (fifty a
-#: machine), spread over 100 clusters.
+#: machine), spread over 100 open clusters, silent for an hour; 10,000 clusters closed a week
+#: ago.
 FEDERATION = f"""
 INSERT INTO lab (id, name, site, share, credit_limit, created_at) VALUES (1, 'a', '', 1, 0, now());
 INSERT INTO "user" (id, name, lab_id, created_at) VALUES (1, 'u', 1, now());
@@ -42,7 +45,13 @@ INSERT INTO provider (id, lab_id, token_id, name, site, cpus, memory, gpus_json,
          true, '{{}}', '[]' FROM generate_series(1, {MACHINES}) g;
 INSERT INTO cluster (id, user_id, lab_id, name, scheduler_address, ca_cert, active,
                      created_at, last_seen)
-  SELECT 'cl_' || g, 1, 1, 'c', 'x', 'x', true, now(), now() FROM generate_series(1, 100) g;
+  SELECT 'cl_' || g, 1, 1, 'c', 'x', 'x', true, now(), now() - interval '1 hour'
+  FROM generate_series(1, 100) g;
+INSERT INTO cluster (id, user_id, lab_id, name, scheduler_address, ca_cert, active,
+                     created_at, last_seen, closed_at)
+  SELECT 'old_' || g, 1, 1, 'c', 'x', 'x', false, now() - interval '9 days',
+         now() - interval '8 days', now() - interval '8 days'
+  FROM generate_series(1, {CLOSED}) g;
 INSERT INTO lease (id, cluster_id, provider_id, "group", cpus, memory, gpus, gpu_indices_json,
                    state, message, worker_cert, worker_csr, created_at, started_at,
                    ended_at, metered_until, suspensions_json)
@@ -57,12 +66,12 @@ INSERT INTO lease (id, cluster_id, provider_id, "group", cpus, memory, gpus, gpu
 """
 
 
-def lease_rows_read(s) -> int:
-    """Rows of the lease table this backend has read in its transactions since its counts
-    last reached the statistics (PostgreSQL's own count: a read's is a difference)."""
+def rows_read(s, table: str = "lease") -> int:
+    """Rows of ``table`` this backend has read in its transactions since its counts last
+    reached the statistics (PostgreSQL's own count: a read's is a difference)."""
     seq, fetched = s.connection().execute(text(
         "SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables "
-        "WHERE relname = 'lease'")).one()
+        "WHERE relname = :table"), {"table": table}).one()
     return (seq or 0) + (fetched or 0)
 
 
@@ -89,16 +98,16 @@ def test_a_heartbeat_batch_reads_only_its_machines_leases(federation):
     assert 100 <= theirs <= 400  # ~10 a machine
 
     with db.session(engine) as s:
-        before = lease_rows_read(s)
+        before = rows_read(s)
         recorded = record_heartbeats(s, [Heartbeat(pid, held[pid]) for pid in machines],
                                      utcnow(), BrokerSettings())
-        heartbeat_reads = lease_rows_read(s) - before
+        heartbeat_reads = rows_read(s) - before
         s.rollback()
     assert recorded.late == []  # every held lease was seen, as listed
     with db.session(engine) as s:
-        before = lease_rows_read(s)
+        before = rows_read(s)
         lists = agent_leases_of(s, machines)
-        list_reads = lease_rows_read(s) - before
+        list_reads = rows_read(s) - before
     assert {pid: sorted(le["id"] for le in leases) for pid, leases in lists.items()} == {
         pid: sorted(leases) for pid, leases in held.items()}
     # Each read touches its batch's leases, not the federation's 10,000 held leases, nor the
@@ -111,9 +120,9 @@ def test_a_cluster_heartbeats_view_reads_only_the_leases_it_shows(federation):
     engine = federation
     with db.session(engine) as s:
         head = cluster_head(s, "cl_7")
-        before = lease_rows_read(s)
+        before = rows_read(s)
         view, _starting = cluster_public_json(s, head, utcnow() - dt.timedelta(minutes=10))
-        reads = lease_rows_read(s) - before
+        reads = rows_read(s) - before
     shown = [lease["id"] for lease in orjson.loads(view)["leases"]]
     assert len(shown) == HELD // 100  # its held leases; the ones ended a day ago left out
     # Not the 500 it once had beside them (six times as many rows, by the cluster index).
@@ -125,13 +134,13 @@ def test_a_metering_pass_and_the_record_feed_skip_the_charged_history(federation
     with db.session(engine) as s:
         # Counted by this backend alone: a parallel scan's workers count apart.
         s.connection().exec_driver_sql("SET max_parallel_workers_per_gather = 0")
-        before = lease_rows_read(s)
+        before = rows_read(s)
         due = due_lease_ids(s)
-        due_reads = lease_rows_read(s) - before
-        before = lease_rows_read(s)
+        due_reads = rows_read(s) - before
+        before = rows_read(s)
         records, cursor = job_records(s, lab_id=None, user_id=None, since=None, until=None,
                                       after=None, limit=100)
-        record_reads = lease_rows_read(s) - before
+        record_reads = rows_read(s) - before
     assert len(due) == HELD  # the running leases; every ended one is charged
     assert [r["record_id"] for r in records] == [f"ls_{g}" for g in range(ENDED, ENDED - 100, -1)]
     assert cursor
@@ -143,13 +152,24 @@ def test_a_metering_pass_and_the_record_feed_skip_the_charged_history(federation
 def test_a_metrics_scrape_reads_the_leases_not_ended_only(federation):
     with db.session(federation) as s:
         s.connection().exec_driver_sql("SET max_parallel_workers_per_gather = 0")
-        before = lease_rows_read(s)
+        before = rows_read(s)
         gauges = {family.name: family for family in
                   FederationCollector(lambda: contextlib.nullcontext(s)).collect()}
-        reads = lease_rows_read(s) - before
+        reads = rows_read(s) - before
     assert [(sample.labels, sample.value) for sample in gauges["parallex_leases"].samples] == [
         ({"state": "running", "lab": "a"}, HELD)]
     # The gauges of leases and of PCU/h read the running ones (twice), not the 50,000 ended
     # beside them (a scan of the lease table at every scrape, each replica every 15 s).
     assert reads <= 2.5 * HELD, reads
+
+
+def test_the_reapers_look_for_silent_clusters_reads_the_open_ones_only(federation):
+    with db.session(federation) as s:
+        before = rows_read(s, "cluster")
+        silent = end_silent_providers(s, utcnow(), BrokerSettings())
+        reads = rows_read(s, "cluster") - before
+        s.rollback()
+    assert sorted(silent.clusters) == sorted(f"cl_{g}" for g in range(1, 101))
+    # Every second on the leader: the 100 open clusters, not the 10,000 closed ones.
+    assert reads <= 150, reads
 
