@@ -158,9 +158,9 @@ class BrokerLeader(SQLModel, table=True):
 class Lease(SQLModel, table=True):
     # A cluster's and a machine's leases are found with their end time, so a read of the
     # ones not ended (``NOT_ENDED``) or ended lately skips the rest of their history: by
-    # cluster or machine alone, each cluster heartbeat, agent heartbeat batch and lease list
-    # read every lease its cluster or machine ever had, a year of them on a busy machine
-    # (migration 0014).
+    # cluster or machine alone, each cluster heartbeat and agent heartbeat batch read every
+    # lease its cluster or machine ever had, a year of them on a busy machine (migration
+    # 0014).
     __table_args__ = (Index("ix_lease_cluster_id_ended_at", "cluster_id", "ended_at"),
                       Index("ix_lease_provider_id_ended_at", "provider_id", "ended_at"))
 

@@ -3,8 +3,9 @@
 - A cluster's and a machine's leases indexed with their end time. The reads that run every
   few seconds (a cluster heartbeat's view, an agent heartbeat batch, an agent's lease list)
   want a cluster's or a machine's leases not ended, or ended lately. Indexed by cluster or
-  machine alone, each read fetched every lease the cluster or machine ever had and dropped
-  the ended ones: on a machine serving for a year, tens of thousands a heartbeat.
+  machine alone, a cluster heartbeat or an agent heartbeat batch fetched every lease the
+  cluster or machine ever had and dropped the ended ones (on a machine serving for a year,
+  tens of thousands a heartbeat); a lease list, by its plan, that or every held lease.
 - The ended leases whose end is not charged yet (a partial index, a handful of rows): each
   metering pass and each page of the job-record feed looked for them among every lease that
   ever ended (a scan of the lease table: 0.22 s a pass beside a million ended leases).
