@@ -22,8 +22,7 @@ from sqlalchemy import event, func
 from sqlmodel import select
 
 from benchmarks.common import table, write
-from federation.broker.metering_runs import end_not_charged
-from federation.broker.models import Lease
+from federation.broker.models import END_NOT_CHARGED, Lease
 from tests.utils.in_process import in_process_broker
 from tests.utils.postgres import fresh_database, postgres_server
 from tests.utils.procs import wait_until
@@ -74,7 +73,7 @@ def burst(db_url: str, spacing: float, leases: int, groups: int) -> dict:
         def all_charged() -> bool:
             with broker.session() as s:
                 return not s.exec(select(func.count()).select_from(Lease)
-                                  .where(end_not_charged())).one()
+                                  .where(END_NOT_CHARGED)).one()
 
         wait_until(all_charged, 60, "every end charged")
         charged_after = time.monotonic() - started

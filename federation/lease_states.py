@@ -49,6 +49,9 @@ LIVE_STATES = (LeaseState.pending, LeaseState.starting, LeaseState.running,
 #: States in which a lease occupies its provider's capacity.
 HELD_STATES = (LeaseState.starting, LeaseState.running, LeaseState.suspended,
                LeaseState.releasing)
+#: Every state but ended, named: a query's ``state <> 'ended'`` can only scan the lease
+#: table, history and all; the state index answers a list.
+NOT_ENDED_STATES = tuple(state for state in LeaseState if state != LeaseState.ended)
 
 #: Every legal move; anything else is a bug the broker refuses to write.
 TRANSITIONS: dict[LeaseState, frozenset[LeaseState]] = {

@@ -23,8 +23,7 @@ from accounting.models import Lab, User, as_utc, names_by_id
 from accounting.units import to_pcu
 
 from .errors import Invalid
-from .metering_runs import end_not_charged
-from .models import ClusterRecord, Lease, LeaseState, Provider
+from .models import END_NOT_CHARGED, ClusterRecord, Lease, LeaseState, Provider
 
 #: The fields of a record, in CSV column order.
 FIELDS = ("record_id", "cluster_id", "user", "lab", "provider", "provider_lab", "site",
@@ -75,7 +74,7 @@ def job_records(s: Session, *, lab_id: int | None, user_id: int | None,
     # without its charge for good.
     first_uncharged = s.exec(
         select(func.min(Lease.ended_at)).join(ClusterRecord, ClusterRecord.id == Lease.cluster_id)
-        .where(end_not_charged(), *whose)).one()
+        .where(END_NOT_CHARGED, *whose)).one()
     if first_uncharged is not None:
         q = q.where(Lease.ended_at < first_uncharged)
     if since is not None:

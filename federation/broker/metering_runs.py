@@ -23,20 +23,13 @@ from .models import END_NOT_CHARGED, ClusterRecord, Lease, Provider
 from .settings import BrokerSettings
 
 
-def end_not_charged() -> ColumnElement[bool]:
-    """Leases that ended after they started and whose last part is not charged yet (the
-    end meterer's next batch, or the periodic pass, charges it): ``END_NOT_CHARGED``, the
-    predicate of its partial index."""
-    return END_NOT_CHARGED
-
-
 def due_for_metering() -> ColumnElement[bool]:
     """Leases a metering pass charges: running (or suspended, or releasing) ones that
     started, and ended ones whose remainder is not charged."""
     return or_(and_(Lease.started_at != None,  # noqa: E711
                     col(Lease.state).in_([LeaseState.running, LeaseState.suspended,
                                           LeaseState.releasing])),
-               end_not_charged())
+               END_NOT_CHARGED)
 
 
 def meter_leases(s: Session, settings: BrokerSettings, now: dt.datetime,

@@ -23,6 +23,7 @@ from sqlmodel import Session, col, select
 from accounting.models import Lab, as_utc, utcnow
 from accounting.pricing import Resources, pcu_per_hour, price_at
 
+from ..lease_states import NOT_ENDED_STATES
 from . import API_PREFIX
 from .models import ClusterRecord, Lease, LeaseState, Provider
 
@@ -32,9 +33,6 @@ PASS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 #: Seconds buckets for HTTP requests (long polls are excluded: they wait on purpose).
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
-#: Every state but ended, named: "not ended" as ``state <>`` read the whole lease table,
-#: history and all, at every scrape; the state index answers a list.
-NOT_ENDED_STATES = tuple(state for state in LeaseState if state != LeaseState.ended)
 
 
 class FederationCollector:

@@ -25,7 +25,7 @@ from tests.utils.procs import (
     worker_uid_args,
 )
 
-#: Leases not ended yet, or ended with a part not charged (metering_runs.end_not_charged).
+#: Leases not ended yet, or ended with a part not charged (models.END_NOT_CHARGED).
 UNSETTLED = ("SELECT COUNT(*) FROM lease WHERE state != 'ended' OR (started_at IS NOT NULL "
              "AND (metered_until IS NULL OR metered_until < ended_at))")
 
