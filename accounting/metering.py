@@ -12,7 +12,7 @@ import bisect
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, UniqueConstraint, func, insert
+from sqlalchemy import BigInteger, Index, UniqueConstraint, func, insert
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from .bulk import insert_rows
@@ -35,8 +35,10 @@ class UsageRecord(SQLModel, table=True):
 
     # Every index is written with every record (one a running lease and period): none by
     # lease (this key's serves), none by machine (no read looks records up by it), since
-    # migration 0015.
-    __table_args__ = (UniqueConstraint("lease_id", "period_start", name="uq_usage_period"),)
+    # migration 0015; by user with the period's end (a member's last use, a day of their
+    # records at most, ``usage_totals.last_used``), since migration 0017.
+    __table_args__ = (UniqueConstraint("lease_id", "period_start", name="uq_usage_period"),
+                      Index("ix_usagerecord_user_id_period_end", "user_id", "period_end"))
     id: int | None = Field(default=None, primary_key=True)
     lease_id: str
     period_start: dt.datetime
@@ -56,7 +58,7 @@ class UsageRecord(SQLModel, table=True):
     consumer_lab_id: int = Field(index=True)
     provider_lab_id: int = Field(index=True)
     provider_id: str
-    user_id: int = Field(index=True)
+    user_id: int
     self_use: bool = False
     reliability: float = 1.0
     price_version_id: int

@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import StringConstraints, field_validator
-from sqlalchemy import case, func
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from accounting.identifiers import LabName
@@ -36,6 +35,7 @@ from accounting.pricing import (
 from accounting.reliability import factor, standings
 from accounting.statement import Parties, explain_usage
 from accounting.units import to_nano, to_pcu
+from accounting.usage_totals import usage_totals
 
 from .access import readable_lab, scope_of, usage_scope
 from .auth import Principal, require_admin, require_user
@@ -176,38 +176,26 @@ def usage(request: Request,
     equivalent. Members see their own usage, PIs their lab's, administrators everyone's."""
     with request.app.state.session() as s:
         scope = usage_scope(s, scope_of(principal), lab, provided=side == "provided")
-        key = {"lab": UsageRecord.consumer_lab_id, "user": UsageRecord.user_id,
-               "provider": UsageRecord.provider_id,
-               "provider_lab": UsageRecord.provider_lab_id}[by]
-        charged = case((UsageRecord.self_use == False, UsageRecord.charge),  # noqa: E712
-                       else_=0)
-        own = case((UsageRecord.self_use == True, UsageRecord.charge), else_=0)  # noqa: E712
-        q = select(key, func.sum(charged), func.sum(own), func.sum(UsageRecord.earned),
-                   func.sum(UsageRecord.cpus * UsageRecord.seconds),
-                   func.sum(UsageRecord.gpus * UsageRecord.seconds),
-                   func.sum(UsageRecord.seconds), func.sum(UsageRecord.cloud_cost)).group_by(key)
+        key = {"lab": "consumer_lab_id", "user": "user_id", "provider": "provider_id",
+               "provider_lab": "provider_lab_id"}[by]
+        where: dict[str, int] = {}
         if scope.lab_id is not None:
-            q = q.where((UsageRecord.provider_lab_id if side == "provided"
-                         else UsageRecord.consumer_lab_id) == scope.lab_id)
+            where["provider_lab_id" if side == "provided" else "consumer_lab_id"] = scope.lab_id
         if scope.user_id is not None:
-            q = q.where(UsageRecord.user_id == scope.user_id)
-        if since is not None:
-            q = q.where(UsageRecord.period_end >= as_utc(since))
-        if until is not None:
-            q = q.where(UsageRecord.period_end < as_utc(until))
-        found = s.exec(q).all()
-        keys = [row[0] for row in found]
+            where["user_id"] = scope.user_id
+        found = usage_totals(s, by=key, since=since, until=until, **where)
+        keys = list(found)
         model = {"lab": Lab, "provider_lab": Lab, "user": User, "provider": Provider}[by]
         names = {by: names_by_id(s, model, keys)}
         # pcu: what was charged; self_use_pcu: what a lab's use of its own machines would have
         # cost (free, recorded so a PI sees it); earned_pcu: what the providers' labs earned.
-        rows = [{by: names[by].get(k, str(k)), "pcu": _pcu(int(charge or 0)),
-                 "self_use_pcu": _pcu(int(self_use or 0)), "earned_pcu": _pcu(int(earned or 0)),
-                 "core_hours": round((cpu_s or 0) / 3600, 6),
-                 "gpu_hours": round((gpu_s or 0) / 3600, 6),
-                 "lease_hours": round((secs or 0) / 3600, 6),
-                 "cloud_cost": float(cloud or 0), "_key": k}
-                for k, charge, self_use, earned, cpu_s, gpu_s, secs, cloud in found]
+        rows = [{by: names[by].get(k, str(k)), "pcu": _pcu(t.charged),
+                 "self_use_pcu": _pcu(t.self_use), "earned_pcu": _pcu(t.earned),
+                 "core_hours": round(t.cpu_seconds / 3600, 6),
+                 "gpu_hours": round(t.gpu_seconds / 3600, 6),
+                 "lease_hours": round(t.seconds / 3600, 6),
+                 "cloud_cost": t.cloud_cost, "_key": k}
+                for k, t in found.items()]
         if by == "provider":
             standing = standings(s, [r["_key"] for r in rows])
             for r in rows:

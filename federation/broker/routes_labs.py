@@ -8,13 +8,13 @@ from __future__ import annotations
 import datetime as dt
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import case, func
+from sqlalchemy import func
 from sqlmodel import col, select
 
-from accounting.metering import UsageRecord
-from accounting.models import Membership, User, as_utc
+from accounting.models import Membership, User
 from accounting.reliability import factor, standings
 from accounting.units import to_pcu
+from accounting.usage_totals import UsageTotal, last_used, usage_totals
 
 from .access import managed_lab, scope_of
 from .auth import Principal, require_user
@@ -41,26 +41,18 @@ def lab_members(lab: LabPath, request: Request,
                 .where(ClusterRecord.lab_id == row.id, col(Lease.state).in_(HELD_STATES))
                 .group_by(ClusterRecord.user_id)):
             held[user_id] = (float(cpus or 0), int(gpus or 0))
-        charged = case((UsageRecord.self_use == False, UsageRecord.charge),  # noqa: E712
-                       else_=0)
-        q = (select(UsageRecord.user_id, func.sum(charged), func.sum(UsageRecord.charge),
-                    func.sum(UsageRecord.cpus * UsageRecord.seconds),
-                    func.sum(UsageRecord.gpus * UsageRecord.seconds),
-                    func.max(UsageRecord.period_end))
-             .where(UsageRecord.consumer_lab_id == row.id).group_by(UsageRecord.user_id))
-        if since is not None:
-            q = q.where(UsageRecord.period_end >= as_utc(since))
-        used = {u: rest for u, *rest in s.exec(q).all()}
+        used = usage_totals(s, by="user_id", since=since, consumer_lab_id=row.id)
+        last = last_used(s, row.id, since)
         out = []
         for m, u in sorted(members, key=lambda mu: mu[1].name):
-            pcu, total, cpu_s, gpu_s, last = used.get(u.id, (0, 0, 0, 0, None))
+            t = used.get(u.id, UsageTotal())
             out.append({"user": u.name, "role": m.role.value, "max_cpus": m.max_cpus,
                         "max_gpus": m.max_gpus, "held_cpus": held[u.id][0],
-                        "held_gpus": held[u.id][1], "pcu": str(to_pcu(int(pcu or 0))),
-                        "pcu_including_self_use": str(to_pcu(int(total or 0))),
-                        "core_hours": round((cpu_s or 0) / 3600, 6),
-                        "gpu_hours": round((gpu_s or 0) / 3600, 6),
-                        "last_used": as_utc(last) if last else None})
+                        "held_gpus": held[u.id][1], "pcu": str(to_pcu(t.charged)),
+                        "pcu_including_self_use": str(to_pcu(t.charged + t.self_use)),
+                        "core_hours": round(t.cpu_seconds / 3600, 6),
+                        "gpu_hours": round(t.gpu_seconds / 3600, 6),
+                        "last_used": last.get(u.id)})
         return {"lab": row.name, "since": since, "members": out}
 
 
@@ -74,9 +66,7 @@ def lab_machines(lab: LabPath, request: Request,
                            .order_by(Provider.name)).all()
         standing = standings(s, [p.id for p in providers])
         rates = preemption_rates(s, [p.id for p in providers])
-        earned = dict(s.exec(select(UsageRecord.provider_id, func.sum(UsageRecord.earned))
-                             .where(UsageRecord.provider_lab_id == row.id)
-                             .group_by(UsageRecord.provider_id)).all())
+        earned = usage_totals(s, by="provider_id", provider_lab_id=row.id)
         return {"lab": row.name,
                 "provider_limits": {"cpus": row.provider_max_cpus,
                                     "memory": row.provider_max_memory,
@@ -91,4 +81,4 @@ def lab_machines(lab: LabPath, request: Request,
              "site": p.site, "accepts_peers": p.accepts_peers,
              "preemption_rate": round(rates.get(p.id, 0.0), 4),
              "environment": p.environment, "environments_ready": len(p.environments),
-             "earned_pcu": str(to_pcu(int(earned.get(p.id) or 0)))} for p in providers]}
+             "earned_pcu": str(to_pcu(earned.get(p.id, UsageTotal()).earned))} for p in providers]}
