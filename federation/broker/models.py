@@ -184,7 +184,9 @@ class Lease(SQLModel, table=True):
     worker_csr: str = Field(default="", description="The agent's signing request (PEM) for "
                             "the worker's key, which never leaves the provider machine.")
     worker_cert: str = Field(default="", description="The cluster's certificate over it.")
-    created_at: dt.datetime = Field(default_factory=utcnow)
+    # Indexed for the dashboard's wait times, which read the leases asked for in a period
+    # (migration 0018); a lease's creation time never changes, so updates stay in place.
+    created_at: dt.datetime = Field(default_factory=utcnow, index=True)
     assigned_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None

@@ -15,6 +15,8 @@ from accounting.units import to_nano
 from dashboard import reports
 from federation.broker import db
 from federation.broker.access import Scope, scope_of_user
+from federation.broker.capacity import CapacitySample
+from federation.broker.models import ClusterRecord, Lease, LeaseState
 
 DAY1 = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
 
@@ -175,3 +177,89 @@ def test_the_fair_share_order_is_the_brokers(books):
     assert list(df["lab"]) == expected
     assert list(df["served"]) == [1, 2]
     assert usage[who["physics"].id] != usage[who["chemistry"].id]
+
+
+@pytest.fixture
+def pool(db_url):
+    """physics (pia PI) and chemistry (carl) on SQLite or PostgreSQL, with no usage yet."""
+    engine = db.make_engine(db_url)
+    with db.session(engine) as s:
+        physics = create_lab(s, name="physics")
+        chemistry = create_lab(s, name="chemistry")
+        pia = create_user(s, name="pia", lab=physics, role=Role.pi)
+        carl = create_user(s, name="carl", lab=chemistry)
+        s.commit()
+        yield s, {"pia": pia, "carl": carl, "physics": physics, "chemistry": chemistry}
+    engine.dispose()
+
+
+def test_capacity_is_each_steps_mean_in_at_most_so_many_points(pool):
+    """Two days of a sample a minute (2,880 a lab) are drawn as 720 steps of 4 minutes, each
+    the mean of its samples; a lab that sampled only on the first day has only those steps."""
+    s, who = pool
+    rows = []
+    for minute in range(2 * 1440):
+        at = DAY1 + dt.timedelta(minutes=minute, seconds=7)
+        rows.append(CapacitySample(at=at, lab_id=who["physics"].id, providers_online=2,
+                                   cpus_online=16, cpus_leased=minute % 10,
+                                   gpus_online=2, gpus_leased=minute % 3))
+        if minute < 1440:
+            rows.append(CapacitySample(at=at, lab_id=who["chemistry"].id, providers_online=1,
+                                       cpus_online=8 + minute % 2, cpus_leased=0))
+    s.add_all(rows)
+    s.commit()
+    period = reports.Filters(DAY1.date(), DAY1.date() + dt.timedelta(days=2))
+    df = reports.capacity(s, Scope("root", "admin"), period)
+    assert len(df) == reports.CAPACITY_POINTS + reports.CAPACITY_POINTS // 2
+    physics = df[df.lab == "physics"].reset_index(drop=True)
+    assert len(physics) == reports.CAPACITY_POINTS
+    step = dt.timedelta(minutes=4)
+    assert list(physics["at"].iloc[:2]) == [DAY1, DAY1 + step]
+    for k in (0, 1, 357, 719):
+        minutes = range(4 * k, 4 * k + 4)
+        assert physics.loc[k, "cpus_leased"] == pytest.approx(sum(m % 10 for m in minutes) / 4)
+        assert physics.loc[k, "gpus_leased"] == pytest.approx(sum(m % 3 for m in minutes) / 4)
+        assert physics.loc[k, "cpus_idle"] == pytest.approx(16 - physics.loc[k, "cpus_leased"])
+    chemistry = df[df.lab == "chemistry"]
+    assert chemistry["at"].max() == DAY1 + dt.timedelta(days=1) - step
+    assert set(chemistry["cpus_online"]) == {8.5}
+    # A PI sees their lab's capacity only; one day is drawn in steps of 2 minutes.
+    one_day = reports.Filters(DAY1.date(), DAY1.date() + dt.timedelta(days=1))
+    pi = reports.capacity(s, scope_of_user(s, "pia"), one_day)
+    assert set(pi["lab"]) == {"physics"} and len(pi) == 720
+    assert pi["cpus_leased"].iloc[0] == pytest.approx(0.5)
+
+
+def test_wait_times_per_lab_in_the_period_and_scope(pool):
+    s, who = pool
+    asked = DAY1 + dt.timedelta(hours=3)
+    waits = {"physics": [1.5, 2.0, 4.0, 30.25], "chemistry": [0.5, 7.0]}
+    for lab, user in (("physics", "pia"), ("chemistry", "carl")):
+        s.add(ClusterRecord(id=f"cl-{lab}", user_id=who[user].id, lab_id=who[lab].id,
+                            scheduler_address="tls://127.0.0.1:1", ca_cert="x"))
+        s.flush()
+        for i, wait in enumerate(waits[lab]):
+            s.add(Lease(id=f"ls-{lab}-{i}", cluster_id=f"cl-{lab}", cpus=1, memory=GiB,
+                        state=LeaseState.running, created_at=asked,
+                        started_at=asked + dt.timedelta(seconds=wait)))
+        # Not counted: a lease still waiting, and one asked for before the period.
+        s.add(Lease(id=f"ls-{lab}-pending", cluster_id=f"cl-{lab}", cpus=1, memory=GiB,
+                    created_at=asked))
+        s.add(Lease(id=f"ls-{lab}-old", cluster_id=f"cl-{lab}", cpus=1, memory=GiB,
+                    state=LeaseState.running, created_at=DAY1 - dt.timedelta(hours=1),
+                    started_at=DAY1 + dt.timedelta(hours=1)))
+    s.commit()
+    period = reports.Filters(DAY1.date(), DAY1.date() + dt.timedelta(days=1))
+    table = reports.wait_times(s, Scope("root", "admin"), period).set_index("lab")
+    assert set(table.index) == {"physics", "chemistry"}
+    assert table.loc["physics", "leases"] == 4
+    # To a millisecond: SQLite subtracts Julian days, good to ~40 microseconds.
+    ms = {"abs": 1e-3}
+    assert table.loc["physics", "mean_wait_s"] == pytest.approx(37.75 / 4, **ms)
+    assert table.loc["physics", "max_wait_s"] == pytest.approx(30.25, **ms)
+    assert table.loc["physics", "p90_wait_s"] == pytest.approx(4.0 + 0.7 * 26.25, **ms)
+    assert table.loc["chemistry", "mean_wait_s"] == pytest.approx(3.75, **ms)
+    assert list(reports.wait_times(s, scope_of_user(s, "pia"), period)["lab"]) == ["physics"]
+    later = reports.Filters(DAY1.date() + dt.timedelta(days=1),
+                            DAY1.date() + dt.timedelta(days=2))
+    assert reports.wait_times(s, Scope("root", "admin"), later).empty
