@@ -227,12 +227,14 @@ def live_leases(session: Session, viewer: Scope) -> pd.DataFrame:
 def my_clusters(session: Session, viewer: Scope, filters: Filters) -> pd.DataFrame:
     """A viewer's own clusters in the period, with how many leases each had."""
     start = dt.datetime.combine(filters.since, dt.time(), dt.UTC)
+    end = dt.datetime.combine(filters.until, dt.time(), dt.UTC)
     q = (select(ClusterRecord.id, ClusterRecord.name, ClusterRecord.active,
                 ClusterRecord.created_at, ClusterRecord.closed_at, func.count(Lease.id))
          .join(Lease, Lease.cluster_id == ClusterRecord.id, isouter=True)
-         .where(ClusterRecord.user_id == viewer.user_id, ClusterRecord.created_at >= start)
+         .where(ClusterRecord.user_id == viewer.user_id, ClusterRecord.created_at >= start,
+                ClusterRecord.created_at < end)
          .group_by(ClusterRecord.id))
-    return pd.DataFrame(list(session.exec(q.order_by(col(ClusterRecord.created_at).desc()))),
+    return pd.DataFrame(_rows(session.exec(q.order_by(col(ClusterRecord.created_at).desc()))),
                         columns=["cluster", "name", "active", "created", "closed", "leases"])
 
 

@@ -263,3 +263,25 @@ def test_wait_times_per_lab_in_the_period_and_scope(pool):
     later = reports.Filters(DAY1.date() + dt.timedelta(days=1),
                             DAY1.date() + dt.timedelta(days=2))
     assert reports.wait_times(s, Scope("root", "admin"), later).empty
+
+
+def test_my_clusters_are_the_viewers_own_made_in_the_period(pool):
+    s, who = pool
+    made = {"before": DAY1 - dt.timedelta(hours=2), "first": DAY1 + dt.timedelta(hours=1),
+            "second": DAY1 + dt.timedelta(hours=5), "after": DAY1 + dt.timedelta(days=1)}
+    for name, at in made.items():
+        s.add(ClusterRecord(id=f"cl-{name}", name=name, user_id=who["pia"].id,
+                            lab_id=who["physics"].id, scheduler_address="tls://127.0.0.1:1",
+                            ca_cert="x", created_at=at))
+    s.add(ClusterRecord(id="cl-carl", name="carl's", user_id=who["carl"].id,
+                        lab_id=who["chemistry"].id, scheduler_address="tls://127.0.0.1:1",
+                        ca_cert="x", created_at=DAY1 + dt.timedelta(hours=3)))
+    s.flush()
+    for i in range(3):
+        s.add(Lease(id=f"ls-second-{i}", cluster_id="cl-second", cpus=1, memory=GiB))
+    s.commit()
+    period = reports.Filters(DAY1.date(), DAY1.date() + dt.timedelta(days=1))
+    mine = reports.my_clusters(s, scope_of_user(s, "pia"), period)
+    assert list(mine["name"]) == ["second", "first"]  # newest first
+    assert list(mine["leases"]) == [3, 0]
+    assert list(reports.my_clusters(s, scope_of_user(s, "carl"), period)["name"]) == ["carl's"]
