@@ -45,8 +45,13 @@ class UsageTotal:
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
-    """``value`` in UTC (the rollups' days are UTC days); naive values are UTC."""
-    return as_utc(value).astimezone(dt.UTC)
+    """``value`` in UTC (the rollups' days are UTC days); naive values are UTC. Times within
+    a day of year 1 or 9999 that UTC cannot hold become its first or last instant."""
+    value = as_utc(value)
+    try:
+        return value.astimezone(dt.UTC)
+    except OverflowError:
+        return (dt.datetime.min if value.year == 1 else dt.datetime.max).replace(tzinfo=dt.UTC)
 
 
 def _midnight(day: dt.date) -> dt.datetime:
@@ -60,6 +65,8 @@ def split_period(since: dt.datetime | None, until: dt.datetime | None
     no whole day; an end None: unbounded) and the ranges of records left at its edges."""
     since = _utc(since) if since is not None else None
     until = _utc(until) if until is not None else None
+    if since is not None and since.date() == dt.date.max and since != _midnight(dt.date.max):
+        return None, [(since, until)]  # inside the last day there is: no whole day after
     first = None if since is None else (
         since.date() if since == _midnight(since.date()) else since.date() + dt.timedelta(1))
     end = None if until is None else until.date()

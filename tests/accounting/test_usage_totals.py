@@ -13,12 +13,14 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import select
 
+from accounting.cloud import CloudPrices
 from accounting.metering import LeaseUsage, UsageRecord, meter
 from accounting.models import as_utc, create_lab, create_user
 from accounting.pricing import Resources
 from accounting.usage_totals import KEYS, last_used, split_period, usage_totals
 from federation.broker import db
 from tests.federation.test_hot_reads import rows_read
+from tests.utils.in_process import ADMIN_TOKEN, in_process_broker
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)
@@ -92,6 +94,10 @@ PERIODS = [
     (dt.datetime(2026, 3, 3, 2, 0, tzinfo=UTC5), dt.datetime(2026, 3, 5, 1, 0, tzinfo=UTC5)),
     (T0 + 3 * DAY, T0 + 3 * DAY),                                # empty
     (T0 + 30 * DAY, None),                                       # after everything
+    # The ends of time, where UTC days run out (a query may name them).
+    (dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.UTC), None),
+    (dt.datetime(1, 1, 1, 0, 30, tzinfo=UTC5), None),
+    (None, dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.timezone(-dt.timedelta(hours=5)))),
 ]
 
 
@@ -110,8 +116,7 @@ def test_usage_totals_equal_the_records_sums_for_any_period(history):
             for by in KEYS:
                 for where in wheres:
                     got = usage_totals(s, by=by, since=since, until=until, **where)
-                    want = oracle(s, by, since and since.astimezone(dt.UTC),
-                                  until and until.astimezone(dt.UTC), where)
+                    want = oracle(s, by, since, until, where)
                     case = (since, until, by, where)
                     assert got.keys() == want.keys(), case
                     for key, total in got.items():
@@ -144,6 +149,13 @@ def test_a_period_splits_into_whole_utc_days_and_its_edges():
     local = dt.datetime(2026, 3, 3, 2, 0, tzinfo=UTC5)
     assert split_period(local, None) == (
         (dt.date(2026, 3, 3), None), [(T0 + DAY + dt.timedelta(hours=21), T0 + 2 * DAY)])
+    # Where UTC runs out: the last day's inside has no whole day after it, and a time before
+    # the first instant of UTC is that instant.
+    last = dt.datetime(9999, 12, 31, 23, 0, tzinfo=dt.UTC)
+    assert split_period(last, None) == (None, [(last, None)])
+    first = dt.datetime.min.replace(tzinfo=dt.UTC)
+    assert split_period(dt.datetime(1, 1, 1, 0, 30, tzinfo=UTC5), None) == (
+        (first.date(), None), [])
 
 
 def test_reports_over_a_month_read_a_day_of_records_at_most(postgres_url):
@@ -190,3 +202,21 @@ def test_reports_over_a_month_read_a_day_of_records_at_most(postgres_url):
         assert summing >= lab_a  # what the reports read before
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("query", [
+    {"since": "9999-12-31T23:00:00Z"}, {"since": "0001-01-01T00:30:00+05:00"},
+    {"until": "9999-12-31T23:59:00-05:00"},
+    {"since": "2026-03-02T10:00:00+02:00", "until": "2026-03-01T00:00:00Z"}])
+def test_reports_answer_any_period_a_query_can_name(tmp_path, query):
+    """The ends of time and a period ending before it starts are answered, not a 500."""
+    with in_process_broker(f"sqlite:///{tmp_path / 'broker.db'}", leases=1,
+                           cloud_prices=CloudPrices()) as b:
+        answer = b.call(ADMIN_TOKEN, "GET", "/usage", params=query)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["rows"] == []
+        if "since" in query:
+            answer = b.call(ADMIN_TOKEN, "GET", "/labs/lab-a/members",
+                            params={"since": query["since"]})
+            assert answer.status_code == 200, answer.text
+            assert [m["last_used"] for m in answer.json()["members"]] == [None]
