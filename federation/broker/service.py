@@ -42,6 +42,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import random
 import secrets
 import threading
@@ -215,9 +216,12 @@ class Broker:
         self.preemption_rates = RecentPreemptionRates()
         self.wakeups = Wakeups(self.boot_id)
         self._exclusive = threading.RLock()
-        self._last_metering = 0.0
+        # Never, not monotonic time 0: that clock counts from the machine's boot, so 0 held
+        # a broker's first pass back until the machine had been up for an interval (an hour
+        # at a 3,600 s interval on a server booted just before).
+        self._last_metering = -math.inf
         self._last_heartbeat: dict[str, float] = {}
-        self._last_capacity = 0.0
+        self._last_capacity = -math.inf
         self._last_sweep = time.monotonic()
         #: Prometheus metrics (GET /api/v1/metrics); passes time themselves into it.
         self.metrics = BrokerMetrics(self.session)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import psycopg
 from sqlalchemy import text
 
-from tests.utils.in_process import in_process_broker
+from tests.utils.in_process import in_process_broker, scraped
 from tests.utils.procs import wait_until
 
 
@@ -83,3 +83,14 @@ def test_a_leader_whose_reaper_hangs_leaves_the_lead_and_takes_it_back_after(pos
         wait_until(lambda: broker.is_leader, 30, "the replica to lead again")
     assert any("leaving the periodic passes and placement to another replica"
                in r.getMessage() for r in caplog.records)
+
+
+def test_the_first_metering_pass_runs_at_start_whatever_the_machines_uptime(tmp_path):
+    """The passes are timed on the monotonic clock, which counts from the machine's boot:
+    with an interval longer than the machine has been up (here about 31,700 years, as an hour
+    is on a server booted half an hour ago), the leader's first metering pass still runs at
+    start, not once the machine has been up for an interval."""
+    with in_process_broker(f"sqlite:///{tmp_path / 'broker.db'}", 1,
+                           metering_interval=1e12, capacity_interval=1e12) as b:
+        wait_until(lambda: scraped(b.client, "parallex_metering_pass_seconds_count") >= 1,
+                   30, "the first periodic metering pass")
