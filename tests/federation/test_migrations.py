@@ -172,3 +172,39 @@ def test_0013_drops_the_accounting_rows_foreign_keys_and_keeps_the_rows(empty_db
     assert keyed() == {"usagerecord": [], "ledgerentry": []}
     assert rows() == before
     assert schema_differences(engine) == []
+
+
+def test_0017_and_0018_keep_an_index_a_site_built_beforehand_and_rebuild_a_failed_one(
+        postgres_url):
+    """A site builds the new indexes with CREATE INDEX CONCURRENTLY while its brokers run (the
+    README's schema note); the upgrade keeps a valid one and builds again one whose concurrent
+    build failed (PostgreSQL leaves it invalid)."""
+    import psycopg
+
+    engine = db.plain_engine(postgres_url)
+    db.migrate(engine, "0016")
+    record = ("INSERT INTO usagerecord (lease_id, period_start, period_end, seconds, cpus, "
+              "memory, gpus, pcu_per_hour, charge, earned, cloud_cost, consumer_lab_id, "
+              "provider_lab_id, provider_id, user_id, self_use, reliability, "
+              "price_version_id) VALUES (%s, '2026-01-01 00:00+00', '2026-01-01 00:01+00', "
+              "60, 1, 1, 0, 1, 1, 1, 0, 1, 1, 'box', 7, false, 1, 1)")
+    with psycopg.connect(postgres_url, autocommit=True) as c:
+        c.execute("CREATE INDEX CONCURRENTLY ix_lease_created_at ON lease (created_at)")
+        # Two records of one user and period end: a unique build fails, leaving it invalid.
+        for lease in ("a", "b"):
+            c.execute(record, (lease,))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            c.execute("CREATE UNIQUE INDEX CONCURRENTLY ix_usagerecord_user_id_period_end "
+                      "ON usagerecord (user_id, period_end)")
+
+        def index(name: str) -> tuple:
+            return c.execute("SELECT i.indexrelid, i.indisvalid, i.indisunique FROM pg_index "
+                             "i WHERE i.indexrelid = to_regclass(%s)", (name,)).fetchone()
+
+        lease_index = index("ix_lease_created_at")
+        assert index("ix_usagerecord_user_id_period_end")[1:] == (False, True)
+        db.migrate(engine)
+        assert index("ix_lease_created_at") == lease_index  # kept, not built again
+        assert index("ix_usagerecord_user_id_period_end")[1:] == (True, False)
+    assert schema_differences(engine) == []
+    engine.dispose()
