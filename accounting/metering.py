@@ -36,7 +36,8 @@ class UsageRecord(SQLModel, table=True):
     # Every index is written with every record (one a running lease and period): none by
     # lease (this key's serves), none by machine (no read looks records up by it), since
     # migration 0015; by user with the period's end (a member's last use, a day of their
-    # records at most, ``usage_totals.last_used``), since migration 0017.
+    # records at most, ``usage_totals.last_used``), since migration 0017; none by lab, since
+    # 0019 (the reports read the rollups, and a partial day's records by ``period_end``).
     __table_args__ = (UniqueConstraint("lease_id", "period_start", name="uq_usage_period"),
                       Index("ix_usagerecord_user_id_period_end", "user_id", "period_end"))
     id: int | None = Field(default=None, primary_key=True)
@@ -55,8 +56,8 @@ class UsageRecord(SQLModel, table=True):
                         description="nano-PCU the provider's lab earned (0 for self-use).")
     cloud_cost: float = Field(default=0.0, description="The same resources' on-demand cloud "
                               "cost, in the reference table's currency.")
-    consumer_lab_id: int = Field(index=True)
-    provider_lab_id: int = Field(index=True)
+    consumer_lab_id: int
+    provider_lab_id: int
     provider_id: str
     user_id: int
     self_use: bool = False
