@@ -80,12 +80,16 @@ def split_period(since: dt.datetime | None, until: dt.datetime | None
     return (first, end), edges
 
 
-def _measures(table, cpu_seconds, gpu_seconds) -> tuple:
-    """The sums of ``UsageTotal``'s fields, in its order, over rollups or records."""
-    return (func.sum(case((table.self_use == False, table.charge), else_=0)),  # noqa: E712
-            func.sum(case((table.self_use == True, table.charge), else_=0)),  # noqa: E712
-            func.sum(table.earned), func.sum(cpu_seconds), func.sum(gpu_seconds),
-            func.sum(table.seconds), func.sum(table.cloud_cost))
+def _summed(table, by: str, where: dict, cpu_seconds, gpu_seconds):
+    """A query of ``UsageTotal``'s sums, in its fields' order, over rollups or records,
+    grouped by column ``by`` of rows whose ``where`` columns have the given values."""
+    key = getattr(table, by)
+    return (select(key, func.sum(case((table.self_use == False, table.charge),  # noqa: E712
+                                      else_=0)),
+                   func.sum(case((table.self_use == True, table.charge), else_=0)),  # noqa: E712
+                   func.sum(table.earned), func.sum(cpu_seconds), func.sum(gpu_seconds),
+                   func.sum(table.seconds), func.sum(table.cloud_cost))
+            .where(*(getattr(table, k) == v for k, v in where.items())).group_by(key))
 
 
 def usage_totals(session: Session, *, by: str, since: dt.datetime | None = None,
@@ -106,11 +110,8 @@ def usage_totals(session: Session, *, by: str, since: dt.datetime | None = None,
                 *(float(v or 0) for v in sums[3:])))
 
     if days is not None:
-        d = UsageDaily
-        q = select(getattr(d, by), *_measures(d, d.cpu_seconds, d.gpu_seconds)
-                   ).group_by(getattr(d, by))
-        q = q.where(*(getattr(d, k) == v for k, v in where.items()))
-        first, end = days
+        d, (first, end) = UsageDaily, days
+        q = _summed(d, by, where, d.cpu_seconds, d.gpu_seconds)
         if first is not None:
             q = q.where(d.day >= first)
         if end is not None:
@@ -118,9 +119,7 @@ def usage_totals(session: Session, *, by: str, since: dt.datetime | None = None,
         fold(session.exec(q).all())
     r = UsageRecord
     for lo, hi in edges:
-        q = select(getattr(r, by), *_measures(r, r.cpus * r.seconds, r.gpus * r.seconds)
-                   ).group_by(getattr(r, by))
-        q = q.where(*(getattr(r, k) == v for k, v in where.items()))
+        q = _summed(r, by, where, r.cpus * r.seconds, r.gpus * r.seconds)
         if lo is not None:
             q = q.where(r.period_end >= lo)
         if hi is not None:

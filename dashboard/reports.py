@@ -37,11 +37,18 @@ class Filters:
     institution_ids: tuple[int, ...] = field(default=())
 
 
+def _table(rows, columns: list[str]) -> pd.DataFrame:
+    """A frame of query result rows: each taken as a plain tuple, since pandas asks each row
+    for ``_fields``, which a SQLAlchemy row answers by a failed key lookup (most of the time
+    of a frame of 100,000 rows)."""
+    return pd.DataFrame([tuple(r) for r in rows], columns=columns)
+
+
 def _labs(session: Session) -> pd.DataFrame:
     rows = session.exec(select(Lab.id, Lab.name, Lab.institution_id, Institution.name)
                         .join(Institution, Institution.id == Lab.institution_id, isouter=True))
-    return pd.DataFrame(list(rows), columns=["lab_id", "lab", "institution_id", "institution"]
-                        ).fillna({"institution": "—"})
+    return _table(rows, ["lab_id", "lab", "institution_id", "institution"]
+                  ).fillna({"institution": "—"})
 
 
 def lab_choices(session: Session, viewer: Scope) -> dict[str, int]:
@@ -80,7 +87,7 @@ _MEASURE_NAMES = ["pcu", "core_hours", "gpu_hours", "cloud_cost", "earned_pcu"]
 
 
 def _frame(rows, keys: list[str]) -> pd.DataFrame:
-    df = pd.DataFrame(list(rows), columns=keys + _MEASURE_NAMES)
+    df = _table(rows, keys + _MEASURE_NAMES)
     if df.empty:
         return df
     df["pcu"] = df["pcu"].astype(float) / NANO
@@ -133,7 +140,7 @@ def credit_flows(session: Session, viewer: Scope, filters: Filters) -> pd.DataFr
          .group_by(UsageDaily.consumer_lab_id, UsageDaily.provider_lab_id))
     rows = list(session.exec(_scoped(q, viewer, filters)))
     labs = _labs(session).set_index("lab_id")["lab"]
-    df = pd.DataFrame(rows, columns=["from_lab", "to_lab", "pcu", "earned_pcu"])
+    df = _table(rows, ["from_lab", "to_lab", "pcu", "earned_pcu"])
     if df.empty:
         return df
     df["from_lab"], df["to_lab"] = df["from_lab"].map(labs), df["to_lab"].map(labs)
@@ -148,7 +155,7 @@ def balances(session: Session, viewer: Scope) -> pd.DataFrame:
          .join(Account, Account.lab_id == Lab.id).join(Balance, Balance.account_id == Account.id))
     if not viewer.is_admin:
         q = q.where(Lab.id == viewer.lab_id)
-    df = pd.DataFrame(list(session.exec(q)), columns=["lab", "balance", "credit_limit"])
+    df = _table(session.exec(q), ["lab", "balance", "credit_limit"])
     df["balance"] = df["balance"].astype(float) / NANO
     df["status"] = [("over the credit limit: new workers refused" if b < -lim else
                      "below zero, within credit" if b < 0 else
@@ -160,12 +167,6 @@ def balances(session: Session, viewer: Scope) -> pd.DataFrame:
 #: Most points a capacity chart draws per lab: 30 days of a sample a minute are 43,200 a lab,
 #: which took 6.4 s to read for 20 labs and more for the browser to draw.
 CAPACITY_POINTS = 720
-
-
-def _rows(rows) -> list[tuple]:
-    """Result rows as plain tuples: pandas asks each row for ``_fields``, which a SQLAlchemy
-    row answers by a failed key lookup, most of the time of a frame of 100,000 rows."""
-    return [tuple(r) for r in rows]
 
 
 def _epoch_seconds(session: Session, column):
@@ -192,9 +193,8 @@ def capacity(session: Session, viewer: Scope, filters: Filters) -> pd.DataFrame:
         q = q.where(CapacitySample.lab_id == viewer.lab_id)
     elif filters.lab_ids:
         q = q.where(col(CapacitySample.lab_id).in_(filters.lab_ids))
-    df = pd.DataFrame(_rows(session.exec(q.order_by(bucket, Lab.name))),
-                      columns=["at", "lab", "cpus_online", "cpus_leased", "gpus_online",
-                               "gpus_leased"])
+    df = _table(session.exec(q.order_by(bucket, Lab.name)),
+                ["at", "lab", "cpus_online", "cpus_leased", "gpus_online", "gpus_leased"])
     df["at"] = pd.to_datetime(df["at"].astype("int64"), unit="s", utc=True)
     for name in ("cpus_online", "cpus_leased", "gpus_online", "gpus_leased"):
         df[name] = df[name].astype(float)
@@ -217,9 +217,8 @@ def live_leases(session: Session, viewer: Scope) -> pd.DataFrame:
         q = q.where(ClusterRecord.user_id == viewer.user_id)
     elif viewer.role == "pi":
         q = q.where(ClusterRecord.lab_id == viewer.lab_id)
-    df = pd.DataFrame(_rows(session.exec(q.order_by(Lease.created_at))),
-                      columns=["lease", "user", "lab", "provider_lab", "cpus", "gpus", "state",
-                               "since"])
+    df = _table(session.exec(q.order_by(Lease.created_at)),
+                ["lease", "user", "lab", "provider_lab", "cpus", "gpus", "state", "since"])
     df["state"] = df["state"].map(lambda s: getattr(s, "value", s))
     return df
 
@@ -234,8 +233,8 @@ def my_clusters(session: Session, viewer: Scope, filters: Filters) -> pd.DataFra
          .where(ClusterRecord.user_id == viewer.user_id, ClusterRecord.created_at >= start,
                 ClusterRecord.created_at < end)
          .group_by(ClusterRecord.id))
-    return pd.DataFrame(_rows(session.exec(q.order_by(col(ClusterRecord.created_at).desc()))),
-                        columns=["cluster", "name", "active", "created", "closed", "leases"])
+    return _table(session.exec(q.order_by(col(ClusterRecord.created_at).desc())),
+                  ["cluster", "name", "active", "created", "closed", "leases"])
 
 
 def _seconds_between(session: Session, start, end):
@@ -263,7 +262,7 @@ def wait_times(session: Session, viewer: Scope, filters: Filters) -> pd.DataFram
         q = q.where(ClusterRecord.user_id == viewer.user_id)
     elif viewer.role == "pi":
         q = q.where(ClusterRecord.lab_id == viewer.lab_id)
-    df = pd.DataFrame(_rows(session.exec(q)), columns=["lab_id", "wait"])
+    df = _table(session.exec(q), ["lab_id", "wait"])
     if df.empty:
         return pd.DataFrame(columns=["lab", "leases", "mean_wait_s", "p90_wait_s", "max_wait_s"])
     waits = df.astype({"wait": float}).groupby("lab_id")["wait"]
@@ -287,9 +286,8 @@ def provider_reliability(session: Session, viewer: Scope) -> pd.DataFrame:
                isouter=True))
     if not viewer.is_admin:
         q = q.where(Provider.lab_id == viewer.lab_id)
-    df = pd.DataFrame(list(session.exec(q)), columns=["id", "machine", "lab", "online",
-                                                      "offered", "cpus", "penalty", "lost",
-                                                      "failed"])
+    df = _table(session.exec(q), ["id", "machine", "lab", "online", "offered", "cpus",
+                                  "penalty", "lost", "failed"])
     df[["penalty", "lost", "failed"]] = df[["penalty", "lost", "failed"]].fillna(0)
     df["reliability"] = df["penalty"].map(factor).round(4)
     rates = preemption_rates(session, list(df["id"]))

@@ -19,8 +19,8 @@ from accounting.models import as_utc, create_lab, create_user
 from accounting.pricing import Resources
 from accounting.usage_totals import KEYS, last_used, split_period, usage_totals
 from federation.broker import db
-from tests.federation.test_hot_reads import rows_read
 from tests.utils.in_process import ADMIN_TOKEN, in_process_broker
+from tests.utils.postgres import rows_read
 
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 DAY = dt.timedelta(days=1)

@@ -23,6 +23,7 @@ from federation.broker.models import utcnow
 from federation.broker.settings import BrokerSettings
 from federation.broker.timeouts import end_silent_providers
 from federation.broker.views import agent_leases_of, cluster_head, cluster_public_json
+from tests.utils.postgres import rows_read
 
 MACHINES = 1000
 HELD = 10_000
@@ -64,15 +65,6 @@ INSERT INTO lease (id, cluster_id, provider_id, "group", cpus, memory, gpus, gpu
        LATERAL (SELECT CASE WHEN g <= {ENDED} THEN now() - interval '1 day' - g * interval '1 s'
                        END AS ended) AS e;
 """
-
-
-def rows_read(s, table: str = "lease") -> int:
-    """Rows of ``table`` this backend has read in its transactions since its counts last
-    reached the statistics (PostgreSQL's own count: a read's is a difference)."""
-    seq, fetched = s.connection().execute(text(
-        "SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables "
-        "WHERE relname = :table"), {"table": table}).one()
-    return (seq or 0) + (fetched or 0)
 
 
 @pytest.fixture

@@ -105,3 +105,14 @@ def fresh_database(server_url: str, name: str) -> str:
     with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return f"{base}/{name}"
+
+
+def rows_read(s, table: str = "lease") -> int:
+    """Rows of ``table`` this backend has read in its transactions since its counts last
+    reached the statistics (PostgreSQL's own count: a read's is a difference)."""
+    from sqlalchemy import text
+
+    seq, fetched = s.connection().execute(text(
+        "SELECT seq_tup_read, idx_tup_fetch FROM pg_stat_xact_user_tables "
+        "WHERE relname = :table"), {"table": table}).one()
+    return (seq or 0) + (fetched or 0)
