@@ -121,7 +121,10 @@ def _periods(args: argparse.Namespace) -> list[tuple[str | None, str | None]]:
     if not args.since:
         raise errors.RequestRejected("--period needs --since (the first period's start)")
     start = dt.date.fromisoformat(args.since[:10])
-    end = dt.date.fromisoformat(args.until[:10]) if args.until else dt.date.today()
+    # Without --until, through the UTC day under way (its part so far): ending at the local
+    # date left out today's use, and a day late or early east or west of UTC.
+    end = (dt.date.fromisoformat(args.until[:10]) if args.until
+           else dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1))
     spans = []
     while start < end:
         nxt = (start + dt.timedelta(days=1) if args.period == "day"
@@ -343,8 +346,9 @@ def add_parsers(sub, admin_sub) -> None:
     u.add_argument("--lab", help="Only this lab (default: yours; admins: all labs). Members "
                                  "see their own usage, PIs their lab's.")
     u.add_argument("--period", choices=["day", "month"],
-                   help="One row per group and day or month from --since to --until (default: "
-                        "one total over the whole span).")
+                   help="One row per group and UTC day or month from --since to --until, or "
+                        "through today without --until (default: one total over the whole "
+                        "span).")
     u.add_argument("--format", choices=["table", "csv", "json"], default="table",
                    help="Output format (default table; --json is json).")
     u.set_defaults(func=cmd_usage)

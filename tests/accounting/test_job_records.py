@@ -84,6 +84,13 @@ def test_job_records_describe_each_ended_lease_to_whom_may_read_it(federation):
     by_day = list(csv.DictReader(io.StringIO(daily.stdout)))
     assert [(r["period_start"], r["lab"]) for r in by_day] == [(today.isoformat(), "lab-a")]
     assert Decimal(by_day[0]["pcu"]) == sum(Decimal(r["pcu"]) for r in records)
+    # Without --until the days run through today (UTC), its use so far included.
+    to_today = subprocess.run(parallex("usage", "--period", "day", "--since",
+                                       (today - dt.timedelta(days=1)).isoformat(),
+                                       "--format", "csv"),
+                              capture_output=True, text=True, env=env, timeout=60)
+    assert to_today.returncode == 0, to_today.stderr
+    assert list(csv.DictReader(io.StringIO(to_today.stdout))) == by_day
 
 
 def test_a_record_waits_for_its_charge_and_holds_back_later_ones(tmp_path):
