@@ -114,16 +114,25 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _day(value: str, flag: str) -> dt.date:
+    """The UTC day a --since or --until of --period names (a date, or a time on it)."""
+    try:
+        return dt.date.fromisoformat(value[:10])
+    except ValueError:
+        raise errors.RequestRejected(
+            f"{flag} must be a date like 2026-11-01 with --period, not {value!r}") from None
+
+
 def _periods(args: argparse.Namespace) -> list[tuple[str | None, str | None]]:
     """[(since, until)] — one span, or one per day/month of --since..--until."""
     if not args.period:
         return [(args.since, args.until)]
     if not args.since:
         raise errors.RequestRejected("--period needs --since (the first period's start)")
-    start = dt.date.fromisoformat(args.since[:10])
+    start = _day(args.since, "--since")
     # Without --until, through the UTC day under way (its part so far): ending at the local
     # date left out today's use, and a day late or early east or west of UTC.
-    end = (dt.date.fromisoformat(args.until[:10]) if args.until
+    end = (_day(args.until, "--until") if args.until
            else dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1))
     spans = []
     while start < end:

@@ -129,3 +129,18 @@ def test_a_broker_told_where_schedulers_dial_a_gateway_but_not_the_gateway_says_
     done = parallex("broker", "--port", "0", "--gateway-internal", "10.0.0.5:8786")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert "error: --gateway-internal names where schedulers dial a gateway" in done.stderr
+
+
+@pytest.mark.parametrize("dates, says", [
+    (("--since", "yesterday"), "--since must be a date like 2026-11-01 with --period, not "
+                               "'yesterday'"),
+    (("--since", "2026-11-01", "--until", "12/01"), "--until must be a date like 2026-11-01 "
+                                                    "with --period, not '12/01'"),
+])
+def test_usage_by_period_refuses_a_date_it_cannot_read(monkeypatch, dates, says):
+    # Before, a ValueError's traceback; refused before any request (nothing listens here).
+    monkeypatch.setenv("PARALLEX_BROKER_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("PARALLEX_TOKEN", "not-used")
+    done = parallex("usage", "--period", "day", *dates)
+    assert done.returncode == 1, done.stderr
+    assert says in done.stderr and "Traceback" not in done.stderr
