@@ -500,7 +500,16 @@ class FederatedCluster(Cluster):
         return self.sync(self._scale, n, self._group_spec(gpus, cpus, memory, gpu_model))
 
     async def _scale(self, n: int, group: dict | None, adaptive: bool = False) -> None:
-        self._state = await self._call("parallex_scale", n=n, group=group, adaptive=adaptive)
+        try:
+            self._state = await self._call("parallex_scale", n=n, group=group,
+                                           adaptive=adaptive)
+        except errors.ParallexError:
+            # The keeper lists a request's leases before the broker answers, so a state
+            # refresh during a refused request saw leases the refusal took back: read it
+            # again, or ``plan`` keeps them until the next refresh.
+            with contextlib.suppress(errors.ParallexError):
+                await self._refresh_state()
+            raise
 
     async def scale_down(self, workers: list[str]) -> None:
         """Release the leases of these workers (names) and lower their groups' targets."""
