@@ -39,7 +39,7 @@ from distributed import Client, LocalCluster
 
 from benchmarks.common import quiet_logging, table, write
 from federation import FederatedCluster, latency
-from hub_config.local import free_port
+from federation.ports import free_port
 from tests.utils.delay_relay import Relay
 from tests.utils.federation import make_federation
 from tests.utils.procs import Proc, wait_until

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import secrets
 import signal
@@ -19,27 +20,67 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import psutil
 
+if TYPE_CHECKING:
+    from hub_config.local import LocalHubPlan
+
 from .client import BrokerClient
 from .errors import RequestRejected
+from .ports import free_port, port_in_use
 from .worker_accounts import WorkerAccountError, WorkerAccounts, parse_uid_range
 
 STOP_TIMEOUT = 20.0
+# Starts of the identity providers and the hub, each on newly picked ports, before giving up
+# on ports other programs keep taking.
+PORT_ATTEMPTS = 3
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+class PortTaken(RuntimeError):
+    """A child could not listen: the port it was given was already in use."""
+
+
+PORT_TAKEN_MARKS = ("address already in use", "eaddrinuse")
 
 
 class Child:
-    """A child process in its own process group, its output appended to a log file."""
+    """A child process in its own process group, its output appended to a log file.
 
-    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str]):
+    With ``reads_stdout`` its stdout is a pipe `read_value` reads the child's readiness from;
+    otherwise stdout goes to the log too (JupyterHub's children, such as the proxy, inherit it,
+    and a pipe nobody reads would block them once full).
+    """
+
+    def __init__(self, name: str, args: list[str], log: Path, env: dict[str, str],
+                 reads_stdout: bool = True):
         self.name = name
         self.log = log
         self._log = open(log, "ab")  # noqa: SIM115 (closed in stop())
-        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
-                                      stdin=subprocess.DEVNULL, env=env, text=True,
-                                      start_new_session=True)
+        # The data folder's logs are appended to across runs; this run's part starts here.
+        self._log_start = self._log.tell()
+        self.popen = subprocess.Popen(args, stdout=subprocess.PIPE if reads_stdout else self._log,
+                                      stderr=self._log, stdin=subprocess.DEVNULL, env=env,
+                                      text=True, start_new_session=True)
+
+    def port_taken(self) -> bool:
+        """Whether this run of the child logged that its port was in use."""
+        with open(self.log, "rb") as log:
+            log.seek(self._log_start)
+            text = log.read().decode(errors="replace").lower()
+        return any(mark in text for mark in PORT_TAKEN_MARKS)
+
+    def check_running(self) -> None:
+        """Raise when the child has exited (PortTaken when its port was in use)."""
+        if self.popen.poll() is not None or self.port_taken():
+            if self.port_taken():
+                raise PortTaken(f"{self.name} could not listen: its port was already in use; "
+                                f"see {self.log}")
+            raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}; "
+                               f"see {self.log}")
 
     def read_value(self, prefix: str, timeout: float = 60.0) -> str:
         """The rest of the first stdout line starting with ``prefix``; the child's readiness."""
@@ -55,20 +96,76 @@ class Child:
         thread.start()
         thread.join(timeout)
         if not result:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(1)  # the reader saw the end of its output: it is exiting
+            self.check_running()
             raise RuntimeError(f"{self.name} did not start within {timeout:g} s; see {self.log}")
         return result[0]
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
+        """End the child, its process group and every process it started.
+
+        The group goes even when the child itself has exited (JupyterHub that failed at start
+        leaves its proxy running in its group), and processes in sessions of their own
+        (JupyterHub's managed services) go after it: JupyterHub stopped while starting
+        leaves them running.
+        """
+        group = self.popen.pid
+        started: list[psutil.Process] = []
+        if self.popen.poll() is None:  # not reaped, so the pid is still the child's
+            with contextlib.suppress(psutil.Error):
+                started = psutil.Process(group).children(recursive=True)
+        _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+        while _signal_group(group, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _signal_group(group, signal.SIGKILL):
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(10)
+        end_processes(started, max(deadline - time.monotonic(), 1.0))
         self._log.close()
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """Send ``sig`` to a process group; whether any process of it was there to get it."""
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def end_processes(procs: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM those of ``procs`` still running, then SIGKILL those left after ``timeout``."""
+    running = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+            running.append(proc)
+    _, left = psutil.wait_procs(running, timeout=timeout)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=10)
+
+
+def _adopt_orphans() -> None:
+    """Make this process the reaper of its descendants' orphans (Linux), so that
+    `_end_orphans` finds what a child that exited left running."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _end_orphans(children: list[Child], timeout: float = STOP_TIMEOUT) -> None:
+    """End this process's children that are none of ``children``: orphans adopted from a
+    child that exited."""
+    ours = {child.popen.pid for child in children}
+    with contextlib.suppress(psutil.Error):
+        end_processes([proc for proc in psutil.Process().children()
+                       if proc.pid not in ours], timeout)
 
 
 def _cli(*args: str) -> list[str]:
@@ -89,10 +186,8 @@ def _wait_http(urls: list[str], children: list[Child], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     pending = list(urls)
     while pending:
-        dead = [c for c in children if c.popen.poll() is not None]
-        if dead:
-            raise RuntimeError(f"{dead[0].name} exited with code {dead[0].popen.returncode}; "
-                               f"see {dead[0].log}")
+        for child in children:
+            child.check_running()
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(pending[0], timeout=2).status_code == 200:
                 pending.pop(0)
@@ -133,11 +228,63 @@ def _worker_account_args(args: argparse.Namespace,
             for i in range(args.providers)]
 
 
+def _start_hub(args: argparse.Namespace, data: Path, env: dict[str, str], admin_token: str,
+               db_url: str, children: list[Child]) -> LocalHubPlan:
+    """Start the demo identity providers and JupyterHub (running the broker); return the plan.
+
+    The ports are picked free, but another program can take one before the child binds it;
+    then everything started is stopped and started again on other ports, up to
+    PORT_ATTEMPTS times. A port given on the command line is never changed.
+    """
+    from hub_config import local
+
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        started = len(children)
+        hub = local.plan(data, labs=args.providers, hub_port=args.hub_port or free_port(),
+                         broker_port=args.port or free_port(), admin_token=admin_token,
+                         broker_db_url=db_url)
+        try:
+            for name, command in hub.provider_commands.items():
+                provider = Child(f"identity provider {name}", command,
+                                 data / f"oidc-{name}.log", env)
+                children.append(provider)
+                provider.read_value("OIDC_READY ")
+            children.append(Child("JupyterHub", hub.hub_command, data / "jupyterhub.log",
+                                  {**env, **hub.hub_env}, reads_stdout=False))
+            _wait_http([f"{hub.hub_url}/hub/api/", f"{hub.broker_url}/api/v1/openapi.json"],
+                       children, timeout=120)
+            return hub
+        except PortTaken as exc:
+            if attempt == PORT_ATTEMPTS:
+                raise PortTaken(f"{exc} ({PORT_ATTEMPTS} tries with other ports)") from exc
+            print(f"warning: {exc}; starting again on other ports "
+                  f"(try {attempt + 1} of {PORT_ATTEMPTS})", file=sys.stderr, flush=True)
+            for child in reversed(children[started:]):
+                child.stop()
+            del children[started:]
+            _end_orphans(children)
+    raise AssertionError("unreachable")
+
+
+def _ports_given_in_use(args: argparse.Namespace) -> str | None:
+    """The error for a port given on the command line that something already listens on."""
+    given = [("--port", args.port)] + ([] if args.no_hub else [("--hub-port", args.hub_port)])
+    for option, port in given:
+        if port and port_in_use(port):
+            return (f"port {port} ({option}) is already in use on 127.0.0.1; stop what listens "
+                    f"there or choose another {option} (0 picks a free port)")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the local federation until SIGINT or SIGTERM."""
     if args.providers < 1:
         print("error: --providers must be at least 1", file=sys.stderr)
         return 2
+    taken = _ports_given_in_use(args)
+    if taken:
+        print(f"error: {taken}", file=sys.stderr)
+        return 1
     data = Path(args.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     os.chmod(data, 0o700)
@@ -156,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     children: list[Child] = []
+    _adopt_orphans()
     try:
         hub = None
         db_url = f"sqlite:///{data / 'broker.db'}"
@@ -165,22 +313,8 @@ def run(args: argparse.Namespace) -> int:
             children.append(broker)
             url = broker.read_value("PARALLEX_BROKER_URL=")
         else:
-            from hub_config import local
-
-            hub = local.plan(data, labs=args.providers,
-                             hub_port=args.hub_port or local.free_port(),
-                             broker_port=args.port or local.free_port(),
-                             admin_token=admin_token, broker_db_url=db_url)
-            for name, command in hub.provider_commands.items():
-                provider = Child(f"identity provider {name}", command,
-                                 data / f"oidc-{name}.log", env)
-                children.append(provider)
-                provider.read_value("OIDC_READY ")
-            children.append(Child("JupyterHub", hub.hub_command, data / "jupyterhub.log",
-                                  {**env, **hub.hub_env}))
+            hub = _start_hub(args, data, env, admin_token, db_url, children)
             url = hub.broker_url
-            _wait_http([f"{hub.hub_url}/hub/api/", f"{url}/api/v1/openapi.json"], children,
-                       timeout=120)
 
         admin = BrokerClient(url, admin_token)
         user_tokens = []
@@ -240,4 +374,5 @@ def run(args: argparse.Namespace) -> int:
         # Agents first, so they stop their workers and report while the broker still runs.
         for child in reversed(children):
             child.stop()
+        _end_orphans([])
         print("Parallex stopped.", flush=True)

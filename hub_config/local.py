@@ -7,22 +7,17 @@ Development only: the accounts have fixed passwords and everything binds to 127.
 from __future__ import annotations
 
 import secrets
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from federation.ports import free_port
+
 from . import dev_oidc
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from federation.ports import free_port
 from federation.site import SiteError, interpolate, plan, read_env_file, start_site
-from hub_config.local import free_port
 from tests.utils.hub import DEMO_USERS, INSTITUTION_RULES, browser_login, start_institution
 from tests.utils.postgres import fresh_database, postgres_server
 from tests.utils.procs import wait_until

@@ -162,7 +162,7 @@ def test_a_hub_token_when_the_hub_cannot_answer_is_a_503_saying_so():
     refusal of the token (503, asked again next time), and says what happened."""
     from federation.broker.errors import Unavailable, http_status
     from federation.broker.hub_tokens import HubTokenChecker
-    from hub_config.local import free_port
+    from federation.ports import free_port
 
     checker = HubTokenChecker(f"http://127.0.0.1:{free_port()}/hub/api")
     for _attempt in range(2):  # not cached: the second request asks again, and fails again
@@ -182,7 +182,7 @@ def test_a_broker_the_hubs_proxy_cannot_reach_is_unreachable_not_an_html_page(tm
 
     from federation import BrokerUnreachable
     from federation.client import AsyncBrokerClient, BrokerClient
-    from hub_config.local import free_port
+    from federation.ports import free_port
     from tests.utils.procs import Proc, wait_until
 
     chp = Path(__file__).parents[2] / "node" / "node_modules" / ".bin" / "configurable-http-proxy"

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from federation import errors
 from federation.cluster import FederatedCluster
 from federation.environment import core_versions, describe, uv_binary
-from hub_config.local import free_port
+from federation.ports import free_port
 from tests.utils.environments import (
     fake_distribution,
     make_index,

@@ -25,7 +25,7 @@ from federation.gateway import (
     read_client_hello,
     server_name,
 )
-from hub_config.local import free_port
+from federation.ports import free_port
 from tests.utils.delay_relay import Relay
 from tests.utils.federation import make_federation
 from tests.utils.procs import Proc, parallex, ready, wait_until

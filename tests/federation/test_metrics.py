@@ -13,7 +13,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from federation import FederatedCluster
-from hub_config.local import free_port
+from federation.ports import free_port
 from tests.utils.procs import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

@@ -31,8 +31,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from federation.ports import free_port
 from hub_config import dev_oidc
-from hub_config.local import free_port
 from tests.utils.procs import Proc, parallex, ready, start_agent, wait_until
 
 REPO = Path(__file__).resolve().parents[2]

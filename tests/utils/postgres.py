@@ -9,12 +9,13 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from federation.ports import free_port
 
 
 def pg_bin() -> Path:
@@ -27,12 +28,6 @@ def pg_bin() -> Path:
         return Path(initdb).resolve().parent
     raise RuntimeError("PostgreSQL is not installed: `apt-get install postgresql` (./dev test "
                        "does this on Debian)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_log(url: str) -> Path:
@@ -63,7 +58,7 @@ def postgres_server(timeout: float = 60.0, settings: tuple[str, ...] = ()) -> It
             os.chown(path, run_as["user"], run_as["group"])
     subprocess.run([str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "parallex",
                     "--no-sync"], check=True, capture_output=True, **run_as)
-    port = _free_port()
+    port = free_port()
     log = open(root / "postgres.log", "wb")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
         [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
