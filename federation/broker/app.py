@@ -168,7 +168,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.add_middleware(AgentFastPath, prefix=API_PREFIX, metrics=broker.metrics)
     app.add_middleware(RateLimitMiddleware, prefix=API_PREFIX, limiter=RateLimiter(
         rate=settings.rate_limit, burst=settings.rate_burst,
-        max_concurrent=settings.max_concurrent_requests))
+        max_concurrent=settings.max_concurrent_requests),
+        max_concurrent_reports=settings.max_concurrent_reports)
     # Outermost, so the rate limiter's 429s are counted too (under no route: none matched yet).
     app.add_middleware(HttpTimer, metrics=broker.metrics)
     app.state.session = broker.session

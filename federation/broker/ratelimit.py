@@ -1,4 +1,5 @@
-"""Per-token request-rate and concurrency limits on the agent and cluster endpoints.
+"""Per-token request-rate and concurrency limits on the agent and cluster endpoints and on
+every read.
 
 One misbehaving agent or notebook (a poll loop with a stale version, a script hammering
 heartbeats) must not slow the broker for everyone else. The limit is checked in an ASGI
@@ -17,10 +18,16 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
 LIMITED_PREFIXES = ("/agent/", "/clusters")
+#: Reads that sum over history (usage totals, a lab's members, machines and ledger, the
+#: job-record feed, a transfer's explanation): a thread and a database connection each for as
+#: long as they take, so one token gets only a few at once (--max-concurrent-reports).
+REPORT_PATHS = re.compile(
+    r"^/(usage(/records)?|labs/[^/]+/(members|machines|ledger)|transfers/[^/]+)/?$")
 #: Longest a refusal is held before it is sent, in seconds.
 TARPIT_SECONDS = 1.0
 #: Most refusals held at once per key; more are answered at once.
@@ -44,8 +51,10 @@ class RateLimiter:
     max_concurrent: int = 16
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
 
-    def acquire(self, key: str, now: float | None = None) -> float | None:
-        """Take one request for ``key``; None when allowed, else seconds to wait."""
+    def acquire(self, key: str, now: float | None = None,
+                max_concurrent: int | None = None) -> float | None:
+        """Take one request for ``key``; None when allowed, else seconds to wait.
+        ``max_concurrent`` replaces the limiter's own for this key's requests."""
         now = time.monotonic() if now is None else now
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -54,7 +63,7 @@ class RateLimiter:
             bucket = self._buckets[key] = _Bucket(self.burst, now)
         bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.updated) * self.rate)
         bucket.updated = now
-        if bucket.in_flight >= self.max_concurrent:
+        if bucket.in_flight >= (max_concurrent or self.max_concurrent):
             return 1.0
         if bucket.tokens < 1:
             return (1 - bucket.tokens) / self.rate
@@ -88,26 +97,52 @@ class RateLimiter:
             del self._buckets[key]
 
 
-def limit_key(path: str, authorization: str | None) -> str | None:
+@dataclass(frozen=True)
+class LimitKey:
+    """What a request counts against: a bucket's key, and how many of its requests may be in
+    flight at once (None: the limiter's ``max_concurrent``)."""
+
+    key: str
+    max_concurrent: int | None = None
+
+
+def limit_key(path: str, authorization: str | None, method: str = "GET",
+              max_concurrent_reports: int | None = None) -> LimitKey | None:
     """The key a request counts against: its token (hashed), plus the provider id for the
-    per-machine agent endpoints (a lab's machines share one provider token). None when the
-    request is not limited here (no token: authentication answers it)."""
-    if not authorization or not path.startswith(LIMITED_PREFIXES):
+    per-machine agent endpoints (a lab's machines share one provider token). Reads of any
+    kind count too, and reports (REPORT_PATHS: sums over a lab's or the federation's
+    history) in a bucket of their own, with ``max_concurrent_reports`` at once. None when
+    the request is not limited here: no token (authentication answers it), or a write
+    outside the agent and cluster endpoints (an administrator's, or a login's
+    membership)."""
+    if not authorization:
         return None
-    digest = hashlib.sha256(authorization.encode()).hexdigest()[:32]
-    if path.startswith("/agent/"):
-        machine = path.split("/")[2]
-        return f"{digest}:{machine}"
-    return digest
+    if path.startswith(LIMITED_PREFIXES):
+        digest = _digest(authorization)
+        if path.startswith("/agent/"):
+            machine = path.split("/")[2]
+            return LimitKey(f"{digest}:{machine}")
+        return LimitKey(digest)
+    if method not in ("GET", "HEAD"):
+        return None
+    if REPORT_PATHS.match(path):
+        return LimitKey(f"{_digest(authorization)}:reports", max_concurrent_reports)
+    return LimitKey(_digest(authorization))
+
+
+def _digest(authorization: str) -> str:
+    return hashlib.sha256(authorization.encode()).hexdigest()[:32]
 
 
 class RateLimitMiddleware:
     """ASGI middleware answering 429 (with Retry-After) past a token's rate or concurrency."""
 
-    def __init__(self, app, limiter: RateLimiter, prefix: str):
+    def __init__(self, app, limiter: RateLimiter, prefix: str,
+                 max_concurrent_reports: int | None = None):
         self.app = app
         self.limiter = limiter
         self.prefix = prefix
+        self.max_concurrent_reports = max_concurrent_reports
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -117,25 +152,28 @@ class RateLimitMiddleware:
         if path.startswith(self.prefix):
             headers = dict(scope.get("headers") or ())
             auth = headers.get(b"authorization")
-            key = limit_key(path[len(self.prefix):], auth.decode("latin-1") if auth else None)
+            key = limit_key(path[len(self.prefix):], auth.decode("latin-1") if auth else None,
+                            scope.get("method", "GET"), self.max_concurrent_reports)
         if key is None:
             return await self.app(scope, receive, send)
-        wait = self.limiter.acquire(key)
+        wait = self.limiter.acquire(key.key, max_concurrent=key.max_concurrent)
         if wait is not None:
-            wait = await self.limiter.hold_refusal(key, wait)
-            return await _too_many(send, wait, self.limiter)
+            wait = await self.limiter.hold_refusal(key.key, wait)
+            return await _too_many(send, wait, self.limiter, key)
         try:
             return await self.app(scope, receive, send)
         finally:
-            self.limiter.release(key)
+            self.limiter.release(key.key)
 
 
-async def _too_many(send, wait: float, limiter: RateLimiter) -> None:
+async def _too_many(send, wait: float, limiter: RateLimiter, key: LimitKey) -> None:
     retry = max(0, math.ceil(wait))
+    what = "reports" if key.max_concurrent is not None else "requests"
     body = json.dumps({
         "error": "rate-limited",
-        "message": f"too many requests with this token (limit {limiter.rate:g} per second, "
-                   f"{limiter.max_concurrent} at once); retry after {retry} s",
+        "message": f"too many {what} with this token (limit {limiter.rate:g} per second, "
+                   f"{key.max_concurrent or limiter.max_concurrent} at once); retry after "
+                   f"{retry} s",
     }).encode()
     await send({"type": "http.response.start", "status": 429,
                 "headers": [(b"content-type", b"application/json"),

@@ -62,6 +62,11 @@ class BrokerSettings:
     max_concurrent_requests: int = setting(
         16, "one token (per provider machine) may have in flight at once, long polls included",
         unit="requests", least=1)
+    max_concurrent_reports: int = setting(
+        2, "one token may have in flight at once among the reports that sum usage history "
+        "(usage totals, a lab's members, machines and ledger, the job-record feed); each "
+        "holds a request thread and a database connection while it runs, and more are "
+        "answered 429 with Retry-After", unit="requests", least=1)
     poll_timeout: float = setting(
         20.0, "an agent's long poll waits at most (derived: provider timeout / 2, 1 to 20)",
         cli=False, above=True)

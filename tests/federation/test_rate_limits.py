@@ -7,7 +7,9 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
+from federation.broker.ratelimit import limit_key
 from federation.broker.settings import BrokerSettings
 from tests.utils.flood import Flood
 from tests.utils.procs import wait_until
@@ -57,6 +59,69 @@ def test_a_flood_from_one_token_is_refused_and_others_are_still_served(federatio
         return {key: answers.get(key, 0) for key in expected}
     wait_until(lambda: counted() == expected, 10,
                "the broker's count of its answers to match what the client got")
+
+
+def test_a_flood_of_reports_from_one_token_is_refused_and_others_still_read_theirs(federation):
+    """A notebook's script reading usage totals from 50 threads gets the reports' limits (a
+    few at once: each holds a request thread and a database connection); another user's
+    reports and the flooder's other reads are still answered."""
+    fed = federation
+    fed.add_lab("lab-a", user="alice")
+    fed.add_lab("lab-b", user="bob")
+    began = time.monotonic()
+    with Flood(fed.url, fed.user_tokens["alice"], None, FLOODERS, path="/usage",
+               params={"by": "user"}) as flood, \
+            httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30, headers={
+                "Authorization": f"Bearer {fed.user_tokens['bob']}"}) as bob:
+        statuses = flood.statuses
+        wait_until(lambda: statuses.get(429, 0) >= 100, 30, "the flood to be refused")
+        for _ in range(20):
+            answer = bob.get("/usage", params={"by": "user"})
+            assert answer.status_code == 200, answer.text
+    finished = time.monotonic()
+    limits = BrokerSettings()
+    assert statuses.keys() <= {200, 429}, statuses
+    assert statuses.get(200, 0) <= limits.rate_burst + limits.rate_limit * (finished - began)
+    assert flood.retry_after and all(value.isdigit() for value in flood.retry_after)
+    said = flood.messages
+    assert said and all(
+        f"too many reports with this token (limit {limits.rate_limit:g} per second, "
+        f"{limits.max_concurrent_reports} at once)" in message for message in said), said
+    # Alice's reports have a bucket of their own: her other reads are answered meanwhile.
+    with Flood(fed.url, fed.user_tokens["alice"], None, 4, path="/usage") as again, \
+            httpx.Client(base_url=f"{fed.url}/api/v1", timeout=30, headers={
+                "Authorization": f"Bearer {fed.user_tokens['alice']}"}) as alice:
+        wait_until(lambda: again.statuses.get(429, 0) >= 1, 30, "her reports to be refused")
+        assert alice.get("/whoami").status_code == 200
+
+
+@pytest.mark.parametrize("method, path, kind", [
+    ("GET", "/usage", "reports"),
+    ("GET", "/usage/records", "reports"),
+    ("GET", "/labs/lab-a/members", "reports"),
+    ("GET", "/labs/lab-a/machines/", "reports"),
+    ("GET", "/labs/lab-a/ledger", "reports"),
+    ("GET", "/transfers/12", "reports"),
+    ("GET", "/labs/lab-a/balance", "token"),
+    ("GET", "/whoami", "token"),
+    ("HEAD", "/prices", "token"),
+    ("POST", "/clusters", "token"),
+    ("DELETE", "/clusters/c1", "token"),
+    ("POST", "/agent/p1/heartbeat", "machine"),
+    ("POST", "/labs", None),
+    ("PUT", "/labs/lab-a/members/ada", None),
+    ("POST", "/tokens", None),
+])
+def test_which_requests_count_against_which_limit(method, path, kind):
+    key = limit_key(path, "Bearer t0ken", method, max_concurrent_reports=2)
+    if kind is None:
+        assert key is None  # an administrator's or a login's write: not limited here
+        return
+    digest = limit_key("/whoami", "Bearer t0ken").key
+    assert key.key == {"reports": f"{digest}:reports", "token": digest,
+                       "machine": f"{digest}:p1"}[kind]
+    assert key.max_concurrent == (2 if kind == "reports" else None)
+    assert limit_key(path, None, method) is None  # no token: authentication answers it
 
 
 def test_heartbeats_closer_than_the_minimum_interval_are_refused(federation):
