@@ -1,5 +1,5 @@
-"""Per-token request-rate and concurrency limits on the agent and cluster endpoints and on
-every read.
+"""Per-token request-rate and concurrency limits on the agent and cluster endpoints, and
+concurrency limits on every other read.
 
 One misbehaving agent or notebook (a poll loop with a stale version, a script hammering
 heartbeats) must not slow the broker for everyone else. The limit is checked in an ASGI
@@ -52,9 +52,10 @@ class RateLimiter:
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
 
     def acquire(self, key: str, now: float | None = None,
-                max_concurrent: int | None = None) -> float | None:
+                max_concurrent: int | None = None, rate: bool = True) -> float | None:
         """Take one request for ``key``; None when allowed, else seconds to wait.
-        ``max_concurrent`` replaces the limiter's own for this key's requests."""
+        ``max_concurrent`` replaces the limiter's own for this key's requests; without
+        ``rate`` only the requests in flight count."""
         now = time.monotonic() if now is None else now
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -65,9 +66,10 @@ class RateLimiter:
         bucket.updated = now
         if bucket.in_flight >= (max_concurrent or self.max_concurrent):
             return 1.0
-        if bucket.tokens < 1:
-            return (1 - bucket.tokens) / self.rate
-        bucket.tokens -= 1
+        if rate:
+            if bucket.tokens < 1:
+                return (1 - bucket.tokens) / self.rate
+            bucket.tokens -= 1
         bucket.in_flight += 1
         return None
 
@@ -99,22 +101,26 @@ class RateLimiter:
 
 @dataclass(frozen=True)
 class LimitKey:
-    """What a request counts against: a bucket's key, and how many of its requests may be in
-    flight at once (None: the limiter's ``max_concurrent``)."""
+    """What a request counts against: a bucket's key, how many of its requests may be in
+    flight at once (None: the limiter's ``max_concurrent``), and whether the bucket's rate
+    applies."""
 
     key: str
     max_concurrent: int | None = None
+    #: Whether the request takes a token of the bucket's rate, or only counts in flight.
+    rate: bool = True
 
 
 def limit_key(path: str, authorization: str | None, method: str = "GET",
               max_concurrent_reports: int | None = None) -> LimitKey | None:
     """The key a request counts against: its token (hashed), plus the provider id for the
-    per-machine agent endpoints (a lab's machines share one provider token). Reads of any
-    kind count too, and reports (REPORT_PATHS: sums over a lab's or the federation's
-    history) in a bucket of their own, with ``max_concurrent_reports`` at once. None when
-    the request is not limited here: no token (authentication answers it), or a write
-    outside the agent and cluster endpoints (an administrator's, or a login's
-    membership)."""
+    per-machine agent endpoints (a lab's machines share one provider token). Other reads
+    count only while in flight (a client reading one after another holds one request thread
+    at a time, however fast): reports (REPORT_PATHS, sums over a lab's or the federation's
+    history) up to ``max_concurrent_reports`` at once, others up to the limiter's
+    ``max_concurrent``. None when the request is not limited here: no token
+    (authentication answers it), or a write outside the agent and cluster endpoints (an
+    administrator's, or a login's membership)."""
     if not authorization:
         return None
     if path.startswith(LIMITED_PREFIXES):
@@ -126,8 +132,9 @@ def limit_key(path: str, authorization: str | None, method: str = "GET",
     if method not in ("GET", "HEAD"):
         return None
     if REPORT_PATHS.match(path):
-        return LimitKey(f"{_digest(authorization)}:reports", max_concurrent_reports)
-    return LimitKey(_digest(authorization))
+        return LimitKey(f"{_digest(authorization)}:reports", max_concurrent_reports,
+                        rate=False)
+    return LimitKey(f"{_digest(authorization)}:reads", rate=False)
 
 
 def _digest(authorization: str) -> str:
@@ -156,7 +163,7 @@ class RateLimitMiddleware:
                             scope.get("method", "GET"), self.max_concurrent_reports)
         if key is None:
             return await self.app(scope, receive, send)
-        wait = self.limiter.acquire(key.key, max_concurrent=key.max_concurrent)
+        wait = self.limiter.acquire(key.key, max_concurrent=key.max_concurrent, rate=key.rate)
         if wait is not None:
             wait = await self.limiter.hold_refusal(key.key, wait)
             return await _too_many(send, wait, self.limiter, key)
@@ -168,13 +175,15 @@ class RateLimitMiddleware:
 
 async def _too_many(send, wait: float, limiter: RateLimiter, key: LimitKey) -> None:
     retry = max(0, math.ceil(wait))
-    what = "reports" if key.max_concurrent is not None else "requests"
-    body = json.dumps({
-        "error": "rate-limited",
-        "message": f"too many {what} with this token (limit {limiter.rate:g} per second, "
-                   f"{key.max_concurrent or limiter.max_concurrent} at once); retry after "
-                   f"{retry} s",
-    }).encode()
+    at_once = key.max_concurrent or limiter.max_concurrent
+    if key.rate:
+        said = (f"too many requests with this token (limit {limiter.rate:g} per second, "
+                f"{at_once} at once)")
+    else:
+        what = "reports" if key.max_concurrent is not None else "reads"
+        said = f"too many {what} at once with this token (at most {at_once} in flight)"
+    body = json.dumps({"error": "rate-limited",
+                       "message": f"{said}; retry after {retry} s"}).encode()
     await send({"type": "http.response.start", "status": 429,
                 "headers": [(b"content-type", b"application/json"),
                             (b"retry-after", str(retry).encode()),
