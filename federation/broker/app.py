@@ -24,7 +24,7 @@ from .errors import BrokerError
 from .hub_tokens import HubTokenChecker
 from .metrics import HttpTimer
 from .models import ApiToken, TokenKind
-from .ratelimit import RateLimiter, RateLimitMiddleware
+from .ratelimit import RateLimiter, RateLimitMiddleware, ReportSlots
 from .replicas import give_up_leadership
 from .routes_accounting import router as accounting_router
 from .routes_admin import router as admin_router
@@ -169,7 +169,8 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
     app.add_middleware(RateLimitMiddleware, prefix=API_PREFIX, limiter=RateLimiter(
         rate=settings.rate_limit, burst=settings.rate_burst,
         max_concurrent=settings.max_concurrent_requests),
-        max_concurrent_reports=settings.max_concurrent_reports)
+        max_concurrent_reports=settings.max_concurrent_reports,
+        report_slots=ReportSlots(settings.report_threads, broker.metrics))
     # Outermost, so the rate limiter's 429s are counted too (under no route: none matched yet).
     app.add_middleware(HttpTimer, metrics=broker.metrics)
     app.state.session = broker.session

@@ -165,6 +165,13 @@ class BrokerMetrics:
         self.long_polls = Gauge(
             "parallex_long_polls_waiting", "Long polls of agents (their lease lists) and "
             "clusters (signing requests) this replica holds open now.", registry=self.registry)
+        self.reports_running = Gauge(
+            "parallex_reports_running", "Reports that sum usage history this replica is "
+            "running now (at most --report-threads).", registry=self.registry)
+        self.reports_waiting = Gauge(
+            "parallex_reports_waiting", "Reports that sum usage history waiting for one of "
+            "this replica's --report-threads (holding no request thread).",
+            registry=self.registry)
         self.leader = Gauge("parallex_broker_leader", "1 on the replica that runs the "
                             "periodic passes (reaping, metering, capacity samples), else 0.",
                             registry=self.registry)

@@ -141,15 +141,51 @@ def _digest(authorization: str) -> str:
     return hashlib.sha256(authorization.encode()).hexdigest()[:32]
 
 
+class ReportSlots:
+    """How many reports (REPORT_PATHS) a replica runs at once, all tokens together; the
+    others wait on the event loop, holding no request thread, in the order they came."""
+
+    def __init__(self, slots: int, metrics=None):
+        self.slots = slots
+        self._free = asyncio.Semaphore(slots)
+        self._metrics = metrics
+        self.running = 0
+        self.waiting = 0
+
+    def _note(self) -> None:
+        if self._metrics is not None:
+            self._metrics.reports_running.set(self.running)
+            self._metrics.reports_waiting.set(self.waiting)
+
+    async def run(self, call):
+        """Await ``call()`` once a slot is free."""
+        self.waiting += 1
+        self._note()
+        try:
+            await self._free.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        self._note()
+        try:
+            return await call()
+        finally:
+            self.running -= 1
+            self._free.release()
+            self._note()
+
+
 class RateLimitMiddleware:
     """ASGI middleware answering 429 (with Retry-After) past a token's rate or concurrency."""
 
     def __init__(self, app, limiter: RateLimiter, prefix: str,
-                 max_concurrent_reports: int | None = None):
+                 max_concurrent_reports: int | None = None,
+                 report_slots: ReportSlots | None = None):
         self.app = app
         self.limiter = limiter
         self.prefix = prefix
         self.max_concurrent_reports = max_concurrent_reports
+        self.report_slots = report_slots
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -168,6 +204,8 @@ class RateLimitMiddleware:
             wait = await self.limiter.hold_refusal(key.key, wait)
             return await _too_many(send, wait, self.limiter, key)
         try:
+            if key.key.endswith(":reports") and self.report_slots is not None:
+                return await self.report_slots.run(lambda: self.app(scope, receive, send))
             return await self.app(scope, receive, send)
         finally:
             self.limiter.release(key.key)

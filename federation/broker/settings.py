@@ -67,6 +67,11 @@ class BrokerSettings:
         "(usage totals, a lab's members, machines and ledger, the job-record feed); each "
         "holds a request thread and a database connection while it runs, and more are "
         "answered 429 with Retry-After", unit="requests", least=1)
+    report_threads: int = setting(
+        8, "reports that sum usage history one broker replica runs at once, all tokens "
+        "together (of its request threads); more wait their turn holding no thread, so "
+        "reports never take the threads that agents' and clusters' requests need",
+        unit="requests", least=1)
     poll_timeout: float = setting(
         20.0, "an agent's long poll waits at most (derived: provider timeout / 2, 1 to 20)",
         cli=False, above=True)

@@ -4,6 +4,7 @@ benchmarks/flood.py, not timed here.)"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import httpx
@@ -11,9 +12,10 @@ import pytest
 
 from federation.broker.ratelimit import limit_key
 from federation.broker.settings import BrokerSettings
+from tests.utils.federation import make_federation
 from tests.utils.flood import Flood
 from tests.utils.procs import wait_until
-from tests.utils.scrape import responses_by_status
+from tests.utils.scrape import responses_by_status, samples
 
 FLOODERS = 50
 
@@ -98,6 +100,37 @@ def test_a_flood_of_reports_from_one_token_is_refused_and_others_still_read_thei
                 "Authorization": f"Bearer {fed.user_tokens['alice']}"}) as alice:
         wait_until(lambda: again.statuses.get(429, 0) >= 1, 30, "her reports to be refused")
         assert alice.get("/whoami").status_code == 200
+
+
+def test_a_replica_runs_at_most_its_report_threads_and_the_rest_wait_their_turn(tmp_path):
+    """Three users reading reports from 2 connections each (within their own limit) on a
+    replica with --report-threads 1: every report is answered, one runs at a time, and the
+    others are seen waiting (the metrics a site watches)."""
+    fed = make_federation(tmp_path, broker_args=("--report-threads", "1"))
+    try:
+        for lab, user in (("lab-a", "alice"), ("lab-b", "bob"), ("lab-c", "carol")):
+            fed.add_lab(lab, user=user)
+        admin = {"Authorization": f"Bearer {fed.admin_token}"}
+        seen: list[tuple[float, float]] = []
+
+        def scrape() -> bool:
+            found = samples(f"{fed.url}/api/v1/metrics", admin)
+            seen.append((found["parallex_reports_running"], found["parallex_reports_waiting"]))
+            return seen[-1][1] >= 1
+
+        with contextlib.ExitStack() as floods:
+            readers = [floods.enter_context(Flood(fed.url, fed.user_tokens[user], None, 2,
+                                                  path="/usage", params={"by": "lab"}))
+                       for user in ("alice", "bob", "carol")]
+            wait_until(scrape, 30, "a report waiting for the replica's one report thread",
+                       interval=0.02)
+        assert all(running <= 1 for running, _ in seen), seen
+        for reader in readers:
+            assert set(reader.statuses) == {200}, reader.statuses  # waited, never refused
+        idle = samples(f"{fed.url}/api/v1/metrics", admin)
+        assert (idle["parallex_reports_running"], idle["parallex_reports_waiting"]) == (0, 0)
+    finally:
+        fed.stop()
 
 
 @pytest.mark.parametrize("method, path, kind", [
