@@ -18,7 +18,6 @@ Run: python -m federation.site --env-file deploy/site/site.env --data-dir /var/l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -32,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import psutil
 import yaml
+
+from .process_tree import end_process_tree
 
 DEFAULT_COMPOSE = Path(__file__).resolve().parents[1] / "deploy" / "site" / "compose.yaml"
 #: Seconds a service may take to answer its x-ready URL (JupyterHub starts its proxy, the
@@ -41,6 +41,8 @@ DEFAULT_COMPOSE = Path(__file__).resolve().parents[1] / "deploy" / "site" / "com
 READY_TIMEOUT = 120.0
 #: Seconds a one-shot service (the migration) may run.
 ONE_SHOT_TIMEOUT = 300.0
+#: Seconds a stopping service gets after SIGTERM before SIGKILL.
+SITE_STOP_TIMEOUT = 30.0
 
 _VARIABLE = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
                        r"(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})")
@@ -255,7 +257,7 @@ class RunningSite:
             try:
                 code = popen.wait(ONE_SHOT_TIMEOUT)
             except subprocess.TimeoutExpired:
-                _end(popen)
+                end_process_tree(popen, SITE_STOP_TIMEOUT)
                 raise SiteError(f"{service.name} ran past {ONE_SHOT_TIMEOUT:.0f} s; see "
                                 f"{self.log(service.name)}") from None
             if code != 0:
@@ -292,36 +294,7 @@ class RunningSite:
 
     def stop(self) -> None:
         for name in reversed(list(self.processes)):
-            _end(self.processes.pop(name))
-
-
-def _end(popen: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGTERM the process group, then SIGKILL; then whatever it started in sessions of its
-    own (JupyterHub's proxy and managed services) that its shutdown left running (a hub
-    stopped while still starting does not clean up)."""
-    try:
-        descendants = psutil.Process(popen.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    if popen.poll() is None:
-        try:
-            os.killpg(popen.pid, signal.SIGTERM)
-            popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(popen.pid, signal.SIGKILL)
-            popen.wait(timeout)
-        except ProcessLookupError:
-            pass
-    else:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(popen.pid, signal.SIGKILL)
-    for child in descendants:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.terminate()
-    _gone, alive = psutil.wait_procs(descendants, timeout=10)
-    for child in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+            end_process_tree(self.processes.pop(name), SITE_STOP_TIMEOUT)
 
 
 def start_site(compose_file: Path, env: dict[str, str], data_dir: Path,

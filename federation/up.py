@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 from .client import BrokerClient
 from .errors import RequestRejected
 from .ports import free_port, port_in_use
+from .process_tree import end_process_tree, end_processes
 from .worker_accounts import WorkerAccountError, WorkerAccounts, parse_uid_range
 
 STOP_TIMEOUT = 20.0
@@ -44,7 +45,8 @@ class PortTaken(RuntimeError):
     """A child could not listen: the port it was given was already in use."""
 
 
-PORT_TAKEN_MARKS = ("address already in use", "eaddrinuse")
+#: What a child's log says when its port was taken (Python's OSError, Node's error code).
+PORT_TAKEN_MARKS = (b"address already in use", b"eaddrinuse")
 
 
 class Child:
@@ -60,25 +62,32 @@ class Child:
         self.name = name
         self.log = log
         self._log = open(log, "ab")  # noqa: SIM115 (closed in stop())
-        # The data folder's logs are appended to across runs; this run's part starts here.
-        self._log_start = self._log.tell()
+        # The data folder's logs are appended to across runs; this run's part starts here,
+        # and `port_taken` reads on from where it stopped.
+        self._scanned = self._log.tell()
+        self._port_taken = False
         self.popen = subprocess.Popen(args, stdout=subprocess.PIPE if reads_stdout else self._log,
                                       stderr=self._log, stdin=subprocess.DEVNULL, env=env,
                                       text=True, start_new_session=True)
 
     def port_taken(self) -> bool:
-        """Whether this run of the child logged that its port was in use."""
-        with open(self.log, "rb") as log:
-            log.seek(self._log_start)
-            text = log.read().decode(errors="replace").lower()
-        return any(mark in text for mark in PORT_TAKEN_MARKS)
+        """Whether this run of the child logged that its port was in use (reading only what
+        the log gained since the last call, plus enough before it for a mark cut in two)."""
+        if not self._port_taken:
+            overlap = max(len(mark) for mark in PORT_TAKEN_MARKS)
+            with open(self.log, "rb") as log:
+                log.seek(self._scanned)
+                gained = log.read().lower()
+            self._port_taken = any(mark in gained for mark in PORT_TAKEN_MARKS)
+            self._scanned += max(len(gained) - overlap, 0)
+        return self._port_taken
 
     def check_running(self) -> None:
         """Raise when the child has exited (PortTaken when its port was in use)."""
-        if self.popen.poll() is not None or self.port_taken():
-            if self.port_taken():
-                raise PortTaken(f"{self.name} could not listen: its port was already in use; "
-                                f"see {self.log}")
+        if self.port_taken():
+            raise PortTaken(f"{self.name} could not listen: its port was already in use; "
+                            f"see {self.log}")
+        if self.popen.poll() is not None:
             raise RuntimeError(f"{self.name} exited with code {self.popen.returncode}; "
                                f"see {self.log}")
 
@@ -103,52 +112,9 @@ class Child:
         return result[0]
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """End the child, its process group and every process it started.
-
-        The group goes even when the child itself has exited (JupyterHub that failed at start
-        leaves its proxy running in its group), and processes in sessions of their own
-        (JupyterHub's managed services) go after it: JupyterHub stopped while starting
-        leaves them running.
-        """
-        group = self.popen.pid
-        started: list[psutil.Process] = []
-        if self.popen.poll() is None:  # not reaped, so the pid is still the child's
-            with contextlib.suppress(psutil.Error):
-                started = psutil.Process(group).children(recursive=True)
-        _signal_group(group, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout)
-        while _signal_group(group, 0) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _signal_group(group, signal.SIGKILL):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(10)
-        end_processes(started, max(deadline - time.monotonic(), 1.0))
+        """End the child and everything it started (`end_process_tree`)."""
+        end_process_tree(self.popen, timeout)
         self._log.close()
-
-
-def _signal_group(group: int, sig: int) -> bool:
-    """Send ``sig`` to a process group; whether any process of it was there to get it."""
-    try:
-        os.killpg(group, sig)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def end_processes(procs: list[psutil.Process], timeout: float) -> None:
-    """SIGTERM those of ``procs`` still running, then SIGKILL those left after ``timeout``."""
-    running = []
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-            running.append(proc)
-    _, left = psutil.wait_procs(running, timeout=timeout)
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(left, timeout=10)
 
 
 def _adopt_orphans() -> None:

@@ -109,6 +109,8 @@ class LimitKey:
     max_concurrent: int | None = None
     #: Whether the request takes a token of the bucket's rate, or only counts in flight.
     rate: bool = True
+    #: A report (REPORT_PATHS): it also waits for one of the replica's report slots.
+    report: bool = False
 
 
 def limit_key(path: str, authorization: str | None, method: str = "GET",
@@ -133,7 +135,7 @@ def limit_key(path: str, authorization: str | None, method: str = "GET",
         return None
     if REPORT_PATHS.match(path):
         return LimitKey(f"{_digest(authorization)}:reports", max_concurrent_reports,
-                        rate=False)
+                        rate=False, report=True)
     return LimitKey(f"{_digest(authorization)}:reads", rate=False)
 
 
@@ -146,7 +148,6 @@ class ReportSlots:
     others wait on the event loop, holding no request thread, in the order they came."""
 
     def __init__(self, slots: int, metrics=None):
-        self.slots = slots
         self._free = asyncio.Semaphore(slots)
         self._metrics = metrics
         self.running = 0
@@ -204,7 +205,7 @@ class RateLimitMiddleware:
             wait = await self.limiter.hold_refusal(key.key, wait)
             return await _too_many(send, wait, self.limiter, key)
         try:
-            if key.key.endswith(":reports") and self.report_slots is not None:
+            if key.report and self.report_slots is not None:
                 return await self.report_slots.run(lambda: self.app(scope, receive, send))
             return await self.app(scope, receive, send)
         finally:
@@ -218,7 +219,7 @@ async def _too_many(send, wait: float, limiter: RateLimiter, key: LimitKey) -> N
         said = (f"too many requests with this token (limit {limiter.rate:g} per second, "
                 f"{at_once} at once)")
     else:
-        what = "reports" if key.max_concurrent is not None else "reads"
+        what = "reports" if key.report else "reads"
         said = f"too many {what} at once with this token (at most {at_once} in flight)"
     body = json.dumps({"error": "rate-limited",
                        "message": f"{said}; retry after {retry} s"}).encode()
