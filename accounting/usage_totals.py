@@ -20,6 +20,7 @@ from sqlmodel import Session, col, select
 
 from .metering import UsageRecord
 from .models import as_utc
+from .retention import check_edges, pruned_before
 from .rollups import UsageDaily
 
 #: What a total may be grouped by or filtered on: columns both tables have, by these names.
@@ -101,6 +102,7 @@ def usage_totals(session: Session, *, by: str, since: dt.datetime | None = None,
     if by not in KEYS or not set(where) <= set(KEYS):
         raise ValueError(f"usage is grouped and filtered by {', '.join(KEYS)}")
     days, edges = split_period(since, until)
+    check_edges(session, edges)  # a partial day before the pruning horizon: refused
     out: dict[int | str, UsageTotal] = {}
 
     def fold(rows) -> None:
@@ -133,14 +135,20 @@ def last_used(session: Session, lab_id: int, since: dt.datetime | None = None
     """When each member's last period charged to lab ``lab_id`` (since ``since``) ended.
 
     The rollups give the day; the member's records of that day give the time, by the
-    (user, period end) index, so a member's whole history is never read."""
+    (user, period end) index, so a member's whole history is never read. A day whose
+    records may have been pruned (retention.py) gives its end, the latest the use can
+    have ended (to the day, then)."""
     d = UsageDaily
     q = select(d.user_id, func.max(d.day)).where(d.consumer_lab_id == lab_id)
     if since is not None:
         q = q.where(d.day >= _utc(since).date())
     out = {}
+    horizon = pruned_before(session)
     for user_id, day in session.exec(q.group_by(d.user_id)).all():
         lo = _midnight(day)
+        if horizon is not None and lo < horizon:
+            out[user_id] = _midnight(day + dt.timedelta(days=1))
+            continue
         if since is not None:
             lo = max(lo, _utc(since))
         at = session.exec(select(func.max(UsageRecord.period_end)).where(

@@ -68,6 +68,8 @@ def cmd_db(args: argparse.Namespace) -> int:
     from .broker import db, db_open
 
     db_url = _db_url(args)
+    if args.db_command == "prune":
+        return _prune(args, db_url)
     with db_open.opening(db_url):
         engine = db.plain_engine(db_url)
         before = db.current_revision(engine)
@@ -78,6 +80,43 @@ def cmd_db(args: argparse.Namespace) -> int:
             state = "current" if before == db.head_revision() else "needs `parallex db upgrade`"
             print(f"database at revision {before or 'empty'}; newest is {db.head_revision()} "
                   f"({state})")
+    return 0
+
+
+def _prune(args: argparse.Namespace, db_url: str) -> int:
+    """`parallex db prune`: usage records and capacity samples older than --keep-days."""
+    from .broker import db, db_open, retention
+
+    if args.keep_days is None:
+        print("error: `parallex db prune` needs --keep-days DAYS (how many days of usage "
+              f"records to keep; at least {retention.MIN_KEEP_DAYS})", file=sys.stderr)
+        return 2
+    with db_open.opening(db_url):
+        engine = db.plain_engine(db_url)
+        at = db.current_revision(engine)
+        if at != db.head_revision():
+            print(f"error: the database is at revision {at or 'empty'}, not "
+                  f"{db.head_revision()}; run `parallex db upgrade` first", file=sys.stderr)
+            return 1
+
+        def progress(r: retention.PruneReport) -> None:
+            print(f"  … {r.leases:,} leases' records ({r.records:,} records) folded, "
+                  f"{r.capacity_samples:,} capacity samples deleted", file=sys.stderr)
+
+        try:
+            report = retention.prune(engine, args.keep_days, batch=args.batch,
+                                     dry_run=args.dry_run, progress=progress)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    verb = "would prune" if report.dry_run else "pruned"
+    print(f"{verb} the usage records of {report.leases:,} leases that ended before "
+          f"{report.before:%Y-%m-%d} UTC ({report.records:,} records; each lease's totals "
+          f"kept) and {report.capacity_samples:,} capacity samples taken before then")
+    if report.held_back_at is not None:
+        print(f"stopped at a lease that ended {report.held_back_at:%Y-%m-%d %H:%M} UTC and "
+              "whose end is not charged yet (a broker's metering pass charges it; run the "
+              "prune again after)")
     return 0
 
 
@@ -600,9 +639,20 @@ def build_parser() -> argparse.ArgumentParser:
                            f"to the broker (default {DEFAULT_HALF_LIFE / broker_settings.HOUR:g}).")
     dash.set_defaults(func=cmd_dashboard)
 
-    d = sub.add_parser("db", help="Database schema: show the revision or upgrade it.")
-    d.add_argument("db_command", choices=["current", "upgrade"],
-                   help="current: show the revision; upgrade: apply pending migrations.")
+    d = sub.add_parser("db", help="Database schema: show the revision or upgrade it; prune "
+                       "old usage records.")
+    d.add_argument("db_command", choices=["current", "upgrade", "prune"],
+                   help="current: show the revision; upgrade: apply pending migrations; "
+                        "prune: delete usage records of leases that ended more than "
+                        "--keep-days ago (each lease's totals and the daily totals are kept) "
+                        "and capacity samples as old.")
+    d.add_argument("--keep-days", type=int, default=None,
+                   help="prune: days of usage records to keep, counted back from today's "
+                        "UTC midnight (required; at least 31).")
+    d.add_argument("--batch", type=int, default=2000,
+                   help="prune: leases (and capacity samples) per transaction (default 2000).")
+    d.add_argument("--dry-run", action="store_true",
+                   help="prune: count what would go, delete nothing.")
     d.add_argument("--db-url", help="SQLAlchemy database URL; default: PARALLEX_DB_URL, else "
                    "~/.local/share/parallex/broker.db.")
     d.set_defaults(func=cmd_db)

@@ -15,6 +15,7 @@ from sqlmodel import select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from accounting.models import utcnow
+from accounting.retention import PrunedPeriod
 
 from . import API_PREFIX, db
 from .agent_fast_path import AgentFastPath
@@ -189,7 +190,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
         return known_error_response(request.method, request.url.path, exc)
 
     # The agents' fast path answers these through the same function.
-    for kind in (BrokerError, DataError, OperationalError):
+    for kind in (BrokerError, DataError, OperationalError, PrunedPeriod):
         app.add_exception_handler(kind, _known_error)
 
     @app.exception_handler(Exception)

@@ -1,21 +1,21 @@
 """What a cluster has cost so far and costs per hour now, for `cluster.cost` and estimates.
 
-Metered periods are read from the usage records; the time a running lease has served since
-its last metered period is priced the same way (it will be charged at the next pass), so the
-figure moves while the notebook runs instead of in metering-interval steps.
+Metered periods are read from the usage records (and the sums kept of pruned ones); the time
+a running lease has served since its last metered period is priced the same way (it will be
+charged at the next pass), so the figure moves while the notebook runs instead of in
+metering-interval steps.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import case, func
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from accounting.cloud import CloudPrices
-from accounting.metering import UsageRecord
 from accounting.models import as_utc
 from accounting.pricing import Resources, gpu_class, pcu_per_hour, price_at
+from accounting.retention import lease_sums
 from accounting.units import to_nano, to_pcu
 
 from .models import ClusterRecord, Lease, LeaseState, Provider
@@ -28,18 +28,11 @@ def cluster_cost(s: Session, cluster: ClusterRecord, *, now: dt.datetime,
         Provider, Provider.id == Lease.provider_id, isouter=True)
         .where(Lease.cluster_id == cluster.id)).all()
     lease_ids = [lease.id for lease, _lab in leases]
-    charged = self_use = 0
-    cloud_cost = 0.0
-    for i in range(0, len(lease_ids), 500):
-        c, own, cc = s.exec(select(
-            func.sum(case((UsageRecord.self_use == False, UsageRecord.charge),  # noqa: E712
-                          else_=0)),
-            func.sum(case((UsageRecord.self_use == True, UsageRecord.charge),  # noqa: E712
-                          else_=0)),
-            func.sum(UsageRecord.cloud_cost))
-            .where(col(UsageRecord.lease_id).in_(lease_ids[i:i + 500]))).one()
-        charged, self_use, cloud_cost = (charged + int(c or 0), self_use + int(own or 0),
-                                         cloud_cost + float(cc or 0))
+    # From the usage records, and the sums kept of those pruned (accounting/retention.py).
+    sums = lease_sums(s, lease_ids).values()
+    charged = sum(x.charged for x in sums)
+    self_use = sum(x.self_use for x in sums)
+    cloud_cost = sum(x.cloud_cost for x in sums)
     price = price_at(s, now)
     accrued = accrued_own = 0
     rate = charged_rate = 0.0

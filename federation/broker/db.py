@@ -27,6 +27,7 @@ import accounting.metering  # noqa: F401  (registers the usage table)
 import accounting.models  # noqa: F401  (registers the identity tables)
 import accounting.pricing  # noqa: F401  (registers the price table)
 import accounting.reliability  # noqa: F401  (registers the provider standing table)
+import accounting.retention  # noqa: F401  (registers the pruning tables)
 import accounting.rollups  # noqa: F401  (registers the daily usage table)
 
 from . import capacity, models  # noqa: F401  (registers the broker tables)

@@ -8,7 +8,9 @@ import logging
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 
-from .errors import BrokerError, http_status
+from accounting.retention import PrunedPeriod
+
+from .errors import BrokerError, Invalid, http_status
 
 logger = logging.getLogger("parallex.broker")
 
@@ -54,6 +56,8 @@ def known_error_response(method: str, path: str, exc: Exception) -> JSONResponse
     database refused, a database that could not answer), or None for any other (a 500)."""
     if isinstance(exc, BrokerError):
         return broker_error_response(exc)
+    if isinstance(exc, PrunedPeriod):  # a report over records pruned (accounting/retention)
+        return broker_error_response(Invalid("pruned-period", str(exc)))
     if isinstance(exc, DataError):
         return unstorable_value_response(method, path, exc)
     if isinstance(exc, OperationalError):

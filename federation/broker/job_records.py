@@ -15,11 +15,11 @@ import datetime as dt
 import io
 import json
 
-from sqlalchemy import and_, case, func, or_
+from sqlalchemy import and_, func, or_
 from sqlmodel import Session, col, select
 
-from accounting.metering import UsageRecord
 from accounting.models import Lab, User, as_utc, names_by_id
+from accounting.retention import LeaseSums, lease_sums
 from accounting.units import to_pcu
 
 from .errors import Invalid
@@ -88,19 +88,8 @@ def job_records(s: Session, *, lab_id: int | None, user_id: int | None,
     more = len(rows) > limit
     rows = rows[:limit]
     ids = [lease.id for lease, _u, _l in rows]
-    usage = {}
-    if ids:
-        charged = case((UsageRecord.self_use == False, UsageRecord.charge),  # noqa: E712
-                       else_=0)
-        usage = {lid: (secs, charge, cpu_s, gpu_s, own) for lid, secs, charge, cpu_s, gpu_s, own
-                 in s.exec(select(UsageRecord.lease_id, func.sum(UsageRecord.seconds),
-                                  func.sum(charged),
-                                  func.sum(UsageRecord.cpus * UsageRecord.seconds),
-                                  func.sum(UsageRecord.gpus * UsageRecord.seconds),
-                                  func.max(case((UsageRecord.self_use == True, 1),  # noqa: E712
-                                                else_=0)))
-                           .where(col(UsageRecord.lease_id).in_(ids))
-                           .group_by(UsageRecord.lease_id)).all()}
+    # From the usage records, and the sums kept of those pruned (accounting/retention.py).
+    usage = lease_sums(s, ids)
     providers = {p.id: p for p in s.exec(select(Provider).where(col(Provider.id).in_(
         {lease.provider_id for lease, _u, _l in rows if lease.provider_id})))}
     labs = names_by_id(s, Lab, {lab for _le, _u, lab in rows}
@@ -108,7 +97,7 @@ def job_records(s: Session, *, lab_id: int | None, user_id: int | None,
     users = names_by_id(s, User, {u for _le, u, _l in rows})
     records = []
     for lease, user_id_, lab_id_ in rows:
-        secs, charge, cpu_s, gpu_s, own = usage.get(lease.id, (0, 0, 0, 0, 0))
+        sums = usage.get(lease.id) or LeaseSums()
         provider = providers.get(lease.provider_id)
         start, end = lease.started_at, lease.ended_at
         records.append({
@@ -125,10 +114,10 @@ def job_records(s: Session, *, lab_id: int | None, user_id: int | None,
             "wall_seconds": round((as_utc(end) - as_utc(start)).total_seconds(), 3)
             if start else 0.0,
             "suspended_seconds": _suspended_seconds(lease),
-            "charged_seconds": round(float(secs or 0), 3),
-            "core_hours": round(float(cpu_s or 0) / 3600, 6),
-            "gpu_hours": round(float(gpu_s or 0) / 3600, 6),
-            "pcu": str(to_pcu(int(charge or 0))), "self_use": bool(own),
+            "charged_seconds": round(sums.seconds, 3),
+            "core_hours": round(sums.cpu_seconds / 3600, 6),
+            "gpu_hours": round(sums.gpu_seconds / 3600, 6),
+            "pcu": str(to_pcu(sums.charged)), "self_use": sums.any_self_use,
             "end_reason": str(getattr(lease.end_reason, "value", lease.end_reason) or ""),
         })
     last = rows[-1][0] if rows and more else None

@@ -17,6 +17,7 @@ from accounting.ledger import (
     Account,
     LedgerEntry,
     Transfer,
+    TransferKind,
     balance,
     grant,
     lab_account,
@@ -33,6 +34,7 @@ from accounting.pricing import (
     set_price,
 )
 from accounting.reliability import factor, standings
+from accounting.retention import pruned_before
 from accounting.statement import Parties, explain_usage
 from accounting.units import to_nano, to_pcu
 from accounting.usage_totals import usage_totals
@@ -93,6 +95,10 @@ def lab_ledger(lab: LabPath, request: Request,
             entry = {"time": e.created_at, "amount": _pcu(e.amount), "kind": t.kind.value,
                      "memo": t.memo, "transfer_id": t.id}
             r = records.get(t.id)
+            if r is None and t.kind == TransferKind.usage:
+                # Pruned with its lease's other records (accounting/retention.py): the
+                # memo still names the lease and period.
+                entry["usage_pruned"] = True
             if r is not None:
                 entry["usage"] = {
                     "lease_id": r.lease_id, "seconds": r.seconds, "cpus": r.cpus,
@@ -140,6 +146,16 @@ def explain_transfer(transfer_id: RowIdPath, request: Request,
                "entries": [{"account": a.name, "lab": names["lab"].get(a.lab_id),
                             "amount": _pcu(e.amount)} for e, a in rows],
                "explanation": [transfer.memo] if transfer.memo else []}
+        if record is None and transfer.kind == TransferKind.usage:
+            horizon = pruned_before(s)
+            out["usage_pruned"] = True
+            out["explanation"].append(
+                "Its usage record (the resources, rate and price version behind this charge) "
+                "was pruned with the records of leases that ended before "
+                f"{horizon:%Y-%m-%d} UTC." if horizon else "Its usage record is gone.")
+            out["explanation"].append(
+                "The entries below are the charge as it was booked; the lease's totals are in "
+                "its job record (`parallex records`).")
         if record is not None:
             price = s.get(PriceVersion, record.price_version_id)
             parties = Parties(
