@@ -113,6 +113,9 @@ class ClusterRecord(SQLModel, table=True):
 ACTIVE_CLUSTER = ClusterRecord.active == True  # noqa: E712
 Index("ix_cluster_active", ClusterRecord.id,
       postgresql_where=ACTIVE_CLUSTER, sqlite_where=ACTIVE_CLUSTER)
+#: The newest clusters first, in the listing's order (``GET /clusters``, 200 by default, of
+#: every cluster the federation ever had; migration 0021).
+Index("ix_cluster_created_at_id", ClusterRecord.created_at, ClusterRecord.id)
 
 
 class Environment(SQLModel, table=True):

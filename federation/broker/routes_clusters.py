@@ -21,7 +21,7 @@ from .models import (
     LeaseRelease,
     WorkerCertificates,
 )
-from .service import PLACEMENT_WAIT
+from .service import CLUSTERS_LISTED, PLACEMENT_WAIT
 
 router = APIRouter(prefix="/clusters")
 
@@ -38,14 +38,22 @@ def create(body: ClusterCreate, request: Request,
 
 
 @router.get("", response_model=list[ClusterPublic])
-def list_clusters(request: Request, all: bool = False,
+def list_clusters(request: Request,
+                  all: bool = Query(False, description="Closed clusters too."),
+                  limit: int = Query(CLUSTERS_LISTED, ge=1, le=1000,
+                                     description="At most this many, the newest (listed "
+                                                 "oldest first)."),
                   principal: Principal = Depends(require_user)) -> list[ClusterPublic]:
-    return request.app.state.broker.list_clusters(principal, active_only=not all)
+    """Your clusters (every cluster for an administrator), open ones unless ``all``. Each
+    with its leases not ended and those that ended in the last 10 minutes; every ended
+    lease has a job record (``GET /usage/records``)."""
+    return request.app.state.broker.list_clusters(principal, active_only=not all, limit=limit)
 
 
 @router.get("/{cluster_id}", response_model=ClusterPublic)
 def read(cluster_id: ClusterIdPath, request: Request,
          principal: Principal = Depends(require_user)) -> ClusterPublic:
+    """One cluster, with its leases not ended and those that ended in the last 10 minutes."""
     broker = request.app.state.broker
     return broker.cluster_public(broker.cluster_for(principal, cluster_id).id)
 

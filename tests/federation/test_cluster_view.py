@@ -5,10 +5,13 @@ broker in this process, on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
-from federation.broker.models import ClusterPublic
+from federation.broker import db
+from federation.broker.models import ClusterPublic, EndReason, Lease, LeaseState, utcnow
 from federation.broker.views import cluster_head, clusters_public
+from federation.tls import ClusterAuthority
 from tests.utils.in_process import in_process_broker
 
 
@@ -40,7 +43,7 @@ def test_cluster_heartbeat_answer_is_the_cluster_view(db_url):
             pydantic_json = clusters_public(s, [cluster_head(s, b.cid)])[0].model_dump_json()
         assert answer.content == pydantic_json.encode()
         assert ClusterPublic.model_validate_json(answer.content).id == b.cid
-        # What the cluster's own route shows (every lease, through FastAPI's response model).
+        # What the cluster's own route shows (the same leases, through FastAPI's response model).
         assert view == b.call(b.user, "GET", f"/clusters/{b.cid}").json()
 
         # A heartbeat that confirms its starting lease answers from the transaction that
@@ -52,3 +55,33 @@ def test_cluster_heartbeat_answer_is_the_cluster_view(db_url):
         after = json.loads(confirmed.content)
         assert {le["id"]: le["state"] for le in after["leases"]}[starting] == "running"
         assert after == b.call(b.user, "GET", f"/clusters/{b.cid}").json()
+
+
+def test_cluster_views_show_leases_not_ended_and_lately_ended_and_the_newest_clusters(db_url):
+    """`GET /clusters/{id}` and `GET /clusters` show a cluster's live leases and those ended in
+    the last 10 minutes (as its heartbeat does), not every lease it ever had; the listing is
+    the newest ``limit`` clusters (200 by default), oldest first."""
+    with in_process_broker(db_url, 3) as b:
+        broker = b.app.state.broker
+        old, recent, running = b.ids
+        now = utcnow()
+        with db.session(broker.engine) as s:
+            for lease_id, ended_at in ((old, now - dt.timedelta(hours=1)), (recent, now)):
+                lease = s.get(Lease, lease_id)
+                lease.state, lease.ended_at = LeaseState.ended, ended_at
+                lease.end_reason = EndReason.released
+                s.add(lease)
+            s.commit()
+        shown = {le["id"] for le in b.call(b.user, "GET", f"/clusters/{b.cid}").json()["leases"]}
+        assert shown == {recent, running}
+        listed = b.call(b.user, "GET", "/clusters").json()
+        assert [{le["id"] for le in c["leases"]} for c in listed] == [{recent, running}]
+        made = [b.call(b.user, "POST", "/clusters", json={
+            "scheduler_address": "tls://127.0.0.1:1", "ca_cert": ClusterAuthority().ca_pem}
+        ).json()["id"] for _ in range(3)]
+        newest = b.call(b.user, "GET", "/clusters", params={"limit": 2}).json()
+        assert [c["id"] for c in newest] == made[1:]
+        assert [c["id"] for c in b.call(b.user, "GET", "/clusters").json()] == [b.cid, *made]
+        for bad in (0, 1001, "x"):
+            refused = b.call(b.user, "GET", "/clusters", params={"limit": bad})
+            assert refused.status_code == 422 and "limit" in refused.json()["message"]

@@ -20,9 +20,16 @@ from federation.broker.job_records import job_records
 from federation.broker.metering_runs import due_lease_ids
 from federation.broker.metrics import FederationCollector
 from federation.broker.models import utcnow
+from federation.broker.service import CLUSTERS_LISTED
 from federation.broker.settings import BrokerSettings
 from federation.broker.timeouts import end_silent_providers
-from federation.broker.views import agent_leases_of, cluster_head, cluster_public_json
+from federation.broker.views import (
+    agent_leases_of,
+    cluster_head,
+    cluster_heads,
+    cluster_public_json,
+    clusters_public,
+)
 from tests.utils.postgres import rows_read
 
 MACHINES = 1000
@@ -165,3 +172,26 @@ def test_the_reapers_look_for_silent_clusters_reads_the_open_ones_only(federatio
     # Every second on the leader: the 100 open clusters, not the 10,000 closed ones.
     assert reads <= 150, reads
 
+
+
+def test_the_clusters_views_read_the_leases_they_show_and_the_newest_clusters(federation):
+    """`GET /clusters/{id}` and `GET /clusters` (views.clusters_public with the window the
+    broker gives them) read a cluster's live and lately ended leases, not the 500 that ended
+    a day ago; an administrator's `?all=true` lists the newest 200 clusters, not all 10,100."""
+    ended_after = utcnow() - dt.timedelta(minutes=10)
+    with db.session(federation) as s:
+        before = rows_read(s)
+        one = clusters_public(s, [cluster_head(s, "cl_7")], ended_after)[0]
+        reads = rows_read(s) - before
+    assert len(one.leases) == HELD // 100
+    assert reads <= 1.5 * len(one.leases), (reads, len(one.leases))
+    with db.session(federation) as s:
+        before = rows_read(s), rows_read(s, "cluster")
+        listed = clusters_public(s, cluster_heads(s, newest=CLUSTERS_LISTED), ended_after)
+        reads = rows_read(s) - before[0], rows_read(s, "cluster") - before[1]
+    assert len(listed) == CLUSTERS_LISTED
+    assert {c.id for c in listed} >= {f"cl_{g}" for g in range(1, 101)}  # the newest
+    shown = sum(len(c.leases) for c in listed)
+    assert shown == HELD
+    assert reads[0] <= 1.5 * shown, reads
+    assert reads[1] <= 2 * CLUSTERS_LISTED, reads
