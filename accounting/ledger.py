@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime as dt
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, update
-from sqlmodel import Field, Session, SQLModel, select
+from sqlalchemy import BigInteger, Index, update
+from sqlmodel import Field, Session, SQLModel, col, select
 
 from .bulk import insert_rows
-from .models import Lab, utcnow
+from .models import Lab, as_utc, utcnow
 from .units import fmt_pcu
 
 
@@ -45,16 +45,31 @@ class LedgerEntry(SQLModel, table=True):
     a usage record's are not (metering writes two entries per charged period, in bulk;
     migration 0013), and nothing deletes a transfer or an account."""
 
+    # By account and time together (a lab's ledger page, newest first; migration 0022).
+    __table_args__ = (Index("ix_ledgerentry_account_id_created_at_id", "account_id",
+                            "created_at", "id"),)
     id: int | None = Field(default=None, primary_key=True)
     transfer_id: int = Field(index=True)
-    account_id: int = Field(index=True)
+    account_id: int
     amount: int = Field(sa_type=BigInteger, description="nano-PCU; negative = debit.")
-    created_at: dt.datetime = Field(default_factory=utcnow, index=True)
+    created_at: dt.datetime = Field(default_factory=utcnow)
 
 
 class Balance(SQLModel, table=True):
     account_id: int = Field(foreign_key="account.id", primary_key=True)
     amount: int = Field(default=0, sa_type=BigInteger, description="nano-PCU.")
+
+
+def ledger_page(session: Session, account_id: int | None, since: dt.datetime | None,
+                limit: int) -> list[tuple[LedgerEntry, Transfer]]:
+    """An account's newest ``limit`` entries (from ``since``, if given) with their
+    transfers, newest first."""
+    q = (select(LedgerEntry, Transfer).join(Transfer, Transfer.id == LedgerEntry.transfer_id)
+         .where(LedgerEntry.account_id == account_id))
+    if since is not None:
+        q = q.where(LedgerEntry.created_at >= as_utc(since))
+    return list(session.exec(q.order_by(col(LedgerEntry.created_at).desc(),
+                                        col(LedgerEntry.id).desc()).limit(limit)).all())
 
 
 def system_account(session: Session, kind: AccountKind) -> Account:

@@ -21,6 +21,7 @@ from accounting.ledger import (
     balance,
     grant,
     lab_account,
+    ledger_page,
 )
 from accounting.ledger import lab_balance as read_lab_balance
 from accounting.metering import UsageRecord
@@ -81,12 +82,7 @@ def lab_ledger(lab: LabPath, request: Request,
     with request.app.state.session() as s:
         row = readable_lab(s, scope_of(principal), lab)
         account_id = s.exec(select(Account.id).where(Account.lab_id == row.id)).first()
-        q = (select(LedgerEntry, Transfer).join(Transfer, Transfer.id == LedgerEntry.transfer_id)
-             .where(LedgerEntry.account_id == account_id))
-        if since is not None:
-            q = q.where(LedgerEntry.created_at >= as_utc(since))
-        rows = s.exec(q.order_by(col(LedgerEntry.created_at).desc(),
-                                 col(LedgerEntry.id).desc()).limit(limit)).all()
+        rows = ledger_page(s, account_id, since, limit)
         records = {r.transfer_id: r for r in s.exec(select(UsageRecord).where(
             col(UsageRecord.transfer_id).in_([t.id for _e, t in rows])))} if rows else {}
         names = _names(s, records.values())

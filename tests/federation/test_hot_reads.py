@@ -14,6 +14,7 @@ import orjson
 import pytest
 from sqlalchemy import text
 
+from accounting.ledger import ledger_page
 from federation.broker import db
 from federation.broker.agent_batches import Heartbeat, record_heartbeats
 from federation.broker.job_records import job_records
@@ -195,3 +196,38 @@ def test_the_clusters_views_read_the_leases_they_show_and_the_newest_clusters(fe
     assert shown == HELD
     assert reads[0] <= 1.5 * shown, reads
     assert reads[1] <= 2 * CLUSTERS_LISTED, reads
+
+
+#: A ledger after a year: 400,000 entries of 100 labs' accounts, one of them (account 7) a
+#: lab that computes rarely (one entry in a hundred), the others in turn.
+LEDGER = """
+INSERT INTO transfer (id, kind, memo, created_at)
+  SELECT g, 'usage', 'lease x', now() - (400000 - g) * interval '1 min'
+  FROM generate_series(1, 400000) g;
+INSERT INTO ledgerentry (transfer_id, account_id, amount, created_at)
+  SELECT g, CASE WHEN mod(g, 100) = 0 THEN 7 ELSE 100 + mod(g, 99) END, -1000,
+         now() - (400000 - g) * interval '1 min'
+  FROM generate_series(1, 400000) g;
+"""
+
+
+def test_a_labs_ledger_page_reads_its_newest_entries_only(postgres_url):
+    """`GET /labs/{lab}/ledger` (the newest 200 entries of one account, or those since a
+    time) reads those entries, not the account's whole year nor every lab's entries of its
+    period."""
+    engine = db.make_engine(postgres_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(LEDGER)
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("ANALYZE")
+        for account, since in ((7, None), (150, None), (7, utcnow() - dt.timedelta(days=30))):
+            with db.session(engine) as s:
+                s.connection().exec_driver_sql("SET max_parallel_workers_per_gather = 0")
+                before = rows_read(s, "ledgerentry")
+                rows = ledger_page(s, account, since, 200)
+                reads = rows_read(s, "ledgerentry") - before
+            assert len(rows) == 200
+            assert reads <= 1.5 * len(rows), (account, since, reads)
+    finally:
+        engine.dispose()
