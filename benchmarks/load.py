@@ -318,12 +318,13 @@ async def probe_token(url: str, admin_token: str) -> str:
         return answer.raise_for_status().json()["token"]
 
 
-def shard(urls: list[str], providers: list[str], tokens: list[str], ca: str,
+def shard(urls: tuple[list[str], list[str]], providers: list[str], tokens: list[str], ca: str,
           agents: list[int], users: list[int], workers: int, seconds: float,
           nice: int = 0, user_spread: float = 0.0) -> Recorder:
     """One generator process's share of the simulated agents and users (run in a process
     pool: on one event loop, 1,100 clients measured mostly that loop — a lone agent in a
-    process of its own saw heartbeats 60 times faster than the simulated ones)."""
+    process of its own saw heartbeats 60 times faster than the simulated ones). ``urls``:
+    the replicas agents use, and those users use."""
     if nice:
         os.nice(nice)
     # uvloop: the generator's own CPU is CPU the brokers lack on this machine.
@@ -331,15 +332,17 @@ def shard(urls: list[str], providers: list[str], tokens: list[str], ca: str,
                                 user_spread))
 
 
-async def run_shard(urls: list[str], providers: list[str], tokens: list[str], ca: str,
-                    agents: list[int], users: list[int], workers: int,
+async def run_shard(urls: tuple[list[str], list[str]], providers: list[str], tokens: list[str],
+                    ca: str, agents: list[int], users: list[int], workers: int,
                     seconds: float, user_spread: float = 0.0) -> Recorder:
     rec = Recorder()
     stop = asyncio.Event()
-    tasks = [asyncio.create_task(agent(rec, urls[i % len(urls)], providers[i % LABS],
+    agent_urls, user_urls = urls
+    tasks = [asyncio.create_task(agent(rec, agent_urls[i % len(agent_urls)], providers[i % LABS],
                                        f"sim-{i}", stop)) for i in agents]
     await asyncio.sleep(5)  # registrations first, as agents are up before users come
-    tasks += [asyncio.create_task(user(rec, urls[(u + 1) % len(urls)], tokens[u], ca, workers,
+    tasks += [asyncio.create_task(user(rec, user_urls[(u + 1) % len(user_urls)], tokens[u], ca,
+                                       workers,
                                        stop, user_spread)) for u in users]
     probe = asyncio.create_task(lag_probe(rec, stop))
     await asyncio.sleep(seconds)
@@ -352,14 +355,17 @@ async def run_shard(urls: list[str], providers: list[str], tokens: list[str], ca
 def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder:
     """Every shard's recordings in one Recorder, and the probes'."""
     providers, tokens = asyncio.run(setup(urls[0], admin_token, args.users))
+    # Agents (and the probes) on the first --agent-replicas replicas, users on the others.
+    k = args.agent_replicas
+    agent_urls, user_urls = (urls[:k], urls[k:]) if k else (urls, urls)
     probes = subprocess.Popen([sys.executable, "-m", "benchmarks.load_probe",
                              asyncio.run(probe_token(urls[0], admin_token)),
-                             str(args.seconds + 5), str(args.probes), *urls],
+                             str(args.seconds + 5), str(args.probes), *agent_urls],
                             stdout=subprocess.PIPE)
     ca = ClusterAuthority().ca_pem
     n = max(1, args.processes)
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(shard, urls, providers, tokens, ca,
+        futures = [pool.submit(shard, (agent_urls, user_urls), providers, tokens, ca,
                                list(range(k, args.agents, n)), list(range(k, args.users, n)),
                                args.workers, args.seconds, args.generator_nice,
                                args.user_spread)
@@ -397,6 +403,11 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2,
                         help="Broker replicas, each a process of its own (2). The agents and "
                              "users are spread over them.")
+    parser.add_argument("--agent-replicas", type=int, default=0,
+                        help="Replicas that serve the agents (and the probes), the first of "
+                             "--replicas; the users use the others, as a site may route "
+                             "/api/v1/agent/ to replicas of their own (0: everyone uses every "
+                             "replica).")
     parser.add_argument("--user-spread", type=float, default=5.0,
                         help="Seconds over which the simulated users arrive, each at a "
                              "random moment (5, as the agents' first heartbeats spread over "
@@ -427,6 +438,9 @@ def main() -> None:
                         help="Copy the replicas' logs into FOLDER at the end (default: none "
                              "kept; they are written to a temporary folder).")
     args = parser.parse_args()
+    if not 0 <= args.agent_replicas < args.replicas:
+        parser.error(f"--agent-replicas {args.agent_replicas}: give 0 (everyone on every "
+                     f"replica) or fewer than --replicas {args.replicas}, so users have one")
     admin_token = secrets.token_hex(24)
     # PostgreSQL counts every statement, BEGIN and COMMIT included, where its distribution
     # ships pg_stat_statements (Debian's does).
