@@ -20,7 +20,6 @@ import argparse
 import datetime as dt
 import secrets
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -30,11 +29,12 @@ import httpx
 import psycopg
 
 from benchmarks.common import table, write
+from benchmarks.setup_db import setting_up
 from federation.broker import db
 from federation.broker.retention import horizon, prune
 from federation.tls import ClusterAuthority
 from tests.utils.postgres import fresh_database, postgres_server
-from tests.utils.procs import parallex, start_broker
+from tests.utils.procs import start_broker
 
 PACE = 0.1  # seconds between the user's reads
 
@@ -115,30 +115,19 @@ def main() -> None:
     results = {}
     with postgres_server() as server, tempfile.TemporaryDirectory() as tmp:
         url = fresh_database(server, "prune_a")
-        subprocess.run(parallex("db", "upgrade", "--db-url", url), check=True,
-                       capture_output=True)
-        setup, setup_url = start_broker(Path(tmp), admin, db_url=url, name="setup")
-        try:
-            with httpx.Client(base_url=f"{setup_url}/api/v1", timeout=60,
-                              headers={"Authorization": f"Bearer {admin}"}) as client:
-                for lab in ("lab-a", "lab-b"):
-                    client.post("/labs", json={"name": lab}).raise_for_status()
-                user, reader = (client.post("/tokens", json={
-                    "kind": "user", "lab": lab, "user": name}).raise_for_status().json()
-                    for name, lab in (("alice", "lab-a"), ("bob", "lab-b")))
-                agent = client.post("/tokens", json={"kind": "provider", "lab": "lab-b"}
-                                    ).raise_for_status().json()
-            for who in (user, reader):
-                httpx.post(f"{setup_url}/api/v1/clusters", timeout=60, json={
-                    "scheduler_address": "tls://127.0.0.1:1",
-                    "ca_cert": ClusterAuthority().ca_pem},
-                    headers={"Authorization": f"Bearer {who['token']}"}).raise_for_status()
-            headers = {"Authorization": f"Bearer {reader['token']}"}
-            httpx.post(f"{setup_url}/api/v1/agent/register", timeout=60, json={
-                "name": "box", "cpus": 4, "memory": "8 GiB"},
-                headers={"Authorization": f"Bearer {agent['token']}"}).raise_for_status()
-        finally:
-            setup.stop()
+        with setting_up(Path(tmp), url, admin, ("lab-a", "lab-b")) as client:
+            user, reader = (client.post("/tokens", json={
+                "kind": "user", "lab": lab, "user": name}).raise_for_status().json()["token"]
+                for name, lab in (("alice", "lab-a"), ("bob", "lab-b")))
+            agent = client.post("/tokens", json={"kind": "provider", "lab": "lab-b"}
+                                ).raise_for_status().json()["token"]
+            for token in (user, reader):
+                client.post("/clusters", json={"scheduler_address": "tls://127.0.0.1:1",
+                                               "ca_cert": ClusterAuthority().ca_pem},
+                            headers={"Authorization": f"Bearer {token}"}).raise_for_status()
+            client.post("/agent/register", json={"name": "box", "cpus": 4, "memory": "8 GiB"},
+                        headers={"Authorization": f"Bearer {agent}"}).raise_for_status()
+        headers = {"Authorization": f"Bearer {reader}"}
         began = time.perf_counter()
         seed(url, args.leases, args.periods)
         print(f"seeded {args.leases:,} leases, {args.leases * args.periods:,} records in "

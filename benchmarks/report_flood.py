@@ -19,7 +19,6 @@ import argparse
 import datetime as dt
 import secrets
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,10 +26,11 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import table, write
+from benchmarks.setup_db import setting_up
 from federation.broker import db
 from tests.utils.flood import Flood
 from tests.utils.postgres import fresh_database, postgres_server
-from tests.utils.procs import parallex, start_broker, wait_until
+from tests.utils.procs import start_broker, wait_until
 
 PACE = 0.1  # seconds between the user's reads: under the cluster endpoints' 20 a second
 UNLIMITED = 1000
@@ -109,21 +109,12 @@ def main() -> None:
     admin = secrets.token_urlsafe(24)
     with postgres_server() as server, tempfile.TemporaryDirectory() as tmp:
         url = fresh_database(server, "report_flood")
-        subprocess.run(parallex("db", "upgrade", "--db-url", url), check=True,
-                       capture_output=True)
-        setup, setup_url = start_broker(Path(tmp), admin, db_url=url, name="setup")
-        try:
-            with httpx.Client(base_url=f"{setup_url}/api/v1", timeout=60,
-                              headers={"Authorization": f"Bearer {admin}"}) as client:
-                for lab in ("lab-a", "lab-b"):
-                    client.post("/labs", json={"name": lab}).raise_for_status()
-                client.put("/labs/lab-a/members/pia", json={"role": "pi"}).raise_for_status()
-                client.put("/labs/lab-b/members/bob", json={"role": "member"}).raise_for_status()
-                tokens = {user: client.post("/tokens", json={
-                    "kind": "user", "lab": lab, "user": user}).raise_for_status().json()["token"]
-                    for user, lab in (("pia", "lab-a"), ("bob", "lab-b"))}
-        finally:
-            setup.stop()
+        with setting_up(Path(tmp), url, admin, ("lab-a", "lab-b")) as client:
+            client.put("/labs/lab-a/members/pia", json={"role": "pi"}).raise_for_status()
+            client.put("/labs/lab-b/members/bob", json={"role": "member"}).raise_for_status()
+            tokens = {user: client.post("/tokens", json={
+                "kind": "user", "lab": lab, "user": user}).raise_for_status().json()["token"]
+                for user, lab in (("pia", "lab-a"), ("bob", "lab-b"))}
         seed(url, args.records)
         runs = {limit: flooded(Path(tmp), url, admin, tokens, limit, args)
                 for limit in (2, UNLIMITED)}

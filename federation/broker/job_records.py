@@ -15,7 +15,7 @@ import datetime as dt
 import io
 import json
 
-from sqlalchemy import and_, func, or_
+from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from accounting.models import Lab, User, as_utc, names_by_id
@@ -23,7 +23,7 @@ from accounting.retention import LeaseSums, lease_sums
 from accounting.units import to_pcu
 
 from .errors import Invalid
-from .models import END_NOT_CHARGED, ClusterRecord, Lease, LeaseState, Provider
+from .models import END_NOT_CHARGED, ClusterRecord, Lease, LeaseState, Provider, ended_after
 
 #: The fields of a record, in CSV column order.
 FIELDS = ("record_id", "cluster_id", "user", "lab", "provider", "provider_lab", "site",
@@ -82,8 +82,7 @@ def job_records(s: Session, *, lab_id: int | None, user_id: int | None,
     if until is not None:
         q = q.where(Lease.ended_at < as_utc(until))
     if after is not None:
-        q = q.where(or_(Lease.ended_at > after[0],
-                        and_(Lease.ended_at == after[0], Lease.id > after[1])))
+        q = q.where(ended_after(after))
     rows = s.exec(q.order_by(Lease.ended_at, Lease.id).limit(limit + 1)).all()
     more = len(rows) > limit
     rows = rows[:limit]

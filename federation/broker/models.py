@@ -224,6 +224,14 @@ END_NOT_CHARGED = and_(Lease.state == LeaseState.ended,
                            col(Lease.metered_until) < col(Lease.ended_at)))
 Index("ix_lease_end_not_charged", Lease.ended_at,
       postgresql_where=END_NOT_CHARGED, sqlite_where=END_NOT_CHARGED)
+def ended_after(cursor: tuple[dt.datetime, str]):
+    """Leases that ended after ``cursor`` (an end time and a lease id) in the order
+    (ended_at, id): the job-record feed's pages and the prune's batches walk the ended
+    leases so, by the index below."""
+    at, lease_id = cursor
+    return or_(Lease.ended_at > at, and_(Lease.ended_at == at, Lease.id > lease_id))
+
+
 #: The ended leases by end time, for the job-record feed's pages (partial: a lease enters it
 #: once, when it ends, not at each of its earlier moves).
 Index("ix_lease_ended_at_id", Lease.ended_at, Lease.id,

@@ -20,7 +20,7 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, func, or_, update
+from sqlalchemy import delete, func, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -30,7 +30,7 @@ from accounting.retention import USAGE_RECORDS, UsagePruning, fold_and_delete, p
 
 from . import db
 from .capacity import CapacitySample
-from .models import END_NOT_CHARGED, Lease
+from .models import END_NOT_CHARGED, Lease, ended_after
 
 #: The fewest days a prune keeps: statements and disputes are settled monthly, and a typo
 #: (``--keep-days 3`` for 30) must not erase a month's detail.
@@ -71,8 +71,7 @@ def _prunable(until: dt.datetime, after: tuple[dt.datetime, str] | None):
     q = select(Lease.id, Lease.ended_at).where(col(Lease.ended_at).is_not(None),
                                                col(Lease.ended_at) < until)
     if after is not None:
-        q = q.where(or_(col(Lease.ended_at) > after[0],
-                        and_(col(Lease.ended_at) == after[0], col(Lease.id) > after[1])))
+        q = q.where(ended_after(after))
     return q.order_by(col(Lease.ended_at), col(Lease.id))
 
 

@@ -56,14 +56,11 @@ _LEASES_OF = (select(*PUBLIC_LEASE_COLUMNS, PROVIDER_LAB.name.label("lab"))
 _LIVE_LEASES_OF = _LEASES_OF.where(or_(NOT_ENDED, Lease.ended_at >= bindparam("ended_after")))
 
 
-def cluster_heads(s: Session, *where, newest: int | None = None) -> list[Row]:
-    """The rows (``CLUSTER_HEAD``) of the clusters matching ``where``, oldest first (of the
-    ``newest`` most recent, if given), in one query: columns, not ClusterRecord objects (the
-    heartbeat reads one every few seconds per cluster, and loading the record, certificate
-    and all, was a sixth of its time; issue 14)."""
-    if newest is None:
-        return list(s.execute(
-            _HEADS.where(*where).order_by(ClusterRecord.created_at, ClusterRecord.id)).all())
+def cluster_heads(s: Session, *where, newest: int) -> list[Row]:
+    """The rows (``CLUSTER_HEAD``) of the ``newest`` most recent clusters matching
+    ``where``, oldest first, in one query (the (created_at, id) index's order): columns, not
+    ClusterRecord objects (the heartbeat reads one every few seconds per cluster, and
+    loading the record, certificate and all, was a sixth of its time; issue 14)."""
     rows = s.execute(_HEADS.where(*where).order_by(col(ClusterRecord.created_at).desc(),
                                                    col(ClusterRecord.id).desc())
                      .limit(newest)).all()
