@@ -648,9 +648,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and capacity samples as old.")
     d.add_argument("--keep-days", type=int, default=None,
                    help="prune: days of usage records to keep, counted back from today's "
-                        "UTC midnight (required; at least 31).")
+                        "UTC midnight (required; 31 to 36500).")
     d.add_argument("--batch", type=int, default=2000,
-                   help="prune: leases (and capacity samples) per transaction (default 2000).")
+                   help="prune: leases (and capacity samples) per transaction, 1 to 100000 "
+                        "(default 2000).")
     d.add_argument("--dry-run", action="store_true",
                    help="prune: count what would go, delete nothing.")
     d.add_argument("--db-url", help="SQLAlchemy database URL; default: PARALLEX_DB_URL, else "

@@ -35,6 +35,10 @@ from .models import END_NOT_CHARGED, Lease, ended_after
 #: The fewest days a prune keeps: statements and disputes are settled monthly, and a typo
 #: (``--keep-days 3`` for 30) must not erase a month's detail.
 MIN_KEEP_DAYS = 31
+#: The most days a prune may keep (a century; further back than any date it can count).
+MAX_KEEP_DAYS = 36_500
+#: The most leases (or capacity samples) a transaction may take.
+MAX_BATCH = 100_000
 #: Leases (or capacity samples) to a transaction by default: ~2,000 leases of an hour at the
 #: one-minute interval are ~120,000 records, a few seconds of PostgreSQL's time.
 DEFAULT_BATCH = 2000
@@ -86,13 +90,16 @@ def prune(engine: Engine, keep_days: int, *, now: dt.datetime | None = None,
           progress: Callable[[PruneReport], None] | None = None) -> PruneReport:
     """Delete the usage records of leases that ended before the horizon (keeping each
     lease's sums) and capacity samples taken before it; ``progress`` is called after each
-    batch. Raises ValueError for a ``keep_days`` under ``MIN_KEEP_DAYS`` or a ``batch``
-    under 1."""
+    batch. Raises ValueError for a ``keep_days`` outside ``MIN_KEEP_DAYS``..``MAX_KEEP_DAYS``
+    or a ``batch`` outside 1..``MAX_BATCH``."""
+    if keep_days > MAX_KEEP_DAYS:
+        raise ValueError(f"--keep-days {keep_days} is over {MAX_KEEP_DAYS} (a century); "
+                         "to keep everything, do not prune")
     if keep_days < MIN_KEEP_DAYS:
         raise ValueError(f"--keep-days {keep_days} is under the least a federation keeps, "
                          f"{MIN_KEEP_DAYS} days (a month's statements are read from them)")
-    if batch < 1:
-        raise ValueError(f"--batch {batch}: give 1 or more leases to a transaction")
+    if not 1 <= batch <= MAX_BATCH:
+        raise ValueError(f"--batch {batch}: give 1 to {MAX_BATCH:,} leases to a transaction")
     now = as_utc(now or utcnow())
     before = horizon(now, keep_days)
     report = PruneReport(before, dry_run=dry_run)

@@ -208,6 +208,12 @@ def test_the_prune_command_says_what_it_needs_and_what_it_did(tmp_path):
     assert short.returncode == 2 and f"least a federation keeps, {MIN_KEEP_DAYS} days" in (
         short.stderr)
     assert "Traceback" not in short.stderr
+    for bad, said in ((("--keep-days", "99999999"), "is over 36500 (a century)"),
+                      (("--keep-days", "400", "--batch", "0"), "give 1 to 100,000 leases"),
+                      (("--keep-days", "400", "--batch", "100001"), "give 1 to 100,000")):
+        refused = run("prune", *bad)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
     with in_process_broker(url, 3, **SETTINGS) as b:
         leases = history(b)
         before = books(b)
