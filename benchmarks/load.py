@@ -358,10 +358,13 @@ def run(args: argparse.Namespace, urls: list[str], admin_token: str) -> Recorder
     # Agents (and the probes) on the first --agent-replicas replicas, users on the others.
     k = args.agent_replicas
     agent_urls, user_urls = (urls[:k], urls[k:]) if k else (urls, urls)
+    # A session of its own: the probes stand for agents on machines of their own, and this
+    # kernel groups scheduling by session (autogroup), so in the generator's session they
+    # waited for the share of the cores that the 1,100 simulated clients use.
     probes = subprocess.Popen([sys.executable, "-m", "benchmarks.load_probe",
                              asyncio.run(probe_token(urls[0], admin_token)),
                              str(args.seconds + 5), str(args.probes), *agent_urls],
-                            stdout=subprocess.PIPE)
+                            stdout=subprocess.PIPE, start_new_session=True)
     ca = ClusterAuthority().ca_pem
     n = max(1, args.processes)
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -13,12 +13,13 @@ def out_of_range(value: float, least: float, above: bool, unit: str,
                  most: float = math.inf) -> str | None:
     """Why ``value`` is refused (it must be at least ``least``, or more than it with
     ``above``, and at most ``most``; ``unit`` words the message), or None."""
+    unit = f" {unit}" if unit else ""
     if above and not value > least:
-        return f"must be more than {least:g} {unit}, not {value:g}"
+        return f"must be more than {least:g}{unit}, not {value:g}"
     if not above and not value >= least:
-        return f"must be at least {least:g} {unit}, not {value:g}"
+        return f"must be at least {least:g}{unit}, not {value:g}"
     if value > most:
-        return f"must be at most {most:g} {unit}, not {value:g}"
+        return f"must be at most {most:g}{unit}, not {value:g}"
     return None
 
 

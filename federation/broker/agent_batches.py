@@ -11,8 +11,18 @@ read of the providers and their held leases, one update of their rows, each stat
 transaction of its own (``db.autocommit``: on a loaded broker each round trip to PostgreSQL
 costs ~5 ms, and a transaction's BEGIN and COMMIT are two more).
 
-The answer still means "recorded": the request is answered once its batch committed, so an
-agent's later lease report never overtakes the heartbeat before it.
+Most heartbeats repeat the one before ("still here, running the same workers, offering as
+before") and are answered once queued, not once recorded (``Broker.provider_heartbeat``): on
+two saturated cores the wait for a batch and its two statements was most of a slow heartbeat's
+time (issue 14's load benchmark, all users churning in the same 5 s: probes' p99 240 → 90-130
+ms). Two things keep that safe. A report the agent sends after such an answer may be recorded
+before the heartbeat, so a running lease the heartbeat does not list counts as gone only if it
+started before the heartbeat arrived, by the margin replicas' clocks may differ
+(``QUEUED_ORDER_MARGIN``); and a heartbeat writes its provider's row only if no later one was
+recorded (another replica may have recorded the agent's next one first). A heartbeat that
+changes something (its workers, its offer, its environments), the first a replica sees of a
+machine, and every heartbeat while the replica's batches fail or stall still wait for their
+batch, so the agent's later report never overtakes them and a broken database is answered 503.
 
 Long polls that end together (a wake-up for many machines, agents started together) read
 their lease lists the same way: one query, in autocommit, for every list asked while the
@@ -33,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, bindparam, update
+from sqlalchemy import and_, bindparam, or_, update
 from sqlalchemy.exc import DataError
 from sqlmodel import Session, col, select
 
@@ -60,6 +70,10 @@ class Heartbeat:
     environments: list[str] | None = None
     #: When it arrived (monotonic): of one provider's heartbeats in a batch, the last wins.
     arrived: float = field(default_factory=time.monotonic)
+    #: When it arrived, UTC: the provider's ``last_seen``, and what it could list.
+    arrived_at: dt.datetime = field(default_factory=utcnow)
+    #: Answered once queued, before its batch: a later report may be recorded first.
+    answered_queued: bool = False
     #: Set by the batch that recorded it; False after a failed batch or a timeout.
     recorded: bool = False
     #: Set by the batch when the provider has no row (it never registered, or was removed).
@@ -117,6 +131,16 @@ class Recorded:
     #: with the running leases each provider's latest heartbeat listed.
     late: list[str] = field(default_factory=list)
     alive: dict[str, set[str]] = field(default_factory=dict)
+    #: A running lease missing from ``alive`` is gone if it started before this (per
+    #: provider; ``timeouts.overdue``).
+    listed_before: dict[str, dt.datetime | None] = field(default_factory=dict)
+
+
+#: Seconds by which broker replicas' clocks may differ (NTP keeps them within milliseconds):
+#: a heartbeat answered once queued counts a running lease it does not list as gone only if
+#: the lease started at least this long before the heartbeat arrived. One that died sooner
+#: is found by the next heartbeat.
+QUEUED_ORDER_MARGIN = 2.0
 
 
 #: The batch's ids restrict the lease side too, which the join alone implies: without it
@@ -127,13 +151,16 @@ class Recorded:
 #: had ended; ``test_a_heartbeat_batch_reads_only_its_machines_leases``).
 _PROVIDERS_AND_HELD = (
     select(Provider.id, Provider.online, Provider.offering, Lease.id, Lease.state,
-           Lease.releasing_at, Lease.assigned_at)
+           Lease.releasing_at, Lease.assigned_at, Lease.started_at)
     .outerjoin(Lease, and_(Lease.provider_id == Provider.id,
                            col(Lease.provider_id).in_(bindparam("ids", expanding=True)),
                            NOT_ENDED, col(Lease.state).in_(HELD_STATES)))
     .where(col(Provider.id).in_(bindparam("ids", expanding=True))))
-#: A heartbeat's update of its provider's row, by primary key (an executemany over the batch).
-_SEEN = (update(Provider).where(Provider.id == bindparam("pid"))
+#: A heartbeat's update of its provider's row, by primary key (an executemany over the batch),
+#: unless a later heartbeat was recorded first (by another replica).
+_SEEN = (update(Provider).where(Provider.id == bindparam("pid"),
+                                or_(col(Provider.last_seen).is_(None),
+                                    col(Provider.last_seen) < bindparam("last_seen")))
          .values(last_seen=bindparam("last_seen"), online=True,
                  offering=bindparam("offering"), offer_note=bindparam("offer_note")))
 _SEEN_WITH_ENVIRONMENTS = _SEEN.values(environments_json=bindparam("environments_json"))
@@ -163,10 +190,10 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
     rows = conn.execute(_PROVIDERS_AND_HELD, {"ids": sorted(latest)}).all()
     known: dict[str, tuple[bool, bool]] = {}
     held = []
-    for pid, online, offering, lease_id, state, releasing_at, assigned_at in rows:
+    for pid, online, offering, lease_id, state, releasing_at, assigned_at, started_at in rows:
         known[pid] = (online, offering)
         if lease_id is not None:
-            held.append((lease_id, pid, state, releasing_at, assigned_at))
+            held.append((lease_id, pid, state, releasing_at, assigned_at, started_at))
     # Rows in id order, as every unit of work that locks several providers takes them.
     changes: dict[bool, list[dict]] = {True: [], False: []}  # with environments or not
     for pid in sorted(known):
@@ -174,7 +201,7 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
         if not online or (beat.offering and not offering):
             out.woken.add(pid)
             out.capacity_changed = True
-        change = {"pid": pid, "last_seen": now, "offering": beat.offering,
+        change = {"pid": pid, "last_seen": beat.arrived_at, "offering": beat.offering,
                   "offer_note": beat.offer_note}
         if pid in environments:
             change["environments_json"] = json.dumps(environments[pid])
@@ -183,12 +210,24 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
         if group:
             conn.execute(_SEEN_WITH_ENVIRONMENTS if with_environments else _SEEN, group)
     out.alive = {pid: set(latest[pid].running) for pid in known}
-    out.late = sorted(lease_id for lease_id, pid, state, releasing_at, assigned_at in held
+    out.listed_before = {pid: listed_before(latest[pid]) for pid in known}
+    out.late = sorted(lease_id for lease_id, pid, state, releasing_at, assigned_at, started_at
+                      in held
                       if overdue(LeaseState(state), lease_id, releasing_at, assigned_at,
-                                 out.alive[pid], now, settings))
+                                 out.alive[pid], now, settings, started_at,
+                                 out.listed_before[pid]))
     for beat in beats:
         beat.unknown = beat.provider_id not in known
     return out
+
+
+def listed_before(beat: Heartbeat) -> dt.datetime | None:
+    """For a heartbeat answered once queued, leases that started before this could have
+    been listed by it (its arrival, less the margin of replicas' clocks); None for one that
+    waited for its batch: the agent sent no report between it and its answer."""
+    if not beat.answered_queued:
+        return None
+    return beat.arrived_at - dt.timedelta(seconds=QUEUED_ORDER_MARGIN)
 
 
 def end_late(s: Session, recorded: Recorded, now: dt.datetime,
@@ -205,7 +244,7 @@ def end_late(s: Session, recorded: Recorded, now: dt.datetime,
     for lease in s.exec(select(Lease).where(col(Lease.id).in_(recorded.late))
                         .order_by(Lease.id).with_for_update(skip_locked=True)).all():
         if end_overdue(s, lease, recorded.alive.get(lease.provider_id, set()), now,
-                       settings):
+                       settings, recorded.listed_before.get(lease.provider_id)):
             recorded.woken.add(lease.provider_id)
             recorded.capacity_changed = True
 

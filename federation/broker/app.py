@@ -37,6 +37,7 @@ from .routes_labs import router as labs_router
 from .routes_records import router as records_router
 from .service import Broker
 from .settings import BrokerSettings
+from .thread_priority import keep_threads_behind_loop, threads_before_app
 
 logger = logging.getLogger("parallex.broker")
 #: Seconds between two samples of the event loop's lag (parallex_event_loop_lag_seconds).
@@ -85,6 +86,7 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        not_ours = threads_before_app()
         broker.wakeups.loop = asyncio.get_running_loop()  # where agents' long polls wait
         broker.recover()
         interval = max(0.2, min(settings.provider_timeout, settings.cluster_timeout) / 6)
@@ -132,11 +134,13 @@ def create_app(db_url: str, settings: BrokerSettings | None = None,
         task = asyncio.create_task(reaper())
         lag_task = asyncio.create_task(loop_lag())
         leadership_task = asyncio.create_task(leadership())
+        niceness_task = asyncio.create_task(
+            keep_threads_behind_loop(settings.thread_niceness, not_ours))
         logger.info("broker %s ready (started %s UTC)", broker.boot_id, utcnow())
         try:
             yield
         finally:
-            for background in (task, lag_task, leadership_task):
+            for background in (task, lag_task, leadership_task, niceness_task):
                 background.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await background

@@ -181,6 +181,13 @@ class BrokerMetrics:
             "them: answered on the fast path (agent_fast_path.py) or handed on to the API's "
             "full routing (a malformed request, an unusual query or a body over 64 KiB; "
             "the answer is the same, it costs more).", ["outcome"], registry=self.registry)
+        self.heartbeats_answered = Counter(
+            "parallex_agent_heartbeats_answered_total",
+            "Agents' heartbeats answered by this replica, by when: once queued (the heartbeat "
+            "repeats the last one recorded here, and the replica's heartbeat batches commit) "
+            "or after their batch (it changes something, or the batches fail or stall; "
+            "refusals included).",
+            ["when"], registry=self.registry)
         self.http = Histogram("parallex_http_request_seconds",
                               "Seconds to answer a request, by method and route template "
                               "under /api/v1 (this replica; long polls excluded).",

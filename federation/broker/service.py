@@ -139,6 +139,10 @@ METERING_WAIT = 5.0
 #: Seconds a heartbeat waits for its batch before it is answered 503 (the agent sends the
 #: next one as usual).
 HEARTBEAT_WAIT = 10.0
+#: Seconds a heartbeat batch may run before heartbeats that repeat the last one wait for
+#: their batch too (the database is slow or away: the agent is told with a 503), instead of
+#: being answered once queued.
+HEARTBEAT_STALL = 1.0
 #: How the warning about a heartbeat batch that took longer than that begins.
 SLOW_HEARTBEAT_BATCH = "a heartbeat batch took"
 #: Seconds an agent's report of a lease's state waits for its batch before it is answered
@@ -169,6 +173,11 @@ _SEEN = (update(ClusterRecord).where(ClusterRecord.id == bindparam("cluster_id")
 
 #: A cluster's ClusterRecord or its row in ``views.CLUSTER_HEAD``.
 ClusterRow = TypeVar("ClusterRow")
+
+
+def _said(beat: Heartbeat) -> tuple:
+    """What a heartbeat says that recording it may change: its workers and its offer."""
+    return frozenset(beat.running), beat.offering, beat.offer_note
 
 
 def _owned(principal: Principal, cluster_id: str, cluster: ClusterRow | None) -> ClusterRow:
@@ -274,6 +283,13 @@ class Broker:
         self.lease_lists = Coalescer(self._read_lease_lists, "parallex-lease-lists")
         #: Which lab each provider seen so far belongs to (providers never change lab).
         self._provider_labs = BoundedMap(PROVIDER_LABS_KEPT)
+        #: What each machine's heartbeat last recorded here said (its workers, its offer): a
+        #: heartbeat that repeats it is answered once queued (agent_batches.py).
+        self._beats_recorded: BoundedMap[str, tuple] = BoundedMap(PROVIDER_LABS_KEPT)
+        #: When the heartbeat batch under way began (monotonic; None between batches), and
+        #: whether the last one failed: either keeps repeats waiting for their batch.
+        self._beat_batch_began: float | None = None
+        self._beat_batch_failed = False
 
     def session(self) -> Session:
         return db.session(self.engine)
@@ -479,7 +495,14 @@ class Broker:
         heartbeats change nothing else, so a placement pass follows only a change."""
         batch = list(beats)
         self.metrics.heartbeat_batch_size.observe(len(batch))
-        each_alone_if_refused(batch, self._record_heartbeat_batch)
+        self._beat_batch_began = time.monotonic()
+        try:
+            each_alone_if_refused(batch, self._record_heartbeat_batch)
+        except Exception:
+            self._beat_batch_failed = True
+            raise
+        finally:
+            self._beat_batch_began = None
 
     def _record_heartbeat_batch(self, batch: list[Heartbeat]) -> None:
         # Row-locked like agent reports: on SQLite that is the exclusive section (a read
@@ -499,13 +522,20 @@ class Broker:
         if took > HEARTBEAT_WAIT:
             # Its agents were answered 503 already; which part stalled is what a site
             # (and issue 14's load runs, where one run answered 2,008 so) needs to know.
+            queued = sum(beat.answered_queued for beat in batch)
             logger.warning("%s %.1f s, past the %.0f s its %d heartbeats wait (their agents "
-                           "were answered 503): recording them took %.1f s, ending %d "
-                           "overdue leases %.1f s", SLOW_HEARTBEAT_BATCH, took,
-                           HEARTBEAT_WAIT, len(batch), recording, len(out.late),
-                           took - recording)
-        for beat in batch:
+                           "were answered 503; %d more were answered once queued): recording "
+                           "them took %.1f s, ending %d overdue leases %.1f s",
+                           SLOW_HEARTBEAT_BATCH, took, HEARTBEAT_WAIT, len(batch) - queued,
+                           queued, recording, len(out.late), took - recording)
+        self._beat_batch_failed = False
+        for beat in sorted(batch, key=lambda b: b.arrived):  # a provider's latest last
             beat.recorded = True
+            if beat.unknown:  # removed: its next heartbeat reads it again, and is refused
+                self._provider_labs.discard(beat.provider_id)
+                self._beats_recorded.discard(beat.provider_id)
+            else:
+                self._beats_recorded.put(beat.provider_id, _said(beat))
         if out.woken:
             self.wakeups.bump_all(out.woken)
         if out.capacity_changed:
@@ -515,8 +545,14 @@ class Broker:
         """Record one heartbeat (in the next batch; waits on the event loop, no thread).
         Raises Unavailable when its batch failed or did not finish in time (the agent
         heartbeats again), NotFound when the provider has no row."""
+        # Decided before it is queued: its batch reads it.
+        beat.answered_queued = self._may_answer_queued(beat)
         ticket = self.heartbeats.ask({beat})
+        if beat.answered_queued:
+            self.metrics.heartbeats_answered.labels("queued").inc()
+            return
         await self.heartbeats.wait_async(ticket, HEARTBEAT_WAIT)
+        self.metrics.heartbeats_answered.labels("recorded").inc()
         if beat.failure is not None:
             raise beat.failure
         if not beat.recorded:
@@ -525,6 +561,23 @@ class Broker:
                               "is busy or unreachable); the agent sends the next one as usual")
         if beat.unknown:
             raise self._unknown_provider(beat.provider_id)
+
+    @property
+    def heartbeat_batch_stalled(self) -> bool:
+        """Whether this replica's heartbeat batches fail or stall: heartbeats then wait for
+        their batch (and are answered 503 when it cannot finish)."""
+        began = self._beat_batch_began
+        return self._beat_batch_failed or (began is not None
+                                           and time.monotonic() - began > HEARTBEAT_STALL)
+
+    def _may_answer_queued(self, beat: Heartbeat) -> bool:
+        """Whether ``beat`` may be answered before its batch records it: it repeats what
+        the machine's last heartbeat recorded here said, and this replica's heartbeat
+        batches run on their thread and neither fail nor stall (agent_batches.py)."""
+        if not (self.settings.queued_heartbeat_answers and self.heartbeats.running):
+            return False
+        return (not self.heartbeat_batch_stalled and beat.environments is None
+                and self._beats_recorded.get(beat.provider_id) == _said(beat))
 
     def provider_leases(self, provider_id: str) -> list[dict]:
         """What the agent should run (starting, running) and stop (releasing)."""

@@ -115,6 +115,19 @@ class BrokerSettings:
         "samples) on PostgreSQL, so that on a busy machine the replicas answering agents and "
         "users have the cores first: a pass may take longer, a request should not (0: as "
         "the broker)", unit="niceness", least=0, most=19)
+    queued_heartbeat_answers: int = setting(
+        1, "1: an agent's heartbeat that repeats the last one this replica recorded (the same "
+        "workers, the same offer) is answered once queued, before its batch is written, "
+        "while this replica's heartbeat batches commit; one that changes something, and "
+        "every heartbeat while batches fail or stall, waits for its batch. 0: every "
+        "heartbeat waits for its batch (answered 503 when it fails)", unit="switch", least=0,
+        most=1)
+    thread_niceness: int = setting(
+        5, "added to a replica's threads other than its event loop (the request pool, the "
+        "batches of heartbeats, reports and lease lists, placement), so that on a busy "
+        "machine the event loop, which reads every request and answers agents' heartbeats, "
+        "has its process's share of the cores first (0: all threads alike; Linux only)",
+        unit="niceness", least=0, most=19)
     capacity_interval: float = setting(
         60.0, "between capacity samples (CPUs and GPUs online and leased per lab) for the "
         "dashboards' capacity history", above=True)
@@ -165,7 +178,8 @@ LEADS = {"s": "Seconds ", "hours": "Hours ", "requests/s": "Requests per second 
 
 
 METAVARS = {"s": "SECONDS", "hours": "HOURS", "requests/s": "N", "requests": "N",
-            "PCU": "PCU", "niceness": "N", "leases": "N", "ratio": "RATIO"}
+            "PCU": "PCU", "niceness": "N", "leases": "N", "ratio": "RATIO",
+            "switch": "0|1"}
 
 
 def _is_number(value: Any) -> bool:
@@ -175,7 +189,7 @@ def _is_number(value: Any) -> bool:
 #: The unit's word in an error message.
 UNIT_WORDS = {"s": "seconds", "hours": "hours", "requests/s": "requests per second",
               "requests": "requests", "PCU": "PCU", "niceness": "nice levels",
-              "leases": "leases", "ratio": "times the unit's time"}
+              "leases": "leases", "ratio": "times the unit's time", "switch": ""}
 
 
 def _checked(kind: type, meta: Any) -> Any:

@@ -19,14 +19,21 @@ from .settings import BrokerSettings
 
 def overdue(state: LeaseState, lease_id: str, releasing_at: dt.datetime | None,
             assigned_at: dt.datetime | None, alive: set[str], now: dt.datetime,
-            settings: BrokerSettings) -> str | None:
+            settings: BrokerSettings, started_at: dt.datetime | None = None,
+            listed_before: dt.datetime | None = None) -> str | None:
     """Why a held lease is overdue on its provider's heartbeat ("release", "gone",
     "start"), or None. From columns, so a heartbeat batch need not build a Lease per
-    held lease to find the few that are."""
+    held lease to find the few that are.
+
+    ``listed_before``: a running lease missing from ``alive`` is gone only if it started
+    before then. A heartbeat answered once queued (agent_batches.py) may be recorded after
+    the agent's next report, which may start a lease the heartbeat could not list yet."""
     if (state == LeaseState.releasing and releasing_at is not None
             and (now - as_utc(releasing_at)).total_seconds() > settings.release_timeout):
         return "release"
-    if state in (LeaseState.running, LeaseState.suspended) and lease_id not in alive:
+    if (state in (LeaseState.running, LeaseState.suspended) and lease_id not in alive
+            and (listed_before is None or started_at is None
+                 or as_utc(started_at) < listed_before)):
         return "gone"
     if (state == LeaseState.starting and assigned_at is not None
             and (now - as_utc(assigned_at)).total_seconds() > settings.start_timeout):
@@ -35,12 +42,12 @@ def overdue(state: LeaseState, lease_id: str, releasing_at: dt.datetime | None,
 
 
 def end_overdue(s: Session, lease: Lease, alive: set[str], now: dt.datetime,
-                settings: BrokerSettings) -> bool:
+                settings: BrokerSettings, listed_before: dt.datetime | None = None) -> bool:
     """On a provider's heartbeat: end its lease if it is overdue — a release the agent never
     confirmed, a running lease whose worker the agent no longer has, a start that never
     joined its scheduler. True when the lease ended."""
     why = overdue(lease.state, lease.id, lease.releasing_at, lease.assigned_at, alive, now,
-                  settings)
+                  settings, lease.started_at, listed_before)
     if why == "release":
         # The agent could not report the end (or would not): the capacity it holds comes
         # back, and billing stops. Lost, whatever the release aimed at.

@@ -100,6 +100,10 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
         assert httpx.get(f"{api}/clusters", headers=user, timeout=30).status_code == 200
 
         with database_down(postgres_url):
+            # A heartbeat that repeats the last one is answered once queued; its batch
+            # fails, and from then on heartbeats wait for theirs, answered 503 below.
+            queued = httpx.post(beat[0], json=beat[1], headers=agent, timeout=30)
+            assert queued.status_code == 200, queued.text
             answers = {
                 "user's list": httpx.get(f"{api}/clusters", headers=user, timeout=30),
                 "admin's new lab": httpx.post(f"{api}/labs", headers=admin, timeout=30,
@@ -108,9 +112,12 @@ def test_a_database_that_goes_away_is_answered_503_and_the_broker_recovers(tmp_p
                                           headers=agent, timeout=30),
                 "agent's new token": httpx.get(f"{api}/agent/{pid}/leases?wait=0",
                                                headers=unseen, timeout=30),
-                "agent's heartbeat": httpx.post(beat[0], json=beat[1], headers=agent,
-                                                timeout=30),
             }
+            # Once its batch has failed (the first try, unless it still tries to connect).
+            answers["agent's heartbeat"] = wait_until(
+                lambda: (answer := httpx.post(beat[0], json=beat[1], headers=agent,
+                                              timeout=30)).status_code == 503 and answer,
+                30, "a heartbeat to wait for its batch and be answered 503")
         for what, answer in answers.items():
             assert answer.status_code == 503, (what, answer.status_code, answer.text)
         # A heartbeat's batch failed: it says so (the agent sends the next as usual); the

@@ -357,19 +357,27 @@ def test_a_value_the_database_refuses_fails_only_its_own_report_or_heartbeat(pos
 
 def test_batches_that_cannot_finish_in_time_answer_503_and_the_retry_counts(postgres_url):
     """The database holds the batches up (another session locks the tables) past the 10 s a
-    heartbeat or report waits: each is answered 503 with what to do, never a silent
-    success; once the lock goes the batches finish, and the agent's retry of the report is
-    answered with the lease's state (idempotent), its next heartbeat recorded."""
+    heartbeat or report waits. A heartbeat that repeats the last one is answered once queued
+    (its batch cannot even start writing while the lock is held); once that batch has
+    stalled, the next waits for its own and, like the report, is answered 503 with what to
+    do, never a silent success. Once the lock goes the batches finish, the agent's retry of
+    the report is answered with the lease's state (idempotent), its next heartbeat
+    recorded."""
     import psycopg
 
     with in_process_broker(postgres_url, 1) as b:
+        broker = b.app.state.broker
         (lease_id,) = b.ids
         beat_path, report_path = (f"/agent/{b.box}/heartbeat",
                                   f"/agent/{b.box}/leases/{lease_id}/state")
-        # Remembered before the lock: the token's principal and the machine's lab.
+        # Remembered before the lock: the token's principal and the machine's lab, and
+        # what the machine's heartbeat says.
         assert b.call(b.agent, "POST", beat_path, json={"running": b.ids}).status_code == 200
         with psycopg.connect(postgres_url) as locker:
             locker.execute("LOCK TABLE provider, lease IN ACCESS EXCLUSIVE MODE")
+            repeat = b.call(b.agent, "POST", beat_path, json={"running": b.ids})
+            assert repeat.status_code == 200, repeat.text  # answered while nothing can write
+            wait_until(lambda: broker.heartbeat_batch_stalled, 30, "the batch to stall")
             with ThreadPoolExecutor(2) as pool:
                 beat = pool.submit(b.call, b.agent, "POST", beat_path, json={"running": b.ids})
                 report = pool.submit(b.call, b.agent, "POST", report_path,
@@ -643,10 +651,16 @@ def test_a_heartbeat_does_not_wait_for_a_lease_another_unit_holds(postgres_url):
                                    (gone,)).fetchone()[0]
             assert state == "running"  # left to a later heartbeat
             holder.rollback()
-        assert b.call(b.agent, "POST", beat, json={"running": [kept]}).status_code == 200
-        states = {le["id"]: le["state"] for le in b.call(
-            b.user, "GET", f"/clusters/{b.cid}").json()["leases"]}
-        assert states == {gone: "ended", kept: "running"}
+
+        def states() -> dict:
+            assert b.call(b.agent, "POST", beat, json={"running": [kept]}).status_code == 200
+            return {le["id"]: le["state"] for le in b.call(
+                b.user, "GET", f"/clusters/{b.cid}").json()["leases"]}
+
+        # A repeated heartbeat is answered once queued and recorded just after; it counts
+        # a lease gone once the lease started QUEUED_ORDER_MARGIN before it (agent_batches).
+        wait_until(lambda: states() == {gone: "ended", kept: "running"}, 30,
+                   "a later heartbeat to end the lease")
 
 
 def test_a_heartbeat_batch_past_its_wait_says_which_part_stalled(postgres_url, monkeypatch,
