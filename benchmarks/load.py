@@ -135,6 +135,8 @@ class Recorder:
         #: Asks for placement passes sent to the leader replica, and scale requests placed
         #: by their own replica because the leader had not answered (all replicas).
         self.placement_asks: dict[str, float] = {}
+        #: Agents' heartbeats the replicas answered once queued and after their batch.
+        self.heartbeat_answers: dict[str, float] = {}
         #: Each replica's own figures (``replica_figures``), in the order of the URLs.
         self.by_replica: list[dict] = []
         #: PostgreSQL's transactions during the run, committed and rolled back.
@@ -515,6 +517,9 @@ def main() -> None:
             rec.placement_asks = gauge_sums(samples, {
                 "sent to the leader": "parallex_placement_asks_to_leader",
                 "placed by their own replica": "parallex_placement_fallbacks"})
+            rec.heartbeat_answers = {when: sum(
+                s.value for s in samples if s.name == "parallex_agent_heartbeats_answered_total"
+                and s.labels.get("when") == when) for when in ("queued", "recorded")}
             if counting:
                 now = database_statements(db)
                 rec.statements = {k: now[k] - statements_at_start.get(k, 0)
@@ -850,6 +855,11 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
     if rec.placement_asks:
         print("asks for a placement pass (only the leader replica places): " + ", ".join(
             f"{k} {v:.0f}" for k, v in rec.placement_asks.items()))
+    if sum(rec.heartbeat_answers.values()):
+        queued, recorded = rec.heartbeat_answers["queued"], rec.heartbeat_answers["recorded"]
+        print(f"agents' heartbeats (probes' included) answered once queued {queued:.0f}, "
+              f"after their batch {recorded:.0f} ({recorded / (queued + recorded):.0%}: "
+              "changed workers or offer, a machine's first, or batches stalled)")
     print("CPU used (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in rec.cpu.items())
           + f" of {psutil.cpu_count()}; 429s retried as agents do: {dict(rec.retried)}")
     inside_rows = [("route (inside the broker)", "requests", "p50 ≤ ms", "p99 ≤ ms")]
@@ -896,6 +906,7 @@ def report(rec: Recorder, elapsed: float, passes: dict[str, tuple[int, float, fl
               "passes": {k: {"count": n, "mean_s": m, "p50_s_at_most": a, "p99_s_at_most": b}
                          for k, (n, m, a, b) in passes.items()},
               "placement_asks": rec.placement_asks, "answered": dict(rec.answered),
+              "heartbeat_answers": rec.heartbeat_answers,
               "database_transactions": rec.transactions,
               "database_statements": rec.statements,
               "cpu_cores_used": rec.cpu, "retried_429": dict(rec.retried),
