@@ -278,7 +278,10 @@ class ProviderAgent:
             try:
                 async with self._report_lock:
                     # Built under the lock that also guards state reports, so a lease's
-                    # "running" report never overtakes a heartbeat that predates its worker.
+                    # "running" report never overtakes a heartbeat that predates its worker
+                    # (a heartbeat that repeats the last one is answered before the broker
+                    # records it; the broker then judges by its arrival which leases it
+                    # could have listed).
                     running = [lid for lid in self.workers if lid not in self._stopping]
                     timer = (self.metrics.heartbeat.time() if self.metrics is not None
                              else contextlib.nullcontext())
