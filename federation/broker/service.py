@@ -283,8 +283,9 @@ class Broker:
         self.lease_lists = Coalescer(self._read_lease_lists, "parallex-lease-lists")
         #: Which lab each provider seen so far belongs to (providers never change lab).
         self._provider_labs = BoundedMap(PROVIDER_LABS_KEPT)
-        #: What each machine's heartbeat last recorded here said (its workers, its offer): a
-        #: heartbeat that repeats it is answered once queued (agent_batches.py).
+        #: What each machine's heartbeat last recorded here said (its workers, its offer), and
+        #: when (monotonic): a heartbeat that repeats it is answered once queued
+        #: (agent_batches.py).
         self._beats_recorded: BoundedMap[str, tuple] = BoundedMap(PROVIDER_LABS_KEPT)
         #: When the heartbeat batch under way began (monotonic; None between batches), and
         #: whether the last one failed: either keeps repeats waiting for their batch.
@@ -535,7 +536,7 @@ class Broker:
                 self._provider_labs.discard(beat.provider_id)
                 self._beats_recorded.discard(beat.provider_id)
             else:
-                self._beats_recorded.put(beat.provider_id, _said(beat))
+                self._beats_recorded.put(beat.provider_id, (_said(beat), time.monotonic()))
         if out.woken:
             self.wakeups.bump_all(out.woken)
         if out.capacity_changed:
@@ -572,12 +573,18 @@ class Broker:
 
     def _may_answer_queued(self, beat: Heartbeat) -> bool:
         """Whether ``beat`` may be answered before its batch records it: it repeats what
-        the machine's last heartbeat recorded here said, and this replica's heartbeat
+        the machine's last heartbeat recorded here said, less than half a provider timeout
+        ago, and this replica's heartbeat
         batches run on their thread and neither fail nor stall (agent_batches.py)."""
         if not (self.settings.queued_heartbeat_answers and self.heartbeats.running):
             return False
-        return (not self.heartbeat_batch_stalled and beat.environments is None
-                and self._beats_recorded.get(beat.provider_id) == _said(beat))
+        if self.heartbeat_batch_stalled or beat.environments is not None:
+            return False
+        said, at = self._beats_recorded.get(beat.provider_id) or ((), -math.inf)
+        # Recorded here lately: a machine silent for a provider timeout was taken offline,
+        # and its return (a pass to place on it) waits for its batch.
+        return (said == _said(beat)
+                and time.monotonic() - at < self.settings.provider_timeout / 2)
 
     def provider_leases(self, provider_id: str) -> list[dict]:
         """What the agent should run (starting, running) and stop (releasing)."""

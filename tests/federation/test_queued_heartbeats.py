@@ -5,6 +5,7 @@ reordered still waits for its batch."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 from sqlmodel import select
@@ -69,6 +70,22 @@ def test_with_the_setting_off_every_heartbeat_waits(db_url):
             assert b.call(b.agent, "POST", f"/agent/{b.box}/heartbeat",
                           json={"running": b.ids}).status_code == 200
         assert answered(broker, "queued") == 0 and answered(broker, "recorded") == 3
+
+
+def test_a_repeat_after_half_a_provider_timeout_of_silence_waits(db_url):
+    """A machine silent that long may have been taken offline meanwhile (by any replica's
+    reaper): its return, which places leases on it again, is recorded before the answer."""
+    with in_process_broker(db_url, 1, provider_timeout=1.0) as b:
+        broker = b.app.state.broker
+        beat = f"/agent/{b.box}/heartbeat"
+        assert b.call(b.agent, "POST", beat, json={"running": b.ids}).status_code == 200
+        assert b.call(b.agent, "POST", beat, json={"running": b.ids}).status_code == 200
+        assert (answered(broker, "recorded"), answered(broker, "queued")) == (1, 1)
+        time.sleep(0.6)  # the machine silent past half its 1 s timeout: what is tested
+        assert b.call(b.agent, "POST", beat, json={"running": b.ids}).status_code == 200
+        assert (answered(broker, "recorded"), answered(broker, "queued")) == (2, 1)
+        with broker.session() as s:
+            assert s.get(Provider, b.box).online is True
 
 
 def lease_started(broker, lease_id: str) -> dt.datetime:
