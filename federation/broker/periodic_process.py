@@ -49,6 +49,7 @@ _child: dict[str, object] = {}
 
 def _start(url: str, settings: BrokerSettings, log_level: int, title: str,
            broker_pid: int, niceness: int) -> None:
+    """The child's set-up; ``niceness`` is the one it must run at (absolute)."""
     # A stop signal to the broker's process group (systemd, ``parallex up``) must not end a
     # pass halfway: the broker's shutdown ends this process after the pass.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -59,10 +60,12 @@ def _start(url: str, settings: BrokerSettings, log_level: int, title: str,
     with contextlib.suppress(OSError):
         with open("/proc/self/comm", "w") as comm:
             comm.write(f"parallex-{title}"[:15])
-    if niceness:
-        # Work that is due every interval, not answered to anyone: on a saturated machine
-        # the request processes should have the cores first (issue 14's load benchmark).
-        os.nice(niceness)
+    # Absolute, not added: the child inherits the niceness of the broker thread that spawned
+    # it, and those run behind the event loop (thread_priority.py). Lowering it back needs
+    # privilege: without it the child stays as niced as that thread.
+    with contextlib.suppress(PermissionError):
+        if os.getpriority(os.PRIO_PROCESS, 0) != niceness:
+            os.setpriority(os.PRIO_PROCESS, 0, niceness)
     _child["engine"] = plain_engine(url)
     _child["settings"] = settings
     # The broker's pid as the broker gave it, not os.getppid() read here: a broker killed
@@ -102,14 +105,17 @@ class BrokerChildProcess:
     """One child process, spawned on first use, whose calls block the calling thread until
     they are done (the thread waits without the interpreter lock). ``title`` names the child
     in its log lines and, on Linux, in ps (``parallex-<title>``); ``niceness`` is added to
-    its niceness."""
+    the broker process's niceness (its event loop's), whichever of its threads spawns it."""
 
     def __init__(self, engine: Engine, settings: BrokerSettings, title: str,
                  niceness: int = 0):
         self._url = engine.url.render_as_string(hide_password=False)
         self._settings = settings
         self._title = title
-        self._niceness = niceness
+        # Work that is due every interval, not answered to anyone: on a saturated machine the
+        # request processes should have the cores first (issue 14's load benchmark). Added
+        # to the broker process's own (its main thread's, which runs the event loop).
+        self._niceness = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + niceness)
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._stopped = False
