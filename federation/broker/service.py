@@ -574,8 +574,8 @@ class Broker:
     def _may_answer_queued(self, beat: Heartbeat) -> bool:
         """Whether ``beat`` may be answered before its batch records it: it repeats what
         the machine's last heartbeat recorded here said, less than half a provider timeout
-        ago, and this replica's heartbeat
-        batches run on their thread and neither fail nor stall (agent_batches.py)."""
+        ago, and this replica's heartbeat batches run on their thread and neither fail nor
+        stall (agent_batches.py)."""
         if not (self.settings.queued_heartbeat_answers and self.heartbeats.running):
             return False
         if self.heartbeat_batch_stalled or beat.environments is not None:
