@@ -128,12 +128,9 @@ class Recorded:
     #: a placement pass should follow.
     capacity_changed: bool = False
     #: Held leases the heartbeats show overdue (``timeouts.overdue``), for ``end_late``;
-    #: with the running leases each provider's latest heartbeat listed.
+    #: with each known provider's latest heartbeat, which they were judged by.
     late: list[str] = field(default_factory=list)
-    alive: dict[str, set[str]] = field(default_factory=dict)
-    #: A running lease missing from ``alive`` is gone if it started before this (per
-    #: provider; ``timeouts.overdue``).
-    listed_before: dict[str, dt.datetime | None] = field(default_factory=dict)
+    latest: dict[str, Heartbeat] = field(default_factory=dict)
 
 
 #: Seconds by which broker replicas' clocks may differ (NTP keeps them within milliseconds):
@@ -209,13 +206,12 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
     for with_environments, group in changes.items():
         if group:
             conn.execute(_SEEN_WITH_ENVIRONMENTS if with_environments else _SEEN, group)
-    out.alive = {pid: set(latest[pid].running) for pid in known}
-    out.listed_before = {pid: listed_before(latest[pid]) for pid in known}
+    out.latest = {pid: latest[pid] for pid in known}
     out.late = sorted(lease_id for lease_id, pid, state, releasing_at, assigned_at, started_at
                       in held
                       if overdue(LeaseState(state), lease_id, releasing_at, assigned_at,
-                                 out.alive[pid], now, settings, started_at,
-                                 out.listed_before[pid]))
+                                 set(latest[pid].running), now, settings, started_at,
+                                 listed_before(latest[pid])))
     for beat in beats:
         beat.unknown = beat.provider_id not in known
     return out
@@ -243,8 +239,8 @@ def end_late(s: Session, recorded: Recorded, now: dt.datetime,
     were taken for lost."""
     for lease in s.exec(select(Lease).where(col(Lease.id).in_(recorded.late))
                         .order_by(Lease.id).with_for_update(skip_locked=True)).all():
-        if end_overdue(s, lease, recorded.alive.get(lease.provider_id, set()), now,
-                       settings, recorded.listed_before.get(lease.provider_id)):
+        beat = recorded.latest[lease.provider_id]  # every late lease's provider has one
+        if end_overdue(s, lease, set(beat.running), now, settings, listed_before(beat)):
             recorded.woken.add(lease.provider_id)
             recorded.capacity_changed = True
 

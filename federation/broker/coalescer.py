@@ -59,6 +59,11 @@ class Coalescer:
         self._stopping = False
         # Requests waiting on the event loop for their ticket, resolved after a batch.
         self._async_waiters = CountWaiters(self._cond, lambda ticket: self._done >= ticket)
+        #: When the batch under way on the thread began (monotonic; None between batches),
+        #: and whether the last one raised: a caller that answers before its batch (agents'
+        #: repeated heartbeats, service.py) waits instead while batches stall or fail.
+        self.busy_since: float | None = None
+        self.last_failed = False
         #: Batches run and asks served, for the metrics and the tests.
         self.passes = 0
         self.asks = 0
@@ -165,12 +170,17 @@ class Coalescer:
                 items, self._items = self._items, set()
                 self._urgent = False
                 self._last_start = time.monotonic()
+            self.busy_since = self._last_start
             try:
                 self._run_batch(items)
+                self.last_failed = False
             except Exception:
                 # A transient database error must not leave askers waiting for ever: they
                 # are released, and the reaper's periodic passes pick up what was missed.
                 logger.exception("%s: batch failed", self._name)
+                self.last_failed = True
+            finally:
+                self.busy_since = None
             self._finished(serving)
 
 

@@ -287,10 +287,6 @@ class Broker:
         #: when (monotonic): a heartbeat that repeats it is answered once queued
         #: (agent_batches.py).
         self._beats_recorded: BoundedMap[str, tuple] = BoundedMap(PROVIDER_LABS_KEPT)
-        #: When the heartbeat batch under way began (monotonic; None between batches), and
-        #: whether the last one failed: either keeps repeats waiting for their batch.
-        self._beat_batch_began: float | None = None
-        self._beat_batch_failed = False
 
     def session(self) -> Session:
         return db.session(self.engine)
@@ -496,14 +492,7 @@ class Broker:
         heartbeats change nothing else, so a placement pass follows only a change."""
         batch = list(beats)
         self.metrics.heartbeat_batch_size.observe(len(batch))
-        self._beat_batch_began = time.monotonic()
-        try:
-            each_alone_if_refused(batch, self._record_heartbeat_batch)
-        except Exception:
-            self._beat_batch_failed = True
-            raise
-        finally:
-            self._beat_batch_began = None
+        each_alone_if_refused(batch, self._record_heartbeat_batch)
 
     def _record_heartbeat_batch(self, batch: list[Heartbeat]) -> None:
         # Row-locked like agent reports: on SQLite that is the exclusive section (a read
@@ -529,7 +518,6 @@ class Broker:
                            "them took %.1f s, ending %d overdue leases %.1f s",
                            SLOW_HEARTBEAT_BATCH, took, HEARTBEAT_WAIT, len(batch) - queued,
                            queued, recording, len(out.late), took - recording)
-        self._beat_batch_failed = False
         for beat in sorted(batch, key=lambda b: b.arrived):  # a provider's latest last
             beat.recorded = True
             if beat.unknown:  # removed: its next heartbeat reads it again, and is refused
@@ -567,9 +555,9 @@ class Broker:
     def heartbeat_batch_stalled(self) -> bool:
         """Whether this replica's heartbeat batches fail or stall: heartbeats then wait for
         their batch (and are answered 503 when it cannot finish)."""
-        began = self._beat_batch_began
-        return self._beat_batch_failed or (began is not None
-                                           and time.monotonic() - began > HEARTBEAT_STALL)
+        began = self.heartbeats.busy_since
+        return self.heartbeats.last_failed or (began is not None
+                                               and time.monotonic() - began > HEARTBEAT_STALL)
 
     def _may_answer_queued(self, beat: Heartbeat) -> bool:
         """Whether ``beat`` may be answered before its batch records it: it repeats what

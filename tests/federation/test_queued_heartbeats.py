@@ -10,7 +10,7 @@ import time
 import pytest
 from sqlmodel import select
 
-from accounting.models import utcnow
+from accounting.models import as_utc, utcnow
 from federation.broker import agent_batches, service
 from federation.broker.agent_batches import Heartbeat, record_heartbeats
 from federation.broker.models import Lease, Provider
@@ -92,8 +92,7 @@ def lease_started(broker, lease_id: str) -> dt.datetime:
     with broker.session() as s:
         lease = s.exec(select(Lease).where(Lease.id == lease_id)).one()
         assert lease.state == "running"
-        return lease.started_at.replace(tzinfo=dt.UTC) if lease.started_at.tzinfo is None \
-            else lease.started_at
+        return as_utc(lease.started_at)
 
 
 @pytest.mark.parametrize("answered_queued, arrived_after_start, gone", [
@@ -134,6 +133,4 @@ def test_a_heartbeat_recorded_late_does_not_undo_a_later_one(db_url):
         with broker.session() as s:
             row = s.get(Provider, b.box)
             assert (row.offering, row.offer_note) == (False, "owner typing")
-            seen = row.last_seen if row.last_seen.tzinfo else row.last_seen.replace(
-                tzinfo=dt.UTC)
-            assert seen == now
+            assert as_utc(row.last_seen) == now
