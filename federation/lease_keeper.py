@@ -592,8 +592,12 @@ class LeaseKeeper:
                                      "state": LeaseState.pending}
         self.live.update(ids)
         try:
+            # Answered once admitted (refusals still come at once), not after the placement
+            # pass: where they went comes with the next heartbeat, and their workers join
+            # as soon as they start either way. Waiting for the pass was most of a scale's
+            # time under load (issue 14) and held up the adaptive loop.
             created = await self._broker.request(
-                "POST", f"/clusters/{self.cluster_id}/leases",
+                "POST", f"/clusters/{self.cluster_id}/leases", params={"wait": 0},
                 json={"spec": group.spec(), "group": group.name, "workers": workers})
             self.environment_error = None
         except errors.EnvironmentRefused as exc:

@@ -51,11 +51,19 @@ def test_metrics_say_what_the_federation_holds_and_how_long_the_broker_took(fede
         assert now[("parallex_agents_offering", (("lab", "lab-a"),))] == 1
         assert now[("parallex_pcu_per_hour", (("lab", "lab-a"),))] > 0
         assert now[("parallex_placement_pass_seconds_count", ())] >= 1
-        # Where a scale request's time goes: its admission, then its wait for a pass (the
-        # cluster asked at least once: scale(3)), and the passes' waits for the lock.
+        # Where a scale request's time goes: its admission (the cluster asked at least
+        # once: scale(3)), and the passes' waits for the lock. The lease keeper does not
+        # wait for the pass after its request (wait=0): none timed yet.
         assert now[("parallex_scale_admission_seconds_count", ())] >= 1
-        assert now[("parallex_scale_placement_wait_seconds_count", ())] >= 1
+        assert now.get(("parallex_scale_placement_wait_seconds_count", ()), 0) == 0
         assert now[("parallex_placement_lock_wait_seconds_count", ())] >= 1
+        # A request through the API that waits for its pass (the default) is timed.
+        asked = httpx.post(f"{fed.url}/api/v1/clusters/{cluster.cluster_id}/leases",
+                           headers={"Authorization": f"Bearer {fed.user_tokens['alice']}"},
+                           json={"spec": {"cpus": 1, "memory": 2**30},
+                                 "workers": [{"lease_id": "ls-metrics-waited"}]}, timeout=30)
+        assert asked.status_code == 201, asked.text
+        assert scraped()[("parallex_scale_placement_wait_seconds_count", ())] == 1
         requests = {dict(labels)["route"] for (name, labels) in now
                     if name == "parallex_http_request_seconds_count"}
         # Route templates, never raw paths with ids; long polls are not timed.

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from federation.tls import ClusterAuthority
 from tests.utils.federation import make_federation
-from tests.utils.in_process import in_process_broker
+from tests.utils.in_process import in_process_broker, scraped
 from tests.utils.procs import start_broker, wait_until
 
 #: Seconds a replica may remember a token in these tests: far longer than any wait below, so
@@ -164,6 +164,56 @@ def test_a_scale_answer_holds_only_the_new_leases(federation):
         # Placed by the pass the request waited for (the machine has room).
         assert second[0]["state"] == "starting", second
         assert second[0]["lab"] == "lab-a"
+
+
+def test_a_lease_request_with_wait_0_is_answered_before_its_placement_pass(postgres_url):
+    """``wait=0`` (the lease keeper's): answered once admitted, its leases pending, while no
+    pass can run (the test holds the placement lock); the pass after places them. Its
+    refusals still come at once, and a wait over 5 s or under 0 is refused."""
+    from sqlalchemy import text
+
+    from federation.broker.placing import PLACEMENT_LOCK
+
+    with in_process_broker(postgres_url, 1) as b:  # 3 CPUs, one running: room for two
+        broker = b.app.state.broker
+        path = f"/clusters/{b.cid}/leases"
+        spec = {"cpus": 1, "memory": "1 GiB"}
+        answers: list[httpx.Response] = []
+        waited = "parallex_scale_placement_wait_seconds_count"
+        waited_before = scraped(b.client, waited)
+        with broker.engine.connect() as holder:
+            holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PLACEMENT_LOCK})
+            asking = threading.Thread(target=lambda: answers.append(b.call(
+                b.user, "POST", f"{path}?wait=0", json={
+                    "spec": spec, "workers": [{"lease_id": "ls-nowait0"},
+                                              {"lease_id": "ls-nowait1"}]})))
+            asking.start()
+            # Well under the 5 s a request that waits for its pass would take.
+            asking.join(4)
+            assert not asking.is_alive(), "the request waited for the placement pass"
+            assert answers[0].status_code == 201, answers[0].text
+            assert [(le["id"], le["state"]) for le in answers[0].json()] == [
+                ("ls-nowait0", "pending"), ("ls-nowait1", "pending")]
+            assert scraped(b.client, waited) == waited_before
+            holder.rollback()  # passes run again
+
+        def states() -> set[str]:
+            view = b.call(b.user, "POST", f"/clusters/{b.cid}/heartbeat", json={})
+            return {le["state"] for le in view.json()["leases"] if "nowait" in le["id"]}
+
+        wait_until(lambda: states() == {"starting"}, 30, "the pass after to place both")
+        # A refusal is not deferred: a worker no machine could ever host, nothing stored.
+        refused = b.call(b.user, "POST", f"{path}?wait=0", json={
+            "spec": {"cpus": 64, "memory": "1 GiB"}, "workers": [{"lease_id": "ls-toobig0"}]})
+        assert refused.status_code == 422 and refused.json()["error"] == "no-provider-fits"
+        assert "ls-toobig0" not in {le["id"] for le in b.call(
+            b.user, "GET", f"/clusters/{b.cid}").json()["leases"]}
+        for wait in ("5.5", "-1", "soon"):
+            bad = b.call(b.user, "POST", f"{path}?wait={wait}", json={
+                "spec": spec, "workers": [{"lease_id": "ls-badwait0"}]})
+            assert bad.status_code == 422, (wait, bad.text)
+        assert "ls-badwait0" not in {le["id"] for le in b.call(
+            b.user, "GET", f"/clusters/{b.cid}").json()["leases"]}
 
 
 def _two_machines(federation) -> tuple[str, dict, list[str]]:
