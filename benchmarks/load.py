@@ -754,8 +754,7 @@ def probe_endpoints(rec: Recorder, seconds: float, metering: bool | None = None
         sent = rec.probe_start + t
         if not STEADY_AFTER <= t < seconds:
             continue
-        if metering is not None and metering != any(
-                start < sent + latency and sent < end for start, end in rec.metering):
+        if metering is not None and metering != in_metering(rec, sent, latency):
             continue
         by_name[name].append(latency)
     return {name: (len(x), statistics.median(x) * 1000, quantile(x, 0.99) * 1000)
@@ -810,6 +809,12 @@ def steady_probes(rec: Recorder) -> Iterator[tuple[float, float]]:
             yield rec.probe_start + t, latency
 
 
+def in_metering(rec: Recorder, sent: float, latency: float) -> bool:
+    """Whether a request sent at ``sent`` (the monotonic clock) that took ``latency``
+    seconds overlapped one of the leader's periodic metering passes."""
+    return any(start < sent + latency and sent < end for start, end in rec.metering)
+
+
 def during_metering(rec: Recorder) -> dict:
     """The probes' heartbeats after start-up that overlapped a periodic metering pass, and
     the others (the issue's target holds "including during metering"); empty without
@@ -818,8 +823,7 @@ def during_metering(rec: Recorder) -> dict:
         return {}
     during, outside = [], []
     for sent, latency in steady_probes(rec):
-        overlaps = any(start < sent + latency and sent < end for start, end in rec.metering)
-        (during if overlaps else outside).append(latency)
+        (during if in_metering(rec, sent, latency) else outside).append(latency)
     return {"passes": len(rec.metering),
             "pass_seconds": sum(end - start for start, end in rec.metering),
             "since_probes_start": [(start - rec.probe_start, end - rec.probe_start)

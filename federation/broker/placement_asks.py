@@ -105,24 +105,9 @@ class PlacementAsks:
         with self._cond:
             return self._last if self._last is not None else Ticket(True, 0)
 
-    def wait(self, ticket: Ticket, timeout: float) -> bool:
-        """Wait until a pass that started after ``ticket`` was asked has finished; False
-        when ``timeout`` seconds passed first."""
-        if ticket.local:
-            return self.placer.wait(ticket.n, timeout)
-        first = min(timeout, LEADER_ANSWER_WAIT)
-        with self._cond:
-            if self._cond.wait_for(lambda: self._answered >= ticket.n, first):
-                return True
-        if timeout <= first:
-            return False
-        return self.placer.wait(self._place_here(), timeout - first)
-
-    def ask_and_wait(self, timeout: float) -> bool:
-        return self.wait(self.ask(), timeout)
-
     async def wait_async(self, ticket: Ticket, timeout: float) -> bool:
-        """``wait`` for a coroutine (on the event loop, holding no thread)."""
+        """Wait until a pass that started after ``ticket`` was asked has finished (False
+        when ``timeout`` seconds passed first), on the event loop, holding no thread."""
         if ticket.local:
             return await self.placer.wait_async(ticket.n, timeout)
         first = min(timeout, LEADER_ANSWER_WAIT)

@@ -101,26 +101,22 @@ async def request_leases(cluster_id: ClusterIdPath, body: LeaseCreate, request: 
     cluster's environment cannot be served, or the lab lacks the credit or quota; else
     created pending and placed by the next pass."""
     broker = request.app.state.broker
-    if wait == 0:
-        # One trip to a pool thread, not three: under load each trip waits its turn for a
-        # thread and for the interpreter (issue 14).
-        return await run_in_threadpool(_admitted, broker, principal, cluster_id, body)
-    cluster = await run_in_threadpool(broker.cluster_for, principal, cluster_id)
-    created = await run_in_threadpool(broker.request_leases, cluster, body, False)
+
+    def admit() -> list[str]:
+        return broker.request_leases(broker.cluster_for(principal, cluster_id), body)
+
+    # Only the new leases are read back (the cluster's others, ended ones included, may be
+    # thousands). Few trips to a pool thread: under load each waits its turn for a thread
+    # and for the interpreter (issue 14).
+    if not wait:
+        # The lease keeper's: under issue 14's load the wait for the pass was most of a
+        # scale request's time.
+        return await run_in_threadpool(lambda: broker.new_leases_public(admit()))
+    created = await run_in_threadpool(admit)
     # The placement pass after the insert, waited for on the event loop (no pool thread).
-    # The lease keeper does not wait (wait=0): under issue 14's load the wait was most of a
-    # scale request's time (a pass every ~30 ms, queued behind others').
     with broker.metrics.scale_placement_wait.time():
         await broker.placer.wait_async(broker.placer.last_ticket, wait)
-    # Only the new leases (the cluster's others, ended ones included, may be thousands).
     return await run_in_threadpool(broker.new_leases_public, created)
-
-
-def _admitted(broker, principal: Principal, cluster_id: str,
-              body: LeaseCreate) -> list[LeasePublic]:
-    """A lease request answered once admitted (``wait=0``): the new leases as they are."""
-    created = broker.request_leases(broker.cluster_for(principal, cluster_id), body, False)
-    return broker.new_leases_public(created)
 
 
 @router.post("/{cluster_id}/leases/release")

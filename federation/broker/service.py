@@ -817,10 +817,10 @@ class Broker:
         """``_cluster_of``, refused when the cluster has ended."""
         return _active(self._cluster_of(s, principal, cluster_id))
 
-    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate,
-                       wait: bool = True) -> list[str]:
+    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[str]:
         """Admit the asked leases and create them (pending) as one unit of work, then ask for
-        a placement pass and, with ``wait``, wait for it (bounded); returns their ids."""
+        a placement pass; returns their ids. The route waits for the pass when asked to
+        (``wait``, on the event loop: ``placer.wait_async``)."""
         if not cluster.active:
             raise Conflict("cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
@@ -856,11 +856,7 @@ class Broker:
                 raise Conflict("lease-id-taken", "one of these lease ids was taken by "
                                "another request at the same moment; ask again with new ids"
                                ) from None
-        if wait:
-            with self.metrics.scale_placement_wait.time():
-                self.placer.ask_and_wait(PLACEMENT_WAIT)
-        else:  # the route waits on the event loop (placer.wait_async)
-            self.placer.ask()
+        self.placer.ask()
         return ids
 
     def release_leases(self, cluster: ClusterRecord, lease_ids: list[str],

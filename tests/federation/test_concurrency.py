@@ -232,7 +232,7 @@ def admissions_of_one_lab(db_url: str, quota: bool) -> tuple[bool, bool]:
         def ask(name: str) -> list[str]:
             return broker.request_leases(cluster, LeaseCreate(
                 spec={"cpus": 1, "memory": "1 GiB"},
-                workers=[{"lease_id": f"ls-{name}-{i}"} for i in range(3)]), wait=False)
+                workers=[{"lease_id": f"ls-{name}-{i}"} for i in range(3)]))
 
         event.listen(broker.engine, "after_cursor_execute", hold_the_first)
         try:
