@@ -17,6 +17,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from .half_lives import DEFAULT_RELIABILITY_HALF_LIFE
 from .models import utcnow
+from .sql_lists import one_of
 
 INCIDENT_WEIGHTS = {"lost": 1.0, "failed": 0.5}
 FLOOR = 0.5
@@ -66,7 +67,7 @@ def record_clean_time(session: Session, seconds_by_provider: dict[str, float], *
     if not seconds_by_provider:
         return
     rows = session.exec(select(ProviderReliability).where(
-        col(ProviderReliability.provider_id).in_(list(seconds_by_provider)),
+        one_of(session, col(ProviderReliability.provider_id), list(seconds_by_provider)),
         ProviderReliability.penalty > 0).order_by(ProviderReliability.provider_id)).all()
     for row in rows:
         decay = 0.5 ** (seconds_by_provider[row.provider_id] / half_life)
@@ -84,4 +85,9 @@ def standings(session: Session, provider_ids: list[str]) -> dict[str, ProviderRe
 
 def reliabilities(session: Session, provider_ids: list[str]) -> dict[str, float]:
     """The factor of each provider in ``provider_ids``."""
-    return {pid: factor(row.penalty) for pid, row in standings(session, provider_ids).items()}
+    # Penalties alone, not rows as objects: a metering pass asks for every serving machine.
+    penalties = dict(session.exec(select(
+        ProviderReliability.provider_id, ProviderReliability.penalty).where(
+        one_of(session, col(ProviderReliability.provider_id), provider_ids))).all()) \
+        if provider_ids else {}
+    return {pid: factor(penalties.get(pid, 0.0)) for pid in provider_ids}

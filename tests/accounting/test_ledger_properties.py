@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func
 from sqlmodel import select
 
-from accounting.ledger import Balance, LedgerEntry, grant
+from accounting.ledger import Balance, LedgerEntry, Transfer, grant
 from accounting.metering import LeaseUsage, UsageRecord, meter
 from accounting.models import as_utc, create_lab, create_user
 from accounting.pricing import Resources, ensure_default_price
@@ -47,6 +47,15 @@ def check_books(session) -> None:
                              .group_by(LedgerEntry.account_id)).all())
     for row in session.exec(select(Balance)):
         assert row.amount == sums.get(row.account_id, 0), (row, sums)
+    # Each charged period's transfer is its own: named for its lease and period, moving its
+    # charge (metering gives transfers their ids before it writes them, in bulk).
+    paid = dict(session.exec(select(LedgerEntry.transfer_id, func.min(LedgerEntry.amount))
+                              .group_by(LedgerEntry.transfer_id)).all())
+    memos = dict(session.exec(select(Transfer.id, Transfer.memo)).all())
+    for r in session.exec(select(UsageRecord).where(UsageRecord.transfer_id != None)):  # noqa: E711
+        assert memos[r.transfer_id].startswith(
+            f"lease {r.lease_id} {as_utc(r.period_start):%Y-%m-%d %H:%M:%S}"), (r, memos)
+        assert paid[r.transfer_id] == -r.charge, (r, paid[r.transfer_id])
     # The daily rollups the dashboards read hold exactly what the usage records hold, row
     # by row (day, labs, machine, user, GPU class, self-use) and column by column.
     expected: dict[tuple, list] = defaultdict(lambda: [0, 0, 0.0, 0.0, 0.0, 0.0])
