@@ -102,21 +102,22 @@ async def request_leases(cluster_id: ClusterIdPath, body: LeaseCreate, request: 
     created pending and placed by the next pass."""
     broker = request.app.state.broker
 
-    def admit() -> list[str]:
+    def admit() -> list[LeasePublic]:
         return broker.request_leases(broker.cluster_for(principal, cluster_id), body)
 
-    # Only the new leases are read back (the cluster's others, ended ones included, may be
-    # thousands). Few trips to a pool thread: under load each waits its turn for a thread
-    # and for the interpreter (issue 14).
+    # Few trips to a pool thread: under load each waits its turn for a thread and for the
+    # interpreter (issue 14).
+    admitted = await run_in_threadpool(admit)
     if not wait:
         # The lease keeper's: under issue 14's load the wait for the pass was most of a
-        # scale request's time.
-        return await run_in_threadpool(lambda: broker.new_leases_public(admit()))
-    created = await run_in_threadpool(admit)
+        # scale request's time. The leases as admitted, pending.
+        return admitted
     # The placement pass after the insert, waited for on the event loop (no pool thread).
     with broker.metrics.scale_placement_wait.time():
         await broker.placer.wait_async(broker.placer.last_ticket, wait)
-    return await run_in_threadpool(broker.new_leases_public, created)
+    # Only the new leases are read back (the cluster's others, ended ones included, may be
+    # thousands).
+    return await run_in_threadpool(broker.new_leases_public, [le.id for le in admitted])
 
 
 @router.post("/{cluster_id}/leases/release")

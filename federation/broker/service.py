@@ -57,7 +57,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from accounting.bulk import insert_rows
-from accounting.models import Lab, utcnow
+from accounting.models import Lab, Membership, utcnow
 from accounting.pricing import ensure_default_price
 
 from ..gateway_routes import route_of
@@ -117,6 +117,7 @@ from .settings import BrokerSettings
 from .timeouts import end_silent_providers
 from .token_cache import PrincipalCache, on_identity_change
 from .views import (
+    PUBLIC_LEASE_COLUMNS,
     agent_leases,
     cluster_head,
     cluster_heads,
@@ -817,10 +818,11 @@ class Broker:
         """``_cluster_of``, refused when the cluster has ended."""
         return _active(self._cluster_of(s, principal, cluster_id))
 
-    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[str]:
+    def request_leases(self, cluster: ClusterRecord, body: LeaseCreate) -> list[LeasePublic]:
         """Admit the asked leases and create them (pending) as one unit of work, then ask for
-        a placement pass; returns their ids. The route waits for the pass when asked to
-        (``wait``, on the event loop: ``placer.wait_async``)."""
+        a placement pass; returns their public view as admitted (pending, on no machine yet),
+        in the order asked. The route waits for the pass when asked to (``wait``, on the
+        event loop: ``placer.wait_async``) and then reads them again."""
         if not cluster.active:
             raise Conflict("cluster-ended", f"cluster {cluster.id} has ended")
         spec = body.spec
@@ -832,6 +834,11 @@ class Broker:
         # lockstep churn each waited 43 ms on average for the lab's others; a quota set at
         # the same moment as a request applies from the requests after it).
         with self.metrics.scale_admission.time(), self._row_locked() as s:
+            # Held for the unit: the session's identity map keeps an object only while
+            # something refers to it, and admission reads the lab and the membership in
+            # several checks (each read again was a round trip more, 2 of 13).
+            _held = (s.get(Lab, cluster.lab_id),
+                     s.get(Membership, (cluster.user_id, cluster.lab_id)))
             if admission.quota_applies(s, cluster):
                 lock_lab_admissions(s, cluster.lab_id)
             probe = Lease(id="?", cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
@@ -845,9 +852,9 @@ class Broker:
             # where rows go by COPY, 12-14 against 43-48 ms). The probe holds the model's
             # defaults; each row gets its own creation time, as objects did.
             template = {c.name: getattr(probe, c.key) for c in Lease.__table__.columns}
+            rows = [{**template, "id": lease_id, "created_at": utcnow()} for lease_id in ids]
             try:
-                insert_rows(s, Lease.__table__, [{**template, "id": lease_id,
-                                                  "created_at": utcnow()} for lease_id in ids])
+                insert_rows(s, Lease.__table__, rows)
                 s.commit()
             except IntegrityError:
                 # Another lab's request took one of these ids at the same moment (labs'
@@ -857,7 +864,10 @@ class Broker:
                                "another request at the same moment; ask again with new ids"
                                ) from None
         self.placer.ask()
-        return ids
+        # As inserted: reading them back (and their machines' labs, none yet) was two round
+        # trips more for what this unit just wrote.
+        return [LeasePublic(**{c.key: row[c.name] for c in PUBLIC_LEASE_COLUMNS})
+                for row in rows]
 
     def release_leases(self, cluster: ClusterRecord, lease_ids: list[str],
                        reason: EndReason = EndReason.released, message: str = "") -> int:

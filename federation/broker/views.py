@@ -146,10 +146,11 @@ def leases_public(s: Session, leases: list[Lease]) -> dict[str, LeasePublic]:
 
 def _published(s: Session, rows: list[dict]) -> dict[str, LeasePublic]:
     """LeasePublic of each row of PUBLIC_LEASE_COLUMNS, with its provider's lab, by id."""
+    placed = {r["provider_id"] for r in rows if r["provider_id"]}
+    # None placed (a scale request's leases before their pass): no query to run.
     provider_labs = dict(s.exec(
         select(Provider.id, Lab.name).join(Lab, Lab.id == Provider.lab_id)
-        .where(col(Provider.id).in_({r["provider_id"] for r in rows if r["provider_id"]}))
-    ).all())
+        .where(col(Provider.id).in_(placed))).all()) if placed else {}
     return {r["id"]: LeasePublic(**r, lab=provider_labs.get(r["provider_id"])) for r in rows}
 
 
