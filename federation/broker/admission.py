@@ -14,7 +14,7 @@ from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from accounting import ledger
-from accounting.models import Lab, Membership, names_by_id
+from accounting.models import Lab, Membership
 from accounting.units import fmt_pcu, to_nano
 
 from .. import placement
@@ -112,15 +112,16 @@ def check_fits_somewhere(s: Session, request: placement.LeaseRequest) -> None:
     """Refuse a worker no online provider could host even when idle (it would wait forever)."""
     # The machines' distinct shapes, not every machine: a federation of a thousand machines
     # has a few dozen (issue 14's load benchmark: this read was a fifth of a replica's time).
-    shapes = s.exec(select(Provider.lab_id, Provider.site, Provider.cpus, Provider.memory,
+    # With their labs' names in the same statement (one round trip fewer a scale request).
+    shapes = s.exec(select(Lab.name, Provider.site, Provider.cpus, Provider.memory,
                            Provider.gpus_json, Provider.accepts_peers)
+                    .join(Lab, Lab.id == Provider.lab_id)
                     .where(Provider.online == True).distinct()).all()  # noqa: E712
-    lab_names = names_by_id(s, Lab, {shape[0] for shape in shapes})
     why = placement.largest_offer([placement.ProviderCapacity(
-        provider_id="", lab=lab_names.get(lab_id, str(lab_id)), site=site, free_cpus=cpus,
+        provider_id="", lab=lab_name, site=site, free_cpus=cpus,
         free_memory=memory, free_gpus=[placement.GpuSlot(g["index"], g["model"], g["memory"])
                                        for g in json.loads(gpus_json)],
-        accepts_peers=accepts_peers) for lab_id, site, cpus, memory, gpus_json, accepts_peers
+        accepts_peers=accepts_peers) for lab_name, site, cpus, memory, gpus_json, accepts_peers
         in shapes], request)
     if why is not None:
         raise Invalid("no-provider-fits",
@@ -150,7 +151,8 @@ def check_credit_and_quotas(s: Session, cluster: ClusterRecord, cpus: float, gpu
                             n: int) -> None:
     """Refuse ``n`` new workers for a lab over its credit limit or over a quota."""
     lab = s.get(Lab, cluster.lab_id)
-    owed = ledger.balance(s, ledger.lab_account(s, lab).id)
+    # Read only (0 before the lab's account exists): admission writes nothing but leases.
+    owed = ledger.lab_balance(s, lab)
     if owed < -to_nano(lab.credit_limit):
         raise OverCreditLimit(
             "credit-limit",
