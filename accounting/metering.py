@@ -116,6 +116,11 @@ def _last_ends(session: Session, lease_ids: list[str]) -> dict[str, dt.datetime]
     return {k: as_utc(v) for k, v in out.items()}
 
 
+#: ``n`` new ids of the transfer table's sequence, as inserts without an id would get them.
+_DRAW_TRANSFER_IDS = text(
+    "SELECT nextval(pg_get_serial_sequence('transfer', 'id')) FROM generate_series(1, :n)")
+
+
 def _insert_transfers(session: Session, rows: list[dict]) -> list[int]:
     """Insert transfers in bulk; their ids, in the order of ``rows``."""
     conn = session.connection()
@@ -134,10 +139,6 @@ def _insert_transfers(session: Session, rows: list[dict]) -> list[int]:
     insert_rows(session, table, [row | {"id": i} for row, i in zip(rows, ids, strict=True)])
     return ids
 
-
-#: ``n`` new ids of the transfer table's sequence, as inserts without an id would get them.
-_DRAW_TRANSFER_IDS = text(
-    "SELECT nextval(pg_get_serial_sequence('transfer', 'id')) FROM generate_series(1, :n)")
 
 
 def periods(start: dt.datetime, end: dt.datetime | None, now: dt.datetime,

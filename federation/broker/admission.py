@@ -136,21 +136,19 @@ def check_new_lease_ids(s: Session, ids: list[str]) -> None:
         raise Conflict("lease-id-taken", f"lease ids already exist: {sorted(taken)}")
 
 
-def quota_applies(s: Session, cluster: ClusterRecord) -> bool:
-    """Whether the cluster's lab or its owner's membership there has a CPU or GPU quota
-    (read through the session's identity map, so asking again in one unit of work reads
-    nothing more)."""
-    lab = s.get(Lab, cluster.lab_id)
-    member = s.get(Membership, (cluster.user_id, lab.id))
+def quota_applies(lab: Lab, member: Membership | None) -> bool:
+    """Whether the cluster's lab or its owner's membership there (None: none) has a CPU or
+    GPU quota."""
     limits = (lab.max_cpus, lab.max_gpus) + ((member.max_cpus, member.max_gpus) if member
                                               else ())
     return any(limit is not None for limit in limits)
 
 
-def check_credit_and_quotas(s: Session, cluster: ClusterRecord, cpus: float, gpus: int,
+def check_credit_and_quotas(s: Session, cluster: ClusterRecord, lab: Lab,
+                            member: Membership | None, cpus: float, gpus: int,
                             n: int) -> None:
-    """Refuse ``n`` new workers for a lab over its credit limit or over a quota."""
-    lab = s.get(Lab, cluster.lab_id)
+    """Refuse ``n`` new workers for ``lab`` (the cluster's; ``member``: its owner's
+    membership there, if any) over its credit limit or over a quota."""
     # Read only (0 before the lab's account exists): admission writes nothing but leases.
     owed = ledger.lab_balance(s, lab)
     if owed < -to_nano(lab.credit_limit):
@@ -160,9 +158,8 @@ def check_credit_and_quotas(s: Session, cluster: ClusterRecord, cpus: float, gpu
             f"-{lab.credit_limit:,.2f} PCU: new workers are refused (running ones keep "
             "running). Ask your PI or an administrator for a grant, or let your lab's "
             "machines earn credits.")
-    if not quota_applies(s, cluster):
+    if not quota_applies(lab, member):
         return  # nothing to count
-    member = s.get(Membership, (cluster.user_id, lab.id))
     member_max_cpus = member.max_cpus if member else None
     member_max_gpus = member.max_gpus if member else None
     # Summed by the database per user of the lab (not a row per live lease).

@@ -834,18 +834,19 @@ class Broker:
         # lockstep churn each waited 43 ms on average for the lab's others; a quota set at
         # the same moment as a request applies from the requests after it).
         with self.metrics.scale_admission.time(), self._row_locked() as s:
-            # Held for the unit: the session's identity map keeps an object only while
-            # something refers to it, and admission reads the lab and the membership in
-            # several checks (each read again was a round trip more, 2 of 13).
-            _held = (s.get(Lab, cluster.lab_id),
-                     s.get(Membership, (cluster.user_id, cluster.lab_id)))
-            if admission.quota_applies(s, cluster):
+            # Read once and handed to the checks that need them: each check's own read
+            # was a round trip more (the session's identity map keeps an object only while
+            # something refers to it).
+            lab = s.get(Lab, cluster.lab_id)
+            member = s.get(Membership, (cluster.user_id, cluster.lab_id))
+            if admission.quota_applies(lab, member):
                 lock_lab_admissions(s, cluster.lab_id)
             probe = Lease(id="?", cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
                           memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
             admission.check_fits_somewhere(s, request_of(probe, cluster))
             environments.check_servable(s, cluster)
-            admission.check_credit_and_quotas(s, cluster, spec.cpus, spec.gpus, len(ids))
+            admission.check_credit_and_quotas(s, cluster, lab, member, spec.cpus, spec.gpus,
+                                              len(ids))
             admission.check_new_lease_ids(s, ids)
             # Rows, not Lease objects: building a model per lease and the ORM's flush of
             # them were most of the request's CPU (issue 14; for 100 leases on PostgreSQL,
