@@ -8,9 +8,10 @@ import datetime as dt
 from collections.abc import Iterable
 
 from sqlalchemy import func
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from accounting.models import utcnow
+from accounting.sql_lists import one_of
 
 from ..lease_states import EndReason, LeaseState
 from .memo import ExpiringMap
@@ -24,7 +25,9 @@ def preemption_rates(s: Session, provider_ids: Iterable[str], *,
                      now: dt.datetime | None = None,
                      window: float = PREEMPTION_WINDOW) -> dict[str, float]:
     """Per provider: preempted leases / leases ended in the last ``window`` seconds (0.0
-    when none ended)."""
+    when none ended). The ids as one array on PostgreSQL (``one_of``): a placement pass
+    asks for every online provider's once its remembered rates expire, and a list of 1,000
+    placeholders was converted anew each time, half of that pass's CPU."""
     ids = list(set(provider_ids))
     if not ids:
         return {}
@@ -33,7 +36,7 @@ def preemption_rates(s: Session, provider_ids: Iterable[str], *,
     preempted: dict[str, int] = {}
     for provider_id, reason, n in s.exec(
             select(Lease.provider_id, Lease.end_reason, func.count())
-            .where(col(Lease.provider_id).in_(ids), Lease.state == LeaseState.ended,
+            .where(one_of(s, Lease.provider_id, ids), Lease.state == LeaseState.ended,
                    Lease.ended_at >= since)
             .group_by(Lease.provider_id, Lease.end_reason)):
         ended[provider_id] = ended.get(provider_id, 0) + n
