@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import psycopg
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -56,3 +57,40 @@ def table(rows: list[tuple[str, ...]]) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def postmaster_of(db_url: str) -> psutil.Process | None:
+    """The PostgreSQL server process (postmaster) behind ``db_url``, on this machine."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        backend = psutil.Process(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
+        return backend.parent()
+
+
+def server_cpu(postmaster: psutil.Process) -> dict[int, float]:
+    """CPU seconds of the server's processes so far, by process id."""
+    out = {}
+    for p in [postmaster, *postmaster.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.Error:
+            continue
+        out[p.pid] = times.user + times.system
+    return out
+
+
+def exited_children_cpu(postmaster: psutil.Process) -> float:
+    """CPU seconds of the server's processes that have exited (backends of closed
+    connections): the postmaster reaps them, and the kernel adds their times to its."""
+    times = postmaster.cpu_times()
+    return times.children_user + times.children_system
+
+
+def server_cpu_between(before: dict[int, float], exited_before: float,
+                       postmaster: psutil.Process) -> float:
+    """CPU seconds the server's processes used since ``before`` (``server_cpu``) and
+    ``exited_before`` (``exited_children_cpu``) were read: of those still running, what they
+    added; of those that exited meanwhile, their whole time less what ``before`` held."""
+    now = server_cpu(postmaster)
+    running = sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items())
+    gone_before = sum(cpu for pid, cpu in before.items() if pid not in now)
+    return running + exited_children_cpu(postmaster) - exited_before - gone_before

@@ -73,7 +73,14 @@ import psycopg
 import uvloop
 
 from benchmarks.busy_timeline import BusyTimeline
-from benchmarks.common import table, write
+from benchmarks.common import (
+    exited_children_cpu,
+    postmaster_of,
+    server_cpu,
+    server_cpu_between,
+    table,
+    write,
+)
 from federation.broker.service import METERING_PASS_LOGGED
 from federation.tls import ClusterAuthority
 from tests.utils.postgres import fresh_database, pg_bin, postgres_server, server_log
@@ -512,6 +519,8 @@ def main() -> None:
             # its first pass: counted from here, and any spawned later from its start.
             children_before = {c.pid: cpu(c) for c in children_of(watched["broker replicas"])}
             generator = generator_cpu()
+            postmaster = postmaster_of(db)
+            server_before, server_exited = server_cpu(postmaster), exited_children_cpu(postmaster)
             machine = psutil.cpu_times()
             busy = BusyTimeline().start()
             try:
@@ -526,8 +535,10 @@ def main() -> None:
                 cpu(c) - children_before.get(c.pid, 0.0)
                 for c in children_of(watched["broker replicas"])) / elapsed
             rec.cpu["load generator"] = (generator_cpu() - generator) / elapsed
+            rec.cpu["postgresql"] = server_cpu_between(server_before, server_exited,
+                                                       postmaster) / elapsed
             after = psutil.cpu_times()
-            # Everything else busy on the machine: PostgreSQL's backends above all.
+            # Everything busy on the machine: the above, and anything else running.
             rec.cpu["whole machine"] = (
                 (sum(after) - after.idle - after.iowait)
                 - (sum(machine) - machine.idle - machine.iowait)) / elapsed

@@ -19,10 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-import psycopg
-
-from benchmarks.common import quiet_logging, table, write
+from benchmarks.common import postmaster_of, quiet_logging, server_cpu, table, write
 from federation.broker.metering_runs import meter_pass
 from tests.utils.in_process import ADMIN_TOKEN, in_process_broker, scraped
 from tests.utils.postgres import fresh_database, postgres_server
@@ -32,24 +29,6 @@ from tests.utils.procs import wait_until
 MACHINE_CPUS = 64
 #: Seconds of the broker's provider and cluster timeouts.
 TIMEOUT = 180.0
-
-
-def server_cpu(postmaster: psutil.Process) -> dict[int, float]:
-    """CPU seconds of the server's processes so far, by process id."""
-    out = {}
-    for p in [postmaster, *postmaster.children(recursive=True)]:
-        try:
-            times = p.cpu_times()
-        except psutil.Error:
-            continue
-        out[p.pid] = times.user + times.system
-    return out
-
-
-def postmaster_of(db_url: str) -> psutil.Process | None:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        backend = psutil.Process(conn.execute("SELECT pg_backend_pid()").fetchone()[0])
-        return backend.parent()
 
 
 def passes(db_url: str, leases: int, periods: int, repeat: int) -> list[dict]:
