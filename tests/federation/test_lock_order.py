@@ -112,3 +112,68 @@ def test_a_metering_unit_locks_its_leases_in_id_order(postgres_url):
     with psycopg.connect(postgres_url) as check:
         assert check.execute("SELECT count(*) FROM lease WHERE id = ANY(%s) AND "
                              "metered_until IS NOT NULL", (leases,)).fetchone()[0] == 6
+
+
+@contextlib.contextmanager
+def six_starting(postgres_url: str) -> Iterator[tuple]:
+    """A broker with six leases starting on box-2, their workers not yet joined: (the
+    in-process broker, the leases in id order)."""
+    with in_process_broker(postgres_url, 3) as b:  # "box" is full
+        other = b.call(b.agent, "POST", "/agent/register", json={
+            "name": "box-2", "cpus": 6, "memory": "16 GiB"}).json()["provider_id"]
+        leases = [f"ls-joining{i}" for i in range(6)]
+        assert b.call(b.user, "POST", f"/clusters/{b.cid}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"},
+            "workers": [{"lease_id": i} for i in leases]}).status_code == 201
+        wait_until(lambda: all(where(postgres_url)[i] == (other, LeaseState.starting.value)
+                               for i in leases), 30, "the six leases starting on box-2")
+        yield b, leases
+
+
+def test_a_cluster_heartbeat_locks_the_leases_it_confirms_in_id_order(postgres_url):
+    """The keeper says all six workers joined while a report holds the lease in the middle:
+    the heartbeat holds the leases before it and none after, then moves all six."""
+    with six_starting(postgres_url) as (b, leases):
+        held, out = locked_while_blocked(
+            postgres_url, leases, leases[3],
+            lambda: b.call(b.user, "POST", f"/clusters/{b.cid}/heartbeat",
+                           json={"connected": leases}))
+        assert held == set(leases[:3])
+        answer = out["recorded"]
+        assert answer.status_code == 200, answer.text
+        shown = {le["id"]: le["state"] for le in answer.json()["leases"]}
+        assert {shown[i] for i in leases} == {"running"}, shown
+        states = where(postgres_url)
+        assert {states[i][1] for i in leases} == {LeaseState.running.value}, states
+
+
+def test_a_release_at_the_same_moment_wins_over_the_heartbeat_that_confirms(postgres_url):
+    """The user releases a starting lease while the keeper's heartbeat says its worker
+    joined: the heartbeat waits for the release's transaction, then leaves that lease
+    releasing (not running, never metered) and confirms the others."""
+    with six_starting(postgres_url) as (b, leases):
+        with psycopg.connect(postgres_url) as release, \
+                psycopg.connect(postgres_url, autocommit=True) as watch:
+            release.execute("UPDATE lease SET state = 'releasing', release_reason = "
+                            "'released', releasing_at = now() WHERE id = %s", (leases[2],))
+            running, out = in_thread(lambda: b.call(
+                b.user, "POST", f"/clusters/{b.cid}/heartbeat", json={"connected": leases}))
+            try:
+                wait_until(lambda: watch.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0] > 0,
+                    30, "the heartbeat to wait for the released lease")
+            finally:
+                release.commit()
+            running.join(30)
+            assert not running.is_alive()
+        answer = out["recorded"]
+        assert answer.status_code == 200, answer.text
+        shown = {le["id"]: le["state"] for le in answer.json()["leases"]}
+        assert shown[leases[2]] == "releasing", shown
+        assert {shown[i] for i in leases if i != leases[2]} == {"running"}, shown
+        with psycopg.connect(postgres_url) as check:
+            rows = {i: (state, unstarted) for i, state, unstarted in check.execute(
+                "SELECT id, state::text, started_at IS NULL FROM lease WHERE id = ANY(%s)",
+                (leases,)).fetchall()}
+        assert rows[leases[2]] == ("releasing", True), rows
+        assert {rows[i] for i in leases if i != leases[2]} == {("running", False)}, rows
