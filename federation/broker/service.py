@@ -59,6 +59,7 @@ from sqlmodel import Session, col, select
 from accounting.bulk import insert_rows
 from accounting.models import Lab, Membership, utcnow
 from accounting.pricing import ensure_default_price
+from accounting.sql_lists import one_of
 
 from ..gateway_routes import route_of
 from . import admission, db, environments
@@ -76,7 +77,7 @@ from .auth import Principal
 from .capacity import record_capacity
 from .coalescer import Coalescer
 from .errors import Conflict, Invalid, NotAllowed, NotFound, TooSoon, Unavailable
-from .lease_ends import end_by_provider, release_all
+from .lease_ends import RELEASE_COLUMNS, end_by_provider, release_rows
 from .memo import BoundedMap
 from .metering_runs import meter_pass, meter_unit
 from .metrics import BrokerMetrics
@@ -883,7 +884,7 @@ class Broker:
     def release_leases(self, cluster: ClusterRecord, lease_ids: list[str],
                        reason: EndReason = EndReason.released, message: str = "") -> int:
         with self._row_locked() as s:
-            rows = s.exec(select(Lease).where(col(Lease.id).in_(lease_ids))
+            rows = s.exec(select(*RELEASE_COLUMNS).where(one_of(s, Lease.id, lease_ids))
                           .order_by(Lease.id).with_for_update()).all()
             found = {r.id for r in rows}
             # Another cluster's leases answer exactly like unknown ones.
@@ -892,7 +893,7 @@ class Broker:
             if missing:
                 raise NotFound("unknown-lease",
                                f"no such leases in this cluster: {sorted(missing)}")
-            touched = release_all(s, rows, reason, message)
+            touched = release_rows(s, list(rows), reason, message)
             s.commit()
         self.wakeups.bump_all(touched)
         self.placer.ask()
@@ -907,10 +908,10 @@ class Broker:
                 cluster.end_reason = reason
                 cluster.closed_at = utcnow()
                 s.add(cluster)
-            live = s.exec(select(Lease).where(Lease.cluster_id == cluster_id, NOT_ENDED,
-                                              col(Lease.state).in_(LIVE_STATES))
-                          .order_by(Lease.id).with_for_update()).all()
-            touched = release_all(s, live, lease_reason, f"cluster {reason}")
+            live = s.exec(select(*RELEASE_COLUMNS).where(
+                Lease.cluster_id == cluster_id, NOT_ENDED, col(Lease.state).in_(LIVE_STATES))
+                .order_by(Lease.id).with_for_update()).all()
+            touched = release_rows(s, list(live), lease_reason, f"cluster {reason}")
             s.commit()
         self.wakeups.bump_all(touched)
         self.placer.ask()

@@ -482,6 +482,74 @@ def test_a_cluster_heartbeat_is_few_statements_whatever_its_leases(tmp_path):
         fed.close()
 
 
+def test_a_release_moves_its_running_leases_in_one_statement_and_the_rest_as_before(
+        tmp_path):
+    """The lease keeper releases ten workers at a time (issue 14's load: the second
+    costliest statement was a release's, one update per lease). Running and starting leases
+    move to releasing in one statement after the locked read; in the same request a pending
+    lease ends, a suspended one's span closes, and one its owner already preempted keeps
+    its reason."""
+    from sqlalchemy import event
+
+    fed = Federation(tmp_path)
+    try:
+        engine = fed.client.app.state.broker.engine
+        user, agent = fed.as_(fed.user_token), fed.as_(fed.agent_token)
+        fed.apply(("scale", 5))  # two boxes of 2 CPUs: four placed, one pending
+        placed = [le for le in fed.leases() if le["state"] == "starting"]
+        pending = [le["id"] for le in fed.leases() if le["state"] == "pending"]
+        assert len(placed) == 4 and len(pending) == 1
+        running, suspended, preempted, starting = (le["id"] for le in placed)
+        assert user.post(f"/clusters/{fed.cluster}/heartbeat", json={
+            "connected": [running, suspended, preempted]}).status_code == 200
+        by_id = {le["id"]: le for le in placed}
+        for lease, body in ((suspended, {"state": "suspended"}),
+                            (preempted, {"state": "releasing", "reason": "preempted"})):
+            assert agent.post(f"/agent/{by_id[lease]['provider_id']}/leases/{lease}/state",
+                              json={**body, "message": "owner back"}).status_code == 200
+
+        # (statement, executemany): the placer's thread may run a pass meanwhile.
+        statements: list[tuple[str, bool]] = []
+        event.listen(engine, "before_cursor_execute",
+                     lambda _c, _cur, sql, _p, _ctx, many: statements.append((sql, many)))
+        answer = user.post(f"/clusters/{fed.cluster}/leases/release",
+                           json={"lease_ids": [running, starting]})
+        assert answer.status_code == 200, answer.text
+        moves = [(q, many) for q, many in statements
+                 if q.startswith("UPDATE lease") and "release_reason" in q]
+        assert len(moves) == 1 and not moves[0][1], statements
+        # The leases read for it are their ids, clusters, machines and states, not whole
+        # rows with their certificates.
+        reads = [q for q, _many in statements
+                 if q.startswith("SELECT lease.") and "WHERE lease.id IN" in q]
+        assert reads and not any("worker_cert" in q for q in reads), reads
+        answer = user.post(f"/clusters/{fed.cluster}/leases/release",
+                           json={"lease_ids": [suspended, preempted, pending[0]]})
+        assert answer.status_code == 200, answer.text
+
+        rows = {le["id"]: le for le in fed.leases()}
+        for lease in (running, starting, suspended):
+            assert rows[lease]["state"] == "releasing", rows[lease]
+            assert rows[lease]["release_reason"] == "released", rows[lease]
+            assert rows[lease]["releasing_at"] is not None, rows[lease]
+        assert rows[running]["started_at"] is not None and rows[starting]["started_at"] is None
+        # The suspended one's span is closed by its release; the preempted one is untouched.
+        spans = json.loads(rows[suspended]["suspensions_json"])
+        assert len(spans) == 1 and spans[0][1] is not None, spans
+        assert (rows[preempted]["state"], rows[preempted]["release_reason"]) == (
+            "releasing", "preempted"), rows[preempted]
+        assert (rows[pending[0]]["state"], rows[pending[0]]["end_reason"]) == (
+            "ended", "released"), rows[pending[0]]
+        # Another cluster's lease, or an unknown one, is refused with nothing written.
+        before = fed.leases()
+        answer = user.post(f"/clusters/{fed.cluster}/leases/release",
+                           json={"lease_ids": [running, "ls-unknown"]})
+        assert answer.status_code == 404 and "ls-unknown" in answer.text, answer.text
+        assert fed.leases() == before
+    finally:
+        fed.close()
+
+
 def test_a_cluster_heartbeat_and_its_view_show_leases_that_ended_lately(tmp_path):
     """A keeper heartbeats within the cluster timeout, so its answer holds live leases and
     those ended in the last 10 minutes (at least three cluster timeouts), not every lease
