@@ -32,6 +32,9 @@ transactions and statements during the run (its own statistics; statements where
 ships pg_stat_statements): work done rather than time taken, so they compare across hosts
 and hours where latencies do not; and the statements that spent most time executing (lock
 waits included, so a reading of where statements waited as much as where they worked).
+The cores each part used on average: the replicas, their child processes (placement,
+periodic passes), the generator with the probes, PostgreSQL (its processes, the backends of
+closed connections included) and the whole machine.
 
 Users arrive over the first --user-spread seconds (default 5), each at a random moment, so
 their heartbeats and churn do not all fall in the same instant (runs before 2026-12-01 started
