@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from typing import TypeVar
 
 from sqlalchemy import bindparam, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -172,20 +172,23 @@ def dashboard_key_hash(key: str) -> str:
 _SEEN = (update(ClusterRecord).where(ClusterRecord.id == bindparam("cluster_id"))
          .values(last_seen=bindparam("now")))
 
-#: A cluster heartbeat's confirmation: the listed leases of the cluster still starting move
-#: to running (``lease_states.move``'s starting -> running: ``started_at``, from which they
-#: are metered), locked in id order first (PostgreSQL; SQLite has one writer). Still starting
-#: in both conditions: PostgreSQL checks them again on a row changed since the statement
-#: began (a release or a close at the same moment), and leaves it out.
-_CONFIRM_JOINED = (
-    update(Lease)
-    .where(Lease.state == LeaseState.starting, col(Lease.id).in_(
-        select(Lease.id)
-        .where(Lease.cluster_id == bindparam("of_cluster"),
-               Lease.state == LeaseState.starting,
-               col(Lease.id).in_(bindparam("ids", expanding=True)))
-        .order_by(Lease.id).with_for_update()))
-    .values(state=LeaseState.running, started_at=bindparam("at"), message=""))
+def confirm_joined(conn: Connection, cluster_id: str, lease_ids: list[str],
+                   at: dt.datetime) -> None:
+    """A cluster heartbeat's confirmation: those of ``lease_ids`` that are the cluster's and
+    still starting move to running (``lease_states.move``'s starting -> running:
+    ``started_at``, from which they are metered), locked in id order first (PostgreSQL;
+    SQLite has one writer). Still starting in both conditions: PostgreSQL checks them again
+    on a row changed since the statement began (a release or a close at the same moment),
+    and leaves it out. The ids as one array on PostgreSQL (``one_of``): one statement text
+    whatever their number."""
+    locked = (select(Lease.id)
+              .where(Lease.cluster_id == cluster_id, Lease.state == LeaseState.starting,
+                     one_of(conn, Lease.id, lease_ids))
+              .order_by(Lease.id).with_for_update())
+    conn.execute(update(Lease)
+                 .where(Lease.state == LeaseState.starting, col(Lease.id).in_(locked))
+                 .values(state=LeaseState.running, started_at=at, message=""))
+
 
 #: A cluster's ClusterRecord or its row in ``views.CLUSTER_HEAD``.
 ClusterRow = TypeVar("ClusterRow")
@@ -817,9 +820,7 @@ class Broker:
             # (test_lock_order). The message goes: what the lease waited for (an
             # environment's build) is over. ``move`` would keep it (it keeps the message for
             # an empty one), so a running lease showed its last build step.
-            conn.execute(_CONFIRM_JOINED, {
-                "of_cluster": head.id, "ids": sorted(starting.intersection(connected or ())),
-                "at": now})
+            confirm_joined(conn, head.id, sorted(starting.intersection(connected or ())), now)
             conn.execute(_SEEN, {"cluster_id": head.id, "now": now})
             view, _starting = cluster_public_json(s, head, ended_after)
             s.commit()
