@@ -172,6 +172,7 @@ def dashboard_key_hash(key: str) -> str:
 _SEEN = (update(ClusterRecord).where(ClusterRecord.id == bindparam("cluster_id"))
          .values(last_seen=bindparam("now")))
 
+
 def confirm_joined(conn: Connection, cluster_id: str, lease_ids: list[str],
                    at: dt.datetime) -> None:
     """A cluster heartbeat's confirmation: those of ``lease_ids`` that are the cluster's and
