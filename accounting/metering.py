@@ -140,7 +140,6 @@ def _insert_transfers(session: Session, rows: list[dict]) -> list[int]:
     return ids
 
 
-
 def periods(start: dt.datetime, end: dt.datetime | None, now: dt.datetime,
             interval: float) -> list[tuple[dt.datetime, dt.datetime]]:
     """The periods to meter from ``start``: whole ones up to ``now``, and the rest at the end."""

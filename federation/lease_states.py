@@ -128,14 +128,38 @@ def move(lease: LeaseLike, to: LeaseState, *, at: dt.datetime,
         _set_suspensions(lease, [*suspensions(lease), (at, None)])
     elif to == LeaseState.running and lease.state == LeaseState.suspended:
         pass  # resumed: it started running long ago
-    elif to == LeaseState.running:
-        lease.started_at = at
-    elif to == LeaseState.releasing:
-        lease.releasing_at = at
-        lease.release_reason = reason
+    elif to in (LeaseState.running, LeaseState.releasing):
+        for column, value in _stamps(to, at, reason).items():
+            setattr(lease, column, value)
     elif to == LeaseState.ended:
         lease.end_reason = lease.release_reason or reason
         lease.ended_at = at
     if message is not None:
         lease.message = message or lease.message
     lease.state = to
+
+
+def _stamps(to: LeaseState, at: dt.datetime, reason: EndReason | None) -> dict[str, object]:
+    """What a move to running (not a resumption) or to releasing writes beside the state."""
+    if to == LeaseState.running:
+        return {"started_at": at}
+    return {"releasing_at": at, "release_reason": reason}
+
+
+#: The states a move may leave in one statement for many leases (``move_columns``).
+SIMPLE_SOURCES = (LeaseState.starting, LeaseState.running)
+
+
+def move_columns(sources: tuple[LeaseState, ...], to: LeaseState, *, at: dt.datetime,
+                 reason: EndReason | None = None) -> dict[str, object]:
+    """``move``'s writes for leases in ``sources`` moved to ``to``, as the column values of
+    one UPDATE of many leases (a release's, a cluster heartbeat's confirmation). Only moves
+    from starting or running to running or releasing, whose writes depend on nothing of the
+    lease (a suspended lease's spans and an ending lease's release reason are its own). The
+    message is the caller's: ``move`` keeps a lease's own for an empty one, which a
+    statement for many cannot. Raises IllegalTransition for any other move."""
+    for source in sources:
+        if (source not in SIMPLE_SOURCES or to not in (LeaseState.running, LeaseState.releasing)
+                or not can_move(source, to)):
+            raise IllegalTransition(f"no move from {source} to {to} in one statement")
+    return {"state": to, **_stamps(to, at, reason)}

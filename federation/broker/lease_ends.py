@@ -3,6 +3,8 @@ reliability incident a provider's fault records."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from sqlalchemy import Row, update
 from sqlmodel import Session, col, select
 
@@ -10,7 +12,7 @@ from accounting import reliability
 from accounting.models import utcnow
 from accounting.sql_lists import one_of
 
-from ..lease_states import EndReason, LeaseState, move
+from ..lease_states import SIMPLE_SOURCES, EndReason, LeaseState, move, move_columns
 from .models import Lease
 
 
@@ -54,33 +56,27 @@ def release_all(s: Session, leases: list[Lease], reason: EndReason,
     return touched
 
 
-#: The states a release moves with nothing but ``move``'s columns to write: a release's usual
-#: leases (a pending one ends, a suspended one closes its span: those go through ``release``).
-PLAIN_RELEASE = (LeaseState.starting, LeaseState.running)
-
 #: What ``release_rows`` needs of each lease, read (and locked) by the caller.
 RELEASE_COLUMNS = (Lease.id, Lease.cluster_id, Lease.provider_id, Lease.state)
 
 
-def release_rows(s: Session, rows: list[Row], reason: EndReason,
+def release_rows(s: Session, rows: Sequence[Row], reason: EndReason,
                  message: str) -> set[str | None]:
     """``release_all`` for leases the caller read as ``RELEASE_COLUMNS`` rows, locked: the
-    starting and running ones moved to releasing by one statement (what ``move`` writes for
-    them), the others as objects through ``release``. A user's release of ten running
-    leases was ten objects read whole (certificates and all) and ten updates (issue 14's
-    load: the second costliest statement on PostgreSQL). Returns the providers whose
-    agents must hear of it."""
-    plain = [r.id for r in rows if r.state in PLAIN_RELEASE]
-    touched = {r.provider_id for r in rows if r.state in PLAIN_RELEASE}
+    starting and running ones moved to releasing by one statement (``move_columns``), the
+    pending ones (which end) and suspended ones (whose span closes) as objects through
+    ``release``. A user's release of ten running leases was ten objects read whole
+    (certificates and all) and ten updates (issue 14's load: the second costliest statement
+    on PostgreSQL). Returns the providers whose agents must hear of it."""
+    plain = [r for r in rows if r.state in SIMPLE_SOURCES]
     if plain:
-        values = {"state": LeaseState.releasing, "releasing_at": utcnow(),
-                  "release_reason": reason}
+        values = move_columns(SIMPLE_SOURCES, LeaseState.releasing, at=utcnow(), reason=reason)
         if message:  # as ``move``: an empty message keeps the lease's own
             values["message"] = message
-        s.connection().execute(update(Lease).where(one_of(s, Lease.id, plain)).values(values))
-    others = [r.id for r in rows
-              if r.state not in PLAIN_RELEASE and r.state != LeaseState.releasing
-              and r.state != LeaseState.ended]
+        s.connection().execute(update(Lease).where(one_of(s, Lease.id, [r.id for r in plain]))
+                               .values(values))
+    touched = {r.provider_id for r in plain}
+    others = [r.id for r in rows if r.state in (LeaseState.pending, LeaseState.suspended)]
     if others:
         leases = s.exec(select(Lease).where(col(Lease.id).in_(others)).order_by(Lease.id))
         touched |= release_all(s, list(leases), reason, message)

@@ -62,6 +62,7 @@ from accounting.pricing import ensure_default_price
 from accounting.sql_lists import one_of
 
 from ..gateway_routes import route_of
+from ..lease_states import move_columns
 from . import admission, db, environments
 from .agent_batches import (
     Heartbeat,
@@ -176,8 +177,8 @@ _SEEN = (update(ClusterRecord).where(ClusterRecord.id == bindparam("cluster_id")
 def confirm_joined(conn: Connection, cluster_id: str, lease_ids: list[str],
                    at: dt.datetime) -> None:
     """A cluster heartbeat's confirmation: those of ``lease_ids`` that are the cluster's and
-    still starting move to running (``lease_states.move``'s starting -> running:
-    ``started_at``, from which they are metered), locked in id order first (PostgreSQL;
+    still starting move to running (``lease_states.move_columns``: ``started_at``, from
+    which they are metered), locked in id order first (PostgreSQL;
     SQLite has one writer). Still starting in both conditions: PostgreSQL checks them again
     on a row changed since the statement began (a release or a close at the same moment),
     and leaves it out. The ids as one array on PostgreSQL (``one_of``): one statement text
@@ -186,9 +187,13 @@ def confirm_joined(conn: Connection, cluster_id: str, lease_ids: list[str],
               .where(Lease.cluster_id == cluster_id, Lease.state == LeaseState.starting,
                      one_of(conn, Lease.id, lease_ids))
               .order_by(Lease.id).with_for_update())
+    # The message goes: what the lease waited for (an environment's build) is over. Through
+    # ``move`` (which keeps a lease's message for an empty one) a running lease kept showing
+    # its last build step.
+    values = {**move_columns((LeaseState.starting,), LeaseState.running, at=at), "message": ""}
     conn.execute(update(Lease)
                  .where(Lease.state == LeaseState.starting, col(Lease.id).in_(locked))
-                 .values(state=LeaseState.running, started_at=at, message=""))
+                 .values(values))
 
 
 #: A cluster's ClusterRecord or its row in ``views.CLUSTER_HEAD``.
@@ -815,12 +820,8 @@ class Broker:
                 return view
         with self.session() as s:
             conn = s.connection()
-            # Only leases still starting when locked: a release or the cluster's close at the
-            # same moment has moved them on, and PostgreSQL reads a locked row again before
-            # writing it. Locked in id order, as every writer of many leases locks them
-            # (test_lock_order). The message goes: what the lease waited for (an
-            # environment's build) is over. ``move`` would keep it (it keeps the message for
-            # an empty one), so a running lease showed its last build step.
+            # Locked in id order, as every writer of many leases locks them (test_lock_order);
+            # a lease a release or close moved on meanwhile is left out (confirm_joined).
             confirm_joined(conn, head.id, sorted(starting.intersection(connected or ())), now)
             conn.execute(_SEEN, {"cluster_id": head.id, "now": now})
             view, _starting = cluster_public_json(s, head, ended_after)
@@ -895,7 +896,7 @@ class Broker:
             if missing:
                 raise NotFound("unknown-lease",
                                f"no such leases in this cluster: {sorted(missing)}")
-            touched = release_rows(s, list(rows), reason, message)
+            touched = release_rows(s, rows, reason, message)
             s.commit()
         self.wakeups.bump_all(touched)
         self.placer.ask()
@@ -913,7 +914,7 @@ class Broker:
             live = s.exec(select(*RELEASE_COLUMNS).where(
                 Lease.cluster_id == cluster_id, NOT_ENDED, col(Lease.state).in_(LIVE_STATES))
                 .order_by(Lease.id).with_for_update()).all()
-            touched = release_rows(s, list(live), lease_reason, f"cluster {reason}")
+            touched = release_rows(s, live, lease_reason, f"cluster {reason}")
             s.commit()
         self.wakeups.bump_all(touched)
         self.placer.ask()
