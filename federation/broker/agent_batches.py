@@ -43,7 +43,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, bindparam, or_, update
+from sqlalchemy import String, and_, any_, bindparam, func, not_, or_, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DataError
 from sqlmodel import Session, col, select
 
@@ -140,19 +141,45 @@ class Recorded:
 QUEUED_ORDER_MARGIN = 2.0
 
 
+#: A running or suspended lease its machine's heartbeat lists is never overdue (``overdue``):
+#: those, nearly every held lease, stay in the database. A batch read every held lease of its
+#: machines, ten a machine under issue 14's load, to find the few that are, and turning
+#: their rows (three timestamps each) into Python was a third of the batch's CPU. Matched as
+#: "machine lease" pairs: an agent that lists another machine's lease must not hide it.
+_LISTED_STATES = (LeaseState.running, LeaseState.suspended)
+_LISTED_KEY = Lease.provider_id + " " + Lease.id
 #: The batch's ids restrict the lease side too, which the join alone implies: without it
 #: PostgreSQL hash-joined every held lease of the federation (a scan of the whole lease
 #: table, or of every held lease once ended ones outnumber them) for a batch of 20 machines,
 #: as the row estimates made per-machine lookups look dearer (issue 14; 2-3 ms against 6-9
 #: for 20 machines of 1,000 with 10,000 held leases, and 1.7 against 3.8 for 5 once 100,000
-#: had ended; ``test_a_heartbeat_batch_reads_only_its_machines_leases``).
-_PROVIDERS_AND_HELD = (
-    select(Provider.id, Provider.online, Provider.offering, Lease.id, Lease.state,
-           Lease.releasing_at, Lease.assigned_at, Lease.started_at)
-    .outerjoin(Lease, and_(Lease.provider_id == Provider.id,
-                           col(Lease.provider_id).in_(bindparam("ids", expanding=True)),
-                           NOT_ENDED, col(Lease.state).in_(HELD_STATES)))
-    .where(col(Provider.id).in_(bindparam("ids", expanding=True))))
+#: had ended; ``test_a_heartbeat_batch_reads_only_its_machines_leases``). On PostgreSQL the
+#: lists go as arrays, so the statement's text is the same whatever the batch's size.
+
+
+def _providers_and_unlisted(postgresql: bool):
+    if postgresql:
+        ids = any_(bindparam("ids", type_=ARRAY(String)))
+        on_lease, on_provider = Lease.provider_id == ids, Provider.id == ids
+        # One string, split by the server: psycopg escapes each element of an array it sends
+        # with a regular expression, 0.6 ms for a batch's 400 leases.
+        listed = _LISTED_KEY == any_(func.string_to_array(bindparam("listed", type_=String),
+                                                          ","))
+    else:
+        on_lease = col(Lease.provider_id).in_(bindparam("ids", expanding=True))
+        on_provider = col(Provider.id).in_(bindparam("ids", expanding=True))
+        listed = _LISTED_KEY.in_(bindparam("listed", expanding=True))
+    return (select(Provider.id, Provider.online, Provider.offering, Lease.id, Lease.state,
+                   Lease.releasing_at, Lease.assigned_at, Lease.started_at)
+            .outerjoin(Lease, and_(Lease.provider_id == Provider.id, on_lease, NOT_ENDED,
+                                   col(Lease.state).in_(HELD_STATES),
+                                   not_(and_(col(Lease.state).in_(_LISTED_STATES), listed))))
+            .where(on_provider))
+
+
+#: Built once each (building the statement each time was a third of a batch's CPU).
+_PROVIDERS_AND_UNLISTED = {True: _providers_and_unlisted(True),
+                           False: _providers_and_unlisted(False)}
 #: A heartbeat's update of its provider's row, by primary key (an executemany over the batch),
 #: unless a later heartbeat was recorded first (by another replica).
 _SEEN = (update(Provider).where(Provider.id == bindparam("pid"),
@@ -167,8 +194,9 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
                       settings: BrokerSettings) -> Recorded:
     """Record ``beats``: each provider lives and offers (or not) as its latest heartbeat
     says. Two statements, neither needing the other's transaction, so the caller may run
-    them in autocommit (``db.autocommit``): one read of the providers and their held leases,
-    one update of the providers' rows by primary key. Leases the heartbeats show overdue are
+    them in autocommit (``db.autocommit``): one read of the providers and those of their held
+    leases that may be overdue (not the running ones their heartbeats list), one update of the
+    providers' rows by primary key. Leases the heartbeats show overdue are
     returned in ``late``, for ``end_late`` in a unit of work of its own (they are rare)."""
     latest: dict[str, Heartbeat] = {}
     environments: dict[str, list[str]] = {}
@@ -179,12 +207,15 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
     out = Recorded()
     if not latest:
         return out
-    # The providers with their held leases, as columns: a Lease built for each of a batch's
-    # ~100 held leases was half the batch's time (issue 14). On the session's connection,
-    # built once: the ORM's result machinery and building the statement each time were a
-    # third of the batch's CPU.
+    # The providers with the held leases that may be overdue, as columns: a Lease built for
+    # each of a batch's ~100 held leases was half the batch's time (issue 14). On the
+    # session's connection: the ORM's result machinery was a third of the batch's CPU.
     conn = s.connection()
-    rows = conn.execute(_PROVIDERS_AND_HELD, {"ids": sorted(latest)}).all()
+    postgresql = conn.dialect.name == "postgresql"
+    listed = [f"{pid} {lease_id}" for pid, beat in latest.items() for lease_id in beat.running]
+    rows = conn.execute(_PROVIDERS_AND_UNLISTED[postgresql],
+                        {"ids": sorted(latest),
+                         "listed": ",".join(listed) if postgresql else listed}).all()
     known: dict[str, tuple[bool, bool]] = {}
     held = []
     for pid, online, offering, lease_id, state, releasing_at, assigned_at, started_at in rows:

@@ -12,7 +12,7 @@ import datetime as dt
 
 import orjson
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from accounting.ledger import ledger_page
 from federation.broker import db
@@ -97,13 +97,23 @@ def test_a_heartbeat_batch_reads_only_its_machines_leases(federation):
     theirs = sum(len(leases) for leases in held.values())
     assert 100 <= theirs <= 400  # ~10 a machine
 
+    returned: list[int] = []
+
+    def count_returned(_conn, cursor, statement, *_args) -> None:
+        if statement.startswith("SELECT provider.id, provider.online"):
+            returned.append(cursor.rowcount)
+
+    event.listen(engine, "after_cursor_execute", count_returned)
     with db.session(engine) as s:
         before = rows_read(s)
         recorded = record_heartbeats(s, [Heartbeat(pid, held[pid]) for pid in machines],
                                      utcnow(), BrokerSettings())
         heartbeat_reads = rows_read(s) - before
         s.rollback()
+    event.remove(engine, "after_cursor_execute", count_returned)
     assert recorded.late == []  # every held lease was seen, as listed
+    # Listed running leases are never overdue: a row a machine, none of their leases.
+    assert returned == [len(machines)], (returned, theirs)
     with db.session(engine) as s:
         before = rows_read(s)
         lists = agent_leases_of(s, machines)
