@@ -286,8 +286,10 @@ class Broker:
         on_identity_change(engine, self._identity_changed)
         self.wakeups.relay = self.relay.send if self.relay is not None else None
         #: Runs placement passes for every change that frees or asks for capacity, one pass
-        #: for all the asks that arrive while another runs (started with the app).
-        self.placing_thread = Coalescer(self._placing_batch, "parallex-placer")
+        #: for all the asks that arrive while another runs or within --placement-spacing of
+        #: its start (started with the app).
+        self.placing_thread = Coalescer(self._placing_batch, "parallex-placer",
+                                        spacing=self.settings.placement_spacing)
         #: Where asks for passes go: this replica's placing thread while it leads, else
         #: the leader's (placement_asks.py).
         self.placer = PlacementAsks(self.placing_thread, self.boot_id, lambda: self.is_leader,

@@ -93,6 +93,14 @@ class BrokerSettings:
         "spell is charged at once. Ends come in bursts (clusters closing or scaling down "
         "together), whose charges then wait for the burst to pass instead of competing with "
         "the requests that made it (0: a batch as soon as the last one ends)")
+    placement_spacing: float = setting(
+        0.25, "at least between the starts of two placement passes on the replica that places; "
+        "the asks in between are served by the next pass, a lone ask after a quiet spell at "
+        "once. Under churn (many clusters scaling together) each pass reads every online "
+        "machine with its usage, the heaviest statement on the database, so fewer, fuller "
+        "passes leave more of the machine to requests; a scale request that waits for its "
+        "pass may wait this much longer (0: a pass as soon as the last one ends)",
+        most=5.0)
     initial_grant: float = setting(
         1000.0, "granted to each new lab from the grants account (0 grants nothing)",
         unit="PCU")

@@ -6,6 +6,7 @@ process, on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import time
 
 from sqlmodel import select
 
@@ -207,3 +208,26 @@ def test_on_postgresql_a_provider_goes_offline_only_under_the_placement_lock(pos
         broker._last_metering = broker._last_capacity = time.monotonic()
         while_a_pass_holds_the_lock(broker.reap)
         assert not online(spare)
+
+
+def test_passes_asked_back_to_back_are_spaced_and_the_asks_between_share_one(db_url):
+    """Under churn each scale request and release asks for a pass, and each pass with
+    something to place reads every online machine with its usage (issue 14's load: the
+    heaviest statement on the database, a pass every 75 ms). The placer starts a pass at
+    most every ``--placement-spacing`` seconds; the asks in between are served by one."""
+    spacing = 1.0
+    with in_process_broker(db_url, 1, placement_spacing=spacing) as b:
+        placer = b.app.state.broker.placer
+        assert placer.placer.wait(placer.ask().n, 10)  # served: the pass has ended
+        served = time.monotonic()
+        passes = placer.placer.passes
+        tickets = [placer.ask().n for _ in range(5)]
+        assert placer.placer.wait(tickets[-1], 10)
+        second = time.monotonic()
+        assert placer.placer.passes == passes + 1  # five asks, one pass
+        assert placer.placer.wait(placer.ask().n, 10)
+        third = time.monotonic()
+        # Each pass started at least the spacing after the one before it (the first pass
+        # took a moment of the first interval: hence the margin).
+        assert second - served >= spacing - 0.2, second - served
+        assert third - second >= spacing - 0.2, third - second
