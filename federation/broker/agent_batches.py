@@ -168,7 +168,10 @@ def _providers_and_unlisted(postgresql: bool):
     else:
         on_lease = col(Lease.provider_id).in_(bindparam("ids", expanding=True))
         on_provider = col(Provider.id).in_(bindparam("ids", expanding=True))
-        listed = _LISTED_KEY.in_(bindparam("listed", expanding=True))
+        # One JSON array, not a placeholder a lease: a batch of machines that each run a
+        # hundred workers would pass SQLite's limit of 32,766 placeholders a statement.
+        pairs = func.json_each(bindparam("listed", type_=String)).table_valued("value")
+        listed = _LISTED_KEY.in_(select(pairs.c.value))
     return (select(Provider.id, Provider.online, Provider.offering, Lease.id, Lease.state,
                    Lease.releasing_at, Lease.assigned_at, Lease.started_at)
             .outerjoin(Lease, and_(Lease.provider_id == Provider.id, on_lease, NOT_ENDED,
@@ -215,7 +218,8 @@ def record_heartbeats(s: Session, beats: list[Heartbeat], now: dt.datetime,
     listed = [f"{pid} {lease_id}" for pid, beat in latest.items() for lease_id in beat.running]
     rows = conn.execute(_PROVIDERS_AND_UNLISTED[postgresql],
                         {"ids": sorted(latest),
-                         "listed": ",".join(listed) if postgresql else listed}).all()
+                         "listed": ",".join(listed) if postgresql else json.dumps(listed)}
+                        ).all()
     known: dict[str, tuple[bool, bool]] = {}
     held = []
     for pid, online, offering, lease_id, state, releasing_at, assigned_at, started_at in rows:

@@ -5,6 +5,10 @@ finds."""
 
 from __future__ import annotations
 
+import sqlite3
+
+from sqlalchemy import event
+
 from federation.broker.agent_batches import Heartbeat, record_heartbeats
 from federation.broker.models import utcnow
 from tests.utils.in_process import in_process_broker
@@ -37,3 +41,12 @@ def test_a_batch_judges_the_leases_their_machines_do_not_list(db_url):
             dead]
         # A lease that is not the machine's at all, listed, changes nothing either.
         assert late(broker, [Heartbeat(other, [kept, frozen, dead])]) == []
+        # A batch may list more leases than SQLite takes placeholders in one statement
+        # (32,766 where it is built with its default limit; Debian's takes 250,000):
+        # machines running a hundred workers each, a few hundred to a batch.
+        if broker.engine.dialect.name == "sqlite":
+            event.listen(broker.engine, "connect", lambda conn, _record: conn.setlimit(
+                sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32_766))
+            broker.engine.dispose()  # connections made from now on have the limit
+        many = [f"ls-elsewhere{i:06d}" for i in range(40_000)]
+        assert late(broker, [Heartbeat(b.box, [kept, *many])]) == sorted([frozen, dead])
