@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import String, and_, any_, bindparam, func, not_, or_, update
+from sqlalchemy import Select, String, and_, any_, bindparam, func, not_, or_, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DataError
 from sqlmodel import Session, col, select
@@ -148,16 +148,19 @@ QUEUED_ORDER_MARGIN = 2.0
 #: "machine lease" pairs: an agent that lists another machine's lease must not hide it.
 _LISTED_STATES = (LeaseState.running, LeaseState.suspended)
 _LISTED_KEY = Lease.provider_id + " " + Lease.id
-#: The batch's ids restrict the lease side too, which the join alone implies: without it
-#: PostgreSQL hash-joined every held lease of the federation (a scan of the whole lease
-#: table, or of every held lease once ended ones outnumber them) for a batch of 20 machines,
-#: as the row estimates made per-machine lookups look dearer (issue 14; 2-3 ms against 6-9
-#: for 20 machines of 1,000 with 10,000 held leases, and 1.7 against 3.8 for 5 once 100,000
-#: had ended; ``test_a_heartbeat_batch_reads_only_its_machines_leases``). On PostgreSQL the
-#: lists go as arrays, so the statement's text is the same whatever the batch's size.
 
 
-def _providers_and_unlisted(postgresql: bool):
+def _providers_and_unlisted(postgresql: bool) -> Select:
+    """The batch's providers (``ids``) with those of their held leases not ``listed``.
+
+    The batch's ids restrict the lease side too, which the join alone implies: without it
+    PostgreSQL hash-joined every held lease of the federation (a scan of the whole lease
+    table, or of every held lease once ended ones outnumber them) for a batch of 20 machines,
+    as the row estimates made per-machine lookups look dearer (issue 14; 2-3 ms against 6-9
+    for 20 machines of 1,000 with 10,000 held leases, and 1.7 against 3.8 for 5 once 100,000
+    had ended; ``test_a_heartbeat_batch_reads_only_its_machines_leases``). The lists go as
+    one parameter each where they may be long, so the statement's text is the same whatever
+    the batch's size."""
     if postgresql:
         ids = any_(bindparam("ids", type_=ARRAY(String)))
         on_lease, on_provider = Lease.provider_id == ids, Provider.id == ids
