@@ -23,3 +23,11 @@ def one_of(bind: Session | Connection, column: Any, values: Collection[Any]) -> 
     if dialect.name != "postgresql":
         return column.in_(list(values))
     return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
+
+
+def one_of_param(column: Any, name: str, postgresql: bool) -> ColumnElement[bool]:
+    """``one_of`` for a statement built once and run many times: ``column`` IN the list
+    bound to ``name`` at each execution, written for PostgreSQL or for SQLite."""
+    if postgresql:
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return column.in_(bindparam(name, expanding=True))
