@@ -86,7 +86,8 @@ def system_account(session: Session, kind: AccountKind) -> Account:
 
 def lab_balance(session: Session, lab: Lab) -> int:
     """The lab's balance in nano-PCU without writing anything (0 before its account exists),
-    for reads: a GET must not create rows. One statement: every scale request reads it."""
+    for reads: a GET must not create rows. (A scale request reads it with the lab and the
+    membership: ``admission.lab_member_and_balance``.)"""
     amount = session.exec(select(Balance.amount).join(Account, Account.id == Balance.account_id)
                           .where(Account.lab_id == lab.id)).first()
     return amount or 0

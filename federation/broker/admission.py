@@ -10,10 +10,10 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from sqlalchemy import func
+from sqlalchemy import and_, func
 from sqlmodel import Session, col, select
 
-from accounting import ledger
+from accounting.ledger import Account, Balance
 from accounting.models import Lab, Membership
 from accounting.units import fmt_pcu, to_nano
 
@@ -128,12 +128,34 @@ def check_fits_somewhere(s: Session, request: placement.LeaseRequest) -> None:
                       f"no provider in the federation can ever host this worker: {why}")
 
 
-def check_new_lease_ids(s: Session, ids: list[str]) -> None:
+def check_distinct_lease_ids(ids: list[str]) -> None:
+    """Refuse a request that names one lease id twice. Whether an id is taken already is
+    the insert's to find (the primary key): ``lease_ids_taken`` says which, after."""
     if len(set(ids)) != len(ids):
         raise Invalid("duplicate-lease-id", "lease ids in one request must differ")
-    taken = s.exec(select(Lease.id).where(col(Lease.id).in_(ids))).all()
-    if taken:
-        raise Conflict("lease-id-taken", f"lease ids already exist: {sorted(taken)}")
+
+
+def lease_ids_taken(s: Session, ids: list[str]) -> Conflict:
+    """The refusal of a request whose insert hit existing lease ids, naming them."""
+    taken = sorted(s.exec(select(Lease.id).where(col(Lease.id).in_(ids))).all())
+    if not taken:  # gone again: another request's rows, rolled back meanwhile
+        return Conflict("lease-id-taken", "one of these lease ids was taken by another "
+                        "request at the same moment; ask again with new ids")
+    return Conflict("lease-id-taken", f"lease ids already exist: {taken}; ask with new ids")
+
+
+def lab_member_and_balance(s: Session, lab_id: int,
+                           user_id: int) -> tuple[Lab, Membership | None, int]:
+    """The lab, the user's membership there (None: none) and the lab's balance in nano-PCU
+    (0 before its account exists), in one statement: every scale request needs all three,
+    and under load each round trip waits for a core (issue 14)."""
+    owed = (select(Balance.amount).join(Account, Account.id == Balance.account_id)
+            .where(Account.lab_id == Lab.id).scalar_subquery())
+    lab, member, amount = s.exec(
+        select(Lab, Membership, owed)
+        .outerjoin(Membership, and_(Membership.lab_id == Lab.id, Membership.user_id == user_id))
+        .where(Lab.id == lab_id)).one()
+    return lab, member, amount or 0
 
 
 def quota_applies(lab: Lab, member: Membership | None) -> bool:
@@ -145,12 +167,11 @@ def quota_applies(lab: Lab, member: Membership | None) -> bool:
 
 
 def check_credit_and_quotas(s: Session, cluster: ClusterRecord, lab: Lab,
-                            member: Membership | None, cpus: float, gpus: int,
+                            member: Membership | None, owed: int, cpus: float, gpus: int,
                             n: int) -> None:
     """Refuse ``n`` new workers for ``lab`` (the cluster's; ``member``: its owner's
-    membership there, if any) over its credit limit or over a quota."""
-    # Read only (0 before the lab's account exists): admission writes nothing but leases.
-    owed = ledger.lab_balance(s, lab)
+    membership there, if any; ``owed``: its balance in nano-PCU, as
+    ``lab_member_and_balance`` reads it) over its credit limit or over a quota."""
     if owed < -to_nano(lab.credit_limit):
         raise OverCreditLimit(
             "credit-limit",

@@ -57,7 +57,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from accounting.bulk import insert_rows
-from accounting.models import Lab, Membership, utcnow
+from accounting.models import Lab, utcnow
 from accounting.pricing import ensure_default_price
 from accounting.sql_lists import one_of
 
@@ -853,17 +853,17 @@ class Broker:
             # Read once and handed to the checks that need them: each check's own read
             # was a round trip more (the session's identity map keeps an object only while
             # something refers to it).
-            lab = s.get(Lab, cluster.lab_id)
-            member = s.get(Membership, (cluster.user_id, cluster.lab_id))
+            lab, member, owed = admission.lab_member_and_balance(s, cluster.lab_id,
+                                                                 cluster.user_id)
             if admission.quota_applies(lab, member):
                 lock_lab_admissions(s, cluster.lab_id)
             probe = Lease(id="?", cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
                           memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
             admission.check_fits_somewhere(s, request_of(probe, cluster))
             environments.check_servable(s, cluster)
-            admission.check_credit_and_quotas(s, cluster, lab, member, spec.cpus, spec.gpus,
-                                              len(ids))
-            admission.check_new_lease_ids(s, ids)
+            admission.check_credit_and_quotas(s, cluster, lab, member, owed, spec.cpus,
+                                              spec.gpus, len(ids))
+            admission.check_distinct_lease_ids(ids)
             # Rows, not Lease objects: building a model per lease and the ORM's flush of
             # them were most of the request's CPU (issue 14; for 100 leases on PostgreSQL,
             # where rows go by COPY, 12-14 against 43-48 ms). The probe holds the model's
@@ -874,12 +874,12 @@ class Broker:
                 insert_rows(s, Lease.__table__, rows)
                 s.commit()
             except IntegrityError:
-                # Another lab's request took one of these ids at the same moment (labs'
-                # admissions no longer wait on each other): nothing of this one was stored.
+                # Ids taken before, or by another request at the same moment (labs'
+                # admissions do not wait on each other): nothing of this one was stored. Not
+                # read before the insert: the primary key checks them anyway, and that read
+                # was a round trip more for every scale request.
                 s.rollback()
-                raise Conflict("lease-id-taken", "one of these lease ids was taken by "
-                               "another request at the same moment; ask again with new ids"
-                               ) from None
+                raise admission.lease_ids_taken(s, ids) from None
         self.placer.ask()
         # As inserted: reading them back (and their machines' labs, none yet) was two round
         # trips more for what this unit just wrote.

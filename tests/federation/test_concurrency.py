@@ -206,8 +206,8 @@ def test_a_machine_registering_twice_at_once_is_one_provider(any_database):
 
 def admissions_of_one_lab(db_url: str, quota: bool) -> tuple[bool, bool]:
     """Two scale requests of one lab on PostgreSQL, the first held in its admission (a hook
-    pauses it after its id check) while the second runs: (whether the second finished while
-    the first was held, whether both were admitted in the end)."""
+    pauses it after its read of the machines' shapes) while the second runs: (whether the
+    second finished while the first was held, whether both were admitted in the end)."""
     from sqlalchemy import event
 
     from federation.broker.models import ClusterRecord, LeaseCreate
@@ -224,8 +224,8 @@ def admissions_of_one_lab(db_url: str, quota: bool) -> tuple[bool, bool]:
         first_checked, let_first_go = threading.Event(), threading.Event()
 
         def hold_the_first(_conn, _cursor, statement: str, *_args) -> None:
-            if (threading.current_thread().name == "first" and "WHERE lease.id IN" in statement
-                    and not first_checked.is_set()):
+            if (threading.current_thread().name == "first"
+                    and "SELECT DISTINCT lab.name" in statement and not first_checked.is_set()):
                 first_checked.set()
                 let_first_go.wait(60)
 
@@ -237,7 +237,7 @@ def admissions_of_one_lab(db_url: str, quota: bool) -> tuple[bool, bool]:
         event.listen(broker.engine, "after_cursor_execute", hold_the_first)
         try:
             first, first_out = in_thread(lambda: ask("first"), name="first")
-            assert first_checked.wait(60), "the first request reached its id check"
+            assert first_checked.wait(60), "the first request reached its shapes check"
             second, second_out = in_thread(lambda: ask("second"), name="second")
             if quota:
                 # It waits on the lab's admission lock (PostgreSQL shows the waiter).

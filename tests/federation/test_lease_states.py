@@ -375,11 +375,18 @@ def test_a_lease_request_is_one_unit_of_work(tmp_path):
         assert [le["state"] for le in answer.json()] == ["starting"] * 3
         before = fed.leases()
         commits.clear()
-        # Two of the three ids exist already: refused (409) after admission read everything.
+        # Two of the three ids exist already: refused (409) by the insert, which rolls back.
         refused = user.post(f"/clusters/{fed.cluster}/leases", json={
             "spec": {"cpus": 1, "memory": "1 GiB"},
             "workers": [{"lease_id": f"ls-{i:016x}"} for i in range(2, 5)]})
         assert refused.status_code == 409 and refused.json()["error"] == "lease-id-taken"
+        assert f"['ls-{2:016x}']" in refused.json()["message"], refused.json()
+        assert commits == [] and fed.leases() == before
+        # One id twice in a request: refused before anything is read.
+        twice = user.post(f"/clusters/{fed.cluster}/leases", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"},
+            "workers": [{"lease_id": "ls-twice"}, {"lease_id": "ls-twice"}]})
+        assert twice.status_code == 422 and twice.json()["error"] == "duplicate-lease-id"
         assert commits == [] and fed.leases() == before
     finally:
         fed.close()
@@ -388,9 +395,8 @@ def test_a_lease_request_is_one_unit_of_work(tmp_path):
 def test_lease_ids_another_replica_takes_at_the_same_moment_refuse_the_whole_request(
         postgres_url):
     """Two labs' scale requests do not wait on each other's admission, so another replica
-    may insert one of a request's ids between its check and its insert (COPY on
-    PostgreSQL): the request is refused 409 with nothing of it stored, the other's lease
-    kept."""
+    may insert one of a request's ids while it admits them: its insert (COPY on PostgreSQL)
+    is refused 409 naming that id, with nothing of it stored, the other's lease kept."""
     from sqlalchemy import event
     from sqlmodel import Session, select
 
@@ -402,8 +408,9 @@ def test_lease_ids_another_replica_takes_at_the_same_moment_refuse_the_whole_req
         inserted: list[str] = []
 
         def another_replica_inserts(_conn, _cursor, statement: str, *_args) -> None:
-            # Right after the request read that its ids are free.
-            if not inserted and "FROM lease" in statement and "WHERE lease.id IN" in statement:
+            # Right after the request's admission read the machines' shapes, before its
+            # insert.
+            if not inserted and "SELECT DISTINCT lab.name" in statement:
                 inserted.append(ids[1])
                 with Session(engine) as other:
                     other.add(Lease(id=ids[1], cluster_id=b.cid, cpus=1, memory=2**30))
@@ -419,10 +426,71 @@ def test_lease_ids_another_replica_takes_at_the_same_moment_refuse_the_whole_req
         assert inserted == [ids[1]]
         assert answer.status_code == 409, answer.text
         assert answer.json()["error"] == "lease-id-taken"
-        assert "at the same moment" in answer.json()["message"]
+        assert "['ls-race-1']" in answer.json()["message"], answer.json()
         with Session(engine) as s:
             stored = s.exec(select(Lease.id).where(Lease.id.in_(ids))).all()
         assert stored == [ids[1]]
+
+
+def test_a_scale_request_reads_its_lab_membership_and_balance_in_one_statement(db_url):
+    """A scale request's admission reads the cluster, then the lab with its owner's
+    membership and its balance in one statement, then the machines' shapes, and inserts:
+    no read of its lease ids first (the primary key refuses a taken one; issue 14: under
+    load every round trip waits for a core). Its credit check still sees the balance."""
+    import threading
+
+    from sqlalchemy import event
+    from sqlmodel import select
+
+    from accounting.ledger import (
+        AccountKind,
+        TransferKind,
+        lab_account,
+        lab_balance,
+        post_transfer,
+        system_account,
+    )
+    from accounting.models import Lab
+
+    with in_process_broker(db_url, 1) as b:
+        broker = b.app.state.broker
+        statements: list[str] = []
+
+        def requests_own(_conn, _cursor, statement: str, *_args) -> None:
+            # The request's thread (AnyIO's pool), not the broker's own threads.
+            if threading.current_thread().name.startswith("AnyIO"):
+                statements.append(" ".join(statement.split()))
+
+        event.listen(broker.engine, "before_cursor_execute", requests_own)
+        try:
+            answer = b.call(b.user, "POST", f"/clusters/{b.cid}/leases?wait=0", json={
+                "spec": {"cpus": 1, "memory": "1 GiB"},
+                "workers": [{"lease_id": f"ls-reads{i}"} for i in range(3)]})
+        finally:
+            event.remove(broker.engine, "before_cursor_execute", requests_own)
+        assert answer.status_code == 201, answer.text
+        reads = [q for q in statements if q.startswith("SELECT")]
+        assert len(reads) == 3, reads
+        assert " FROM cluster " in reads[0]
+        assert " FROM lab LEFT OUTER JOIN membership " in reads[1] and "balance" in reads[1]
+        assert "SELECT DISTINCT lab.name" in reads[2]
+        assert not any(" FROM lease" in q for q in reads), reads
+        # The balance read with the lab is the one the credit check uses: over the limit,
+        # refused, nothing stored.
+        with broker.session() as s:
+            lab = s.exec(select(Lab).where(Lab.name == "lab-a")).one()
+            lab.credit_limit = 1.0
+            s.add(lab)
+            moved = lab_balance(s, lab) + 2 * 10**9  # to owe 2 PCU
+            post_transfer(s, kind=TransferKind.adjustment, memo="test: 2 PCU owed", entries=[
+                (lab_account(s, lab).id, -moved),
+                (system_account(s, AccountKind.federation).id, moved)])
+            s.commit()
+        refused = b.call(b.user, "POST", f"/clusters/{b.cid}/leases?wait=0", json={
+            "spec": {"cpus": 1, "memory": "1 GiB"}, "workers": [{"lease_id": "ls-owing"}]})
+        assert refused.status_code == 402 and refused.json()["error"] == "credit-limit", (
+            refused.text)
+        assert "balance is -2.00 PCU" in refused.json()["message"], refused.json()
 
 
 def test_a_cluster_heartbeat_is_few_statements_whatever_its_leases(tmp_path):
