@@ -1,8 +1,10 @@
 """Admission: whether a request may be accepted at all — credit, quotas, sizes, identifiers
 and certificates. Each check raises the broker's domain error with what to do; none writes.
 
-Checks that read what capacity or quota is held run inside the service's exclusive section
-(and PostgreSQL's placement lock), so the insert that follows sees what they saw.
+Checks that read what quota is held run inside the service's exclusive section on SQLite
+and under the lab's admission lock on PostgreSQL (``lock_lab_admissions``), so the insert
+that follows sees what they saw. Whether a lease id is taken is the insert's to find (its
+primary key); ``lease_ids_taken`` names them for the refusal.
 """
 
 from __future__ import annotations
