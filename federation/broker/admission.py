@@ -32,6 +32,7 @@ from ..tls import (
 )
 from .auth import Principal
 from .errors import Conflict, Invalid, NotAllowed, OverCreditLimit
+from .memo import ExpiringMap
 from .models import (
     LIVE_STATES,
     ClusterCreate,
@@ -110,21 +111,54 @@ def check_new_cluster(s: Session, principal: Principal, body: ClusterCreate,
                           "parallex lab list shows the federation's labs")
 
 
-def check_fits_somewhere(s: Session, request: placement.LeaseRequest) -> None:
-    """Refuse a worker no online provider could host even when idle (it would wait forever)."""
+#: Seconds a replica answers "some machine fits" from the machines' shapes as it last read
+#: them (``check_fits_somewhere``).
+SHAPES_KEPT = 2.0
+
+
+class ShapesSeen:
+    """The online machines' distinct shapes as this replica last read them, for
+    ``SHAPES_KEPT`` seconds."""
+
+    def __init__(self, ttl: float = SHAPES_KEPT):
+        self._seen: ExpiringMap[str, list[placement.ProviderCapacity]] = ExpiringMap(ttl, 1)
+
+    def get(self) -> list[placement.ProviderCapacity] | None:
+        return self._seen.get("")
+
+    def put(self, shapes: list[placement.ProviderCapacity]) -> None:
+        self._seen.put("", shapes)
+
+
+def check_fits_somewhere(s: Session, request: placement.LeaseRequest,
+                         seen: ShapesSeen | None = None) -> None:
+    """Refuse a worker no online provider could host even when idle (it would wait forever).
+
+    With ``seen``, a worker that one of the shapes read in the last few seconds hosts is
+    admitted without reading them again (every scale request asked, and under load each
+    round trip waits for a core; issue 14). A machine that went offline meanwhile admits at
+    most a worker that then waits pending, as one that goes offline just after admission
+    would. A refusal is never from memory: a worker no remembered shape hosts is checked
+    against the machines online now, so a machine that just came is seen at once."""
+    remembered = seen.get() if seen is not None else None
+    if remembered is not None and any(placement.fits(p, request) for p in remembered):
+        return
     # The machines' distinct shapes, not every machine: a federation of a thousand machines
     # has a few dozen (issue 14's load benchmark: this read was a fifth of a replica's time).
     # With their labs' names in the same statement (one round trip fewer a scale request).
-    shapes = s.exec(select(Lab.name, Provider.site, Provider.cpus, Provider.memory,
-                           Provider.gpus_json, Provider.accepts_peers)
-                    .join(Lab, Lab.id == Provider.lab_id)
-                    .where(Provider.online == True).distinct()).all()  # noqa: E712
-    why = placement.largest_offer([placement.ProviderCapacity(
+    rows = s.exec(select(Lab.name, Provider.site, Provider.cpus, Provider.memory,
+                         Provider.gpus_json, Provider.accepts_peers)
+                  .join(Lab, Lab.id == Provider.lab_id)
+                  .where(Provider.online == True).distinct()).all()  # noqa: E712
+    shapes = [placement.ProviderCapacity(
         provider_id="", lab=lab_name, site=site, free_cpus=cpus,
         free_memory=memory, free_gpus=[placement.GpuSlot(g["index"], g["model"], g["memory"])
                                        for g in json.loads(gpus_json)],
         accepts_peers=accepts_peers) for lab_name, site, cpus, memory, gpus_json, accepts_peers
-        in shapes], request)
+        in rows]
+    if seen is not None:
+        seen.put(shapes)
+    why = placement.largest_offer(shapes, request)
     if why is not None:
         raise Invalid("no-provider-fits",
                       f"no provider in the federation can ever host this worker: {why}")

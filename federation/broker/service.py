@@ -251,6 +251,8 @@ class Broker:
         self.rng = random.Random(seed)
         #: Providers' preemption rates as this replica's placement passes last read them.
         self.preemption_rates = RecentPreemptionRates()
+        #: The online machines' shapes as this replica's admissions last read them.
+        self.shapes_seen = admission.ShapesSeen()
         self.wakeups = Wakeups(self.boot_id)
         self._exclusive = threading.RLock()
         # Never, not monotonic time 0: that clock counts from the machine's boot, so 0 held
@@ -859,7 +861,7 @@ class Broker:
                 lock_lab_admissions(s, cluster.lab_id)
             probe = Lease(id="?", cluster_id=cluster.id, group=body.group, cpus=spec.cpus,
                           memory=spec.memory, gpus=spec.gpus, gpu_model=spec.gpu_model)
-            admission.check_fits_somewhere(s, request_of(probe, cluster))
+            admission.check_fits_somewhere(s, request_of(probe, cluster), self.shapes_seen)
             environments.check_servable(s, cluster)
             admission.check_credit_and_quotas(s, cluster, lab, member, owed, spec.cpus,
                                               spec.gpus, len(ids))

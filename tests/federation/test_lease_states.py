@@ -408,9 +408,8 @@ def test_lease_ids_another_replica_takes_at_the_same_moment_refuse_the_whole_req
         inserted: list[str] = []
 
         def another_replica_inserts(_conn, _cursor, statement: str, *_args) -> None:
-            # Right after the request's admission read the machines' shapes, before its
-            # insert.
-            if not inserted and "SELECT DISTINCT lab.name" in statement:
+            # Right after the request's admission read its lab, before its insert.
+            if not inserted and "FROM lab LEFT OUTER JOIN membership" in statement:
                 inserted.append(ids[1])
                 with Session(engine) as other:
                     other.add(Lease(id=ids[1], cluster_id=b.cid, cpus=1, memory=2**30))
@@ -436,7 +435,8 @@ def test_a_scale_request_reads_its_lab_membership_and_balance_in_one_statement(d
     """A scale request's admission reads the cluster, then the lab with its owner's
     membership and its balance in one statement, then the machines' shapes, and inserts:
     no read of its lease ids first (the primary key refuses a taken one; issue 14: under
-    load every round trip waits for a core). Its credit check still sees the balance."""
+    load every round trip waits for a core). The next one, while the shapes are
+    remembered, does not read them. Its credit check still sees the balance."""
     import threading
 
     from sqlalchemy import event
@@ -451,6 +451,7 @@ def test_a_scale_request_reads_its_lab_membership_and_balance_in_one_statement(d
         system_account,
     )
     from accounting.models import Lab
+    from federation.broker.admission import ShapesSeen
 
     with in_process_broker(db_url, 1) as b:
         broker = b.app.state.broker
@@ -461,20 +462,27 @@ def test_a_scale_request_reads_its_lab_membership_and_balance_in_one_statement(d
             if threading.current_thread().name.startswith("AnyIO"):
                 statements.append(" ".join(statement.split()))
 
-        event.listen(broker.engine, "before_cursor_execute", requests_own)
-        try:
-            answer = b.call(b.user, "POST", f"/clusters/{b.cid}/leases?wait=0", json={
-                "spec": {"cpus": 1, "memory": "1 GiB"},
-                "workers": [{"lease_id": f"ls-reads{i}"} for i in range(3)]})
-        finally:
-            event.remove(broker.engine, "before_cursor_execute", requests_own)
-        assert answer.status_code == 201, answer.text
-        reads = [q for q in statements if q.startswith("SELECT")]
+        def reads_of_a_scale_request(name: str) -> list[str]:
+            statements.clear()
+            event.listen(broker.engine, "before_cursor_execute", requests_own)
+            try:
+                answer = b.call(b.user, "POST", f"/clusters/{b.cid}/leases?wait=0", json={
+                    "spec": {"cpus": 1, "memory": "1 GiB"},
+                    "workers": [{"lease_id": f"ls-{name}{i}"} for i in range(3)]})
+            finally:
+                event.remove(broker.engine, "before_cursor_execute", requests_own)
+            assert answer.status_code == 201, answer.text
+            return [q for q in statements if q.startswith("SELECT")]
+
+        # Forgets what the fixture's own request read; not to expire between the two.
+        broker.shapes_seen = ShapesSeen(ttl=600)
+        reads = reads_of_a_scale_request("first")
         assert len(reads) == 3, reads
         assert " FROM cluster " in reads[0]
         assert " FROM lab LEFT OUTER JOIN membership " in reads[1] and "balance" in reads[1]
         assert "SELECT DISTINCT lab.name" in reads[2]
         assert not any(" FROM lease" in q for q in reads), reads
+        assert reads_of_a_scale_request("again") == reads[:2]
         # The balance read with the lab is the one the credit check uses: over the limit,
         # refused, nothing stored.
         with broker.session() as s:
@@ -491,6 +499,49 @@ def test_a_scale_request_reads_its_lab_membership_and_balance_in_one_statement(d
         assert refused.status_code == 402 and refused.json()["error"] == "credit-limit", (
             refused.text)
         assert "balance is -2.00 PCU" in refused.json()["message"], refused.json()
+
+
+def test_remembered_machine_shapes_never_refuse_a_worker_a_new_machine_hosts(db_url):
+    """Admission answers "some machine fits" from the shapes it read lately, but never
+    refuses from them: right after a refusal (8 CPUs, the only machine has 3), a machine of
+    16 CPUs registers and the same request is admitted at once; then it is admitted from
+    memory, without reading the shapes."""
+    import threading
+
+    from sqlalchemy import event
+
+    from federation.broker.admission import ShapesSeen
+
+    with in_process_broker(db_url, 1) as b:
+        broker = b.app.state.broker
+        broker.shapes_seen = ShapesSeen(ttl=600)
+        shape_reads: list[str] = []
+
+        def counts_shape_reads(_conn, _cursor, statement: str, *_args) -> None:
+            if (threading.current_thread().name.startswith("AnyIO")
+                    and "SELECT DISTINCT lab.name" in statement):
+                shape_reads.append(statement)
+
+        def ask(lease_id: str, cpus: int):
+            return b.call(b.user, "POST", f"/clusters/{b.cid}/leases?wait=0", json={
+                "spec": {"cpus": cpus, "memory": "1 GiB"}, "workers": [{"lease_id": lease_id}]})
+
+        event.listen(broker.engine, "before_cursor_execute", counts_shape_reads)
+        try:
+            assert ask("ls-small", 1).status_code == 201  # the 3-CPU box's shape remembered
+            refused = ask("ls-bigger0", 8)
+            assert refused.status_code == 422, refused.text
+            assert refused.json()["error"] == "no-provider-fits", refused.json()
+            assert b.call(b.agent, "POST", "/agent/register", json={
+                "name": "big", "cpus": 16, "memory": "64 GiB"}).status_code == 201
+            reads_before = len(shape_reads)
+            admitted = ask("ls-bigger1", 8)
+            assert admitted.status_code == 201, admitted.text
+            assert len(shape_reads) == reads_before + 1  # read again, not refused from memory
+            assert ask("ls-bigger2", 8).status_code == 201
+            assert len(shape_reads) == reads_before + 1  # now from memory
+        finally:
+            event.remove(broker.engine, "before_cursor_execute", counts_shape_reads)
 
 
 def test_a_cluster_heartbeat_is_few_statements_whatever_its_leases(tmp_path):
