@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import BigInteger, Index, update
+from sqlalchemy import BigInteger, Index, Select, update
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from .bulk import insert_rows
@@ -84,13 +85,18 @@ def system_account(session: Session, kind: AccountKind) -> Account:
     return account
 
 
+def lab_balance_query(lab_id: Any) -> Select:
+    """The balance (nano-PCU) of the lab ``lab_id``: an id, or a lab id column to correlate
+    with as a subquery (a scale request reads it with the lab and the membership:
+    ``admission.lab_member_and_balance``). No row before the lab's account exists."""
+    return (select(Balance.amount).join(Account, Account.id == Balance.account_id)
+            .where(Account.lab_id == lab_id))
+
+
 def lab_balance(session: Session, lab: Lab) -> int:
     """The lab's balance in nano-PCU without writing anything (0 before its account exists),
-    for reads: a GET must not create rows. (A scale request reads it with the lab and the
-    membership: ``admission.lab_member_and_balance``.)"""
-    amount = session.exec(select(Balance.amount).join(Account, Account.id == Balance.account_id)
-                          .where(Account.lab_id == lab.id)).first()
-    return amount or 0
+    for reads: a GET must not create rows."""
+    return session.exec(lab_balance_query(lab.id)).first() or 0
 
 
 def lab_account(session: Session, lab: Lab) -> Account:

@@ -15,7 +15,7 @@ import json
 from sqlalchemy import and_, func
 from sqlmodel import Session, col, select
 
-from accounting.ledger import Account, Balance
+from accounting.ledger import lab_balance_query
 from accounting.models import Lab, Membership
 from accounting.units import fmt_pcu, to_nano
 
@@ -185,8 +185,7 @@ def lab_member_and_balance(s: Session, lab_id: int,
     """The lab, the user's membership there (None: none) and the lab's balance in nano-PCU
     (0 before its account exists), in one statement: every scale request needs all three,
     and under load each round trip waits for a core (issue 14)."""
-    owed = (select(Balance.amount).join(Account, Account.id == Balance.account_id)
-            .where(Account.lab_id == Lab.id).scalar_subquery())
+    owed = lab_balance_query(Lab.id).scalar_subquery()
     lab, member, amount = s.exec(
         select(Lab, Membership, owed)
         .outerjoin(Membership, and_(Membership.lab_id == Lab.id, Membership.user_id == user_id))
